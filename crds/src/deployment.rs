@@ -1,0 +1,306 @@
+//! `ModelDeployment`: which model to serve, how many replicas, at what
+//! precision, with which adapters, and how warm to keep it.
+
+use crate::types::*;
+use k8s_openapi::api::core::v1::Toleration;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Desired state of a ModelDeployment.
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "modelcache.io",
+    version = "v1alpha1",
+    kind = "ModelDeployment",
+    namespaced,
+    doc = "A model served on the cluster's GPU nodes: which weights, how many replicas, at what precision, with which LoRA adapters and how warm to keep them.",
+    status = "ModelDeploymentStatus",
+    shortname = "mdep",
+    category = "modelcache",
+    printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready"),
+    printcolumn(name = "Base", type_ = "string", json_path = ".status.model.base"),
+    printcolumn(name = "Size", type_ = "integer", format = "int64", json_path = ".status.model.sizeBytes"),
+    printcolumn(name = "Warm", type_ = "string", json_path = ".spec.warmTier"),
+    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.placements[*].node"),
+    printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    validation = Rule::new("self.metadata.name.size() <= 63 && self.metadata.name.matches('^[a-z]([-a-z0-9]*[a-z0-9])?$')")
+        .message("metadata.name must be a DNS-1035 label (at most 63 characters: lowercase letters, digits and '-', starting with a letter and ending with a letter or digit), because it also names the model's Service")
+)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentSpec {
+    /// The model to serve: where its weights are on the agents' model root and how to read them.
+    pub model: ModelSource,
+
+    /// Number of serving replicas: nodes that hold the model ready and receive traffic. 0 stops
+    /// serving; with a warmTier other than None the model is still kept warm where there is room.
+    /// Works with `kubectl scale` and HorizontalPodAutoscalers through the scale subresource.
+    #[serde(default = "default_replicas")]
+    #[schemars(range(min = 0, max = 1000))]
+    pub replicas: i32,
+
+    /// Precision of the weights on the compute device: F16 (default), BF16 or F32. Agents
+    /// without a GPU always compute in F32.
+    #[serde(default)]
+    pub precision: Precision,
+
+    /// What the assigned nodes keep the model in while it is idle: None (load on demand, may
+    /// be evicted), Ram or Vram. Warm copies count against the node's cache capacity.
+    #[serde(default)]
+    pub warm_tier: WarmTier,
+
+    /// Scheduling priority. When capacity is short, a higher-priority deployment may preempt
+    /// the warm reservations of lower-priority ones. Default 0.
+    #[serde(default)]
+    pub priority: i32,
+
+    /// LoRA adapters applied to every request by default (requests can add their own). At most 16.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    pub loras: Vec<LoraSpec>,
+
+    /// Which nodes may serve the model and how replicas are spread over them.
+    #[serde(default)]
+    pub placement: PlacementSpec,
+
+    /// Generation parameters used when a request does not set them.
+    #[serde(default)]
+    pub defaults: GenerationDefaults,
+}
+
+fn default_replicas() -> i32 {
+    1
+}
+
+/// Where a model's weights are and how they are laid out.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelSource {
+    /// File or diffusers folder, relative to the agents' model root (`--models-dir`), for
+    /// example `sdxl/juggernaut.safetensors` or `sd15/dreamshaper`. Absolute paths and `..`
+    /// segments are refused.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("model.path must be relative to the agents' model root, not absolute"))]
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("model.path must not contain '..' segments"))]
+    pub path: String,
+
+    /// Optional SHA-256 of the model's content (64 lowercase hex digits). When set, an agent
+    /// verifies it before its copy becomes Ready; a mismatch fails the placement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^[0-9a-f]{64}$"))]
+    pub sha256: Option<String>,
+
+    /// Layout of the files: Auto (decide from the files, default), Checkpoint (one file in the
+    /// original layout) or Diffusers (a diffusers folder).
+    #[serde(default)]
+    pub format: FormatHint,
+}
+
+/// A LoRA adapter and the weight it is applied with.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct LoraSpec {
+    /// Adapter file, relative to the agents' model root; absolute paths and `..` are refused.
+    #[schemars(length(min = 1, max = 1024))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("lora path must be relative to the agents' model root, not absolute"))]
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("lora path must not contain '..' segments"))]
+    pub path: String,
+
+    /// Multiplier of the adapter's delta, from -4 to 4. Default 1.
+    #[serde(default = "default_lora_weight")]
+    #[schemars(range(min = -4.0, max = 4.0))]
+    pub weight: f64,
+}
+
+fn default_lora_weight() -> f64 {
+    1.0
+}
+
+/// Constraints on where replicas go.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PlacementSpec {
+    /// Only nodes whose labels include all of these are eligible.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_selector: BTreeMap<String, String>,
+
+    /// Taints (NoSchedule, NoExecute) of a node are ignored when a toleration here matches them.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Most serving replicas on one node. Default 1.
+    #[serde(default = "default_max_per_node")]
+    #[schemars(range(min = 1))]
+    pub max_replicas_per_node: i32,
+
+    /// Node label whose values replicas are spread over, for example
+    /// `topology.kubernetes.io/zone`. Unset: no spreading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 316))]
+    pub spread_topology_key: Option<String>,
+}
+
+fn default_max_per_node() -> i32 {
+    1
+}
+
+impl Default for PlacementSpec {
+    fn default() -> Self {
+        PlacementSpec {
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            max_replicas_per_node: default_max_per_node(),
+            spread_topology_key: None,
+        }
+    }
+}
+
+/// Generation parameters used when a request leaves them out.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct GenerationDefaults {
+    /// Denoising steps, 1 to 150.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 150))]
+    pub steps: Option<i32>,
+
+    /// Classifier-free guidance scale, 0 to 30.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 30.0))]
+    pub guidance_scale: Option<f64>,
+
+    /// Image width in pixels: a multiple of 8 from 64 to 2048.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64, max = 2048), extend("multipleOf" = 8))]
+    pub width: Option<i32>,
+
+    /// Image height in pixels: a multiple of 8 from 64 to 2048.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 64, max = 2048), extend("multipleOf" = 8))]
+    pub height: Option<i32>,
+
+    /// Denoising scheduler: Ddim, EulerAncestral or DpmPlusPlus2M.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scheduler: Option<SchedulerKind>,
+
+    /// Negative prompt used when a request has none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 4096))]
+    pub negative_prompt: Option<String>,
+}
+
+/// Observed state of a ModelDeployment, written by the operator only.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelDeploymentStatus {
+    /// The metadata.generation this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+
+    /// Resolved (the model was found and probed), Scheduled, Available (at least one replica
+    /// ready) and Progressing, each with a reason and a message that says what to do.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
+    pub conditions: Vec<Condition>,
+
+    /// What the model is, as probed from its files on an agent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model: Option<ModelInfo>,
+
+    /// Nodes chosen for the model: Serving copies count as replicas and receive traffic; Warm
+    /// copies only keep the model resident.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub placements: Vec<Placement>,
+
+    /// Number of Serving placements.
+    #[serde(default)]
+    pub replicas: i32,
+
+    /// Number of Serving placements that are Ready.
+    #[serde(default)]
+    pub ready_replicas: i32,
+
+    /// `<readyReplicas>/<replicas>`, for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
+
+    /// Label selector of the serving copies, for the scale subresource.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+
+    /// Name of the Service that routes to the ready serving copies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub service_name: Option<String>,
+}
+
+/// Probe result of a model's files.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ModelInfo {
+    /// Kind of model: Main, Vae, Lora, ControlNet, Embedding, IpAdapter, ClipVision or T2iAdapter.
+    #[serde(rename = "type")]
+    pub model_type: ModelType,
+    /// Model family: Sd1, Sd2, Sdxl or SdxlRefiner.
+    pub base: BaseModel,
+    /// UNet variant of a main model: Normal, Inpaint or Depth.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<ModelVariant>,
+    /// Layout on disk: Checkpoint or Diffusers.
+    pub format: ModelFormat,
+    /// What the UNet predicts: Epsilon, VPrediction or Sample.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prediction_type: Option<PredictionType>,
+    /// Bytes of the weights at the deployment's precision.
+    pub size_bytes: i64,
+    /// Number of tensors in the weights.
+    pub tensor_count: i64,
+}
+
+/// Role of a placement.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PlacementRole {
+    /// Counts as a replica and receives traffic.
+    Serving,
+    /// Only keeps the model resident; never routed to.
+    Warm,
+}
+
+/// Progress of a placement.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PlacementPhase {
+    /// Chosen by the operator; the agent has not reported it yet.
+    Assigned,
+    /// The agent is loading the model.
+    Loading,
+    /// The model is resident and verified.
+    Ready,
+    /// The agent could not load or verify the model; see the message.
+    Failed,
+}
+
+/// One node chosen for a ModelDeployment.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct Placement {
+    /// Kubernetes node name.
+    pub node: String,
+    /// Serving (a replica that receives traffic) or Warm (kept resident only).
+    pub role: PlacementRole,
+    /// Assigned, Loading, Ready or Failed.
+    pub phase: PlacementPhase,
+    /// Where the node holds the model now: Disk, Ram or Vram.
+    pub tier: Tier,
+    /// Why the placement is in its phase, when there is something to say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+    /// When the placement entered its phase.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Time>,
+}
