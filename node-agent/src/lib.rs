@@ -1,0 +1,4 @@
+//! The modelcache node agent: model store, two-tier cache, generation pipeline
+//! and HTTP API (ARCHITECTURE §4).
+
+pub mod store;
