@@ -56,4 +56,17 @@ impl StoreError {
     }
 }
 
+/// candle's message without the backtrace it captures when RUST_BACKTRACE is set.
+pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+    match e {
+        candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
+        other => other
+            .to_string()
+            .lines()
+            .next()
+            .unwrap_or_default()
+            .to_string(),
+    }
+}
+
 pub type Result<T, E = StoreError> = std::result::Result<T, E>;

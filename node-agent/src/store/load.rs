@@ -59,7 +59,7 @@ fn tensor_bytes(index: &TensorIndex, meta: &TensorMeta, t: &Tensor) -> Result<Ve
     let err = |e: candle_core::Error| StoreError::Tensor {
         path: index.path.clone(),
         tensor: meta.name.clone(),
-        reason: e.to_string(),
+        reason: super::error::candle_message(&e),
     };
     let flat = t.flatten_all().map_err(err)?;
     let bytes = match flat.dtype() {
@@ -135,7 +135,7 @@ pub fn load_all(
         let terr = |e: candle_core::Error| StoreError::Tensor {
             path: index.path.clone(),
             tensor: meta.name.clone(),
-            reason: e.to_string(),
+            reason: super::error::candle_message(&e),
         };
         let t = match (&meta.location, &pth) {
             (Location::File { offset }, _) => {

@@ -78,12 +78,18 @@ fn check_globals(path: &Path, obj: &Object) -> Result<()> {
 pub fn parse_pickle(path: &Path, bytes: &[u8]) -> Result<Object> {
     let mut stack = Stack::empty();
     let mut cursor = std::io::Cursor::new(bytes);
-    stack
-        .read_loop(&mut cursor)
-        .map_err(|e| bad(path, format!("pickle: {e}")))?;
-    let obj = stack
-        .finalize()
-        .map_err(|e| bad(path, format!("pickle: {e}")))?;
+    stack.read_loop(&mut cursor).map_err(|e| {
+        bad(
+            path,
+            format!("pickle: {}", super::error::candle_message(&e)),
+        )
+    })?;
+    let obj = stack.finalize().map_err(|e| {
+        bad(
+            path,
+            format!("pickle: {}", super::error::candle_message(&e)),
+        )
+    })?;
     check_globals(path, &obj)?;
     Ok(obj)
 }
@@ -187,7 +193,7 @@ pub fn read_index(path: &Path) -> Result<TensorIndex> {
                 return Err(StoreError::Tensor {
                     path: path.to_path_buf(),
                     tensor: name_str,
-                    reason: e.to_string(),
+                    reason: super::error::candle_message(&e),
                 })
             }
         };
