@@ -1,4 +1,6 @@
 //! The modelcache node agent: model store, two-tier cache, generation pipeline
 //! and HTTP API (ARCHITECTURE §4).
 
+pub mod cache;
+pub mod memory;
 pub mod store;

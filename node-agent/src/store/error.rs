@@ -57,7 +57,7 @@ impl StoreError {
 }
 
 /// candle's message without the backtrace it captures when RUST_BACKTRACE is set.
-pub(crate) fn candle_message(e: &candle_core::Error) -> String {
+pub fn candle_message(e: &candle_core::Error) -> String {
     match e {
         candle_core::Error::WithBacktrace { inner, .. } => candle_message(inner),
         other => other

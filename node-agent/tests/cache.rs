@@ -1,0 +1,384 @@
+//! The model cache's promises, checked with a controllable loader and, at the
+//! end, with the store's real loader on the fixture models.
+
+use candle_core::{DType, Device};
+use modelcache_agent::cache::region::{Segment, REGION_ALIGN};
+use modelcache_agent::cache::{
+    CacheConfig, CacheError, DiskLoader, Loader, ModelCache, RamPlan, RegionTensor, TierKind,
+};
+use proptest::prelude::*;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Barrier, Mutex};
+
+const R: u64 = REGION_ALIGN as u64;
+
+/// Models whose RAM copies are `regions` × 2 MiB; only a few bytes are read from disk.
+struct FakeLoader {
+    dir: tempfile::TempDir,
+    sizes: HashMap<String, u64>,
+    plans: Mutex<HashMap<String, u64>>,
+    delay: std::time::Duration,
+}
+
+impl FakeLoader {
+    fn new(sizes: &[(&str, u64)]) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        for (k, _) in sizes {
+            std::fs::write(dir.path().join(k), [7u8; 64]).unwrap();
+        }
+        std::fs::write(dir.path().join("short"), [1u8; 10]).unwrap();
+        FakeLoader {
+            dir,
+            sizes: sizes.iter().map(|(k, r)| (k.to_string(), *r)).collect(),
+            plans: Mutex::new(HashMap::new()),
+            delay: std::time::Duration::ZERO,
+        }
+    }
+
+    fn plans(&self, key: &str) -> u64 {
+        self.plans.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+}
+
+impl Loader for FakeLoader {
+    fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
+        *self
+            .plans
+            .lock()
+            .unwrap()
+            .entry(key.to_string())
+            .or_default() += 1;
+        std::thread::sleep(self.delay);
+        if key == "fail" {
+            return Err(CacheError::Load {
+                key: key.into(),
+                message: "injected failure".into(),
+            });
+        }
+        let (file, len) = if key == "short" {
+            ("short", 64)
+        } else {
+            (key, 64)
+        };
+        let regions = *self.sizes.get(key).unwrap_or(&1);
+        Ok(RamPlan {
+            segments: vec![Segment {
+                path: self.dir.path().join(file),
+                file_offset: 0,
+                len,
+                region_offset: 0,
+            }],
+            tensors: vec![RegionTensor {
+                name: "w".into(),
+                dtype: safetensors::Dtype::F32,
+                shape: vec![16],
+                offset: 0,
+                len: 64,
+            }],
+            bytes: regions * R,
+        })
+    }
+}
+
+fn cache_with(loader: Arc<FakeLoader>, ram_regions: u64, dev_bytes: u64) -> ModelCache {
+    struct Shared(Arc<FakeLoader>);
+    impl Loader for Shared {
+        fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
+            self.0.plan(key)
+        }
+    }
+    let config = CacheConfig {
+        ram_budget: ram_regions * R,
+        device_budget: dev_bytes,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        load_threads: 2,
+        trim_on_evict: false,
+    };
+    ModelCache::new(config, Box::new(Shared(loader)), None)
+}
+
+fn resident(cache: &ModelCache, tier: TierKind) -> Vec<String> {
+    let mut v: Vec<_> = cache
+        .entries()
+        .into_iter()
+        .filter(|e| e.tier == tier)
+        .map(|e| e.key)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn lru_eviction_keeps_the_recently_used_model() {
+    // Seed test 8: budget 10; A(5), B(4), hit A, C(3) → B evicted, A kept.
+    let loader = Arc::new(FakeLoader::new(&[("A", 5), ("B", 4), ("C", 3)]));
+    let cache = cache_with(loader.clone(), 10, 0);
+    drop(cache.get_ram("A").unwrap());
+    drop(cache.get_ram("B").unwrap());
+    drop(cache.get_ram("A").unwrap());
+    drop(cache.get_ram("C").unwrap());
+    assert_eq!(resident(&cache, TierKind::Ram), ["A", "C"]);
+    let (ram, _) = cache.stats();
+    assert_eq!((ram.evictions, ram.hits, ram.misses), (1, 1, 3));
+    assert_eq!(ram.used, 8 * R);
+}
+
+#[test]
+fn locked_models_are_never_evicted_and_full_means_cache_full() {
+    let loader = Arc::new(FakeLoader::new(&[("A", 5), ("B", 4), ("C", 3), ("D", 6)]));
+    let cache = cache_with(loader.clone(), 10, 0);
+    let a = cache.get_ram("A").unwrap(); // locked, least recently used
+    drop(cache.get_ram("B").unwrap());
+    drop(cache.get_ram("C").unwrap()); // needs room: B goes, not A
+    assert_eq!(resident(&cache, TierKind::Ram), ["A", "C"]);
+    let c = cache.get_ram("C").unwrap();
+    // Everything is locked: D cannot fit and nothing is evicted.
+    let err = cache.get_ram("D").unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CacheError::CacheFull {
+                tier: TierKind::Ram,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("locked by requests in progress"));
+    assert_eq!(resident(&cache, TierKind::Ram), ["A", "C"]);
+    drop((a, c));
+    // A model larger than the whole budget is refused up front.
+    let big = Arc::new(FakeLoader::new(&[("huge", 11)]));
+    let cache = cache_with(big, 10, 0);
+    assert!(matches!(
+        cache.get_ram("huge").unwrap_err(),
+        CacheError::CacheFull { .. }
+    ));
+    assert_eq!(cache.stats().0.used, 0);
+}
+
+#[test]
+fn pinned_models_stay_until_dropped() {
+    let loader = Arc::new(FakeLoader::new(&[("A", 5), ("B", 5), ("C", 5)]));
+    let cache = cache_with(loader, 10, 0);
+    cache.warm("A", TierKind::Ram).unwrap();
+    drop(cache.get_ram("B").unwrap());
+    drop(cache.get_ram("C").unwrap()); // evicts B, not the pinned A
+    assert_eq!(resident(&cache, TierKind::Ram), ["A", "C"]);
+    cache.drop_model("A");
+    assert_eq!(resident(&cache, TierKind::Ram), ["C"]);
+}
+
+#[test]
+fn concurrent_misses_load_once_and_share_the_result() {
+    let mut fake = FakeLoader::new(&[("A", 1)]);
+    fake.delay = std::time::Duration::from_millis(50);
+    let loader = Arc::new(fake);
+    let cache = cache_with(loader.clone(), 10, 0);
+    let barrier = Arc::new(Barrier::new(8));
+    let handles: Vec<_> = (0..8)
+        .map(|_| {
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                let g = cache.get_ram("A").unwrap();
+                g.tensor_bytes(&g.tensors[0]).to_vec()
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), vec![7u8; 64]);
+    }
+    assert_eq!(loader.plans("A"), 1);
+    let (ram, _) = cache.stats();
+    assert_eq!((ram.misses, ram.hits, ram.loads), (1, 7, 1));
+}
+
+#[test]
+fn failed_loads_wake_waiters_with_the_error_and_leave_nothing() {
+    let mut fake = FakeLoader::new(&[]);
+    fake.delay = std::time::Duration::from_millis(30);
+    let loader = Arc::new(fake);
+    let cache = cache_with(loader.clone(), 10, 0);
+    for key in ["fail", "short"] {
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let cache = cache.clone();
+                let key = key.to_string();
+                std::thread::spawn(move || cache.get_ram(&key).map(|_| ()).unwrap_err().to_string())
+            })
+            .collect();
+        for h in handles {
+            let msg = h.join().unwrap();
+            assert!(
+                msg.contains("injected failure") || msg.contains("truncated"),
+                "{msg}"
+            );
+        }
+        assert!(cache.entries().is_empty());
+        assert_eq!(cache.stats().0.used, 0);
+    }
+}
+
+#[test]
+fn device_tier_offloads_lazily_to_ram() {
+    let loader = Arc::new(FakeLoader::new(&[("A", 1), ("B", 1), ("C", 1)]));
+    // Each device copy is 16 f32 = 64 bytes; room for two.
+    let cache = cache_with(loader, 10, 128);
+    let a = cache.get_device("A").unwrap();
+    assert_eq!(a.tensors["w"].dims(), &[16]);
+    drop(a);
+    drop(cache.get_device("B").unwrap());
+    drop(cache.get_device("C").unwrap());
+    assert_eq!(resident(&cache, TierKind::Device), ["B", "C"]);
+    // A's RAM copy stayed: coming back is a move, not a disk load.
+    assert_eq!(resident(&cache, TierKind::Ram), ["A", "B", "C"]);
+    let (ram, dev) = cache.stats();
+    assert_eq!((dev.evictions, dev.used), (1, 128));
+    drop(cache.get_device("A").unwrap());
+    assert_eq!(cache.stats().0.misses, ram.misses, "no new RAM load");
+}
+
+#[derive(Debug, Clone)]
+enum Op {
+    Get(usize, bool),
+    Hold(usize, bool),
+    Release,
+    Warm(usize, bool),
+    Drop(usize),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Get(k, d)),
+        2 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Hold(k, d)),
+        2 => Just(Op::Release),
+        1 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Warm(k, d)),
+        1 => (0..8usize).prop_map(Op::Drop),
+    ]
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
+
+    /// 12 cases × 4 threads × 250 ops = 12,000 operations: budgets are never
+    /// exceeded, a held (locked) model is always resident, and the statistics add up.
+    #[test]
+    fn invariants_hold_under_concurrent_random_operations(ops in proptest::collection::vec(op(), 1000)) {
+        let sizes: Vec<(String, u64)> = (0..8).map(|i| (format!("m{i}"), 1 + (i as u64 % 4))).collect();
+        let refs: Vec<(&str, u64)> = sizes.iter().map(|(k, s)| (k.as_str(), *s)).collect();
+        let loader = Arc::new(FakeLoader::new(&refs));
+        let cache = cache_with(loader.clone(), 9, 64 * 3);
+        let failures = Arc::new(AtomicU64::new(0));
+        let chunks: Vec<Vec<Op>> = ops.chunks(250).map(|c| c.to_vec()).collect();
+        let handles: Vec<_> = chunks.into_iter().map(|chunk| {
+            let (cache, failures) = (cache.clone(), failures.clone());
+            std::thread::spawn(move || -> Result<(), String> {
+                let mut held_ram = Vec::new();
+                let mut held_dev = Vec::new();
+                for op in chunk {
+                    match op {
+                        Op::Get(k, dev) | Op::Hold(k, dev) => {
+                            let key = format!("m{k}");
+                            let hold = matches!(op, Op::Hold(..));
+                            let r = if dev {
+                                cache.get_device(&key).map(|g| if hold && held_dev.len() < 2 { held_dev.push(g) })
+                            } else {
+                                cache.get_ram(&key).map(|g| if hold && held_ram.len() < 2 { held_ram.push(g) })
+                            };
+                            match r {
+                                Ok(()) => {}
+                                Err(CacheError::CacheFull { .. }) => { failures.fetch_add(1, Ordering::Relaxed); }
+                                Err(e) => return Err(e.to_string()),
+                            }
+                        }
+                        Op::Release => { held_ram.pop(); held_dev.pop(); }
+                        Op::Warm(k, dev) => {
+                            let tier = if dev { TierKind::Device } else { TierKind::Ram };
+                            if cache.warm(&format!("m{k}"), tier).is_err() { failures.fetch_add(1, Ordering::Relaxed); }
+                        }
+                        Op::Drop(k) => cache.drop_model(&format!("m{k}")),
+                    }
+                    let (ram, dev) = cache.stats();
+                    if ram.used > ram.budget || dev.used > dev.budget {
+                        return Err(format!("budget exceeded: ram {}/{} dev {}/{}", ram.used, ram.budget, dev.used, dev.budget));
+                    }
+                    let entries = cache.entries();
+                    for (held, tier) in [(held_ram.iter().map(|g| g.key().to_string()).collect::<Vec<_>>(), TierKind::Ram), (held_dev.iter().map(|g| g.key().to_string()).collect(), TierKind::Device)] {
+                        for k in held {
+                            if !entries.iter().any(|e| e.key == k && e.tier == tier && e.locked) {
+                                return Err(format!("held model {k} is not resident and locked in {tier:?}"));
+                            }
+                        }
+                    }
+                }
+                Ok(())
+            })
+        }).collect();
+        for h in handles {
+            let r = h.join().map_err(|_| TestCaseError::fail("thread panicked"))?;
+            prop_assert!(r.is_ok(), "{:?}", r);
+        }
+        let (ram, dev) = cache.stats();
+        prop_assert!(ram.used <= ram.budget && dev.used <= dev.budget);
+        let entries = cache.entries();
+        prop_assert!(entries.iter().all(|e| !e.locked), "all guards released");
+        let ram_bytes: u64 = entries.iter().filter(|e| e.tier == TierKind::Ram).map(|e| e.bytes).sum();
+        prop_assert_eq!(ram_bytes, ram.used);
+        let dev_bytes: u64 = entries.iter().filter(|e| e.tier == TierKind::Device).map(|e| e.bytes).sum();
+        prop_assert_eq!(dev_bytes, dev.used);
+        // Every RAM load came from exactly one planned miss.
+        let plans: u64 = (0..8).map(|i| loader.plans(&format!("m{i}"))).sum();
+        prop_assert!(ram.loads <= ram.misses && ram.misses <= plans, "loads {} misses {} plans {}", ram.loads, ram.misses, plans);
+    }
+}
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+#[test]
+fn real_loader_on_the_fixture_models() {
+    let f = fixtures().join("tiny-sd1");
+    let keys: Vec<String> = ["unet", "vae", "text_encoder"]
+        .iter()
+        .map(|c| f.join(c).to_string_lossy().into_owned())
+        .collect();
+    let config = CacheConfig {
+        ram_budget: 6 * R,
+        device_budget: 40 << 20,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        load_threads: 2,
+        trim_on_evict: true,
+    };
+    let cache = ModelCache::new(config, Box::new(DiskLoader), None);
+    for k in &keys {
+        let g = cache.get_device(k).unwrap();
+        let index = modelcache_agent::store::open_weights(
+            &modelcache_agent::store::component_weights(Path::new(k)).unwrap()[0],
+        )
+        .unwrap();
+        // Every tensor equals what the file holds.
+        for t in &index.tensors {
+            let want = modelcache_agent::store::load::read_bytes(&index, t).unwrap();
+            let got = g.tensors[&t.name]
+                .flatten_all()
+                .unwrap()
+                .to_vec1::<f32>()
+                .unwrap();
+            let got: Vec<u8> = got.iter().flat_map(|v| v.to_le_bytes()).collect();
+            assert_eq!(got, want, "{k}: {}", t.name);
+        }
+        assert_eq!(g.bytes, index.bytes_at(modelcache_crds::Precision::F32));
+    }
+    let (ram, dev) = cache.stats();
+    assert!(ram.used <= ram.budget && dev.used <= dev.budget);
+    assert_eq!(ram.loads, 3);
+    // A missing model is a clear load error, not a crash, and leaves nothing.
+    let err = cache.get_ram("/nonexistent/unet").unwrap_err().to_string();
+    assert!(err.contains("/nonexistent/unet"), "{err}");
+}
