@@ -3,4 +3,5 @@
 
 pub mod cache;
 pub mod memory;
+pub mod pipeline;
 pub mod store;

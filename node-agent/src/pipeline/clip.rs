@@ -1,0 +1,236 @@
+//! CLIP text encoder (Hugging Face `CLIPTextModel` / `CLIPTextModelWithProjection`),
+//! written here because candle's general CLIP only knows quick-GELU (SD 1.x) and
+//! its SD-specific one has private configuration fields. Configured from the
+//! model's `text_encoder/config.json`; reads weights with or without the
+//! `text_model.` prefix (transformers 5 drops it).
+
+use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
+use candle_nn::{
+    embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
+};
+use serde_json::Value;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Activation {
+    QuickGelu,
+    Gelu,
+}
+
+/// What the text encoder's `config.json` says.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ClipConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub layer_norm_eps: f64,
+    pub activation: Activation,
+    pub projection_dim: Option<usize>,
+    pub eos_token_id: Option<u32>,
+}
+
+impl ClipConfig {
+    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
+        let get = |k: &str| {
+            v[k].as_u64()
+                .map(|x| x as usize)
+                .ok_or_else(|| format!("text encoder config.json lacks {k}"))
+        };
+        let activation = match v["hidden_act"].as_str() {
+            Some("quick_gelu") | None => Activation::QuickGelu,
+            Some("gelu") => Activation::Gelu,
+            Some(other) => return Err(format!("unsupported text encoder activation {other:?}")),
+        };
+        let with_projection = v["architectures"][0].as_str() == Some("CLIPTextModelWithProjection");
+        Ok(ClipConfig {
+            vocab_size: get("vocab_size")?,
+            hidden_size: get("hidden_size")?,
+            intermediate_size: get("intermediate_size")?,
+            num_hidden_layers: get("num_hidden_layers")?,
+            num_attention_heads: get("num_attention_heads")?,
+            max_position_embeddings: get("max_position_embeddings")?,
+            layer_norm_eps: v["layer_norm_eps"].as_f64().unwrap_or(1e-5),
+            activation,
+            projection_dim: if with_projection {
+                v["projection_dim"].as_u64().map(|x| x as usize)
+            } else {
+                None
+            },
+            eos_token_id: v["eos_token_id"].as_u64().map(|x| x as u32),
+        })
+    }
+}
+
+struct Attention {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    out: Linear,
+    heads: usize,
+}
+
+impl Attention {
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, n, c) = xs.dims3()?;
+        let hd = c / self.heads;
+        let split = |t: Tensor| {
+            t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q.forward(xs)? * (hd as f64).powf(-0.5))?)?;
+        let k = split(self.k.forward(xs)?)?;
+        let v = split(self.v.forward(xs)?)?;
+        let w = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let w = candle_nn::ops::softmax_last_dim(&w)?;
+        let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
+        self.out.forward(&o)
+    }
+}
+
+struct Layer {
+    ln1: LayerNorm,
+    attn: Attention,
+    ln2: LayerNorm,
+    fc1: Linear,
+    fc2: Linear,
+    act: Activation,
+}
+
+impl Layer {
+    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let h = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
+        let m = self.fc1.forward(&self.ln2.forward(&h)?)?;
+        let m = match self.act {
+            Activation::QuickGelu => (&m * candle_nn::ops::sigmoid(&(&m * 1.702)?)?)?,
+            Activation::Gelu => m.gelu_erf()?,
+        };
+        h + self.fc2.forward(&m)?
+    }
+}
+
+/// Outputs of the text encoder.
+pub struct TextOutput {
+    /// Hidden states after `clip_skip` layers are skipped (final layer norm applied
+    /// when none are), `[batch, tokens, hidden]`: the UNet's context.
+    pub hidden: Tensor,
+    /// The penultimate layer's hidden states (SDXL's context), `[batch, tokens, hidden]`.
+    pub penultimate: Tensor,
+    /// The pooled EOS token, projected when the model has a projection (SDXL).
+    pub pooled: Tensor,
+}
+
+pub struct ClipTextModel {
+    token_embedding: Embedding,
+    position_embedding: Embedding,
+    layers: Vec<Layer>,
+    final_layer_norm: LayerNorm,
+    projection: Option<Linear>,
+    config: ClipConfig,
+}
+
+impl ClipTextModel {
+    pub fn new(vb: VarBuilder, config: &ClipConfig) -> Result<Self> {
+        let tm = if vb.contains_tensor("text_model.embeddings.token_embedding.weight") {
+            vb.pp("text_model")
+        } else {
+            vb.clone()
+        };
+        let c = config;
+        let eps = c.layer_norm_eps;
+        let emb = tm.pp("embeddings");
+        let enc = tm.pp("encoder.layers");
+        let layers = (0..c.num_hidden_layers)
+            .map(|i| {
+                let l = enc.pp(i.to_string());
+                let a = l.pp("self_attn");
+                Ok(Layer {
+                    ln1: layer_norm(c.hidden_size, eps, l.pp("layer_norm1"))?,
+                    attn: Attention {
+                        q: linear(c.hidden_size, c.hidden_size, a.pp("q_proj"))?,
+                        k: linear(c.hidden_size, c.hidden_size, a.pp("k_proj"))?,
+                        v: linear(c.hidden_size, c.hidden_size, a.pp("v_proj"))?,
+                        out: linear(c.hidden_size, c.hidden_size, a.pp("out_proj"))?,
+                        heads: c.num_attention_heads,
+                    },
+                    ln2: layer_norm(c.hidden_size, eps, l.pp("layer_norm2"))?,
+                    fc1: linear(c.hidden_size, c.intermediate_size, l.pp("mlp.fc1"))?,
+                    fc2: linear(c.intermediate_size, c.hidden_size, l.pp("mlp.fc2"))?,
+                    act: c.activation,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let projection = match c.projection_dim {
+            Some(p) => Some(linear_no_bias(c.hidden_size, p, vb.pp("text_projection"))?),
+            None => None,
+        };
+        Ok(ClipTextModel {
+            token_embedding: embedding(c.vocab_size, c.hidden_size, emb.pp("token_embedding"))?,
+            position_embedding: embedding(
+                c.max_position_embeddings,
+                c.hidden_size,
+                emb.pp("position_embedding"),
+            )?,
+            layers,
+            final_layer_norm: layer_norm(c.hidden_size, eps, tm.pp("final_layer_norm"))?,
+            projection,
+            config: config.clone(),
+        })
+    }
+
+    fn causal_mask(n: usize, dtype: DType, device: &Device) -> Result<Tensor> {
+        let v: Vec<f32> = (0..n)
+            .flat_map(|i| (0..n).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        Tensor::from_vec(v, (n, n), device)?.to_dtype(dtype)
+    }
+
+    /// Encodes token ids `[batch, tokens]`. `clip_skip` = number of final layers to
+    /// skip (0: use the last layer), as A1111 and diffusers define it.
+    pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<TextOutput> {
+        let (_, n) = ids.dims2()?;
+        let positions = Tensor::arange(0u32, n as u32, ids.device())?;
+        let mut xs = self
+            .token_embedding
+            .forward(ids)?
+            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mask = Self::causal_mask(n, xs.dtype(), ids.device())?;
+        let keep = self.layers.len().saturating_sub(clip_skip).max(1);
+        let mut states = Vec::with_capacity(self.layers.len());
+        for layer in &self.layers {
+            xs = layer.forward(&xs, &mask)?;
+            states.push(xs.clone());
+        }
+        let last = self.final_layer_norm.forward(&xs)?;
+        let hidden = if keep == self.layers.len() {
+            last.clone()
+        } else {
+            self.final_layer_norm.forward(&states[keep - 1])?
+        };
+        let penultimate = states[states.len().saturating_sub(2)].clone();
+        // Pool at the first EOS token (or the highest id, as CLIP's original code does).
+        let eos_pos = match self.config.eos_token_id {
+            Some(eos) => ids.eq(eos)?.to_dtype(DType::U32)?.argmax(D::Minus1)?,
+            None => ids.argmax(D::Minus1)?,
+        };
+        let b = ids.dim(0)?;
+        let pooled = (0..b)
+            .map(|i| {
+                let p = eos_pos.i(i)?.to_scalar::<u32>()? as usize;
+                last.i((i, p))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let pooled = Tensor::stack(&pooled, 0)?;
+        let pooled = match &self.projection {
+            Some(p) => p.forward(&pooled)?,
+            None => pooled,
+        };
+        Ok(TextOutput {
+            hidden,
+            penultimate,
+            pooled,
+        })
+    }
+}

@@ -1,0 +1,378 @@
+//! The generation pipeline (ARCHITECTURE §4 `pipeline`): text encoder → UNet
+//! denoising loop with classifier-free guidance → VAE decode, for diffusers
+//! pipeline folders whose `config.json` files describe the architecture.
+//! Every weight comes from the cache; components are separate cache entries.
+
+pub mod clip;
+pub mod image;
+pub mod rng;
+pub mod scheduler;
+pub mod tokenizer;
+
+use crate::cache::{CacheError, ModelCache};
+use crate::store::{self, read_json};
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use clip::{ClipConfig, ClipTextModel};
+pub use image::Image;
+use modelcache_crds::{BaseModel, ModelVariant, SchedulerKind};
+use rng::NormalRng;
+use scheduler::{ScheduleConfig, Scheduler};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+
+/// Why a generation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PipelineError {
+    #[error("{0}")]
+    Cache(#[from] CacheError),
+    #[error("{path}: {reason}")]
+    Model { path: PathBuf, reason: String },
+    #[error("invalid request: {0}")]
+    Invalid(String),
+    #[error("generation cancelled")]
+    Cancelled,
+    #[error("{0}")]
+    Compute(String),
+}
+
+impl From<candle_core::Error> for PipelineError {
+    fn from(e: candle_core::Error) -> Self {
+        PipelineError::Compute(store::error::candle_message(&e))
+    }
+}
+
+fn model_err(path: &Path, reason: impl Into<String>) -> PipelineError {
+    PipelineError::Model {
+        path: path.to_path_buf(),
+        reason: reason.into(),
+    }
+}
+
+/// A diffusers pipeline folder, with its configurations read and checked.
+pub struct DiffusersModel {
+    pub dir: PathBuf,
+    pub base: BaseModel,
+    unet: unet_2d::UNet2DConditionModelConfig,
+    latent_channels: usize,
+    vae: vae::AutoEncoderKLConfig,
+    scaling_factor: f64,
+    text: ClipConfig,
+    schedule: ScheduleConfig,
+    tokenizer: tokenizer::ClipTokenizer,
+}
+
+fn usize_list(v: &Value, n: usize) -> Option<Vec<usize>> {
+    match v {
+        Value::Number(x) => x.as_u64().map(|x| vec![x as usize; n]),
+        Value::Array(a) => a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect(),
+        _ => None,
+    }
+}
+
+/// candle's UNet configuration from a diffusers `unet/config.json`.
+pub fn unet_config(v: &Value) -> Result<unet_2d::UNet2DConditionModelConfig, String> {
+    let channels = usize_list(&v["block_out_channels"], 0)
+        .ok_or("unet config.json lacks block_out_channels")?;
+    let n = channels.len();
+    let types: Vec<&str> = v["down_block_types"]
+        .as_array()
+        .ok_or("unet config.json lacks down_block_types")?
+        .iter()
+        .filter_map(Value::as_str)
+        .collect();
+    if types.len() != n {
+        return Err("unet down_block_types and block_out_channels differ in length".into());
+    }
+    // diffusers quirk: `attention_head_dim` holds the number of heads unless `num_attention_heads` is set.
+    let heads = usize_list(&v["num_attention_heads"], n)
+        .or_else(|| usize_list(&v["attention_head_dim"], n))
+        .unwrap_or(vec![8; n]);
+    let layers = usize_list(&v["transformer_layers_per_block"], n).unwrap_or(vec![1; n]);
+    if heads.len() != n || layers.len() != n {
+        return Err(
+            "unet attention_head_dim / transformer_layers_per_block do not match the blocks".into(),
+        );
+    }
+    if v["addition_embed_type"].as_str().is_some() || v["class_embed_type"].as_str().is_some() {
+        return Err(
+            "UNets with added time/text embeddings (SDXL) are not supported by this agent yet"
+                .into(),
+        );
+    }
+    let blocks = (0..n)
+        .map(|i| unet_2d::BlockConfig {
+            out_channels: channels[i],
+            use_cross_attn: types[i].starts_with("CrossAttn").then_some(layers[i]),
+            attention_head_dim: heads[i],
+        })
+        .collect();
+    Ok(unet_2d::UNet2DConditionModelConfig {
+        center_input_sample: v["center_input_sample"].as_bool().unwrap_or(false),
+        flip_sin_to_cos: v["flip_sin_to_cos"].as_bool().unwrap_or(true),
+        freq_shift: v["freq_shift"].as_f64().unwrap_or(0.0),
+        blocks,
+        layers_per_block: v["layers_per_block"].as_u64().unwrap_or(2) as usize,
+        downsample_padding: v["downsample_padding"].as_u64().unwrap_or(1) as usize,
+        mid_block_scale_factor: v["mid_block_scale_factor"].as_f64().unwrap_or(1.0),
+        norm_num_groups: v["norm_num_groups"].as_u64().unwrap_or(32) as usize,
+        norm_eps: v["norm_eps"].as_f64().unwrap_or(1e-5),
+        cross_attention_dim: usize_list(&v["cross_attention_dim"], 1)
+            .and_then(|c| c.first().copied())
+            .ok_or("unet config.json lacks cross_attention_dim")?,
+        sliced_attention_size: None,
+        use_linear_projection: v["use_linear_projection"].as_bool().unwrap_or(false),
+    })
+}
+
+impl DiffusersModel {
+    /// Reads and checks a diffusers txt2img pipeline folder.
+    pub fn open(dir: &Path) -> Result<Self, PipelineError> {
+        let probe = store::probe(dir).map_err(|e| model_err(dir, e.to_string()))?;
+        if probe.model_type != modelcache_crds::ModelType::Main {
+            return Err(model_err(
+                dir,
+                format!(
+                    "is a {} model, not a text-to-image pipeline",
+                    probe.model_type
+                ),
+            ));
+        }
+        if let Some(v) = probe.variant.filter(|v| *v != ModelVariant::Normal) {
+            return Err(model_err(
+                dir,
+                format!("is an {v} model; text-to-image needs a normal base model"),
+            ));
+        }
+        let base = probe
+            .base
+            .ok_or_else(|| model_err(dir, "cannot determine the base model"))?;
+        if base == BaseModel::SdxlRefiner {
+            return Err(model_err(
+                dir,
+                "is an SDXL refiner, which refines images and cannot generate from text alone",
+            ));
+        }
+        let cfg = |c: &str| read_json(&dir.join(c)).map_err(|e| model_err(dir, e.to_string()));
+        let unet_json = cfg("unet/config.json")?;
+        let unet = unet_config(&unet_json).map_err(|e| model_err(dir, e))?;
+        if unet_json["in_channels"].as_u64().unwrap_or(4) != 4 {
+            return Err(model_err(
+                dir,
+                "UNet does not take 4 latent channels; only text-to-image models are served",
+            ));
+        }
+        let vae_json = cfg("vae/config.json")?;
+        let vae = vae::AutoEncoderKLConfig {
+            block_out_channels: usize_list(&vae_json["block_out_channels"], 0)
+                .ok_or_else(|| model_err(dir, "vae config.json lacks block_out_channels"))?,
+            layers_per_block: vae_json["layers_per_block"].as_u64().unwrap_or(2) as usize,
+            latent_channels: vae_json["latent_channels"].as_u64().unwrap_or(4) as usize,
+            norm_num_groups: vae_json["norm_num_groups"].as_u64().unwrap_or(32) as usize,
+            use_quant_conv: vae_json["use_quant_conv"].as_bool().unwrap_or(true),
+            use_post_quant_conv: vae_json["use_post_quant_conv"].as_bool().unwrap_or(true),
+        };
+        let text = ClipConfig::from_json(&cfg("text_encoder/config.json")?)
+            .map_err(|e| model_err(dir, e))?;
+        let schedule =
+            ScheduleConfig::from_json(&cfg("scheduler/scheduler_config.json").unwrap_or_default());
+        let tokenizer =
+            tokenizer::ClipTokenizer::load(&dir.join("tokenizer"), text.max_position_embeddings)
+                .map_err(|e| model_err(dir, e))?;
+        Ok(DiffusersModel {
+            dir: dir.to_path_buf(),
+            base,
+            latent_channels: vae.latent_channels,
+            scaling_factor: vae_json["scaling_factor"].as_f64().unwrap_or(0.18215),
+            unet,
+            vae,
+            text,
+            schedule,
+            tokenizer,
+        })
+    }
+
+    /// Cache key of a component.
+    pub fn component(&self, name: &str) -> String {
+        self.dir.join(name).to_string_lossy().into_owned()
+    }
+
+    pub fn tokenizer(&self) -> &tokenizer::ClipTokenizer {
+        &self.tokenizer
+    }
+
+    pub fn schedule(&self) -> &ScheduleConfig {
+        &self.schedule
+    }
+}
+
+/// What to generate.
+#[derive(Debug, Clone)]
+pub struct GenerateParams {
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance_scale: f64,
+    pub width: usize,
+    pub height: usize,
+    pub seed: u64,
+    pub scheduler: SchedulerKind,
+    pub n: usize,
+    /// Initial latents `[n or 1, C, h/8, w/8]` instead of seeded noise.
+    pub latents: Option<Tensor>,
+    pub clip_skip: usize,
+}
+
+impl Default for GenerateParams {
+    fn default() -> Self {
+        GenerateParams {
+            prompt: String::new(),
+            negative_prompt: String::new(),
+            steps: 25,
+            guidance_scale: 7.5,
+            width: 512,
+            height: 512,
+            seed: 0,
+            scheduler: SchedulerKind::Ddim,
+            n: 1,
+            latents: None,
+            clip_skip: 0,
+        }
+    }
+}
+
+/// Progress callback: (image index, step done, steps); returns false to cancel.
+pub type Progress<'a> = &'a (dyn Fn(usize, usize, usize) -> bool + Sync);
+
+fn check_params(p: &GenerateParams) -> Result<(), PipelineError> {
+    if p.width % 8 != 0 || p.height % 8 != 0 || p.width == 0 || p.height == 0 {
+        return Err(PipelineError::Invalid(format!(
+            "size {}x{} must be a positive multiple of 8",
+            p.width, p.height
+        )));
+    }
+    if p.steps == 0 || p.n == 0 {
+        return Err(PipelineError::Invalid(
+            "steps and n must be at least 1".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Encodes prompt and negative prompt into the UNet context `[2, tokens, dim]`
+/// (negative first), or `[1, …]` without guidance.
+pub fn encode_text(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+) -> Result<Tensor, PipelineError> {
+    let te = cache.get_device(&model.component("text_encoder"))?;
+    let encoder = ClipTextModel::new(te.var_builder(), &model.text)?;
+    let device = &te.device;
+    let ids = |text: &str| -> Result<Tensor, PipelineError> {
+        let ids = model
+            .tokenizer
+            .encode(text)
+            .map_err(PipelineError::Invalid)?;
+        Ok(Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
+    };
+    let cond = encoder.forward(&ids(&p.prompt)?, p.clip_skip)?.hidden;
+    if p.guidance_scale <= 1.0 {
+        return Ok(cond);
+    }
+    let uncond = encoder
+        .forward(&ids(&p.negative_prompt)?, p.clip_skip)?
+        .hidden;
+    Ok(Tensor::cat(&[uncond, cond], 0)?)
+}
+
+/// Runs txt2img and returns `n` images.
+pub fn generate(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+    progress: Progress,
+) -> Result<Vec<Image>, PipelineError> {
+    check_params(p)?;
+    let context = encode_text(cache, model, p)?;
+    let guided = context.dim(0)? == 2;
+    let unet_guard = cache.get_device(&model.component("unet"))?;
+    let device: Device = unet_guard.device.clone();
+    let dtype = unet_guard.dtype;
+    let unet = unet_2d::UNet2DConditionModel::new(
+        unet_guard.var_builder(),
+        4,
+        4,
+        false,
+        model.unet.clone(),
+    )?;
+    let context = context.to_dtype(dtype)?;
+    let (lh, lw) = (p.height / 8, p.width / 8);
+    let mut latents_out = Vec::with_capacity(p.n);
+    for i in 0..p.n {
+        let mut sched = Scheduler::new(p.scheduler, model.schedule.clone(), p.steps);
+        let mut rng = NormalRng::new(p.seed.wrapping_add(i as u64));
+        let shape = [1, model.latent_channels, lh, lw];
+        let mut x = match &p.latents {
+            Some(l) => {
+                let l = if l.dim(0)? > i {
+                    l.narrow(0, i, 1)?
+                } else {
+                    l.narrow(0, 0, 1)?
+                };
+                if l.dims() != shape {
+                    return Err(PipelineError::Invalid(format!(
+                        "latents have shape {:?}, expected {shape:?}",
+                        l.dims()
+                    )));
+                }
+                l.to_device(&device)?.to_dtype(DType::F32)?
+            }
+            None => rng.tensor(&shape, &device)?,
+        };
+        x = (x * sched.init_noise_sigma())?;
+        let timesteps = sched.timesteps().to_vec();
+        for (s, &t) in timesteps.iter().enumerate() {
+            let inp = sched.scale_model_input(&x, s)?;
+            let inp = if guided {
+                Tensor::cat(&[&inp, &inp], 0)?
+            } else {
+                inp
+            };
+            let noise = unet
+                .forward(&inp.to_dtype(dtype)?, t as f64, &context)?
+                .to_dtype(DType::F32)?;
+            let noise = if guided {
+                let (u, c) = (noise.narrow(0, 0, 1)?, noise.narrow(0, 1, 1)?);
+                (&u + ((c - &u)? * p.guidance_scale)?)?
+            } else {
+                noise
+            };
+            x = sched.step(&noise, s, &x, &mut rng)?;
+            if !progress(i, s + 1, timesteps.len()) {
+                return Err(PipelineError::Cancelled);
+            }
+        }
+        latents_out.push(x);
+    }
+    drop(unet);
+    drop(unet_guard);
+    let vae_guard = cache.get_device(&model.component("vae"))?;
+    let decoder = vae::AutoEncoderKL::new(vae_guard.var_builder(), 3, 3, model.vae.clone())?;
+    latents_out
+        .into_iter()
+        .map(|l| {
+            let img = decoder
+                .decode(&(l / model.scaling_factor)?.to_dtype(vae_guard.dtype)?)?
+                .to_dtype(DType::F32)?;
+            let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+            let img = img.squeeze(0)?.permute((1, 2, 0))?.contiguous()?;
+            let (h, w, _) = img.dims3()?;
+            Ok(Image {
+                width: w,
+                height: h,
+                data: img.flatten_all()?.to_vec1::<f32>()?,
+            })
+        })
+        .collect()
+}

@@ -1,0 +1,152 @@
+//! Numerical parity with diffusers on the reference fixtures.
+
+use candle_core::{DType, Device, Tensor};
+use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
+use modelcache_agent::store::convert;
+use modelcache_crds::SchedulerKind;
+use std::path::{Path, PathBuf};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn cache() -> ModelCache {
+    let config = CacheConfig {
+        ram_budget: 64 << 20,
+        device_budget: 64 << 20,
+        device: Device::Cpu,
+        dtype: DType::F32,
+        load_threads: 2,
+        trim_on_evict: false,
+    };
+    ModelCache::new(config, Box::new(DiskLoader), None)
+}
+
+fn reference() -> (serde_json::Value, Tensor, Vec<f32>) {
+    let f = fixtures().join("tiny-sd1");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
+    let latents =
+        candle_core::safetensors::load(f.join("reference_latents.safetensors"), &Device::Cpu)
+            .unwrap()
+            .remove("latents")
+            .unwrap();
+    let (shape, image) = read_npy(&std::fs::read(f.join("reference_image.npy")).unwrap()).unwrap();
+    assert_eq!(shape, vec![64, 64, 3]);
+    (r, latents, image)
+}
+
+fn params(r: &serde_json::Value, latents: Tensor) -> GenerateParams {
+    GenerateParams {
+        prompt: r["prompt"].as_str().unwrap().into(),
+        negative_prompt: String::new(),
+        steps: r["steps"].as_u64().unwrap() as usize,
+        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
+        width: 64,
+        height: 64,
+        seed: 0,
+        scheduler: SchedulerKind::Ddim,
+        n: 1,
+        latents: Some(latents),
+        clip_skip: 0,
+    }
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn token_ids_match_the_reference() {
+    let (r, _, _) = reference();
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let ids = model
+        .tokenizer()
+        .encode(r["prompt"].as_str().unwrap())
+        .unwrap();
+    let want: Vec<u32> = r["token_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    assert_eq!(ids, want);
+}
+
+#[test]
+fn diffusers_folder_reproduces_the_reference_image() {
+    let (r, latents, want) = reference();
+    let cache = cache();
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let images = pipeline::generate(&cache, &model, &params(&r, latents), &|_, _, _| true).unwrap();
+    let d = max_abs_diff(&images[0].data, &want);
+    assert!(d < 1e-3, "max abs difference {d}");
+}
+
+#[test]
+fn single_file_checkpoint_reproduces_the_reference_image() {
+    let (r, latents, want) = reference();
+    let state = tempfile::tempdir().unwrap();
+    let f = fixtures();
+    let dir = convert::converted(
+        state.path(),
+        &f.join("tiny-sd1-single.safetensors"),
+        Some(&f.join("tiny-sd1")),
+        None,
+    )
+    .unwrap();
+    let model = DiffusersModel::open(&dir).unwrap();
+    let images =
+        pipeline::generate(&cache(), &model, &params(&r, latents), &|_, _, _| true).unwrap();
+    let d = max_abs_diff(&images[0].data, &want);
+    assert!(d < 1e-3, "max abs difference {d}");
+}
+
+#[test]
+fn seeds_reproduce_and_differ_and_cancellation_stops() {
+    let cache = cache();
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    for scheduler in [
+        SchedulerKind::Ddim,
+        SchedulerKind::EulerAncestral,
+        SchedulerKind::DpmPlusPlus2M,
+    ] {
+        let p = GenerateParams {
+            prompt: "a robot".into(),
+            steps: 3,
+            width: 64,
+            height: 64,
+            seed: 5,
+            scheduler,
+            n: 2,
+            ..Default::default()
+        };
+        let a = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
+        let b = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
+        assert_eq!(a, b, "{scheduler}: same seed, same images");
+        assert_ne!(
+            a[0], a[1],
+            "{scheduler}: images of one request use different seeds"
+        );
+        assert!(a[0].data.iter().all(|v| (0.0..=1.0).contains(v)));
+    }
+    let p = GenerateParams {
+        prompt: "x".into(),
+        steps: 3,
+        width: 64,
+        height: 64,
+        ..Default::default()
+    };
+    let err = pipeline::generate(&cache, &model, &p, &|_, step, _| step < 2).unwrap_err();
+    assert!(matches!(err, pipeline::PipelineError::Cancelled));
+    let bad = GenerateParams { width: 60, ..p };
+    assert!(pipeline::generate(&cache, &model, &bad, &|_, _, _| true)
+        .unwrap_err()
+        .to_string()
+        .contains("multiple of 8"));
+}
