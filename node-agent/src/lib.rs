@@ -5,3 +5,7 @@ pub mod cache;
 pub mod memory;
 pub mod pipeline;
 pub mod store;
+pub mod demo;
+pub mod metrics;
+pub mod catalog;
+pub mod api;

@@ -1,10 +1,17 @@
 //! `modelcache-agent`: the node agent's command line.
 
 use anyhow::Context;
-use clap::{Parser, Subcommand};
-use modelcache_agent::store;
-use std::path::PathBuf;
+use clap::{Parser, Subcommand, ValueEnum};
+use modelcache_agent::api::{self, AppState, Limits, Queue};
+use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::catalog::Catalog;
+use modelcache_agent::metrics::AgentMetrics;
+use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
+use modelcache_agent::{demo, memory, store};
+use modelcache_crds::{Precision, SchedulerKind};
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 #[derive(Parser)]
 #[command(
@@ -13,12 +20,19 @@ use std::process::ExitCode;
     about = "modelcache node agent: model store, cache, generation and HTTP API"
 )]
 struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value = "text", env = "MODELCACHE_LOG_FORMAT")]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
+    /// Serve the models under --models-dir over HTTP (standalone mode).
+    Serve(ServeArgs),
+    /// Generate images from a model without the server.
+    Generate(GenerateArgs),
     /// Print what a model file or diffusers folder is, as JSON (type, base, variant,
     /// prediction type, format, size per precision, tensor count, and the evidence).
     Probe {
@@ -57,6 +71,8 @@ enum Command {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
+        Command::Serve(args) => serve(args)?,
+        Command::Generate(args) => generate(args)?,
         Command::Probe { path } => {
             let r = store::probe(&path)?;
             println!("{}", serde_json::to_string_pretty(&r)?);
@@ -96,8 +112,138 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn cache_config(ram: u64, vram: u64, _precision: Precision, load_threads: usize, trim: bool) -> CacheConfig {
+    // Without the `cuda` feature the device tier is a CPU copy, which computes in f32.
+    CacheConfig {
+        ram_budget: ram,
+        device_budget: vram,
+        device: candle_core::Device::Cpu,
+        dtype: candle_core::DType::F32,
+        load_threads,
+        trim_on_evict: trim,
+    }
+}
+
+fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    let (source, threshold) = memory::ensure_mmap_threshold(args.malloc_mmap_threshold);
+    tracing::info!(?source, threshold, "malloc mmap threshold");
+    std::fs::create_dir_all(&args.models_dir).with_context(|| format!("creating {}", args.models_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating the state folder {}", args.state_dir.display()))?;
+    if args.demo {
+        let dir = demo::write_demo(&args.models_dir).context("writing the demo model")?;
+        tracing::warn!(path = %dir.display(), "serving the demo model `demo`: tiny random weights, its images are noise");
+    }
+    let token = match &args.api_token_file {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading the API token file {}", p.display()))?.trim().to_string()),
+        None => None,
+    };
+    let metrics = AgentMetrics::new()?;
+    let cache = ModelCache::new(
+        cache_config(args.ram_cache_bytes, args.vram_cache_bytes, args.precision, args.load_threads, args.malloc_trim_on_evict),
+        Box::new(DiskLoader),
+        Some(&metrics.registry),
+    );
+    metrics.register_cache(cache.clone())?;
+    let catalog = Catalog::scan(&args.models_dir, &args.state_dir, args.tokenizer.as_deref());
+    tracing::info!(models = catalog.entries().count(), dir = %args.models_dir.display(), "model search done");
+    let state = Arc::new(AppState::new(cache, catalog, metrics.clone(), Queue::new(args.concurrency, args.queue_size), Limits::default(), token));
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        let api = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
+        let mon = tokio::net::TcpListener::bind(&args.metrics_listen).await.with_context(|| format!("binding {}", args.metrics_listen))?;
+        tracing::info!(api = %api.local_addr()?, metrics = %mon.local_addr()?, "serving");
+        let shutdown = async {
+            let term = async {
+                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                    Ok(mut s) => {
+                        s.recv().await;
+                    }
+                    Err(_) => std::future::pending::<()>().await,
+                }
+            };
+            tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
+            tracing::info!("shutting down");
+        };
+        let metrics_server = axum::serve(mon, api::metrics_router(metrics).into_make_service());
+        let api_server = axum::serve(api, api::router(state).into_make_service()).with_graceful_shutdown(shutdown);
+        tokio::select! {
+            r = api_server => r.context("API server")?,
+            r = metrics_server => r.context("metrics server")?,
+        }
+        anyhow::Ok(())
+    })
+}
+
+fn generate(a: GenerateArgs) -> anyhow::Result<()> {
+    if !a.lora.is_empty() {
+        anyhow::bail!("--lora is not supported by this agent version");
+    }
+    let (w, h) = a.size.split_once('x').context("--size must be WIDTHxHEIGHT")?;
+    let (width, height) = (w.parse::<usize>().context("--size width")?, h.parse::<usize>().context("--size height")?);
+    let dir = if a.model.is_dir() {
+        a.model.clone()
+    } else {
+        store::convert::converted(&a.state_dir, &a.model, a.config.as_deref(), a.tokenizer.as_deref())?
+    };
+    let model = DiffusersModel::open(&dir)?;
+    let latents = match &a.latents {
+        Some(p) => Some(
+            candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+                .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), store::error::candle_message(&e)))?
+                .remove("latents")
+                .with_context(|| format!("{} has no tensor named `latents`", p.display()))?,
+        ),
+        None => None,
+    };
+    let p = GenerateParams {
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        steps: a.steps,
+        guidance_scale: a.guidance,
+        width,
+        height,
+        seed: a.seed,
+        scheduler: a.scheduler,
+        n: a.n,
+        latents,
+        clip_skip: a.clip_skip,
+    };
+    let sizes = store::probe(&dir)?.size_bytes.f32;
+    let cache = ModelCache::new(cache_config(sizes * 2 + (64 << 20), sizes * 2 + (64 << 20), Precision::F32, 2, false), Box::new(DiskLoader), None);
+    let images = pipeline::generate(&cache, &model, &p, &|i, step, steps| {
+        tracing::info!(image = i, step, steps, "denoising");
+        true
+    })?;
+    for (i, img) in images.iter().enumerate() {
+        let out = if i == 0 { a.out.clone() } else { numbered(&a.out, i) };
+        let bytes = match out.extension().and_then(|e| e.to_str()) {
+            Some("npy") => img.to_npy(),
+            _ => img.to_png()?,
+        };
+        std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn numbered(path: &Path, i: usize) -> PathBuf {
+    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    path.with_file_name(format!("{stem}-{i}{ext}"))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -105,4 +251,121 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Byte sizes: plain bytes or with a Ki/Mi/Gi/Ti (or K/M/G/T, powers of 1000) suffix.
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    let units = [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10), ("T", 1_000_000_000_000), ("G", 1_000_000_000), ("M", 1_000_000), ("K", 1000)];
+    let (num, mult) = units.iter().find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m))).unwrap_or((s, 1));
+    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a byte size (examples: 1073741824, 8Gi, 512Mi)"))?;
+    if !(n >= 0.0 && n.is_finite()) {
+        return Err(format!("{s:?} is not a byte size"));
+    }
+    Ok((n * mult as f64) as u64)
+}
+
+/// Options of `serve`; every flag can also come from `MODELCACHE_<FLAG>`.
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Folder of models to serve (diffusers folders and single-file checkpoints, searched recursively).
+    #[arg(long, env = "MODELCACHE_MODELS_DIR", default_value = "models")]
+    models_dir: PathBuf,
+    /// Writable folder for converted checkpoints and content hashes (never the model folder).
+    #[arg(long, env = "MODELCACHE_STATE_DIR", default_value = ".modelcache-state")]
+    state_dir: PathBuf,
+    /// Address of the generation API.
+    #[arg(long, env = "MODELCACHE_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: String,
+    /// Address of the Prometheus /metrics endpoint.
+    #[arg(long, env = "MODELCACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    metrics_listen: String,
+    /// Byte budget of the RAM tier (e.g. 16Gi).
+    #[arg(long, env = "MODELCACHE_RAM_CACHE_BYTES", default_value = "8Gi", value_parser = parse_bytes)]
+    ram_cache_bytes: u64,
+    /// Byte budget of the device tier (GPU memory; a second copy in RAM on CPU-only machines).
+    #[arg(long, env = "MODELCACHE_VRAM_CACHE_BYTES", default_value = "4Gi", value_parser = parse_bytes)]
+    vram_cache_bytes: u64,
+    /// Compute precision on GPUs (f16, bf16, f32); the CPU always computes in f32.
+    #[arg(long, env = "MODELCACHE_PRECISION", default_value = "f16")]
+    precision: Precision,
+    /// Requests that may wait for a free slot; more are refused with 429.
+    #[arg(long, env = "MODELCACHE_QUEUE_SIZE", default_value_t = 8)]
+    queue_size: usize,
+    /// Generations that run at once.
+    #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 1)]
+    concurrency: usize,
+    /// File holding the bearer token clients must send; no authentication without it.
+    #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+    /// M_MMAP_THRESHOLD to apply when MALLOC_MMAP_THRESHOLD_ is not set.
+    #[arg(long, env = "MODELCACHE_MALLOC_MMAP_THRESHOLD", default_value_t = 1_048_576)]
+    malloc_mmap_threshold: u64,
+    /// Call malloc_trim(0) after evictions.
+    #[arg(long, env = "MODELCACHE_MALLOC_TRIM_ON_EVICT")]
+    malloc_trim_on_evict: bool,
+    /// Threads that read a model into the RAM tier.
+    #[arg(long, env = "MODELCACHE_LOAD_THREADS", default_value_t = 2)]
+    load_threads: usize,
+    /// Tokenizer folder for single-file checkpoints (which carry none).
+    #[arg(long, env = "MODELCACHE_TOKENIZER")]
+    tokenizer: Option<PathBuf>,
+    /// Write the built-in demo model (tiny, random weights: its images are noise) into the
+    /// models folder as `demo` before serving.
+    #[arg(long, env = "MODELCACHE_DEMO")]
+    demo: bool,
+}
+
+/// Options of `generate`.
+#[derive(clap::Args)]
+struct GenerateArgs {
+    /// A diffusers folder or a single-file checkpoint.
+    #[arg(long)]
+    model: PathBuf,
+    #[arg(long)]
+    prompt: String,
+    #[arg(long, default_value = "")]
+    negative_prompt: String,
+    #[arg(long, default_value_t = 25)]
+    steps: usize,
+    #[arg(long, default_value_t = 7.5)]
+    guidance: f64,
+    /// ddim, euler-ancestral or dpm++2m.
+    #[arg(long, default_value = "ddim")]
+    scheduler: SchedulerKind,
+    /// WIDTHxHEIGHT, multiples of 8.
+    #[arg(long, default_value = "512x512")]
+    size: String,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Number of images (written as OUT, OUT-1, …).
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Initial latents (safetensors, key `latents`) instead of seeded noise.
+    #[arg(long)]
+    latents: Option<PathBuf>,
+    /// LoRA adapters as PATH:WEIGHT.
+    #[arg(long)]
+    lora: Vec<String>,
+    /// Number of final CLIP layers to skip.
+    #[arg(long, default_value_t = 0)]
+    clip_skip: usize,
+    /// Architecture of a single-file checkpoint (a diffusers-layout folder).
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Tokenizer folder for a single-file checkpoint.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Where converted checkpoints are cached.
+    #[arg(long, env = "MODELCACHE_STATE_DIR", default_value = ".modelcache-state")]
+    state_dir: PathBuf,
+    /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
+    #[arg(long)]
+    out: PathBuf,
 }

@@ -1,0 +1,98 @@
+//! The models an agent serves in standalone mode: every text-to-image model found
+//! under `--models-dir`, named by its path relative to that folder without the
+//! file extension (`sd15/dreamshaper.safetensors` → `sd15/dreamshaper`).
+
+use crate::pipeline::{DiffusersModel, PipelineError};
+use crate::store::{self, convert, ProbeResult};
+use modelcache_crds::{ModelFormat, ModelType, ModelVariant};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+/// A servable model.
+#[derive(Debug, Clone)]
+pub struct CatalogEntry {
+    pub name: String,
+    pub path: PathBuf,
+    pub probe: ProbeResult,
+}
+
+/// Servable models by name, and the opened pipelines.
+pub struct Catalog {
+    root: PathBuf,
+    state_dir: PathBuf,
+    tokenizer_dir: Option<PathBuf>,
+    entries: BTreeMap<String, CatalogEntry>,
+    opened: Mutex<HashMap<String, Arc<DiffusersModel>>>,
+}
+
+/// The name of a model at `path` under `root`.
+pub fn model_name(root: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(root).unwrap_or(path);
+    let rel = if path.is_file() { rel.with_extension("") } else { rel.to_path_buf() };
+    rel.to_string_lossy().into_owned()
+}
+
+impl Catalog {
+    /// Searches `root` and keeps the models that can generate images; logs the rest.
+    pub fn scan(root: &Path, state_dir: &Path, tokenizer_dir: Option<&Path>) -> Catalog {
+        let found = store::search::find_models(root);
+        for (p, why) in &found.skipped {
+            tracing::warn!(path = %p.display(), "skipped: {why}");
+        }
+        let mut entries = BTreeMap::new();
+        for path in found.models {
+            match store::probe(&path) {
+                Ok(probe) if probe.model_type == ModelType::Main && probe.variant.unwrap_or(ModelVariant::Normal) == ModelVariant::Normal => {
+                    let name = model_name(root, &path);
+                    tracing::info!(model = %name, base = ?probe.base, format = %probe.format, "found model");
+                    entries.insert(name.clone(), CatalogEntry { name, path, probe });
+                }
+                Ok(probe) => tracing::info!(path = %path.display(), r#type = %probe.model_type, "not a text-to-image model; not served"),
+                Err(e) => tracing::warn!("skipped: {e}"),
+            }
+        }
+        Catalog {
+            root: root.to_path_buf(),
+            state_dir: state_dir.to_path_buf(),
+            tokenizer_dir: tokenizer_dir.map(Path::to_path_buf),
+            entries,
+            opened: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn entries(&self) -> impl Iterator<Item = &CatalogEntry> {
+        self.entries.values()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&CatalogEntry> {
+        self.entries.get(name)
+    }
+
+    /// The pipeline of a model: single-file checkpoints are converted once into
+    /// the state folder (never next to the model), then opened.
+    pub fn open(&self, name: &str) -> Result<Arc<DiffusersModel>, PipelineError> {
+        if let Some(m) = self.opened.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+            return Ok(m.clone());
+        }
+        let entry = self.get(name).ok_or_else(|| PipelineError::Invalid(format!("unknown model {name:?}")))?;
+        let dir = match entry.probe.format {
+            ModelFormat::Diffusers => entry.path.clone(),
+            ModelFormat::Checkpoint => convert::converted(&self.state_dir, &entry.path, None, self.tokenizer_dir.as_deref())
+                .map_err(|e| PipelineError::Model { path: entry.path.clone(), reason: e.to_string() })?,
+        };
+        if !dir.join("tokenizer").is_dir() {
+            return Err(PipelineError::Model {
+                path: entry.path.clone(),
+                reason: "a single-file checkpoint carries no tokenizer: start the agent with --tokenizer DIR (a CLIP tokenizer folder)".into(),
+            });
+        }
+        let model = Arc::new(DiffusersModel::open(&dir)?);
+        self.opened.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), model.clone());
+        Ok(model)
+    }
+}
