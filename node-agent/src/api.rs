@@ -32,7 +32,13 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
-        Limits { max_body_bytes: 64 << 10, max_prompt_chars: 4000, max_n: 4, max_side: 2048, max_steps: 150 }
+        Limits {
+            max_body_bytes: 64 << 10,
+            max_prompt_chars: 4000,
+            max_n: 4,
+            max_side: 2048,
+            max_steps: 150,
+        }
     }
 }
 
@@ -49,7 +55,13 @@ pub struct Queue {
 impl Queue {
     pub fn new(concurrency: usize, queue_size: usize) -> Self {
         let concurrency = concurrency.max(1);
-        Queue { slots: Arc::new(Semaphore::new(concurrency)), capacity: concurrency + queue_size, concurrency, admitted: AtomicUsize::new(0), waiting: AtomicUsize::new(0) }
+        Queue {
+            slots: Arc::new(Semaphore::new(concurrency)),
+            capacity: concurrency + queue_size,
+            concurrency,
+            admitted: AtomicUsize::new(0),
+            waiting: AtomicUsize::new(0),
+        }
     }
 
     fn admit(self: &Arc<Self>) -> Option<Ticket> {
@@ -57,7 +69,9 @@ impl Queue {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             return None;
         }
-        Some(Ticket { queue: self.clone() })
+        Some(Ticket {
+            queue: self.clone(),
+        })
     }
 
     pub fn waiting(&self) -> usize {
@@ -73,10 +87,21 @@ struct Ticket {
 impl Ticket {
     async fn slot(&self, metrics: &AgentMetrics) -> Result<OwnedSemaphorePermit, ApiError> {
         let q = &self.queue;
-        metrics.queue_depth.set((q.waiting.fetch_add(1, Ordering::SeqCst) + 1) as f64);
+        metrics
+            .queue_depth
+            .set((q.waiting.fetch_add(1, Ordering::SeqCst) + 1) as f64);
         let permit = q.slots.clone().acquire_owned().await;
-        metrics.queue_depth.set((q.waiting.fetch_sub(1, Ordering::SeqCst) - 1) as f64);
-        permit.map_err(|_| ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "the agent is shutting down", "server_error", "shutting_down"))
+        metrics
+            .queue_depth
+            .set((q.waiting.fetch_sub(1, Ordering::SeqCst) - 1) as f64);
+        permit.map_err(|_| {
+            ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the agent is shutting down",
+                "server_error",
+                "shutting_down",
+            )
+        })
     }
 }
 
@@ -100,8 +125,24 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(cache: ModelCache, catalog: Catalog, metrics: AgentMetrics, queue: Queue, limits: Limits, token: Option<String>) -> Self {
-        AppState { cache, catalog, metrics, queue: Arc::new(queue), limits, token, ready: AtomicBool::new(true), avg_seconds: std::sync::Mutex::new(1.0) }
+    pub fn new(
+        cache: ModelCache,
+        catalog: Catalog,
+        metrics: AgentMetrics,
+        queue: Queue,
+        limits: Limits,
+        token: Option<String>,
+    ) -> Self {
+        AppState {
+            cache,
+            catalog,
+            metrics,
+            queue: Arc::new(queue),
+            limits,
+            token,
+            ready: AtomicBool::new(true),
+            avg_seconds: std::sync::Mutex::new(1.0),
+        }
     }
 }
 
@@ -116,12 +157,28 @@ pub struct ApiError {
 }
 
 impl ApiError {
-    fn new(status: StatusCode, message: impl Into<String>, kind: &'static str, code: &'static str) -> Self {
-        ApiError { status, message: message.into(), kind, code, retry_after: None }
+    fn new(
+        status: StatusCode,
+        message: impl Into<String>,
+        kind: &'static str,
+        code: &'static str,
+    ) -> Self {
+        ApiError {
+            status,
+            message: message.into(),
+            kind,
+            code,
+            retry_after: None,
+        }
     }
 
     fn invalid(message: impl Into<String>) -> Self {
-        ApiError::new(StatusCode::BAD_REQUEST, message, "invalid_request_error", "invalid_value")
+        ApiError::new(
+            StatusCode::BAD_REQUEST,
+            message,
+            "invalid_request_error",
+            "invalid_value",
+        )
     }
 }
 
@@ -142,15 +199,40 @@ impl From<PipelineError> for ApiError {
     fn from(e: PipelineError) -> Self {
         match e {
             PipelineError::Cache(c @ CacheError::CacheFull { .. }) => {
-                let mut e = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, c.to_string(), "server_error", "cache_full");
+                let mut e = ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    c.to_string(),
+                    "server_error",
+                    "cache_full",
+                );
                 e.retry_after = Some(5);
                 e
             }
-            PipelineError::Cache(c) => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, c.to_string(), "server_error", "model_load_failed"),
-            PipelineError::Model { .. } => ApiError::new(StatusCode::SERVICE_UNAVAILABLE, e.to_string(), "server_error", "model_unavailable"),
+            PipelineError::Cache(c) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                c.to_string(),
+                "server_error",
+                "model_load_failed",
+            ),
+            PipelineError::Model { .. } => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                e.to_string(),
+                "server_error",
+                "model_unavailable",
+            ),
             PipelineError::Invalid(m) => ApiError::invalid(m),
-            PipelineError::Cancelled => ApiError::new(StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST), "request cancelled", "invalid_request_error", "cancelled"),
-            PipelineError::Compute(m) => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, m, "server_error", "internal_error"),
+            PipelineError::Cancelled => ApiError::new(
+                StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST),
+                "request cancelled",
+                "invalid_request_error",
+                "cancelled",
+            ),
+            PipelineError::Compute(m) => ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                m,
+                "server_error",
+                "internal_error",
+            ),
         }
     }
 }
@@ -209,7 +291,12 @@ pub fn metrics_router(metrics: AgentMetrics) -> Router {
         "/metrics",
         get(move || {
             let m = metrics.clone();
-            async move { ([(header::CONTENT_TYPE, "text/plain; version=0.0.4")], m.render()) }
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    m.render(),
+                )
+            }
         }),
     )
 }
@@ -224,7 +311,11 @@ async fn readyz(State(s): State<Arc<AppState>>) -> Response {
 
 fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &s.token else { return Ok(()) };
-    let got = headers.get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer ")).unwrap_or("");
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
     // Constant time over the token's length: no early exit on the first differing byte.
     let (a, b) = (want.as_bytes(), got.as_bytes());
     let mut diff = (a.len() ^ b.len()) as u8 | u8::from(a.len() != b.len());
@@ -234,14 +325,26 @@ fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     if diff == 0 {
         Ok(())
     } else {
-        Err(ApiError::new(StatusCode::UNAUTHORIZED, "missing or invalid bearer token", "invalid_request_error", "invalid_api_key"))
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+            "invalid_request_error",
+            "invalid_api_key",
+        ))
     }
 }
 
 fn parse_size(size: &str, max: u32) -> Result<(usize, usize), ApiError> {
-    let bad = || ApiError::invalid(format!("size {size:?} must be WIDTHxHEIGHT, multiples of 8 from 64 to {max}"));
+    let bad = || {
+        ApiError::invalid(format!(
+            "size {size:?} must be WIDTHxHEIGHT, multiples of 8 from 64 to {max}"
+        ))
+    };
     let (w, h) = size.split_once('x').ok_or_else(bad)?;
-    let (w, h): (u32, u32) = (w.trim().parse().map_err(|_| bad())?, h.trim().parse().map_err(|_| bad())?);
+    let (w, h): (u32, u32) = (
+        w.trim().parse().map_err(|_| bad())?,
+        h.trim().parse().map_err(|_| bad())?,
+    );
     if w % 8 != 0 || h % 8 != 0 || !(64..=max).contains(&w) || !(64..=max).contains(&h) {
         return Err(bad());
     }
@@ -254,16 +357,28 @@ fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiErro
     if r.prompt.trim().is_empty() {
         return Err(ApiError::invalid("prompt must not be empty"));
     }
-    if r.prompt.chars().count() > l.max_prompt_chars || r.negative_prompt.as_deref().unwrap_or("").chars().count() > l.max_prompt_chars {
-        return Err(ApiError::invalid(format!("prompt is longer than {} characters", l.max_prompt_chars)));
+    if r.prompt.chars().count() > l.max_prompt_chars
+        || r.negative_prompt.as_deref().unwrap_or("").chars().count() > l.max_prompt_chars
+    {
+        return Err(ApiError::invalid(format!(
+            "prompt is longer than {} characters",
+            l.max_prompt_chars
+        )));
     }
     let n = r.n.unwrap_or(1);
     if !(1..=l.max_n).contains(&n) {
-        return Err(ApiError::invalid(format!("n must be from 1 to {}", l.max_n)));
+        return Err(ApiError::invalid(format!(
+            "n must be from 1 to {}",
+            l.max_n
+        )));
     }
     match r.response_format.as_deref() {
         None | Some("b64_json") => {}
-        Some(other) => return Err(ApiError::invalid(format!("response_format {other:?} is not supported; use b64_json"))),
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "response_format {other:?} is not supported; use b64_json"
+            )))
+        }
     }
     let (width, height) = match &r.size {
         Some(sz) => parse_size(sz, l.max_side)?,
@@ -271,27 +386,43 @@ fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiErro
     };
     let steps = r.steps.unwrap_or(25);
     if !(1..=l.max_steps).contains(&steps) {
-        return Err(ApiError::invalid(format!("steps must be from 1 to {}", l.max_steps)));
+        return Err(ApiError::invalid(format!(
+            "steps must be from 1 to {}",
+            l.max_steps
+        )));
     }
     let guidance = r.guidance_scale.unwrap_or(7.5);
     if !(0.0..=30.0).contains(&guidance) {
         return Err(ApiError::invalid("guidance_scale must be from 0 to 30"));
     }
     let scheduler = match &r.scheduler {
-        Some(name) => name.parse::<SchedulerKind>().map_err(|e| ApiError::invalid(e.to_string()))?,
+        Some(name) => name
+            .parse::<SchedulerKind>()
+            .map_err(|e| ApiError::invalid(e.to_string()))?,
         None => SchedulerKind::Ddim,
     };
     if r.loras.as_ref().is_some_and(|l| !l.is_empty()) {
-        return Err(ApiError::invalid("loras are not supported by this agent version"));
+        return Err(ApiError::invalid(
+            "loras are not supported by this agent version",
+        ));
     }
-    if r.seamless.as_ref().is_some_and(|v| !v.is_null() && v != &json!(false)) {
-        return Err(ApiError::invalid("seamless tiling is not supported by this agent version"));
+    if r.seamless
+        .as_ref()
+        .is_some_and(|v| !v.is_null() && v != &json!(false))
+    {
+        return Err(ApiError::invalid(
+            "seamless tiling is not supported by this agent version",
+        ));
     }
     let clip_skip = r.clip_skip.unwrap_or(0);
     if clip_skip > 12 {
         return Err(ApiError::invalid("clip_skip must be from 0 to 12"));
     }
-    let seed = r.seed.unwrap_or_else(|| SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64));
+    let seed = r.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
     Ok(GenerateParams {
         prompt: r.prompt.clone(),
         negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
@@ -317,14 +448,26 @@ impl Drop for CancelOnDrop {
     }
 }
 
-async fn generate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Result<Json<GenerationRequest>, JsonRejection>) -> Response {
+async fn generate(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<GenerationRequest>, JsonRejection>,
+) -> Response {
     let started = Instant::now();
     let (model, result) = match body {
         Ok(Json(req)) => (req.model.clone(), run_generation(&s, &headers, req).await),
         Err(rej) => {
             let status = rej.status();
             let err = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(status, format!("request body is larger than {} bytes", s.limits.max_body_bytes), "invalid_request_error", "request_too_large")
+                ApiError::new(
+                    status,
+                    format!(
+                        "request body is larger than {} bytes",
+                        s.limits.max_body_bytes
+                    ),
+                    "invalid_request_error",
+                    "request_too_large",
+                )
             } else {
                 ApiError::invalid(format!("invalid JSON body: {}", rej.body_text()))
             };
@@ -335,8 +478,15 @@ async fn generate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Resu
         Ok(body) => (StatusCode::OK, Json(body).into_response()),
         Err(e) => (e.status, e.into_response()),
     };
-    let label = if s.catalog.get(&model).is_some() { model.as_str() } else { "" };
-    s.metrics.generation_requests.with_label_values(&[label, status.as_str()]).inc();
+    let label = if s.catalog.get(&model).is_some() {
+        model.as_str()
+    } else {
+        ""
+    };
+    s.metrics
+        .generation_requests
+        .with_label_values(&[label, status.as_str()])
+        .inc();
     if status == StatusCode::OK {
         let secs = started.elapsed().as_secs_f64();
         let mut avg = s.avg_seconds.lock().unwrap_or_else(|p| p.into_inner());
@@ -345,17 +495,37 @@ async fn generate(State(s): State<Arc<AppState>>, headers: HeaderMap, body: Resu
     response
 }
 
-async fn run_generation(s: &Arc<AppState>, headers: &HeaderMap, req: GenerationRequest) -> Result<serde_json::Value, ApiError> {
+async fn run_generation(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    req: GenerationRequest,
+) -> Result<serde_json::Value, ApiError> {
     check_token(s, headers)?;
-    let name = req.model.strip_prefix("default/").unwrap_or(&req.model).to_string();
+    let name = req
+        .model
+        .strip_prefix("default/")
+        .unwrap_or(&req.model)
+        .to_string();
     if s.catalog.get(&name).is_none() {
-        return Err(ApiError::new(StatusCode::NOT_FOUND, format!("model {:?} does not exist; see GET /v1/models", req.model), "invalid_request_error", "model_not_found"));
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("model {:?} does not exist; see GET /v1/models", req.model),
+            "invalid_request_error",
+            "model_not_found",
+        ));
     }
     let p = params(s, &req)?;
     let Some(ticket) = s.queue.admit() else {
         let per = *s.avg_seconds.lock().unwrap_or_else(|p| p.into_inner());
-        let wait = (per * (s.queue.waiting() as f64 + 1.0) / s.queue.concurrency as f64).ceil().max(1.0) as u64;
-        let mut e = ApiError::new(StatusCode::TOO_MANY_REQUESTS, "the generation queue is full; retry later", "rate_limit_error", "queue_full");
+        let wait = (per * (s.queue.waiting() as f64 + 1.0) / s.queue.concurrency as f64)
+            .ceil()
+            .max(1.0) as u64;
+        let mut e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "the generation queue is full; retry later",
+            "rate_limit_error",
+            "queue_full",
+        );
         e.retry_after = Some(wait);
         return Err(e);
     };
@@ -368,19 +538,39 @@ async fn run_generation(s: &Arc<AppState>, headers: &HeaderMap, req: GenerationR
         let _permit = permit;
         let _ticket = ticket;
         let model = state.catalog.open(&name)?;
-        pipeline::generate(&state.cache, &model, &p, &|_, _, _| !cancelled.load(Ordering::Relaxed))
+        pipeline::generate(&state.cache, &model, &p, &|_, _, _| {
+            !cancelled.load(Ordering::Relaxed)
+        })
     })
     .await
-    .map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("generation task failed: {e}"), "server_error", "internal_error"))??;
-    s.metrics.generation_seconds.observe(started.elapsed().as_secs_f64());
+    .map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("generation task failed: {e}"),
+            "server_error",
+            "internal_error",
+        )
+    })??;
+    s.metrics
+        .generation_seconds
+        .observe(started.elapsed().as_secs_f64());
     let data = images
         .iter()
         .map(|img| {
-            let png = img.to_png().map_err(|e| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, format!("PNG encoding: {e}"), "server_error", "internal_error"))?;
+            let png = img.to_png().map_err(|e| {
+                ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("PNG encoding: {e}"),
+                    "server_error",
+                    "internal_error",
+                )
+            })?;
             Ok(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png)}))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    let created = SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
     Ok(json!({"created": created, "data": data}))
 }
 

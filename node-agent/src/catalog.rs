@@ -29,7 +29,11 @@ pub struct Catalog {
 /// The name of a model at `path` under `root`.
 pub fn model_name(root: &Path, path: &Path) -> String {
     let rel = path.strip_prefix(root).unwrap_or(path);
-    let rel = if path.is_file() { rel.with_extension("") } else { rel.to_path_buf() };
+    let rel = if path.is_file() {
+        rel.with_extension("")
+    } else {
+        rel.to_path_buf()
+    };
     rel.to_string_lossy().into_owned()
 }
 
@@ -43,12 +47,18 @@ impl Catalog {
         let mut entries = BTreeMap::new();
         for path in found.models {
             match store::probe(&path) {
-                Ok(probe) if probe.model_type == ModelType::Main && probe.variant.unwrap_or(ModelVariant::Normal) == ModelVariant::Normal => {
+                Ok(probe)
+                    if probe.model_type == ModelType::Main
+                        && probe.variant.unwrap_or(ModelVariant::Normal)
+                            == ModelVariant::Normal =>
+                {
                     let name = model_name(root, &path);
                     tracing::info!(model = %name, base = ?probe.base, format = %probe.format, "found model");
                     entries.insert(name.clone(), CatalogEntry { name, path, probe });
                 }
-                Ok(probe) => tracing::info!(path = %path.display(), r#type = %probe.model_type, "not a text-to-image model; not served"),
+                Ok(probe) => {
+                    tracing::info!(path = %path.display(), r#type = %probe.model_type, "not a text-to-image model; not served")
+                }
                 Err(e) => tracing::warn!("skipped: {e}"),
             }
         }
@@ -76,14 +86,29 @@ impl Catalog {
     /// The pipeline of a model: single-file checkpoints are converted once into
     /// the state folder (never next to the model), then opened.
     pub fn open(&self, name: &str) -> Result<Arc<DiffusersModel>, PipelineError> {
-        if let Some(m) = self.opened.lock().unwrap_or_else(|p| p.into_inner()).get(name) {
+        if let Some(m) = self
+            .opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+        {
             return Ok(m.clone());
         }
-        let entry = self.get(name).ok_or_else(|| PipelineError::Invalid(format!("unknown model {name:?}")))?;
+        let entry = self
+            .get(name)
+            .ok_or_else(|| PipelineError::Invalid(format!("unknown model {name:?}")))?;
         let dir = match entry.probe.format {
             ModelFormat::Diffusers => entry.path.clone(),
-            ModelFormat::Checkpoint => convert::converted(&self.state_dir, &entry.path, None, self.tokenizer_dir.as_deref())
-                .map_err(|e| PipelineError::Model { path: entry.path.clone(), reason: e.to_string() })?,
+            ModelFormat::Checkpoint => convert::converted(
+                &self.state_dir,
+                &entry.path,
+                None,
+                self.tokenizer_dir.as_deref(),
+            )
+            .map_err(|e| PipelineError::Model {
+                path: entry.path.clone(),
+                reason: e.to_string(),
+            })?,
         };
         if !dir.join("tokenizer").is_dir() {
             return Err(PipelineError::Model {
@@ -92,7 +117,10 @@ impl Catalog {
             });
         }
         let model = Arc::new(DiffusersModel::open(&dir)?);
-        self.opened.lock().unwrap_or_else(|p| p.into_inner()).insert(name.to_string(), model.clone());
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(name.to_string(), model.clone());
         Ok(model)
     }
 }

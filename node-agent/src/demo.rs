@@ -20,16 +20,31 @@ const VAE: &str = include_str!("../assets/demo/vae_config.json");
 const TEXT: &str = include_str!("../assets/demo/text_encoder_config.json");
 const SCHEDULER: &str = include_str!("../assets/demo/scheduler_config.json");
 const TOKENIZER: &[(&str, &str)] = &[
-    ("tokenizer.json", include_str!("../assets/demo/tokenizer/tokenizer.json")),
-    ("tokenizer_config.json", include_str!("../assets/demo/tokenizer/tokenizer_config.json")),
-    ("vocab.json", include_str!("../assets/demo/tokenizer/vocab.json")),
-    ("merges.txt", include_str!("../assets/demo/tokenizer/merges.txt")),
+    (
+        "tokenizer.json",
+        include_str!("../assets/demo/tokenizer/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_str!("../assets/demo/tokenizer/tokenizer_config.json"),
+    ),
+    (
+        "vocab.json",
+        include_str!("../assets/demo/tokenizer/vocab.json"),
+    ),
+    (
+        "merges.txt",
+        include_str!("../assets/demo/tokenizer/merges.txt"),
+    ),
 ];
 
 /// Replaces every matrix/kernel with seeded N(0, 1/fan_in) values, so the demo
 /// is the same on every machine (candle's own init is unseeded).
 fn reseed(map: &VarMap, rng: &mut NormalRng) -> candle_core::Result<()> {
-    let data = map.data().lock().map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
+    let data = map
+        .data()
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("varmap lock poisoned".into()))?;
     let mut names: Vec<&String> = data.keys().collect();
     names.sort();
     for name in names {
@@ -49,7 +64,8 @@ fn save(map: &VarMap, path: &Path) -> std::io::Result<()> {
     if let Some(p) = path.parent() {
         std::fs::create_dir_all(p)?;
     }
-    map.save(path).map_err(|e| std::io::Error::other(e.to_string()))?;
+    map.save(path)
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
     // safetensors writes 0600 files; models must be readable by other users.
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
@@ -68,31 +84,64 @@ pub fn write_demo(models_dir: &Path) -> anyhow::Result<PathBuf> {
 
     let unet_map = VarMap::new();
     let cfg = unet_config(&serde_json::from_str(UNET)?).map_err(anyhow::Error::msg)?;
-    unet_2d::UNet2DConditionModel::new(VarBuilder::from_varmap(&unet_map, DType::F32, &dev), 4, 4, false, cfg)?;
+    unet_2d::UNet2DConditionModel::new(
+        VarBuilder::from_varmap(&unet_map, DType::F32, &dev),
+        4,
+        4,
+        false,
+        cfg,
+    )?;
     reseed(&unet_map, &mut rng)?;
-    save(&unet_map, &tmp.join("unet/diffusion_pytorch_model.safetensors"))?;
+    save(
+        &unet_map,
+        &tmp.join("unet/diffusion_pytorch_model.safetensors"),
+    )?;
 
     let vae_map = VarMap::new();
     let v: serde_json::Value = serde_json::from_str(VAE)?;
     let vcfg = vae::AutoEncoderKLConfig {
-        block_out_channels: v["block_out_channels"].as_array().map(|a| a.iter().filter_map(|x| x.as_u64()).map(|x| x as usize).collect()).unwrap_or_default(),
+        block_out_channels: v["block_out_channels"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_u64())
+                    .map(|x| x as usize)
+                    .collect()
+            })
+            .unwrap_or_default(),
         layers_per_block: v["layers_per_block"].as_u64().unwrap_or(2) as usize,
         latent_channels: 4,
         norm_num_groups: v["norm_num_groups"].as_u64().unwrap_or(32) as usize,
         use_quant_conv: true,
         use_post_quant_conv: true,
     };
-    vae::AutoEncoderKL::new(VarBuilder::from_varmap(&vae_map, DType::F32, &dev), 3, 3, vcfg)?;
+    vae::AutoEncoderKL::new(
+        VarBuilder::from_varmap(&vae_map, DType::F32, &dev),
+        3,
+        3,
+        vcfg,
+    )?;
     reseed(&vae_map, &mut rng)?;
-    save(&vae_map, &tmp.join("vae/diffusion_pytorch_model.safetensors"))?;
+    save(
+        &vae_map,
+        &tmp.join("vae/diffusion_pytorch_model.safetensors"),
+    )?;
 
     let text_map = VarMap::new();
     let tcfg = ClipConfig::from_json(&serde_json::from_str(TEXT)?).map_err(anyhow::Error::msg)?;
     ClipTextModel::new(VarBuilder::from_varmap(&text_map, DType::F32, &dev), &tcfg)?;
     reseed(&text_map, &mut rng)?;
     // Embeddings are rows, not matrices with a fan-in: give them CLIP's 0.02 scale.
-    for name in ["embeddings.token_embedding.weight", "embeddings.position_embedding.weight"] {
-        if let Some(var) = text_map.data().lock().map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?.get(name) {
+    for name in [
+        "embeddings.token_embedding.weight",
+        "embeddings.position_embedding.weight",
+    ] {
+        if let Some(var) = text_map
+            .data()
+            .lock()
+            .map_err(|_| anyhow::anyhow!("varmap lock poisoned"))?
+            .get(name)
+        {
             let t: Tensor = (rng.tensor(var.dims(), &dev)? * 0.02)?;
             var.set(&t)?;
         }

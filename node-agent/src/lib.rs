@@ -1,11 +1,11 @@
 //! The modelcache node agent: model store, two-tier cache, generation pipeline
 //! and HTTP API (ARCHITECTURE §4).
 
+pub mod api;
 pub mod cache;
+pub mod catalog;
+pub mod demo;
 pub mod memory;
+pub mod metrics;
 pub mod pipeline;
 pub mod store;
-pub mod demo;
-pub mod metrics;
-pub mod catalog;
-pub mod api;

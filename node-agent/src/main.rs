@@ -21,7 +21,13 @@ use std::sync::Arc;
 )]
 struct Cli {
     /// Log format.
-    #[arg(long, global = true, value_enum, default_value = "text", env = "MODELCACHE_LOG_FORMAT")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "MODELCACHE_LOG_FORMAT"
+    )]
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
@@ -112,7 +118,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cache_config(ram: u64, vram: u64, _precision: Precision, load_threads: usize, trim: bool) -> CacheConfig {
+fn cache_config(
+    ram: u64,
+    vram: u64,
+    _precision: Precision,
+    load_threads: usize,
+    trim: bool,
+) -> CacheConfig {
     // Without the `cuda` feature the device tier is a CPU copy, which computes in f32.
     CacheConfig {
         ram_budget: ram,
@@ -127,30 +139,54 @@ fn cache_config(ram: u64, vram: u64, _precision: Precision, load_threads: usize,
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (source, threshold) = memory::ensure_mmap_threshold(args.malloc_mmap_threshold);
     tracing::info!(?source, threshold, "malloc mmap threshold");
-    std::fs::create_dir_all(&args.models_dir).with_context(|| format!("creating {}", args.models_dir.display()))?;
-    std::fs::create_dir_all(&args.state_dir).with_context(|| format!("creating the state folder {}", args.state_dir.display()))?;
+    std::fs::create_dir_all(&args.models_dir)
+        .with_context(|| format!("creating {}", args.models_dir.display()))?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating the state folder {}", args.state_dir.display()))?;
     if args.demo {
         let dir = demo::write_demo(&args.models_dir).context("writing the demo model")?;
         tracing::warn!(path = %dir.display(), "serving the demo model `demo`: tiny random weights, its images are noise");
     }
     let token = match &args.api_token_file {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading the API token file {}", p.display()))?.trim().to_string()),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading the API token file {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
         None => None,
     };
     let metrics = AgentMetrics::new()?;
     let cache = ModelCache::new(
-        cache_config(args.ram_cache_bytes, args.vram_cache_bytes, args.precision, args.load_threads, args.malloc_trim_on_evict),
+        cache_config(
+            args.ram_cache_bytes,
+            args.vram_cache_bytes,
+            args.precision,
+            args.load_threads,
+            args.malloc_trim_on_evict,
+        ),
         Box::new(DiskLoader),
         Some(&metrics.registry),
     );
     metrics.register_cache(cache.clone())?;
     let catalog = Catalog::scan(&args.models_dir, &args.state_dir, args.tokenizer.as_deref());
     tracing::info!(models = catalog.entries().count(), dir = %args.models_dir.display(), "model search done");
-    let state = Arc::new(AppState::new(cache, catalog, metrics.clone(), Queue::new(args.concurrency, args.queue_size), Limits::default(), token));
+    let state = Arc::new(AppState::new(
+        cache,
+        catalog,
+        metrics.clone(),
+        Queue::new(args.concurrency, args.queue_size),
+        Limits::default(),
+        token,
+    ));
     let rt = tokio::runtime::Runtime::new()?;
     rt.block_on(async move {
-        let api = tokio::net::TcpListener::bind(&args.listen).await.with_context(|| format!("binding {}", args.listen))?;
-        let mon = tokio::net::TcpListener::bind(&args.metrics_listen).await.with_context(|| format!("binding {}", args.metrics_listen))?;
+        let api = tokio::net::TcpListener::bind(&args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        let mon = tokio::net::TcpListener::bind(&args.metrics_listen)
+            .await
+            .with_context(|| format!("binding {}", args.metrics_listen))?;
         tracing::info!(api = %api.local_addr()?, metrics = %mon.local_addr()?, "serving");
         let shutdown = async {
             let term = async {
@@ -165,7 +201,8 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             tracing::info!("shutting down");
         };
         let metrics_server = axum::serve(mon, api::metrics_router(metrics).into_make_service());
-        let api_server = axum::serve(api, api::router(state).into_make_service()).with_graceful_shutdown(shutdown);
+        let api_server = axum::serve(api, api::router(state).into_make_service())
+            .with_graceful_shutdown(shutdown);
         tokio::select! {
             r = api_server => r.context("API server")?,
             r = metrics_server => r.context("metrics server")?,
@@ -178,18 +215,31 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
     if !a.lora.is_empty() {
         anyhow::bail!("--lora is not supported by this agent version");
     }
-    let (w, h) = a.size.split_once('x').context("--size must be WIDTHxHEIGHT")?;
-    let (width, height) = (w.parse::<usize>().context("--size width")?, h.parse::<usize>().context("--size height")?);
+    let (w, h) = a
+        .size
+        .split_once('x')
+        .context("--size must be WIDTHxHEIGHT")?;
+    let (width, height) = (
+        w.parse::<usize>().context("--size width")?,
+        h.parse::<usize>().context("--size height")?,
+    );
     let dir = if a.model.is_dir() {
         a.model.clone()
     } else {
-        store::convert::converted(&a.state_dir, &a.model, a.config.as_deref(), a.tokenizer.as_deref())?
+        store::convert::converted(
+            &a.state_dir,
+            &a.model,
+            a.config.as_deref(),
+            a.tokenizer.as_deref(),
+        )?
     };
     let model = DiffusersModel::open(&dir)?;
     let latents = match &a.latents {
         Some(p) => Some(
             candle_core::safetensors::load(p, &candle_core::Device::Cpu)
-                .map_err(|e| anyhow::anyhow!("{}: {}", p.display(), store::error::candle_message(&e)))?
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: {}", p.display(), store::error::candle_message(&e))
+                })?
                 .remove("latents")
                 .with_context(|| format!("{} has no tensor named `latents`", p.display()))?,
         ),
@@ -209,13 +259,27 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         clip_skip: a.clip_skip,
     };
     let sizes = store::probe(&dir)?.size_bytes.f32;
-    let cache = ModelCache::new(cache_config(sizes * 2 + (64 << 20), sizes * 2 + (64 << 20), Precision::F32, 2, false), Box::new(DiskLoader), None);
+    let cache = ModelCache::new(
+        cache_config(
+            sizes * 2 + (64 << 20),
+            sizes * 2 + (64 << 20),
+            Precision::F32,
+            2,
+            false,
+        ),
+        Box::new(DiskLoader),
+        None,
+    );
     let images = pipeline::generate(&cache, &model, &p, &|i, step, steps| {
         tracing::info!(image = i, step, steps, "denoising");
         true
     })?;
     for (i, img) in images.iter().enumerate() {
-        let out = if i == 0 { a.out.clone() } else { numbered(&a.out, i) };
+        let out = if i == 0 {
+            a.out.clone()
+        } else {
+            numbered(&a.out, i)
+        };
         let bytes = match out.extension().and_then(|e| e.to_str()) {
             Some("npy") => img.to_npy(),
             _ => img.to_png()?,
@@ -227,14 +291,23 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
 }
 
 fn numbered(path: &Path, i: usize) -> PathBuf {
-    let stem = path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
-    let ext = path.extension().map(|e| format!(".{}", e.to_string_lossy())).unwrap_or_default();
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
     path.with_file_name(format!("{stem}-{i}{ext}"))
 }
 
 fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
         LogFormat::Text => builder.init(),
@@ -262,9 +335,24 @@ enum LogFormat {
 /// Byte sizes: plain bytes or with a Ki/Mi/Gi/Ti (or K/M/G/T, powers of 1000) suffix.
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
-    let units = [("Ti", 1u64 << 40), ("Gi", 1 << 30), ("Mi", 1 << 20), ("Ki", 1 << 10), ("T", 1_000_000_000_000), ("G", 1_000_000_000), ("M", 1_000_000), ("K", 1000)];
-    let (num, mult) = units.iter().find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m))).unwrap_or((s, 1));
-    let n: f64 = num.trim().parse().map_err(|_| format!("{s:?} is not a byte size (examples: 1073741824, 8Gi, 512Mi)"))?;
+    let units = [
+        ("Ti", 1u64 << 40),
+        ("Gi", 1 << 30),
+        ("Mi", 1 << 20),
+        ("Ki", 1 << 10),
+        ("T", 1_000_000_000_000),
+        ("G", 1_000_000_000),
+        ("M", 1_000_000),
+        ("K", 1000),
+    ];
+    let (num, mult) = units
+        .iter()
+        .find_map(|(suf, m)| s.strip_suffix(suf).map(|n| (n, *m)))
+        .unwrap_or((s, 1));
+    let n: f64 = num
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a byte size (examples: 1073741824, 8Gi, 512Mi)"))?;
     if !(n >= 0.0 && n.is_finite()) {
         return Err(format!("{s:?} is not a byte size"));
     }
@@ -278,13 +366,21 @@ struct ServeArgs {
     #[arg(long, env = "MODELCACHE_MODELS_DIR", default_value = "models")]
     models_dir: PathBuf,
     /// Writable folder for converted checkpoints and content hashes (never the model folder).
-    #[arg(long, env = "MODELCACHE_STATE_DIR", default_value = ".modelcache-state")]
+    #[arg(
+        long,
+        env = "MODELCACHE_STATE_DIR",
+        default_value = ".modelcache-state"
+    )]
     state_dir: PathBuf,
     /// Address of the generation API.
     #[arg(long, env = "MODELCACHE_LISTEN", default_value = "0.0.0.0:8080")]
     listen: String,
     /// Address of the Prometheus /metrics endpoint.
-    #[arg(long, env = "MODELCACHE_METRICS_LISTEN", default_value = "0.0.0.0:9090")]
+    #[arg(
+        long,
+        env = "MODELCACHE_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
     metrics_listen: String,
     /// Byte budget of the RAM tier (e.g. 16Gi).
     #[arg(long, env = "MODELCACHE_RAM_CACHE_BYTES", default_value = "8Gi", value_parser = parse_bytes)]
@@ -305,7 +401,11 @@ struct ServeArgs {
     #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
     /// M_MMAP_THRESHOLD to apply when MALLOC_MMAP_THRESHOLD_ is not set.
-    #[arg(long, env = "MODELCACHE_MALLOC_MMAP_THRESHOLD", default_value_t = 1_048_576)]
+    #[arg(
+        long,
+        env = "MODELCACHE_MALLOC_MMAP_THRESHOLD",
+        default_value_t = 1_048_576
+    )]
     malloc_mmap_threshold: u64,
     /// Call malloc_trim(0) after evictions.
     #[arg(long, env = "MODELCACHE_MALLOC_TRIM_ON_EVICT")]
@@ -363,7 +463,11 @@ struct GenerateArgs {
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Where converted checkpoints are cached.
-    #[arg(long, env = "MODELCACHE_STATE_DIR", default_value = ".modelcache-state")]
+    #[arg(
+        long,
+        env = "MODELCACHE_STATE_DIR",
+        default_value = ".modelcache-state"
+    )]
     state_dir: PathBuf,
     /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
     #[arg(long)]

@@ -6,7 +6,10 @@ use crate::cache::{ModelCache, TierStats};
 use crate::memory;
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
-use prometheus::{Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry, TextEncoder};
+use prometheus::{
+    Encoder, Gauge, Histogram, HistogramOpts, IntCounterVec, IntGaugeVec, Opts, Registry,
+    TextEncoder,
+};
 
 /// Request-path metrics plus the registry that also holds the scrape-time collector.
 #[derive(Clone)]
@@ -21,23 +24,40 @@ impl AgentMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
         let generation_seconds = Histogram::with_opts(
-            HistogramOpts::new("modelcache_generation_seconds", "Seconds to generate the images of one request, queueing excluded")
-                .buckets(vec![0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0]),
+            HistogramOpts::new(
+                "modelcache_generation_seconds",
+                "Seconds to generate the images of one request, queueing excluded",
+            )
+            .buckets(vec![
+                0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 40.0, 80.0, 160.0,
+            ]),
         )?;
         let generation_requests = IntCounterVec::new(
-            Opts::new("modelcache_generation_requests_total", "Image generation requests by model and HTTP status code"),
+            Opts::new(
+                "modelcache_generation_requests_total",
+                "Image generation requests by model and HTTP status code",
+            ),
             &["model", "code"],
         )?;
-        let queue_depth = Gauge::new("modelcache_queue_depth", "Generation requests waiting for a free slot")?;
+        let queue_depth = Gauge::new(
+            "modelcache_queue_depth",
+            "Generation requests waiting for a free slot",
+        )?;
         registry.register(Box::new(generation_seconds.clone()))?;
         registry.register(Box::new(generation_requests.clone()))?;
         registry.register(Box::new(queue_depth.clone()))?;
-        Ok(AgentMetrics { registry, generation_seconds, generation_requests, queue_depth })
+        Ok(AgentMetrics {
+            registry,
+            generation_seconds,
+            generation_requests,
+            queue_depth,
+        })
     }
 
     /// Registers the scrape-time collector of the cache's and the process's memory figures.
     pub fn register_cache(&self, cache: ModelCache) -> Result<(), prometheus::Error> {
-        self.registry.register(Box::new(CacheCollector::new(cache)?))
+        self.registry
+            .register(Box::new(CacheCollector::new(cache)?))
     }
 
     /// The text exposition format.
@@ -65,11 +85,38 @@ struct CacheCollector {
 impl CacheCollector {
     fn new(cache: ModelCache) -> Result<Self, prometheus::Error> {
         let tier = &["tier"];
-        let bytes = IntGaugeVec::new(Opts::new("modelcache_cache_bytes", "Bytes held by each cache tier"), tier)?;
-        let capacity = IntGaugeVec::new(Opts::new("modelcache_cache_capacity_bytes", "Byte budget of each cache tier"), tier)?;
-        let models = IntGaugeVec::new(Opts::new("modelcache_cache_models", "Models resident in each cache tier"), tier)?;
-        let requests = IntCounterVec::new(Opts::new("modelcache_cache_requests_total", "Cache lookups by tier and result"), &["tier", "result"])?;
-        let evictions = IntCounterVec::new(Opts::new("modelcache_cache_evictions_total", "Models evicted from each tier to make room or on request"), tier)?;
+        let bytes = IntGaugeVec::new(
+            Opts::new("modelcache_cache_bytes", "Bytes held by each cache tier"),
+            tier,
+        )?;
+        let capacity = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_cache_capacity_bytes",
+                "Byte budget of each cache tier",
+            ),
+            tier,
+        )?;
+        let models = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_cache_models",
+                "Models resident in each cache tier",
+            ),
+            tier,
+        )?;
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "modelcache_cache_requests_total",
+                "Cache lookups by tier and result",
+            ),
+            &["tier", "result"],
+        )?;
+        let evictions = IntCounterVec::new(
+            Opts::new(
+                "modelcache_cache_evictions_total",
+                "Models evicted from each tier to make room or on request",
+            ),
+            tier,
+        )?;
         let g = |n: &str, h: &str| Gauge::new(n, h);
         let process = [
             g("modelcache_process_resident_bytes", "Resident set size of the agent process")?,
@@ -81,16 +128,34 @@ impl CacheCollector {
             g("modelcache_malloc_fragmentation_ratio", "malloc's free-but-held bytes divided by all bytes it holds; 0 when unavailable")?,
             g("modelcache_malloc_mmap_threshold_bytes", "Static M_MMAP_THRESHOLD in force; 0 when glibc's dynamic threshold is in effect")?,
         ];
-        let trim = Gauge::new("modelcache_malloc_trim_released_bytes_total", "Bytes returned to the system by malloc_trim after evictions")?;
+        let trim = Gauge::new(
+            "modelcache_malloc_trim_released_bytes_total",
+            "Bytes returned to the system by malloc_trim after evictions",
+        )?;
         let mut descs = Vec::new();
-        for c in [&bytes as &dyn Collector, &capacity, &models, &requests, &evictions] {
+        for c in [
+            &bytes as &dyn Collector,
+            &capacity,
+            &models,
+            &requests,
+            &evictions,
+        ] {
             descs.extend(c.desc().into_iter().cloned());
         }
         for p in &process {
             descs.extend(p.desc().into_iter().cloned());
         }
         descs.extend(trim.desc().into_iter().cloned());
-        Ok(CacheCollector { cache, bytes, capacity, models, requests, evictions, process, descs })
+        Ok(CacheCollector {
+            cache,
+            bytes,
+            capacity,
+            models,
+            requests,
+            evictions,
+            process,
+            descs,
+        })
     }
 }
 
@@ -132,7 +197,13 @@ impl Collector for CacheCollector {
             g.set(v);
         }
         let mut out = Vec::new();
-        for c in [&self.bytes as &dyn Collector, &self.capacity, &self.models, &self.requests, &self.evictions] {
+        for c in [
+            &self.bytes as &dyn Collector,
+            &self.capacity,
+            &self.models,
+            &self.requests,
+            &self.evictions,
+        ] {
             out.extend(c.collect());
         }
         for g in &self.process {

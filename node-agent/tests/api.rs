@@ -1,0 +1,509 @@
+//! The agent's HTTP API, over real HTTP on 127.0.0.1 against the running binary.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// A running agent serving a copy of the tiny-sd1 fixture as `tiny`.
+struct Agent {
+    child: Child,
+    api: String,
+    metrics: String,
+    _dir: tempfile::TempDir,
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+impl Agent {
+    fn start(extra: &[&str]) -> Agent {
+        let dir = tempfile::tempdir().unwrap();
+        copy_dir(
+            &fixtures().join("tiny-sd1"),
+            &dir.path().join("models/tiny"),
+        );
+        let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+            .args([
+                "--log-format",
+                "json",
+                "serve",
+                "--listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .arg("--models-dir")
+            .arg(dir.path().join("models"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args(extra)
+            .env("RUST_LOG", "info")
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
+                    if v["fields"]["message"] == "serving" {
+                        let _ = tx.send((
+                            v["fields"]["api"].as_str().unwrap_or("").to_string(),
+                            v["fields"]["metrics"].as_str().unwrap_or("").to_string(),
+                        ));
+                    }
+                }
+            }
+        });
+        let (api, metrics) = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("agent did not start");
+        Agent {
+            child,
+            api,
+            metrics,
+            _dir: dir,
+        }
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+struct Reply {
+    status: u16,
+    headers: Vec<(String, String)>,
+    body: Vec<u8>,
+}
+
+impl Reply {
+    fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// One HTTP/1.1 request with `Connection: close`.
+fn http(addr: &str, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Reply {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(120))).unwrap();
+    let mut req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: {}\r\n",
+        body.len()
+    );
+    for (k, v) in headers {
+        req.push_str(&format!("{k}: {v}\r\n"));
+    }
+    req.push_str("\r\n");
+    s.write_all(req.as_bytes()).unwrap();
+    let _ = s.write_all(body);
+    let mut raw = Vec::new();
+    let _ = s.read_to_end(&mut raw);
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("HTTP response");
+    let head = String::from_utf8_lossy(&raw[..split]).to_string();
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .unwrap()
+        .split(' ')
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    let headers = lines
+        .filter_map(|l| {
+            l.split_once(": ")
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+        })
+        .collect();
+    let mut body = raw[split + 4..].to_vec();
+    if head
+        .to_ascii_lowercase()
+        .contains("transfer-encoding: chunked")
+    {
+        body = dechunk(&body);
+    }
+    Reply {
+        status,
+        headers,
+        body,
+    }
+}
+
+fn dechunk(mut b: &[u8]) -> Vec<u8> {
+    let mut out = Vec::new();
+    loop {
+        let Some(end) = b.windows(2).position(|w| w == b"\r\n") else {
+            return out;
+        };
+        let n =
+            usize::from_str_radix(std::str::from_utf8(&b[..end]).unwrap().trim(), 16).unwrap_or(0);
+        if n == 0 {
+            return out;
+        }
+        out.extend_from_slice(&b[end + 2..end + 2 + n]);
+        b = &b[end + 2 + n + 2..];
+    }
+}
+
+fn post(addr: &str, body: serde_json::Value) -> Reply {
+    http(
+        addr,
+        "POST",
+        "/v1/images/generations",
+        &[("content-type", "application/json")],
+        body.to_string().as_bytes(),
+    )
+}
+
+fn png_size(png: &[u8]) -> (u32, u32) {
+    assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "not a PNG");
+    (
+        u32::from_be_bytes(png[16..20].try_into().unwrap()),
+        u32::from_be_bytes(png[20..24].try_into().unwrap()),
+    )
+}
+
+fn decode_b64(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[test]
+fn generates_pngs_of_the_requested_size_and_lists_models() {
+    let agent = Agent::start(&[]);
+    let r = post(
+        &agent.api,
+        serde_json::json!({"model": "tiny", "prompt": "a red cat", "size": "64x72", "steps": 2, "n": 2, "seed": 3}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    let j = r.json();
+    let data = j["data"].as_array().unwrap();
+    assert_eq!(data.len(), 2);
+    for d in data {
+        assert_eq!(
+            png_size(&decode_b64(d["b64_json"].as_str().unwrap())),
+            (64, 72)
+        );
+    }
+    // Same seed, same image.
+    let again = post(&agent.api, serde_json::json!({"model": "tiny", "prompt": "a red cat", "size": "64x72", "steps": 2, "n": 2, "seed": 3})).json();
+    assert_eq!(again["data"][0], j["data"][0]);
+    let models = http(&agent.api, "GET", "/v1/models", &[], b"").json();
+    assert_eq!(models["data"][0]["id"], "tiny");
+    assert_eq!(models["data"][0]["tier"], "vram");
+    assert_eq!(http(&agent.api, "GET", "/healthz", &[], b"").status, 200);
+    assert_eq!(http(&agent.api, "GET", "/readyz", &[], b"").status, 200);
+}
+
+fn error_code(r: &Reply) -> String {
+    let j = r.json();
+    assert!(
+        j["error"]["message"].is_string() && j["error"]["type"].is_string(),
+        "OpenAI error shape: {j}"
+    );
+    j["error"]["code"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn every_error_path_has_its_status_and_openai_shape() {
+    let agent = Agent::start(&[]);
+    let a = &agent.api;
+    let base = serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut b = base.clone();
+        b[k] = v;
+        b
+    };
+    for (body, code) in [
+        (with("size", "65x64".into()), "invalid_value"),
+        (with("size", "4096x4096".into()), "invalid_value"),
+        (with("prompt", "   ".into()), "invalid_value"),
+        (with("prompt", "x".repeat(5000).into()), "invalid_value"),
+        (with("steps", 0.into()), "invalid_value"),
+        (with("steps", 151.into()), "invalid_value"),
+        (with("n", 5.into()), "invalid_value"),
+        (with("guidance_scale", 31.into()), "invalid_value"),
+        (with("scheduler", "plms9".into()), "invalid_value"),
+        (with("response_format", "url".into()), "invalid_value"),
+        (
+            with("loras", serde_json::json!([{"path": "a.safetensors"}])),
+            "invalid_value",
+        ),
+    ] {
+        let r = post(a, body.clone());
+        assert_eq!(
+            (r.status, error_code(&r)),
+            (400, code.to_string()),
+            "{body}"
+        );
+    }
+    let r = http(
+        a,
+        "POST",
+        "/v1/images/generations",
+        &[("content-type", "application/json")],
+        b"{not json",
+    );
+    assert_eq!(r.status, 400);
+    error_code(&r);
+    let r = post(a, with("model", "nope".into()));
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (404, "model_not_found")
+    );
+    let big = serde_json::json!({"model": "tiny", "prompt": "x".repeat(100_000)});
+    let r = post(a, big);
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (413, "request_too_large")
+    );
+}
+
+#[test]
+fn bearer_token_is_required_when_configured() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = dir.path().join("token");
+    std::fs::write(&token, "s3cret\n").unwrap();
+    let agent = Agent::start(&["--api-token-file", token.to_str().unwrap()]);
+    let body = serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1})
+        .to_string();
+    for auth in [
+        None,
+        Some("Bearer wrong"),
+        Some("Bearer s3cre"),
+        Some("s3cret"),
+    ] {
+        let mut h = vec![("content-type", "application/json")];
+        if let Some(v) = auth {
+            h.push(("authorization", v));
+        }
+        let r = http(
+            &agent.api,
+            "POST",
+            "/v1/images/generations",
+            &h,
+            body.as_bytes(),
+        );
+        assert_eq!(
+            (r.status, error_code(&r).as_str()),
+            (401, "invalid_api_key"),
+            "{auth:?}"
+        );
+    }
+    let r = http(
+        &agent.api,
+        "POST",
+        "/v1/images/generations",
+        &[
+            ("content-type", "application/json"),
+            ("authorization", "Bearer s3cret"),
+        ],
+        body.as_bytes(),
+    );
+    assert_eq!(r.status, 200);
+    assert_eq!(http(&agent.api, "GET", "/v1/models", &[], b"").status, 401);
+}
+
+#[test]
+fn a_model_that_cannot_fit_is_503_cache_full() {
+    let agent = Agent::start(&["--ram-cache-bytes", "2Mi"]);
+    let r = post(
+        &agent.api,
+        serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1}),
+    );
+    assert_eq!((r.status, error_code(&r).as_str()), (503, "cache_full"));
+    assert!(r.header("retry-after").is_some());
+}
+
+fn rss_kb(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .map(|v| v.trim().trim_end_matches("kB").trim().parse().unwrap())
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_burst_beyond_the_queue_gets_429_with_retry_after() {
+    let agent = Agent::start(&["--queue-size", "8", "--concurrency", "1"]);
+    // Warm the model so the burst measures queueing, not loading.
+    assert_eq!(
+        post(
+            &agent.api,
+            serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1})
+        )
+        .status,
+        200
+    );
+    let rss_before = rss_kb(agent.pid());
+    let api = agent.api.clone();
+    let handles: Vec<_> = (0..200)
+        .map(|i| {
+            let api = api.clone();
+            std::thread::spawn(move || {
+                let r = post(&api, serde_json::json!({"model": "tiny", "prompt": format!("p{i}"), "size": "64x64", "steps": 2}));
+                (r.status, r.header("retry-after").map(str::to_string))
+            })
+        })
+        .collect();
+    let results: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let ok = results.iter().filter(|r| r.0 == 200).count();
+    let limited: Vec<_> = results.iter().filter(|r| r.0 == 429).collect();
+    assert_eq!(
+        ok + limited.len(),
+        200,
+        "only 200 and 429: {:?}",
+        results
+            .iter()
+            .map(|r| r.0)
+            .collect::<std::collections::BTreeSet<_>>()
+    );
+    assert!(ok >= 9, "at least concurrency + queue succeed, got {ok}");
+    assert!(
+        limited.len() >= 100,
+        "most of a 200-request burst is refused, got {}",
+        limited.len()
+    );
+    assert!(limited.iter().all(|r| r
+        .1
+        .as_deref()
+        .is_some_and(|v| v.parse::<u64>().is_ok_and(|s| s >= 1))));
+    assert_eq!(
+        http(&agent.api, "GET", "/healthz", &[], b"").status,
+        200,
+        "still serving"
+    );
+    let grew_mb = rss_kb(agent.pid()).saturating_sub(rss_before) / 1024;
+    assert!(grew_mb < 512, "RSS grew by {grew_mb} MiB during the burst");
+}
+
+#[test]
+fn metrics_pass_promtool_and_count_requests() {
+    let agent = Agent::start(&[]);
+    post(
+        &agent.api,
+        serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1}),
+    );
+    post(
+        &agent.api,
+        serde_json::json!({"model": "nope", "prompt": "x"}),
+    );
+    let r = http(&agent.metrics, "GET", "/metrics", &[], b"");
+    assert_eq!(r.status, 200);
+    let text = String::from_utf8(r.body).unwrap();
+    for name in [
+        "modelcache_cache_bytes{tier=\"ram\"}",
+        "modelcache_cache_capacity_bytes{tier=\"vram\"}",
+        "modelcache_cache_models{tier=\"vram\"} 3",
+        "modelcache_cache_requests_total{result=\"miss\",tier=\"ram\"} 3",
+        "modelcache_cache_evictions_total{tier=\"ram\"} 0",
+        "modelcache_model_load_seconds_count{from=\"disk\",to=\"ram\"} 3",
+        "modelcache_generation_seconds_count 1",
+        "modelcache_generation_requests_total{code=\"200\",model=\"tiny\"} 1",
+        "modelcache_generation_requests_total{code=\"404\",model=\"\"} 1",
+        "modelcache_queue_depth 0",
+        "modelcache_process_resident_bytes",
+        "modelcache_malloc_arena_bytes",
+        "modelcache_malloc_mmap_bytes",
+        "modelcache_malloc_in_use_bytes",
+        "modelcache_malloc_free_bytes",
+        "modelcache_malloc_releasable_bytes",
+        "modelcache_malloc_fragmentation_ratio",
+        "modelcache_malloc_mmap_threshold_bytes 1048576",
+        "modelcache_malloc_trim_released_bytes_total",
+    ] {
+        assert!(text.contains(name), "missing {name} in\n{text}");
+    }
+    let mut promtool = Command::new("promtool")
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("promtool (Debian package prometheus; .ci/install-tools.sh installs it)");
+    promtool
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(text.as_bytes())
+        .unwrap();
+    let out = promtool.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "promtool check metrics: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn the_official_openai_client_generates_an_image() {
+    let python = repo().join(".ci/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the openai client's virtual environment is missing: run .ci/install-tools.sh"
+    );
+    let agent = Agent::start(&[]);
+    let script = format!(
+        r#"
+import base64, openai
+client = openai.OpenAI(base_url="http://{}/v1", api_key="unused")
+r = client.images.generate(model="tiny", prompt="a red cat", size="64x64", n=1, response_format="b64_json", extra_body={{"steps": 2, "seed": 1}})
+png = base64.b64decode(r.data[0].b64_json)
+assert png[:8] == b"\x89PNG\r\n\x1a\n"
+print(len(png))
+"#,
+        agent.api
+    );
+    let start = Instant::now();
+    let out = Command::new(python).arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(start.elapsed() < Duration::from_secs(120));
+}
