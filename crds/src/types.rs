@@ -154,6 +154,8 @@ api_enum! {
     }
 }
 
+// The enum comes from `api_enum!`, which cannot derive Default for some enums only.
+#[allow(clippy::derivable_impls)]
 impl Default for FormatHint {
     fn default() -> Self {
         FormatHint::Auto
@@ -172,6 +174,8 @@ api_enum! {
     }
 }
 
+// The enum comes from `api_enum!`, which cannot derive Default for some enums only.
+#[allow(clippy::derivable_impls)]
 impl Default for Precision {
     fn default() -> Self {
         Precision::F16
@@ -200,6 +204,8 @@ api_enum! {
     }
 }
 
+// The enum comes from `api_enum!`, which cannot derive Default for some enums only.
+#[allow(clippy::derivable_impls)]
 impl Default for WarmTier {
     fn default() -> Self {
         WarmTier::None

@@ -229,10 +229,9 @@ fn invalid(errors: &mut Vec<FieldError>, path: &str, value: &Value, detail: Stri
 fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>) {
     let Value::Object(s) = schema else { return };
     let shown = if path.is_empty() { "<root>" } else { path };
-    if value.is_null() {
-        if s.get("nullable") == Some(&Value::Bool(true)) || s.get("type").is_none() {
-            return;
-        }
+    if value.is_null() && (s.get("nullable") == Some(&Value::Bool(true)) || s.get("type").is_none())
+    {
+        return;
     }
     let int_or_string = s.get("x-kubernetes-int-or-string") == Some(&Value::Bool(true));
     if let Some(Value::String(want)) = s.get("type") {

@@ -528,7 +528,7 @@ impl ModelCache {
         }
         collect(&st.ram, &mut out);
         collect(&st.dev, &mut out);
-        out.sort_by(|a, b| b.0.cmp(&a.0));
+        out.sort_by_key(|e| std::cmp::Reverse(e.0));
         out.into_iter().map(|(_, e)| e).collect()
     }
 

@@ -245,7 +245,7 @@ impl Default for GenerateParams {
 pub type Progress<'a> = &'a (dyn Fn(usize, usize, usize) -> bool + Sync);
 
 fn check_params(p: &GenerateParams) -> Result<(), PipelineError> {
-    if p.width % 8 != 0 || p.height % 8 != 0 || p.width == 0 || p.height == 0 {
+    if !p.width.is_multiple_of(8) || !p.height.is_multiple_of(8) || p.width == 0 || p.height == 0 {
         return Err(PipelineError::Invalid(format!(
             "size {}x{} must be a positive multiple of 8",
             p.width, p.height

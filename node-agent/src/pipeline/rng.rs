@@ -25,7 +25,7 @@ impl NormalRng {
         ((self.rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
     }
 
-    pub fn next(&mut self) -> f32 {
+    pub fn sample(&mut self) -> f32 {
         if let Some(s) = self.spare.take() {
             return s;
         }
@@ -39,7 +39,7 @@ impl NormalRng {
     /// A tensor of standard normal samples.
     pub fn tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| self.next()).collect();
+        let v: Vec<f32> = (0..n).map(|_| self.sample()).collect();
         Tensor::from_vec(v, shape, device)
     }
 }
@@ -52,11 +52,11 @@ mod tests {
     fn same_seed_same_stream_and_roughly_normal() {
         let a: Vec<f32> = {
             let mut r = NormalRng::new(42);
-            (0..10_000).map(|_| r.next()).collect()
+            (0..10_000).map(|_| r.sample()).collect()
         };
         let b: Vec<f32> = {
             let mut r = NormalRng::new(42);
-            (0..10_000).map(|_| r.next()).collect()
+            (0..10_000).map(|_| r.sample()).collect()
         };
         assert_eq!(a, b);
         let mean = a.iter().sum::<f32>() / a.len() as f32;
@@ -66,6 +66,6 @@ mod tests {
             "mean {mean} var {var}"
         );
         let mut c = NormalRng::new(43);
-        assert_ne!(a[0], c.next());
+        assert_ne!(a[0], c.sample());
     }
 }

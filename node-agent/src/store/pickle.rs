@@ -158,18 +158,12 @@ pub fn read_index(path: &Path) -> Result<TensorIndex> {
     let mut global_step = None;
     let mut key = None;
     // Unwrap `{"state_dict": {...}, "global_step": N}` (possibly nested).
-    loop {
-        let Object::Dict(items) = &obj else { break };
-        if let Some((_, v)) = items
-            .iter()
-            .find(|(k, _)| *k == Object::Unicode("global_step".into()))
-        {
+    let is_key = |k: &Object, name: &str| matches!(k, Object::Unicode(s) if s == name);
+    while let Object::Dict(items) = &obj {
+        if let Some((_, v)) = items.iter().find(|(k, _)| is_key(k, "global_step")) {
             global_step = global_step.or_else(|| as_int(v));
         }
-        let Some(pos) = items
-            .iter()
-            .position(|(k, _)| *k == Object::Unicode("state_dict".into()))
-        else {
+        let Some(pos) = items.iter().position(|(k, _)| is_key(k, "state_dict")) else {
             break;
         };
         let Object::Dict(mut items) = obj else { break };
