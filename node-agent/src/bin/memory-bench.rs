@@ -1,0 +1,433 @@
+//! Fragmentation benchmark (G1 of docs/memory.md), against the real cache code.
+//!
+//! Round-robin over 12 models, loads dispatched over 4 threads, evict-before-load
+//! under a byte budget; RSS and VmHWM are read after every switch. Variants, each
+//! run in its own process so they cannot disturb each other's RSS:
+//!
+//! - `region`: the agent's RAM tier (one 2 MiB-aligned anonymous mapping per model);
+//! - `heap`: the control — each tensor in its own heap buffer, glibc defaults;
+//! - `heap-threshold`: the control with `MALLOC_MMAP_THRESHOLD_=1048576`.
+//!
+//! `modelcache-memory-bench [ci|full]` runs all three and prints a table;
+//! `modelcache-memory-bench run VARIANT PROFILE` runs one and prints a JSON line.
+
+use modelcache_agent::cache::region::Segment;
+use modelcache_agent::cache::{CacheConfig, CacheError, Loader, ModelCache, RamPlan, RegionTensor};
+use modelcache_agent::memory;
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::process::{Command, ExitCode};
+use std::sync::mpsc;
+use std::time::Instant;
+
+const MIB: u64 = 1 << 20;
+
+#[derive(Clone, Copy)]
+struct Profile {
+    budget: u64,
+    min: u64,
+    max: u64,
+    switches: usize,
+}
+
+fn profile(name: &str) -> Option<Profile> {
+    match name {
+        "ci" => Some(Profile {
+            budget: 512 * MIB,
+            min: 75 * MIB,
+            max: 225 * MIB,
+            switches: 100,
+        }),
+        "full" => Some(Profile {
+            budget: 2048 * MIB,
+            min: 300 * MIB,
+            max: 900 * MIB,
+            switches: 300,
+        }),
+        _ => None,
+    }
+}
+
+/// splitmix64: a tiny seeded generator, so every run uses the same catalog.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+    fn uniform(&mut self, a: f64, b: f64) -> f64 {
+        a + (b - a) * self.unit()
+    }
+    fn log_uniform(&mut self, a: f64, b: f64) -> f64 {
+        (a.ln() + (b.ln() - a.ln()) * self.unit()).exp()
+    }
+}
+
+/// The catalog of fragmentation-facts §2.1: model sizes uniform in [min, max];
+/// tensors by count 5% big (40–100 MiB scaled to the profile), 55% medium
+/// (1–16 MiB log-uniform), 40% small (4–512 KiB log-uniform).
+fn catalog(p: Profile) -> Vec<Vec<u64>> {
+    let mut rng = Rng(1);
+    let scale = p.max as f64 / (900 * MIB) as f64;
+    (0..12)
+        .map(|_| {
+            let total = rng.uniform(p.min as f64, p.max as f64) as u64;
+            let mut left = total;
+            let mut tensors = Vec::new();
+            while left > 0 {
+                let r = rng.unit();
+                let s = if r < 0.05 {
+                    rng.uniform(40.0 * MIB as f64 * scale, 100.0 * MIB as f64 * scale)
+                } else if r < 0.60 {
+                    rng.log_uniform(MIB as f64, 16.0 * MIB as f64)
+                } else {
+                    rng.log_uniform(4096.0, 512.0 * 1024.0)
+                } as u64;
+                let s = s.clamp(64, left);
+                tensors.push(s);
+                left -= s;
+            }
+            tensors
+        })
+        .collect()
+}
+
+/// One sparse data file shared by all models: model i reads its first `size_i` bytes.
+fn data_file(p: Profile) -> std::io::Result<PathBuf> {
+    let dir = std::env::temp_dir().join("modelcache-memory-bench");
+    std::fs::create_dir_all(&dir)?;
+    let path = dir.join(format!("data-{}", p.max));
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
+    if f.metadata()?.len() != p.max {
+        f.set_len(p.max)?;
+    }
+    Ok(path)
+}
+
+struct SharedFile {
+    path: PathBuf,
+    models: Vec<Vec<u64>>,
+}
+
+impl Loader for SharedFile {
+    fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
+        let i: usize = key.parse().map_err(|_| CacheError::Load {
+            key: key.into(),
+            message: "bad key".into(),
+        })?;
+        let mut tensors = Vec::new();
+        let mut off = 0u64;
+        for (n, &s) in self.models.get(i).into_iter().flatten().enumerate() {
+            // 64-byte aligned, as tensors are.
+            off = off.next_multiple_of(64);
+            tensors.push(RegionTensor {
+                name: format!("t{n}"),
+                dtype: safetensors::Dtype::U8,
+                shape: vec![s as usize],
+                offset: off as usize,
+                len: s as usize,
+            });
+            off += s;
+        }
+        let len = off;
+        Ok(RamPlan {
+            segments: vec![Segment {
+                path: self.path.clone(),
+                file_offset: 0,
+                len,
+                region_offset: 0,
+            }],
+            tensors,
+            bytes: len,
+        })
+    }
+}
+
+/// A tensor of the control: 64-byte aligned heap memory plus the two small
+/// metadata allocations a framework makes per tensor (name, impl).
+struct HeapTensor {
+    ptr: *mut u8,
+    layout: std::alloc::Layout,
+    _meta: (Vec<u8>, Vec<u8>),
+}
+
+// SAFETY: the buffer is owned by this value and only freed on drop.
+unsafe impl Send for HeapTensor {}
+
+impl HeapTensor {
+    fn new(size: u64, rng: &mut Rng) -> Option<HeapTensor> {
+        let layout = std::alloc::Layout::from_size_align(size as usize, 64).ok()?;
+        // SAFETY: non-zero size layout; the pointer is checked and freed with the same layout.
+        let ptr = unsafe { std::alloc::alloc(layout) };
+        if ptr.is_null() {
+            return None;
+        }
+        // Every byte written, so the pages are resident (as a load would make them).
+        unsafe { std::ptr::write_bytes(ptr, 1, size as usize) };
+        let name = vec![0u8; 24 + (rng.next() % 100) as usize];
+        let imp = vec![0u8; 160 + (rng.next() % 256) as usize];
+        Some(HeapTensor {
+            ptr,
+            layout,
+            _meta: (name, imp),
+        })
+    }
+}
+
+impl Drop for HeapTensor {
+    fn drop(&mut self) {
+        // SAFETY: allocated in `new` with this layout.
+        unsafe { std::alloc::dealloc(self.ptr, self.layout) };
+    }
+}
+
+/// The control's load: one pool thread allocates every tensor of a model; 1 in
+/// 32 tensors also leaves a small allocation behind for good (interned strings,
+/// log records), as long-running processes do.
+fn load_heap(tensors: &[u64], seed: u64, pins: &mut Vec<Vec<u8>>) -> Vec<HeapTensor> {
+    let mut rng = Rng(seed);
+    tensors
+        .iter()
+        .filter_map(|&s| {
+            if rng.next() % 32 == 0 {
+                pins.push(vec![0u8; 32 + (rng.next() % 4064) as usize]);
+            }
+            HeapTensor::new(s, &mut rng)
+        })
+        .collect()
+}
+
+struct Outcome {
+    max_rss: u64,
+    final_rss: u64,
+    hwm: u64,
+    secs_per_switch: f64,
+}
+
+/// Runs `switches` round-robin switches, dispatching loads over 4 threads.
+fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
+    let models = catalog(p);
+    let sizes: Vec<u64> = models
+        .iter()
+        .map(|m| m.iter().map(|s| s.next_multiple_of(64)).sum())
+        .collect();
+    let n = models.len();
+    let (mut max_rss, mut final_rss) = (0, 0);
+    let mut dispatch = Rng(7);
+    let start = Instant::now();
+    match variant {
+        "region" => {
+            let path = data_file(Profile {
+                max: sizes.iter().copied().max().unwrap_or(p.max),
+                ..p
+            })
+            .map_err(|e| e.to_string())?;
+            let config = CacheConfig {
+                ram_budget: p.budget,
+                device_budget: 0,
+                device: candle_core::Device::Cpu,
+                dtype: candle_core::DType::F32,
+                load_threads: 2,
+                trim_on_evict: false,
+            };
+            let cache = ModelCache::new(
+                config,
+                Box::new(SharedFile {
+                    path,
+                    models: models.clone(),
+                }),
+                None,
+            );
+            let workers: Vec<_> = (0..4)
+                .map(|_| {
+                    let (tx, rx) = mpsc::channel::<(usize, mpsc::Sender<Result<(), String>>)>();
+                    let cache = cache.clone();
+                    std::thread::spawn(move || {
+                        for (model, done) in rx {
+                            let r = cache
+                                .get_ram(&model.to_string())
+                                .map(drop)
+                                .map_err(|e| e.to_string());
+                            let _ = done.send(r);
+                        }
+                    });
+                    tx
+                })
+                .collect();
+            for k in 0..p.switches {
+                let (tx, rx) = mpsc::channel();
+                workers[(dispatch.next() % 4) as usize]
+                    .send((k % n, tx))
+                    .map_err(|e| e.to_string())?;
+                rx.recv().map_err(|e| e.to_string())??;
+                final_rss = memory::resident_bytes();
+                max_rss = max_rss.max(final_rss);
+            }
+        }
+        "heap" | "heap-threshold" => {
+            type Job = (usize, mpsc::Sender<Vec<HeapTensor>>);
+            let workers: Vec<mpsc::Sender<Job>> = (0..4)
+                .map(|w| {
+                    let (tx, rx) = mpsc::channel::<Job>();
+                    let models = models.clone();
+                    std::thread::spawn(move || {
+                        let mut pins = Vec::new();
+                        for (k, (model, done)) in rx.into_iter().enumerate() {
+                            let _ = done.send(load_heap(
+                                &models[model],
+                                (w * 1_000_003 + k) as u64,
+                                &mut pins,
+                            ));
+                        }
+                    });
+                    tx
+                })
+                .collect();
+            // LRU with evict-before-load; eviction runs on this (main) thread.
+            let mut lru: VecDeque<(usize, Vec<HeapTensor>)> = VecDeque::new();
+            let mut used = 0u64;
+            for k in 0..p.switches {
+                let model = k % n;
+                if let Some(pos) = lru.iter().position(|e| e.0 == model) {
+                    if let Some(e) = lru.remove(pos) {
+                        lru.push_back(e);
+                    }
+                } else {
+                    while used + sizes[model] > p.budget {
+                        let Some((m, tensors)) = lru.pop_front() else {
+                            break;
+                        };
+                        drop(tensors);
+                        used -= sizes[m];
+                    }
+                    let (tx, rx) = mpsc::channel();
+                    workers[(dispatch.next() % 4) as usize]
+                        .send((model, tx))
+                        .map_err(|e| e.to_string())?;
+                    lru.push_back((model, rx.recv().map_err(|e| e.to_string())?));
+                    used += sizes[model];
+                }
+                final_rss = memory::resident_bytes();
+                max_rss = max_rss.max(final_rss);
+            }
+        }
+        other => return Err(format!("unknown variant {other}")),
+    }
+    Ok(Outcome {
+        max_rss,
+        final_rss,
+        hwm: memory::peak_resident_bytes(),
+        secs_per_switch: start.elapsed().as_secs_f64() / p.switches as f64,
+    })
+}
+
+fn run_child(variant: &str, profile_name: &str) -> Result<serde_json::Value, String> {
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let mut cmd = Command::new(exe);
+    cmd.args(["run", variant, profile_name])
+        .env_remove("MALLOC_MMAP_THRESHOLD_");
+    if variant == "heap-threshold" {
+        cmd.env("MALLOC_MMAP_THRESHOLD_", "1048576");
+    }
+    let out = cmd.output().map_err(|e| e.to_string())?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let line = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .last()
+        .unwrap_or_default()
+        .to_string();
+    serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))
+}
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args
+        .iter()
+        .map(String::as_str)
+        .collect::<Vec<_>>()
+        .as_slice()
+    {
+        ["run", variant, prof] => {
+            let Some(p) = profile(prof) else {
+                return ExitCode::FAILURE;
+            };
+            match run_variant(variant, p) {
+                Ok(o) => {
+                    let limit = p.budget + 64 * MIB;
+                    println!(
+                        "{}",
+                        serde_json::json!({
+                            "variant": variant, "budget": p.budget, "max_rss": o.max_rss, "final_rss": o.final_rss, "hwm": o.hwm,
+                            "secs_per_switch": o.secs_per_switch, "pass": o.max_rss <= limit && o.hwm <= limit,
+                        })
+                    );
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("{e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+        rest => {
+            let prof = rest.first().copied().unwrap_or("full");
+            let Some(p) = profile(prof) else {
+                eprintln!("usage: modelcache-memory-bench [ci|full] | run VARIANT PROFILE");
+                return ExitCode::FAILURE;
+            };
+            println!("G1 fragmentation, profile {prof}: budget B = {} MiB, 12 models {}–{} MiB, 4 loader threads, {} switches", p.budget / MIB, p.min / MIB, p.max / MIB, p.switches);
+            println!("check: after every switch RSS <= B + 64 MiB and VmHWM <= B + 64 MiB");
+            println!(
+                "{:<44} {:>10} {:>10} {:>10} {:>10} {:>6}",
+                "variant", "maxRSS/B", "finalRSS/B", "VmHWM/B", "s/switch", "check"
+            );
+            let mut ok = true;
+            for (v, label) in [
+                ("region", "agent RAM tier (mmap region per model)"),
+                ("heap", "control: heap buffers, glibc defaults"),
+                ("heap-threshold", "control + MALLOC_MMAP_THRESHOLD_=1048576"),
+            ] {
+                match run_child(v, prof) {
+                    Ok(j) => {
+                        let b = p.budget as f64;
+                        let f = |k: &str| j[k].as_f64().unwrap_or(0.0) / b;
+                        let pass = j["pass"].as_bool().unwrap_or(false);
+                        println!(
+                            "{label:<44} {:>10.2} {:>10.2} {:>10.2} {:>10.3} {:>6}",
+                            f("max_rss"),
+                            f("final_rss"),
+                            f("hwm"),
+                            j["secs_per_switch"].as_f64().unwrap_or(0.0),
+                            if pass { "pass" } else { "FAIL" }
+                        );
+                        if v == "region" {
+                            ok &= pass;
+                        }
+                    }
+                    Err(e) => {
+                        eprintln!("{v}: {e}");
+                        ok = false;
+                    }
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
