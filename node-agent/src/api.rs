@@ -475,7 +475,14 @@ async fn generate(
         }
     };
     let (status, response) = match result {
-        Ok(body) => (StatusCode::OK, Json(body).into_response()),
+        Ok((body, secs)) => {
+            let mut r = Json(body).into_response();
+            // Like OpenAI's `openai-processing-ms`: lets clients separate model time from transport.
+            if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", secs * 1e3)) {
+                r.headers_mut().insert("x-modelcache-generation-ms", v);
+            }
+            (StatusCode::OK, r)
+        }
         Err(e) => (e.status, e.into_response()),
     };
     let label = if s.catalog.get(&model).is_some() {
@@ -499,7 +506,7 @@ async fn run_generation(
     s: &Arc<AppState>,
     headers: &HeaderMap,
     req: GenerationRequest,
-) -> Result<serde_json::Value, ApiError> {
+) -> Result<(serde_json::Value, f64), ApiError> {
     check_token(s, headers)?;
     let name = req
         .model
@@ -533,14 +540,19 @@ async fn run_generation(
     let cancelled = Arc::new(AtomicBool::new(false));
     let _cancel_on_drop = CancelOnDrop(cancelled.clone());
     let state = s.clone();
-    let started = Instant::now();
-    let images = tokio::task::spawn_blocking(move || {
+    let (pngs, secs) = tokio::task::spawn_blocking(move || {
         let _permit = permit;
         let _ticket = ticket;
+        let started = Instant::now();
         let model = state.catalog.open(&name)?;
-        pipeline::generate(&state.cache, &model, &p, &|_, _, _| {
+        let images = pipeline::generate(&state.cache, &model, &p, &|_, _, _| {
             !cancelled.load(Ordering::Relaxed)
-        })
+        })?;
+        let pngs = images
+            .iter()
+            .map(|img| img.to_png())
+            .collect::<Result<Vec<_>, _>>();
+        Ok::<_, PipelineError>((pngs, started.elapsed().as_secs_f64()))
     })
     .await
     .map_err(|e| {
@@ -551,27 +563,23 @@ async fn run_generation(
             "internal_error",
         )
     })??;
-    s.metrics
-        .generation_seconds
-        .observe(started.elapsed().as_secs_f64());
-    let data = images
+    s.metrics.generation_seconds.observe(secs);
+    let pngs = pngs.map_err(|e| {
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("PNG encoding: {e}"),
+            "server_error",
+            "internal_error",
+        )
+    })?;
+    let data: Vec<_> = pngs
         .iter()
-        .map(|img| {
-            let png = img.to_png().map_err(|e| {
-                ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    format!("PNG encoding: {e}"),
-                    "server_error",
-                    "internal_error",
-                )
-            })?;
-            Ok(json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png)}))
-        })
-        .collect::<Result<Vec<_>, ApiError>>()?;
+        .map(|png| json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png)}))
+        .collect();
     let created = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs());
-    Ok(json!({"created": created, "data": data}))
+    Ok((json!({"created": created, "data": data}), secs))
 }
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
