@@ -1,1 +1,215 @@
-fn main() {}
+//! `modelcache-operator`: the cluster scheduler for models.
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use modelcache_operator::scheduler::{self, Node, Options, Strategy};
+use modelcache_operator::simulate::{self, ClusterSpec, TraceSpec};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+#[derive(Parser)]
+#[command(
+    name = "modelcache-operator",
+    version,
+    about = "modelcache operator: places ModelDeployments on GPU nodes"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the real scheduler on a described cluster and request trace, without a
+    /// cluster, and print placement quality and timing (capacity planning).
+    Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct SimulateArgs {
+    /// Cluster description (JSON: {"nodes": [{"name", "ramBytes", "deviceBytes": [...], ...}]}).
+    /// Without it: --nodes identical nodes.
+    #[arg(long)]
+    cluster: Option<PathBuf>,
+    /// Workload (JSON: {"modelBytes": [...], "zipf", "active", "arrivals", "requestsPerArrival", "seed"}).
+    /// Without it: --models models of 2–7 GB with Zipf popularity.
+    #[arg(long)]
+    trace: Option<PathBuf>,
+    #[arg(long, default_value_t = 50)]
+    nodes: usize,
+    #[arg(long, default_value_t = 200)]
+    models: usize,
+    #[arg(long, default_value_t = 1.0)]
+    zipf: f64,
+    #[arg(long, default_value_t = 5000)]
+    arrivals: usize,
+    #[arg(long, default_value_t = 4)]
+    requests_per_arrival: usize,
+    #[arg(long, default_value_t = 1)]
+    seed: u64,
+    /// Also time a full plan of this many deployments over the cluster.
+    #[arg(long, default_value_t = 0)]
+    full_plan_deployments: usize,
+    /// Compare against the same scheduler with the locality score turned off.
+    #[arg(long)]
+    compare_locality: bool,
+    /// Prefer fuller nodes instead of spreading.
+    #[arg(long)]
+    bin_pack: bool,
+}
+
+const GIB: u64 = 1 << 30;
+
+fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
+    let cluster = match &a.cluster {
+        Some(p) => serde_json::from_str::<ClusterSpec>(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => ClusterSpec::synthetic(a.nodes, 64 * GIB, vec![24 * GIB]),
+    };
+    let trace = match &a.trace {
+        Some(p) => serde_json::from_str::<TraceSpec>(
+            &std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?,
+        )
+        .with_context(|| format!("parsing {}", p.display()))?,
+        None => TraceSpec {
+            model_bytes: (0..a.models)
+                .map(|m| (2 * GIB) + (m as u64 * 7919 % 5) * GIB)
+                .collect(),
+            zipf: a.zipf,
+            active: 1000,
+            arrivals: a.arrivals,
+            requests_per_arrival: a.requests_per_arrival,
+            seed: a.seed,
+        },
+    };
+    let strategy = if a.bin_pack {
+        Strategy::BinPack
+    } else {
+        Strategy::Spread
+    };
+    println!(
+        "cluster: {} nodes; workload: {} models (Zipf {}), {} arrivals × {} requests",
+        cluster.nodes.len(),
+        trace.model_bytes.len(),
+        trace.zipf,
+        trace.arrivals,
+        trace.requests_per_arrival
+    );
+    let with = simulate::run(
+        &cluster,
+        &trace,
+        Options {
+            locality: true,
+            strategy,
+        },
+    );
+    print_report("residency-aware scheduler", &with);
+    if a.compare_locality {
+        let without = simulate::run(
+            &cluster,
+            &trace,
+            Options {
+                locality: false,
+                strategy,
+            },
+        );
+        print_report("same scheduler, locality score off", &without);
+        let fewer = 1.0 - with.cold_loads as f64 / without.cold_loads.max(1) as f64;
+        println!(
+            "cold loads: {} vs {} ({:.0}% fewer with the residency score; goal >= 50%)",
+            with.cold_loads,
+            without.cold_loads,
+            fewer * 100.0
+        );
+    }
+    if a.full_plan_deployments > 0 {
+        let nodes: Vec<Node> = plan_nodes(&cluster);
+        let deps = simulate::synthetic_deployments(
+            a.full_plan_deployments,
+            trace.model_bytes.len().max(1),
+            a.seed,
+        );
+        let t = Instant::now();
+        let decisions = scheduler::plan(
+            &nodes,
+            &deps,
+            Options {
+                locality: true,
+                strategy,
+            },
+        );
+        let secs = t.elapsed().as_secs_f64();
+        let unplaced = decisions.iter().filter(|d| d.unplaced > 0).count();
+        println!("full plan: {} nodes × {} deployments in {secs:.3} s ({unplaced} with unplaced replicas; goal <= 1 s)", nodes.len(), deps.len());
+    }
+    Ok(())
+}
+
+fn plan_nodes(cluster: &ClusterSpec) -> Vec<Node> {
+    cluster
+        .nodes
+        .iter()
+        .enumerate()
+        .map(|(i, n)| Node {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+            taints: Vec::new(),
+            schedulable: true,
+            healthy: true,
+            ram_budget: n.ram_bytes,
+            device_budgets: n.device_bytes.clone(),
+            resident: (0..8)
+                .map(|k| {
+                    (
+                        format!("models/m{}", (i * 8 + k) % 200),
+                        modelcache_crds::Tier::Ram,
+                    )
+                })
+                .collect(),
+            local: None,
+            disk_bps: n.disk_bytes_per_second,
+            ram_to_device_bps: n.ram_to_device_bytes_per_second,
+            serving_bytes: 0,
+        })
+        .collect()
+}
+
+fn print_report(title: &str, r: &simulate::Report) {
+    println!("\n{title}:");
+    println!(
+        "  placed {} of {} deployments; unschedulable {}",
+        r.placements, r.arrivals, r.unschedulable
+    );
+    for (reason, n) in &r.reasons {
+        println!("    {n} × {reason}");
+    }
+    println!(
+        "  requests {}: cold loads {}, RAM→VRAM moves {}",
+        r.requests, r.cold_loads, r.ram_moves
+    );
+    println!(
+        "  switch latency p50 {:.3} s, p99 {:.3} s",
+        r.latency_p50, r.latency_p99
+    );
+    println!(
+        "  incremental decisions: {:.0} per second at {} nodes (goal >= 900/s)",
+        r.decisions_per_second, r.nodes
+    );
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Simulate(a) => simulate_cmd(a),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

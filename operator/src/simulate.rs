@@ -1,0 +1,343 @@
+//! `modelcache-operator simulate`: the real scheduler against a model of each
+//! node's cache (VRAM and RAM tiers, LRU), on a Zipf-popular stream of
+//! deployments and requests. Users plan capacity with it; we benchmark with it.
+
+use crate::scheduler::{self, Deployment, Node, Options};
+use modelcache_crds::{PlacementRole, Tier, WarmTier};
+use serde::Deserialize;
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::time::Instant;
+
+/// A cluster description: nodes with their cache budgets and bandwidths.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterSpec {
+    pub nodes: Vec<NodeSpec>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct NodeSpec {
+    pub name: String,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+    pub ram_bytes: u64,
+    pub device_bytes: Vec<u64>,
+    #[serde(default = "default_disk")]
+    pub disk_bytes_per_second: f64,
+    #[serde(default = "default_pcie")]
+    pub ram_to_device_bytes_per_second: f64,
+}
+
+fn default_disk() -> f64 {
+    2.0e9
+}
+
+fn default_pcie() -> f64 {
+    20.0e9
+}
+
+/// The workload: models and how deployments and requests arrive.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct TraceSpec {
+    /// Model sizes in bytes (at serving precision).
+    pub model_bytes: Vec<u64>,
+    /// Zipf exponent of model popularity.
+    pub zipf: f64,
+    /// Deployments active at once; the oldest leaves when a new one arrives.
+    pub active: usize,
+    /// Deployment arrivals to simulate.
+    pub arrivals: usize,
+    /// Requests sent to each deployment after it is placed.
+    pub requests_per_arrival: usize,
+    pub seed: u64,
+}
+
+impl ClusterSpec {
+    pub fn synthetic(nodes: usize, ram: u64, devices: Vec<u64>) -> Self {
+        ClusterSpec {
+            nodes: (0..nodes)
+                .map(|i| NodeSpec {
+                    name: format!("gpu-{i:04}"),
+                    labels: BTreeMap::from([(
+                        "topology.kubernetes.io/zone".to_string(),
+                        format!("zone-{}", i % 3),
+                    )]),
+                    ram_bytes: ram,
+                    device_bytes: devices.clone(),
+                    disk_bytes_per_second: default_disk(),
+                    ram_to_device_bytes_per_second: default_pcie(),
+                })
+                .collect(),
+        }
+    }
+}
+
+/// splitmix64, for reproducible traces.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+        z ^ (z >> 31)
+    }
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+}
+
+/// Draws model indices with Zipf popularity.
+struct Zipf {
+    cdf: Vec<f64>,
+}
+
+impl Zipf {
+    fn new(n: usize, s: f64) -> Self {
+        let mut acc = 0.0;
+        let mut cdf: Vec<f64> = (1..=n)
+            .map(|k| {
+                acc += 1.0 / (k as f64).powf(s);
+                acc
+            })
+            .collect();
+        for c in &mut cdf {
+            *c /= acc;
+        }
+        Zipf { cdf }
+    }
+    fn sample(&self, rng: &mut Rng) -> usize {
+        let u = rng.unit();
+        self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
+    }
+}
+
+/// One LRU tier of a node's cache model.
+#[derive(Default)]
+struct Lru {
+    budget: u64,
+    used: u64,
+    order: VecDeque<(usize, u64)>,
+}
+
+impl Lru {
+    fn touch(&mut self, m: usize) -> bool {
+        if let Some(p) = self.order.iter().position(|e| e.0 == m) {
+            if let Some(e) = self.order.remove(p) {
+                self.order.push_back(e);
+            }
+            true
+        } else {
+            false
+        }
+    }
+    /// Inserts, evicting LRU entries; returns the evicted models.
+    fn insert(&mut self, m: usize, size: u64) -> Vec<usize> {
+        let mut out = Vec::new();
+        while self.used + size > self.budget {
+            let Some((e, s)) = self.order.pop_front() else {
+                break;
+            };
+            self.used -= s;
+            out.push(e);
+        }
+        if self.used + size <= self.budget {
+            self.order.push_back((m, size));
+            self.used += size;
+        }
+        out
+    }
+}
+
+/// What a simulation measured.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub nodes: usize,
+    pub arrivals: usize,
+    pub requests: usize,
+    pub placements: usize,
+    pub unschedulable: usize,
+    pub reasons: BTreeMap<String, usize>,
+    pub cold_loads: usize,
+    pub ram_moves: usize,
+    pub latency_p50: f64,
+    pub latency_p99: f64,
+    pub decisions_per_second: f64,
+}
+
+/// Runs the workload against the cluster with the real scheduler.
+pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Report {
+    let mut rng = Rng(trace.seed);
+    let zipf = Zipf::new(trace.model_bytes.len().max(1), trace.zipf);
+    let mut nodes: Vec<Node> = cluster
+        .nodes
+        .iter()
+        .map(|n| Node {
+            name: n.name.clone(),
+            labels: n.labels.clone(),
+            taints: Vec::new(),
+            schedulable: true,
+            healthy: true,
+            ram_budget: n.ram_bytes,
+            device_budgets: n.device_bytes.clone(),
+            resident: HashMap::new(),
+            local: None,
+            disk_bps: n.disk_bytes_per_second,
+            ram_to_device_bps: n.ram_to_device_bytes_per_second,
+            serving_bytes: 0,
+        })
+        .collect();
+    let mut caches: Vec<(Lru, Lru)> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                Lru {
+                    budget: n.device_bytes.iter().copied().max().unwrap_or(0),
+                    ..Default::default()
+                },
+                Lru {
+                    budget: n.ram_bytes,
+                    ..Default::default()
+                },
+            )
+        })
+        .collect();
+    let mut active: VecDeque<(Deployment, usize)> = VecDeque::new();
+    let mut report = Report {
+        nodes: nodes.len(),
+        arrivals: trace.arrivals,
+        requests: 0,
+        placements: 0,
+        unschedulable: 0,
+        reasons: BTreeMap::new(),
+        cold_loads: 0,
+        ram_moves: 0,
+        latency_p50: 0.0,
+        latency_p99: 0.0,
+        decisions_per_second: 0.0,
+    };
+    let mut latencies = Vec::new();
+    let mut decide_seconds = 0.0;
+    for a in 0..trace.arrivals {
+        let m = zipf.sample(&mut rng);
+        let size = trace.model_bytes[m];
+        let d = Deployment {
+            key: format!("default/d{a}"),
+            model: format!("models/m{m}"),
+            size,
+            replicas: 1,
+            warm: WarmTier::None,
+            priority: 0,
+            node_selector: BTreeMap::new(),
+            tolerations: Vec::new(),
+            max_per_node: 1,
+            spread_key: None,
+            current: Vec::new(),
+        };
+        let t = Instant::now();
+        let decision = scheduler::plan(&nodes, std::slice::from_ref(&d), opts).remove(0);
+        decide_seconds += t.elapsed().as_secs_f64();
+        if let Some(r) = &decision.reason {
+            report.unschedulable += 1;
+            *report.reasons.entry(r.clone()).or_default() += 1;
+            continue;
+        }
+        let Some(node) = decision
+            .assignments
+            .iter()
+            .find(|x| x.role == PlacementRole::Serving)
+            .and_then(|x| nodes.iter().position(|n| n.name == x.node))
+        else {
+            continue;
+        };
+        report.placements += 1;
+        nodes[node].serving_bytes += size;
+        for _ in 0..trace.requests_per_arrival {
+            report.requests += 1;
+            let n = &nodes[node];
+            let (vram, ram) = &mut caches[node];
+            let latency = if vram.touch(m) {
+                0.0
+            } else {
+                let in_ram = ram.touch(m);
+                let mut l = size as f64 / n.ram_to_device_bps;
+                if in_ram {
+                    report.ram_moves += 1;
+                } else {
+                    report.cold_loads += 1;
+                    l += size as f64 / n.disk_bps;
+                    for e in ram.insert(m, size) {
+                        nodes[node].resident.remove(&format!("models/m{e}"));
+                    }
+                }
+                for e in caches[node].0.insert(m, size) {
+                    // Offloaded from VRAM: still in RAM if the RAM tier holds it.
+                    let tier = if caches[node].1.order.iter().any(|x| x.0 == e) {
+                        Some(Tier::Ram)
+                    } else {
+                        None
+                    };
+                    let key = format!("models/m{e}");
+                    match tier {
+                        Some(t) => nodes[node].resident.insert(key, t),
+                        None => nodes[node].resident.remove(&key),
+                    };
+                }
+                nodes[node]
+                    .resident
+                    .insert(format!("models/m{m}"), Tier::Vram);
+                l
+            };
+            latencies.push(latency);
+        }
+        active.push_back((d, node));
+        if active.len() > trace.active {
+            if let Some((old, n)) = active.pop_front() {
+                nodes[n].serving_bytes = nodes[n].serving_bytes.saturating_sub(old.size);
+            }
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let pct = |p: f64| {
+        latencies
+            .get(((latencies.len().max(1) - 1) as f64 * p) as usize)
+            .copied()
+            .unwrap_or(0.0)
+    };
+    report.latency_p50 = pct(0.5);
+    report.latency_p99 = pct(0.99);
+    report.decisions_per_second = trace.arrivals as f64 / decide_seconds.max(1e-9);
+    report
+}
+
+/// Builds `count` deployments spread over `models` models, for the full-plan benchmark.
+pub fn synthetic_deployments(count: usize, models: usize, seed: u64) -> Vec<Deployment> {
+    let mut rng = Rng(seed);
+    (0..count)
+        .map(|i| {
+            let m = (rng.next() % models as u64) as usize;
+            let warm = match rng.next() % 4 {
+                0 => WarmTier::Vram,
+                1 => WarmTier::Ram,
+                _ => WarmTier::None,
+            };
+            Deployment {
+                key: format!("ns{}/d{i}", i % 50),
+                model: format!("models/m{m}"),
+                size: (2 + (m as u64 % 6)) << 30,
+                replicas: 1 + (rng.next() % 2) as u32,
+                warm,
+                priority: (rng.next() % 3) as i32 - 1,
+                node_selector: BTreeMap::new(),
+                tolerations: Vec::new(),
+                max_per_node: 1,
+                spread_key: (i % 5 == 0).then(|| "topology.kubernetes.io/zone".to_string()),
+                current: Vec::new(),
+            }
+        })
+        .collect()
+}
