@@ -174,8 +174,8 @@ pub struct State<'a> {
     ram_free: Vec<u64>,
     dev_free: Vec<Vec<u64>>,
     reservations: Vec<Vec<Reservation>>,
-    /// (deployment index, node index) → serving replicas there.
-    per_node: HashMap<(usize, usize), u32>,
+    /// Per deployment index: (node index, serving replicas there); a handful each.
+    per_node: HashMap<usize, Vec<(usize, u32)>>,
     /// Bytes of serving replicas per node.
     serving: Vec<u64>,
     opts: Options,
@@ -196,6 +196,23 @@ impl<'a> State<'a> {
             per_node: HashMap::new(),
             serving: nodes.iter().map(|n| n.serving_bytes).collect(),
             opts,
+        }
+    }
+
+    /// Serving replicas of deployment `di` on node `i`.
+    fn replicas_on(&self, di: usize, i: usize) -> u32 {
+        self.per_node
+            .get(&di)
+            .and_then(|v| v.iter().find(|(j, _)| *j == i))
+            .map_or(0, |(_, c)| *c)
+    }
+
+    fn add_replica(&mut self, di: usize, i: usize, delta: i32) {
+        let v = self.per_node.entry(di).or_default();
+        match v.iter_mut().find(|(j, _)| *j == i) {
+            Some((_, c)) => *c = c.saturating_add_signed(delta),
+            None if delta > 0 => v.push((i, delta as u32)),
+            None => {}
         }
     }
 
@@ -303,10 +320,14 @@ impl<'a> State<'a> {
         zones: &HashMap<String, u32>,
     ) -> Result<(usize, Option<usize>), BTreeMap<Reject, u32>> {
         let mut reasons: BTreeMap<Reject, u32> = BTreeMap::new();
-        let mut best: Option<((u32, i64, &str), usize, Option<usize>)> = None;
+        let mine: &[(usize, u32)] = self.per_node.get(&di).map_or(&[], Vec::as_slice);
+        let cap = d.max_per_node.max(1);
+        // (zone count, cost in ms, name) → node index and device.
+        type Ranked<'n> = ((u32, i64, &'n str), usize, Option<usize>);
+        let mut best: Option<Ranked> = None;
         for (i, n) in self.nodes.iter().enumerate() {
             let r = self.static_filter(n, d).and_then(|_| {
-                if self.per_node.get(&(di, i)).copied().unwrap_or(0) >= d.max_per_node.max(1) {
+                if mine.iter().any(|(j, c)| *j == i && *c >= cap) {
                     Err(Reject::PerNodeCap)
                 } else {
                     self.capacity(i, d)
@@ -432,9 +453,7 @@ pub fn plan(nodes: &[Node], deployments: &[Deployment], opts: Options) -> Vec<De
             if !role_ok || st.static_filter(&nodes[i], d).is_err() {
                 continue;
             }
-            if a.role == PlacementRole::Serving
-                && st.per_node.get(&(di, i)).copied().unwrap_or(0) >= d.max_per_node.max(1)
-            {
+            if a.role == PlacementRole::Serving && st.replicas_on(di, i) >= d.max_per_node.max(1) {
                 continue;
             }
             let Ok(device) = st.capacity(i, d) else {
@@ -444,7 +463,7 @@ pub fn plan(nodes: &[Node], deployments: &[Deployment], opts: Options) -> Vec<De
             match a.role {
                 PlacementRole::Serving => {
                     serving += 1;
-                    *st.per_node.entry((di, i)).or_default() += 1;
+                    st.add_replica(di, i, 1);
                     st.serving[i] += d.size;
                 }
                 PlacementRole::Warm => warm += 1,
@@ -478,7 +497,7 @@ pub fn plan(nodes: &[Node], deployments: &[Deployment], opts: Options) -> Vec<De
             match st.pick(di, d, &zones) {
                 Ok((i, device)) => {
                     st.reserve(di, d, i, device);
-                    *st.per_node.entry((di, i)).or_default() += 1;
+                    st.add_replica(di, i, 1);
                     st.serving[i] += d.size;
                     if let Some(z) = d.spread_key.as_ref().and_then(|k| nodes[i].labels.get(k)) {
                         *zones.entry(z.clone()).or_default() += 1;
@@ -532,9 +551,7 @@ fn preempt(
     }
     let mut best: Option<(usize, usize, Vec<usize>)> = None;
     for (i, n) in nodes.iter().enumerate() {
-        if st.static_filter(n, d).is_err()
-            || st.per_node.get(&(di, i)).copied().unwrap_or(0) >= d.max_per_node.max(1)
-        {
+        if st.static_filter(n, d).is_err() || st.replicas_on(di, i) >= d.max_per_node.max(1) {
             continue;
         }
         if matches!(st.capacity(i, d), Err(r) if !r.is_capacity()) || st.capacity(i, d).is_ok() {
@@ -565,9 +582,7 @@ fn preempt(
         {
             let removed = decisions[victim].assignments.remove(pos);
             if removed.role == PlacementRole::Serving {
-                if let Some(c) = st.per_node.get_mut(&(victim, i)) {
-                    *c = c.saturating_sub(1);
-                }
+                st.add_replica(victim, i, -1);
                 st.serving[i] = st.serving[i].saturating_sub(deployments[victim].size);
             }
         }
