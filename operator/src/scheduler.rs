@@ -688,7 +688,11 @@ mod tests {
         let mut b = node("b");
         b.healthy = false;
         let d = dep("ns/x", "m", 1, WarmTier::None);
-        let out = plan(&[a.clone(), b.clone()], &[d.clone()], Options::default());
+        let out = plan(
+            &[a.clone(), b.clone()],
+            std::slice::from_ref(&d),
+            Options::default(),
+        );
         assert_eq!(out[0].reason.as_deref(), Some("0/2 nodes are available: 1 node(s) had untolerated taint, 1 node(s) were not ready (agent lease expired)."));
         let mut tol = d;
         tol.tolerations.push(Toleration {
