@@ -200,7 +200,7 @@ fn load_heap(tensors: &[u64], seed: u64, pins: &mut Vec<Vec<u8>>) -> Vec<HeapTen
     tensors
         .iter()
         .filter_map(|&s| {
-            if rng.next() % 32 == 0 {
+            if rng.next().is_multiple_of(32) {
                 pins.push(vec![0u8; 32 + (rng.next() % 4064) as usize]);
             }
             HeapTensor::new(s, &mut rng)

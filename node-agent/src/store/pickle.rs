@@ -74,8 +74,124 @@ fn check_globals(path: &Path, obj: &Object) -> Result<()> {
     }
 }
 
+/// Most values (nodes) the parsed tree may have; real state dicts have a few per tensor.
+const MAX_PICKLE_NODES: u64 = 10_000_000;
+
+/// Checks, before candle's interpreter runs, that no length prefix points past
+/// the data and that memo references cannot blow the tree up exponentially
+/// (BINGET copies the memoized value). Tracks the size of every stack value in
+/// nodes only; the opcodes are those candle's interpreter understands, and an
+/// unknown one ends the scan (the interpreter then reports it).
+fn precheck(path: &Path, b: &[u8]) -> Result<()> {
+    let too_big = || {
+        bad(
+            path,
+            format!("pickle would build more than {MAX_PICKLE_NODES} values"),
+        )
+    };
+    let mut pos = 0usize;
+    let mut stack: Vec<Option<u64>> = Vec::new(); // None = MARK
+    let mut memo: std::collections::HashMap<u32, u64> = std::collections::HashMap::new();
+    let take = |pos: &mut usize, n: usize| -> Result<&[u8]> {
+        let s = b
+            .get(*pos..pos.saturating_add(n))
+            .ok_or_else(|| bad(path, format!("pickle: truncated at byte {}", *pos)))?;
+        *pos += n;
+        Ok(s)
+    };
+    let pop_to_mark = |stack: &mut Vec<Option<u64>>| -> u64 {
+        let mut total = 1u64;
+        while let Some(Some(n)) = stack.pop() {
+            total = total.saturating_add(n);
+        }
+        total
+    };
+    while pos < b.len() {
+        let op = b[pos];
+        pos += 1;
+        match op {
+            0x80 | b'K' => drop(take(&mut pos, 1)?),
+            b'M' => drop(take(&mut pos, 2)?),
+            b'J' => drop(take(&mut pos, 4)?),
+            b'G' => drop(take(&mut pos, 8)?),
+            b'c' => {
+                for _ in 0..2 {
+                    let rest = &b[pos..];
+                    let nl = rest
+                        .iter()
+                        .position(|&c| c == b'\n')
+                        .ok_or_else(|| bad(path, "pickle: unterminated GLOBAL"))?;
+                    pos += nl + 1;
+                }
+                stack.push(Some(1));
+            }
+            b'X' => {
+                let len =
+                    u32::from_le_bytes(take(&mut pos, 4)?.try_into().unwrap_or([0; 4])) as usize;
+                take(&mut pos, len).map_err(|_| {
+                    bad(
+                        path,
+                        format!("pickle: a {len}-byte string runs past the end of the data"),
+                    )
+                })?;
+                stack.push(Some(1));
+            }
+            0x8a => {
+                let len = take(&mut pos, 1)?[0] as usize;
+                take(&mut pos, len)?;
+                stack.push(Some(1));
+            }
+            b'q' | b'r' => {
+                let id = if op == b'q' {
+                    take(&mut pos, 1)?[0] as u32
+                } else {
+                    u32::from_le_bytes(take(&mut pos, 4)?.try_into().unwrap_or([0; 4]))
+                };
+                memo.insert(id, stack.last().copied().flatten().unwrap_or(1));
+            }
+            b'h' | b'j' => {
+                let id = if op == b'h' {
+                    take(&mut pos, 1)?[0] as u32
+                } else {
+                    u32::from_le_bytes(take(&mut pos, 4)?.try_into().unwrap_or([0; 4]))
+                };
+                stack.push(Some(memo.get(&id).copied().unwrap_or(1)));
+            }
+            b'(' => stack.push(None),
+            b')' | b'N' | 0x88 | 0x89 | b'}' | b'd' | b']' => stack.push(Some(1)),
+            b't' | b'u' | b'e' => {
+                let n = pop_to_mark(&mut stack);
+                if op == b't' {
+                    stack.push(Some(n));
+                } else if let Some(Some(top)) = stack.last_mut() {
+                    *top = top.saturating_add(n);
+                }
+            }
+            0x85..=0x87 | b'R' | b'b' | b'a' | b's' | 0x81 | b'Q' => {
+                let k = match op {
+                    0x85 | b'Q' => 1,
+                    0x86 | b'R' | b'b' | b'a' | 0x81 => 2,
+                    _ => 3,
+                };
+                let mut total = 1u64;
+                for _ in 0..k {
+                    total = total.saturating_add(stack.pop().flatten().unwrap_or(1));
+                }
+                stack.push(Some(total));
+            }
+            b'.' => return Ok(()),
+            _ => return Ok(()),
+        }
+        if stack.last().copied().flatten().unwrap_or(0) > MAX_PICKLE_NODES {
+            return Err(too_big());
+        }
+    }
+    Ok(())
+}
+
 /// Parses the pickle program of an archive into a value tree (no code runs).
 pub fn parse_pickle(path: &Path, bytes: &[u8]) -> Result<Object> {
+    precheck(path, bytes)?;
     let mut stack = Stack::empty();
     let mut cursor = std::io::Cursor::new(bytes);
     stack.read_loop(&mut cursor).map_err(|e| {
