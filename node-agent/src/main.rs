@@ -316,6 +316,12 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve(_)) {
+        // Commands that print (probe | head) end quietly on a closed pipe, like
+        // other Unix tools; the server keeps Rust's default of ignoring SIGPIPE.
+        // SAFETY: setting a signal disposition before any threads are started.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     init_logging(cli.log_format);
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
