@@ -444,7 +444,7 @@ fn bench_pipeline() {
 fn bench_sd15() {
     header("Pipeline: SD-1.5-sized UNet (issue 5)");
     use candle_nn::{VarBuilder, VarMap};
-    use candle_transformers::models::stable_diffusion::unet_2d;
+    use modelcache_agent::pipeline::unet::unet_2d;
     let cfg = pipeline::unet_config(&serde_json::json!({
         "block_out_channels": [320, 640, 1280, 1280], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "attention_head_dim": 8, "cross_attention_dim": 768, "layers_per_block": 2})).unwrap();

@@ -401,11 +401,24 @@ fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiErro
             .map_err(|e| ApiError::invalid(e.to_string()))?,
         None => SchedulerKind::Ddim,
     };
-    if r.loras.as_ref().is_some_and(|l| !l.is_empty()) {
-        return Err(ApiError::invalid(
-            "loras are not supported by this agent version",
-        ));
+    let requested = r.loras.as_deref().unwrap_or_default();
+    if requested.len() > 16 {
+        return Err(ApiError::invalid("at most 16 loras per request"));
     }
+    let loras = requested
+        .iter()
+        .map(|l| {
+            let weight = l.weight.unwrap_or(1.0);
+            if !(-4.0..=4.0).contains(&weight) {
+                return Err(ApiError::invalid(format!(
+                    "lora {:?}: weight must be from -4 to 4",
+                    l.path
+                )));
+            }
+            let path = s.catalog.resolve_file(&l.path).map_err(ApiError::invalid)?;
+            Ok((path.to_string_lossy().into_owned(), weight))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
     if r.seamless
         .as_ref()
         .is_some_and(|v| !v.is_null() && v != &json!(false))
@@ -435,6 +448,7 @@ fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiErro
         n: n as usize,
         latents: None,
         clip_skip: clip_skip as usize,
+        loras,
     })
 }
 

@@ -83,6 +83,36 @@ impl Catalog {
         self.entries.get(name)
     }
 
+    /// A file named relative to the models folder (a LoRA in a request): relative,
+    /// no `..`, inside the folder after resolving symlinks, a safetensors file.
+    pub fn resolve_file(&self, rel: &str) -> Result<PathBuf, String> {
+        let p = Path::new(rel);
+        if rel.is_empty()
+            || p.is_absolute()
+            || p.components()
+                .any(|c| matches!(c, std::path::Component::ParentDir))
+        {
+            return Err(format!(
+                "{rel:?} must be a path relative to the models folder, without '..'"
+            ));
+        }
+        let real = self
+            .root
+            .join(p)
+            .canonicalize()
+            .map_err(|_| format!("{rel:?} does not exist under the models folder"))?;
+        let root = self.root.canonicalize().map_err(|e| e.to_string())?;
+        if !real.starts_with(&root) || !real.is_file() {
+            return Err(format!("{rel:?} is not a file inside the models folder"));
+        }
+        if real.extension().and_then(|e| e.to_str()) != Some("safetensors") {
+            return Err(format!(
+                "{rel:?}: adapters are read from .safetensors files"
+            ));
+        }
+        Ok(real)
+    }
+
     /// The pipeline of a model: single-file checkpoints are converted once into
     /// the state folder (never next to the model), then opened.
     pub fn open(&self, name: &str) -> Result<Arc<DiffusersModel>, PipelineError> {

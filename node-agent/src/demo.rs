@@ -5,10 +5,11 @@
 
 use crate::pipeline::clip::{ClipConfig, ClipTextModel};
 use crate::pipeline::rng::NormalRng;
+use crate::pipeline::unet::unet_2d;
 use crate::pipeline::unet_config;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use candle_transformers::models::stable_diffusion::vae;
 use std::path::{Path, PathBuf};
 
 /// Name of the demo model under the models folder.

@@ -212,9 +212,19 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
 }
 
 fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    if !a.lora.is_empty() {
-        anyhow::bail!("--lora is not supported by this agent version");
-    }
+    let loras = a
+        .lora
+        .iter()
+        .map(|spec| {
+            let (path, weight) = match spec.rsplit_once(':') {
+                Some((p, w)) if w.parse::<f64>().is_ok() => (p, w.parse::<f64>().unwrap_or(1.0)),
+                _ => (spec.as_str(), 1.0),
+            };
+            let path = std::fs::canonicalize(path)
+                .with_context(|| format!("--lora {spec}: {path} not found"))?;
+            Ok((path.to_string_lossy().into_owned(), weight))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let (w, h) = a
         .size
         .split_once('x')
@@ -257,6 +267,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         n: a.n,
         latents,
         clip_skip: a.clip_skip,
+        loras,
     };
     let sizes = store::probe(&dir)?.size_bytes.f32;
     let cache = ModelCache::new(

@@ -42,6 +42,10 @@ impl Agent {
             &fixtures().join("tiny-sd1"),
             &dir.path().join("models/tiny"),
         );
+        copy_dir(
+            &fixtures().join("tiny-sd1-lora"),
+            &dir.path().join("models/loras"),
+        );
         let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
             .args([
                 "--log-format",
@@ -241,6 +245,40 @@ fn error_code(r: &Reply) -> String {
         "OpenAI error shape: {j}"
     );
     j["error"]["code"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn loras_from_the_models_folder_change_the_image() {
+    let agent = Agent::start(&[]);
+    let body = |loras: serde_json::Value| serde_json::json!({"model": "tiny", "prompt": "a red cat", "size": "64x64", "steps": 2, "seed": 9, "loras": loras});
+    let plain = post(&agent.api, body(serde_json::json!([])));
+    let with = post(
+        &agent.api,
+        body(serde_json::json!([{"path": "loras/tiny-sd1-lora.safetensors", "weight": 0.8}])),
+    );
+    assert_eq!(
+        (plain.status, with.status),
+        (200, 200),
+        "{}",
+        String::from_utf8_lossy(&with.body)
+    );
+    assert_ne!(plain.json()["data"][0], with.json()["data"][0]);
+    for (path, weight) in [
+        ("../tiny/unet/diffusion_pytorch_model.safetensors", 1.0),
+        ("/etc/passwd", 1.0),
+        ("loras/missing.safetensors", 1.0),
+        ("loras/tiny-sd1-lora.safetensors", 5.0),
+    ] {
+        let r = post(
+            &agent.api,
+            body(serde_json::json!([{"path": path, "weight": weight}])),
+        );
+        assert_eq!(
+            (r.status, error_code(&r).as_str()),
+            (400, "invalid_value"),
+            "{path}"
+        );
+    }
 }
 
 #[test]

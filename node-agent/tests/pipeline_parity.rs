@@ -50,6 +50,7 @@ fn params(r: &serde_json::Value, latents: Tensor) -> GenerateParams {
         n: 1,
         latents: Some(latents),
         clip_skip: 0,
+        loras: Vec::new(),
     }
 }
 
@@ -149,4 +150,103 @@ fn seeds_reproduce_and_differ_and_cancellation_stops() {
         .unwrap_err()
         .to_string()
         .contains("multiple of 8"));
+}
+
+fn lora_params(weight: f64) -> GenerateParams {
+    let (r, latents, _) = reference();
+    let lora = fixtures()
+        .join("tiny-sd1-lora/tiny-sd1-lora.safetensors")
+        .to_string_lossy()
+        .into_owned();
+    GenerateParams {
+        loras: vec![(lora, weight)],
+        ..params(&r, latents)
+    }
+}
+
+#[test]
+fn kohya_lora_reproduces_diffusers_and_weight_zero_is_the_base_image() {
+    let cache = cache();
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let (want, _) = {
+        let (shape, data) = read_npy(
+            &std::fs::read(fixtures().join("tiny-sd1-lora/reference_image_lora.npy")).unwrap(),
+        )
+        .unwrap();
+        (data, shape)
+    };
+    let img = pipeline::generate(&cache, &model, &lora_params(0.8), &|_, _, _| true).unwrap();
+    let d = max_abs_diff(&img[0].data, &want);
+    assert!(d < 1e-3, "max abs difference {d}");
+    let (r, latents, _) = reference();
+    let base = pipeline::generate(&cache, &model, &params(&r, latents), &|_, _, _| true).unwrap();
+    let zero = pipeline::generate(&cache, &model, &lora_params(0.0), &|_, _, _| true).unwrap();
+    assert_eq!(
+        zero[0], base[0],
+        "weight 0 reproduces the base image exactly"
+    );
+}
+
+#[test]
+fn concurrent_requests_with_and_without_a_lora_never_mix() {
+    let cache = cache();
+    let model = std::sync::Arc::new(DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap());
+    let (r, latents, _) = reference();
+    let base = pipeline::generate(&cache, &model, &params(&r, latents.clone()), &|_, _, _| {
+        true
+    })
+    .unwrap();
+    let with = pipeline::generate(&cache, &model, &lora_params(0.8), &|_, _, _| true).unwrap();
+    let handles: Vec<_> = (0..6)
+        .map(|i| {
+            let (cache, model, latents, r) =
+                (cache.clone(), model.clone(), latents.clone(), r.clone());
+            std::thread::spawn(move || {
+                let p = if i % 2 == 0 {
+                    lora_params(0.8)
+                } else {
+                    params(&r, latents)
+                };
+                (
+                    i,
+                    pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap(),
+                )
+            })
+        })
+        .collect();
+    for h in handles {
+        let (i, img) = h.join().unwrap();
+        assert_eq!(
+            img[0],
+            if i % 2 == 0 {
+                with[0].clone()
+            } else {
+                base[0].clone()
+            },
+            "request {i}"
+        );
+    }
+    // The cached base weights are bit-for-bit the file's.
+    let unet = cache.get_device(&model.component("unet")).unwrap();
+    let index = modelcache_agent::store::open_weights(
+        &fixtures().join("tiny-sd1/unet/diffusion_pytorch_model.safetensors"),
+    )
+    .unwrap();
+    for t in index
+        .tensors
+        .iter()
+        .filter(|t| t.name.contains("attn"))
+        .take(20)
+    {
+        let want = modelcache_agent::store::load::read_bytes(&index, t).unwrap();
+        let got: Vec<u8> = unet.tensors[&t.name]
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        assert_eq!(got, want, "{}", t.name);
+    }
 }

@@ -5,14 +5,16 @@
 
 pub mod clip;
 pub mod image;
+pub mod lora;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
+pub mod unet;
 
 use crate::cache::{CacheError, ModelCache};
 use crate::store::{self, read_json};
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::{unet_2d, vae};
+use candle_transformers::models::stable_diffusion::vae;
 use clip::{ClipConfig, ClipTextModel};
 pub use image::Image;
 use modelcache_crds::{BaseModel, ModelVariant, SchedulerKind};
@@ -20,6 +22,7 @@ use rng::NormalRng;
 use scheduler::{ScheduleConfig, Scheduler};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use unet::unet_2d;
 
 /// Why a generation failed.
 #[derive(Debug, thiserror::Error)]
@@ -221,6 +224,8 @@ pub struct GenerateParams {
     /// Initial latents `[n or 1, C, h/8, w/8]` instead of seeded noise.
     pub latents: Option<Tensor>,
     pub clip_skip: usize,
+    /// LoRA-family adapters (cache keys: safetensors paths) and their weights.
+    pub loras: Vec<(String, f64)>,
 }
 
 impl Default for GenerateParams {
@@ -237,6 +242,7 @@ impl Default for GenerateParams {
             n: 1,
             latents: None,
             clip_skip: 0,
+            loras: Vec::new(),
         }
     }
 }
@@ -259,6 +265,26 @@ fn check_params(p: &GenerateParams) -> Result<(), PipelineError> {
     Ok(())
 }
 
+/// The adapters of a request, locked in the cache's device tier for its duration.
+fn adapters(
+    cache: &ModelCache,
+    p: &GenerateParams,
+) -> Result<Vec<(lora::Adapter, f64)>, PipelineError> {
+    p.loras
+        .iter()
+        .map(|(key, weight)| {
+            let g = cache.get_device(key)?;
+            let a = lora::Adapter::from_tensors(&g.tensors)
+                .map_err(|e| PipelineError::Invalid(format!("{key}: {e}")))?;
+            Ok((a, *weight))
+        })
+        .collect()
+}
+
+fn lora_err(e: lora::LoraError) -> PipelineError {
+    PipelineError::Invalid(e.to_string())
+}
+
 /// Encodes prompt and negative prompt into the UNet context `[2, tokens, dim]`
 /// (negative first), or `[1, …]` without guidance.
 pub fn encode_text(
@@ -267,7 +293,11 @@ pub fn encode_text(
     p: &GenerateParams,
 ) -> Result<Tensor, PipelineError> {
     let te = cache.get_device(&model.component("text_encoder"))?;
-    let encoder = ClipTextModel::new(te.var_builder(), &model.text)?;
+    let adapters = adapters(cache, p)?;
+    let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
+    let vb = lora::var_builder(&te.tensors, te.dtype, &te.device, "lora_te_", &refs)
+        .map_err(lora_err)?;
+    let encoder = ClipTextModel::new(vb, &model.text)?;
     let device = &te.device;
     let ids = |text: &str| -> Result<Tensor, PipelineError> {
         let ids = model
@@ -299,13 +329,11 @@ pub fn generate(
     let unet_guard = cache.get_device(&model.component("unet"))?;
     let device: Device = unet_guard.device.clone();
     let dtype = unet_guard.dtype;
-    let unet = unet_2d::UNet2DConditionModel::new(
-        unet_guard.var_builder(),
-        4,
-        4,
-        false,
-        model.unet.clone(),
-    )?;
+    let adapters = adapters(cache, p)?;
+    let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
+    let vb = lora::var_builder(&unet_guard.tensors, dtype, &device, "lora_unet_", &refs)
+        .map_err(lora_err)?;
+    let unet = unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, model.unet.clone())?;
     let context = context.to_dtype(dtype)?;
     let (lh, lw) = (p.height / 8, p.width / 8);
     let mut latents_out = Vec::with_capacity(p.n);

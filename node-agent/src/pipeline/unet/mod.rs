@@ -1,0 +1,14 @@
+//! The Stable Diffusion UNet, adapted from candle-transformers 0.11.1's
+//! `models::stable_diffusion` (MIT OR Apache-2.0, © the candle authors).
+//!
+//! Kept in the project because the upstream code differs from diffusers where
+//! parity matters: its GEGLU feed-forward uses the tanh approximation of GELU
+//! where diffusers uses the exact (erf) one, which alone puts the tiny fixture
+//! 5e-4 (and with a LoRA 1.6e-3) away from diffusers' image. SDXL's added
+//! time/text embeddings will be added here too.
+
+pub mod attention;
+pub mod embeddings;
+pub mod resnet;
+pub mod unet_2d;
+pub mod unet_2d_blocks;
