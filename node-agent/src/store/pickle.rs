@@ -138,6 +138,12 @@ fn precheck(path: &Path, b: &[u8]) -> Result<()> {
             }
             0x8a => {
                 let len = take(&mut pos, 1)?[0] as usize;
+                if len > 8 {
+                    return Err(bad(
+                        path,
+                        format!("pickle: a {len}-byte integer is larger than 64 bits"),
+                    ));
+                }
                 take(&mut pos, len)?;
                 stack.push(Some(1));
             }
