@@ -255,6 +255,10 @@ impl<'a> State<'a> {
                 .min_by_key(|(j, f)| (**f, *j))
                 .map(|(j, _)| Some(j))
                 .ok_or(Reject::InsufficientVram),
+            // Kept in RAM while idle, but served from a device: it must fit one too.
+            WarmTier::Ram if !n.device_budgets.iter().any(|b| *b >= d.size) => {
+                Err(Reject::InsufficientVram)
+            }
             WarmTier::Ram if self.ram_free[i] >= d.size => Ok(None),
             WarmTier::Ram => Err(Reject::InsufficientRam),
             // On demand: no reservation, but the model must fit one device's budget.
