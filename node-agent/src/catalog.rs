@@ -140,12 +140,6 @@ impl Catalog {
                 reason: e.to_string(),
             })?,
         };
-        if !dir.join("tokenizer").is_dir() {
-            return Err(PipelineError::Model {
-                path: entry.path.clone(),
-                reason: "a single-file checkpoint carries no tokenizer: start the agent with --tokenizer DIR (a CLIP tokenizer folder)".into(),
-            });
-        }
         let model = Arc::new(DiffusersModel::open(&dir)?);
         self.opened
             .lock()

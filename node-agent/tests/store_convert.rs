@@ -268,3 +268,46 @@ fn converted_checkpoints_are_cached_under_the_state_dir() {
         .unwrap();
     assert_eq!(mtime, mtime2, "second call reuses the cache");
 }
+
+#[test]
+fn a_checkpoint_without_a_tokenizer_gets_the_standard_clip_vocabulary() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    // The fixture's architecture, but no tokenizer anywhere: a config folder without one.
+    let cfg = dir.path().join("cfg");
+    for c in ["unet", "vae", "text_encoder", "scheduler"] {
+        std::fs::create_dir_all(cfg.join(c)).unwrap();
+        let name = if c == "scheduler" {
+            "scheduler_config.json"
+        } else {
+            "config.json"
+        };
+        std::fs::copy(
+            f.join("tiny-sd1").join(c).join(name),
+            cfg.join(c).join(name),
+        )
+        .unwrap();
+    }
+    std::fs::copy(
+        f.join("tiny-sd1/model_index.json"),
+        cfg.join("model_index.json"),
+    )
+    .unwrap();
+    let ckpt = dir.path().join("m.safetensors");
+    std::fs::copy(f.join("tiny-sd1-single.safetensors"), &ckpt).unwrap();
+    let out = dir.path().join("out");
+    convert::convert_main(&ConvertRequest {
+        checkpoint: &ckpt,
+        out_dir: &out,
+        config_dir: Some(&cfg),
+        tokenizer_dir: None,
+    })
+    .unwrap();
+    let tok =
+        modelcache_agent::pipeline::tokenizer::ClipTokenizer::load(&out.join("tokenizer"), 77)
+            .unwrap();
+    assert_eq!(
+        &tok.encode("a red cat").unwrap()[..5],
+        &[49406, 320, 736, 2368, 49407]
+    );
+}

@@ -182,6 +182,12 @@ impl DiffusersModel {
         let tokenizer =
             tokenizer::ClipTokenizer::load(&dir.join("tokenizer"), text.max_position_embeddings)
                 .map_err(|e| model_err(dir, e))?;
+        if tokenizer.vocab_size() > text.vocab_size {
+            return Err(model_err(
+                dir,
+                format!("the tokenizer has {} tokens but the text encoder only {}: they do not belong together", tokenizer.vocab_size(), text.vocab_size),
+            ));
+        }
         Ok(DiffusersModel {
             dir: dir.to_path_buf(),
             base,

@@ -932,8 +932,23 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
                         .map(|p| p.join(tok))
                         .filter(|d| d.is_dir())
                 });
-            if let Some(src) = src {
-                copy_dir(&src, &tmp.join(tok))?;
+            let needed = config["model_index"][tok]
+                .as_array()
+                .is_some_and(|a| a.iter().all(|v| !v.is_null()));
+            match src {
+                Some(src) => copy_dir(&src, &tmp.join(tok))?,
+                // A single file carries no tokenizer: use the standard CLIP vocabulary
+                // shipped with the agent (SD 2.x and SDXL's second encoder pad with "!").
+                None if needed => {
+                    let pad = if tok == "tokenizer_2" || base == BaseModel::Sd2 {
+                        "!"
+                    } else {
+                        "<|endoftext|>"
+                    };
+                    crate::pipeline::tokenizer::write_standard_clip(&tmp.join(tok), pad)
+                        .map_err(StoreError::io(tmp.join(tok)))?;
+                }
+                None => {}
             }
         }
         Ok(())
