@@ -430,7 +430,8 @@ struct ServeArgs {
     /// Threads that read a model into the RAM tier.
     #[arg(long, env = "MODELCACHE_LOAD_THREADS", default_value_t = 2)]
     load_threads: usize,
-    /// Tokenizer folder for single-file checkpoints (which carry none).
+    /// Tokenizer folder for single-file checkpoints, which carry none (default: the
+    /// standard CLIP vocabulary shipped with the agent).
     #[arg(long, env = "MODELCACHE_TOKENIZER")]
     tokenizer: Option<PathBuf>,
     /// Write the built-in demo model (tiny, random weights: its images are noise) into the
@@ -476,7 +477,7 @@ struct GenerateArgs {
     /// Architecture of a single-file checkpoint (a diffusers-layout folder).
     #[arg(long)]
     config: Option<PathBuf>,
-    /// Tokenizer folder for a single-file checkpoint.
+    /// Tokenizer folder for a single-file checkpoint (default: the standard CLIP vocabulary).
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Where converted checkpoints are cached.
