@@ -66,6 +66,27 @@ enum Command {
         #[arg(long)]
         tokenizer: Option<PathBuf>,
     },
+    /// Merge 2 or 3 models (single files or diffusers folders) tensor by tensor.
+    Merge {
+        /// Two models, or three for add-difference (θ0 + (θ1 − θ2)·(1 − α)).
+        #[arg(num_args = 2..=3, required = true)]
+        models: Vec<PathBuf>,
+        /// Output: a .safetensors file for single files, a folder for diffusers models.
+        #[arg(long)]
+        out: PathBuf,
+        /// weighted-sum, sigmoid, inv-sigmoid or add-difference.
+        #[arg(long, default_value = "weighted-sum")]
+        method: store::merge::Method,
+        /// Interpolation weight from 0 to 1 (weighted-sum: share of the second model).
+        #[arg(long, default_value_t = 0.5)]
+        alpha: f64,
+        /// Precision of the merged weights.
+        #[arg(long, default_value = "f16")]
+        precision: Precision,
+        /// Merge models of different bases or layouts anyway.
+        #[arg(long)]
+        force: bool,
+    },
     /// Print the SHA-256 content identity of a model (what `model.sha256` pins).
     Hash {
         path: PathBuf,
@@ -110,6 +131,33 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let out = store::convert::convert_main(&req)
                 .with_context(|| format!("converting {}", checkpoint.display()))?;
             println!("wrote {}", out.display());
+        }
+        Command::Merge {
+            models,
+            out,
+            method,
+            alpha,
+            precision,
+            force,
+        } => {
+            let req = store::merge::MergeRequest {
+                inputs: &models,
+                out: &out,
+                method,
+                alpha,
+                precision,
+                force,
+            };
+            let r = store::merge::merge(&req)?;
+            println!(
+                "wrote {}: {} tensors merged, {} copied from the first model",
+                out.display(),
+                r.merged,
+                r.copied
+            );
+            for c in r.skipped_components {
+                println!("component {c}: layouts differ, kept the first model's");
+            }
         }
         Command::Hash { path, state_dir } => {
             println!("{}", store::identity::sha256(&path, state_dir.as_deref())?);

@@ -6,6 +6,7 @@ pub mod error;
 pub mod identity;
 pub mod index;
 pub mod load;
+pub mod merge;
 pub mod pickle;
 pub mod probe;
 pub mod safetensors;
