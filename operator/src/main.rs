@@ -148,33 +148,20 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cluster with a few models resident per node, so the full plan scores residency.
 fn plan_nodes(cluster: &ClusterSpec) -> Vec<Node> {
-    cluster
-        .nodes
-        .iter()
-        .enumerate()
-        .map(|(i, n)| Node {
-            name: n.name.clone(),
-            labels: n.labels.clone(),
-            taints: Vec::new(),
-            schedulable: true,
-            healthy: true,
-            ram_budget: n.ram_bytes,
-            device_budgets: n.device_bytes.clone(),
-            resident: (0..8)
-                .map(|k| {
-                    (
-                        format!("models/m{}", (i * 8 + k) % 200),
-                        modelcache_crds::Tier::Ram,
-                    )
-                })
-                .collect(),
-            local: None,
-            disk_bps: n.disk_bytes_per_second,
-            ram_to_device_bps: n.ram_to_device_bytes_per_second,
-            serving_bytes: 0,
-        })
-        .collect()
+    let mut nodes = cluster.scheduler_nodes();
+    for (i, n) in nodes.iter_mut().enumerate() {
+        n.resident = (0..8)
+            .map(|k| {
+                (
+                    format!("models/m{}", (i * 8 + k) % 200),
+                    modelcache_crds::Tier::Ram,
+                )
+            })
+            .collect();
+    }
+    nodes
 }
 
 fn print_report(title: &str, r: &simulate::Report) {

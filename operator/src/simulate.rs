@@ -55,6 +55,27 @@ pub struct TraceSpec {
 }
 
 impl ClusterSpec {
+    /// The nodes as the scheduler sees them: healthy, schedulable, nothing resident yet.
+    pub fn scheduler_nodes(&self) -> Vec<Node> {
+        self.nodes
+            .iter()
+            .map(|n| Node {
+                name: n.name.clone(),
+                labels: n.labels.clone(),
+                taints: Vec::new(),
+                schedulable: true,
+                healthy: true,
+                ram_budget: n.ram_bytes,
+                device_budgets: n.device_bytes.clone(),
+                resident: HashMap::new(),
+                local: None,
+                disk_bps: n.disk_bytes_per_second,
+                ram_to_device_bps: n.ram_to_device_bytes_per_second,
+                serving_bytes: 0,
+            })
+            .collect()
+    }
+
     pub fn synthetic(nodes: usize, ram: u64, devices: Vec<u64>) -> Self {
         ClusterSpec {
             nodes: (0..nodes)
@@ -172,24 +193,7 @@ pub struct Report {
 pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Report {
     let mut rng = Rng(trace.seed);
     let zipf = Zipf::new(trace.model_bytes.len().max(1), trace.zipf);
-    let mut nodes: Vec<Node> = cluster
-        .nodes
-        .iter()
-        .map(|n| Node {
-            name: n.name.clone(),
-            labels: n.labels.clone(),
-            taints: Vec::new(),
-            schedulable: true,
-            healthy: true,
-            ram_budget: n.ram_bytes,
-            device_budgets: n.device_bytes.clone(),
-            resident: HashMap::new(),
-            local: None,
-            disk_bps: n.disk_bytes_per_second,
-            ram_to_device_bps: n.ram_to_device_bytes_per_second,
-            serving_bytes: 0,
-        })
-        .collect();
+    let mut nodes = cluster.scheduler_nodes();
     let mut caches: Vec<(Lru, Lru)> = cluster
         .nodes
         .iter()
