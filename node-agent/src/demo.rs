@@ -72,19 +72,67 @@ fn save(map: &VarMap, path: &Path) -> std::io::Result<()> {
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o644))
 }
 
+/// Which architecture family a tiny random pipeline imitates.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Tiny {
+    /// SD 1.x: quick-GELU CLIP, convolutional projections, epsilon prediction.
+    Sd1,
+    /// SD 2.x (768-v): GELU text encoder, linear projections, per-block heads, v-prediction.
+    Sd2,
+}
+
+fn configs(variant: Tiny) -> anyhow::Result<[(&'static str, String); 5]> {
+    let mut unet: serde_json::Value = serde_json::from_str(UNET)?;
+    let mut text: serde_json::Value = serde_json::from_str(TEXT)?;
+    let mut sched: serde_json::Value = serde_json::from_str(SCHEDULER)?;
+    if variant == Tiny::Sd2 {
+        unet["use_linear_projection"] = serde_json::json!(true);
+        unet["attention_head_dim"] = serde_json::json!([2, 4, 4, 4]);
+        text["hidden_act"] = serde_json::json!("gelu");
+        sched["prediction_type"] = serde_json::json!("v_prediction");
+    }
+    Ok([
+        ("model_index.json", MODEL_INDEX.to_string()),
+        ("unet/config.json", serde_json::to_string_pretty(&unet)?),
+        ("vae/config.json", VAE.to_string()),
+        (
+            "text_encoder/config.json",
+            serde_json::to_string_pretty(&text)?,
+        ),
+        (
+            "scheduler/scheduler_config.json",
+            serde_json::to_string_pretty(&sched)?,
+        ),
+    ])
+}
+
 /// Writes the demo pipeline to `models_dir/demo` unless it is already there.
 pub fn write_demo(models_dir: &Path) -> anyhow::Result<PathBuf> {
-    let dir = models_dir.join(DEMO_NAME);
+    write_tiny(models_dir, DEMO_NAME, Tiny::Sd1)
+}
+
+/// Writes a tiny random pipeline of `variant`'s architecture to `models_dir/name`.
+pub fn write_tiny(models_dir: &Path, name: &str, variant: Tiny) -> anyhow::Result<PathBuf> {
+    let dir = models_dir.join(name);
     if dir.join("vae/diffusion_pytorch_model.safetensors").exists() {
         return Ok(dir);
     }
-    let tmp = models_dir.join(format!(".{DEMO_NAME}.partial-{}", std::process::id()));
+    let configs = configs(variant)?;
+    let cfg_of = |rel: &str| -> anyhow::Result<serde_json::Value> {
+        let text = configs
+            .iter()
+            .find(|(r, _)| *r == rel)
+            .map(|(_, t)| t.as_str())
+            .unwrap_or("{}");
+        Ok(serde_json::from_str(text)?)
+    };
+    let tmp = models_dir.join(format!(".{name}.partial-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     let mut rng = NormalRng::new(20261129);
     let dev = Device::Cpu;
 
     let unet_map = VarMap::new();
-    let cfg = unet_config(&serde_json::from_str(UNET)?).map_err(anyhow::Error::msg)?;
+    let cfg = unet_config(&cfg_of("unet/config.json")?).map_err(anyhow::Error::msg)?;
     unet_2d::UNet2DConditionModel::new(
         VarBuilder::from_varmap(&unet_map, DType::F32, &dev),
         4,
@@ -129,7 +177,8 @@ pub fn write_demo(models_dir: &Path) -> anyhow::Result<PathBuf> {
     )?;
 
     let text_map = VarMap::new();
-    let tcfg = ClipConfig::from_json(&serde_json::from_str(TEXT)?).map_err(anyhow::Error::msg)?;
+    let tcfg =
+        ClipConfig::from_json(&cfg_of("text_encoder/config.json")?).map_err(anyhow::Error::msg)?;
     ClipTextModel::new(VarBuilder::from_varmap(&text_map, DType::F32, &dev), &tcfg)?;
     reseed(&text_map, &mut rng)?;
     // Embeddings are rows, not matrices with a fan-in: give them CLIP's 0.02 scale.
@@ -149,13 +198,7 @@ pub fn write_demo(models_dir: &Path) -> anyhow::Result<PathBuf> {
     }
     save(&text_map, &tmp.join("text_encoder/model.safetensors"))?;
 
-    for (rel, text) in [
-        ("model_index.json", MODEL_INDEX),
-        ("unet/config.json", UNET),
-        ("vae/config.json", VAE),
-        ("text_encoder/config.json", TEXT),
-        ("scheduler/scheduler_config.json", SCHEDULER),
-    ] {
+    for (rel, text) in &configs {
         let p = tmp.join(rel);
         std::fs::create_dir_all(p.parent().unwrap_or(&tmp))?;
         std::fs::write(p, text)?;
