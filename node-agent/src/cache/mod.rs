@@ -442,18 +442,6 @@ impl ModelCache {
         &self.inner.config
     }
 
-    /// Locks the RAM copy of `key`, loading it if needed.
-    pub fn get_ram(&self, key: &str) -> Result<ModelGuard<RamModel>, CacheError> {
-        self.load_ram(key)
-    }
-
-    /// Locks the device copy of `key`, loading it (through the RAM tier) if needed.
-    /// When the device tier is full, least-recently-used unlocked models are
-    /// offloaded from it (their RAM copies stay, so coming back is a move, not a load).
-    pub fn get_device(&self, key: &str) -> Result<ModelGuard<DeviceModel>, CacheError> {
-        self.load_device(key)
-    }
-
     /// Loads `key` into `tier` and pins it there (warm): never evicted until
     /// [`Self::unpin`] or [`Self::drop_model`].
     pub fn warm(&self, key: &str, tier: TierKind) -> Result<(), CacheError> {
@@ -497,13 +485,16 @@ impl ModelCache {
     }
 
     pub fn stats(&self) -> (TierStats, TierStats) {
-        let mut st = lock(&self.inner.state);
-        let mut ram = st.ram.stats.clone();
-        ram.models = st.ram.entries.len();
-        let dev_models = st.dev.entries.len();
-        let dev = &mut st.dev.stats;
-        dev.models = dev_models;
-        (ram, dev.clone())
+        let st = lock(&self.inner.state);
+        let ram = TierStats {
+            models: st.ram.entries.len(),
+            ..st.ram.stats.clone()
+        };
+        let dev = TierStats {
+            models: st.dev.entries.len(),
+            ..st.dev.stats.clone()
+        };
+        (ram, dev)
     }
 
     /// Every entry of both tiers, most recently used first.
@@ -638,7 +629,8 @@ impl ModelCache {
         }
     }
 
-    fn load_ram(&self, key: &str) -> Result<ModelGuard<RamModel>, CacheError> {
+    /// Locks the RAM copy of `key`, loading it if needed.
+    pub fn get_ram(&self, key: &str) -> Result<ModelGuard<RamModel>, CacheError> {
         let threads = self.inner.config.load_threads;
         self.acquire::<RamModel, RamPlan>(
             key,
@@ -669,7 +661,10 @@ impl ModelCache {
         )
     }
 
-    fn load_device(&self, key: &str) -> Result<ModelGuard<DeviceModel>, CacheError> {
+    /// Locks the device copy of `key`, loading it (through the RAM tier) if needed.
+    /// When the device tier is full, least-recently-used unlocked models are
+    /// offloaded from it (their RAM copies stay, so coming back is a move, not a load).
+    pub fn get_device(&self, key: &str) -> Result<ModelGuard<DeviceModel>, CacheError> {
         let (device, dtype) = (self.inner.config.device.clone(), self.inner.config.dtype);
         self.acquire::<DeviceModel, ModelGuard<RamModel>>(
             key,
