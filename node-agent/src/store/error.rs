@@ -35,11 +35,8 @@ pub enum StoreError {
     },
     #[error("{path}: {reason}")]
     Conversion { path: PathBuf, reason: String },
-    #[error("{path}: {source}")]
-    Candle {
-        path: PathBuf,
-        source: candle_core::Error,
-    },
+    #[error("{path}: {reason}")]
+    Candle { path: PathBuf, reason: String },
 }
 
 impl StoreError {

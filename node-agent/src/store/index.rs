@@ -70,6 +70,33 @@ pub struct TensorIndex {
     pub global_step: Option<i64>,
     pub file_bytes: u64,
     by_name: HashMap<String, usize>,
+    /// candle's reader of a PyTorch archive, parsed once and shared by every tensor read.
+    pub(crate) pickle: PickleReader,
+}
+
+/// Lazily built [`candle_core::pickle::PthTensors`] of a pickle index.
+#[derive(Clone, Default)]
+pub(crate) struct PickleReader(
+    std::sync::OnceLock<std::sync::Arc<candle_core::pickle::PthTensors>>,
+);
+
+impl PickleReader {
+    pub(crate) fn get_or_try_init(
+        &self,
+        f: impl FnOnce() -> candle_core::Result<candle_core::pickle::PthTensors>,
+    ) -> candle_core::Result<std::sync::Arc<candle_core::pickle::PthTensors>> {
+        if let Some(r) = self.0.get() {
+            return Ok(r.clone());
+        }
+        let r = std::sync::Arc::new(f()?);
+        Ok(self.0.get_or_init(|| r).clone())
+    }
+}
+
+impl std::fmt::Debug for PickleReader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PickleReader")
+    }
 }
 
 impl TensorIndex {
@@ -94,6 +121,7 @@ impl TensorIndex {
             global_step,
             file_bytes,
             by_name,
+            pickle: PickleReader::default(),
         }
     }
 

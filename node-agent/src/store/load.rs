@@ -39,15 +39,25 @@ pub fn read_bytes(index: &TensorIndex, meta: &TensorMeta) -> Result<Vec<u8>> {
     }
 }
 
-fn read_pickle_tensor(index: &TensorIndex, meta: &TensorMeta) -> Result<Tensor> {
+/// candle's reader of a pickle archive, parsed once per index.
+fn pickle_reader(index: &TensorIndex) -> Result<std::sync::Arc<candle_core::pickle::PthTensors>> {
     let key = index.metadata.get(PICKLE_KEY).map(String::as_str);
-    let candle_err = |e: candle_core::Error| StoreError::Candle {
-        path: index.path.clone(),
-        source: e,
-    };
-    let pth = candle_core::pickle::PthTensors::new(&index.path, key).map_err(candle_err)?;
-    pth.get(&meta.name)
-        .map_err(candle_err)?
+    index
+        .pickle
+        .get_or_try_init(|| candle_core::pickle::PthTensors::new(&index.path, key))
+        .map_err(|e| StoreError::Candle {
+            path: index.path.clone(),
+            reason: super::error::candle_message(&e),
+        })
+}
+
+fn read_pickle_tensor(index: &TensorIndex, meta: &TensorMeta) -> Result<Tensor> {
+    pickle_reader(index)?
+        .get(&meta.name)
+        .map_err(|e| StoreError::Candle {
+            path: index.path.clone(),
+            reason: super::error::candle_message(&e),
+        })?
         .ok_or_else(|| StoreError::Tensor {
             path: index.path.clone(),
             tensor: meta.name.clone(),
@@ -118,16 +128,7 @@ pub fn load_all(
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::with_capacity(index.tensors.len());
     let pth = match index.format {
-        WeightsFormat::Pickle => Some(
-            candle_core::pickle::PthTensors::new(
-                &index.path,
-                index.metadata.get(PICKLE_KEY).map(String::as_str),
-            )
-            .map_err(|e| StoreError::Candle {
-                path: index.path.clone(),
-                source: e,
-            })?,
-        ),
+        WeightsFormat::Pickle => Some(pickle_reader(index)?),
         WeightsFormat::Safetensors => None,
     };
     let file = std::fs::File::open(&index.path).map_err(StoreError::io(&index.path))?;
