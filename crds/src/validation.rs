@@ -11,6 +11,7 @@
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube_cel::{CompiledSchema, ErrorKind};
 use serde_json::{Map, Value};
+use std::collections::HashMap;
 use std::fmt;
 
 /// One invalid field, formatted like the API server's `field.Error`.
@@ -58,6 +59,7 @@ pub struct CrdValidator {
     group: String,
     schema: Value,
     compiled: CompiledSchema,
+    patterns: Patterns,
 }
 
 impl CrdValidator {
@@ -86,7 +88,8 @@ impl CrdValidator {
             crd: name.clone(),
             source,
         })?;
-        check_patterns(&schema, &name)?;
+        let mut patterns = Patterns::new();
+        compile_patterns(&schema, &name, &mut patterns)?;
         let compiled = kube_cel::compile_schema(&schema);
         if compiled.has_errors() {
             let errors = compiled
@@ -102,6 +105,7 @@ impl CrdValidator {
             group: crd.spec.group.clone(),
             schema,
             compiled,
+            patterns,
         })
     }
 
@@ -121,9 +125,15 @@ impl CrdValidator {
             for k in ["apiVersion", "kind", "metadata"] {
                 body.remove(k);
             }
-            check(&self.schema, &Value::Object(body), "", &mut errors);
+            check(
+                &self.schema,
+                &Value::Object(body),
+                "",
+                &self.patterns,
+                &mut errors,
+            );
         } else {
-            check(&self.schema, &defaulted, "", &mut errors);
+            check(&self.schema, &defaulted, "", &self.patterns, &mut errors);
         }
         if !errors.is_empty() {
             // CEL rules over ill-typed data only add confusing follow-on errors.
@@ -171,19 +181,23 @@ impl CrdValidator {
     }
 }
 
-fn check_patterns(schema: &Value, crd: &str) -> Result<(), SchemaError> {
+/// The schema's `pattern`s, compiled once.
+type Patterns = HashMap<String, regex::Regex>;
+
+fn compile_patterns(schema: &Value, crd: &str, out: &mut Patterns) -> Result<(), SchemaError> {
     match schema {
         Value::Object(map) => {
             if let Some(Value::String(p)) = map.get("pattern") {
-                regex::Regex::new(p).map_err(|source| SchemaError::Pattern {
+                let re = regex::Regex::new(p).map_err(|source| SchemaError::Pattern {
                     crd: crd.into(),
                     pattern: p.clone(),
                     source,
                 })?;
+                out.insert(p.clone(), re);
             }
-            map.values().try_for_each(|v| check_patterns(v, crd))
+            map.values().try_for_each(|v| compile_patterns(v, crd, out))
         }
-        Value::Array(items) => items.iter().try_for_each(|v| check_patterns(v, crd)),
+        Value::Array(items) => items.iter().try_for_each(|v| compile_patterns(v, crd, out)),
         _ => Ok(()),
     }
 }
@@ -226,7 +240,13 @@ fn invalid(errors: &mut Vec<FieldError>, path: &str, value: &Value, detail: Stri
 
 /// The structural part of the API server's validation (k8s.io/apiextensions-apiserver
 /// validation), with its message wording.
-fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>) {
+fn check(
+    schema: &Value,
+    value: &Value,
+    path: &str,
+    patterns: &Patterns,
+    errors: &mut Vec<FieldError>,
+) {
     let Value::Object(s) = schema else { return };
     let shown = if path.is_empty() { "<root>" } else { path };
     if value.is_null() && (s.get("nullable") == Some(&Value::Bool(true)) || s.get("type").is_none())
@@ -325,8 +345,8 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>
             }
         }
         if let Some(Value::String(p)) = s.get("pattern") {
-            // Patterns were compiled once in CrdValidator::new.
-            if let Ok(re) = regex::Regex::new(p) {
+            // Compiled once in CrdValidator::new.
+            if let Some(re) = patterns.get(p) {
                 if !re.is_match(text) {
                     invalid(
                         errors,
@@ -364,12 +384,12 @@ fn check(schema: &Value, value: &Value, path: &str, errors: &mut Vec<FieldError>
         }
         if let Some(item_schema) = s.get("items") {
             for (i, item) in items.iter().enumerate() {
-                check(item_schema, item, &format!("{path}[{i}]"), errors);
+                check(item_schema, item, &format!("{path}[{i}]"), patterns, errors);
             }
         }
     }
     if let Value::Object(fields) = value {
-        check_object(s, fields, path, errors);
+        check_object(s, fields, path, patterns, errors);
     }
 }
 
@@ -377,6 +397,7 @@ fn check_object(
     s: &Map<String, Value>,
     fields: &Map<String, Value>,
     path: &str,
+    patterns: &Patterns,
     errors: &mut Vec<FieldError>,
 ) {
     let props = s.get("properties").and_then(Value::as_object);
@@ -396,9 +417,9 @@ fn check_object(
     for (k, v) in fields {
         let p = join(path, k);
         if let Some(sub) = props.and_then(|m| m.get(k)) {
-            check(sub, v, &p, errors);
+            check(sub, v, &p, patterns, errors);
         } else if let Some(extra) = s.get("additionalProperties").filter(|a| a.is_object()) {
-            check(extra, v, &p, errors);
+            check(extra, v, &p, patterns, errors);
         } else if !preserve
             && (props.is_some() || s.get("additionalProperties") == Some(&Value::Bool(false)))
         {
