@@ -277,14 +277,7 @@ fn bench_cache() {
     let f16 = gib_file(Dtype::F16);
     let key = f16.to_string_lossy().into_owned();
     let bytes = std::fs::metadata(&f16).unwrap().len() as f64;
-    let cfg = |dev: u64| CacheConfig {
-        ram_budget: 3 << 30,
-        device_budget: dev,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        load_threads: 2,
-        trim_on_evict: false,
-    };
+    let cfg = |dev: u64| CacheConfig::cpu(3 << 30, dev);
     let cache = ModelCache::new(cfg(0), Box::new(DiskLoader), None);
     drop(cache.get_ram(&key).unwrap()); // warm page cache
     let mut warm = Vec::new();
@@ -400,14 +393,7 @@ fn bench_cache() {
 }
 
 fn tiny_cache() -> ModelCache {
-    let cfg = CacheConfig {
-        ram_budget: 256 << 20,
-        device_budget: 256 << 20,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        load_threads: 2,
-        trim_on_evict: false,
-    };
+    let cfg = CacheConfig::cpu(256 << 20, 256 << 20);
     ModelCache::new(cfg, Box::new(DiskLoader), None)
 }
 

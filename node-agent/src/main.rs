@@ -166,26 +166,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn cache_config(
-    ram: u64,
-    vram: u64,
-    _precision: Precision,
-    load_threads: usize,
-    trim: bool,
-) -> CacheConfig {
-    // Without the `cuda` feature the device tier is a CPU copy, which computes in f32.
-    CacheConfig {
-        ram_budget: ram,
-        device_budget: vram,
-        device: candle_core::Device::Cpu,
-        dtype: candle_core::DType::F32,
-        load_threads,
-        trim_on_evict: trim,
-    }
-}
-
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (source, threshold) = memory::ensure_mmap_threshold(args.malloc_mmap_threshold);
+    tracing::info!(precision = %args.precision, "requested compute precision; the CPU device computes in f32");
     tracing::info!(?source, threshold, "malloc mmap threshold");
     std::fs::create_dir_all(&args.models_dir)
         .with_context(|| format!("creating {}", args.models_dir.display()))?;
@@ -206,13 +189,11 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     let metrics = AgentMetrics::new()?;
     let cache = ModelCache::new(
-        cache_config(
-            args.ram_cache_bytes,
-            args.vram_cache_bytes,
-            args.precision,
-            args.load_threads,
-            args.malloc_trim_on_evict,
-        ),
+        CacheConfig {
+            load_threads: args.load_threads,
+            trim_on_evict: args.malloc_trim_on_evict,
+            ..CacheConfig::cpu(args.ram_cache_bytes, args.vram_cache_bytes)
+        },
         Box::new(DiskLoader),
         Some(&metrics.registry),
     );
@@ -317,18 +298,15 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         clip_skip: a.clip_skip,
         loras,
     };
-    let sizes = store::probe(&dir)?.size_bytes.f32;
-    let cache = ModelCache::new(
-        cache_config(
-            sizes * 2 + (64 << 20),
-            sizes * 2 + (64 << 20),
-            Precision::F32,
-            2,
-            false,
-        ),
-        Box::new(DiskLoader),
-        None,
-    );
+    // Room for the model's RAM and device copies plus the adapters' device copies.
+    let lora_bytes: u64 = p
+        .loras
+        .iter()
+        .filter_map(|(k, _)| std::fs::metadata(k).ok())
+        .map(|m| m.len() * 2)
+        .sum();
+    let budget = store::probe(&dir)?.size_bytes.f32 * 2 + lora_bytes + (64 << 20);
+    let cache = ModelCache::new(CacheConfig::cpu(budget, budget), Box::new(DiskLoader), None);
     let images = pipeline::generate(&cache, &model, &p, &|i, step, steps| {
         tracing::info!(image = i, step, steps, "denoising");
         true

@@ -1,7 +1,6 @@
 //! The model cache's promises, checked with a controllable loader and, at the
 //! end, with the store's real loader on the fixture models.
 
-use candle_core::{DType, Device};
 use modelcache_agent::cache::region::{Segment, REGION_ALIGN};
 use modelcache_agent::cache::{
     CacheConfig, CacheError, DiskLoader, Loader, ModelCache, RamPlan, RegionTensor, TierKind,
@@ -89,14 +88,7 @@ fn cache_with(loader: Arc<FakeLoader>, ram_regions: u64, dev_bytes: u64) -> Mode
             self.0.plan(key)
         }
     }
-    let config = CacheConfig {
-        ram_budget: ram_regions * R,
-        device_budget: dev_bytes,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        load_threads: 2,
-        trim_on_evict: false,
-    };
+    let config = CacheConfig::cpu(ram_regions * R, dev_bytes);
     ModelCache::new(config, Box::new(Shared(loader)), None)
 }
 
@@ -348,12 +340,8 @@ fn real_loader_on_the_fixture_models() {
         .map(|c| f.join(c).to_string_lossy().into_owned())
         .collect();
     let config = CacheConfig {
-        ram_budget: 6 * R,
-        device_budget: 40 << 20,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        load_threads: 2,
         trim_on_evict: true,
+        ..CacheConfig::cpu(6 * R, 40 << 20)
     };
     let cache = ModelCache::new(config, Box::new(DiskLoader), None);
     for k in &keys {

@@ -1,6 +1,6 @@
 //! Numerical parity with diffusers on the reference fixtures.
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
 use modelcache_agent::store::convert;
@@ -12,14 +12,7 @@ fn fixtures() -> PathBuf {
 }
 
 fn cache() -> ModelCache {
-    let config = CacheConfig {
-        ram_budget: 64 << 20,
-        device_budget: 64 << 20,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        load_threads: 2,
-        trim_on_evict: false,
-    };
+    let config = CacheConfig::cpu(64 << 20, 64 << 20);
     ModelCache::new(config, Box::new(DiskLoader), None)
 }
 

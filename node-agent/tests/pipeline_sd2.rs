@@ -3,7 +3,6 @@
 //! There is no diffusers reference for SD 2.x here (it needs PyTorch), so this
 //! checks behaviour, not parity: probing, determinism, valid images.
 
-use candle_core::{DType, Device};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::demo::{write_tiny, Tiny};
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
@@ -23,14 +22,7 @@ fn tiny_sd2_probes_as_sd2_and_generates_deterministically() {
         "{:?}",
         probe.evidence
     );
-    let config = CacheConfig {
-        ram_budget: 64 << 20,
-        device_budget: 64 << 20,
-        device: Device::Cpu,
-        dtype: DType::F32,
-        load_threads: 2,
-        trim_on_evict: false,
-    };
+    let config = CacheConfig::cpu(64 << 20, 64 << 20);
     let cache = ModelCache::new(config, Box::new(DiskLoader), None);
     let model = DiffusersModel::open(&model_dir).unwrap();
     for scheduler in [

@@ -233,14 +233,7 @@ fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
                 ..p
             })
             .map_err(|e| e.to_string())?;
-            let config = CacheConfig {
-                ram_budget: p.budget,
-                device_budget: 0,
-                device: candle_core::Device::Cpu,
-                dtype: candle_core::DType::F32,
-                load_threads: 2,
-                trim_on_evict: false,
-            };
+            let config = CacheConfig::cpu(p.budget, 0);
             let cache = ModelCache::new(
                 config,
                 Box::new(SharedFile {

@@ -99,6 +99,21 @@ pub struct CacheConfig {
     pub trim_on_evict: bool,
 }
 
+impl CacheConfig {
+    /// Budgets on the CPU device, which computes in f32 (the device tier is then a
+    /// second budgeted copy in RAM); 2 loader threads, no trim after evictions.
+    pub fn cpu(ram_budget: u64, device_budget: u64) -> Self {
+        CacheConfig {
+            ram_budget,
+            device_budget,
+            device: Device::Cpu,
+            dtype: DType::F32,
+            load_threads: 2,
+            trim_on_evict: false,
+        }
+    }
+}
+
 /// Counters and gauges of one tier.
 #[derive(Debug, Clone, Default, PartialEq)]
 pub struct TierStats {
