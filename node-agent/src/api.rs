@@ -605,7 +605,8 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response 
         .catalog
         .entries()
         .map(|e| {
-            let unet = e.path.join("unet").to_string_lossy().into_owned();
+            // Opened models know their UNet's cache key (converted checkpoints live in the state folder).
+            let unet = s.catalog.opened_component(&e.name, "unet").unwrap_or_default();
             let tier = if resident.iter().any(|r| r.key == unet && r.tier == TierKind::Device) {
                 "vram"
             } else if resident.iter().any(|r| r.key == unet && r.tier == TierKind::Ram) {

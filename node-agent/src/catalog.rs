@@ -83,6 +83,15 @@ impl Catalog {
         self.entries.get(name)
     }
 
+    /// Cache key of a component of a model that has been opened, if it has.
+    pub fn opened_component(&self, name: &str, component: &str) -> Option<String> {
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .map(|m| m.component(component))
+    }
+
     /// A file named relative to the models folder (a LoRA in a request): relative,
     /// no `..`, inside the folder after resolving symlinks, a safetensors file.
     pub fn resolve_file(&self, rel: &str) -> Result<PathBuf, String> {
