@@ -222,6 +222,10 @@ pub struct LocalModel {
     pub file_bytes: i64,
     /// Number of tensors.
     pub tensor_count: i64,
+    /// Number of weight elements: with a deployment's precision it gives the model's size in
+    /// memory (the operator falls back to fileBytes when absent).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parameter_count: Option<i64>,
     /// SHA-256 of the content, once computed.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sha256: Option<String>,

@@ -4,9 +4,10 @@ use anyhow::Context;
 use clap::{Parser, Subcommand};
 use modelcache_operator::scheduler::{self, Node, Options, Strategy};
 use modelcache_operator::simulate::{self, ClusterSpec, TraceSpec};
+use modelcache_operator::{controller, daemon};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 #[derive(Parser)]
 #[command(
@@ -15,15 +16,73 @@ use std::time::Instant;
     about = "modelcache operator: places ModelDeployments on GPU nodes"
 )]
 struct Cli {
+    /// Log format: text for people, json for log collectors.
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value = "text",
+        env = "MODELCACHE_LOG_FORMAT"
+    )]
+    log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
 }
 
+#[derive(Clone, Copy, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
 #[derive(Subcommand)]
 enum Command {
+    /// Run the operator in a cluster (in-cluster config, or KUBECONFIG): reconcile
+    /// ModelDeployments, schedule them onto node agents, and route to them.
+    Run(RunArgs),
     /// Run the real scheduler on a described cluster and request trace, without a
     /// cluster, and print placement quality and timing (capacity planning).
     Simulate(SimulateArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    /// Namespace of the agents' node Leases and of the leader-election Lease.
+    #[arg(long, env = "POD_NAMESPACE", default_value = "modelcache")]
+    namespace: String,
+    /// Where /metrics is served.
+    #[arg(
+        long,
+        env = "MODELCACHE_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    metrics_listen: std::net::SocketAddr,
+    /// Where /healthz and /readyz are served.
+    #[arg(long, env = "MODELCACHE_HEALTH_LISTEN", default_value = "0.0.0.0:8081")]
+    health_listen: std::net::SocketAddr,
+    /// Elect a leader through a Lease, so that several replicas can run.
+    #[arg(long, env = "MODELCACHE_LEADER_ELECT")]
+    leader_elect: bool,
+    /// Leader Lease duration: how long a dead leader blocks a takeover.
+    #[arg(long, env = "MODELCACHE_LEADER_LEASE_SECONDS", default_value_t = 15)]
+    leader_lease_seconds: u64,
+    /// A node whose agent Lease is older than this is not scheduled to, and its
+    /// placements move elsewhere.
+    #[arg(
+        long,
+        env = "MODELCACHE_NODE_LEASE_EXPIRY_SECONDS",
+        default_value_t = 40
+    )]
+    node_lease_expiry_seconds: u64,
+    /// Re-reconcile every deployment this often to repair drift.
+    #[arg(long, env = "MODELCACHE_RESYNC_SECONDS", default_value_t = 300)]
+    resync_seconds: u64,
+    /// Prefer fuller nodes (keeping others free for big models) instead of spreading.
+    #[arg(long, env = "MODELCACHE_BIN_PACK")]
+    bin_pack: bool,
+    /// Leader identity and Event reporter instance (the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
 }
 
 #[derive(clap::Args)]
@@ -187,9 +246,55 @@ fn print_report(title: &str, r: &simulate::Report) {
     );
 }
 
+fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
+    let identity = a.identity.unwrap_or_else(|| {
+        let host = std::env::var("HOSTNAME").unwrap_or_else(|_| "operator".into());
+        format!("{host}-{}", std::process::id())
+    });
+    let settings = daemon::Settings {
+        namespace: a.namespace,
+        metrics_listen: a.metrics_listen,
+        health_listen: a.health_listen,
+        leader_elect: a.leader_elect,
+        leader_lease: Duration::from_secs(a.leader_lease_seconds.max(3)),
+        identity,
+        controller: controller::Config {
+            lease_expiry: Duration::from_secs(a.node_lease_expiry_seconds.max(1)),
+            options: Options {
+                locality: true,
+                strategy: if a.bin_pack {
+                    Strategy::BinPack
+                } else {
+                    Strategy::Spread
+                },
+            },
+            resync: Duration::from_secs(a.resync_seconds.max(1)),
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(daemon::run(settings))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    init_logging(cli.log_format);
     let result = match cli.command {
+        Command::Run(a) => run_cmd(a),
         Command::Simulate(a) => simulate_cmd(a),
     };
     match result {

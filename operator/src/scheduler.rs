@@ -96,6 +96,9 @@ pub struct Decision {
     pub unplaced: u32,
     /// kube-scheduler style summary, when replicas are unplaced.
     pub reason: Option<String>,
+    /// The most common rejection in PascalCase (`InsufficientVram`, …), for the
+    /// `Scheduled` condition's reason and the unschedulable metric's label.
+    pub reason_code: Option<&'static str>,
     /// Deployments whose warm reservations this one preempted.
     pub preempted: Vec<String>,
     /// Set when this deployment lost placements to a higher-priority one.
@@ -151,6 +154,19 @@ impl Reject {
             Reject::InsufficientRam => "Insufficient RAM",
             Reject::InsufficientVram => "Insufficient VRAM",
             Reject::PerNodeCap => "node(s) already had maxReplicasPerNode replicas",
+        }
+    }
+
+    fn code(self) -> &'static str {
+        match self {
+            Reject::NotReady => "NodeNotReady",
+            Reject::Unschedulable => "NodeUnschedulable",
+            Reject::Selector => "NodeSelectorMismatch",
+            Reject::Taint => "UntoleratedTaint",
+            Reject::NoModel => "ModelNotOnNode",
+            Reject::InsufficientRam => "InsufficientRam",
+            Reject::InsufficientVram => "InsufficientVram",
+            Reject::PerNodeCap => "MaxReplicasPerNode",
         }
     }
 
@@ -413,8 +429,39 @@ fn reason_summary(total: usize, reasons: &BTreeMap<Reject, u32>) -> String {
     format!("0/{total} nodes are available: {list}.")
 }
 
+/// The rejection that filtered out the most nodes (first in declaration order on ties).
+fn dominant(reasons: &BTreeMap<Reject, u32>) -> Option<&'static str> {
+    reasons
+        .iter()
+        .max_by(|a, b| a.1.cmp(b.1).then(b.0.cmp(a.0)))
+        .map(|(r, _)| r.code())
+}
+
 /// Plans every deployment. Deterministic for the same input.
 pub fn plan(nodes: &[Node], deployments: &[Deployment], opts: Options) -> Vec<Decision> {
+    plan_phases(nodes, deployments, None, opts)
+}
+
+/// Decides one deployment (index `target`) incrementally, as the controller does
+/// on each reconcile: every deployment's feasible current placements are kept
+/// first (highest priority first, so they hold their capacity), then only the
+/// target's missing replicas are placed, preempting lower priorities if needed.
+/// Other deployments' decisions show what the target preempted.
+pub fn plan_for(
+    nodes: &[Node],
+    deployments: &[Deployment],
+    target: usize,
+    opts: Options,
+) -> Vec<Decision> {
+    plan_phases(nodes, deployments, Some(target), opts)
+}
+
+fn plan_phases(
+    nodes: &[Node],
+    deployments: &[Deployment],
+    only: Option<usize>,
+    opts: Options,
+) -> Vec<Decision> {
     let index: HashMap<&str, usize> = nodes
         .iter()
         .enumerate()
@@ -435,6 +482,7 @@ pub fn plan(nodes: &[Node], deployments: &[Deployment], opts: Options) -> Vec<De
             assignments: Vec::new(),
             unplaced: 0,
             reason: None,
+            reason_code: None,
             preempted: Vec::new(),
             preempted_by: None,
         })
@@ -479,6 +527,9 @@ pub fn plan(nodes: &[Node], deployments: &[Deployment], opts: Options) -> Vec<De
     // Phase 2: place what is missing, highest priority first, preempting lower
     // priorities' warm reservations when only capacity is short.
     for &di in &order {
+        if only.is_some_and(|t| t != di) {
+            continue;
+        }
         let d = &deployments[di];
         let mut zones: HashMap<String, u32> = HashMap::new();
         if let Some(k) = &d.spread_key {
@@ -518,6 +569,7 @@ pub fn plan(nodes: &[Node], deployments: &[Deployment], opts: Options) -> Vec<De
                     }
                     decisions[di].unplaced = missing;
                     decisions[di].reason = Some(reason_summary(nodes.len(), &reasons));
+                    decisions[di].reason_code = dominant(&reasons);
                     break;
                 }
             }

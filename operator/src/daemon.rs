@@ -1,0 +1,244 @@
+//! `modelcache-operator run`: connects to the cluster, serves health and
+//! metrics, waits for leadership, and runs the controller until a signal.
+
+use crate::controller::{self, Config, Context, Stores};
+use crate::leader::LeaderElector;
+use crate::metrics::{ClusterCollector, Metrics};
+use anyhow::Context as _;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::get;
+use axum::Router;
+use futures::{FutureExt, StreamExt};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::SignedDuration;
+use kube::runtime::events::{Recorder, Reporter};
+use kube::runtime::reflector::{self, reflector};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client};
+use modelcache_crds::{ModelDeployment, ModelNode, OPERATOR_MANAGER};
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Name of the leader-election Lease in the operator's namespace.
+pub const LEADER_LEASE: &str = "modelcache-operator-leader";
+
+pub struct Settings {
+    pub namespace: String,
+    pub metrics_listen: SocketAddr,
+    pub health_listen: SocketAddr,
+    pub leader_elect: bool,
+    pub leader_lease: Duration,
+    /// Pod name: the leader identity and the Events' reporting instance.
+    pub identity: String,
+    pub controller: Config,
+}
+
+#[derive(Clone)]
+struct Health {
+    ready: Arc<AtomicBool>,
+    metrics: Metrics,
+}
+
+async fn serve(addr: SocketAddr, router: Router) -> anyhow::Result<()> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding {addr}"))?;
+    tracing::info!(%addr, "listening");
+    axum::serve(listener, router)
+        .await
+        .with_context(|| format!("serving {addr}"))
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+}
+
+pub async fn run(settings: Settings) -> anyhow::Result<()> {
+    let client = Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let metrics = Metrics::new().context("registering metrics")?;
+    let health = Health {
+        ready: Arc::new(AtomicBool::new(false)),
+        metrics: metrics.clone(),
+    };
+    let health_router = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(|State(h): State<Health>| async move {
+                if h.ready.load(Ordering::Relaxed) {
+                    (StatusCode::OK, "ok")
+                } else {
+                    (StatusCode::SERVICE_UNAVAILABLE, "caches not synced")
+                }
+            }),
+        )
+        .with_state(health.clone());
+    let metrics_router = Router::new()
+        .route(
+            "/metrics",
+            get(|State(h): State<Health>| async move {
+                (
+                    [("content-type", "text/plain; version=0.0.4")],
+                    h.metrics.render(),
+                )
+            }),
+        )
+        .with_state(health.clone());
+    tokio::spawn(log_exit(serve(settings.health_listen, health_router)));
+    tokio::spawn(log_exit(serve(settings.metrics_listen, metrics_router)));
+
+    let elector = settings.leader_elect.then(|| {
+        Arc::new(LeaderElector::new(
+            Api::namespaced(client.clone(), &settings.namespace),
+            LEADER_LEASE,
+            &settings.identity,
+            settings.leader_lease,
+        ))
+    });
+    if let Some(e) = &elector {
+        // A standby is healthy and ready: it is doing what it should.
+        health.ready.store(true, Ordering::Relaxed);
+        tokio::select! {
+            _ = e.acquire() => {}
+            _ = shutdown_signal() => return Ok(()),
+        }
+        health.ready.store(false, Ordering::Relaxed);
+    }
+
+    let wc = watcher::Config::default();
+    let (md_reader, md_writer) = reflector::store();
+    let (mn_reader, mn_writer) = reflector::store();
+    let (node_reader, node_writer) = reflector::store();
+    let (lease_reader, lease_writer) = reflector::store();
+    let deployments = reflector(
+        md_writer,
+        watcher(Api::<ModelDeployment>::all(client.clone()), wc.clone()),
+    )
+    .default_backoff()
+    .applied_objects();
+    let model_nodes = reflector(
+        mn_writer,
+        watcher(Api::<ModelNode>::all(client.clone()), wc.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let nodes = reflector(
+        node_writer,
+        watcher(Api::<Node>::all(client.clone()), wc.clone()),
+    )
+    .default_backoff()
+    .touched_objects();
+    let leases = reflector(
+        lease_writer,
+        watcher(
+            Api::<Lease>::namespaced(client.clone(), &settings.namespace),
+            wc,
+        ),
+    )
+    .default_backoff()
+    .touched_objects();
+    tokio::spawn(leases.for_each(|_| std::future::ready(())));
+
+    let stores = Stores {
+        deployments: md_reader.clone(),
+        model_nodes: mn_reader.clone(),
+        nodes: node_reader.clone(),
+        leases: lease_reader.clone(),
+    };
+    let expiry = settings.controller.lease_expiry;
+    metrics
+        .register_cluster(ClusterCollector::new(
+            md_reader.clone(),
+            mn_reader.clone(),
+            node_reader.clone(),
+            lease_reader.clone(),
+            SignedDuration::try_from(expiry).unwrap_or(SignedDuration::MAX),
+        )?)
+        .context("registering cluster metrics")?;
+    let reporter = Reporter {
+        controller: OPERATOR_MANAGER.into(),
+        instance: Some(settings.identity.clone()),
+    };
+    let recorder = Recorder::new(client.clone(), reporter);
+    let (ctx, requeues) = Context::new(client, stores, settings.controller, metrics, recorder);
+    tokio::spawn(controller::watch_node_states(
+        ctx.clone(),
+        (expiry / 8).max(Duration::from_millis(500)),
+    ));
+    {
+        let ready = health.ready.clone();
+        let (a, b, c, d) = (md_reader, mn_reader, node_reader, lease_reader);
+        tokio::spawn(async move {
+            let synced = a.wait_until_ready().await.is_ok()
+                && b.wait_until_ready().await.is_ok()
+                && c.wait_until_ready().await.is_ok()
+                && d.wait_until_ready().await.is_ok();
+            if synced {
+                tracing::info!("caches synced");
+                ready.store(true, Ordering::Relaxed);
+            }
+        });
+    }
+
+    // Stop on a signal, or when leadership is lost (then exit non-zero so the
+    // pod restarts as a candidate instead of acting on stale leadership).
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let lost = Arc::new(AtomicBool::new(false));
+    {
+        let (lost, elector) = (lost.clone(), elector.clone());
+        tokio::spawn(async move {
+            match elector {
+                Some(e) => tokio::select! {
+                    _ = e.hold() => lost.store(true, Ordering::Relaxed),
+                    _ = shutdown_signal() => {}
+                },
+                None => shutdown_signal().await,
+            }
+            let _ = stop_tx.send(());
+        });
+    }
+    controller::controller(
+        ctx,
+        deployments,
+        model_nodes,
+        nodes,
+        requeues,
+        stop_rx.map(|_| ()),
+    )
+    .for_each(|_| std::future::ready(()))
+    .await;
+    if lost.load(Ordering::Relaxed) {
+        anyhow::bail!("lost leadership; exiting so that the pod restarts as a candidate");
+    }
+    if let Some(e) = elector {
+        // After the last reconcile, so the standby takes over at once.
+        e.release().await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+async fn log_exit(f: impl std::future::Future<Output = anyhow::Result<()>>) {
+    if let Err(e) = f.await {
+        tracing::error!(error = format!("{e:#}"), "server stopped");
+        std::process::exit(1);
+    }
+}

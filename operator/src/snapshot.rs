@@ -1,0 +1,441 @@
+//! Turns what the API server holds (Nodes, ModelNodes, Leases, ModelDeployments)
+//! into the scheduler's plain inputs, and resolves a deployment's model from the
+//! agents' reports. Pure functions: the controller passes reflector snapshots in.
+
+use crate::scheduler::{self, Assignment, Taint, Toleration};
+use k8s_openapi::api::coordination::v1::Lease;
+use k8s_openapi::api::core::v1::Node;
+use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::ResourceExt;
+use modelcache_crds::{
+    node_lease_name, LocalModel, ModelDeployment, ModelFormat, ModelInfo, ModelNode, ModelType,
+    ModelVariant, Tier,
+};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+
+/// Bandwidths assumed until an agent has measured its own (ARCHITECTURE §3).
+const DEFAULT_DISK_BPS: f64 = 1e9;
+const DEFAULT_RAM_TO_DEVICE_BPS: f64 = 10e9;
+
+/// The `modelcache_nodes{state}` classification of an agent's node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum NodeState {
+    Ready,
+    /// Lease expired or ModelNode not Ready: nothing is scheduled there.
+    Stale,
+    /// `spec.unschedulable` (kubectl cordon).
+    Cordoned,
+}
+
+impl NodeState {
+    pub fn label(self) -> &'static str {
+        match self {
+            NodeState::Ready => "ready",
+            NodeState::Stale => "stale",
+            NodeState::Cordoned => "cordoned",
+        }
+    }
+}
+
+/// Everything the controller reads, at one moment.
+pub struct Cluster<'a> {
+    pub model_nodes: &'a [Arc<ModelNode>],
+    pub nodes: &'a [Arc<Node>],
+    /// Leases in the operator's namespace.
+    pub leases: &'a [Arc<Lease>],
+    pub now: Timestamp,
+    pub lease_expiry: SignedDuration,
+}
+
+impl Cluster<'_> {
+    fn lease(&self, node: &str) -> Option<&Lease> {
+        let name = node_lease_name(node);
+        self.leases
+            .iter()
+            .find(|l| l.name_any() == name)
+            .map(|l| l.as_ref())
+    }
+
+    fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes
+            .iter()
+            .find(|n| n.name_any() == name)
+            .map(|n| n.as_ref())
+    }
+
+    /// Whether the agent's Lease was renewed within the expiry window.
+    pub fn lease_fresh(&self, node: &str) -> bool {
+        let Some(spec) = self.lease(node).and_then(|l| l.spec.as_ref()) else {
+            return false;
+        };
+        let Some(renewed) = spec
+            .renew_time
+            .as_ref()
+            .or(spec.acquire_time.as_ref())
+            .map(|t| t.0)
+        else {
+            return false;
+        };
+        self.now.duration_since(renewed) <= self.lease_expiry
+    }
+
+    /// Ready, Stale or Cordoned, for the scheduler and the nodes metric.
+    pub fn state(&self, mn: &ModelNode) -> NodeState {
+        let name = mn.name_any();
+        let ready = mn
+            .status
+            .as_ref()
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .is_some_and(|c| c.status == "True");
+        if !ready || !self.lease_fresh(&name) {
+            NodeState::Stale
+        } else if self
+            .node(&name)
+            .and_then(|n| n.spec.as_ref())
+            .and_then(|s| s.unschedulable)
+            .unwrap_or(false)
+        {
+            NodeState::Cordoned
+        } else {
+            NodeState::Ready
+        }
+    }
+
+    /// The scheduler's view of every agent. A ModelNode without a Kubernetes
+    /// Node (deleted, or an emulated cluster) has no labels or taints.
+    pub fn scheduler_nodes(&self, model: Option<&ResolvedModel>) -> Vec<scheduler::Node> {
+        let mut out: Vec<scheduler::Node> = self
+            .model_nodes
+            .iter()
+            .map(|mn| self.scheduler_node(mn, model))
+            .collect();
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        out
+    }
+
+    fn scheduler_node(&self, mn: &ModelNode, model: Option<&ResolvedModel>) -> scheduler::Node {
+        let name = mn.name_any();
+        let state = self.state(mn);
+        let node = self.node(&name);
+        let status = mn.status.clone().unwrap_or_default();
+        let cache = status.cache.clone().unwrap_or_default();
+        let labels = node.map(|n| n.labels().clone()).unwrap_or_default();
+        let taints = node
+            .and_then(|n| n.spec.as_ref())
+            .and_then(|s| s.taints.as_ref())
+            .map(|ts| {
+                ts.iter()
+                    .map(|t| Taint {
+                        key: t.key.clone(),
+                        value: t.value.clone().unwrap_or_default(),
+                        effect: t.effect.clone(),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        let mut resident: HashMap<String, Tier> = HashMap::new();
+        for m in &status.models {
+            let best = resident.entry(m.path.clone()).or_insert(m.tier);
+            if rank(m.tier) > rank(*best) {
+                *best = m.tier;
+            }
+        }
+        // A copy whose hash differs from the pinned one does not count as the model.
+        let local = (!status.local_models_truncated).then(|| {
+            status
+                .local_models
+                .iter()
+                .filter(|l| model.is_none_or(|m| m.accepts(l)))
+                .map(|l| l.path.clone())
+                .collect::<HashSet<_>>()
+        });
+        scheduler::Node {
+            name,
+            labels,
+            taints,
+            schedulable: state != NodeState::Cordoned,
+            healthy: state != NodeState::Stale,
+            ram_budget: cache.ram_capacity_bytes.max(0) as u64,
+            device_budgets: status
+                .devices
+                .iter()
+                .map(|d| d.cache_budget_bytes.max(0) as u64)
+                .filter(|b| *b > 0)
+                .collect(),
+            resident,
+            local,
+            disk_bps: positive_or(cache.disk_read_bytes_per_second, DEFAULT_DISK_BPS),
+            ram_to_device_bps: positive_or(
+                cache.ram_to_device_bytes_per_second,
+                DEFAULT_RAM_TO_DEVICE_BPS,
+            ),
+            serving_bytes: 0,
+        }
+    }
+}
+
+fn rank(t: Tier) -> u8 {
+    match t {
+        Tier::Disk => 0,
+        Tier::Ram => 1,
+        Tier::Vram => 2,
+    }
+}
+
+fn positive_or(v: i64, default: f64) -> f64 {
+    if v > 0 {
+        v as f64
+    } else {
+        default
+    }
+}
+
+/// `namespace/name` of a deployment: the key agents report placements under.
+pub fn key(md: &ModelDeployment) -> String {
+    format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())
+}
+
+/// The scheduler's view of a deployment. `size` comes from the resolved model
+/// (the target) or from the last status (others).
+pub fn scheduler_deployment(md: &ModelDeployment, size: u64) -> scheduler::Deployment {
+    let spec = &md.spec;
+    scheduler::Deployment {
+        key: key(md),
+        model: normalize(&spec.model.path),
+        size,
+        replicas: spec.replicas.max(0) as u32,
+        warm: spec.warm_tier,
+        priority: spec.priority,
+        node_selector: spec.placement.node_selector.clone(),
+        tolerations: spec
+            .placement
+            .tolerations
+            .iter()
+            .map(|t| Toleration {
+                key: t.key.clone().unwrap_or_default(),
+                operator: t.operator.clone().unwrap_or_else(|| "Equal".into()),
+                value: t.value.clone().unwrap_or_default(),
+                effect: t.effect.clone().unwrap_or_default(),
+            })
+            .collect(),
+        max_per_node: spec.placement.max_replicas_per_node.max(1) as u32,
+        spread_key: spec.placement.spread_topology_key.clone(),
+        current: md
+            .status
+            .as_ref()
+            .map(|s| {
+                s.placements
+                    .iter()
+                    .map(|p| Assignment {
+                        node: p.node.clone(),
+                        role: p.role,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default(),
+    }
+}
+
+/// A model path as agents report it: no leading `./`, no trailing `/`.
+pub fn normalize(path: &str) -> String {
+    path.trim_start_matches("./")
+        .trim_end_matches('/')
+        .to_string()
+}
+
+/// A deployment's model as found in the agents' reports.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ResolvedModel {
+    pub path: String,
+    pub info: ModelInfo,
+    pub sha256: Option<String>,
+    /// Nodes that report the model.
+    pub nodes: Vec<String>,
+}
+
+impl ResolvedModel {
+    /// Whether a node's local model counts: other paths always do; a copy of this
+    /// path only when its hash matches a pinned one (or is not known yet).
+    fn accepts(&self, l: &LocalModel) -> bool {
+        l.path != self.path
+            || match (&self.sha256, &l.sha256) {
+                (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+                _ => true,
+            }
+    }
+}
+
+/// Why a model could not be resolved: the `Resolved` condition's reason and message.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Unresolved {
+    /// `False` or `Unknown`.
+    pub status: &'static str,
+    pub reason: &'static str,
+    pub message: String,
+}
+
+/// Finds `md`'s model in the ModelNodes' local-model reports.
+pub fn resolve(
+    md: &ModelDeployment,
+    model_nodes: &[Arc<ModelNode>],
+) -> Result<ResolvedModel, Unresolved> {
+    let path = normalize(&md.spec.model.path);
+    let want_sha = md
+        .spec
+        .model
+        .sha256
+        .as_ref()
+        .map(|s| s.to_ascii_lowercase());
+    let mut names: Vec<String> = model_nodes.iter().map(|n| n.name_any()).collect();
+    names.sort();
+    let mut found: BTreeMap<String, &LocalModel> = BTreeMap::new();
+    let mut mismatched: Vec<(String, String)> = Vec::new();
+    let mut truncated = Vec::new();
+    for mn in model_nodes {
+        let Some(st) = mn.status.as_ref() else {
+            continue;
+        };
+        if st.local_models_truncated {
+            truncated.push(mn.name_any());
+        }
+        if let Some(l) = st.local_models.iter().find(|l| l.path == path) {
+            match (&want_sha, &l.sha256) {
+                (Some(want), Some(have)) if !want.eq_ignore_ascii_case(have) => {
+                    mismatched.push((mn.name_any(), have.clone()))
+                }
+                _ => {
+                    found.insert(mn.name_any(), l);
+                }
+            }
+        }
+    }
+    let Some((_, first)) = found.iter().next() else {
+        return Err(not_found(
+            &path,
+            &names,
+            &truncated,
+            &mismatched,
+            want_sha.as_deref(),
+        ));
+    };
+    let l = *first;
+    use modelcache_crds::FormatHint;
+    let format_ok = match md.spec.model.format {
+        FormatHint::Auto => true,
+        FormatHint::Checkpoint => l.format == ModelFormat::Checkpoint,
+        FormatHint::Diffusers => l.format == ModelFormat::Diffusers,
+    };
+    if !format_ok {
+        return Err(Unresolved {
+            status: "False",
+            reason: "FormatMismatch",
+            message: format!(
+                "model {path:?} is a {:?} model but spec.model.format is {:?}; set format to Auto or {:?}",
+                l.format, md.spec.model.format, l.format
+            ),
+        });
+    }
+    if l.model_type != ModelType::Main {
+        return Err(Unresolved {
+            status: "False",
+            reason: "NotAMainModel",
+            message: format!(
+                "model {path:?} is a {:?} model, not a text-to-image pipeline; point model.path at a base model (use LoRAs through spec.loras)",
+                l.model_type
+            ),
+        });
+    }
+    if matches!(l.variant, Some(ModelVariant::Inpaint | ModelVariant::Depth))
+        || l.base == modelcache_crds::BaseModel::SdxlRefiner
+    {
+        return Err(Unresolved {
+            status: "False",
+            reason: "UnsupportedModel",
+            message: format!(
+                "model {path:?} is a {:?}{} model; text-to-image serving needs a normal base model",
+                l.base,
+                l.variant.map(|v| format!(" {v:?}")).unwrap_or_default()
+            ),
+        });
+    }
+    let size = match l.parameter_count {
+        Some(n) if n > 0 => n.saturating_mul(md.spec.precision.element_bytes() as i64),
+        _ => l.file_bytes,
+    };
+    Ok(ResolvedModel {
+        path,
+        info: ModelInfo {
+            model_type: l.model_type,
+            base: l.base,
+            variant: l.variant,
+            format: l.format,
+            prediction_type: l.prediction_type,
+            size_bytes: size,
+            tensor_count: l.tensor_count,
+        },
+        sha256: want_sha,
+        nodes: found.keys().cloned().collect(),
+    })
+}
+
+fn not_found(
+    path: &str,
+    searched: &[String],
+    truncated: &[String],
+    mismatched: &[(String, String)],
+    want: Option<&str>,
+) -> Unresolved {
+    let list = |v: &[String]| {
+        const SHOWN: usize = 10;
+        let mut s = v.iter().take(SHOWN).cloned().collect::<Vec<_>>().join(", ");
+        if v.len() > SHOWN {
+            s.push_str(&format!(" and {} more", v.len() - SHOWN));
+        }
+        s
+    };
+    if let (Some(want), false) = (want, mismatched.is_empty()) {
+        let nodes: Vec<String> = mismatched
+            .iter()
+            .map(|(n, h)| format!("{n} has {h}"))
+            .collect();
+        return Unresolved {
+            status: "False",
+            reason: "Sha256Mismatch",
+            message: format!(
+                "model {path:?} was found but no copy has the pinned sha256 {want}: {}; update spec.model.sha256 or replace the files",
+                list(&nodes)
+            ),
+        };
+    }
+    if searched.is_empty() {
+        return Unresolved {
+            status: "Unknown",
+            reason: "NoAgents",
+            message: format!(
+                "no node agent has reported yet, so model {path:?} cannot be looked up; check that the modelcache agent DaemonSet runs on your GPU nodes"
+            ),
+        };
+    }
+    if !truncated.is_empty() {
+        return Unresolved {
+            status: "Unknown",
+            reason: "ModelNotReported",
+            message: format!(
+                "model {path:?} is not in the model lists of {} node(s) searched ({}); the lists of {} are truncated, so it may exist there unseen: remove unused models from those nodes or check the path",
+                searched.len(),
+                list(searched),
+                list(truncated)
+            ),
+        };
+    }
+    Unresolved {
+        status: "False",
+        reason: "ModelNotFound",
+        message: format!(
+            "model {path:?} was not found under the model root of any of the {} node(s) searched ({}); copy it to the agents' --models-dir or fix spec.model.path (relative to the model root)",
+            searched.len(),
+            list(searched)
+        ),
+    }
+}
