@@ -688,7 +688,10 @@ async fn publish_transitions(
     let cond =
         |s: &ModelDeploymentStatus, t: &str| s.conditions.iter().find(|c| c.type_ == t).cloned();
     for t in ["Resolved", "Scheduled"] {
-        if let Some(c) = cond(new, t).filter(|c| c.status != "True") {
+        // An unresolved model already explains why nothing is scheduled.
+        if let Some(c) =
+            cond(new, t).filter(|c| c.status != "True" && c.reason != "ModelNotResolved")
+        {
             if cond(old, t).map(|o| (o.status, o.message))
                 != Some((c.status.clone(), c.message.clone()))
             {

@@ -831,6 +831,28 @@ mod tests {
     }
 
     #[test]
+    fn plan_for_decides_only_the_target_but_respects_others_placements() {
+        let mut a = node("a");
+        a.device_budgets = vec![6 * G];
+        let b = node("b");
+        let mut held = dep("ns/held", "m1", 1, WarmTier::Vram);
+        held.current = vec![Assignment {
+            node: "b".into(),
+            role: PlacementRole::Serving,
+        }];
+        let waiting = dep("ns/waiting", "m2", 1, WarmTier::Vram);
+        let target = dep("ns/target", "m3", 1, WarmTier::Vram);
+        let out = plan_for(&[a, b], &[held, waiting, target], 2, Options::default());
+        assert_eq!(nodes_of(&out[0]), ["b"], "others' placements are kept");
+        assert!(
+            out[1].assignments.is_empty(),
+            "others' missing replicas wait for their own reconcile"
+        );
+        // b is busier (held's 5 GiB), so the target goes to a.
+        assert_eq!(nodes_of(&out[2]), ["a"]);
+    }
+
+    #[test]
     fn deterministic() {
         let nodes: Vec<Node> = (0..20).map(|i| node(&format!("n{i}"))).collect();
         let deps: Vec<Deployment> = (0..30)
