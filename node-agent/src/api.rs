@@ -12,9 +12,10 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
-use modelcache_crds::SchedulerKind;
+use modelcache_crds::{GenerationDefaults, LoraSpec, SchedulerKind};
 use serde::Deserialize;
 use serde_json::json;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -111,6 +112,19 @@ impl Drop for Ticket {
     }
 }
 
+/// A ModelDeployment this agent serves in cluster mode (its placement here is Ready).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Route {
+    /// `namespace/name`.
+    pub deployment: String,
+    /// Catalog name of the model.
+    pub model: String,
+    /// Adapters applied to every request, before the request's own.
+    pub loras: Vec<LoraSpec>,
+    /// Values for what a request leaves out.
+    pub defaults: GenerationDefaults,
+}
+
 /// Shared state of the API handlers.
 pub struct AppState {
     pub cache: ModelCache,
@@ -120,11 +134,58 @@ pub struct AppState {
     pub limits: Limits,
     pub token: Option<String>,
     pub ready: AtomicBool,
+    /// Cluster mode: the deployments served, by `namespace/name`. `None` standalone,
+    /// where every model in the catalog is served by name.
+    routes: std::sync::RwLock<Option<HashMap<String, Route>>>,
     /// Moving average of generation seconds, for Retry-After.
     avg_seconds: std::sync::Mutex<f64>,
 }
 
 impl AppState {
+    /// Switches to cluster mode's routing and replaces what is served.
+    pub fn set_routes(&self, routes: HashMap<String, Route>) {
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Some(routes);
+    }
+
+    /// The catalog name and, in cluster mode, the deployment a request's
+    /// `model` names: `name` or `namespace/name` (standalone also accepts the
+    /// `default/` prefix clients of a cluster would send).
+    pub fn resolve(&self, requested: &str) -> Result<(String, Option<Route>), ApiError> {
+        let not_found = |why: String| {
+            ApiError::new(
+                StatusCode::NOT_FOUND,
+                why,
+                "invalid_request_error",
+                "model_not_found",
+            )
+        };
+        let routes = self.routes.read().unwrap_or_else(|p| p.into_inner());
+        let Some(routes) = routes.as_ref() else {
+            let name = requested.strip_prefix("default/").unwrap_or(requested);
+            return match self.catalog.get(name) {
+                Some(_) => Ok((name.to_string(), None)),
+                None => Err(not_found(format!(
+                    "model {requested:?} does not exist; see GET /v1/models"
+                ))),
+            };
+        };
+        if let Some(r) = routes.get(requested) {
+            return Ok((r.model.clone(), Some(r.clone())));
+        }
+        let mut by_name = routes
+            .values()
+            .filter(|r| r.deployment.rsplit('/').next() == Some(requested));
+        match (by_name.next(), by_name.next()) {
+            (Some(r), None) => Ok((r.model.clone(), Some(r.clone()))),
+            (Some(_), Some(_)) => Err(ApiError::invalid(format!(
+                "model {requested:?} names ModelDeployments in several namespaces; use \"namespace/name\""
+            ))),
+            (None, _) => Err(not_found(format!(
+                "model {requested:?} is not served here: no ModelDeployment of that name has a Ready placement on this node; see GET /v1/models"
+            ))),
+        }
+    }
+
     pub fn new(
         cache: ModelCache,
         catalog: Catalog,
@@ -141,6 +202,7 @@ impl AppState {
             limits,
             token,
             ready: AtomicBool::new(true),
+            routes: std::sync::RwLock::new(None),
             avg_seconds: std::sync::Mutex::new(1.0),
         }
     }
@@ -351,14 +413,25 @@ fn parse_size(size: &str, max: u32) -> Result<(usize, usize), ApiError> {
     Ok((w as usize, h as usize))
 }
 
-/// Validates a request into generation parameters.
-fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiError> {
+/// Validates a request into generation parameters; a deployment's defaults fill
+/// in what the request leaves out, and its adapters come before the request's.
+fn params(
+    s: &AppState,
+    r: &GenerationRequest,
+    route: Option<&Route>,
+) -> Result<GenerateParams, ApiError> {
     let l = &s.limits;
+    let defaults = route.map(|r| r.defaults.clone()).unwrap_or_default();
+    let negative_prompt = r
+        .negative_prompt
+        .clone()
+        .or(defaults.negative_prompt)
+        .unwrap_or_default();
     if r.prompt.trim().is_empty() {
         return Err(ApiError::invalid("prompt must not be empty"));
     }
     if r.prompt.chars().count() > l.max_prompt_chars
-        || r.negative_prompt.as_deref().unwrap_or("").chars().count() > l.max_prompt_chars
+        || negative_prompt.chars().count() > l.max_prompt_chars
     {
         return Err(ApiError::invalid(format!(
             "prompt is longer than {} characters",
@@ -380,18 +453,24 @@ fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiErro
             )))
         }
     }
-    let (width, height) = match &r.size {
-        Some(sz) => parse_size(sz, l.max_side)?,
-        None => (512, 512),
+    let (width, height) = match (&r.size, defaults.width, defaults.height) {
+        (Some(sz), _, _) => parse_size(sz, l.max_side)?,
+        (None, w, h) => (
+            w.map_or(512, |w| w.max(8) as usize),
+            h.map_or(512, |h| h.max(8) as usize),
+        ),
     };
-    let steps = r.steps.unwrap_or(25);
+    let steps = r
+        .steps
+        .or(defaults.steps.map(|v| v.max(1) as u32))
+        .unwrap_or(25);
     if !(1..=l.max_steps).contains(&steps) {
         return Err(ApiError::invalid(format!(
             "steps must be from 1 to {}",
             l.max_steps
         )));
     }
-    let guidance = r.guidance_scale.unwrap_or(7.5);
+    let guidance = r.guidance_scale.or(defaults.guidance_scale).unwrap_or(7.5);
     if !(0.0..=30.0).contains(&guidance) {
         return Err(ApiError::invalid("guidance_scale must be from 0 to 30"));
     }
@@ -399,23 +478,25 @@ fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiErro
         Some(name) => name
             .parse::<SchedulerKind>()
             .map_err(|e| ApiError::invalid(e.to_string()))?,
-        None => SchedulerKind::Ddim,
+        None => defaults.scheduler.unwrap_or(SchedulerKind::Ddim),
     };
     let requested = r.loras.as_deref().unwrap_or_default();
     if requested.len() > 16 {
         return Err(ApiError::invalid("at most 16 loras per request"));
     }
-    let loras = requested
+    let deployment_loras = route.map_or(&[][..], |r| r.loras.as_slice());
+    let loras = deployment_loras
         .iter()
-        .map(|l| {
-            let weight = l.weight.unwrap_or(1.0);
+        .map(|l| (l.path.as_str(), Some(l.weight)))
+        .chain(requested.iter().map(|l| (l.path.as_str(), l.weight)))
+        .map(|(path, weight)| {
+            let weight = weight.unwrap_or(1.0);
             if !(-4.0..=4.0).contains(&weight) {
                 return Err(ApiError::invalid(format!(
-                    "lora {:?}: weight must be from -4 to 4",
-                    l.path
+                    "lora {path:?}: weight must be from -4 to 4"
                 )));
             }
-            let path = s.catalog.resolve_file(&l.path).map_err(ApiError::invalid)?;
+            let path = s.catalog.resolve_file(path).map_err(ApiError::invalid)?;
             Ok((path.to_string_lossy().into_owned(), weight))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -438,7 +519,7 @@ fn params(s: &AppState, r: &GenerationRequest) -> Result<GenerateParams, ApiErro
     });
     Ok(GenerateParams {
         prompt: r.prompt.clone(),
-        negative_prompt: r.negative_prompt.clone().unwrap_or_default(),
+        negative_prompt,
         steps: steps as usize,
         guidance_scale: guidance,
         width,
@@ -469,7 +550,14 @@ async fn generate(
 ) -> Response {
     let started = Instant::now();
     let (model, result) = match body {
-        Ok(Json(req)) => (req.model.clone(), run_generation(&s, &headers, req).await),
+        Ok(Json(req)) => {
+            // The metric's label: the deployment in cluster mode, else the model.
+            let label = s
+                .resolve(&req.model)
+                .map(|(name, route)| route.map_or(name, |r| r.deployment))
+                .unwrap_or_default();
+            (label, run_generation(&s, &headers, req).await)
+        }
         Err(rej) => {
             let status = rej.status();
             let err = if status == StatusCode::PAYLOAD_TOO_LARGE {
@@ -499,14 +587,9 @@ async fn generate(
         }
         Err(e) => (e.status, e.into_response()),
     };
-    let label = if s.catalog.get(&model).is_some() {
-        model.as_str()
-    } else {
-        ""
-    };
     s.metrics
         .generation_requests
-        .with_label_values(&[label, status.as_str()])
+        .with_label_values(&[model.as_str(), status.as_str()])
         .inc();
     if status == StatusCode::OK {
         let secs = started.elapsed().as_secs_f64();
@@ -522,20 +605,8 @@ async fn run_generation(
     req: GenerationRequest,
 ) -> Result<(serde_json::Value, f64), ApiError> {
     check_token(s, headers)?;
-    let name = req
-        .model
-        .strip_prefix("default/")
-        .unwrap_or(&req.model)
-        .to_string();
-    if s.catalog.get(&name).is_none() {
-        return Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            format!("model {:?} does not exist; see GET /v1/models", req.model),
-            "invalid_request_error",
-            "model_not_found",
-        ));
-    }
-    let p = params(s, &req)?;
+    let (name, route) = s.resolve(&req.model)?;
+    let p = params(s, &req, route.as_ref())?;
     let Some(ticket) = s.queue.admit() else {
         let per = *s.avg_seconds.lock().unwrap_or_else(|p| p.into_inner());
         let wait = (per * (s.queue.waiting() as f64 + 1.0) / s.queue.concurrency as f64)
@@ -601,10 +672,24 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response 
         return e.into_response();
     }
     let resident = s.cache.entries();
-    let data: Vec<_> = s
-        .catalog
-        .entries()
-        .map(|e| {
+    // Cluster mode lists the deployments served here; standalone, the catalog.
+    let served: Vec<(String, &crate::catalog::CatalogEntry)> = {
+        let routes = s.routes.read().unwrap_or_else(|p| p.into_inner());
+        match routes.as_ref() {
+            Some(routes) => {
+                let mut v: Vec<_> = routes
+                    .values()
+                    .filter_map(|r| s.catalog.get(&r.model).map(|e| (r.deployment.clone(), e)))
+                    .collect();
+                v.sort_by(|a, b| a.0.cmp(&b.0));
+                v
+            }
+            None => s.catalog.entries().map(|e| (e.name.clone(), e)).collect(),
+        }
+    };
+    let data: Vec<_> = served
+        .into_iter()
+        .map(|(id, e)| {
             // Opened models know their UNet's cache key (converted checkpoints live in the state folder).
             let unet = s.catalog.opened_component(&e.name, "unet").unwrap_or_default();
             let tier = if resident.iter().any(|r| r.key == unet && r.tier == TierKind::Device) {
@@ -615,7 +700,7 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response 
                 "disk"
             };
             json!({
-                "id": e.name, "object": "model", "created": 0, "owned_by": "modelcache",
+                "id": id, "object": "model", "created": 0, "owned_by": "modelcache",
                 "base": e.probe.base, "format": e.probe.format, "prediction_type": e.probe.prediction_type,
                 "tier": tier, "size_bytes": e.probe.size_bytes.f32,
             })

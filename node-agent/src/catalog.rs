@@ -1,6 +1,8 @@
-//! The models an agent serves in standalone mode: every text-to-image model found
-//! under `--models-dir`, named by its path relative to that folder without the
-//! file extension (`sd15/dreamshaper.safetensors` → `sd15/dreamshaper`).
+//! The models found under `--models-dir`. Standalone, the agent serves every
+//! text-to-image model among them, named by its path relative to that folder
+//! without the file extension (`sd15/dreamshaper.safetensors` →
+//! `sd15/dreamshaper`); in a cluster, ModelDeployments name them by relative
+//! path (`model.path`), and every probed model is reported in the ModelNode.
 
 use crate::pipeline::{DiffusersModel, PipelineError};
 use crate::store::{self, convert, ProbeResult};
@@ -9,12 +11,24 @@ use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-/// A servable model.
+/// A model found under the root.
 #[derive(Debug, Clone)]
 pub struct CatalogEntry {
+    /// Relative path without the file extension: the standalone API's model name.
     pub name: String,
+    /// Relative path as a ModelDeployment's `model.path` spells it.
+    pub rel_path: String,
     pub path: PathBuf,
     pub probe: ProbeResult,
+}
+
+impl CatalogEntry {
+    /// Whether the model can generate images (a normal base model).
+    pub fn servable(&self) -> bool {
+        self.probe.model_type == ModelType::Main
+            && self.probe.variant.unwrap_or(ModelVariant::Normal) == ModelVariant::Normal
+            && self.probe.base != Some(modelcache_crds::BaseModel::SdxlRefiner)
+    }
 }
 
 /// Servable models by name, and the opened pipelines.
@@ -22,7 +36,10 @@ pub struct Catalog {
     root: PathBuf,
     state_dir: PathBuf,
     tokenizer_dir: Option<PathBuf>,
+    /// Servable models by name.
     entries: BTreeMap<String, CatalogEntry>,
+    /// Every probed model (adapters too) by relative path.
+    found: BTreeMap<String, CatalogEntry>,
     opened: Mutex<HashMap<String, Arc<DiffusersModel>>>,
 }
 
@@ -45,28 +62,40 @@ impl Catalog {
             tracing::warn!(path = %p.display(), "skipped: {why}");
         }
         let mut entries = BTreeMap::new();
+        let mut all = BTreeMap::new();
         for path in found.models {
-            match store::probe(&path) {
-                Ok(probe)
-                    if probe.model_type == ModelType::Main
-                        && probe.variant.unwrap_or(ModelVariant::Normal)
-                            == ModelVariant::Normal =>
-                {
-                    let name = model_name(root, &path);
-                    tracing::info!(model = %name, base = ?probe.base, format = %probe.format, "found model");
-                    entries.insert(name.clone(), CatalogEntry { name, path, probe });
+            let probe = match store::probe(&path) {
+                Ok(p) => p,
+                Err(e) => {
+                    tracing::warn!("skipped: {e}");
+                    continue;
                 }
-                Ok(probe) => {
-                    tracing::info!(path = %path.display(), r#type = %probe.model_type, "not a text-to-image model; not served")
-                }
-                Err(e) => tracing::warn!("skipped: {e}"),
+            };
+            let rel_path = path
+                .strip_prefix(root)
+                .unwrap_or(&path)
+                .to_string_lossy()
+                .into_owned();
+            let entry = CatalogEntry {
+                name: model_name(root, &path),
+                rel_path,
+                path,
+                probe,
+            };
+            if entry.servable() {
+                tracing::info!(model = %entry.name, base = ?entry.probe.base, format = %entry.probe.format, "found model");
+                entries.insert(entry.name.clone(), entry.clone());
+            } else {
+                tracing::info!(path = %entry.rel_path, r#type = %entry.probe.model_type, "not a text-to-image model; not served");
             }
+            all.insert(entry.rel_path.clone(), entry);
         }
         Catalog {
             root: root.to_path_buf(),
             state_dir: state_dir.to_path_buf(),
             tokenizer_dir: tokenizer_dir.map(Path::to_path_buf),
             entries,
+            found: all,
             opened: Mutex::new(HashMap::new()),
         }
     }
@@ -75,12 +104,28 @@ impl Catalog {
         &self.root
     }
 
+    /// The writable folder for converted checkpoints and hashes.
+    pub fn state_dir(&self) -> &Path {
+        &self.state_dir
+    }
+
     pub fn entries(&self) -> impl Iterator<Item = &CatalogEntry> {
         self.entries.values()
     }
 
     pub fn get(&self, name: &str) -> Option<&CatalogEntry> {
         self.entries.get(name)
+    }
+
+    /// Every probed model, adapters included, sorted by relative path.
+    pub fn found(&self) -> impl Iterator<Item = &CatalogEntry> {
+        self.found.values()
+    }
+
+    /// A model by its relative path (`model.path`; a trailing `/` or leading `./` is ignored).
+    pub fn by_path(&self, rel: &str) -> Option<&CatalogEntry> {
+        let rel = rel.trim_start_matches("./").trim_end_matches('/');
+        self.found.get(rel)
     }
 
     /// Cache key of a component of a model that has been opened, if it has.

@@ -7,11 +7,12 @@ use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::catalog::Catalog;
 use modelcache_agent::metrics::AgentMetrics;
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
-use modelcache_agent::{demo, memory, store};
+use modelcache_agent::{cluster, demo, memory, store};
 use modelcache_crds::{Precision, SchedulerKind};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Parser)]
 #[command(
@@ -213,6 +214,34 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let api = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
+        let cluster = if args.kubernetes {
+            let client = kube::Client::try_default()
+                .await
+                .context("--kubernetes: connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+            let node_name = args.node_name.clone().unwrap_or_default();
+            let renew = Duration::from_secs(args.lease_renew_seconds.max(1));
+            let settings = cluster::Settings {
+                pod_name: args.pod_name.clone().unwrap_or_else(|| format!("modelcache-agent-{node_name}")),
+                node_name,
+                pod_ip: args.pod_ip.clone().unwrap_or_default(),
+                namespace: args.namespace.clone(),
+                api_port: api.local_addr()?.port(),
+                lease_renew: renew,
+                lease_duration: renew * 4,
+                report_interval: Duration::from_secs(args.report_interval_seconds.max(1)),
+            };
+            tracing::info!(node = %settings.node_name, namespace = %settings.namespace, "cluster mode: serving the ModelDeployments placed on this node");
+            let agent = cluster::ClusterAgent::new(state.clone(), settings);
+            Some(agent.run(client))
+        } else {
+            None
+        };
+        let cluster = async move {
+            match cluster {
+                Some(f) => f.await,
+                None => std::future::pending().await,
+            }
+        };
         let mon = tokio::net::TcpListener::bind(&args.metrics_listen)
             .await
             .with_context(|| format!("binding {}", args.metrics_listen))?;
@@ -235,6 +264,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::select! {
             r = api_server => r.context("API server")?,
             r = metrics_server => r.context("metrics server")?,
+            () = cluster => {}
         }
         anyhow::Ok(())
     })
@@ -464,6 +494,29 @@ struct ServeArgs {
     /// models folder as `demo` before serving.
     #[arg(long, env = "MODELCACHE_DEMO")]
     demo: bool,
+    /// Cluster mode: report this node's ModelNode, renew its Lease, and serve the
+    /// ModelDeployments the operator places here (in-cluster config or KUBECONFIG).
+    #[arg(long, env = "MODELCACHE_KUBERNETES")]
+    kubernetes: bool,
+    /// Kubernetes node name (downward API `spec.nodeName`); required with --kubernetes.
+    #[arg(long, env = "NODE_NAME", required_if_eq("kubernetes", "true"))]
+    node_name: Option<String>,
+    /// This pod's IP (downward API `status.podIP`): the address the operator routes to.
+    #[arg(long, env = "POD_IP", required_if_eq("kubernetes", "true"))]
+    pod_ip: Option<String>,
+    /// This pod's name, the Lease holder (downward API `metadata.name`).
+    #[arg(long, env = "POD_NAME")]
+    pod_name: Option<String>,
+    /// Namespace of the node Lease (the operator's; downward API `metadata.namespace`).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "modelcache")]
+    namespace: String,
+    /// How often the node Lease is renewed; the operator treats a Lease older than
+    /// its --node-lease-expiry-seconds as a dead node.
+    #[arg(long, env = "MODELCACHE_LEASE_RENEW_SECONDS", default_value_t = 10)]
+    lease_renew_seconds: u64,
+    /// Least seconds between two ModelNode status writes.
+    #[arg(long, env = "MODELCACHE_REPORT_INTERVAL_SECONDS", default_value_t = 2)]
+    report_interval_seconds: u64,
 }
 
 /// Options of `generate`.

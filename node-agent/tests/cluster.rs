@@ -1,0 +1,556 @@
+//! Cluster mode with kube-rs's own tools: ModelDeployment watch events fed from
+//! a channel, a tower-test mock API server that verifies the agent's writes
+//! (ModelNode status, Lease) and answers some with errors, and the API served
+//! over real HTTP on 127.0.0.1.
+
+use http::{Method, Request, Response};
+use kube::client::Body;
+use kube::runtime::watcher;
+use kube::Client;
+use modelcache_agent::api::{self, AppState, Limits, Queue};
+use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache, TierKind};
+use modelcache_agent::catalog::Catalog;
+use modelcache_agent::cluster::{ClusterAgent, Settings};
+use modelcache_agent::metrics::AgentMetrics;
+use modelcache_crds::*;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+type Events = futures::channel::mpsc::UnboundedSender<
+    Result<watcher::Event<ModelDeployment>, watcher::Error>,
+>;
+
+fn fixtures() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
+}
+
+fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for e in std::fs::read_dir(src).unwrap() {
+        let e = e.unwrap();
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).unwrap();
+        }
+    }
+}
+
+struct Node {
+    agent: Arc<ClusterAgent>,
+    api: String,
+    _dir: tempfile::TempDir,
+}
+
+fn settings() -> Settings {
+    Settings {
+        node_name: "n1".into(),
+        pod_name: "agent-n1".into(),
+        pod_ip: "10.1.2.3".into(),
+        namespace: "modelcache".into(),
+        api_port: 8080,
+        lease_renew: Duration::from_millis(200),
+        lease_duration: Duration::from_secs(40),
+        report_interval: Duration::from_millis(100),
+    }
+}
+
+/// An agent on node `n1` with tiny-sd1 as `tiny`, its API on a real port.
+async fn node() -> Node {
+    let dir = tempfile::tempdir().unwrap();
+    copy_dir(
+        &fixtures().join("tiny-sd1"),
+        &dir.path().join("models/tiny"),
+    );
+    let catalog = Catalog::scan(&dir.path().join("models"), &dir.path().join("state"), None);
+    let cache = ModelCache::new(
+        CacheConfig::cpu(256 << 20, 256 << 20),
+        Box::new(DiskLoader),
+        None,
+    );
+    let state = Arc::new(AppState::new(
+        cache,
+        catalog,
+        AgentMetrics::new().unwrap(),
+        Queue::new(1, 4),
+        Limits::default(),
+        None,
+    ));
+    let agent = ClusterAgent::new(state.clone(), settings());
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let api = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+    Node {
+        agent,
+        api,
+        _dir: dir,
+    }
+}
+
+fn deployment(name: &str, path: &str, spec: Value, nodes: &[&str]) -> ModelDeployment {
+    let mut s = json!({"model": {"path": path}});
+    if let (Some(dst), Some(src)) = (s.as_object_mut(), spec.as_object()) {
+        dst.extend(src.clone());
+    }
+    let mut md = ModelDeployment::new(name, serde_json::from_value(s).unwrap());
+    md.metadata.namespace = Some("ml".into());
+    md.metadata.resource_version = Some("1".into());
+    md.status = Some(ModelDeploymentStatus {
+        placements: nodes
+            .iter()
+            .map(|n| Placement {
+                node: n.to_string(),
+                role: PlacementRole::Serving,
+                phase: PlacementPhase::Assigned,
+                tier: Tier::Disk,
+                message: None,
+                since: None,
+            })
+            .collect(),
+        ..Default::default()
+    });
+    md
+}
+
+/// Starts following a channel of watch events that begins with `initial`.
+fn follow(agent: &Arc<ClusterAgent>, initial: Vec<ModelDeployment>) -> Events {
+    let (tx, rx) = futures::channel::mpsc::unbounded();
+    tx.unbounded_send(Ok(watcher::Event::Init)).unwrap();
+    for md in initial {
+        tx.unbounded_send(Ok(watcher::Event::InitApply(md)))
+            .unwrap();
+    }
+    tx.unbounded_send(Ok(watcher::Event::InitDone)).unwrap();
+    tokio::spawn(agent.clone().follow(rx));
+    tx
+}
+
+async fn placement(
+    agent: &ClusterAgent,
+    key: &str,
+    done: impl Fn(&NodePlacement) -> bool,
+) -> NodePlacement {
+    for _ in 0..600 {
+        if let Some(p) = agent.placements().into_iter().find(|p| p.deployment == key) {
+            if done(&p) {
+                return p;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("placement {key} never settled: {:?}", agent.placements());
+}
+
+/// POST over real HTTP (a blocking client on the blocking pool); returns the
+/// status and JSON body.
+async fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
+    let (addr, path, body) = (
+        addr.to_string(),
+        path.to_string(),
+        serde_json::to_vec(body).unwrap(),
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut s = std::net::TcpStream::connect(&addr).unwrap();
+        let head = format!(
+            "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+            body.len()
+        );
+        s.write_all(head.as_bytes()).unwrap();
+        s.write_all(&body).unwrap();
+        let mut raw = Vec::new();
+        s.read_to_end(&mut raw).unwrap();
+        let text = String::from_utf8_lossy(&raw).into_owned();
+        let status: u16 = text[9..12].parse().unwrap();
+        let json_start = text.find("\r\n\r\n").unwrap() + 4;
+        (status, serde_json::from_str(&text[json_start..]).unwrap_or(Value::Null))
+    })
+    .await
+    .unwrap()
+}
+
+fn png_size(b64: &str) -> (u32, u32) {
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    let be = |i: usize| u32::from_be_bytes(png[i..i + 4].try_into().unwrap());
+    (be(16), be(20))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn placements_on_this_node_are_warmed_reported_and_served_with_their_defaults() {
+    let n = node().await;
+    let md = deployment(
+        "painter",
+        "tiny",
+        json!({"warmTier": "Ram", "defaults": {"steps": 2, "width": 64, "height": 64, "guidanceScale": 3.0}}),
+        &["n1"],
+    );
+    let elsewhere = deployment("other", "tiny", json!({}), &["n2"]);
+    let events = follow(&n.agent, vec![md.clone(), elsewhere]);
+
+    let p = placement(&n.agent, "ml/painter", |p| {
+        p.phase != NodePlacementPhase::Loading
+    })
+    .await;
+    assert_eq!(
+        (p.phase, p.tier),
+        (NodePlacementPhase::Ready, Tier::Ram),
+        "{p:?}"
+    );
+    assert!(
+        p.message.unwrap_or_default().contains("F32"),
+        "CPU precision is explained"
+    );
+    assert!(
+        n.agent
+            .placements()
+            .iter()
+            .all(|p| p.deployment != "ml/other"),
+        "placements on other nodes are ignored"
+    );
+    let pinned: Vec<_> = n
+        .agent
+        .state
+        .cache
+        .entries()
+        .into_iter()
+        .filter(|e| e.tier == TierKind::Ram && e.pinned)
+        .map(|e| e.key)
+        .collect();
+    assert_eq!(
+        pinned.len(),
+        3,
+        "text encoder, UNet and VAE kept warm: {pinned:?}"
+    );
+
+    let status = n.agent.status();
+    assert_eq!(status.agent.as_ref().unwrap().endpoint, "10.1.2.3:8080");
+    let local = status
+        .local_models
+        .iter()
+        .find(|l| l.path == "tiny")
+        .expect("tiny reported");
+    let f32_bytes = n
+        .agent
+        .state
+        .catalog
+        .by_path("tiny")
+        .unwrap()
+        .probe
+        .size_bytes
+        .f32 as i64;
+    assert_eq!(
+        local.parameter_count,
+        Some(f32_bytes / 4),
+        "lets the operator size any precision"
+    );
+    let resident = status
+        .models
+        .iter()
+        .find(|m| m.path == "tiny")
+        .expect("resident model reported");
+    assert_eq!(resident.tier, Tier::Ram);
+    assert!(resident.size_bytes > 0);
+    assert_eq!(status.placements[0].phase, NodePlacementPhase::Ready);
+
+    // Served by name and by namespace/name, with the deployment's defaults.
+    let (code, body) = post(
+        &n.api,
+        "/v1/images/generations",
+        &json!({"model": "painter", "prompt": "a lighthouse", "seed": 1}),
+    )
+    .await;
+    assert_eq!(code, 200, "{body}");
+    assert_eq!(
+        png_size(body["data"][0]["b64_json"].as_str().unwrap()),
+        (64, 64)
+    );
+    let (code, _) = post(
+        &n.api,
+        "/v1/images/generations",
+        &json!({"model": "ml/painter", "prompt": "x", "size": "64x64", "steps": 1}),
+    )
+    .await;
+    assert_eq!(code, 200);
+    let (code, body) = post(
+        &n.api,
+        "/v1/images/generations",
+        &json!({"model": "tiny", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(
+        code, 404,
+        "in cluster mode only placed deployments are served: {body}"
+    );
+    assert!(body["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("not served here"));
+
+    // The operator moves the placement away: no longer served, no longer pinned.
+    let mut moved = md.clone();
+    moved.status.as_mut().unwrap().placements[0].node = "n2".into();
+    events
+        .unbounded_send(Ok(watcher::Event::Apply(moved)))
+        .unwrap();
+    for _ in 0..100 {
+        if n.agent.placements().is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(n.agent.placements().is_empty());
+    let (code, _) = post(
+        &n.api,
+        "/v1/images/generations",
+        &json!({"model": "painter", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(code, 404);
+    assert!(
+        n.agent.state.cache.entries().iter().all(|e| !e.pinned),
+        "released models are evictable"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_hash_is_verified_before_ready() {
+    let n = node().await;
+    let wrong = "0".repeat(64);
+    let _events = follow(
+        &n.agent,
+        vec![deployment(
+            "pinned",
+            "tiny",
+            json!({"model": {"path": "tiny", "sha256": wrong}}),
+            &["n1"],
+        )],
+    );
+    let p = placement(&n.agent, "ml/pinned", |p| {
+        p.phase != NodePlacementPhase::Loading
+    })
+    .await;
+    assert_eq!(p.phase, NodePlacementPhase::Failed);
+    let msg = p.message.unwrap();
+    assert!(
+        msg.contains("sha256 mismatch") && msg.contains(&wrong),
+        "{msg}"
+    );
+    let have = msg.rsplit(' ').next().unwrap().to_string();
+    assert_eq!(have.len(), 64, "both hashes are named: {msg}");
+    let (code, _) = post(
+        &n.api,
+        "/v1/images/generations",
+        &json!({"model": "pinned", "prompt": "x"}),
+    )
+    .await;
+    assert_eq!(code, 404, "a Failed placement is not served");
+
+    // With the right hash it becomes Ready, and the verified hash is reported.
+    let n2 = node().await;
+    let _events = follow(
+        &n2.agent,
+        vec![deployment(
+            "pinned",
+            "tiny",
+            json!({"model": {"path": "tiny", "sha256": have.to_uppercase()}}),
+            &["n1"],
+        )],
+    );
+    let p = placement(&n2.agent, "ml/pinned", |p| {
+        p.phase != NodePlacementPhase::Loading
+    })
+    .await;
+    assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
+    let status = n2.agent.status();
+    assert_eq!(
+        status.local_models[0].sha256.as_deref(),
+        Some(have.as_str())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_missing_model_fails_with_an_actionable_message_and_watch_errors_are_survived() {
+    let n = node().await;
+    let events = follow(&n.agent, vec![]);
+    events
+        .unbounded_send(Err(watcher::Error::NoResourceVersion))
+        .unwrap();
+    events
+        .unbounded_send(Ok(watcher::Event::Apply(deployment(
+            "ghost",
+            "sdxl/nope.safetensors",
+            json!({}),
+            &["n1"],
+        ))))
+        .unwrap();
+    let p = placement(&n.agent, "ml/ghost", |p| {
+        p.phase != NodePlacementPhase::Loading
+    })
+    .await;
+    assert_eq!(p.phase, NodePlacementPhase::Failed);
+    let msg = p.message.unwrap();
+    assert!(
+        msg.contains("\"sdxl/nope.safetensors\"") && msg.contains("models folder"),
+        "{msg}"
+    );
+}
+
+fn mock() -> (Client, Handle) {
+    let (svc, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (Client::new(svc, "default"), handle)
+}
+
+async fn next(
+    handle: &mut Handle,
+) -> (
+    Request<Body>,
+    tower_test::mock::SendResponse<Response<Body>>,
+) {
+    tokio::time::timeout(Duration::from_secs(10), handle.next_request())
+        .await
+        .expect("a request in time")
+        .expect("client alive")
+}
+
+async fn json_body(req: Request<Body>) -> Value {
+    serde_json::from_slice(&req.into_body().collect_bytes().await.unwrap()).unwrap()
+}
+
+fn reply(send: tower_test::mock::SendResponse<Response<Body>>, code: u16, v: &Value) {
+    send.send_response(
+        Response::builder()
+            .status(code)
+            .body(Body::from(serde_json::to_vec(v).unwrap()))
+            .unwrap(),
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn model_node_status_is_applied_and_retried_after_api_errors() {
+    let n = node().await;
+    let (client, mut handle) = mock();
+    tokio::spawn(n.agent.clone().report(client));
+
+    // The API server is away at first: the agent backs off and tries again.
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(
+        (req.method(), req.uri().path()),
+        (&Method::PATCH, "/apis/modelcache.io/v1alpha1/modelnodes/n1")
+    );
+    reply(
+        send,
+        503,
+        &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "apiserver unavailable", "reason": "ServiceUnavailable"}),
+    );
+
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(
+        (req.method(), req.uri().path()),
+        (&Method::PATCH, "/apis/modelcache.io/v1alpha1/modelnodes/n1")
+    );
+    let query = req.uri().query().unwrap_or_default().to_string();
+    assert!(
+        query.contains("fieldManager=modelcache-agent") && query.contains("force=true"),
+        "{query}"
+    );
+    let obj = json_body(req).await;
+    assert_eq!(obj["spec"], json!({}));
+    reply(
+        send,
+        200,
+        &json!({"apiVersion": "modelcache.io/v1alpha1", "kind": "ModelNode", "metadata": {"name": "n1"}, "spec": {}}),
+    );
+
+    let (req, send) = next(&mut handle).await;
+    assert_eq!(
+        (req.method(), req.uri().path()),
+        (
+            &Method::PATCH,
+            "/apis/modelcache.io/v1alpha1/modelnodes/n1/status"
+        )
+    );
+    let patch = json_body(req).await;
+    let status = &patch["status"];
+    assert_eq!(status["agent"]["endpoint"], "10.1.2.3:8080");
+    assert_eq!(status["localModels"][0]["path"], "tiny");
+    assert_eq!(status["localModels"][0]["base"], "Sd1");
+    assert_eq!(status["devices"][0]["id"], "cpu");
+    assert_eq!(status["cache"]["ramCapacityBytes"], 256 << 20);
+    assert_eq!(status["conditions"][0]["type"], "Ready");
+    assert!(status["memory"]["mmapThresholdBytes"].is_number());
+    reply(
+        send,
+        200,
+        &json!({"apiVersion": "modelcache.io/v1alpha1", "kind": "ModelNode", "metadata": {"name": "n1"}, "spec": {}, "status": status}),
+    );
+
+    // Nothing changed: no heartbeat writes.
+    let quiet = tokio::time::timeout(Duration::from_millis(600), handle.next_request()).await;
+    assert!(quiet.is_err(), "an unchanged status must not be rewritten");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_node_lease_is_renewed_by_server_side_apply() {
+    let n = node().await;
+    let (client, mut handle) = mock();
+    tokio::spawn(n.agent.clone().renew_lease(client));
+    let mut renewals = Vec::new();
+    for i in 0..2 {
+        let (req, send) = next(&mut handle).await;
+        assert_eq!(req.method(), Method::PATCH);
+        assert_eq!(
+            req.uri().path(),
+            "/apis/coordination.k8s.io/v1/namespaces/modelcache/leases/modelcache-node-n1"
+        );
+        let lease = json_body(req).await;
+        assert_eq!(lease["spec"]["holderIdentity"], "agent-n1");
+        assert_eq!(lease["spec"]["leaseDurationSeconds"], 40);
+        renewals.push(lease["spec"]["renewTime"].as_str().unwrap().to_string());
+        if i == 0 {
+            // A failed renewal is retried, not fatal.
+            reply(
+                send,
+                500,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "message": "etcd timeout", "reason": "InternalError"}),
+            );
+        } else {
+            reply(send, 200, &lease);
+        }
+    }
+    assert!(
+        renewals[1] > renewals[0],
+        "renewTime moves forward: {renewals:?}"
+    );
+    let third = next(&mut handle).await;
+    drop(third);
+}
+
+#[tokio::test]
+async fn desired_placements_follow_the_operator() {
+    let mine = deployment(
+        "a",
+        "m",
+        json!({"warmTier": "Vram", "loras": [{"path": "l.safetensors", "weight": 0.5}]}),
+        &["n1", "n2"],
+    );
+    let mut gone = deployment("b", "m", json!({}), &["n1"]);
+    gone.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+        k8s_openapi::jiff::Timestamp::now(),
+    ));
+    let other = deployment("c", "m", json!({}), &["n2"]);
+    let d = modelcache_agent::cluster::desired(
+        "n1",
+        &[Arc::new(mine), Arc::new(gone), Arc::new(other)],
+    );
+    assert_eq!(d.keys().collect::<Vec<_>>(), ["ml/a"]);
+    assert_eq!(d["ml/a"].warm, WarmTier::Vram);
+    assert_eq!(d["ml/a"].loras[0].weight, 0.5);
+}
