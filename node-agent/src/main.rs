@@ -95,6 +95,32 @@ enum Command {
         #[arg(long, env = "MODELCACHE_STATE_DIR")]
         state_dir: Option<PathBuf>,
     },
+    /// Send one generation request to a running agent (or a ModelDeployment's Service)
+    /// and check that a PNG of the requested size comes back: the chart's `helm test`.
+    Request(RequestArgs),
+}
+
+#[derive(clap::Args)]
+struct RequestArgs {
+    /// Base URL, http://HOST:PORT.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Model (standalone) or ModelDeployment name (cluster).
+    #[arg(long)]
+    model: String,
+    #[arg(long, default_value = "a lighthouse at dusk")]
+    prompt: String,
+    /// WIDTHxHEIGHT.
+    #[arg(long, default_value = "512x512")]
+    size: String,
+    #[arg(long, default_value_t = 4)]
+    steps: u32,
+    /// File holding a bearer token to send.
+    #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Where to write the PNG.
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
@@ -160,6 +186,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 println!("component {c}: layouts differ, kept the first model's");
             }
         }
+        Command::Request(a) => request(a)?,
         Command::Hash { path, state_dir } => {
             println!("{}", store::identity::sha256(&path, state_dir.as_deref())?);
         }
@@ -354,6 +381,57 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
         println!("wrote {}", out.display());
     }
+    Ok(())
+}
+
+fn request(a: RequestArgs) -> anyhow::Result<()> {
+    let token = match &a.token_file {
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
+        None => None,
+    };
+    let body = serde_json::json!({
+        "model": a.model, "prompt": a.prompt, "size": a.size, "steps": a.steps,
+        "n": 1, "response_format": "b64_json",
+    });
+    let started = std::time::Instant::now();
+    let (status, reply) = modelcache_agent::client::post_json(
+        &a.url,
+        "/v1/images/generations",
+        &body,
+        token.as_deref(),
+    )?;
+    let v: serde_json::Value = serde_json::from_slice(&reply)
+        .with_context(|| format!("HTTP {status}: the reply is not JSON"))?;
+    if status != 200 {
+        anyhow::bail!(
+            "HTTP {status}: {}",
+            v["error"]["message"].as_str().unwrap_or("no error message")
+        );
+    }
+    let b64 = v["data"][0]["b64_json"]
+        .as_str()
+        .context("the reply has no data[0].b64_json")?;
+    use base64::Engine;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .context("data[0].b64_json is not base64")?;
+    let (w, h) = pipeline::image::png_size(&png).context("the image is not a PNG")?;
+    if format!("{w}x{h}") != a.size {
+        anyhow::bail!("asked for {} but got a {w}x{h} image", a.size);
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, &png).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!(
+        "ok: {w}x{h} PNG from {} in {:.1} s",
+        a.model,
+        started.elapsed().as_secs_f64()
+    );
     Ok(())
 }
 

@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""Writes charts/modelcache/dashboards/*.json, the Grafana dashboards (ARCHITECTURE §6).
+
+The JSON files are committed; edit this script and run it again
+(`python3 scripts/gen_dashboards.py`) rather than editing them by hand. Every
+panel is templated by data source, namespace and (for agent panels) node, and
+`tests/tests/dashboards.rs` runs each query against a real Prometheus.
+"""
+import json
+import pathlib
+
+OUT = pathlib.Path(__file__).resolve().parent.parent / "charts/modelcache/dashboards"
+DS = {"type": "prometheus", "uid": "${datasource}"}
+AGENT = 'namespace=~"$namespace", node=~"$node"'
+OPERATOR = 'namespace=~"$namespace"'
+RI = "$__rate_interval"
+
+
+def variables(agent):
+    v = [
+        {"name": "datasource", "label": "Data source", "type": "datasource", "query": "prometheus"},
+        {
+            "name": "namespace",
+            "label": "Namespace",
+            "type": "query",
+            "datasource": DS,
+            "query": {"query": "label_values(%s, namespace)" % ("modelcache_cache_bytes" if agent else "modelcache_nodes"), "refId": "namespace"},
+            "refresh": 2,
+            "includeAll": True,
+            "multi": True,
+            "allValue": ".*",
+        },
+    ]
+    if agent:
+        v.append(
+            {
+                "name": "node",
+                "label": "Node",
+                "type": "query",
+                "datasource": DS,
+                "query": {"query": 'label_values(modelcache_cache_bytes{namespace=~"$namespace"}, node)', "refId": "node"},
+                "refresh": 2,
+                "includeAll": True,
+                "multi": True,
+                "allValue": ".*",
+            }
+        )
+    return {"list": v}
+
+
+def panel(pid, title, targets, x, y, w=12, h=8, unit="short", kind="timeseries", description=""):
+    p = {
+        "id": pid,
+        "type": kind,
+        "title": title,
+        "description": description,
+        "datasource": DS,
+        "gridPos": {"x": x, "y": y, "w": w, "h": h},
+        "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
+        "options": {"legend": {"displayMode": "table", "placement": "bottom", "calcs": ["lastNotNull", "max"]}}
+        if kind == "timeseries"
+        else {"reduceOptions": {"calcs": ["lastNotNull"], "fields": "", "values": False}},
+        "targets": [
+            {"refId": chr(ord("A") + i), "datasource": DS, "expr": expr, "legendFormat": legend}
+            for i, (expr, legend) in enumerate(targets)
+        ],
+    }
+    return p
+
+
+def dashboard(uid, title, description, agent, panels):
+    return {
+        "uid": uid,
+        "title": title,
+        "description": description,
+        "tags": ["modelcache"],
+        "editable": True,
+        "graphTooltip": 1,
+        "refresh": "30s",
+        "schemaVersion": 39,
+        "version": 1,
+        "time": {"from": "now-1h", "to": "now"},
+        "timezone": "browser",
+        "templating": variables(agent),
+        "annotations": {"list": []},
+        "links": [],
+        "panels": panels,
+    }
+
+
+def quantiles(metric, by, sel, legend):
+    return [
+        ("histogram_quantile(%s, sum by (le, %s) (rate(%s_bucket{%s}[%s])))" % (q, by, metric, sel, RI), "p%d %s" % (round(q * 100), legend))
+        for q in (0.5, 0.99)
+    ]
+
+
+cache = dashboard(
+    "modelcache-cache",
+    "modelcache / Cache",
+    "The two-tier model cache on each node: use against capacity, hit ratio, evictions, load and move latency.",
+    True,
+    [
+        panel(1, "RAM tier: used vs capacity", [
+            ('sum by (node) (modelcache_cache_bytes{tier="ram", %s})' % AGENT, "used {{node}}"),
+            ('sum by (node) (modelcache_cache_capacity_bytes{tier="ram", %s})' % AGENT, "capacity {{node}}"),
+        ], 0, 0, unit="bytes"),
+        panel(2, "VRAM tier: used vs capacity", [
+            ('sum by (node) (modelcache_cache_bytes{tier="vram", %s})' % AGENT, "used {{node}}"),
+            ('sum by (node) (modelcache_cache_capacity_bytes{tier="vram", %s})' % AGENT, "capacity {{node}}"),
+        ], 12, 0, unit="bytes"),
+        panel(3, "Hit ratio", [
+            ('sum by (node, tier) (rate(modelcache_cache_requests_total{result="hit", %s}[%s])) / sum by (node, tier) (rate(modelcache_cache_requests_total{%s}[%s]))' % (AGENT, RI, AGENT, RI), "{{tier}} {{node}}"),
+        ], 0, 8, unit="percentunit"),
+        panel(4, "Evictions per minute", [
+            ("sum by (node, tier) (rate(modelcache_cache_evictions_total{%s}[%s])) * 60" % (AGENT, RI), "{{tier}} {{node}}"),
+        ], 12, 8),
+        panel(5, "Load and move latency (disk→RAM, RAM→VRAM)",
+              quantiles("modelcache_model_load_seconds", "from, to", AGENT, "{{from}}→{{to}}"), 0, 16, unit="s"),
+        panel(6, "Models resident", [
+            ("sum by (node, tier) (modelcache_cache_models{%s})" % AGENT, "{{tier}} {{node}}"),
+        ], 12, 16),
+    ],
+)
+
+memory = dashboard(
+    "modelcache-memory",
+    "modelcache / Memory",
+    "Process memory against cached bytes, glibc malloc arenas and fragmentation, the mmap threshold in force and what malloc_trim released.",
+    True,
+    [
+        panel(1, "RSS vs cached weights", [
+            ("sum by (node) (modelcache_process_resident_bytes{%s})" % AGENT, "RSS {{node}}"),
+            ('sum by (node) (modelcache_cache_bytes{tier="ram", %s})' % AGENT, "cached in RAM {{node}}"),
+            ('sum by (node) (modelcache_process_resident_bytes{%s}) - sum by (node) (modelcache_cache_bytes{tier="ram", %s})' % (AGENT, AGENT), "overhead {{node}}"),
+        ], 0, 0, unit="bytes", description="Cached weights live outside malloc, so RSS minus the RAM tier is the overhead to watch."),
+        panel(2, "malloc: arena, mmap and free bytes", [
+            ("sum by (node) (modelcache_malloc_arena_bytes{%s})" % AGENT, "arena {{node}}"),
+            ("sum by (node) (modelcache_malloc_mmap_bytes{%s})" % AGENT, "mmap {{node}}"),
+            ("sum by (node) (modelcache_malloc_free_bytes{%s})" % AGENT, "free (held) {{node}}"),
+            ("sum by (node) (modelcache_malloc_in_use_bytes{%s})" % AGENT, "in use {{node}}"),
+        ], 12, 0, unit="bytes"),
+        panel(3, "Fragmentation ratio", [
+            ("max by (node) (modelcache_malloc_fragmentation_ratio{%s})" % AGENT, "{{node}}"),
+        ], 0, 8, unit="percentunit", description="Free-but-held ÷ all malloc memory. The alert fires above 0.5 for 15 minutes."),
+        panel(4, "mmap threshold in force", [
+            ("min by (node) (modelcache_malloc_mmap_threshold_bytes{%s})" % AGENT, "{{node}}"),
+        ], 12, 8, w=6, unit="bytes", kind="stat", description="0 means glibc's dynamic threshold: the heap will fragment. Expect 1 MiB."),
+        panel(5, "Released by malloc_trim", [
+            ("sum by (node) (increase(modelcache_malloc_trim_released_bytes_total{%s}[%s]))" % (AGENT, RI), "{{node}}"),
+        ], 18, 8, w=6, unit="bytes"),
+        panel(6, "Releasable (top of heap)", [
+            ("sum by (node) (modelcache_malloc_releasable_bytes{%s})" % AGENT, "{{node}}"),
+        ], 0, 16, unit="bytes"),
+    ],
+)
+
+generation = dashboard(
+    "modelcache-generation",
+    "modelcache / Generation",
+    "Image generation requests by model and status code, latency, queue depth and load shedding (429).",
+    True,
+    [
+        panel(1, "Requests by model and code", [
+            ("sum by (model, code) (rate(modelcache_generation_requests_total{%s}[%s]))" % (AGENT, RI), "{{model}} {{code}}"),
+        ], 0, 0, unit="reqps"),
+        panel(2, "Generation latency", quantiles("modelcache_generation_seconds", "node", AGENT, "{{node}}"), 12, 0, unit="s"),
+        panel(3, "Queue depth", [
+            ("sum by (node) (modelcache_queue_depth{%s})" % AGENT, "{{node}}"),
+        ], 0, 8),
+        panel(4, "Rejected with 429 (queue full)", [
+            ('sum by (node) (rate(modelcache_generation_requests_total{code="429", %s}[%s]))' % (AGENT, RI), "{{node}}"),
+        ], 12, 8, unit="reqps"),
+    ],
+)
+
+scheduler = dashboard(
+    "modelcache-scheduler",
+    "modelcache / Scheduler",
+    "The operator: scheduling decisions and their duration, unschedulable deployments by reason, nodes by state, reconcile errors.",
+    False,
+    [
+        panel(1, "Scheduling decisions", [
+            ("sum by (result) (rate(modelcache_scheduler_decisions_total{%s}[%s]))" % (OPERATOR, RI), "{{result}}"),
+        ], 0, 0, unit="ops"),
+        panel(2, "Decision and reconcile duration", [
+            ("histogram_quantile(0.99, sum by (le) (rate(modelcache_scheduler_duration_seconds_bucket{%s}[%s])))" % (OPERATOR, RI), "decision p99"),
+            ("histogram_quantile(0.99, sum by (le) (rate(modelcache_reconcile_duration_seconds_bucket{%s}[%s])))" % (OPERATOR, RI), "reconcile p99"),
+        ], 12, 0, unit="s"),
+        panel(3, "Unschedulable deployments by reason", [
+            ("sum by (reason) (modelcache_unschedulable_deployments{%s})" % OPERATOR, "{{reason}}"),
+        ], 0, 8),
+        panel(4, "Deployments by condition", [
+            ("sum by (condition) (modelcache_deployments{%s})" % OPERATOR, "{{condition}}"),
+        ], 12, 8),
+        panel(5, "Nodes by state", [
+            ("sum by (state) (modelcache_nodes{%s})" % OPERATOR, "{{state}}"),
+        ], 0, 16),
+        panel(6, "Reconcile errors", [
+            ("sum (rate(modelcache_reconcile_errors_total{%s}[%s]))" % (OPERATOR, RI), "errors"),
+        ], 12, 16, unit="ops"),
+    ],
+)
+
+for name, d in [("cache", cache), ("memory", memory), ("generation", generation), ("scheduler", scheduler)]:
+    (OUT / f"{name}.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
+    print(f"wrote {OUT / name}.json")
