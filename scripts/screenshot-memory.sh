@@ -48,10 +48,13 @@ while [ "$(date +%s)" -lt "$end" ]; do
 done
 
 q() { python3 -c 'import sys,urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$1"; }
-url="http://127.0.0.1:18491/classic/graph?g0.range_input=$(( secs / 60 + 1 ))m&g0.tab=0&g0.expr=$(q 'modelcache_process_resident_bytes or modelcache_cache_bytes{tier="ram"} or modelcache_malloc_arena_bytes or modelcache_malloc_free_bytes')&g1.range_input=$(( secs / 60 + 1 ))m&g1.tab=0&g1.expr=$(q 'modelcache_malloc_fragmentation_ratio')"
+r="$(( secs / 60 + 1 ))m"
+url="http://127.0.0.1:18491/classic/graph?g0.range_input=$r&g0.tab=0&g0.expr=$(q 'modelcache_process_resident_bytes or modelcache_cache_bytes{tier="ram"}')"
+url+="&g1.range_input=$r&g1.tab=0&g1.expr=$(q 'label_replace(modelcache_malloc_arena_bytes, "malloc", "arena", "", "") or label_replace(modelcache_malloc_free_bytes, "malloc", "free_held", "", "") or label_replace(modelcache_malloc_mmap_bytes, "malloc", "mmapped", "", "")')"
+url+="&g2.range_input=$r&g2.tab=0&g2.expr=$(q 'modelcache_malloc_fragmentation_ratio')"
 mkdir -p docs
 chromium --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
   --disable-background-networking --disable-component-update --disable-sync \
-  --user-data-dir="$work/chrome" --window-size=1400,1300 --virtual-time-budget=8000 \
+  --user-data-dir="$work/chrome" --window-size=1400,1900 --virtual-time-budget=8000 \
   --screenshot=docs/memory-panels.png "$url" 2>/dev/null
 echo "wrote docs/memory-panels.png"

@@ -6,6 +6,8 @@
 //! models made with diffusers, a LoRA, the malformed-input corpus
 //! (`fixtures/gen_malformed.py` regenerates it) and Grafana's dashboard schema.
 
+pub mod apiserver;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
