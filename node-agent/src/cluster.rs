@@ -222,6 +222,14 @@ impl ClusterAgent {
                 }
                 keep
             });
+            if !released.is_empty() {
+                // Room was freed: placements that failed for want of it try again now.
+                for t in tracked.values_mut() {
+                    if t.report.phase == NodePlacementPhase::Failed {
+                        t.retry_at = Some(now);
+                    }
+                }
+            }
             for (k, d) in &want {
                 let due = match tracked.get(k) {
                     None => true,

@@ -73,7 +73,12 @@ pub struct Stores {
 struct Preemption {
     by: String,
     nodes: Vec<String>,
+    at: Instant,
 }
+
+/// How long a victim's reconcile waits for the watch to show the preemptor's
+/// new placement before deciding anyway.
+const PREEMPTION_SETTLE: Duration = Duration::from_secs(10);
 
 /// State shared by every reconcile.
 pub struct Context {
@@ -165,7 +170,8 @@ pub fn controller(
         .run(reconcile, error_policy, ctx)
         .map(|res| match res {
             Ok((obj, _)) => tracing::debug!(deployment = %obj, "reconciled"),
-            Err(e) => tracing::warn!(error = %e, "reconcile failed"),
+            // error_policy has logged reconcile errors already.
+            Err(e) => tracing::debug!(error = %e, "reconcile failed"),
         })
 }
 
@@ -267,9 +273,7 @@ async fn cleanup(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
             &ListParams::default().labels(&routing::owned_selector(md)),
         )
         .await?;
-    if let Ok(mut p) = ctx.preempted.lock() {
-        p.remove(&key);
-    }
+    lock_preempted(ctx).remove(&key);
     tracing::info!(deployment = %key, "removed Service and EndpointSlices");
     Ok(Action::await_change())
 }
@@ -282,6 +286,31 @@ async fn apply(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
     let cluster = ctx.cluster(&snap);
     let old = md.status.clone().unwrap_or_default();
     let mut conds = Conditions::new(&old.conditions, md.metadata.generation, snap.now);
+
+    // A victim of preemption decides only once the watch shows the preemptor
+    // holding the node; deciding earlier would keep the lost placement.
+    let pending = lock_preempted(ctx).get(&key).cloned();
+    if let Some(p) = pending.filter(|p| p.at.elapsed() < PREEMPTION_SETTLE) {
+        let preemptor = ctx
+            .stores
+            .deployments
+            .state()
+            .into_iter()
+            .find(|d| snapshot::key(d) == p.by);
+        let visible = preemptor.is_some_and(|d| {
+            let placed = d
+                .status
+                .as_ref()
+                .map(|s| s.placements.as_slice())
+                .unwrap_or_default();
+            p.nodes
+                .iter()
+                .all(|n| placed.iter().any(|pl| &pl.node == n))
+        });
+        if !visible {
+            return Ok(Action::requeue(Duration::from_millis(500)));
+        }
+    }
 
     let resolved = snapshot::resolve(md, &snap.model_nodes);
     let assignments = match &resolved {
@@ -434,12 +463,13 @@ async fn schedule(
             .map(|p| p.node.clone())
             .collect();
         tracing::info!(deployment = %key, victim = %victim.key, nodes = ?lost, "preempting lower-priority warm reservations");
-        if let Ok(mut p) = ctx.preempted.lock() {
-            p.insert(
+        {
+            lock_preempted(ctx).insert(
                 victim.key.clone(),
                 Preemption {
                     by: key.clone(),
                     nodes: lost.clone(),
+                    at: Instant::now(),
                 },
             );
         }
@@ -454,28 +484,41 @@ async fn schedule(
     decision
 }
 
+fn lock_preempted(ctx: &Context) -> std::sync::MutexGuard<'_, HashMap<String, Preemption>> {
+    ctx.preempted.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 fn scheduled_condition(conds: &mut Conditions, md: &ModelDeployment, d: &Decision, ctx: &Context) {
     let key = snapshot::key(md);
-    let preemption = ctx.preempted.lock().ok().and_then(|mut p| {
+    let preemption = {
+        let mut p = lock_preempted(ctx);
         if d.unplaced > 0 {
             p.get(&key).cloned()
         } else {
             p.remove(&key)
         }
-    });
+    };
     let serving: Vec<&str> = d
         .assignments
         .iter()
         .filter(|a| a.role == PlacementRole::Serving)
         .map(|a| a.node.as_str())
         .collect();
-    let mut preempted_msg = String::new();
-    if !d.preempted.is_empty() {
-        preempted_msg = format!(
-            "; preempted warm reservations of {}",
-            d.preempted.join(", ")
-        );
-    }
+    // Victims of this deployment: decided now, or earlier and still displaced.
+    let mut victims: Vec<String> = d.preempted.clone();
+    victims.extend(
+        lock_preempted(ctx)
+            .iter()
+            .filter(|(_, p)| p.by == key)
+            .map(|(victim, _)| victim.clone()),
+    );
+    victims.sort();
+    victims.dedup();
+    let preempted_msg = if victims.is_empty() {
+        String::new()
+    } else {
+        format!("; preempted warm reservations of {}", victims.join(", "))
+    };
     match (d.unplaced, preemption) {
         (0, _) if md.spec.replicas == 0 => conds.set(
             "Scheduled",

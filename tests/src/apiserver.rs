@@ -73,15 +73,78 @@ impl Kind {
 }
 
 const KINDS: &[Kind] = &[
-    Kind { group: "", version: "v1", plural: "namespaces", kind: "Namespace", namespaced: false, status_subresource: false },
-    Kind { group: "", version: "v1", plural: "nodes", kind: "Node", namespaced: false, status_subresource: false },
-    Kind { group: "", version: "v1", plural: "services", kind: "Service", namespaced: true, status_subresource: false },
-    Kind { group: "", version: "v1", plural: "events", kind: "Event", namespaced: true, status_subresource: false },
-    Kind { group: "events.k8s.io", version: "v1", plural: "events", kind: "Event", namespaced: true, status_subresource: false },
-    Kind { group: "coordination.k8s.io", version: "v1", plural: "leases", kind: "Lease", namespaced: true, status_subresource: false },
-    Kind { group: "discovery.k8s.io", version: "v1", plural: "endpointslices", kind: "EndpointSlice", namespaced: true, status_subresource: false },
-    Kind { group: "modelcache.io", version: "v1alpha1", plural: "modeldeployments", kind: "ModelDeployment", namespaced: true, status_subresource: true },
-    Kind { group: "modelcache.io", version: "v1alpha1", plural: "modelnodes", kind: "ModelNode", namespaced: false, status_subresource: true },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "namespaces",
+        kind: "Namespace",
+        namespaced: false,
+        status_subresource: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "nodes",
+        kind: "Node",
+        namespaced: false,
+        status_subresource: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "services",
+        kind: "Service",
+        namespaced: true,
+        status_subresource: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
+        plural: "events",
+        kind: "Event",
+        namespaced: true,
+        status_subresource: false,
+    },
+    Kind {
+        group: "events.k8s.io",
+        version: "v1",
+        plural: "events",
+        kind: "Event",
+        namespaced: true,
+        status_subresource: false,
+    },
+    Kind {
+        group: "coordination.k8s.io",
+        version: "v1",
+        plural: "leases",
+        kind: "Lease",
+        namespaced: true,
+        status_subresource: false,
+    },
+    Kind {
+        group: "discovery.k8s.io",
+        version: "v1",
+        plural: "endpointslices",
+        kind: "EndpointSlice",
+        namespaced: true,
+        status_subresource: false,
+    },
+    Kind {
+        group: "modelcache.io",
+        version: "v1alpha1",
+        plural: "modeldeployments",
+        kind: "ModelDeployment",
+        namespaced: true,
+        status_subresource: true,
+    },
+    Kind {
+        group: "modelcache.io",
+        version: "v1alpha1",
+        plural: "modelnodes",
+        kind: "ModelNode",
+        namespaced: false,
+        status_subresource: true,
+    },
 ];
 
 /// How many changes the watch history keeps; older resourceVersions get 410 Gone.
@@ -137,7 +200,10 @@ impl ApiServer {
             (ModelNode::crd(), "modelnodes"),
         ] {
             let idx = KINDS.iter().position(|k| k.plural == plural).expect("kind");
-            validators.insert(idx, CrdValidator::new(&crd, "v1alpha1").expect("CRD schema"));
+            validators.insert(
+                idx,
+                CrdValidator::new(&crd, "v1alpha1").expect("CRD schema"),
+            );
         }
         let server = Arc::new(Server {
             db: Mutex::default(),
@@ -180,7 +246,10 @@ impl ApiServer {
 
     /// Every stored object of a kind.
     pub fn list(&self, plural: &str) -> Vec<Value> {
-        let Some(kind) = KINDS.iter().position(|k| k.plural == plural && k.group != "events.k8s.io") else {
+        let Some(kind) = KINDS
+            .iter()
+            .position(|k| k.plural == plural && k.group != "events.k8s.io")
+        else {
             return Vec::new();
         };
         lock(&self.server.db)
@@ -192,7 +261,9 @@ impl ApiServer {
     }
 
     pub fn requests(&self) -> u64 {
-        self.server.requests.load(std::sync::atomic::Ordering::Relaxed)
+        self.server
+            .requests
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 }
 
@@ -217,15 +288,30 @@ fn status(code: u16, reason: &str, message: String, details: Option<Value>) -> R
         body["details"] = d;
     }
     let code = StatusCode::from_u16(code).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    (code, [("content-type", "application/json")], body.to_string()).into_response()
+    (
+        code,
+        [("content-type", "application/json")],
+        body.to_string(),
+    )
+        .into_response()
 }
 
 fn ok(v: &Value) -> Response {
-    (StatusCode::OK, [("content-type", "application/json")], v.to_string()).into_response()
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 fn created(v: &Value) -> Response {
-    (StatusCode::CREATED, [("content-type", "application/json")], v.to_string()).into_response()
+    (
+        StatusCode::CREATED,
+        [("content-type", "application/json")],
+        v.to_string(),
+    )
+        .into_response()
 }
 
 fn not_found(kind: &Kind, name: &str) -> Response {
@@ -357,13 +443,19 @@ async fn handle(
     headers: HeaderMap,
     body: Bytes,
 ) -> Response {
-    s.requests.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    s.requests
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let path = uri.path();
     if let Some(r) = discovery(path) {
         return r;
     }
     let Some(t) = parse_path(path) else {
-        return status(404, "NotFound", format!("the server could not find the requested resource ({path})"), None);
+        return status(
+            404,
+            "NotFound",
+            format!("the server could not find the requested resource ({path})"),
+            None,
+        );
     };
     let q = query(&uri);
     let body: Option<Value> = if body.is_empty() {
@@ -371,18 +463,32 @@ async fn handle(
     } else {
         match serde_json::from_slice(&body) {
             Ok(v) => Some(v),
-            Err(e) => return status(400, "BadRequest", format!("the body of the request was in an unknown format: {e}"), None),
+            Err(e) => {
+                return status(
+                    400,
+                    "BadRequest",
+                    format!("the body of the request was in an unknown format: {e}"),
+                    None,
+                )
+            }
         }
     };
     let kind = &KINDS[t.kind];
     match (&method, &t.name) {
-        (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => watch(s, t, q).await,
+        (&Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+            watch(s, t, q).await
+        }
         (&Method::GET, None) => list(&s, &t, &q),
-        (&Method::GET, Some(name)) => match lock(&s.db).objects.get(&(t.kind, t.ns.clone(), name.clone())) {
-            Some(obj) if t.sub.as_deref() == Some("scale") => ok(&scale_of(obj)),
-            Some(obj) => ok(obj),
-            None => not_found(kind, name),
-        },
+        (&Method::GET, Some(name)) => {
+            match lock(&s.db)
+                .objects
+                .get(&(t.kind, t.ns.clone(), name.clone()))
+            {
+                Some(obj) if t.sub.as_deref() == Some("scale") => ok(&scale_of(obj)),
+                Some(obj) => ok(obj),
+                None => not_found(kind, name),
+            }
+        }
         (&Method::POST, None) => match body {
             Some(obj) => s.create(&t, obj),
             None => status(400, "BadRequest", "empty body".into(), None),
@@ -417,14 +523,22 @@ async fn handle(
                 .filter(|((k, ns, _), v)| {
                     *k == t.kind
                         && (t.ns.is_empty() || *ns == t.ns)
-                        && q.get("labelSelector").is_none_or(|sel| labels_match(v, sel))
+                        && q.get("labelSelector")
+                            .is_none_or(|sel| labels_match(v, sel))
                 })
                 .map(|(k, _)| k.clone())
                 .collect();
             let items: Vec<Value> = keys.iter().filter_map(|k| s.delete(&mut db, k)).collect();
-            ok(&json!({"apiVersion": kind.api_version(), "kind": format!("{}List", kind.kind), "metadata": {"resourceVersion": db.rv.to_string()}, "items": items}))
+            ok(
+                &json!({"apiVersion": kind.api_version(), "kind": format!("{}List", kind.kind), "metadata": {"resourceVersion": db.rv.to_string()}, "items": items}),
+            )
         }
-        _ => status(405, "MethodNotAllowed", format!("{method} is not supported on {path}"), None),
+        _ => status(
+            405,
+            "MethodNotAllowed",
+            format!("{method} is not supported on {path}"),
+            None,
+        ),
     }
 }
 
@@ -451,26 +565,44 @@ fn discovery(path: &str) -> Option<Response> {
                 v
             })
             .collect();
-        let gv = if group.is_empty() { version.to_string() } else { format!("{group}/{version}") };
-        ok(&json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}))
+        let gv = if group.is_empty() {
+            version.to_string()
+        } else {
+            format!("{group}/{version}")
+        };
+        ok(
+            &json!({"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": gv, "resources": list}),
+        )
     };
     match path.trim_end_matches('/') {
-        "/version" => Some(ok(&json!({"major": "1", "minor": "35", "gitVersion": "v1.35.0-modelcache-emulated", "platform": "linux/amd64"}))),
-        "/api" => Some(ok(&json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}))),
+        "/version" => Some(ok(
+            &json!({"major": "1", "minor": "35", "gitVersion": "v1.35.0-modelcache-emulated", "platform": "linux/amd64"}),
+        )),
+        "/api" => Some(ok(
+            &json!({"kind": "APIVersions", "versions": ["v1"], "serverAddressByClientCIDRs": []}),
+        )),
         "/api/v1" => Some(resources("", "v1")),
         "/apis" => {
-            let mut groups: Vec<(&str, &str)> = KINDS.iter().filter(|k| !k.group.is_empty()).map(|k| (k.group, k.version)).collect();
+            let mut groups: Vec<(&str, &str)> = KINDS
+                .iter()
+                .filter(|k| !k.group.is_empty())
+                .map(|k| (k.group, k.version))
+                .collect();
             groups.dedup();
             let groups: Vec<Value> = groups
                 .iter()
                 .map(|(g, v)| json!({"name": g, "versions": [{"groupVersion": format!("{g}/{v}"), "version": v}], "preferredVersion": {"groupVersion": format!("{g}/{v}"), "version": v}}))
                 .collect();
-            Some(ok(&json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups})))
+            Some(ok(
+                &json!({"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}),
+            ))
         }
         p => {
             let seg: Vec<&str> = p.trim_matches('/').split('/').collect();
             match seg.as_slice() {
-                ["apis", g, v] if KINDS.iter().any(|k| k.group == *g && k.version == *v) => Some(resources(g, v)),
+                ["apis", g, v] if KINDS.iter().any(|k| k.group == *g && k.version == *v) => {
+                    Some(resources(g, v))
+                }
                 _ => None,
             }
         }
@@ -486,8 +618,10 @@ fn list(s: &Server, t: &Target, q: &HashMap<String, String>) -> Response {
         .filter(|((k, ns, _), v)| {
             *k == t.kind
                 && (t.ns.is_empty() || *ns == t.ns)
-                && q.get("labelSelector").is_none_or(|sel| labels_match(v, sel))
-                && q.get("fieldSelector").is_none_or(|sel| fields_match(v, sel))
+                && q.get("labelSelector")
+                    .is_none_or(|sel| labels_match(v, sel))
+                && q.get("fieldSelector")
+                    .is_none_or(|sel| fields_match(v, sel))
         })
         .map(|(_, v)| v.clone())
         .collect();
@@ -500,7 +634,11 @@ fn list(s: &Server, t: &Target, q: &HashMap<String, String>) -> Response {
 async fn watch(s: Arc<Server>, t: Target, q: HashMap<String, String>) -> Response {
     let kind = &KINDS[t.kind];
     let matches = {
-        let (ns, labels, fields) = (t.ns.clone(), q.get("labelSelector").cloned(), q.get("fieldSelector").cloned());
+        let (ns, labels, fields) = (
+            t.ns.clone(),
+            q.get("labelSelector").cloned(),
+            q.get("fieldSelector").cloned(),
+        );
         move |k: usize, obj: &Value| {
             k == t.kind
                 && (ns.is_empty() || obj["metadata"]["namespace"].as_str() == Some(ns.as_str()))
@@ -508,7 +646,10 @@ async fn watch(s: Arc<Server>, t: Target, q: HashMap<String, String>) -> Respons
                 && fields.as_deref().is_none_or(|sel| fields_match(obj, sel))
         }
     };
-    let from: Option<u64> = q.get("resourceVersion").and_then(|v| v.parse().ok()).filter(|v| *v > 0);
+    let from: Option<u64> = q
+        .get("resourceVersion")
+        .and_then(|v| v.parse().ok())
+        .filter(|v| *v > 0);
     let timeout = q
         .get("timeoutSeconds")
         .and_then(|v| v.parse().ok())
@@ -540,13 +681,19 @@ async fn watch(s: Arc<Server>, t: Target, q: HashMap<String, String>) -> Respons
             ),
         }
     };
-    let (tx, body_rx) = futures::channel::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
+    let (tx, body_rx) =
+        futures::channel::mpsc::channel::<Result<Bytes, std::convert::Infallible>>(64);
     let (kind_name, api_version) = (kind.kind, kind.api_version());
     let current_rv = move || lock(&s.db).rv;
     tokio::spawn(async move {
         use futures::SinkExt;
         let mut tx = tx;
-        let line = |ty: &str, obj: &Value| Ok(Bytes::from(format!("{}\n", json!({"type": ty, "object": obj}))));
+        let line = |ty: &str, obj: &Value| {
+            Ok(Bytes::from(format!(
+                "{}\n",
+                json!({"type": ty, "object": obj})
+            )))
+        };
         if gone {
             let st = json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                 "message": "too old resource version", "reason": "Expired", "code": 410});
@@ -587,7 +734,12 @@ async fn watch(s: Arc<Server>, t: Target, q: HashMap<String, String>) -> Respons
             }
         }
     });
-    (StatusCode::OK, [("content-type", "application/json")], Body::from_stream(body_rx)).into_response()
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        Body::from_stream(body_rx),
+    )
+        .into_response()
 }
 
 /// Removes from `live` what `prev` applied and `new` no longer does (lists are atomic).
@@ -644,7 +796,13 @@ impl Server {
         let _ = self.changes.send(change);
     }
 
-    fn invalid(&self, kind: usize, name: &str, obj: &Value, old: Option<&Value>) -> Option<Response> {
+    fn invalid(
+        &self,
+        kind: usize,
+        name: &str,
+        obj: &Value,
+        old: Option<&Value>,
+    ) -> Option<Response> {
         let v = self.validators.get(&kind)?;
         let errors = v.validate(obj, old);
         if errors.is_empty() {
@@ -675,7 +833,11 @@ impl Server {
             _ => return status(422, "Invalid", format!("{} \"\" is invalid: metadata.name: Required value: name or generateName is required", kind.kind), None),
         };
         if kind.namespaced {
-            let ns = meta.get("namespace").and_then(Value::as_str).unwrap_or(&t.ns).to_string();
+            let ns = meta
+                .get("namespace")
+                .and_then(Value::as_str)
+                .unwrap_or(&t.ns)
+                .to_string();
             if ns != t.ns {
                 return status(400, "BadRequest", "the namespace of the provided object does not match the namespace sent on the request".into(), None);
             }
@@ -684,7 +846,12 @@ impl Server {
         meta.insert("name".into(), name.clone().into());
         let key = (t.kind, t.ns.clone(), name.clone());
         if db.objects.contains_key(&key) {
-            return status(409, "AlreadyExists", format!("{} \"{name}\" already exists", kind.resource()), Some(json!({"name": name, "group": kind.group, "kind": kind.plural})));
+            return status(
+                409,
+                "AlreadyExists",
+                format!("{} \"{name}\" already exists", kind.resource()),
+                Some(json!({"name": name, "group": kind.group, "kind": kind.plural})),
+            );
         }
         if kind.status_subresource {
             if let Some(m) = obj.as_object_mut() {
@@ -733,8 +900,16 @@ impl Server {
             Ok(v) => v,
             Err(r) => return r,
         };
-        let sent_rv = incoming["metadata"]["resourceVersion"].as_str().unwrap_or_default();
-        if !ignore_rv && !sent_rv.is_empty() && sent_rv != current["metadata"]["resourceVersion"].as_str().unwrap_or_default() {
+        let sent_rv = incoming["metadata"]["resourceVersion"]
+            .as_str()
+            .unwrap_or_default();
+        if !ignore_rv
+            && !sent_rv.is_empty()
+            && sent_rv
+                != current["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+        {
             return status(
                 409,
                 "Conflict",
@@ -770,7 +945,15 @@ impl Server {
             }
         };
         // What the server owns stays as stored.
-        for k in ["uid", "creationTimestamp", "deletionTimestamp", "namespace", "name", "generation", "resourceVersion"] {
+        for k in [
+            "uid",
+            "creationTimestamp",
+            "deletionTimestamp",
+            "namespace",
+            "name",
+            "generation",
+            "resourceVersion",
+        ] {
             match current["metadata"].get(k) {
                 Some(v) => new["metadata"][k] = v.clone(),
                 None => {
@@ -790,12 +973,15 @@ impl Server {
             return ok(&current);
         }
         if self.validators.contains_key(&t.kind) && new.get("spec") != current.get("spec") {
-            new["metadata"]["generation"] = (current["metadata"]["generation"].as_i64().unwrap_or(0) + 1).into();
+            new["metadata"]["generation"] =
+                (current["metadata"]["generation"].as_i64().unwrap_or(0) + 1).into();
         }
         db.rv += 1;
         new["metadata"]["resourceVersion"] = db.rv.to_string().into();
         let finalized = new["metadata"]["deletionTimestamp"].is_string()
-            && new["metadata"]["finalizers"].as_array().is_none_or(|f| f.is_empty());
+            && new["metadata"]["finalizers"]
+                .as_array()
+                .is_none_or(|f| f.is_empty());
         db.objects.insert(key.clone(), new.clone());
         self.record(&mut db, t.kind, "MODIFIED", new.clone());
         if finalized {
@@ -807,13 +993,25 @@ impl Server {
         ok(&new)
     }
 
-    fn patch(&self, t: &Target, name: &str, content_type: &str, patch: Value, q: &HashMap<String, String>) -> Response {
+    fn patch(
+        &self,
+        t: &Target,
+        name: &str,
+        content_type: &str,
+        patch: Value,
+        q: &HashMap<String, String>,
+    ) -> Response {
         let kind = &KINDS[t.kind];
         let key = (t.kind, t.ns.clone(), name.to_string());
         let is_status = t.sub.as_deref() == Some("status");
         if content_type.starts_with("application/apply-patch") {
             let Some(manager) = q.get("fieldManager").filter(|m| !m.is_empty()).cloned() else {
-                return status(400, "BadRequest", "PATCH requests with apply content type require fieldManager".into(), None);
+                return status(
+                    400,
+                    "BadRequest",
+                    "PATCH requests with apply content type require fieldManager".into(),
+                    None,
+                );
             };
             let exists = lock(&self.db).objects.contains_key(&key);
             if !exists {
@@ -828,7 +1026,10 @@ impl Server {
                 }
                 return r;
             }
-            let prev = lock(&self.db).applied.get(&(key.clone(), manager.clone(), is_status)).cloned();
+            let prev = lock(&self.db)
+                .applied
+                .get(&(key.clone(), manager.clone(), is_status))
+                .cloned();
             let applied = patch.clone();
             let r = self.update(
                 t,
@@ -855,7 +1056,9 @@ impl Server {
                 true,
             );
             if r.status().is_success() {
-                lock(&self.db).applied.insert((key, manager, is_status), applied);
+                lock(&self.db)
+                    .applied
+                    .insert((key, manager, is_status), applied);
             }
             return r;
         }
@@ -866,7 +1069,20 @@ impl Server {
             |current| {
                 let mut doc = if t.sub.as_deref() == Some("scale") { scale_of(current) } else { current.clone() };
                 if json_patch {
-                    let ops: json_patch::Patch = serde_json::from_value(patch).map_err(|e| status(400, "BadRequest", format!("invalid JSON patch: {e}"), None))?;
+                    // As in the API server (evanphx/json-patch), testing a missing path
+                    // for null succeeds: kube-runtime's finalizer helper relies on it.
+                    let ops: Vec<Value> = patch
+                        .as_array()
+                        .cloned()
+                        .unwrap_or_default()
+                        .into_iter()
+                        .filter(|op| {
+                            !(op["op"] == "test"
+                                && op["value"].is_null()
+                                && op["path"].as_str().is_some_and(|p| doc.pointer(p).is_none()))
+                        })
+                        .collect();
+                    let ops: json_patch::Patch = serde_json::from_value(Value::Array(ops)).map_err(|e| status(400, "BadRequest", format!("invalid JSON patch: {e}"), None))?;
                     json_patch::patch(&mut doc, &ops).map_err(|e| status(422, "Invalid", format!("the server rejected our request due to an error in our request: {e}"), None))?;
                 } else {
                     json_patch::merge(&mut doc, &patch);
@@ -880,7 +1096,9 @@ impl Server {
     /// Deletes (or, with finalizers, marks for deletion) and collects what it owned.
     fn delete(&self, db: &mut Db, key: &Key) -> Option<Value> {
         let mut obj = db.objects.get(key)?.clone();
-        let has_finalizers = obj["metadata"]["finalizers"].as_array().is_some_and(|f| !f.is_empty());
+        let has_finalizers = obj["metadata"]["finalizers"]
+            .as_array()
+            .is_some_and(|f| !f.is_empty());
         if has_finalizers {
             if !obj["metadata"]["deletionTimestamp"].is_string() {
                 db.rv += 1;

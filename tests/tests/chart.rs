@@ -24,7 +24,13 @@ fn helm() -> Command {
 /// Renders the chart with `args`; panics with helm's output when it fails.
 fn template(args: &[&str]) -> String {
     let (ok, out) = run(helm()
-        .args(["template", "mc", "--namespace", "modelcache", "--include-crds"])
+        .args([
+            "template",
+            "mc",
+            "--namespace",
+            "modelcache",
+            "--include-crds",
+        ])
         .arg(chart())
         .args(args));
     assert!(ok, "helm template {args:?} failed:\n{out}");
@@ -85,7 +91,10 @@ fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
     }
 
     let (_, _, operator) = docs.iter().find(|(k, _, _)| k == "Deployment").unwrap();
-    assert!(operator.contains("replicas: 2") && operator.contains("- --leader-elect"), "{operator}");
+    assert!(
+        operator.contains("replicas: 2") && operator.contains("- --leader-elect"),
+        "{operator}"
+    );
     assert!(operator.contains("readinessProbe") && operator.contains("livenessProbe"));
 
     let (_, _, agent) = docs.iter().find(|(k, _, _)| k == "DaemonSet").unwrap();
@@ -100,11 +109,22 @@ fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
         "path: /var/lib/modelcache/models",
         "value: \"32Gi\"",
     ] {
-        assert!(agent.contains(want), "agent DaemonSet lacks {want:?}:\n{agent}");
+        assert!(
+            agent.contains(want),
+            "agent DaemonSet lacks {want:?}:\n{agent}"
+        );
     }
     // Every container: non-root, read-only root filesystem, no capabilities.
-    for (kind, name, doc) in docs.iter().filter(|(k, _, _)| k == "Deployment" || k == "DaemonSet") {
-        for want in ["runAsNonRoot: true", "readOnlyRootFilesystem: true", "allowPrivilegeEscalation: false", "drop: [\"ALL\"]"] {
+    for (kind, name, doc) in docs
+        .iter()
+        .filter(|(k, _, _)| k == "Deployment" || k == "DaemonSet")
+    {
+        for want in [
+            "runAsNonRoot: true",
+            "readOnlyRootFilesystem: true",
+            "allowPrivilegeEscalation: false",
+            "drop: [\"ALL\"]",
+        ] {
             assert!(doc.contains(want), "{kind}/{name} lacks {want}");
         }
     }
@@ -114,7 +134,9 @@ fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
         .filter(|(k, n, _)| k == "ConfigMap" && n.contains("dashboard"))
         .collect();
     assert_eq!(dashboards.len(), 4);
-    assert!(dashboards.iter().all(|(_, _, d)| d.contains("grafana_dashboard: \"1\"")));
+    assert!(dashboards
+        .iter()
+        .all(|(_, _, d)| d.contains("grafana_dashboard: \"1\"")));
 }
 
 #[test]
@@ -128,12 +150,27 @@ fn rbac_grants_each_component_only_what_it_uses() {
             .unwrap_or_else(|| panic!("no role {name}"))
     };
     let agent = rules("mc-modelcache-agent");
-    assert!(agent.contains("resources: [\"modeldeployments\"]\n    verbs: [\"get\", \"list\", \"watch\"]"), "agents only read deployments:\n{agent}");
-    assert!(!agent.contains("services") && !agent.contains("endpointslices") && !agent.contains("\"*\""));
+    assert!(
+        agent.contains(
+            "resources: [\"modeldeployments\"]\n    verbs: [\"get\", \"list\", \"watch\"]"
+        ),
+        "agents only read deployments:\n{agent}"
+    );
+    assert!(
+        !agent.contains("services")
+            && !agent.contains("endpointslices")
+            && !agent.contains("\"*\"")
+    );
     let operator = rules("mc-modelcache-operator");
-    assert!(operator.contains("resources: [\"modelnodes\"]\n    verbs: [\"get\", \"list\", \"watch\"]"), "the operator only reads ModelNodes");
+    assert!(
+        operator.contains("resources: [\"modelnodes\"]\n    verbs: [\"get\", \"list\", \"watch\"]"),
+        "the operator only reads ModelNodes"
+    );
     assert!(operator.contains("endpointslices") && operator.contains("modeldeployments/status"));
-    assert!(!yaml.contains("verbs: [\"*\"]") && !yaml.contains("resources: [\"*\"]"), "no wildcards");
+    assert!(
+        !yaml.contains("verbs: [\"*\"]") && !yaml.contains("resources: [\"*\"]"),
+        "no wildcards"
+    );
 }
 
 #[test]
@@ -164,10 +201,16 @@ fn non_default_values_render_valid_manifests() {
     assert!(operator.contains("- --bin-pack") && !operator.contains("--leader-elect"));
     // The PrometheusRule carries the same groups promtool tests.
     let (_, _, rule) = docs.iter().find(|(k, _, _)| k == "PrometheusRule").unwrap();
-    assert!(rule.contains("alert: ModelcacheMmapThresholdNotInForce") && rule.contains("{{ $labels.instance }}"));
+    assert!(
+        rule.contains("alert: ModelcacheMmapThresholdNotInForce")
+            && rule.contains("{{ $labels.instance }}")
+    );
     // helm test sends one request to the named deployment's Service.
     let (_, _, pod) = docs.iter().find(|(k, _, _)| k == "Pod").unwrap();
-    assert!(pod.contains("helm.sh/hook: test") && pod.contains("--url=http://sd15.modelcache.svc:8080"), "{pod}");
+    assert!(
+        pod.contains("helm.sh/hook: test") && pod.contains("--url=http://sd15.modelcache.svc:8080"),
+        "{pod}"
+    );
 }
 
 #[test]
@@ -186,7 +229,10 @@ fn bad_values_are_refused_by_the_schema() {
             .arg(chart())
             .args(["--set", set]));
         assert!(!ok, "--set {set} was accepted");
-        assert!(out.contains(why), "--set {set}: expected {why:?} in:\n{out}");
+        assert!(
+            out.contains(why),
+            "--set {set}: expected {why:?} in:\n{out}"
+        );
     }
 }
 
@@ -203,8 +249,14 @@ fn alert_rules_check_and_pass_their_unit_tests() {
     // Every alert has a unit test and tells the reader what to do.
     let rules = std::fs::read_to_string(chart().join("rules/alerts.yaml")).unwrap();
     let tests = std::fs::read_to_string(repo().join("tests/rules/alerts_test.yaml")).unwrap();
-    for name in rules.lines().filter_map(|l| l.trim().strip_prefix("- alert: ")) {
-        assert!(tests.contains(&format!("alertname: {name}")), "{name} has no promtool test");
+    for name in rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("- alert: "))
+    {
+        assert!(
+            tests.contains(&format!("alertname: {name}")),
+            "{name} has no promtool test"
+        );
     }
     assert_eq!(rules.matches("summary:").count(), 7);
     assert_eq!(rules.matches("description:").count(), 7);
@@ -239,10 +291,16 @@ fn dashboards_match_grafanas_schema() {
 
 #[test]
 fn the_chart_ships_the_generated_crds() {
-    for crd in ["modelcache.io_modeldeployments.yaml", "modelcache.io_modelnodes.yaml"] {
+    for crd in [
+        "modelcache.io_modeldeployments.yaml",
+        "modelcache.io_modelnodes.yaml",
+    ] {
         let yaml = template(&[]);
         let committed = std::fs::read_to_string(chart().join("crds").join(crd)).unwrap();
-        let name_line = committed.lines().find(|l| l.trim_start().starts_with("name: ")).unwrap();
+        let name_line = committed
+            .lines()
+            .find(|l| l.trim_start().starts_with("name: "))
+            .unwrap();
         assert!(yaml.contains(name_line.trim()), "{crd} not rendered");
     }
 }

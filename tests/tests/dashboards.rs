@@ -95,15 +95,24 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
         ));
         let api = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let mon = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let addrs = (api.local_addr().unwrap().to_string(), mon.local_addr().unwrap().to_string());
+        let addrs = (
+            api.local_addr().unwrap().to_string(),
+            mon.local_addr().unwrap().to_string(),
+        );
         tokio::spawn(async move { axum::serve(api, api::router(state)).await });
         tokio::spawn(async move { axum::serve(mon, api::metrics_router(metrics)).await });
         addrs
     });
-    let prom = Prometheus::start(&[(&metrics_addr, &[("namespace", "modelcache"), ("node", "n1")])]);
+    let prom = Prometheus::start(&[(
+        &metrics_addr,
+        &[("namespace", "modelcache"), ("node", "n1")],
+    )]);
 
     // Scraping first, so that the rate windows see the counters move.
-    assert!(!prom.wait_for("up == 1", Duration::from_secs(30)).is_empty(), "agent never scraped");
+    assert!(
+        !prom.wait_for("up == 1", Duration::from_secs(30)).is_empty(),
+        "agent never scraped"
+    );
 
     // Serve, switch models (loads, moves, evictions), then overload the queue (429s).
     let req = |model: &str, steps: u32| json!({"model": model, "prompt": "a lighthouse", "size": "64x64", "steps": steps, "seed": 3});
@@ -140,7 +149,11 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
             }
         }
     }
-    assert!(empty.is_empty(), "panels without data:\n{}", empty.join("\n"));
+    assert!(
+        empty.is_empty(),
+        "panels without data:\n{}",
+        empty.join("\n")
+    );
     drop(rt);
 }
 
@@ -149,11 +162,16 @@ fn scheduler_dashboard_queries_parse_and_name_operator_metrics() {
     let dir = tempfile::tempdir().unwrap();
     let mut rules = String::from("groups:\n  - name: scheduler-dashboard\n    rules:\n");
     for (i, (_, expr)) in queries("scheduler").iter().enumerate() {
-        rules.push_str(&format!("      - record: panel:{i}\n        expr: {:?}\n", substitute(expr)));
+        rules.push_str(&format!(
+            "      - record: panel:{i}\n        expr: {:?}\n",
+            substitute(expr)
+        ));
     }
     let file = dir.path().join("panels.yaml");
     std::fs::write(&file, rules).unwrap();
-    let (ok, out) = run(Command::new(tool("promtool")).args(["check", "rules"]).arg(&file));
+    let (ok, out) = run(Command::new(tool("promtool"))
+        .args(["check", "rules"])
+        .arg(&file));
     assert!(ok, "{out}");
     let operator_src = std::fs::read_to_string(repo().join("operator/src/metrics.rs")).unwrap();
     for (title, expr) in queries("scheduler") {
@@ -163,6 +181,9 @@ fn scheduler_dashboard_queries_parse_and_name_operator_metrics() {
             .unwrap()
             .trim_end_matches("_bucket")
             .to_string();
-        assert!(operator_src.contains(&format!("\"{metric}\"")), "{title}: {metric} is not an operator metric");
+        assert!(
+            operator_src.contains(&format!("\"{metric}\"")),
+            "{title}: {metric} is not an operator metric"
+        );
     }
 }
