@@ -180,20 +180,24 @@ struct Server {
     requests: std::sync::atomic::AtomicU64,
 }
 
-/// A running emulated API server. Dropping it stops it.
+/// A running emulated API server, on a thread with its own runtime (so tests
+/// may be sync or async). Dropping it stops it.
 pub struct ApiServer {
     pub url: String,
     server: Arc<Server>,
-    _runtime: tokio::runtime::Runtime,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Drop for ApiServer {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
 }
 
 impl ApiServer {
     pub fn start() -> ApiServer {
-        let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .expect("runtime");
         let mut validators = HashMap::new();
         for (crd, plural) in [
             (ModelDeployment::crd(), "modeldeployments"),
@@ -211,16 +215,32 @@ impl ApiServer {
             validators,
             requests: Default::default(),
         });
-        let listener = runtime
-            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
-            .expect("bind");
-        let url = format!("http://{}", listener.local_addr().expect("addr"));
         let app = Router::new().fallback(handle).with_state(server.clone());
-        runtime.spawn(async move { axum::serve(listener, app).await });
+        let (addr_tx, addr_rx) = std::sync::mpsc::channel();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        std::thread::spawn(move || {
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .expect("runtime");
+            runtime.block_on(async move {
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
+                let _ = addr_tx.send(listener.local_addr().expect("addr"));
+                // Stopping drops the runtime, and with it every open watch.
+                tokio::select! {
+                    _ = axum::serve(listener, app) => {}
+                    _ = stopped => {}
+                }
+            });
+        });
+        let addr = addr_rx.recv().expect("API server thread started");
         ApiServer {
-            url,
+            url: format!("http://{addr}"),
             server,
-            _runtime: runtime,
+            stop: Some(stop),
         }
     }
 

@@ -1,9 +1,9 @@
-//! Every dashboard panel's query, with Grafana's variables substituted, runs
-//! against a real Prometheus server that scrapes a running agent which has
-//! served requests, switched models and shed load; a panel whose query returns
-//! nothing fails. The Scheduler dashboard's queries need a running operator,
-//! which needs an API server: here they are checked to parse (promtool) and
-//! that they name only metrics the operator registers.
+//! Every agent dashboard panel's query, with Grafana's variables substituted,
+//! runs against a real Prometheus server that scrapes a running agent which
+//! has served requests, switched models and shed load; a panel whose query
+//! returns nothing fails. The Scheduler dashboard is checked here to parse
+//! (promtool) and to name only operator metrics; `e2e.rs` runs its queries
+//! against a Prometheus scraping the operator of the end-to-end cluster.
 
 use modelcache_agent::api::{self, AppState, Limits, Queue};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};

@@ -11,7 +11,7 @@
 //! a missing model.
 
 use modelcache_tests::apiserver::ApiServer;
-use modelcache_tests::{free_port, http_get, repo};
+use modelcache_tests::{free_port, http_get, repo, Prometheus};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -105,6 +105,7 @@ struct Cluster {
     kubeconfig: PathBuf,
     dir: tempfile::TempDir,
     operator: Option<Proc>,
+    operator_metrics: u16,
     agents: Vec<(String, u16, u16, Option<Proc>)>,
 }
 
@@ -112,6 +113,7 @@ impl Cluster {
     fn start_operator(&mut self) {
         let dir = self.dir.path().to_path_buf();
         let n = self.operator_starts();
+        self.operator_metrics = free_port();
         let mut cmd = Command::new(binary("modelcache-operator"));
         cmd.args([
             "run",
@@ -122,7 +124,10 @@ impl Cluster {
             "3",
         ])
         .args(["--node-lease-expiry-seconds", "4", "--resync-seconds", "30"])
-        .arg(format!("--metrics-listen=127.0.0.1:{}", free_port()))
+        .arg(format!(
+            "--metrics-listen=127.0.0.1:{}",
+            self.operator_metrics
+        ))
         .arg(format!("--health-listen=127.0.0.1:{}", free_port()))
         .arg(format!("--identity=operator-{n}"))
         .env("KUBECONFIG", &self.kubeconfig)
@@ -395,6 +400,7 @@ fn a_cluster_on_one_machine() {
         kubeconfig,
         dir,
         operator: None,
+        operator_metrics: 0,
         agents: ["n1", "n2", "n3"]
             .iter()
             .map(|n| (n.to_string(), free_port(), free_port(), None))
@@ -599,6 +605,46 @@ fn a_cluster_on_one_machine() {
     assert!(
         msg.contains("sdxl/missing.safetensors") && msg.contains("n1, n2, n3"),
         "{msg}"
+    );
+
+    // The Scheduler dashboard's panels return data from a real Prometheus scraping this operator.
+    let target = format!("127.0.0.1:{}", c.operator_metrics);
+    let prom = Prometheus::start(&[(&target, &[("namespace", "modelcache")])]);
+    assert!(
+        !prom.wait_for("up == 1", Duration::from_secs(30)).is_empty(),
+        "operator never scraped"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let dashboard: Value = serde_json::from_slice(
+        &std::fs::read(repo().join("charts/modelcache/dashboards/scheduler.json")).unwrap(),
+    )
+    .unwrap();
+    let mut empty = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let q = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$namespace", "modelcache");
+            if prom.query(&q).is_empty() {
+                empty.push(format!("{}: {q}", p["title"]));
+            }
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "Scheduler panels without data:\n{}",
+        empty.join("\n")
+    );
+    let unschedulable = prom.query("modelcache_unschedulable_deployments");
+    let reasons: Vec<&str> = unschedulable
+        .iter()
+        .filter_map(|r| r["metric"]["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"model_not_found") && reasons.contains(&"preempted"),
+        "{reasons:?}"
     );
     eprintln!(
         "e2e: the emulated API server answered {} requests",
