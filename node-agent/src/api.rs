@@ -517,6 +517,18 @@ fn params(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
+    // `<name>` in a prompt uses the embedding of that name under the models folder.
+    let mut embeddings: Vec<(String, std::path::PathBuf)> = Vec::new();
+    for name in pipeline::embedding::triggers(&r.prompt)
+        .into_iter()
+        .chain(pipeline::embedding::triggers(&negative_prompt))
+    {
+        if let Some(e) = s.catalog.embedding(&name) {
+            if !embeddings.iter().any(|(n, _)| *n == name) {
+                embeddings.push((name, e.path.clone()));
+            }
+        }
+    }
     Ok(GenerateParams {
         prompt: r.prompt.clone(),
         negative_prompt,
@@ -530,6 +542,7 @@ fn params(
         latents: None,
         clip_skip: clip_skip as usize,
         loras,
+        embeddings,
     })
 }
 

@@ -122,6 +122,15 @@ impl Catalog {
         self.found.values()
     }
 
+    /// The textual inversion embedding a prompt names as `<name>` (file stem, or
+    /// folder of a diffusers `learned_embeds.bin`), if one is under the root.
+    pub fn embedding(&self, name: &str) -> Option<&CatalogEntry> {
+        self.found.values().find(|e| {
+            e.probe.model_type == ModelType::Embedding
+                && crate::pipeline::embedding::trigger_name(&e.path) == name
+        })
+    }
+
     /// A model by its relative path (`model.path`; a trailing `/` or leading `./` is ignored).
     pub fn by_path(&self, rel: &str) -> Option<&CatalogEntry> {
         let rel = rel.trim_start_matches("./").trim_end_matches('/');

@@ -354,6 +354,11 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         latents,
         clip_skip: a.clip_skip,
         loras,
+        embeddings: a
+            .embedding
+            .iter()
+            .map(|p| (pipeline::embedding::trigger_name(p), p.clone()))
+            .collect(),
     };
     // Room for the model's RAM and device copies plus the adapters' device copies.
     let lora_bytes: u64 = p
@@ -631,6 +636,10 @@ struct GenerateArgs {
     /// Number of final CLIP layers to skip.
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// Textual inversion embedding files (or learned_embeds.bin folders), used in
+    /// the prompt as `<name>` where name is the file stem.
+    #[arg(long)]
+    embedding: Vec<PathBuf>,
     /// Architecture of a single-file checkpoint (a diffusers-layout folder).
     #[arg(long)]
     config: Option<PathBuf>,

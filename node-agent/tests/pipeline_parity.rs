@@ -44,6 +44,7 @@ fn params(r: &serde_json::Value, latents: Tensor) -> GenerateParams {
         latents: Some(latents),
         clip_skip: 0,
         loras: Vec::new(),
+        embeddings: Vec::new(),
     }
 }
 
@@ -153,6 +154,7 @@ fn lora_params(weight: f64) -> GenerateParams {
         .into_owned();
     GenerateParams {
         loras: vec![(lora, weight)],
+        embeddings: Vec::new(),
         ..params(&r, latents)
     }
 }

@@ -190,12 +190,38 @@ impl ClipTextModel {
     /// Encodes token ids `[batch, tokens]`. `clip_skip` = number of final layers to
     /// skip (0: use the last layer), as A1111 and diffusers define it.
     pub fn forward(&self, ids: &Tensor, clip_skip: usize) -> Result<TextOutput> {
+        self.forward_with(ids, &[], clip_skip)
+    }
+
+    /// Like [`Self::forward`] for one sequence `[1, tokens]`, with the token
+    /// embeddings at some positions replaced by given vectors `[width]`
+    /// (textual inversion).
+    pub fn forward_with(
+        &self,
+        ids: &Tensor,
+        rows: &[(usize, Tensor)],
+        clip_skip: usize,
+    ) -> Result<TextOutput> {
         let (_, n) = ids.dims2()?;
         let positions = Tensor::arange(0u32, n as u32, ids.device())?;
-        let mut xs = self
-            .token_embedding
-            .forward(ids)?
-            .broadcast_add(&self.position_embedding.forward(&positions)?)?;
+        let mut tokens = self.token_embedding.forward(ids)?;
+        if !rows.is_empty() {
+            let width = tokens.dim(D::Minus1)?;
+            let per_position = (0..n)
+                .map(|j| match rows.iter().find(|(p, _)| *p == j) {
+                    Some((_, v)) if v.dims() == [width] => {
+                        v.to_dtype(tokens.dtype())?.to_device(tokens.device())?.unsqueeze(0)
+                    }
+                    Some((_, v)) => candle_core::bail!(
+                        "an embedding vector of width {:?} does not fit this text encoder's {width}",
+                        v.dims()
+                    ),
+                    None => tokens.i((0, j))?.unsqueeze(0),
+                })
+                .collect::<Result<Vec<_>>>()?;
+            tokens = Tensor::cat(&per_position, 0)?.unsqueeze(0)?;
+        }
+        let mut xs = tokens.broadcast_add(&self.position_embedding.forward(&positions)?)?;
         let mask = Self::causal_mask(n, xs.dtype(), ids.device())?;
         let keep = self.layers.len().saturating_sub(clip_skip).max(1);
         let mut states = Vec::with_capacity(self.layers.len());

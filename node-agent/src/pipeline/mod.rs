@@ -4,6 +4,7 @@
 //! Every weight comes from the cache; components are separate cache entries.
 
 pub mod clip;
+pub mod embedding;
 pub mod image;
 pub mod lora;
 pub mod rng;
@@ -232,6 +233,8 @@ pub struct GenerateParams {
     pub clip_skip: usize,
     /// LoRA-family adapters (cache keys: safetensors paths) and their weights.
     pub loras: Vec<(String, f64)>,
+    /// Textual inversion embeddings the prompts may use as `<name>`: (name, file).
+    pub embeddings: Vec<(String, std::path::PathBuf)>,
 }
 
 impl Default for GenerateParams {
@@ -249,6 +252,7 @@ impl Default for GenerateParams {
             latents: None,
             clip_skip: 0,
             loras: Vec::new(),
+            embeddings: Vec::new(),
         }
     }
 }
@@ -305,20 +309,59 @@ pub fn encode_text(
         .map_err(lora_err)?;
     let encoder = ClipTextModel::new(vb, &model.text)?;
     let device = &te.device;
-    let ids = |text: &str| -> Result<Tensor, PipelineError> {
-        let ids = model
+    // Only the embeddings a prompt names are read.
+    let used: Vec<&(String, std::path::PathBuf)> = p
+        .embeddings
+        .iter()
+        .filter(|(name, _)| {
+            let t = format!("<{name}>");
+            p.prompt.contains(&t) || p.negative_prompt.contains(&t)
+        })
+        .collect();
+    let tis = used
+        .iter()
+        .map(|(name, path)| embedding::load(name, path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(PipelineError::Invalid)?;
+    let width = model.text.hidden_size;
+    if let Some(ti) = tis.iter().find(|t| t.vectors.dims().get(1) != Some(&width)) {
+        return Err(PipelineError::Invalid(format!(
+            "embedding {:?} was trained for token dimension {} but the model has {width}",
+            ti.name,
+            ti.vectors.dims().get(1).copied().unwrap_or(0)
+        )));
+    }
+    let names: Vec<&str> = tis.iter().map(|t| t.name.as_str()).collect();
+    let sizes: Vec<usize> = tis.iter().map(|t| t.vectors.dims()[0]).collect();
+    let encode = |text: &str| -> Result<Tensor, PipelineError> {
+        let parts = embedding::split(text, &names);
+        if !parts
+            .iter()
+            .any(|p| matches!(p, embedding::Part::Embedding(_)))
+        {
+            let ids = model
+                .tokenizer
+                .encode(text)
+                .map_err(PipelineError::Invalid)?;
+            let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+            return Ok(encoder.forward(&ids, p.clip_skip)?.hidden);
+        }
+        let (ids, slots) = model
             .tokenizer
-            .encode(text)
+            .encode_parts(&parts, &sizes)
             .map_err(PipelineError::Invalid)?;
-        Ok(Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
+        let rows = slots
+            .iter()
+            .map(|(pos, ti, k)| Ok((*pos, tis[*ti].vectors.get(*k)?)))
+            .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+        Ok(encoder.forward_with(&ids, &rows, p.clip_skip)?.hidden)
     };
-    let cond = encoder.forward(&ids(&p.prompt)?, p.clip_skip)?.hidden;
+    let cond = encode(&p.prompt)?;
     if p.guidance_scale <= 1.0 {
         return Ok(cond);
     }
-    let uncond = encoder
-        .forward(&ids(&p.negative_prompt)?, p.clip_skip)?
-        .hidden;
+    let uncond = encode(&p.negative_prompt)?;
     Ok(Tensor::cat(&[uncond, cond], 0)?)
 }
 

@@ -4,6 +4,9 @@
 use std::path::Path;
 use tokenizers::Tokenizer;
 
+/// Where an embedding vector goes: (token position, embedding index, vector index).
+pub type VectorSlot = (usize, usize, usize);
+
 /// A CLIP tokenizer padded or cut to the text encoder's length.
 pub struct ClipTokenizer {
     tok: Tokenizer,
@@ -109,6 +112,53 @@ impl ClipTokenizer {
         }
         ids.resize(self.max_len, self.pad_id);
         Ok(ids)
+    }
+
+    /// Token ids of a prompt split into text and embedding parts: text is
+    /// tokenized as usual, each embedding takes `sizes[i]` positions (filled
+    /// with a placeholder id). Returns the ids, cut and padded like
+    /// [`Self::encode`], and the positions of each embedding's vectors.
+    pub fn encode_parts(
+        &self,
+        parts: &[super::embedding::Part],
+        sizes: &[usize],
+    ) -> Result<(Vec<u32>, Vec<VectorSlot>), String> {
+        use super::embedding::Part;
+        let framed = self
+            .tok
+            .encode("", true)
+            .map_err(|e| format!("tokenizing the prompt: {e}"))?;
+        let bos = framed.get_ids().first().copied().unwrap_or(self.eos_id);
+        let mut ids = vec![bos];
+        let mut slots = Vec::new();
+        for part in parts {
+            match part {
+                Part::Text(t) => ids.extend(
+                    self.tok
+                        .encode(*t, false)
+                        .map_err(|e| format!("tokenizing the prompt: {e}"))?
+                        .get_ids(),
+                ),
+                Part::Embedding(i) => {
+                    for k in 0..sizes.get(*i).copied().unwrap_or(0) {
+                        // Any id but EOS: the pooled output is taken at the first EOS.
+                        slots.push((ids.len(), *i, k));
+                        ids.push(0);
+                    }
+                }
+            }
+        }
+        ids.push(self.eos_id);
+        if ids.len() > self.max_len {
+            ids.truncate(self.max_len);
+            if let Some(last) = ids.last_mut() {
+                *last = self.eos_id;
+            }
+            let max = self.max_len - 1;
+            slots.retain(|(pos, _, _)| *pos < max);
+        }
+        ids.resize(self.max_len, self.pad_id);
+        Ok((ids, slots))
     }
 
     /// Number of tokens `text` has before cutting (for prompt-length limits).
