@@ -397,6 +397,44 @@ fn tiny_cache() -> ModelCache {
     ModelCache::new(cfg, Box::new(DiskLoader), None)
 }
 
+/// diffusers' seconds per step for the same measurement, when
+/// `MODELCACHE_DIFFUSERS_PYTHON` names a Python with torch and diffusers
+/// (scripts/diffusers-venv.sh); the reference column and ratio then follow.
+fn diffusers_step(args: &[&str]) -> Option<f64> {
+    let python = std::env::var_os("MODELCACHE_DIFFUSERS_PYTHON")?;
+    let script = fixtures().join("../../scripts/diffusers_step_bench.py");
+    let out = std::process::Command::new(python)
+        .arg(script)
+        .args(args)
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        eprintln!(
+            "diffusers benchmark failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(
+        out.stdout
+            .split(|b| *b == b'\n')
+            .find(|l| l.starts_with(b"{"))?,
+    )
+    .ok()?;
+    v["step_s"].as_f64()
+}
+
+fn versus_diffusers(ours: f64, theirs: Option<f64>, unit_ms: bool) -> (String, Option<f64>) {
+    match theirs {
+        Some(d) if unit_ms => (format!("diffusers {:.2} ms", d * 1e3), Some(ours / d)),
+        Some(d) => (format!("diffusers {d:.1} s"), Some(ours / d)),
+        None => (
+            "diffusers: set MODELCACHE_DIFFUSERS_PYTHON to measure".into(),
+            None,
+        ),
+    }
+}
+
 fn bench_pipeline() {
     header("Pipeline (issue 5)");
     let cache = tiny_cache();
@@ -418,11 +456,18 @@ fn bench_pipeline() {
         median((0..5).map(|_| step(2)).collect()),
         median((0..5).map(|_| step(22)).collect()),
     );
+    let ours = (b - a) / 20.0;
+    let fixture = fixtures().join("tiny-sd1");
+    let (reference, ratio) = versus_diffusers(
+        ours,
+        diffusers_step(&["tiny", &fixture.to_string_lossy()]),
+        true,
+    );
     row(
         "denoising step, tiny-sd1 at 64×64 (CFG batch 2)",
-        format!("{:.2} ms", (b - a) / 20.0 * 1e3),
-        "diffusers: not measured (no PyTorch wheel here)".into(),
-        None,
+        format!("{:.2} ms", ours * 1e3),
+        reference,
+        ratio,
         "<= 1.0x diffusers",
     );
 }
@@ -447,11 +492,14 @@ fn bench_sd15() {
     let ctx = candle_core::Tensor::zeros((2, 77, 768), DType::F32, &Device::Cpu).unwrap();
     let t = Instant::now();
     unet.forward(&x, 500.0, &ctx).unwrap();
+    let ours = t.elapsed().as_secs_f64();
+    drop((unet, map));
+    let (reference, ratio) = versus_diffusers(ours, diffusers_step(&["sd15"]), false);
     row(
         "denoising step, SD 1.5 UNet at 512×512 (CFG batch 2, f32, CPU)",
-        format!("{:.1} s", t.elapsed().as_secs_f64()),
-        "diffusers: not measured (no PyTorch wheel here)".into(),
-        None,
+        format!("{ours:.1} s"),
+        reference,
+        ratio,
         "<= 1.0x diffusers",
     );
 }

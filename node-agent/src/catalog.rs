@@ -137,6 +137,15 @@ impl Catalog {
         self.found.get(rel)
     }
 
+    /// The pipeline of a model that has been opened, if it has.
+    pub fn opened(&self, name: &str) -> Option<Arc<DiffusersModel>> {
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(name)
+            .cloned()
+    }
+
     /// Cache key of a component of a model that has been opened, if it has.
     pub fn opened_component(&self, name: &str, component: &str) -> Option<String> {
         self.opened

@@ -25,9 +25,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
-/// Components warmed for a deployment (the cache holds each separately).
-const COMPONENTS: [&str; 3] = ["text_encoder", "unet", "vae"];
-
 /// Settings from the command line and the downward API.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -336,9 +333,10 @@ impl ClusterAgent {
         if still_warm {
             return;
         }
-        for c in COMPONENTS {
-            if let Some(key) = self.state.catalog.opened_component(model, c) {
+        if let Some(m) = self.state.catalog.opened(model) {
+            for c in m.components() {
                 // Evictable again; LRU decides when the bytes go.
+                let key = m.component(c);
                 self.state.cache.unpin(&key, TierKind::Ram);
                 self.state.cache.unpin(&key, TierKind::Device);
             }
@@ -386,16 +384,17 @@ impl ClusterAgent {
         let now = Timestamp::now();
         let entries = s.cache.entries();
         let mut models: Vec<ResidentModel> = Vec::new();
-        for (name, rel) in s.catalog.found().filter_map(|e| {
-            s.catalog
-                .opened_component(&e.name, "unet")
-                .map(|_| (e.name.clone(), e.rel_path.clone()))
-        }) {
+        for (model, rel) in s
+            .catalog
+            .found()
+            .filter_map(|e| s.catalog.opened(&e.name).map(|m| (m, e.rel_path.clone())))
+        {
+            let keys: Vec<String> = model
+                .components()
+                .iter()
+                .map(|c| model.component(c))
+                .collect();
             for tier in [TierKind::Device, TierKind::Ram] {
-                let keys: Vec<String> = COMPONENTS
-                    .iter()
-                    .filter_map(|c| s.catalog.opened_component(&name, c))
-                    .collect();
                 let here: Vec<_> = entries
                     .iter()
                     .filter(|e| e.tier == tier && !e.loading && keys.contains(&e.key))
@@ -657,7 +656,7 @@ fn prepare(state: &AppState, d: &Desired) -> Result<Prepared, String> {
         WarmTier::Vram => Some(TierKind::Device),
     };
     if let Some(t) = tier {
-        for c in COMPONENTS {
+        for c in model.components() {
             state
                 .cache
                 .warm(&model.component(c), t)

@@ -235,7 +235,9 @@ impl ClipTextModel {
         } else {
             self.final_layer_norm.forward(&states[keep - 1])?
         };
-        let penultimate = states[states.len().saturating_sub(2)].clone();
+        // SDXL conditions on the hidden states before the last layer (no final
+        // norm), `clip_skip` layers further back.
+        let penultimate = states[states.len().saturating_sub(2 + clip_skip)].clone();
         // Pool at the first EOS token (or the highest id, as CLIP's original code does).
         let eos_pos = match self.config.eos_token_id {
             Some(eos) => ids.eq(eos)?.to_dtype(DType::U32)?.argmax(D::Minus1)?,

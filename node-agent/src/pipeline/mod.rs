@@ -64,6 +64,10 @@ pub struct DiffusersModel {
     text: ClipConfig,
     schedule: ScheduleConfig,
     tokenizer: tokenizer::ClipTokenizer,
+    /// SDXL's second text encoder (with projection) and its tokenizer.
+    text2: Option<(ClipConfig, tokenizer::ClipTokenizer)>,
+    /// SDXL: an empty negative prompt conditions on zeros, not on "".
+    force_zeros_for_empty_prompt: bool,
 }
 
 fn usize_list(v: &Value, n: usize) -> Option<Vec<usize>> {
@@ -98,12 +102,27 @@ pub fn unet_config(v: &Value) -> Result<unet_2d::UNet2DConditionModelConfig, Str
             "unet attention_head_dim / transformer_layers_per_block do not match the blocks".into(),
         );
     }
-    if v["addition_embed_type"].as_str().is_some() || v["class_embed_type"].as_str().is_some() {
-        return Err(
-            "UNets with added time/text embeddings (SDXL) are not supported by this agent yet"
-                .into(),
-        );
+    if v["class_embed_type"].as_str().is_some() {
+        return Err("UNets with class embeddings are not supported".into());
     }
+    let addition = match v["addition_embed_type"].as_str() {
+        None => None,
+        Some("text_time") => Some(unet_2d::AdditionConfig {
+            time_embed_dim: v["addition_time_embed_dim"]
+                .as_u64()
+                .ok_or("unet config.json lacks addition_time_embed_dim")?
+                as usize,
+            input_dim: v["projection_class_embeddings_input_dim"]
+                .as_u64()
+                .ok_or("unet config.json lacks projection_class_embeddings_input_dim")?
+                as usize,
+        }),
+        Some(other) => {
+            return Err(format!(
+                "UNet addition_embed_type {other:?} is not supported (only SDXL's text_time)"
+            ))
+        }
+    };
     let blocks = (0..n)
         .map(|i| unet_2d::BlockConfig {
             out_channels: channels[i],
@@ -126,6 +145,7 @@ pub fn unet_config(v: &Value) -> Result<unet_2d::UNet2DConditionModelConfig, Str
             .ok_or("unet config.json lacks cross_attention_dim")?,
         sliced_attention_size: None,
         use_linear_projection: v["use_linear_projection"].as_bool().unwrap_or(false),
+        addition,
     })
 }
 
@@ -183,6 +203,32 @@ impl DiffusersModel {
         let tokenizer =
             tokenizer::ClipTokenizer::load(&dir.join("tokenizer"), text.max_position_embeddings)
                 .map_err(|e| model_err(dir, e))?;
+        let text2 = if dir.join("text_encoder_2/config.json").exists() {
+            let c = ClipConfig::from_json(&cfg("text_encoder_2/config.json")?)
+                .map_err(|e| model_err(dir, e))?;
+            if c.projection_dim.is_none() {
+                return Err(model_err(
+                    dir,
+                    "text_encoder_2 is not a CLIPTextModelWithProjection (SDXL needs its pooled, projected output)",
+                ));
+            }
+            let t =
+                tokenizer::ClipTokenizer::load(&dir.join("tokenizer_2"), c.max_position_embeddings)
+                    .map_err(|e| model_err(dir, e))?;
+            Some((c, t))
+        } else {
+            None
+        };
+        if unet.addition.is_some() != text2.is_some() {
+            return Err(model_err(
+                dir,
+                "the UNet's added text/time embeddings and a second text encoder go together (SDXL); this folder has one without the other",
+            ));
+        }
+        let force_zeros_for_empty_prompt = read_json(&dir.join("model_index.json"))
+            .ok()
+            .and_then(|v| v["force_zeros_for_empty_prompt"].as_bool())
+            .unwrap_or(false);
         if tokenizer.vocab_size() > text.vocab_size {
             return Err(model_err(
                 dir,
@@ -199,7 +245,18 @@ impl DiffusersModel {
             text,
             schedule,
             tokenizer,
+            text2,
+            force_zeros_for_empty_prompt,
         })
+    }
+
+    /// The components a generation loads, each a cache entry.
+    pub fn components(&self) -> Vec<&'static str> {
+        let mut c = vec!["text_encoder", "unet", "vae"];
+        if self.text2.is_some() {
+            c.insert(1, "text_encoder_2");
+        }
+        c
     }
 
     /// Cache key of a component.
@@ -295,9 +352,102 @@ fn lora_err(e: lora::LoraError) -> PipelineError {
     PipelineError::Invalid(e.to_string())
 }
 
+/// What the UNet is conditioned on: the context `[2, tokens, dim]` (negative
+/// first; `[1, …]` without guidance) and, for SDXL, the pooled text embeddings
+/// `[2 or 1, width]`.
+pub struct Conditioning {
+    pub context: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
 /// Encodes prompt and negative prompt into the UNet context `[2, tokens, dim]`
 /// (negative first), or `[1, …]` without guidance.
 pub fn encode_text(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+) -> Result<Tensor, PipelineError> {
+    Ok(encode(cache, model, p)?.context)
+}
+
+/// SDXL's conditioning: each prompt through both text encoders, their
+/// penultimate hidden states side by side, and the second's projected pooled
+/// output (diffusers' `encode_prompt`). An empty negative prompt is zeros when
+/// the pipeline says `force_zeros_for_empty_prompt`.
+fn encode_sdxl(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+    (text2, tokenizer2): &(ClipConfig, tokenizer::ClipTokenizer),
+) -> Result<Conditioning, PipelineError> {
+    if p.embeddings.iter().any(|(name, _)| {
+        let t = format!("<{name}>");
+        p.prompt.contains(&t) || p.negative_prompt.contains(&t)
+    }) {
+        return Err(PipelineError::Invalid(
+            "textual inversion embeddings are not supported with SDXL models yet".into(),
+        ));
+    }
+    let adapters = adapters(cache, p)?;
+    let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
+    let te1 = cache.get_device(&model.component("text_encoder"))?;
+    let te2 = cache.get_device(&model.component("text_encoder_2"))?;
+    let vb1 = lora::var_builder(&te1.tensors, te1.dtype, &te1.device, "lora_te1_", &refs)
+        .map_err(lora_err)?;
+    let vb2 = lora::var_builder(&te2.tensors, te2.dtype, &te2.device, "lora_te2_", &refs)
+        .map_err(lora_err)?;
+    let enc1 = ClipTextModel::new(vb1, &model.text)?;
+    let enc2 = ClipTextModel::new(vb2, text2)?;
+    let device = &te1.device;
+    let encode = |text: &str| -> Result<(Tensor, Tensor), PipelineError> {
+        let ids = |t: &tokenizer::ClipTokenizer| -> Result<Tensor, PipelineError> {
+            let ids = t.encode(text).map_err(PipelineError::Invalid)?;
+            Ok(Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
+        };
+        let a = enc1.forward(&ids(&model.tokenizer)?, p.clip_skip)?;
+        let b = enc2.forward(&ids(tokenizer2)?, p.clip_skip)?;
+        let context = Tensor::cat(
+            &[&a.penultimate, &b.penultimate.to_device(device)?],
+            candle_core::D::Minus1,
+        )?;
+        Ok((context, b.pooled))
+    };
+    let (cond, pooled) = encode(&p.prompt)?;
+    if p.guidance_scale <= 1.0 {
+        return Ok(Conditioning {
+            context: cond,
+            pooled: Some(pooled),
+        });
+    }
+    let (uncond, uncond_pooled) =
+        if p.negative_prompt.is_empty() && model.force_zeros_for_empty_prompt {
+            (cond.zeros_like()?, pooled.zeros_like()?)
+        } else {
+            encode(&p.negative_prompt)?
+        };
+    Ok(Conditioning {
+        context: Tensor::cat(&[uncond, cond], 0)?,
+        pooled: Some(Tensor::cat(&[uncond_pooled, pooled], 0)?),
+    })
+}
+
+/// Encodes prompt and negative prompt (see [`Conditioning`]).
+pub fn encode(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+) -> Result<Conditioning, PipelineError> {
+    if let Some(text2) = &model.text2 {
+        return encode_sdxl(cache, model, p, text2);
+    }
+    let context = encode_sd(cache, model, p)?;
+    Ok(Conditioning {
+        context,
+        pooled: None,
+    })
+}
+
+fn encode_sd(
     cache: &ModelCache,
     model: &DiffusersModel,
     p: &GenerateParams,
@@ -373,8 +523,18 @@ pub fn generate(
     progress: Progress,
 ) -> Result<Vec<Image>, PipelineError> {
     check_params(p)?;
-    let context = encode_text(cache, model, p)?;
+    let Conditioning { context, pooled } = encode(cache, model, p)?;
     let guided = context.dim(0)? == 2;
+    // SDXL's time ids: original size, crop top-left (0, 0), target size.
+    let added = match pooled {
+        Some(pooled) => {
+            let (h, w) = (p.height as f32, p.width as f32);
+            let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &Device::Cpu)?;
+            let ids = ids.repeat((pooled.dim(0)?, 1))?;
+            Some((pooled, ids))
+        }
+        None => None,
+    };
     let unet_guard = cache.get_device(&model.component("unet"))?;
     let device: Device = unet_guard.device.clone();
     let dtype = unet_guard.dtype;
@@ -384,6 +544,13 @@ pub fn generate(
         .map_err(lora_err)?;
     let unet = unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, model.unet.clone())?;
     let context = context.to_dtype(dtype)?;
+    let added = match added {
+        Some((pooled, ids)) => Some((
+            pooled.to_device(&device)?.to_dtype(dtype)?,
+            ids.to_device(&device)?.to_dtype(dtype)?,
+        )),
+        None => None,
+    };
     let (lh, lw) = (p.height / 8, p.width / 8);
     let mut latents_out = Vec::with_capacity(p.n);
     for i in 0..p.n {
@@ -416,9 +583,13 @@ pub fn generate(
             } else {
                 inp
             };
-            let noise = unet
-                .forward(&inp.to_dtype(dtype)?, t as f64, &context)?
-                .to_dtype(DType::F32)?;
+            let noise = match &added {
+                Some((pooled, ids)) => {
+                    unet.forward_with_added(&inp.to_dtype(dtype)?, t as f64, &context, pooled, ids)?
+                }
+                None => unet.forward(&inp.to_dtype(dtype)?, t as f64, &context)?,
+            }
+            .to_dtype(DType::F32)?;
             let noise = if guided {
                 let (u, c) = (noise.narrow(0, 0, 1)?, noise.narrow(0, 1, 1)?);
                 (&u + ((c - &u)? * p.guidance_scale)?)?

@@ -32,6 +32,19 @@ pub struct UNet2DConditionModelConfig {
     pub cross_attention_dim: usize,
     pub sliced_attention_size: Option<usize>,
     pub use_linear_projection: bool,
+    /// SDXL's added conditioning (`addition_embed_type: text_time`).
+    pub addition: Option<AdditionConfig>,
+}
+
+/// SDXL's added text and time embeddings: the pooled text embedding and six
+/// size/crop numbers, each projected to `time_embed_dim` sinusoids, go through
+/// `add_embedding` and are added to the timestep embedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdditionConfig {
+    /// `addition_time_embed_dim`: sinusoid width per time id.
+    pub time_embed_dim: usize,
+    /// `projection_class_embeddings_input_dim`: pooled width + 6 × time_embed_dim.
+    pub input_dim: usize,
 }
 
 impl Default for UNet2DConditionModelConfig {
@@ -70,6 +83,7 @@ impl Default for UNet2DConditionModelConfig {
             cross_attention_dim: 1280,
             sliced_attention_size: None,
             use_linear_projection: false,
+            addition: None,
         }
     }
 }
@@ -91,6 +105,8 @@ pub struct UNet2DConditionModel {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
+    add_time_proj: Option<Timesteps>,
+    add_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
@@ -122,6 +138,21 @@ impl UNet2DConditionModel {
         let time_proj = Timesteps::new(b_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding =
             TimestepEmbedding::new(vs.pp("time_embedding"), b_channels, time_embed_dim)?;
+        let (add_time_proj, add_embedding) = match config.addition {
+            Some(a) => (
+                Some(Timesteps::new(
+                    a.time_embed_dim,
+                    config.flip_sin_to_cos,
+                    config.freq_shift,
+                )),
+                Some(TimestepEmbedding::new(
+                    vs.pp("add_embedding"),
+                    a.input_dim,
+                    time_embed_dim,
+                )?),
+            ),
+            None => (None, None),
+        };
 
         let vs_db = vs.pp("down_blocks");
         let down_blocks = (0..n_blocks)
@@ -286,6 +317,8 @@ impl UNet2DConditionModel {
             conv_in,
             time_proj,
             time_embedding,
+            add_time_proj,
+            add_embedding,
             down_blocks,
             mid_block,
             up_blocks,
@@ -303,7 +336,35 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        self.forward_with_additional_residuals(xs, timestep, encoder_hidden_states, None, None)
+        self.forward_with_additional_residuals(
+            xs,
+            timestep,
+            encoder_hidden_states,
+            None,
+            None,
+            None,
+        )
+    }
+
+    /// SDXL: with the pooled text embeddings `[batch, pooled]` and the time ids
+    /// `[batch, 6]` (original size, crop top-left, target size).
+    pub fn forward_with_added(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        text_embeds: &Tensor,
+        time_ids: &Tensor,
+    ) -> Result<Tensor> {
+        let _enter = self.span.enter();
+        self.forward_with_additional_residuals(
+            xs,
+            timestep,
+            encoder_hidden_states,
+            None,
+            None,
+            Some((text_embeds, time_ids)),
+        )
     }
 
     pub fn forward_with_additional_residuals(
@@ -313,6 +374,7 @@ impl UNet2DConditionModel {
         encoder_hidden_states: &Tensor,
         down_block_additional_residuals: Option<&[Tensor]>,
         mid_block_additional_residual: Option<&Tensor>,
+        added: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
         let (bsize, _channels, height, width) = xs.dims4()?;
         let device = xs.device();
@@ -331,6 +393,19 @@ impl UNet2DConditionModel {
         let emb = (Tensor::ones(bsize, xs.dtype(), device)? * timestep)?;
         let emb = self.time_proj.forward(&emb)?;
         let emb = self.time_embedding.forward(&emb)?;
+        let emb = match (&self.add_time_proj, &self.add_embedding, added) {
+            (Some(proj), Some(embed), Some((text_embeds, time_ids))) => {
+                let time = proj
+                    .forward(&time_ids.flatten_all()?.to_dtype(emb.dtype())?)?
+                    .reshape((bsize, ()))?;
+                let add = Tensor::cat(&[&text_embeds.to_dtype(emb.dtype())?, &time], 1)?;
+                (emb + embed.forward(&add)?)?
+            }
+            (Some(_), _, None) => {
+                candle_core::bail!("this UNet (SDXL) needs pooled text embeddings and time ids")
+            }
+            _ => emb,
+        };
         // 2. pre-process
         let xs = self.conv_in.forward(&xs)?;
         // 3. down

@@ -1,0 +1,95 @@
+//! SDXL: two text encoders (the second's pooled, projected output), the UNet's
+//! added text/time embeddings and `force_zeros_for_empty_prompt`, against
+//! diffusers' own runs of tests/fixtures/tiny-sdxl (`gen_tiny_sdxl.py`), held
+//! within 1e-3 per pixel of the float64 run.
+
+use candle_core::Device;
+use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
+use modelcache_crds::{BaseModel, SchedulerKind};
+use std::path::{Path, PathBuf};
+
+fn fixture() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sdxl")
+}
+
+fn run(negative: &str) -> Vec<f32> {
+    let f = fixture();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
+    let latents =
+        candle_core::safetensors::load(f.join("reference_latents.safetensors"), &Device::Cpu)
+            .unwrap()
+            .remove("latents")
+            .unwrap();
+    let model = DiffusersModel::open(&f).unwrap();
+    assert_eq!(model.base, BaseModel::Sdxl);
+    assert_eq!(
+        model.components(),
+        ["text_encoder", "text_encoder_2", "unet", "vae"]
+    );
+    let cache = ModelCache::new(
+        CacheConfig::cpu(64 << 20, 64 << 20),
+        Box::new(DiskLoader),
+        None,
+    );
+    let p = GenerateParams {
+        prompt: r["prompt"].as_str().unwrap().into(),
+        negative_prompt: negative.into(),
+        steps: r["steps"].as_u64().unwrap() as usize,
+        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
+        width: 64,
+        height: 64,
+        scheduler: SchedulerKind::Ddim,
+        latents: Some(latents),
+        ..Default::default()
+    };
+    pipeline::generate(&cache, &model, &p, &|_, _, _| true)
+        .unwrap()
+        .remove(0)
+        .data
+}
+
+fn max_diff(a: &[f32], file: &str) -> f32 {
+    let (_, want) = read_npy(&std::fs::read(fixture().join(file)).unwrap()).unwrap();
+    a.iter()
+        .zip(&want)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn tiny_sdxl_matches_diffusers() {
+    let got = run("a dog");
+    let (exact, fp32) = (
+        max_diff(&got, "reference_image_f64.npy"),
+        max_diff(&got, "reference_image.npy"),
+    );
+    eprintln!(
+        "tiny-sdxl: max abs diff {exact:.2e} from diffusers float64, {fp32:.2e} from float32"
+    );
+    assert!(exact < 1e-3, "{exact}");
+    assert!(fp32 < 1e-3, "{fp32}");
+}
+
+#[test]
+fn an_empty_negative_prompt_conditions_on_zeros() {
+    let got = run("");
+    let d = max_diff(&got, "reference_image_no_negative_f64.npy");
+    eprintln!("tiny-sdxl without negative prompt: max abs diff {d:.2e}");
+    assert!(d < 1e-3, "{d}");
+    // And that is a different image from conditioning on "a dog".
+    assert!(max_diff(&got, "reference_image_f64.npy") > 1e-2);
+}
+
+#[test]
+fn token_ids_of_both_tokenizers_match() {
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture().join("reference.json")).unwrap())
+            .unwrap();
+    for (dir, key) in [("tokenizer", "token_ids"), ("tokenizer_2", "token_ids_2")] {
+        let t = pipeline::tokenizer::ClipTokenizer::load(&fixture().join(dir), 16).unwrap();
+        let want: Vec<u32> = serde_json::from_value(r[key].clone()).unwrap();
+        assert_eq!(t.encode("a red cat").unwrap(), want, "{dir}");
+    }
+}
