@@ -500,14 +500,20 @@ fn params(
             Ok((path.to_string_lossy().into_owned(), weight))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
-    if r.seamless
-        .as_ref()
-        .is_some_and(|v| !v.is_null() && v != &json!(false))
-    {
-        return Err(ApiError::invalid(
-            "seamless tiling is not supported by this agent version",
-        ));
-    }
+    let seamless = match &r.seamless {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {
+            pipeline::unet::conv::Seamless::default()
+        }
+        Some(serde_json::Value::Bool(true)) => pipeline::unet::conv::Seamless { x: true, y: true },
+        Some(serde_json::Value::String(axes)) => {
+            pipeline::unet::conv::Seamless::parse(axes).map_err(ApiError::invalid)?
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "seamless must be true, false, \"x\", \"y\" or \"xy\"",
+            ))
+        }
+    };
     let clip_skip = r.clip_skip.unwrap_or(0);
     if clip_skip > 12 {
         return Err(ApiError::invalid("clip_skip must be from 0 to 12"));
@@ -543,6 +549,7 @@ fn params(
         clip_skip: clip_skip as usize,
         loras,
         embeddings,
+        seamless,
     })
 }
 

@@ -359,6 +359,7 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
             .iter()
             .map(|p| (pipeline::embedding::trigger_name(p), p.clone()))
             .collect(),
+        seamless: a.seamless,
     };
     // Room for the model's RAM and device copies plus the adapters' device copies.
     let lora_bytes: u64 = p
@@ -636,6 +637,9 @@ struct GenerateArgs {
     /// Number of final CLIP layers to skip.
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
+    /// Tile seamlessly along x, y or xy (circular padding in the UNet and VAE).
+    #[arg(long, default_value = "none", value_parser = pipeline::unet::conv::Seamless::parse)]
+    seamless: pipeline::unet::conv::Seamless,
     /// Textual inversion embedding files (or learned_embeds.bin folders), used in
     /// the prompt as `<name>` where name is the file stem.
     #[arg(long)]

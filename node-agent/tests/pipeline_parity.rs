@@ -45,6 +45,7 @@ fn params(r: &serde_json::Value, latents: Tensor) -> GenerateParams {
         clip_skip: 0,
         loras: Vec::new(),
         embeddings: Vec::new(),
+        seamless: Default::default(),
     }
 }
 
@@ -155,6 +156,7 @@ fn lora_params(weight: f64) -> GenerateParams {
     GenerateParams {
         loras: vec![(lora, weight)],
         embeddings: Vec::new(),
+        seamless: Default::default(),
         ..params(&r, latents)
     }
 }

@@ -15,7 +15,6 @@ pub mod unet;
 use crate::cache::{CacheError, ModelCache};
 use crate::store::{self, read_json};
 use candle_core::{DType, Device, Tensor};
-use candle_transformers::models::stable_diffusion::vae;
 use clip::{ClipConfig, ClipTextModel};
 pub use image::Image;
 use modelcache_crds::{BaseModel, ModelVariant, SchedulerKind};
@@ -23,7 +22,9 @@ use rng::NormalRng;
 use scheduler::{ScheduleConfig, Scheduler};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
+use unet::conv::{with_seamless, Net, Seamless};
 use unet::unet_2d;
+use unet::vae::{VaeConfig, VaeDecoder};
 
 /// Why a generation failed.
 #[derive(Debug, thiserror::Error)]
@@ -59,7 +60,7 @@ pub struct DiffusersModel {
     pub base: BaseModel,
     unet: unet_2d::UNet2DConditionModelConfig,
     latent_channels: usize,
-    vae: vae::AutoEncoderKLConfig,
+    vae: VaeConfig,
     scaling_factor: f64,
     text: ClipConfig,
     schedule: ScheduleConfig,
@@ -187,13 +188,12 @@ impl DiffusersModel {
             ));
         }
         let vae_json = cfg("vae/config.json")?;
-        let vae = vae::AutoEncoderKLConfig {
+        let vae = VaeConfig {
             block_out_channels: usize_list(&vae_json["block_out_channels"], 0)
                 .ok_or_else(|| model_err(dir, "vae config.json lacks block_out_channels"))?,
             layers_per_block: vae_json["layers_per_block"].as_u64().unwrap_or(2) as usize,
             latent_channels: vae_json["latent_channels"].as_u64().unwrap_or(4) as usize,
             norm_num_groups: vae_json["norm_num_groups"].as_u64().unwrap_or(32) as usize,
-            use_quant_conv: vae_json["use_quant_conv"].as_bool().unwrap_or(true),
             use_post_quant_conv: vae_json["use_post_quant_conv"].as_bool().unwrap_or(true),
         };
         let text = ClipConfig::from_json(&cfg("text_encoder/config.json")?)
@@ -250,6 +250,11 @@ impl DiffusersModel {
         })
     }
 
+    /// The VAE's architecture, from its config.json.
+    pub fn vae_config(&self) -> &VaeConfig {
+        &self.vae
+    }
+
     /// The components a generation loads, each a cache entry.
     pub fn components(&self) -> Vec<&'static str> {
         let mut c = vec!["text_encoder", "unet", "vae"];
@@ -292,6 +297,8 @@ pub struct GenerateParams {
     pub loras: Vec<(String, f64)>,
     /// Textual inversion embeddings the prompts may use as `<name>`: (name, file).
     pub embeddings: Vec<(String, std::path::PathBuf)>,
+    /// Axes along which the image tiles seamlessly.
+    pub seamless: Seamless,
 }
 
 impl Default for GenerateParams {
@@ -310,6 +317,7 @@ impl Default for GenerateParams {
             clip_skip: 0,
             loras: Vec::new(),
             embeddings: Vec::new(),
+            seamless: Seamless::default(),
         }
     }
 }
@@ -542,7 +550,9 @@ pub fn generate(
     let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
     let vb = lora::var_builder(&unet_guard.tensors, dtype, &device, "lora_unet_", &refs)
         .map_err(lora_err)?;
-    let unet = unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, model.unet.clone())?;
+    let unet = with_seamless(Net::Unet, p.seamless, || {
+        unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, model.unet.clone())
+    })?;
     let context = context.to_dtype(dtype)?;
     let added = match added {
         Some((pooled, ids)) => Some((
@@ -606,7 +616,9 @@ pub fn generate(
     drop(unet);
     drop(unet_guard);
     let vae_guard = cache.get_device(&model.component("vae"))?;
-    let decoder = vae::AutoEncoderKL::new(vae_guard.var_builder(), 3, 3, model.vae.clone())?;
+    let decoder = with_seamless(Net::Vae, p.seamless, || {
+        VaeDecoder::new(vae_guard.var_builder(), 3, &model.vae)
+    })?;
     latents_out
         .into_iter()
         .map(|l| {

@@ -5,10 +5,10 @@
 //! Denoising Diffusion Implicit Models, K. He and al, 2015.
 //! - [Paper](https://arxiv.org/abs/1512.03385)
 //!
+use super::conv::{conv2d, Conv2d, Role};
 use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module;
-use candle_transformers::models::with_tracing::{conv2d, Conv2d};
 
 /// Configuration for a ResNet block.
 #[derive(Debug, Clone, Copy)]
@@ -71,10 +71,24 @@ impl ResnetBlock2D {
             cudnn_fwd_algo: None,
         };
         let norm1 = nn::group_norm(config.groups, in_channels, config.eps, vs.pp("norm1"))?;
-        let conv1 = conv2d(in_channels, out_channels, 3, conv_cfg, vs.pp("conv1"))?;
+        let conv1 = conv2d(
+            in_channels,
+            out_channels,
+            3,
+            conv_cfg,
+            vs.pp("conv1"),
+            Role::Outer,
+        )?;
         let groups_out = config.groups_out.unwrap_or(config.groups);
         let norm2 = nn::group_norm(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
-        let conv2 = conv2d(out_channels, out_channels, 3, conv_cfg, vs.pp("conv2"))?;
+        let conv2 = conv2d(
+            out_channels,
+            out_channels,
+            3,
+            conv_cfg,
+            vs.pp("conv2"),
+            Role::ResnetSecond,
+        )?;
         let use_in_shortcut = config
             .use_in_shortcut
             .unwrap_or(in_channels != out_channels);
@@ -92,6 +106,7 @@ impl ResnetBlock2D {
                 1,
                 conv_cfg,
                 vs.pp("conv_shortcut"),
+                Role::ResnetSecond,
             )?)
         } else {
             None

@@ -2,12 +2,12 @@
 //!
 //! The 2D Unet models take as input a noisy sample and the current diffusion
 //! timestep and return a denoised version of the input.
+use super::conv::{conv2d, Conv2d, Role};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::unet_2d_blocks::*;
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
-use candle_transformers::models::with_tracing::{conv2d, Conv2d};
 
 #[derive(Debug, Clone, Copy)]
 pub struct BlockConfig {
@@ -133,7 +133,14 @@ impl UNet2DConditionModel {
             padding: 1,
             ..Default::default()
         };
-        let conv_in = conv2d(in_channels, b_channels, 3, conv_cfg, vs.pp("conv_in"))?;
+        let conv_in = conv2d(
+            in_channels,
+            b_channels,
+            3,
+            conv_cfg,
+            vs.pp("conv_in"),
+            Role::Outer,
+        )?;
 
         let time_proj = Timesteps::new(b_channels, config.flip_sin_to_cos, config.freq_shift);
         let time_embedding =
@@ -311,7 +318,14 @@ impl UNet2DConditionModel {
             config.norm_eps,
             vs.pp("conv_norm_out"),
         )?;
-        let conv_out = conv2d(b_channels, out_channels, 3, conv_cfg, vs.pp("conv_out"))?;
+        let conv_out = conv2d(
+            b_channels,
+            out_channels,
+            3,
+            conv_cfg,
+            vs.pp("conv_out"),
+            Role::Outer,
+        )?;
         let span = tracing::span!(tracing::Level::TRACE, "unet2d");
         Ok(Self {
             conv_in,

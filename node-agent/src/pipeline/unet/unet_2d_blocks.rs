@@ -3,10 +3,10 @@
 use super::attention::{
     AttentionBlock, AttentionBlockConfig, SpatialTransformer, SpatialTransformerConfig,
 };
+use super::conv::{conv2d, Conv2d, Role};
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
-use candle_transformers::models::with_tracing::{conv2d, Conv2d};
 
 #[derive(Debug)]
 struct Downsample2D {
@@ -29,7 +29,14 @@ impl Downsample2D {
                 padding,
                 ..Default::default()
             };
-            let conv = conv2d(in_channels, out_channels, 3, config, vs.pp("conv"))?;
+            let conv = conv2d(
+                in_channels,
+                out_channels,
+                3,
+                config,
+                vs.pp("conv"),
+                Role::Outer,
+            )?;
             Some(conv)
         } else {
             None
@@ -75,7 +82,14 @@ impl Upsample2D {
             padding: 1,
             ..Default::default()
         };
-        let conv = conv2d(in_channels, out_channels, 3, config, vs.pp("conv"))?;
+        let conv = conv2d(
+            in_channels,
+            out_channels,
+            3,
+            config,
+            vs.pp("conv"),
+            Role::Outer,
+        )?;
         let span = tracing::span!(tracing::Level::TRACE, "upsample2d");
         Ok(Self { conv, span })
     }

@@ -1,0 +1,131 @@
+//! The VAE decoder, adapted from candle-transformers 0.11.1's
+//! `stable_diffusion::vae` (MIT OR Apache-2.0, © the candle authors) onto the
+//! project's blocks so that its convolutions can tile seamlessly. Generation
+//! only decodes, so the encoder is left out.
+
+use super::conv::{conv2d, Conv2d, Role};
+use super::unet_2d_blocks::{
+    UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
+};
+use candle_core::{Module, Result, Tensor};
+use candle_nn as nn;
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct VaeConfig {
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub latent_channels: usize,
+    pub norm_num_groups: usize,
+    pub use_post_quant_conv: bool,
+}
+
+#[derive(Debug)]
+pub struct VaeDecoder {
+    post_quant_conv: Option<Conv2d>,
+    conv_in: Conv2d,
+    mid_block: UNetMidBlock2D,
+    up_blocks: Vec<UpDecoderBlock2D>,
+    conv_norm_out: nn::GroupNorm,
+    conv_out: Conv2d,
+}
+
+impl VaeDecoder {
+    /// `vs` is the VAE's root (`decoder.*`, `post_quant_conv.*`).
+    pub fn new(vs: nn::VarBuilder, out_channels: usize, config: &VaeConfig) -> Result<Self> {
+        let channels = &config.block_out_channels;
+        let last = *channels
+            .last()
+            .ok_or_else(|| candle_core::Error::Msg("vae has no blocks".into()))?;
+        let pad1 = nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
+        let post_quant_conv = if config.use_post_quant_conv {
+            Some(conv2d(
+                config.latent_channels,
+                config.latent_channels,
+                1,
+                Default::default(),
+                vs.pp("post_quant_conv"),
+                Role::Outer,
+            )?)
+        } else {
+            None
+        };
+        let vs = vs.pp("decoder");
+        let conv_in = conv2d(
+            config.latent_channels,
+            last,
+            3,
+            pad1,
+            vs.pp("conv_in"),
+            Role::Outer,
+        )?;
+        let mid_block = UNetMidBlock2D::new(
+            vs.pp("mid_block"),
+            last,
+            None,
+            UNetMidBlock2DConfig {
+                resnet_eps: 1e-6,
+                output_scale_factor: 1.,
+                attn_num_head_channels: None,
+                resnet_groups: Some(config.norm_num_groups),
+                ..Default::default()
+            },
+        )?;
+        let reversed: Vec<usize> = channels.iter().copied().rev().collect();
+        let up_blocks = (0..reversed.len())
+            .map(|i| {
+                let in_channels = if i > 0 { reversed[i - 1] } else { reversed[0] };
+                UpDecoderBlock2D::new(
+                    vs.pp("up_blocks").pp(i.to_string()),
+                    in_channels,
+                    reversed[i],
+                    UpDecoderBlock2DConfig {
+                        num_layers: config.layers_per_block + 1,
+                        resnet_eps: 1e-6,
+                        resnet_groups: config.norm_num_groups,
+                        add_upsample: i + 1 != reversed.len(),
+                        ..Default::default()
+                    },
+                )
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let conv_norm_out = nn::group_norm(
+            config.norm_num_groups,
+            channels[0],
+            1e-6,
+            vs.pp("conv_norm_out"),
+        )?;
+        let conv_out = conv2d(
+            channels[0],
+            out_channels,
+            3,
+            pad1,
+            vs.pp("conv_out"),
+            Role::Outer,
+        )?;
+        Ok(VaeDecoder {
+            post_quant_conv,
+            conv_in,
+            mid_block,
+            up_blocks,
+            conv_norm_out,
+            conv_out,
+        })
+    }
+
+    /// Latents (already divided by the scaling factor) → image in [-1, 1].
+    pub fn decode(&self, xs: &Tensor) -> Result<Tensor> {
+        let xs = match &self.post_quant_conv {
+            Some(c) => c.forward(xs)?,
+            None => xs.clone(),
+        };
+        let mut xs = self.mid_block.forward(&self.conv_in.forward(&xs)?, None)?;
+        for b in &self.up_blocks {
+            xs = b.forward(&xs)?;
+        }
+        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        self.conv_out.forward(&xs)
+    }
+}
