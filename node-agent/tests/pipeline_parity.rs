@@ -247,3 +247,85 @@ fn concurrent_requests_with_and_without_a_lora_never_mix() {
         assert_eq!(got, want, "{}", t.name);
     }
 }
+
+/// The fixture's kohya LoRA rewritten in diffusers' PEFT layout
+/// (`unet.<module>.lora_A/lora_B.weight`, `text_encoder.<module>…`, no alpha:
+/// the alpha/rank scale folded into lora_B) gives diffusers' image too.
+#[test]
+fn peft_layout_lora_reproduces_diffusers() {
+    use std::collections::HashMap;
+    let f = fixtures();
+    let kohya = candle_core::safetensors::load(
+        f.join("tiny-sd1-lora/tiny-sd1-lora.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    // Module paths from the model's own weight names.
+    let mut modules: HashMap<String, String> = HashMap::new();
+    for (component, prefix, peft) in [
+        ("unet", "lora_unet_", "unet"),
+        ("text_encoder", "lora_te_", "text_encoder"),
+    ] {
+        let dir = f.join("tiny-sd1").join(component);
+        let file = std::fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .find(|p| p.extension().is_some_and(|e| e == "safetensors"))
+            .unwrap();
+        for name in candle_core::safetensors::load(&file, &Device::Cpu)
+            .unwrap()
+            .into_keys()
+        {
+            if let Some(module) = name.strip_suffix(".weight") {
+                modules.insert(
+                    format!("{prefix}{}", module.replace('.', "_")),
+                    format!("{peft}.{module}"),
+                );
+            }
+        }
+    }
+    let mut peft: HashMap<String, Tensor> = HashMap::new();
+    for (key, t) in &kohya {
+        let (layer, leaf) = key.split_once('.').unwrap();
+        if leaf == "alpha" {
+            continue;
+        }
+        let module = &modules[layer];
+        let t = if leaf == "lora_up.weight" {
+            let rank = kohya[&format!("{layer}.lora_down.weight")].dim(0).unwrap() as f64;
+            let alpha = kohya[&format!("{layer}.alpha")]
+                .to_dtype(candle_core::DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap();
+            (t * (alpha / rank)).unwrap()
+        } else {
+            t.clone()
+        };
+        let leaf = if leaf == "lora_up.weight" {
+            "lora_B.weight"
+        } else {
+            "lora_A.weight"
+        };
+        peft.insert(format!("{module}.{leaf}"), t);
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("peft.safetensors");
+    candle_core::safetensors::save(&peft, &path).unwrap();
+    let p = GenerateParams {
+        loras: vec![(path.to_string_lossy().into_owned(), 0.8)],
+        ..lora_params(0.8)
+    };
+    let img = pipeline::generate(
+        &cache(),
+        &DiffusersModel::open(&f.join("tiny-sd1")).unwrap(),
+        &p,
+        &|_, _, _| true,
+    )
+    .unwrap();
+    let (_, want) =
+        read_npy(&std::fs::read(f.join("tiny-sd1-lora/reference_image_lora.npy")).unwrap())
+            .unwrap();
+    let d = max_abs_diff(&img[0].data, &want);
+    assert!(d < 1e-3, "max abs difference {d}");
+}

@@ -38,10 +38,13 @@ pub struct Adapter {
 }
 
 impl Adapter {
-    /// Groups a flat tensor map (`layer.leaf` → tensor) by layer.
+    /// Groups a flat tensor map (`layer.leaf` → tensor) by layer, after bringing
+    /// diffusers/PEFT and Stability SDXL keys to kohya's layout.
     pub fn from_tensors(tensors: &HashMap<String, Tensor>) -> Result<Self> {
+        let tensors = super::lora_keys::normalize(tensors.clone())
+            .map_err(|e| LoraError::Candle(e.to_string()))?;
         let mut layers: BTreeMap<String, HashMap<String, Tensor>> = BTreeMap::new();
-        for (k, t) in tensors {
+        for (k, t) in &tensors {
             let (layer, leaf) = k
                 .split_once('.')
                 .ok_or_else(|| LoraError::BadKey(k.clone()))?;

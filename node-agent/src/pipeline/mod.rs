@@ -7,6 +7,7 @@ pub mod clip;
 pub mod embedding;
 pub mod image;
 pub mod lora;
+pub mod lora_keys;
 pub mod rng;
 pub mod scheduler;
 pub mod tokenizer;
