@@ -241,6 +241,8 @@ enum Op {
     Release,
     Warm(usize, bool),
     Drop(usize),
+    /// Hold device bytes for transient copies (a LoRA's patched weights).
+    Reserve(u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -250,6 +252,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Release),
         1 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Warm(k, d)),
         1 => (0..8usize).prop_map(Op::Drop),
+        1 => (1..100u64).prop_map(Op::Reserve),
     ]
 }
 
@@ -271,6 +274,7 @@ proptest! {
             std::thread::spawn(move || -> Result<(), String> {
                 let mut held_ram = Vec::new();
                 let mut held_dev = Vec::new();
+                let mut reserved = Vec::new();
                 for op in chunk {
                     match op {
                         Op::Get(k, dev) | Op::Hold(k, dev) => {
@@ -287,7 +291,12 @@ proptest! {
                                 Err(e) => return Err(e.to_string()),
                             }
                         }
-                        Op::Release => { held_ram.pop(); held_dev.pop(); }
+                        Op::Release => { held_ram.pop(); held_dev.pop(); reserved.pop(); }
+                        Op::Reserve(bytes) => match cache.reserve_device("transient", bytes) {
+                            Ok(r) => if reserved.len() < 2 { reserved.push(r) },
+                            Err(CacheError::CacheFull { .. }) => { failures.fetch_add(1, Ordering::Relaxed); }
+                            Err(e) => return Err(e.to_string()),
+                        },
                         Op::Warm(k, dev) => {
                             let tier = if dev { TierKind::Device } else { TierKind::Ram };
                             if cache.warm(&format!("m{k}"), tier).is_err() { failures.fetch_add(1, Ordering::Relaxed); }
@@ -369,4 +378,43 @@ fn real_loader_on_the_fixture_models() {
     // A missing model is a clear load error, not a crash, and leaves nothing.
     let err = cache.get_ram("/nonexistent/unet").unwrap_err().to_string();
     assert!(err.contains("/nonexistent/unet"), "{err}");
+}
+
+#[test]
+fn reservations_count_against_the_device_budget() {
+    // Each fake model is 64 bytes on the device (16 f32).
+    let loader = Arc::new(FakeLoader::new(&[("A", 1), ("B", 1)]));
+    let cache = cache_with(loader, 4, 200);
+    let a = cache.get_device("A").unwrap();
+    drop(cache.get_device("B").unwrap());
+    // 200 - 64 (A, locked) leaves 136 once B (idle) is evicted; 150 cannot fit.
+    match cache.reserve_device("A with adapters", 150) {
+        Err(CacheError::CacheFull {
+            needed: 150,
+            locked: 64,
+            ..
+        }) => {}
+        other => panic!("expected CacheFull, got {:?}", other.map(|r| r.bytes())),
+    }
+    assert_eq!(
+        resident(&cache, TierKind::Device),
+        ["A", "B"],
+        "a refused reservation evicts nothing"
+    );
+    let held = cache.reserve_device("A with adapters", 120).unwrap();
+    assert_eq!(
+        resident(&cache, TierKind::Device),
+        ["A"],
+        "idle B made room"
+    );
+    assert_eq!(cache.stats().1.used, 184);
+    // A load now has to fit next to the reservation.
+    assert!(matches!(
+        cache.get_device("B"),
+        Err(CacheError::CacheFull { .. })
+    ));
+    drop(held);
+    assert_eq!(cache.stats().1.used, 64);
+    drop(cache.get_device("B").unwrap());
+    drop(a);
 }

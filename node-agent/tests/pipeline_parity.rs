@@ -329,3 +329,30 @@ fn peft_layout_lora_reproduces_diffusers() {
     let d = max_abs_diff(&img[0].data, &want);
     assert!(d < 1e-3, "max abs difference {d}");
 }
+
+/// The patched weight copies a LoRA makes for a request are held in the device
+/// tier's budget while the request runs, and released after it.
+#[test]
+fn lora_copies_count_against_the_device_budget() {
+    let cache = cache();
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let (r, latents, _) = reference();
+    let during = |p: &GenerateParams| {
+        let seen = std::sync::Mutex::new(0u64);
+        pipeline::generate(&cache, &model, p, &|_, _, _| {
+            *seen.lock().unwrap() = cache.stats().1.used;
+            true
+        })
+        .unwrap();
+        let v = *seen.lock().unwrap();
+        v
+    };
+    let plain = during(&params(&r, latents));
+    let with = during(&lora_params(0.8));
+    assert!(
+        with > plain,
+        "device bytes during a LoRA request {with} vs without {plain}"
+    );
+    let after = cache.stats().1.used;
+    assert!(after < with, "released after the request: {after}");
+}

@@ -192,6 +192,8 @@ struct Tier<T> {
     entries: HashMap<String, Entry<T>>,
     stats: TierStats,
     tick: u64,
+    /// Bytes held by [`Reservation`]s (counted in `stats.used`, never evictable).
+    reserved: u64,
 }
 
 impl<T> Tier<T> {
@@ -204,6 +206,7 @@ impl<T> Tier<T> {
                 ..Default::default()
             },
             tick: 0,
+            reserved: 0,
         }
     }
 
@@ -236,7 +239,8 @@ impl<T> Tier<T> {
                 .values()
                 .filter(|e| e.locks > 0 || matches!(e.slot, Slot::Loading(_)))
                 .map(|e| e.bytes)
-                .sum();
+                .sum::<u64>()
+                + self.reserved;
             let pinned = self
                 .entries
                 .values()
@@ -407,6 +411,28 @@ impl<T: TierValue> ModelGuard<T> {
     }
 }
 
+/// Device-tier bytes held for memory a request makes outside the cache's
+/// entries (a LoRA's patched weight copies), so that it counts against the
+/// budget like a locked model and cannot push the device past it. Released on drop.
+pub struct Reservation {
+    cache: Arc<Inner>,
+    bytes: u64,
+}
+
+impl Reservation {
+    pub fn bytes(&self) -> u64 {
+        self.bytes
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        let mut st = lock(&self.cache.state);
+        st.dev.reserved = st.dev.reserved.saturating_sub(self.bytes);
+        st.dev.stats.used = st.dev.stats.used.saturating_sub(self.bytes);
+    }
+}
+
 impl<T: TierValue> Drop for ModelGuard<T> {
     fn drop(&mut self) {
         let mut st = lock(&self.cache.state);
@@ -455,6 +481,24 @@ impl ModelCache {
 
     pub fn config(&self) -> &CacheConfig {
         &self.inner.config
+    }
+
+    /// Holds `bytes` of the device tier for `what` (evicting idle models if
+    /// needed), or fails with `CacheFull` when they cannot be made free.
+    pub fn reserve_device(&self, what: &str, bytes: u64) -> Result<Reservation, CacheError> {
+        let evicted = {
+            let mut st = lock(&self.inner.state);
+            let evicted = st.dev.make_room(what, bytes)?;
+            st.dev.reserved += bytes;
+            st.dev.stats.used += bytes;
+            st.dev.stats.high_water = st.dev.stats.high_water.max(st.dev.stats.used);
+            evicted
+        };
+        drop(evicted);
+        Ok(Reservation {
+            cache: self.inner.clone(),
+            bytes,
+        })
     }
 
     /// Loads `key` into `tier` and pins it there (warm): never evicted until

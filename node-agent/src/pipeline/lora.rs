@@ -285,6 +285,41 @@ pub fn apply(
     Ok(out)
 }
 
+/// Bytes that applying `adapters` to `base` allocates: each patched copy, plus
+/// the float32 delta computed for it.
+pub fn patch_bytes(
+    base: &HashMap<String, Tensor>,
+    prefix: &str,
+    adapters: &[(&Adapter, f64)],
+) -> u64 {
+    let mut by_kohya: HashMap<String, &Tensor> = HashMap::new();
+    for (name, t) in base {
+        if let Some(k) = kohya_key(prefix, name) {
+            by_kohya.insert(k, t);
+        }
+        if prefix.starts_with("lora_te") && !name.starts_with("text_model.") {
+            if let Some(k) = kohya_key(&format!("{prefix}text_model_"), name) {
+                by_kohya.insert(k, t);
+            }
+        }
+    }
+    let mut targets: HashMap<*const Tensor, &Tensor> = HashMap::new();
+    for (adapter, weight) in adapters {
+        if *weight == 0.0 {
+            continue;
+        }
+        for layer in adapter.layers.keys().filter(|k| k.starts_with(prefix)) {
+            if let Some(t) = by_kohya.get(layer.as_str()) {
+                targets.insert(*t as *const Tensor, t);
+            }
+        }
+    }
+    targets
+        .values()
+        .map(|t| t.elem_count() as u64 * (t.dtype().size_in_bytes() as u64 + 4))
+        .sum()
+}
+
 /// Applies to a device model's tensors and returns a VarBuilder over the result.
 pub fn var_builder(
     base: &HashMap<String, Tensor>,

@@ -357,6 +357,39 @@ fn adapters(
         .collect()
 }
 
+/// A component's weights with the request's adapters applied. The patched
+/// copies live only for this request; their bytes are reserved in the device
+/// tier first (released when the returned guard drops), so adapters cannot push
+/// the device past its budget.
+fn adapted(
+    cache: &ModelCache,
+    component: &crate::cache::ModelGuard<crate::cache::DeviceModel>,
+    prefix: &str,
+    adapters: &[(&lora::Adapter, f64)],
+) -> Result<
+    (
+        candle_nn::VarBuilder<'static>,
+        Option<crate::cache::Reservation>,
+    ),
+    PipelineError,
+> {
+    let bytes = lora::patch_bytes(&component.tensors, prefix, adapters);
+    let held = if bytes > 0 {
+        Some(cache.reserve_device(&format!("{} with adapters", component.key()), bytes)?)
+    } else {
+        None
+    };
+    let vb = lora::var_builder(
+        &component.tensors,
+        component.dtype,
+        &component.device,
+        prefix,
+        adapters,
+    )
+    .map_err(lora_err)?;
+    Ok((vb, held))
+}
+
 fn lora_err(e: lora::LoraError) -> PipelineError {
     PipelineError::Invalid(e.to_string())
 }
@@ -401,10 +434,8 @@ fn encode_sdxl(
     let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
     let te1 = cache.get_device(&model.component("text_encoder"))?;
     let te2 = cache.get_device(&model.component("text_encoder_2"))?;
-    let vb1 = lora::var_builder(&te1.tensors, te1.dtype, &te1.device, "lora_te1_", &refs)
-        .map_err(lora_err)?;
-    let vb2 = lora::var_builder(&te2.tensors, te2.dtype, &te2.device, "lora_te2_", &refs)
-        .map_err(lora_err)?;
+    let (vb1, _held1) = adapted(cache, &te1, "lora_te1_", &refs)?;
+    let (vb2, _held2) = adapted(cache, &te2, "lora_te2_", &refs)?;
     let enc1 = ClipTextModel::new(vb1, &model.text)?;
     let enc2 = ClipTextModel::new(vb2, text2)?;
     let device = &te1.device;
@@ -464,8 +495,7 @@ fn encode_sd(
     let te = cache.get_device(&model.component("text_encoder"))?;
     let adapters = adapters(cache, p)?;
     let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
-    let vb = lora::var_builder(&te.tensors, te.dtype, &te.device, "lora_te_", &refs)
-        .map_err(lora_err)?;
+    let (vb, _held) = adapted(cache, &te, "lora_te_", &refs)?;
     let encoder = ClipTextModel::new(vb, &model.text)?;
     let device = &te.device;
     // Only the embeddings a prompt names are read.
@@ -549,8 +579,7 @@ pub fn generate(
     let dtype = unet_guard.dtype;
     let adapters = adapters(cache, p)?;
     let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
-    let vb = lora::var_builder(&unet_guard.tensors, dtype, &device, "lora_unet_", &refs)
-        .map_err(lora_err)?;
+    let (vb, _held) = adapted(cache, &unet_guard, "lora_unet_", &refs)?;
     let unet = with_seamless(Net::Unet, p.seamless, || {
         unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, model.unet.clone())
     })?;
