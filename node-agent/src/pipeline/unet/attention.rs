@@ -183,14 +183,36 @@ impl CrossAttention {
         } else {
             let in_dtype = query.dtype();
             let query = query.to_dtype(DType::F32)?;
-            let key = key.to_dtype(DType::F32)?;
+            let key_t = (key.to_dtype(DType::F32)?.t()? * self.scale)?;
             let value = value.to_dtype(DType::F32)?;
-            let xs = query.matmul(&(key.t()? * self.scale)?)?;
-            let xs = {
-                let _enter = self.span_softmax.enter();
-                nn::ops::softmax_last_dim(&xs)?
+            // Rows of queries at a time, so that the score matrix stays around
+            // SCORES_BYTES instead of [heads, tokens, tokens] (1 GiB for SD 1.5's
+            // 64×64 latents): every row's softmax is its own, so the result is
+            // the same, without the memory traffic and page faults.
+            const SCORES_BYTES: usize = 16 << 20;
+            let (bh, n, _) = query.dims3()?;
+            let nk = key_t.dim(D::Minus1)?;
+            let rows = (SCORES_BYTES / (bh * nk * 4).max(1)).max(1);
+            let attend = |q: &Tensor| -> Result<Tensor> {
+                let xs = q.matmul(&key_t)?;
+                let xs = {
+                    let _enter = self.span_softmax.enter();
+                    nn::ops::softmax_last_dim(&xs)?
+                };
+                xs.matmul(&value)
             };
-            xs.matmul(&value)?.to_dtype(in_dtype)?
+            let xs = if rows >= n {
+                attend(&query)?
+            } else {
+                let chunks = (0..n)
+                    .step_by(rows)
+                    .map(|start| {
+                        attend(&query.narrow(1, start, rows.min(n - start))?.contiguous()?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                Tensor::cat(&chunks, 1)?
+            };
+            xs.to_dtype(in_dtype)?
         };
         self.reshape_batch_dim_to_heads(&xs)
     }
