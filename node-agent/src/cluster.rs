@@ -448,16 +448,22 @@ impl ClusterAgent {
                 pod_name: self.settings.pod_name.clone(),
                 endpoint,
             }),
-            devices: vec![DeviceInfo {
-                id: format!("{:?}", cfg.device).to_lowercase(),
-                name: if cfg.device.is_cpu() {
-                    "CPU".into()
-                } else {
-                    format!("{:?}", cfg.device)
-                },
-                memory_bytes: total as i64,
-                free_bytes: available as i64,
-                cache_budget_bytes: cfg.device_budget as i64,
+            devices: vec![{
+                // A GPU's memory from its driver; the CPU's from /proc/meminfo.
+                let (free, total) =
+                    crate::device::memory(&cfg.device).unwrap_or((available, total));
+                let id = crate::device::id(&cfg.device);
+                DeviceInfo {
+                    name: if cfg.device.is_cpu() {
+                        "CPU".into()
+                    } else {
+                        id.clone()
+                    },
+                    id,
+                    memory_bytes: total as i64,
+                    free_bytes: free as i64,
+                    cache_budget_bytes: cfg.device_budget as i64,
+                }
             }],
             cache: Some(CacheStatus {
                 ram_capacity_bytes: ram.budget as i64,

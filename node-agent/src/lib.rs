@@ -7,6 +7,7 @@ pub mod catalog;
 pub mod client;
 pub mod cluster;
 pub mod demo;
+pub mod device;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;

@@ -196,7 +196,9 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (source, threshold) = memory::ensure_mmap_threshold(args.malloc_mmap_threshold);
-    tracing::info!(precision = %args.precision, "requested compute precision; the CPU device computes in f32");
+    let compute = modelcache_agent::device::open(&args.device, args.precision)
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    tracing::info!(device = %compute.id, name = %compute.name, dtype = ?compute.dtype, precision = %args.precision, "compute device (the CPU always computes in f32)");
     tracing::info!(?source, threshold, "malloc mmap threshold");
     std::fs::create_dir_all(&args.models_dir)
         .with_context(|| format!("creating {}", args.models_dir.display()))?;
@@ -220,7 +222,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         CacheConfig {
             load_threads: args.load_threads,
             trim_on_evict: args.malloc_trim_on_evict,
-            ..CacheConfig::cpu(args.ram_cache_bytes, args.vram_cache_bytes)
+            device: compute.device.clone(),
+            dtype: compute.dtype,
+            ..CacheConfig::cpu(args.ram_cache_bytes, compute.budget(args.vram_cache_bytes))
         },
         Box::new(DiskLoader),
         Some(&metrics.registry),
@@ -369,7 +373,17 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .map(|m| m.len() * 2)
         .sum();
     let budget = store::probe(&dir)?.size_bytes.f32 * 2 + lora_bytes + (64 << 20);
-    let cache = ModelCache::new(CacheConfig::cpu(budget, budget), Box::new(DiskLoader), None);
+    let compute = modelcache_agent::device::open(&a.device, a.precision)
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+    let cache = ModelCache::new(
+        CacheConfig {
+            device: compute.device.clone(),
+            dtype: compute.dtype,
+            ..CacheConfig::cpu(budget, budget)
+        },
+        Box::new(DiskLoader),
+        None,
+    );
     let images = pipeline::generate(&cache, &model, &p, &|i, step, steps| {
         tracing::info!(image = i, step, steps, "denoising");
         true
@@ -489,6 +503,15 @@ enum LogFormat {
     Json,
 }
 
+/// A device budget: `auto` (from the device's free memory) or a byte size.
+fn parse_budget(s: &str) -> Result<Option<u64>, String> {
+    if s.trim().eq_ignore_ascii_case("auto") {
+        Ok(None)
+    } else {
+        parse_bytes(s).map(Some)
+    }
+}
+
 /// Byte sizes: plain bytes or with a Ki/Mi/Gi/Ti (or K/M/G/T, powers of 1000) suffix.
 fn parse_bytes(s: &str) -> Result<u64, String> {
     let s = s.trim();
@@ -543,8 +566,11 @@ struct ServeArgs {
     #[arg(long, env = "MODELCACHE_RAM_CACHE_BYTES", default_value = "8Gi", value_parser = parse_bytes)]
     ram_cache_bytes: u64,
     /// Byte budget of the device tier (GPU memory; a second copy in RAM on CPU-only machines).
-    #[arg(long, env = "MODELCACHE_VRAM_CACHE_BYTES", default_value = "4Gi", value_parser = parse_bytes)]
-    vram_cache_bytes: u64,
+    #[arg(long, env = "MODELCACHE_VRAM_CACHE_BYTES", default_value = "auto", value_parser = parse_budget)]
+    vram_cache_bytes: Option<u64>,
+    /// Compute device: auto (the first GPU in CUDA builds, else the CPU), cpu, or cuda:N.
+    #[arg(long, env = "MODELCACHE_DEVICE", default_value = "auto")]
+    device: String,
     /// Compute precision on GPUs (f16, bf16, f32); the CPU always computes in f32.
     #[arg(long, env = "MODELCACHE_PRECISION", default_value = "f16")]
     precision: Precision,
@@ -609,6 +635,12 @@ struct GenerateArgs {
     /// A diffusers folder or a single-file checkpoint.
     #[arg(long)]
     model: PathBuf,
+    /// Compute device: auto, cpu or cuda:N.
+    #[arg(long, default_value = "auto")]
+    device: String,
+    /// Compute precision on a GPU (f16, bf16, f32); the CPU computes in f32.
+    #[arg(long, default_value = "f32")]
+    precision: Precision,
     #[arg(long)]
     prompt: String,
     #[arg(long, default_value = "")]

@@ -732,12 +732,28 @@ impl ModelCache {
                 Ok((ram.device_bytes(dtype), ram))
             },
             |ram| {
-                let m = ram
-                    .to_device(&device, dtype)
-                    .map_err(|e| CacheError::Load {
-                        key: key.into(),
-                        message: crate::store::error::candle_message(&e),
-                    })?;
+                let needed = ram.device_bytes(dtype);
+                let budget = self.inner.config.device_budget;
+                let m = ram.to_device(&device, dtype).map_err(|e| {
+                    let message = crate::store::error::candle_message(&e);
+                    // The GPU ran out before the budget did (other processes, or
+                    // activations): a full cache, not a crash.
+                    if message.to_ascii_lowercase().contains("out of memory") {
+                        CacheError::CacheFull {
+                            tier: TierKind::Device,
+                            key: key.into(),
+                            needed,
+                            budget,
+                            locked: 0,
+                            pinned: 0,
+                        }
+                    } else {
+                        CacheError::Load {
+                            key: key.into(),
+                            message,
+                        }
+                    }
+                })?;
                 let bytes = m.bytes;
                 Ok((m, bytes))
             },
