@@ -35,13 +35,15 @@ done
 export PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_PATH="$C" CUDA_HOME="$C" CUDA_TOOLKIT_ROOT_DIR="$C"
 export NVCC_APPEND_FLAGS="-I$C/include -I$C/include/cccl" CUDA_COMPUTE_CAP="$cap" CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L $links -C link-arg=-Wl,--unresolved-symbols=ignore-in-object-files"
-time cargo build --release -p modelcache-agent --features cuda --bin modelcache-agent
-bin=target/release/modelcache-agent
+time cargo build --release -p modelcache-agent --features cuda --bin modelcache-agent --bin modelcache-gpu-bench
 # rustc links with --as-needed, so the driver library is not recorded; add it.
-if command -v patchelf >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq patchelf >/dev/null; }; then
-  for lib in libcuda.so.1 libnvrtc.so.13 libcublasLt.so.13; do
-    readelf -d "$bin" | grep -q "$lib" || patchelf --add-needed "$lib" "$bin"
-  done
-fi
-readelf -d "$bin" | grep NEEDED
-echo "built $bin (CUDA 13.0 bindings, sm_$cap)"
+command -v patchelf >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq patchelf >/dev/null; } || true
+for bin in target/release/modelcache-agent target/release/modelcache-gpu-bench; do
+  if command -v patchelf >/dev/null; then
+    for lib in libcuda.so.1 libnvrtc.so.13 libcublasLt.so.13; do
+      readelf -d "$bin" | grep -q "$lib" || patchelf --add-needed "$lib" "$bin"
+    done
+  fi
+  readelf -d "$bin" | grep -q 'libcuda.so.1' || echo "warning: $bin does not record libcuda.so.1 (install patchelf, or LD_PRELOAD it on the GPU machine)" >&2
+done
+echo "built target/release/modelcache-agent and modelcache-gpu-bench (CUDA 13.0 bindings, sm_$cap)"
