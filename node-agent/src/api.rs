@@ -415,12 +415,19 @@ fn parse_size(size: &str, max: u32) -> Result<(usize, usize), ApiError> {
 
 /// Validates a request into generation parameters; a deployment's defaults fill
 /// in what the request leaves out, and its adapters come before the request's.
+/// Without a size, the model's native one (512, 768 for SD 2.x-v, 1024 for SDXL).
 fn params(
     s: &AppState,
     r: &GenerationRequest,
     route: Option<&Route>,
+    model: &str,
 ) -> Result<GenerateParams, ApiError> {
     let l = &s.limits;
+    let native = s
+        .catalog
+        .get(model)
+        .and_then(|e| e.probe.image_size)
+        .map_or(512, |n| n.min(l.max_side) as usize);
     let defaults = route.map(|r| r.defaults.clone()).unwrap_or_default();
     let negative_prompt = r
         .negative_prompt
@@ -456,8 +463,8 @@ fn params(
     let (width, height) = match (&r.size, defaults.width, defaults.height) {
         (Some(sz), _, _) => parse_size(sz, l.max_side)?,
         (None, w, h) => (
-            w.map_or(512, |w| w.max(8) as usize),
-            h.map_or(512, |h| h.max(8) as usize),
+            w.map_or(native, |w| w.max(8) as usize),
+            h.map_or(native, |h| h.max(8) as usize),
         ),
     };
     let steps = r
@@ -626,7 +633,7 @@ async fn run_generation(
 ) -> Result<(serde_json::Value, f64), ApiError> {
     check_token(s, headers)?;
     let (name, route) = s.resolve(&req.model)?;
-    let p = params(s, &req, route.as_ref())?;
+    let p = params(s, &req, route.as_ref(), &name)?;
     let Some(ticket) = s.queue.admit() else {
         let per = *s.avg_seconds.lock().unwrap_or_else(|p| p.into_inner());
         let wait = (per * (s.queue.waiting() as f64 + 1.0) / s.queue.concurrency as f64)

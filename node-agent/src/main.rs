@@ -224,7 +224,10 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
             trim_on_evict: args.malloc_trim_on_evict,
             device: compute.device.clone(),
             dtype: compute.dtype,
-            ..CacheConfig::cpu(args.ram_cache_bytes, compute.budget(args.vram_cache_bytes))
+            ..CacheConfig::cpu(
+                args.ram_cache_bytes,
+                compute.budget(args.vram_cache_bytes.0),
+            )
         },
         Box::new(DiskLoader),
         Some(&metrics.registry),
@@ -504,11 +507,14 @@ enum LogFormat {
 }
 
 /// A device budget: `auto` (from the device's free memory) or a byte size.
-fn parse_budget(s: &str) -> Result<Option<u64>, String> {
+#[derive(Debug, Clone, Copy)]
+struct Budget(Option<u64>);
+
+fn parse_budget(s: &str) -> Result<Budget, String> {
     if s.trim().eq_ignore_ascii_case("auto") {
-        Ok(None)
+        Ok(Budget(None))
     } else {
-        parse_bytes(s).map(Some)
+        parse_bytes(s).map(|b| Budget(Some(b)))
     }
 }
 
@@ -567,7 +573,7 @@ struct ServeArgs {
     ram_cache_bytes: u64,
     /// Byte budget of the device tier (GPU memory; a second copy in RAM on CPU-only machines).
     #[arg(long, env = "MODELCACHE_VRAM_CACHE_BYTES", default_value = "auto", value_parser = parse_budget)]
-    vram_cache_bytes: Option<u64>,
+    vram_cache_bytes: Budget,
     /// Compute device: auto (the first GPU in CUDA builds, else the CPU), cpu, or cuda:N.
     #[arg(long, env = "MODELCACHE_DEVICE", default_value = "auto")]
     device: String,
