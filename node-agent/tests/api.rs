@@ -302,6 +302,9 @@ fn every_error_path_has_its_status_and_openai_shape() {
         (with("guidance_scale", 31.into()), "invalid_value"),
         (with("scheduler", "plms9".into()), "invalid_value"),
         (with("response_format", "url".into()), "invalid_value"),
+        (with("seamless", "z".into()), "invalid_value"),
+        (with("seamless", 3.into()), "invalid_value"),
+        (with("clip_skip", 13.into()), "invalid_value"),
         (
             with("loras", serde_json::json!([{"path": "a.safetensors"}])),
             "invalid_value",
