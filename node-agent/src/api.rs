@@ -700,7 +700,7 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response 
     }
     let resident = s.cache.entries();
     // Cluster mode lists the deployments served here; standalone, the catalog.
-    let served: Vec<(String, &crate::catalog::CatalogEntry)> = {
+    let served: Vec<(String, crate::catalog::CatalogEntry)> = {
         let routes = s.routes.read().unwrap_or_else(|p| p.into_inner());
         match routes.as_ref() {
             Some(routes) => {
@@ -711,7 +711,12 @@ async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response 
                 v.sort_by(|a, b| a.0.cmp(&b.0));
                 v
             }
-            None => s.catalog.entries().map(|e| (e.name.clone(), e)).collect(),
+            None => s
+                .catalog
+                .entries()
+                .into_iter()
+                .map(|e| (e.name.clone(), e))
+                .collect(),
         }
     };
     let data: Vec<_> = served

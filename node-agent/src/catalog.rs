@@ -36,11 +36,19 @@ pub struct Catalog {
     root: PathBuf,
     state_dir: PathBuf,
     tokenizer_dir: Option<PathBuf>,
+    models: std::sync::RwLock<Arc<Models>>,
+    /// When the folder was last searched, for [`Catalog::rescan_if_older`].
+    scanned: Mutex<std::time::Instant>,
+    opened: Mutex<HashMap<String, Arc<DiffusersModel>>>,
+}
+
+/// What one search of the folder found.
+#[derive(Default)]
+struct Models {
     /// Servable models by name.
     entries: BTreeMap<String, CatalogEntry>,
     /// Every probed model (adapters too) by relative path.
     found: BTreeMap<String, CatalogEntry>,
-    opened: Mutex<HashMap<String, Arc<DiffusersModel>>>,
 }
 
 /// The name of a model at `path` under `root`.
@@ -54,9 +62,9 @@ pub fn model_name(root: &Path, path: &Path) -> String {
     rel.to_string_lossy().into_owned()
 }
 
-impl Catalog {
+impl Models {
     /// Searches `root` and keeps the models that can generate images; logs the rest.
-    pub fn scan(root: &Path, state_dir: &Path, tokenizer_dir: Option<&Path>) -> Catalog {
+    fn search(root: &Path) -> Models {
         let found = store::search::find_models(root);
         for (p, why) in &found.skipped {
             tracing::warn!(path = %p.display(), "skipped: {why}");
@@ -90,13 +98,55 @@ impl Catalog {
             }
             all.insert(entry.rel_path.clone(), entry);
         }
+        Models {
+            entries,
+            found: all,
+        }
+    }
+}
+
+impl Catalog {
+    /// Searches `root` (see [`Catalog::rescan`] for later changes).
+    pub fn scan(root: &Path, state_dir: &Path, tokenizer_dir: Option<&Path>) -> Catalog {
         Catalog {
             root: root.to_path_buf(),
             state_dir: state_dir.to_path_buf(),
             tokenizer_dir: tokenizer_dir.map(Path::to_path_buf),
-            entries,
-            found: all,
+            models: std::sync::RwLock::new(Arc::new(Models::search(root))),
+            scanned: Mutex::new(std::time::Instant::now()),
             opened: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn models(&self) -> Arc<Models> {
+        self.models
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Searches the folder again: models added since are found, removed ones
+    /// forgotten (with their opened pipelines).
+    pub fn rescan(&self) {
+        let models = Models::search(&self.root);
+        self.opened
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|name, _| models.entries.contains_key(name));
+        *self.models.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(models);
+        *self.scanned.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
+    }
+
+    /// [`Catalog::rescan`] unless the last search is younger than `age`.
+    pub fn rescan_if_older(&self, age: std::time::Duration) {
+        let due = self
+            .scanned
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .elapsed()
+            >= age;
+        if due {
+            self.rescan();
         }
     }
 
@@ -109,32 +159,33 @@ impl Catalog {
         &self.state_dir
     }
 
-    pub fn entries(&self) -> impl Iterator<Item = &CatalogEntry> {
-        self.entries.values()
+    /// The servable models, sorted by name.
+    pub fn entries(&self) -> Vec<CatalogEntry> {
+        self.models().entries.values().cloned().collect()
     }
 
-    pub fn get(&self, name: &str) -> Option<&CatalogEntry> {
-        self.entries.get(name)
+    pub fn get(&self, name: &str) -> Option<CatalogEntry> {
+        self.models().entries.get(name).cloned()
     }
 
     /// Every probed model, adapters included, sorted by relative path.
-    pub fn found(&self) -> impl Iterator<Item = &CatalogEntry> {
-        self.found.values()
+    pub fn found(&self) -> Vec<CatalogEntry> {
+        self.models().found.values().cloned().collect()
     }
 
     /// The textual inversion embedding a prompt names as `<name>` (file stem, or
     /// folder of a diffusers `learned_embeds.bin`), if one is under the root.
-    pub fn embedding(&self, name: &str) -> Option<&CatalogEntry> {
-        self.found.values().find(|e| {
+    pub fn embedding(&self, name: &str) -> Option<CatalogEntry> {
+        self.models().found.values().cloned().find(|e| {
             e.probe.model_type == ModelType::Embedding
                 && crate::pipeline::embedding::trigger_name(&e.path) == name
         })
     }
 
     /// A model by its relative path (`model.path`; a trailing `/` or leading `./` is ignored).
-    pub fn by_path(&self, rel: &str) -> Option<&CatalogEntry> {
+    pub fn by_path(&self, rel: &str) -> Option<CatalogEntry> {
         let rel = rel.trim_start_matches("./").trim_end_matches('/');
-        self.found.get(rel)
+        self.models().found.get(rel).cloned()
     }
 
     /// The pipeline of a model that has been opened, if it has.

@@ -25,6 +25,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
 
+/// Least time between two searches of the models folder for a missing model.
+const RESCAN_AFTER: Duration = Duration::from_secs(5);
+
 /// Settings from the command line and the downward API.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -387,6 +390,7 @@ impl ClusterAgent {
         for (model, rel) in s
             .catalog
             .found()
+            .into_iter()
             .filter_map(|e| s.catalog.opened(&e.name).map(|m| (m, e.rel_path.clone())))
         {
             let keys: Vec<String> = model
@@ -424,6 +428,7 @@ impl ClusterAgent {
         let mut local: Vec<LocalModel> = s
             .catalog
             .found()
+            .into_iter()
             .filter_map(|e| {
                 Some(LocalModel {
                     path: e.rel_path.clone(),
@@ -495,7 +500,7 @@ impl ClusterAgent {
                 reason: "AgentServing".into(),
                 message: format!(
                     "{} model(s) found under the model root; {} placement(s) on this node",
-                    s.catalog.found().count(),
+                    s.catalog.found().len(),
                     lock(&self.tracked).len()
                 ),
                 observed_generation: None,
@@ -631,13 +636,20 @@ struct Prepared {
 /// model. Blocking: runs on the blocking pool.
 fn prepare(state: &AppState, d: &Desired) -> Result<Prepared, String> {
     let catalog = &state.catalog;
-    let entry = catalog.by_path(&d.path).ok_or_else(|| {
-        format!(
-            "model path {:?} is not under this agent's models folder {} (or was added after the agent started; restart the agent to rescan)",
-            d.path,
-            catalog.root().display()
-        )
-    })?;
+    let entry = match catalog.by_path(&d.path) {
+        Some(e) => e,
+        None => {
+            // It may have been copied in since the last search.
+            catalog.rescan_if_older(RESCAN_AFTER);
+            catalog.by_path(&d.path).ok_or_else(|| {
+                format!(
+                    "model path {:?} is not under this agent's models folder {} (searched again; it is retried)",
+                    d.path,
+                    catalog.root().display()
+                )
+            })?
+        }
+    };
     if !entry.servable() {
         return Err(format!(
             "{:?} is a {} model, not a text-to-image base model",

@@ -234,7 +234,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     );
     metrics.register_cache(cache.clone())?;
     let catalog = Catalog::scan(&args.models_dir, &args.state_dir, args.tokenizer.as_deref());
-    tracing::info!(models = catalog.entries().count(), dir = %args.models_dir.display(), "model search done");
+    tracing::info!(models = catalog.entries().len(), dir = %args.models_dir.display(), "model search done");
     let state = Arc::new(AppState::new(
         cache,
         catalog,

@@ -401,6 +401,32 @@ async fn a_missing_model_fails_with_an_actionable_message_and_watch_errors_are_s
         msg.contains("\"sdxl/nope.safetensors\"") && msg.contains("models folder"),
         "{msg}"
     );
+
+    // A model copied in after the agent started is found on the next attempt.
+    let root = n.agent.state.catalog.root().to_path_buf();
+    copy_dir(&fixtures().join("tiny-sd1"), &root.join("late"));
+    tokio::time::sleep(Duration::from_millis(5200)).await;
+    events
+        .unbounded_send(Ok(watcher::Event::Apply(deployment(
+            "late",
+            "late",
+            json!({}),
+            &["n1"],
+        ))))
+        .unwrap();
+    let p = placement(&n.agent, "ml/late", |p| {
+        p.phase != NodePlacementPhase::Loading
+    })
+    .await;
+    assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
+    assert!(
+        n.agent
+            .status()
+            .local_models
+            .iter()
+            .any(|l| l.path == "late"),
+        "reported to the operator too"
+    );
 }
 
 fn mock() -> (Client, Handle) {

@@ -163,8 +163,8 @@ fn the_api_finds_embeddings_under_the_models_folder_by_name() {
     .unwrap();
     let catalog = Catalog::scan(&dir.path().join("models"), &dir.path().join("state"), None);
     assert_eq!(
-        catalog.embedding("rc").map(|e| e.rel_path.as_str()),
-        Some("embeddings/rc.safetensors")
+        catalog.embedding("rc").map(|e| e.rel_path),
+        Some("embeddings/rc.safetensors".to_string())
     );
     assert!(catalog.embedding("kitty").is_some());
     assert!(catalog.embedding("nope").is_none());
