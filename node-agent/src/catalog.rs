@@ -176,10 +176,14 @@ impl Catalog {
     /// The textual inversion embedding a prompt names as `<name>` (file stem, or
     /// folder of a diffusers `learned_embeds.bin`), if one is under the root.
     pub fn embedding(&self, name: &str) -> Option<CatalogEntry> {
-        self.models().found.values().cloned().find(|e| {
-            e.probe.model_type == ModelType::Embedding
-                && crate::pipeline::embedding::trigger_name(&e.path) == name
-        })
+        self.models()
+            .found
+            .values()
+            .find(|e| {
+                e.probe.model_type == ModelType::Embedding
+                    && crate::pipeline::embedding::trigger_name(&e.path) == name
+            })
+            .cloned()
     }
 
     /// A model by its relative path (`model.path`; a trailing `/` or leading `./` is ignored).
