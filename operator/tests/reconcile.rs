@@ -287,6 +287,15 @@ async fn expect_apply(
     (reasons, slice, status)
 }
 
+/// Runs one reconcile of `md` on its own task, so the test can answer its requests.
+fn spawn_reconcile(
+    h: &Harness,
+    md: &ModelDeployment,
+) -> tokio::task::JoinHandle<Result<Action, controller::Error>> {
+    let (ctx, md) = (h.ctx.clone(), md.clone());
+    tokio::spawn(async move { controller::reconcile(Arc::new(md), ctx).await })
+}
+
 fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -300,10 +309,7 @@ async fn new_deployment_gets_the_finalizer_first() {
     cluster(&mut h);
     let mut md = deployment("sd15", "sd15", json!({}));
     md.metadata.finalizers = None;
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let patch = expect(
         &mut h.handle,
         Method::PATCH,
@@ -334,10 +340,7 @@ async fn places_on_the_node_where_the_model_is_resident_and_writes_status() {
     });
     put(&mut h.writers.model_nodes, b);
     let md = deployment("sd15", "sd15", json!({"replicas": 1, "warmTier": "Ram"}));
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let (events, slice, status) = expect_apply(&mut h, &md, 1).await;
     assert_eq!(events, ["Scheduled"]);
     assert!(task.await.unwrap().is_ok());
@@ -383,10 +386,7 @@ async fn ready_placements_are_routed_and_an_unchanged_status_is_not_rewritten() 
         }],
         ..Default::default()
     });
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let (events, slice, status) = expect_apply(&mut h, &md, 0).await;
     task.await.unwrap().unwrap();
     assert!(
@@ -407,10 +407,7 @@ async fn ready_placements_are_routed_and_an_unchanged_status_is_not_rewritten() 
 
     // Feeding the written status back changes nothing: no status write, no event.
     md.status = Some(serde_json::from_value(status).unwrap());
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let (events, _, status) = expect_apply(&mut h, &md, 0).await;
     task.await.unwrap().unwrap();
     assert!(events.is_empty());
@@ -425,10 +422,7 @@ async fn a_missing_model_says_where_it_looked() {
     let mut h = harness();
     cluster(&mut h);
     let md = deployment("ghost", "sdxl/missing.safetensors", json!({}));
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let (events, _, status) = expect_apply(&mut h, &md, 1).await;
     task.await.unwrap().unwrap();
     assert_eq!(events, ["FailedResolve"]);
@@ -464,10 +458,7 @@ async fn unschedulable_replicas_get_a_kube_scheduler_style_reason() {
         put(&mut h.writers.leases, lease(n, 1));
     }
     let md = deployment("sd15", "sd15", json!({"warmTier": "Vram"}));
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let (events, _, status) = expect_apply(&mut h, &md, 1).await;
     task.await.unwrap().unwrap();
     assert_eq!(events, ["FailedScheduling"]);
@@ -504,10 +495,7 @@ async fn placements_leave_a_node_whose_lease_expired() {
         }],
         ..Default::default()
     });
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let (events, slice, status) = expect_apply(&mut h, &md, 1).await;
     task.await.unwrap().unwrap();
     assert_eq!(events, ["Scheduled"]);
@@ -530,10 +518,7 @@ async fn a_cordoned_node_keeps_nothing_new() {
         put(&mut h.writers.nodes, node);
     }
     let md = deployment("sd15", "sd15", json!({}));
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     let (_, _, status) = expect_apply(&mut h, &md, 1).await;
     task.await.unwrap().unwrap();
     assert_eq!(status.unwrap()["placements"][0]["node"], "c");
@@ -573,10 +558,7 @@ async fn higher_priority_preempts_and_both_deployments_say_why() {
     let high = deployment("high", "high", json!({"warmTier": "Vram", "priority": 100}));
     put(&mut h.writers.deployments, high.clone());
 
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), high.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &high);
     // The victim hears first, then the preemptor's own placement.
     let ev = expect(
         &mut h.handle,
@@ -615,10 +597,7 @@ async fn higher_priority_preempts_and_both_deployments_say_why() {
     let mut high_now = high.clone();
     high_now.status = Some(serde_json::from_value(status).unwrap());
     put(&mut h.writers.deployments, high_now);
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), low.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &low);
     let (events, _, status) = expect_apply(&mut h, &low, 1).await;
     task.await.unwrap().unwrap();
     assert_eq!(events, ["FailedScheduling"]);
@@ -642,10 +621,7 @@ async fn deletion_removes_what_the_operator_created() {
     let mut h = harness();
     let mut md = deployment("sd15", "sd15", json!({}));
     md.metadata.deletion_timestamp = Some(Time(Timestamp::now()));
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     expect(
         &mut h.handle,
         Method::DELETE,
@@ -693,10 +669,7 @@ async fn api_errors_are_returned_for_the_error_policy() {
     let mut h = harness();
     cluster(&mut h);
     let md = deployment("sd15", "sd15", json!({}));
-    let task = tokio::spawn({
-        let (ctx, md) = (h.ctx.clone(), md.clone());
-        async move { controller::reconcile(Arc::new(md), ctx).await }
-    });
+    let task = spawn_reconcile(&h, &md);
     expect(
         &mut h.handle,
         Method::POST,

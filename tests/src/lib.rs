@@ -43,6 +43,20 @@ pub fn tool(name: &str) -> PathBuf {
         .unwrap_or_else(|| panic!("{name} is not installed; run `bash .ci/install-tools.sh`"))
 }
 
+/// Copies a folder tree (a fixture model into a test's models folder).
+pub fn copy_dir(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).expect("creating a folder");
+    for e in std::fs::read_dir(src).expect("reading a fixture folder") {
+        let e = e.expect("a folder entry");
+        let to = dst.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &to);
+        } else {
+            std::fs::copy(e.path(), &to).expect("copying a fixture file");
+        }
+    }
+}
+
 /// Runs a command; returns (success, stdout + stderr).
 pub fn run(cmd: &mut Command) -> (bool, String) {
     let out = cmd

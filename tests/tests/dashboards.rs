@@ -9,26 +9,12 @@ use modelcache_agent::api::{self, AppState, Limits, Queue};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::catalog::Catalog;
 use modelcache_agent::metrics::AgentMetrics;
-use modelcache_tests::{repo, run, tool, Prometheus};
+use modelcache_tests::{copy_dir, repo, run, tool, Prometheus};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
 
 /// (panel title, expression) of every target of a dashboard.
 fn queries(name: &str) -> Vec<(String, String)> {

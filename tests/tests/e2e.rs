@@ -11,7 +11,7 @@
 //! a missing model.
 
 use modelcache_tests::apiserver::ApiServer;
-use modelcache_tests::{free_port, http_get, repo, Prometheus};
+use modelcache_tests::{copy_dir, free_port, http_get, repo, Prometheus};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -35,19 +35,6 @@ fn binary(name: &str) -> PathBuf {
         assert!(status.success(), "building {name}");
     }
     path
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
 }
 
 struct Proc {
