@@ -248,6 +248,27 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         let api = tokio::net::TcpListener::bind(&args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
+        if args.rescan_seconds > 0 {
+            let (state, every) = (state.clone(), Duration::from_secs(args.rescan_seconds));
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(every);
+                tick.tick().await;
+                loop {
+                    tick.tick().await;
+                    let s = state.clone();
+                    let before = s.catalog.found().len();
+                    let after = tokio::task::spawn_blocking(move || {
+                        s.catalog.rescan();
+                        s.catalog.found().len()
+                    })
+                    .await
+                    .unwrap_or(before);
+                    if after != before {
+                        tracing::info!(before, after, "models folder changed");
+                    }
+                }
+            });
+        }
         let cluster = if args.kubernetes {
             let client = kube::Client::try_default()
                 .await
@@ -633,6 +654,10 @@ struct ServeArgs {
     /// Least seconds between two ModelNode status writes.
     #[arg(long, env = "MODELCACHE_REPORT_INTERVAL_SECONDS", default_value_t = 2)]
     report_interval_seconds: u64,
+    /// Search the models folder again this often, so that models copied in or
+    /// removed are served (and reported) without a restart; 0 never.
+    #[arg(long, env = "MODELCACHE_RESCAN_SECONDS", default_value_t = 60)]
+    rescan_seconds: u64,
 }
 
 /// Options of `generate`.

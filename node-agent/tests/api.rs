@@ -548,3 +548,42 @@ print(len(png))
     );
     assert!(start.elapsed() < Duration::from_secs(120));
 }
+
+#[test]
+fn models_copied_in_or_removed_are_served_without_a_restart() {
+    let agent = Agent::start(&["--rescan-seconds", "1"]);
+    let ids = |agent: &Agent| -> Vec<String> {
+        let models = http(&agent.api, "GET", "/v1/models", &[], b"").json();
+        models["data"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["id"].as_str().unwrap().to_string())
+            .collect()
+    };
+    assert_eq!(ids(&agent), ["tiny"]);
+    let late = agent._dir.path().join("models/late");
+    copy_dir(&fixtures().join("tiny-sd1"), &late);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ids(&agent).contains(&"late".to_string()) {
+        assert!(Instant::now() < deadline, "the copied model never appeared");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let body = br#"{"model": "late", "prompt": "a red cat", "size": "64x64", "steps": 1}"#;
+    let r = http(
+        &agent.api,
+        "POST",
+        "/v1/images/generations",
+        &[("content-type", "application/json")],
+        body,
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    std::fs::remove_dir_all(&late).unwrap();
+    while ids(&agent).contains(&"late".to_string()) {
+        assert!(
+            Instant::now() < deadline + Duration::from_secs(10),
+            "the removed model is still listed"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
