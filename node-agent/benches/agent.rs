@@ -4,6 +4,10 @@
 //! `cargo bench -p modelcache-agent --bench agent [-- GROUP]` with GROUP one of
 //! `store`, `cache`, `pipeline`, `sd15`, `api` (default: all but `sd15`).
 
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::{copy_dir, fixtures};
+
 use candle_core::{DType, Device};
 use modelcache_agent::api::{self, AppState, Limits, Queue};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
@@ -17,10 +21,6 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 const GB: f64 = 1e9;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn scratch() -> PathBuf {
     let d = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/bench-scratch");
@@ -587,18 +587,6 @@ fn bench_api() {
         None,
         "(reported)",
     );
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &dst.join(e.file_name()));
-        } else {
-            std::fs::copy(e.path(), dst.join(e.file_name())).unwrap();
-        }
-    }
 }
 
 /// Status and the `x-modelcache-generation-ms` header of one request.

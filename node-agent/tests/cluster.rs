@@ -3,6 +3,9 @@
 //! (ModelNode status, Lease) and answers some with errors, and the API served
 //! over real HTTP on 127.0.0.1.
 
+mod common;
+use common::{copy_dir, fixtures};
+
 use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::runtime::watcher;
@@ -15,7 +18,6 @@ use modelcache_agent::metrics::AgentMetrics;
 use modelcache_crds::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,23 +25,6 @@ type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
 type Events = futures::channel::mpsc::UnboundedSender<
     Result<watcher::Event<ModelDeployment>, watcher::Error>,
 >;
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
-
-fn copy_dir(src: &Path, dst: &Path) {
-    std::fs::create_dir_all(dst).unwrap();
-    for e in std::fs::read_dir(src).unwrap() {
-        let e = e.unwrap();
-        let to = dst.join(e.file_name());
-        if e.path().is_dir() {
-            copy_dir(&e.path(), &to);
-        } else {
-            std::fs::copy(e.path(), &to).unwrap();
-        }
-    }
-}
 
 struct Node {
     agent: Arc<ClusterAgent>,

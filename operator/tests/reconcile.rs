@@ -296,6 +296,19 @@ fn spawn_reconcile(
     tokio::spawn(async move { controller::reconcile(Arc::new(md), ctx).await })
 }
 
+/// One whole apply reconcile of `md`: its requests answered and checked by
+/// [`expect_apply`], and the reconcile succeeding.
+async fn reconcile_applying(
+    h: &mut Harness,
+    md: &ModelDeployment,
+    events: usize,
+) -> (Vec<String>, Value, Option<Value>) {
+    let task = spawn_reconcile(h, md);
+    let out = expect_apply(h, md, events).await;
+    task.await.unwrap().unwrap();
+    out
+}
+
 fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -386,9 +399,7 @@ async fn ready_placements_are_routed_and_an_unchanged_status_is_not_rewritten() 
         }],
         ..Default::default()
     });
-    let task = spawn_reconcile(&h, &md);
-    let (events, slice, status) = expect_apply(&mut h, &md, 0).await;
-    task.await.unwrap().unwrap();
+    let (events, slice, status) = reconcile_applying(&mut h, &md, 0).await;
     assert!(
         events.is_empty(),
         "the placement did not move: no Scheduled event"
@@ -407,9 +418,7 @@ async fn ready_placements_are_routed_and_an_unchanged_status_is_not_rewritten() 
 
     // Feeding the written status back changes nothing: no status write, no event.
     md.status = Some(serde_json::from_value(status).unwrap());
-    let task = spawn_reconcile(&h, &md);
-    let (events, _, status) = expect_apply(&mut h, &md, 0).await;
-    task.await.unwrap().unwrap();
+    let (events, _, status) = reconcile_applying(&mut h, &md, 0).await;
     assert!(events.is_empty());
     assert!(
         status.is_none(),
@@ -422,9 +431,7 @@ async fn a_missing_model_says_where_it_looked() {
     let mut h = harness();
     cluster(&mut h);
     let md = deployment("ghost", "sdxl/missing.safetensors", json!({}));
-    let task = spawn_reconcile(&h, &md);
-    let (events, _, status) = expect_apply(&mut h, &md, 1).await;
-    task.await.unwrap().unwrap();
+    let (events, _, status) = reconcile_applying(&mut h, &md, 1).await;
     assert_eq!(events, ["FailedResolve"]);
     let status = status.unwrap();
     let resolved = condition(&status, "Resolved");
@@ -458,9 +465,7 @@ async fn unschedulable_replicas_get_a_kube_scheduler_style_reason() {
         put(&mut h.writers.leases, lease(n, 1));
     }
     let md = deployment("sd15", "sd15", json!({"warmTier": "Vram"}));
-    let task = spawn_reconcile(&h, &md);
-    let (events, _, status) = expect_apply(&mut h, &md, 1).await;
-    task.await.unwrap().unwrap();
+    let (events, _, status) = reconcile_applying(&mut h, &md, 1).await;
     assert_eq!(events, ["FailedScheduling"]);
     let sched = condition(status.as_ref().unwrap(), "Scheduled");
     assert_eq!(sched["reason"], "InsufficientVram");
@@ -495,9 +500,7 @@ async fn placements_leave_a_node_whose_lease_expired() {
         }],
         ..Default::default()
     });
-    let task = spawn_reconcile(&h, &md);
-    let (events, slice, status) = expect_apply(&mut h, &md, 1).await;
-    task.await.unwrap().unwrap();
+    let (events, slice, status) = reconcile_applying(&mut h, &md, 1).await;
     assert_eq!(events, ["Scheduled"]);
     let node = status.unwrap()["placements"][0]["node"].clone();
     assert!(node == "b" || node == "c", "moved off a: {node}");
@@ -518,9 +521,7 @@ async fn a_cordoned_node_keeps_nothing_new() {
         put(&mut h.writers.nodes, node);
     }
     let md = deployment("sd15", "sd15", json!({}));
-    let task = spawn_reconcile(&h, &md);
-    let (_, _, status) = expect_apply(&mut h, &md, 1).await;
-    task.await.unwrap().unwrap();
+    let (_, _, status) = reconcile_applying(&mut h, &md, 1).await;
     assert_eq!(status.unwrap()["placements"][0]["node"], "c");
 }
 
@@ -597,9 +598,7 @@ async fn higher_priority_preempts_and_both_deployments_say_why() {
     let mut high_now = high.clone();
     high_now.status = Some(serde_json::from_value(status).unwrap());
     put(&mut h.writers.deployments, high_now);
-    let task = spawn_reconcile(&h, &low);
-    let (events, _, status) = expect_apply(&mut h, &low, 1).await;
-    task.await.unwrap().unwrap();
+    let (events, _, status) = reconcile_applying(&mut h, &low, 1).await;
     assert_eq!(events, ["FailedScheduling"]);
     let sched = condition(status.as_ref().unwrap(), "Scheduled");
     assert_eq!(sched["reason"], "Preempted");
