@@ -4,7 +4,7 @@
 //! `cargo bench -p modelcache-agent --bench agent [-- GROUP]` with GROUP one of
 //! `store`, `cache`, `pipeline`, `sd15`, `api` (default: all but `sd15`).
 
-#[path = "../tests/common/mod.rs"]
+#[path = "../tests/agent/common/mod.rs"]
 mod common;
 use common::{copy_dir, fixtures};
 

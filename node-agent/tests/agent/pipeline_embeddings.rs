@@ -8,10 +8,10 @@ use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::pipeline::tokenizer::ClipTokenizer;
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd1")
+    crate::common::fixtures().join("tiny-sd1")
 }
 
 /// The text encoder's embedding rows of the tokens of `words` (no BOS/EOS).

@@ -7,10 +7,10 @@ use candle_core::Device;
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
 use modelcache_crds::{BaseModel, SchedulerKind};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sdxl")
+    crate::common::fixtures().join("tiny-sdxl")
 }
 
 fn run(negative: &str) -> Vec<f32> {

@@ -1,15 +1,11 @@
 //! Numerical parity with diffusers on the reference fixtures.
 
+use crate::common::fixtures;
 use candle_core::{Device, Tensor};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
 use modelcache_agent::store::convert;
 use modelcache_crds::SchedulerKind;
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 fn cache() -> ModelCache {
     let config = CacheConfig::cpu(64 << 20, 64 << 20);

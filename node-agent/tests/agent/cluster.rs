@@ -3,8 +3,7 @@
 //! (ModelNode status, Lease) and answers some with errors, and the API served
 //! over real HTTP on 127.0.0.1.
 
-mod common;
-use common::{copy_dir, fixtures};
+use crate::common::{copy_dir, fixtures};
 
 use http::{Method, Request, Response};
 use kube::client::Body;

@@ -1,6 +1,7 @@
 //! Probing real model families from header-faithful synthetic files: real key
 //! names and shapes, tensor data left as holes so a "7 GB" checkpoint costs no disk.
 
+use crate::common::fixtures;
 use modelcache_agent::store::{self, safetensors::write_sparse};
 use modelcache_crds::{BaseModel, ModelFormat, ModelType, ModelVariant, PredictionType};
 use safetensors::Dtype::{self, F16, F32, I64};
@@ -12,10 +13,6 @@ fn file(dir: &Path, name: &str, tensors: &[(&str, Dtype, &[usize])]) -> PathBuf 
     let p = dir.join(name);
     write_sparse(&p, tensors, &[]).expect("write");
     p
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 /// Keys shared by SD 1.x/2.x main checkpoints, with `width` the cross-attention width,

@@ -2,13 +2,10 @@
 //! the file (and nothing panics); PyTorch archives are read without executing
 //! them; search, identity and loading behave as a user expects.
 
+use crate::common::fixtures;
 use candle_core::{DType, Device};
 use modelcache_agent::store::{self, search::find_models, StoreError};
 use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 #[test]
 fn malformed_corpus_is_refused_with_clear_errors() {

@@ -1,15 +1,11 @@
 //! Single-file checkpoint → diffusers conversion: key maps one by one (seed-spec
 //! test ideas 58–61) and the fixture converted bit-exactly.
 
+use crate::common::fixtures;
 use modelcache_agent::store::convert::{
     self, openclip_key, unet_key, vae_key, ConvertRequest, Op, UnetLayout,
 };
 use modelcache_agent::store::{self, load::read_bytes, safetensors::write_sparse};
-use std::path::{Path, PathBuf};
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
-}
 
 const SD1: UnetLayout = UnetLayout {
     layers_per_block: 2,

@@ -11,10 +11,10 @@ use modelcache_agent::pipeline::rng::NormalRng;
 use modelcache_agent::pipeline::unet::conv::{with_seamless, Net, Seamless};
 use modelcache_agent::pipeline::unet::vae::VaeDecoder;
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd1")
+    crate::common::fixtures().join("tiny-sd1")
 }
 
 fn max_diff(a: &Tensor, b: &Tensor) -> f32 {

@@ -1,7 +1,6 @@
 //! The agent's HTTP API, over real HTTP on 127.0.0.1 against the running binary.
 
-mod common;
-use common::{copy_dir, fixtures};
+use crate::common::{copy_dir, fixtures};
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;

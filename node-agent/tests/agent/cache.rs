@@ -1,13 +1,14 @@
 //! The model cache's promises, checked with a controllable loader and, at the
 //! end, with the store's real loader on the fixture models.
 
+use crate::common::fixtures;
 use modelcache_agent::cache::region::{Segment, REGION_ALIGN};
 use modelcache_agent::cache::{
     CacheConfig, CacheError, DiskLoader, Loader, ModelCache, RamPlan, RegionTensor, TierKind,
 };
 use proptest::prelude::*;
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
@@ -335,10 +336,6 @@ proptest! {
         let plans: u64 = (0..8).map(|i| loader.plans(&format!("m{i}"))).sum();
         prop_assert!(ram.loads <= ram.misses && ram.misses <= plans, "loads {} misses {} plans {}", ram.loads, ram.misses, plans);
     }
-}
-
-fn fixtures() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
 #[test]

@@ -1,0 +1,18 @@
+//! The agent's integration tests, built as one binary: every test binary links
+//! candle, so one link instead of fourteen keeps the test build small and fast.
+
+mod common;
+
+mod api;
+mod cache;
+mod cluster;
+mod memory_regression;
+mod pipeline_embeddings;
+mod pipeline_parity;
+mod pipeline_sd2;
+mod pipeline_sdxl;
+mod pipeline_seamless;
+mod store_convert;
+mod store_files;
+mod store_merge;
+mod store_probe;
