@@ -3,6 +3,7 @@
 # CUDA toolkit, from NVIDIA's PyPI wheels (../shared notes: cuda-facts).
 #
 #   bash scripts/build-cuda.sh [COMPUTE_CAP]     (default 90: Hopper, e.g. H100/H200)
+#   bash scripts/build-cuda.sh --check           (type-check the cuda code paths only)
 #
 # Produces target/release/modelcache-agent linked against CUDA 13.0 bindings:
 # on the GPU machine the driver provides libcuda.so.1 (driver >= 580), and
@@ -10,6 +11,8 @@
 # scripts/gpu-check.sh, which finds them).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+check=false
+if [ "${1:-}" = --check ]; then check=true; shift; fi
 cap=${1:-90}
 venv=${CUDA_VENV:-.ci/cuda-venv}
 if [ ! -x "$venv/bin/python" ]; then
@@ -35,6 +38,10 @@ done
 export PATH="$C/bin:$PATH" CUDA_ROOT="$C" CUDA_PATH="$C" CUDA_HOME="$C" CUDA_TOOLKIT_ROOT_DIR="$C"
 export NVCC_APPEND_FLAGS="-I$C/include -I$C/include/cccl" CUDA_COMPUTE_CAP="$cap" CUDARC_CUDA_VERSION=13000
 export RUSTFLAGS="${RUSTFLAGS:-} -L $links -C link-arg=-Wl,--unresolved-symbols=ignore-in-object-files"
+if $check; then
+  time cargo check -p modelcache-agent --features cuda --all-targets
+  exit
+fi
 time cargo build --release -p modelcache-agent --features cuda --bin modelcache-agent --bin modelcache-gpu-bench
 # rustc links with --as-needed, so the driver library is not recorded; add it.
 command -v patchelf >/dev/null || { [ "$(id -u)" = 0 ] && apt-get install -y -qq patchelf >/dev/null; } || true

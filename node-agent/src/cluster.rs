@@ -453,23 +453,22 @@ impl ClusterAgent {
                 pod_name: self.settings.pod_name.clone(),
                 endpoint,
             }),
-            devices: vec![{
-                // A GPU's memory from its driver; the CPU's from /proc/meminfo.
-                let (free, total) =
-                    crate::device::memory(&cfg.device).unwrap_or((available, total));
-                let id = crate::device::id(&cfg.device);
-                DeviceInfo {
-                    name: if cfg.device.is_cpu() {
-                        "CPU".into()
-                    } else {
-                        id.clone()
-                    },
-                    id,
-                    memory_bytes: total as i64,
-                    free_bytes: free as i64,
-                    cache_budget_bytes: cfg.device_budget as i64,
-                }
-            }],
+            // A GPU's memory from its driver; the CPU's from /proc/meminfo.
+            devices: cfg
+                .devices
+                .iter()
+                .map(|slot| {
+                    let (free, total) =
+                        crate::device::memory(&slot.device).unwrap_or((available, total));
+                    DeviceInfo {
+                        id: crate::device::id(&slot.device),
+                        name: crate::device::name(&slot.device),
+                        memory_bytes: total as i64,
+                        free_bytes: free as i64,
+                        cache_budget_bytes: slot.budget as i64,
+                    }
+                })
+                .collect(),
             cache: Some(CacheStatus {
                 ram_capacity_bytes: ram.budget as i64,
                 ram_used_bytes: ram.used as i64,
@@ -682,12 +681,13 @@ fn prepare(state: &AppState, d: &Desired) -> Result<Prepared, String> {
         }
     }
     let cfg = state.cache.config();
-    let message = (cfg.device.is_cpu() && d.precision != Precision::F32).then(|| {
-        format!(
-            "computing in F32 on the CPU (spec.precision {} applies on GPUs)",
-            d.precision
-        )
-    });
+    let message = (cfg.devices.iter().all(|s| s.device.is_cpu()) && d.precision != Precision::F32)
+        .then(|| {
+            format!(
+                "computing in F32 on the CPU (spec.precision {} applies on GPUs)",
+                d.precision
+            )
+        });
     Ok(Prepared {
         model: entry.name.clone(),
         tier: match tier {

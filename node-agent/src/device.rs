@@ -33,61 +33,75 @@ fn cpu() -> ComputeDevice {
     }
 }
 
-/// Opens `spec`: `cpu`, `cuda:N`, or `auto` (the first GPU when the build has
-/// CUDA and a GPU answers, else the CPU).
-pub fn open(spec: &str, precision: Precision) -> Result<ComputeDevice, String> {
+/// Opens the devices `spec` names: `cpu`, `cuda:N`, a comma-separated list
+/// of `cuda:N`, or `auto` (every GPU when the build has CUDA and the driver
+/// reports any, else the CPU). Each device gets its own cache tier.
+pub fn open(spec: &str, precision: Precision) -> Result<Vec<ComputeDevice>, String> {
     let spec = spec.trim().to_ascii_lowercase();
-    if spec == "cpu" {
-        return Ok(cpu());
+    match spec.as_str() {
+        "cpu" => Ok(vec![cpu()]),
+        "auto" => match gpu_count() {
+            0 => Ok(vec![cpu()]),
+            n => (0..n).map(|i| open_cuda(i, precision)).collect(),
+        },
+        list => {
+            let mut ordinals: Vec<usize> = Vec::new();
+            for s in list.split(',').map(str::trim) {
+                let n = s
+                    .strip_prefix("cuda:")
+                    .and_then(|n| n.parse::<usize>().ok())
+                    .ok_or_else(|| {
+                        format!("device {s:?} must be auto, cpu, cuda:N or a list of cuda:N")
+                    })?;
+                if ordinals.contains(&n) {
+                    return Err(format!("cuda:{n} is listed twice"));
+                }
+                ordinals.push(n);
+            }
+            ordinals
+                .into_iter()
+                .map(|n| open_cuda(n, precision))
+                .collect()
+        }
     }
-    let ordinal = match spec.as_str() {
-        "auto" => None,
-        s => Some(
-            s.strip_prefix("cuda:")
-                .and_then(|n| n.parse::<usize>().ok())
-                .ok_or_else(|| format!("device {s:?} must be auto, cpu or cuda:N"))?,
-        ),
-    };
-    open_cuda(ordinal, precision)
 }
 
+/// GPUs the driver reports; 0 without CUDA, a driver or a GPU.
 #[cfg(feature = "cuda")]
-fn open_cuda(ordinal: Option<usize>, precision: Precision) -> Result<ComputeDevice, String> {
-    match Device::new_cuda(ordinal.unwrap_or(0)) {
-        Ok(device) => {
-            let n = ordinal.unwrap_or(0);
-            let name = match &device {
-                Device::Cuda(d) => d.cuda_stream().context().name().unwrap_or_default(),
-                _ => String::new(),
-            };
-            Ok(ComputeDevice {
-                device,
-                dtype: dtype_of(precision),
-                id: format!("cuda:{n}"),
-                name,
-            })
+fn gpu_count() -> usize {
+    use candle_core::cuda_backend::cudarc::driver::CudaContext;
+    match CudaContext::device_count() {
+        Ok(n) => n.max(0) as usize,
+        Err(e) => {
+            tracing::warn!(error = %e, "no usable CUDA driver; computing on the CPU");
+            0
         }
-        Err(_) if ordinal.is_none() => {
-            tracing::warn!("no usable CUDA device; computing on the CPU");
-            Ok(cpu())
-        }
-        Err(e) => Err(format!(
-            "cuda:{}: {}",
-            ordinal.unwrap_or(0),
-            crate::store::error::candle_message(&e)
-        )),
     }
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(ordinal: Option<usize>, _precision: Precision) -> Result<ComputeDevice, String> {
+fn gpu_count() -> usize {
+    0
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(n: usize, precision: Precision) -> Result<ComputeDevice, String> {
+    let device = Device::new_cuda(n)
+        .map_err(|e| format!("cuda:{n}: {}", crate::store::error::candle_message(&e)))?;
+    Ok(ComputeDevice {
+        name: name(&device),
+        device,
+        dtype: dtype_of(precision),
+        id: format!("cuda:{n}"),
+    })
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(n: usize, _precision: Precision) -> Result<ComputeDevice, String> {
     let _ = dtype_of;
-    match ordinal {
-        None => Ok(cpu()),
-        Some(n) => Err(format!(
-            "cuda:{n}: this agent was built without CUDA; build it with scripts/build-cuda.sh"
-        )),
-    }
+    Err(format!(
+        "cuda:{n}: this agent was built without CUDA; build it with scripts/build-cuda.sh"
+    ))
 }
 
 /// (free, total) bytes of a GPU's memory from the driver; `None` on the CPU.
@@ -103,6 +117,22 @@ pub fn memory(device: &Device) -> Option<(u64, u64)> {
     }
     let _ = device;
     None
+}
+
+/// The GPU's name from its driver (`NVIDIA H200`), or `CPU`.
+pub fn name(device: &Device) -> String {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        return d
+            .cuda_stream()
+            .context()
+            .name()
+            .unwrap_or_else(|_| id(device));
+    }
+    match device {
+        Device::Cpu => "CPU".into(),
+        other => id(other),
+    }
 }
 
 /// `cpu` or `cuda:N`.
@@ -137,7 +167,7 @@ mod tests {
 
     #[test]
     fn specs() {
-        let d = open("cpu", Precision::F16).unwrap();
+        let d = open("cpu", Precision::F16).unwrap().remove(0);
         assert_eq!(
             (d.id.as_str(), d.dtype),
             ("cpu", DType::F32),
@@ -145,14 +175,21 @@ mod tests {
         );
         assert!(open("tpu", Precision::F16)
             .unwrap_err()
-            .contains("auto, cpu or cuda:N"));
+            .contains("auto, cpu, cuda:N"));
+        assert!(open("cuda:0,cuda:0", Precision::F16)
+            .unwrap_err()
+            .contains("twice"));
         assert_eq!(d.budget(Some(5)), 5);
         #[cfg(not(feature = "cuda"))]
         {
             assert!(open("cuda:0", Precision::F16)
                 .unwrap_err()
                 .contains("scripts/build-cuda.sh"));
-            assert_eq!(open("auto", Precision::F16).unwrap().id, "cpu");
+            assert!(open("cuda:0,cuda:1", Precision::F16)
+                .unwrap_err()
+                .contains("scripts/build-cuda.sh"));
+            let auto = open("auto", Precision::F16).unwrap();
+            assert_eq!((auto.len(), auto[0].id.as_str()), (1, "cpu"));
             assert_eq!(d.budget(None), 4 << 30);
         }
     }

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use modelcache_agent::api::{self, AppState, Limits, Queue};
-use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache};
 use modelcache_agent::catalog::Catalog;
 use modelcache_agent::metrics::AgentMetrics;
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
@@ -198,7 +198,9 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let (source, threshold) = memory::ensure_mmap_threshold(args.malloc_mmap_threshold);
     let compute = modelcache_agent::device::open(&args.device, args.precision)
         .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    tracing::info!(device = %compute.id, name = %compute.name, dtype = ?compute.dtype, precision = %args.precision, "compute device (the CPU always computes in f32)");
+    for d in &compute {
+        tracing::info!(device = %d.id, name = %d.name, dtype = ?d.dtype, precision = %args.precision, "compute device (the CPU always computes in f32)");
+    }
     tracing::info!(?source, threshold, "malloc mmap threshold");
     std::fs::create_dir_all(&args.models_dir)
         .with_context(|| format!("creating {}", args.models_dir.display()))?;
@@ -222,12 +224,15 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         CacheConfig {
             load_threads: args.load_threads,
             trim_on_evict: args.malloc_trim_on_evict,
-            device: compute.device.clone(),
-            dtype: compute.dtype,
-            ..CacheConfig::cpu(
-                args.ram_cache_bytes,
-                compute.budget(args.vram_cache_bytes.0),
-            )
+            devices: compute
+                .iter()
+                .map(|d| DeviceSlot {
+                    device: d.device.clone(),
+                    budget: d.budget(args.vram_cache_bytes.0),
+                })
+                .collect(),
+            dtype: compute[0].dtype,
+            ..CacheConfig::cpu(args.ram_cache_bytes, 0)
         },
         Box::new(DiskLoader),
         Some(&metrics.registry),
@@ -398,10 +403,14 @@ fn generate(a: GenerateArgs) -> anyhow::Result<()> {
         .sum();
     let budget = store::probe(&dir)?.size_bytes.f32 * 2 + lora_bytes + (64 << 20);
     let compute = modelcache_agent::device::open(&a.device, a.precision)
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("--device: {e}"))?
+        .remove(0);
     let cache = ModelCache::new(
         CacheConfig {
-            device: compute.device.clone(),
+            devices: vec![DeviceSlot {
+                device: compute.device.clone(),
+                budget,
+            }],
             dtype: compute.dtype,
             ..CacheConfig::cpu(budget, budget)
         },
@@ -592,10 +601,13 @@ struct ServeArgs {
     /// Byte budget of the RAM tier (e.g. 16Gi).
     #[arg(long, env = "MODELCACHE_RAM_CACHE_BYTES", default_value = "8Gi", value_parser = parse_bytes)]
     ram_cache_bytes: u64,
-    /// Byte budget of the device tier (GPU memory; a second copy in RAM on CPU-only machines).
+    /// Byte budget of each device's tier (GPU memory; a second copy in RAM on
+    /// CPU-only machines); auto: 90% of each GPU's free memory at start, 4Gi on the CPU.
     #[arg(long, env = "MODELCACHE_VRAM_CACHE_BYTES", default_value = "auto", value_parser = parse_budget)]
     vram_cache_bytes: Budget,
-    /// Compute device: auto (the first GPU in CUDA builds, else the CPU), cpu, or cuda:N.
+    /// Compute devices: auto (every GPU in CUDA builds, else the CPU), cpu,
+    /// cuda:N, or a list such as cuda:0,cuda:1. Each GPU gets its own cache
+    /// tier; each model goes to the one with room.
     #[arg(long, env = "MODELCACHE_DEVICE", default_value = "auto")]
     device: String,
     /// Compute precision on GPUs (f16, bf16, f32); the CPU always computes in f32.
@@ -666,7 +678,8 @@ struct GenerateArgs {
     /// A diffusers folder or a single-file checkpoint.
     #[arg(long)]
     model: PathBuf,
-    /// Compute device: auto, cpu or cuda:N.
+    /// Compute device: auto (the first GPU in CUDA builds, else the CPU), cpu
+    /// or cuda:N (of a list, the first).
     #[arg(long, default_value = "auto")]
     device: String,
     /// Compute precision on a GPU (f16, bf16, f32); the CPU computes in f32.

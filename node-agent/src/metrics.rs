@@ -78,6 +78,9 @@ struct CacheCollector {
     models: IntGaugeVec,
     requests: IntCounterVec,
     evictions: IntCounterVec,
+    device_bytes: IntGaugeVec,
+    device_capacity: IntGaugeVec,
+    device_memory: IntGaugeVec,
     process: [Gauge; 8],
     descs: Vec<Desc>,
 }
@@ -117,6 +120,28 @@ impl CacheCollector {
             ),
             tier,
         )?;
+        // Per device tier (one per GPU); the `tier="vram"` series above are their sums.
+        let device_bytes = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_device_cache_bytes",
+                "Bytes held by each device's cache tier",
+            ),
+            &["device"],
+        )?;
+        let device_capacity = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_device_cache_capacity_bytes",
+                "Byte budget of each device's cache tier",
+            ),
+            &["device"],
+        )?;
+        let device_memory = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_device_memory_bytes",
+                "A GPU's memory as its driver reports it, total and free",
+            ),
+            &["device", "state"],
+        )?;
         let g = |n: &str, h: &str| Gauge::new(n, h);
         let process = [
             g("modelcache_process_resident_bytes", "Resident set size of the agent process")?,
@@ -139,6 +164,9 @@ impl CacheCollector {
             &models,
             &requests,
             &evictions,
+            &device_bytes,
+            &device_capacity,
+            &device_memory,
         ] {
             descs.extend(c.desc().into_iter().cloned());
         }
@@ -153,6 +181,9 @@ impl CacheCollector {
             models,
             requests,
             evictions,
+            device_bytes,
+            device_capacity,
+            device_memory,
             process,
             descs,
         })
@@ -182,6 +213,24 @@ impl Collector for CacheCollector {
         let (ram, dev) = self.cache.stats();
         set_tier(self, "ram", &ram);
         set_tier(self, "vram", &dev);
+        let slots = &self.cache.config().devices;
+        for (slot, s) in slots.iter().zip(self.cache.device_stats()) {
+            let id = crate::device::id(&slot.device);
+            self.device_bytes
+                .with_label_values(&[&id])
+                .set(s.used as i64);
+            self.device_capacity
+                .with_label_values(&[&id])
+                .set(s.budget as i64);
+            if let Some((free, total)) = crate::device::memory(&slot.device) {
+                self.device_memory
+                    .with_label_values(&[&id, "free"])
+                    .set(free as i64);
+                self.device_memory
+                    .with_label_values(&[&id, "total"])
+                    .set(total as i64);
+            }
+        }
         let mi = memory::mallinfo2();
         let values = [
             memory::resident_bytes() as f64,
@@ -203,6 +252,9 @@ impl Collector for CacheCollector {
             &self.models,
             &self.requests,
             &self.evictions,
+            &self.device_bytes,
+            &self.device_capacity,
+            &self.device_memory,
         ] {
             out.extend(c.collect());
         }

@@ -186,6 +186,8 @@ fn non_default_values_render_valid_manifests() {
         "operator.strategy=BinPack,operator.leaderElect=false,operator.replicas=1,networkPolicy.enabled=false",
         "--set",
         "test.modelDeployment=sd15,grafana.dashboards.namespace=monitoring",
+        "--set",
+        "agent.device=cuda:0\\,cuda:1,agent.cache.vramBytes=auto",
     ]);
     kubernetes_validate(&yaml);
     let docs = documents(&yaml);
@@ -197,6 +199,10 @@ fn non_default_values_render_valid_manifests() {
     let (_, _, agent) = docs.iter().find(|(k, _, _)| k == "DaemonSet").unwrap();
     assert!(agent.contains("claimName: models") && agent.contains("nvidia.com/gpu: 2"));
     assert!(agent.contains("value: \"2097152\"") && agent.contains("secretName: api-token"));
+    assert!(
+        agent.contains("value: \"cuda:0,cuda:1\"") && agent.contains("value: \"auto\""),
+        "{agent}"
+    );
     let (_, _, operator) = docs.iter().find(|(k, _, _)| k == "Deployment").unwrap();
     assert!(operator.contains("- --bin-pack") && !operator.contains("--leader-elect"));
     // The PrometheusRule carries the same groups promtool tests.
@@ -220,6 +226,8 @@ fn bad_values_are_refused_by_the_schema() {
         ("agent.precision=f8", "value must be one of"),
         ("agent.malloc.mmapThreshold=100", "minimum"),
         ("agent.cache.ramBytes=lots", "does not match pattern"),
+        ("agent.cache.ramBytes=auto", "does not match pattern"),
+        ("agent.device=gpu0", "does not match pattern"),
         ("agent.typo=1", "additional properties 'typo' not allowed"),
         ("image.pullPolicy=Sometimes", "value must be one of"),
         ("test.modelDeployment=Bad_Name", "does not match pattern"),

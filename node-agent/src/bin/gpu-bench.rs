@@ -5,7 +5,7 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache};
 use modelcache_agent::pipeline::{self, unet::unet_2d};
 use modelcache_crds::Precision;
 use std::collections::HashMap;
@@ -26,7 +26,8 @@ fn sync(d: &Device) -> candle_core::Result<()> {
 
 fn run() -> Result<(), String> {
     let e = |e: candle_core::Error| modelcache_agent::store::error::candle_message(&e);
-    let compute = modelcache_agent::device::open(&arg("--device", "auto"), Precision::F16)?;
+    let compute =
+        modelcache_agent::device::open(&arg("--device", "auto"), Precision::F16)?.remove(0);
     let gib: u64 = arg("--gib", "1")
         .parse()
         .map_err(|_| "--gib must be a number")?;
@@ -61,9 +62,11 @@ fn run() -> Result<(), String> {
     let bytes = (gib << 30) as f64;
     let cache = ModelCache::new(
         CacheConfig {
-            device: dev.clone(),
-            dtype: DType::F32,
-            ..CacheConfig::cpu((gib + 1) << 30, (gib + 1) << 30)
+            devices: vec![DeviceSlot {
+                device: dev.clone(),
+                budget: (gib + 1) << 30,
+            }],
+            ..CacheConfig::cpu((gib + 1) << 30, 0)
         },
         Box::new(DiskLoader),
         None,

@@ -2,9 +2,11 @@
 //!
 //! - **RAM tier**: each model's file bytes in its own anonymous mapping
 //!   ([`region`]), charged at the region's size.
-//! - **Device tier**: each model's tensors at compute precision on the compute
+//! - **Device tier**: each model's tensors at compute precision on a compute
 //!   device (GPU memory with the `cuda` feature, a second budgeted copy on the
-//!   CPU otherwise), charged at their exact size.
+//!   CPU otherwise), charged at their exact size. A node with several GPUs has
+//!   one device tier per GPU, each with its own budget; a model lives on one of
+//!   them, placed where there is room ([`ModelCache::get_device`]).
 //!
 //! Both tiers are LRU caches under byte budgets. A [`ModelGuard`] locks a model
 //! while a request uses it; locked and pinned (warm) models are never evicted.
@@ -85,13 +87,21 @@ impl Loader for DiskLoader {
     }
 }
 
+/// One device tier: a compute device and its byte budget.
+#[derive(Debug, Clone)]
+pub struct DeviceSlot {
+    pub device: Device,
+    pub budget: u64,
+}
+
 /// Budgets and behaviour.
 #[derive(Debug, Clone)]
 pub struct CacheConfig {
     pub ram_budget: u64,
-    pub device_budget: u64,
-    /// Compute device and dtype of the device tier.
-    pub device: Device,
+    /// One device tier per compute device (one per GPU). Never empty: an empty
+    /// list becomes a CPU tier with no room.
+    pub devices: Vec<DeviceSlot>,
+    /// Compute dtype of the device tiers.
     pub dtype: DType,
     /// Threads that fill a RAM region.
     pub load_threads: usize,
@@ -105,12 +115,19 @@ impl CacheConfig {
     pub fn cpu(ram_budget: u64, device_budget: u64) -> Self {
         CacheConfig {
             ram_budget,
-            device_budget,
-            device: Device::Cpu,
+            devices: vec![DeviceSlot {
+                device: Device::Cpu,
+                budget: device_budget,
+            }],
             dtype: DType::F32,
             load_threads: 2,
             trim_on_evict: false,
         }
+    }
+
+    /// The sum of the device tiers' budgets.
+    pub fn device_budget(&self) -> u64 {
+        self.devices.iter().map(|d| d.budget).sum()
     }
 }
 
@@ -131,11 +148,37 @@ pub struct TierStats {
     pub bandwidth: f64,
 }
 
+impl TierStats {
+    /// Several device tiers' statistics as one (the `vram` metrics and status):
+    /// sums, with the load bandwidth over all their loads.
+    fn sum<'a>(all: impl IntoIterator<Item = &'a TierStats>) -> TierStats {
+        let mut t = TierStats::default();
+        for s in all {
+            t.budget += s.budget;
+            t.used += s.used;
+            t.models += s.models;
+            t.hits += s.hits;
+            t.misses += s.misses;
+            t.evictions += s.evictions;
+            t.high_water += s.high_water;
+            t.loads += s.loads;
+            t.load_bytes += s.load_bytes;
+            t.load_seconds += s.load_seconds;
+        }
+        if t.load_seconds > 0.0 {
+            t.bandwidth = t.load_bytes as f64 / t.load_seconds;
+        }
+        t
+    }
+}
+
 /// One resident model, for status reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EntryInfo {
     pub key: String,
     pub tier: TierKind,
+    /// Index of the device tier (into [`CacheConfig::devices`]); 0 in the RAM tier.
+    pub slot: usize,
     pub bytes: u64,
     pub locked: bool,
     pub pinned: bool,
@@ -210,6 +253,19 @@ impl<T> Tier<T> {
         }
     }
 
+    /// Bytes that eviction could free: unlocked, unpinned, ready entries.
+    fn evictable(&self) -> u64 {
+        self.entries
+            .values()
+            .filter(|e| e.locks == 0 && !e.pinned && matches!(e.slot, Slot::Ready(_)))
+            .map(|e| e.bytes)
+            .sum()
+    }
+
+    fn free(&self) -> u64 {
+        self.stats.budget.saturating_sub(self.stats.used)
+    }
+
     fn touch(&mut self, key: &str) {
         self.tick += 1;
         let tick = self.tick;
@@ -226,14 +282,7 @@ impl<T> Tier<T> {
         if self.stats.used + needed <= budget {
             return Ok(Vec::new());
         }
-        let mut candidates: Vec<(u64, String, u64)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.locks == 0 && !e.pinned && matches!(e.slot, Slot::Ready(_)))
-            .map(|(k, e)| (e.tick, k.clone(), e.bytes))
-            .collect();
-        let evictable: u64 = candidates.iter().map(|c| c.2).sum();
-        if self.stats.used - evictable + needed > budget {
+        if self.stats.used - self.evictable() + needed > budget {
             let locked = self
                 .entries
                 .values()
@@ -256,9 +305,15 @@ impl<T> Tier<T> {
                 pinned,
             });
         }
+        let mut candidates: Vec<(u64, String)> = self
+            .entries
+            .iter()
+            .filter(|(_, e)| e.locks == 0 && !e.pinned && matches!(e.slot, Slot::Ready(_)))
+            .map(|(k, e)| (e.tick, k.clone()))
+            .collect();
         candidates.sort();
         let mut evicted = Vec::new();
-        for (_, k, _) in candidates {
+        for (_, k) in candidates {
             if self.stats.used + needed <= budget {
                 break;
             }
@@ -333,34 +388,60 @@ impl<T> Tier<T> {
 
 struct State {
     ram: Tier<RamModel>,
-    dev: Tier<DeviceModel>,
+    devs: Vec<Tier<DeviceModel>>,
 }
 
 impl State {
-    fn tier<T: TierValue>(&mut self) -> &mut Tier<T> {
-        T::tier(self)
+    fn tiers<T: TierValue>(&mut self) -> &mut [Tier<T>] {
+        T::tiers(self)
     }
 }
 
-/// Lets generic code reach the tier a value type lives in. Sealed: its method
-/// names private types, so only this module can implement it.
+/// The device tier a model of `needed` bytes goes to: of those where it fits
+/// without evicting anything, the one with the most free bytes (spreading
+/// models keeps more of them resident); otherwise the one where eviction can
+/// free the most. Ties go to the lowest index.
+fn choose_slot<T>(tiers: &[Tier<T>], needed: u64) -> usize {
+    let rank = |t: &Tier<T>| {
+        let free = t.free();
+        (
+            free >= needed,
+            if free >= needed {
+                free
+            } else {
+                free + t.evictable()
+            },
+        )
+    };
+    let mut best = 0;
+    for (i, t) in tiers.iter().enumerate().skip(1) {
+        if rank(t) > rank(&tiers[best]) {
+            best = i;
+        }
+    }
+    best
+}
+
+/// Lets generic code reach the tiers a value type lives in (one RAM tier, one
+/// device tier per device). Sealed: its method names private types, so only
+/// this module can implement it.
 #[allow(private_interfaces)]
 pub trait TierValue: Send + Sync + Sized + 'static {
     #[doc(hidden)]
-    fn tier(state: &mut State) -> &mut Tier<Self>;
+    fn tiers(state: &mut State) -> &mut [Tier<Self>];
 }
 
 #[allow(private_interfaces)]
 impl TierValue for RamModel {
-    fn tier(state: &mut State) -> &mut Tier<Self> {
-        &mut state.ram
+    fn tiers(state: &mut State) -> &mut [Tier<Self>] {
+        std::slice::from_mut(&mut state.ram)
     }
 }
 
 #[allow(private_interfaces)]
 impl TierValue for DeviceModel {
-    fn tier(state: &mut State) -> &mut Tier<Self> {
-        &mut state.dev
+    fn tiers(state: &mut State) -> &mut [Tier<Self>] {
+        &mut state.devs
     }
 }
 
@@ -387,6 +468,7 @@ pub struct ModelCache {
 pub struct ModelGuard<T: TierValue> {
     cache: Arc<Inner>,
     key: String,
+    slot: usize,
     value: Arc<T>,
 }
 
@@ -401,6 +483,7 @@ impl<T: TierValue> fmt::Debug for ModelGuard<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ModelGuard")
             .field("key", &self.key)
+            .field("slot", &self.slot)
             .finish()
     }
 }
@@ -409,6 +492,12 @@ impl<T: TierValue> ModelGuard<T> {
     pub fn key(&self) -> &str {
         &self.key
     }
+
+    /// The device tier holding the model (an index into [`CacheConfig::devices`]);
+    /// 0 for the RAM tier.
+    pub fn slot(&self) -> usize {
+        self.slot
+    }
 }
 
 /// Device-tier bytes held for memory a request makes outside the cache's
@@ -416,6 +505,7 @@ impl<T: TierValue> ModelGuard<T> {
 /// budget like a locked model and cannot push the device past it. Released on drop.
 pub struct Reservation {
     cache: Arc<Inner>,
+    slot: usize,
     bytes: u64,
 }
 
@@ -428,25 +518,28 @@ impl Reservation {
 impl Drop for Reservation {
     fn drop(&mut self) {
         let mut st = lock(&self.cache.state);
-        st.dev.reserved = st.dev.reserved.saturating_sub(self.bytes);
-        st.dev.stats.used = st.dev.stats.used.saturating_sub(self.bytes);
+        if let Some(dev) = st.devs.get_mut(self.slot) {
+            dev.reserved = dev.reserved.saturating_sub(self.bytes);
+            dev.stats.used = dev.stats.used.saturating_sub(self.bytes);
+        }
     }
 }
 
 impl<T: TierValue> Drop for ModelGuard<T> {
     fn drop(&mut self) {
         let mut st = lock(&self.cache.state);
-        let tier = st.tier::<T>();
-        if let Some(e) = tier.entries.get_mut(&self.key) {
-            e.locks = e.locks.saturating_sub(1);
+        if let Some(tier) = st.tiers::<T>().get_mut(self.slot) {
+            if let Some(e) = tier.entries.get_mut(&self.key) {
+                e.locks = e.locks.saturating_sub(1);
+            }
+            tier.touch(&self.key);
         }
-        tier.touch(&self.key);
     }
 }
 
 impl ModelCache {
     pub fn new(
-        config: CacheConfig,
+        mut config: CacheConfig,
         loader: Box<dyn Loader>,
         registry: Option<&prometheus::Registry>,
     ) -> Self {
@@ -465,9 +558,19 @@ impl ModelCache {
             r.register(Box::new(h.clone())).ok()?;
             Some(h)
         });
+        if config.devices.is_empty() {
+            config.devices.push(DeviceSlot {
+                device: Device::Cpu,
+                budget: 0,
+            });
+        }
         let state = State {
             ram: Tier::new(TierKind::Ram, config.ram_budget),
-            dev: Tier::new(TierKind::Device, config.device_budget),
+            devs: config
+                .devices
+                .iter()
+                .map(|d| Tier::new(TierKind::Device, d.budget))
+                .collect(),
         };
         ModelCache {
             inner: Arc::new(Inner {
@@ -483,20 +586,30 @@ impl ModelCache {
         &self.inner.config
     }
 
-    /// Holds `bytes` of the device tier for `what` (evicting idle models if
-    /// needed), or fails with `CacheFull` when they cannot be made free.
-    pub fn reserve_device(&self, what: &str, bytes: u64) -> Result<Reservation, CacheError> {
+    /// Holds `bytes` of device tier `slot` for `what` (evicting idle models
+    /// there if needed), or fails with `CacheFull` when they cannot be made free.
+    pub fn reserve_device(
+        &self,
+        what: &str,
+        slot: usize,
+        bytes: u64,
+    ) -> Result<Reservation, CacheError> {
         let evicted = {
             let mut st = lock(&self.inner.state);
-            let evicted = st.dev.make_room(what, bytes)?;
-            st.dev.reserved += bytes;
-            st.dev.stats.used += bytes;
-            st.dev.stats.high_water = st.dev.stats.high_water.max(st.dev.stats.used);
+            let dev = st.devs.get_mut(slot).ok_or_else(|| CacheError::Load {
+                key: what.into(),
+                message: format!("no device tier {slot}"),
+            })?;
+            let evicted = dev.make_room(what, bytes)?;
+            dev.reserved += bytes;
+            dev.stats.used += bytes;
+            dev.stats.high_water = dev.stats.high_water.max(dev.stats.used);
             evicted
         };
         drop(evicted);
         Ok(Reservation {
             cache: self.inner.clone(),
+            slot,
             bytes,
         })
     }
@@ -515,13 +628,18 @@ impl ModelCache {
         Ok(())
     }
 
-    /// Unpins `key` in both tiers and evicts it from them unless a request is using it.
+    /// Unpins `key` in all tiers and evicts it from them unless a request is using it.
     pub fn drop_model(&self, key: &str) {
         let (dev, ram) = {
             let mut st = lock(&self.inner.state);
-            (st.dev.evict_now(key), st.ram.evict_now(key))
+            let dev: Vec<_> = st
+                .devs
+                .iter_mut()
+                .filter_map(|t| t.evict_now(key))
+                .collect();
+            (dev, st.ram.evict_now(key))
         };
-        let any = dev.is_some() || ram.is_some();
+        let any = !dev.is_empty() || ram.is_some();
         drop((dev, ram));
         if any && self.inner.config.trim_on_evict {
             memory::trim();
@@ -538,35 +656,48 @@ impl ModelCache {
 
     fn set_pinned<T: TierValue>(&self, key: &str, pinned: bool) {
         let mut st = lock(&self.inner.state);
-        if let Some(e) = st.tier::<T>().entries.get_mut(key) {
-            e.pinned = pinned;
+        for tier in st.tiers::<T>() {
+            if let Some(e) = tier.entries.get_mut(key) {
+                e.pinned = pinned;
+            }
         }
     }
 
+    /// The RAM tier's statistics and the device tiers' together.
     pub fn stats(&self) -> (TierStats, TierStats) {
+        let devs = self.device_stats();
         let st = lock(&self.inner.state);
         let ram = TierStats {
             models: st.ram.entries.len(),
             ..st.ram.stats.clone()
         };
-        let dev = TierStats {
-            models: st.dev.entries.len(),
-            ..st.dev.stats.clone()
-        };
-        (ram, dev)
+        (ram, TierStats::sum(&devs))
     }
 
-    /// Every entry of both tiers, most recently used first.
+    /// Each device tier's statistics, in the order of [`CacheConfig::devices`].
+    pub fn device_stats(&self) -> Vec<TierStats> {
+        let st = lock(&self.inner.state);
+        st.devs
+            .iter()
+            .map(|t| TierStats {
+                models: t.entries.len(),
+                ..t.stats.clone()
+            })
+            .collect()
+    }
+
+    /// Every entry of all tiers, most recently used first.
     pub fn entries(&self) -> Vec<EntryInfo> {
         let st = lock(&self.inner.state);
         let mut out: Vec<(u64, EntryInfo)> = Vec::new();
-        fn collect<T>(tier: &Tier<T>, out: &mut Vec<(u64, EntryInfo)>) {
+        fn collect<T>(slot: usize, tier: &Tier<T>, out: &mut Vec<(u64, EntryInfo)>) {
             for (k, e) in &tier.entries {
                 out.push((
                     e.tick,
                     EntryInfo {
                         key: k.clone(),
                         tier: tier.kind,
+                        slot,
                         bytes: e.bytes,
                         locked: e.locks > 0,
                         pinned: e.pinned,
@@ -576,25 +707,35 @@ impl ModelCache {
                 ));
             }
         }
-        collect(&st.ram, &mut out);
-        collect(&st.dev, &mut out);
+        collect(0, &st.ram, &mut out);
+        for (i, t) in st.devs.iter().enumerate() {
+            collect(i, t, &mut out);
+        }
         out.sort_by_key(|e| std::cmp::Reverse(e.0));
         out.into_iter().map(|(_, e)| e).collect()
     }
 
     /// Hit, wait for a load in progress, or load exactly once: `prepare` (run
     /// only on a miss, outside the lock) says how many bytes the model needs,
-    /// room is made and reserved, then `build` makes it.
+    /// a tier with room is chosen, room is made and reserved there, then
+    /// `build` makes the model for that tier. While it is prepared the load is
+    /// claimed in the first tier, so that concurrent callers wait for it.
     fn acquire<T: TierValue, P>(
         &self,
         key: &str,
         prepare: impl FnOnce() -> Result<(u64, P), CacheError>,
-        build: impl FnOnce(P) -> Result<(T, u64), CacheError>,
+        build: impl FnOnce(P, usize) -> Result<(T, u64), CacheError>,
     ) -> Result<ModelGuard<T>, CacheError> {
         let wait = LoadWait::new();
         loop {
             let mut st = lock(&self.inner.state);
-            let tier = st.tier::<T>();
+            let tiers = st.tiers::<T>();
+            let Some(slot) = tiers.iter().position(|t| t.entries.contains_key(key)) else {
+                // This caller loads; others now wait on `wait`.
+                tiers[0].reserve(key, 0, wait.clone());
+                break;
+            };
+            let tier = &mut tiers[slot];
             match tier.entries.get_mut(key) {
                 Some(Entry {
                     slot: Slot::Ready(v),
@@ -608,6 +749,7 @@ impl ModelCache {
                     return Ok(ModelGuard {
                         cache: self.inner.clone(),
                         key: key.to_string(),
+                        slot,
                         value,
                     });
                 }
@@ -619,28 +761,32 @@ impl ModelCache {
                     drop(st);
                     w.wait()?;
                 }
-                None => {
-                    // This caller loads; others now wait on `wait`.
-                    tier.stats.misses += 1;
-                    tier.reserve(key, 0, wait.clone());
-                    break;
-                }
+                None => {}
             }
         }
-        let fail = |e: CacheError| {
-            lock(&self.inner.state).tier::<T>().abort(key);
+        let abort = |slot: usize, e: CacheError| {
+            lock(&self.inner.state).tiers::<T>()[slot].abort(key);
             wait.finish(Err(e.clone()));
             e
         };
-        let (reserved, input) = prepare().map_err(fail)?;
-        let evicted = {
+        let (reserved, input) = match prepare() {
+            Ok(prepared) => prepared,
+            Err(e) => {
+                lock(&self.inner.state).tiers::<T>()[0].stats.misses += 1;
+                return Err(abort(0, e));
+            }
+        };
+        let (slot, evicted) = {
             let mut st = lock(&self.inner.state);
-            let tier = st.tier::<T>();
-            tier.entries.remove(key);
+            let tiers = st.tiers::<T>();
+            tiers[0].entries.remove(key);
+            let slot = choose_slot(tiers, reserved);
+            let tier = &mut tiers[slot];
+            tier.stats.misses += 1;
             match tier.make_room(key, reserved) {
                 Ok(evicted) => {
                     tier.reserve(key, reserved, wait.clone());
-                    evicted
+                    (slot, evicted)
                 }
                 Err(e) => {
                     drop(st);
@@ -654,15 +800,15 @@ impl ModelCache {
         if had_evictions && self.inner.config.trim_on_evict {
             memory::trim();
         }
-        let kind = lock(&self.inner.state).tier::<T>().kind;
+        let kind = lock(&self.inner.state).tiers::<T>()[slot].kind;
         let before = Snapshot::capture(None);
         let start = Instant::now();
-        match build(input) {
+        match build(input, slot) {
             Ok((value, bytes)) => {
                 let seconds = start.elapsed().as_secs_f64();
                 let after = Snapshot::capture(None);
                 let grew = after.resident.saturating_sub(before.resident);
-                tracing::debug!(key, tier = %kind, bytes, seconds, "loaded\n{}", before.diff(&after));
+                tracing::debug!(key, tier = %kind, slot, bytes, seconds, "loaded\n{}", before.diff(&after));
                 if kind == TierKind::Ram && memory::misaccounted(grew, bytes) {
                     tracing::warn!(key, accounted = bytes, measured = grew, "resident memory changed by {grew} bytes loading a model accounted at {bytes} bytes");
                 }
@@ -670,9 +816,12 @@ impl ModelCache {
                     tracing::warn!(key, reserved, bytes, "model is larger than its reservation");
                 }
                 let value = Arc::new(value);
-                lock(&self.inner.state)
-                    .tier::<T>()
-                    .complete(key, value.clone(), bytes, seconds);
+                lock(&self.inner.state).tiers::<T>()[slot].complete(
+                    key,
+                    value.clone(),
+                    bytes,
+                    seconds,
+                );
                 wait.finish(Ok(()));
                 if let Some(h) = &self.inner.load_seconds {
                     let from = if kind == TierKind::Ram { "disk" } else { "ram" };
@@ -681,10 +830,11 @@ impl ModelCache {
                 Ok(ModelGuard {
                     cache: self.inner.clone(),
                     key: key.to_string(),
+                    slot,
                     value,
                 })
             }
-            Err(e) => Err(fail(e)),
+            Err(e) => Err(abort(slot, e)),
         }
     }
 
@@ -699,7 +849,7 @@ impl ModelCache {
                     * region::REGION_ALIGN as u64;
                 Ok((bytes, plan))
             },
-            |plan| {
+            |plan, _| {
                 let err = |message: String| CacheError::Load {
                     key: key.into(),
                     message,
@@ -720,21 +870,22 @@ impl ModelCache {
         )
     }
 
-    /// Locks the device copy of `key`, loading it (through the RAM tier) if needed.
-    /// When the device tier is full, least-recently-used unlocked models are
-    /// offloaded from it (their RAM copies stay, so coming back is a move, not a load).
+    /// Locks the device copy of `key`, loading it (through the RAM tier) if
+    /// needed onto the device tier with room ([`choose_slot`]). When the device
+    /// tiers are full, least-recently-used unlocked models are offloaded from
+    /// the chosen one (their RAM copies stay, so coming back is a move, not a load).
     pub fn get_device(&self, key: &str) -> Result<ModelGuard<DeviceModel>, CacheError> {
-        let (device, dtype) = (self.inner.config.device.clone(), self.inner.config.dtype);
+        let dtype = self.inner.config.dtype;
         self.acquire::<DeviceModel, ModelGuard<RamModel>>(
             key,
             || {
                 let ram = self.get_ram(key)?;
                 Ok((ram.device_bytes(dtype), ram))
             },
-            |ram| {
+            |ram, slot| {
                 let needed = ram.device_bytes(dtype);
-                let budget = self.inner.config.device_budget;
-                let m = ram.to_device(&device, dtype).map_err(|e| {
+                let DeviceSlot { device, budget } = &self.inner.config.devices[slot];
+                let m = ram.to_device(device, dtype).map_err(|e| {
                     let message = crate::store::error::candle_message(&e);
                     // The GPU ran out before the budget did (other processes, or
                     // activations): a full cache, not a crash.
@@ -743,7 +894,7 @@ impl ModelCache {
                             tier: TierKind::Device,
                             key: key.into(),
                             needed,
-                            budget,
+                            budget: *budget,
                             locked: 0,
                             pinned: 0,
                         }

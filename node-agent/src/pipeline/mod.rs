@@ -375,7 +375,11 @@ fn adapted(
 > {
     let bytes = lora::patch_bytes(&component.tensors, prefix, adapters);
     let held = if bytes > 0 {
-        Some(cache.reserve_device(&format!("{} with adapters", component.key()), bytes)?)
+        Some(cache.reserve_device(
+            &format!("{} with adapters", component.key()),
+            component.slot(),
+            bytes,
+        )?)
     } else {
         None
     };
@@ -583,7 +587,7 @@ pub fn generate(
     let unet = with_seamless(Net::Unet, p.seamless, || {
         unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, model.unet.clone())
     })?;
-    let context = context.to_dtype(dtype)?;
+    let context = context.to_device(&device)?.to_dtype(dtype)?;
     let added = match added {
         Some((pooled, ids)) => Some((
             pooled.to_device(&device)?.to_dtype(dtype)?,
@@ -653,7 +657,10 @@ pub fn generate(
         .into_iter()
         .map(|l| {
             let img = decoder
-                .decode(&(l / model.scaling_factor)?.to_dtype(vae_guard.dtype)?)?
+                .decode(
+                    &(l.to_device(&vae_guard.device)? / model.scaling_factor)?
+                        .to_dtype(vae_guard.dtype)?,
+                )?
                 .to_dtype(DType::F32)?;
             let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
             let img = img.squeeze(0)?.permute((1, 2, 0))?.contiguous()?;

@@ -4,7 +4,8 @@
 use crate::common::fixtures;
 use modelcache_agent::cache::region::{Segment, REGION_ALIGN};
 use modelcache_agent::cache::{
-    CacheConfig, CacheError, DiskLoader, Loader, ModelCache, RamPlan, RegionTensor, TierKind,
+    CacheConfig, CacheError, DeviceSlot, DiskLoader, Loader, ModelCache, RamPlan, RegionTensor,
+    TierKind,
 };
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -83,13 +84,27 @@ impl Loader for FakeLoader {
 }
 
 fn cache_with(loader: Arc<FakeLoader>, ram_regions: u64, dev_bytes: u64) -> ModelCache {
+    cache_with_devices(loader, ram_regions, &[dev_bytes])
+}
+
+/// One CPU device tier per budget, as a node with several GPUs has.
+fn cache_with_devices(loader: Arc<FakeLoader>, ram_regions: u64, devices: &[u64]) -> ModelCache {
     struct Shared(Arc<FakeLoader>);
     impl Loader for Shared {
         fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
             self.0.plan(key)
         }
     }
-    let config = CacheConfig::cpu(ram_regions * R, dev_bytes);
+    let config = CacheConfig {
+        devices: devices
+            .iter()
+            .map(|&budget| DeviceSlot {
+                device: candle_core::Device::Cpu,
+                budget,
+            })
+            .collect(),
+        ..CacheConfig::cpu(ram_regions * R, 0)
+    };
     ModelCache::new(config, Box::new(Shared(loader)), None)
 }
 
@@ -242,8 +257,8 @@ enum Op {
     Release,
     Warm(usize, bool),
     Drop(usize),
-    /// Hold device bytes for transient copies (a LoRA's patched weights).
-    Reserve(u64),
+    /// Hold bytes of a device tier for transient copies (a LoRA's patched weights).
+    Reserve(usize, u64),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -253,21 +268,23 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Release),
         1 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Warm(k, d)),
         1 => (0..8usize).prop_map(Op::Drop),
-        1 => (1..100u64).prop_map(Op::Reserve),
+        1 => (0..2usize, 1..100u64).prop_map(|(s, b)| Op::Reserve(s, b)),
     ]
 }
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
-    /// 12 cases × 4 threads × 250 ops = 12,000 operations: budgets are never
-    /// exceeded, a held (locked) model is always resident, and the statistics add up.
+    /// 12 cases × 4 threads × 250 ops = 12,000 operations on a RAM tier and two
+    /// device tiers (a two-GPU node): no tier ever exceeds its budget, a held
+    /// (locked) model is always resident where its guard says, a model is on at
+    /// most one device, and the statistics add up.
     #[test]
     fn invariants_hold_under_concurrent_random_operations(ops in proptest::collection::vec(op(), 1000)) {
         let sizes: Vec<(String, u64)> = (0..8).map(|i| (format!("m{i}"), 1 + (i as u64 % 4))).collect();
         let refs: Vec<(&str, u64)> = sizes.iter().map(|(k, s)| (k.as_str(), *s)).collect();
         let loader = Arc::new(FakeLoader::new(&refs));
-        let cache = cache_with(loader.clone(), 9, 64 * 3);
+        let cache = cache_with_devices(loader.clone(), 9, &[64 * 2, 64]);
         let failures = Arc::new(AtomicU64::new(0));
         let chunks: Vec<Vec<Op>> = ops.chunks(250).map(|c| c.to_vec()).collect();
         let handles: Vec<_> = chunks.into_iter().map(|chunk| {
@@ -293,7 +310,7 @@ proptest! {
                             }
                         }
                         Op::Release => { held_ram.pop(); held_dev.pop(); reserved.pop(); }
-                        Op::Reserve(bytes) => match cache.reserve_device("transient", bytes) {
+                        Op::Reserve(slot, bytes) => match cache.reserve_device("transient", slot, bytes) {
                             Ok(r) => if reserved.len() < 2 { reserved.push(r) },
                             Err(CacheError::CacheFull { .. }) => { failures.fetch_add(1, Ordering::Relaxed); }
                             Err(e) => return Err(e.to_string()),
@@ -304,16 +321,27 @@ proptest! {
                         }
                         Op::Drop(k) => cache.drop_model(&format!("m{k}")),
                     }
-                    let (ram, dev) = cache.stats();
-                    if ram.used > ram.budget || dev.used > dev.budget {
-                        return Err(format!("budget exceeded: ram {}/{} dev {}/{}", ram.used, ram.budget, dev.used, dev.budget));
+                    let ram = cache.stats().0;
+                    if ram.used > ram.budget {
+                        return Err(format!("RAM budget exceeded: {}/{}", ram.used, ram.budget));
+                    }
+                    for (i, d) in cache.device_stats().iter().enumerate() {
+                        if d.used > d.budget {
+                            return Err(format!("device {i} budget exceeded: {}/{}", d.used, d.budget));
+                        }
                     }
                     let entries = cache.entries();
-                    for (held, tier) in [(held_ram.iter().map(|g| g.key().to_string()).collect::<Vec<_>>(), TierKind::Ram), (held_dev.iter().map(|g| g.key().to_string()).collect(), TierKind::Device)] {
-                        for k in held {
-                            if !entries.iter().any(|e| e.key == k && e.tier == tier && e.locked) {
-                                return Err(format!("held model {k} is not resident and locked in {tier:?}"));
-                            }
+                    let held = held_ram.iter().map(|g| (g.key().to_string(), 0, TierKind::Ram))
+                        .chain(held_dev.iter().map(|g| (g.key().to_string(), g.slot(), TierKind::Device)));
+                    for (k, slot, tier) in held {
+                        if !entries.iter().any(|e| e.key == k && e.tier == tier && e.slot == slot && e.locked) {
+                            return Err(format!("held model {k} is not resident and locked in {tier:?} {slot}"));
+                        }
+                    }
+                    for k in (0..8).map(|i| format!("m{i}")) {
+                        let on = entries.iter().filter(|e| e.key == k && e.tier == TierKind::Device).count();
+                        if on > 1 {
+                            return Err(format!("{k} is on {on} devices"));
                         }
                     }
                 }
@@ -330,8 +358,11 @@ proptest! {
         prop_assert!(entries.iter().all(|e| !e.locked), "all guards released");
         let ram_bytes: u64 = entries.iter().filter(|e| e.tier == TierKind::Ram).map(|e| e.bytes).sum();
         prop_assert_eq!(ram_bytes, ram.used);
-        let dev_bytes: u64 = entries.iter().filter(|e| e.tier == TierKind::Device).map(|e| e.bytes).sum();
-        prop_assert_eq!(dev_bytes, dev.used);
+        for (i, d) in cache.device_stats().iter().enumerate() {
+            let bytes: u64 = entries.iter().filter(|e| e.tier == TierKind::Device && e.slot == i).map(|e| e.bytes).sum();
+            prop_assert_eq!(bytes, d.used, "device {}", i);
+        }
+        prop_assert_eq!(dev.budget, 64 * 3);
         // Every RAM load came from exactly one planned miss.
         let plans: u64 = (0..8).map(|i| loader.plans(&format!("m{i}"))).sum();
         prop_assert!(ram.loads <= ram.misses && ram.misses <= plans, "loads {} misses {} plans {}", ram.loads, ram.misses, plans);
@@ -385,7 +416,7 @@ fn reservations_count_against_the_device_budget() {
     let a = cache.get_device("A").unwrap();
     drop(cache.get_device("B").unwrap());
     // 200 - 64 (A, locked) leaves 136 once B (idle) is evicted; 150 cannot fit.
-    match cache.reserve_device("A with adapters", 150) {
+    match cache.reserve_device("A with adapters", a.slot(), 150) {
         Err(CacheError::CacheFull {
             needed: 150,
             locked: 64,
@@ -398,7 +429,9 @@ fn reservations_count_against_the_device_budget() {
         ["A", "B"],
         "a refused reservation evicts nothing"
     );
-    let held = cache.reserve_device("A with adapters", 120).unwrap();
+    let held = cache
+        .reserve_device("A with adapters", a.slot(), 120)
+        .unwrap();
     assert_eq!(
         resident(&cache, TierKind::Device),
         ["A"],
@@ -414,4 +447,76 @@ fn reservations_count_against_the_device_budget() {
     assert_eq!(cache.stats().1.used, 64);
     drop(cache.get_device("B").unwrap());
     drop(a);
+}
+
+#[test]
+fn models_go_to_the_device_with_room_and_offload_there() {
+    // Two devices with room for two 64-byte models each.
+    let loader = Arc::new(FakeLoader::new(&[
+        ("A", 1),
+        ("B", 1),
+        ("C", 1),
+        ("D", 1),
+        ("E", 1),
+    ]));
+    let cache = cache_with_devices(loader, 10, &[128, 128]);
+    let slot = |k: &str| cache.get_device(k).unwrap().slot();
+    // Each new model goes to the device with the most free bytes.
+    assert_eq!([slot("A"), slot("B"), slot("C"), slot("D")], [0, 1, 0, 1]);
+    assert_eq!(slot("A"), 0, "a resident model is found where it is");
+    let stats = cache.device_stats();
+    assert_eq!(
+        stats.iter().map(|s| (s.used, s.models)).collect::<Vec<_>>(),
+        [(128, 2), (128, 2)]
+    );
+    assert_eq!(cache.stats().1.budget, 256, "the vram tier is their sum");
+    // Both are full. With everything on device 0 locked, E offloads the
+    // least recently used model of device 1 (B), not one that is in use.
+    let (a, c) = (
+        cache.get_device("A").unwrap(),
+        cache.get_device("C").unwrap(),
+    );
+    let e = cache.get_device("E").unwrap();
+    assert_eq!(e.slot(), 1);
+    assert_eq!(resident(&cache, TierKind::Device), ["A", "C", "D", "E"]);
+    assert_eq!(cache.device_stats()[1].evictions, 1);
+    // Nothing fits when every device is full of locked models.
+    let d = cache.get_device("D").unwrap();
+    match cache.get_device("B") {
+        Err(CacheError::CacheFull {
+            tier: TierKind::Device,
+            needed: 64,
+            budget: 128,
+            locked: 128,
+            ..
+        }) => {}
+        other => panic!("expected CacheFull, got {:?}", other.map(|g| g.slot())),
+    }
+    drop((a, c, d, e));
+    assert_eq!(slot("B"), 0, "the first device with evictable room");
+}
+
+#[test]
+fn concurrent_requests_load_a_model_once_onto_one_device() {
+    let mut loader = FakeLoader::new(&[("A", 1)]);
+    loader.delay = std::time::Duration::from_millis(50);
+    let loader = Arc::new(loader);
+    let cache = cache_with_devices(loader.clone(), 4, &[64, 64, 64]);
+    let barrier = Arc::new(Barrier::new(6));
+    let slots: Vec<usize> = (0..6)
+        .map(|_| {
+            let (cache, barrier) = (cache.clone(), barrier.clone());
+            std::thread::spawn(move || {
+                barrier.wait();
+                cache.get_device("A").unwrap().slot()
+            })
+        })
+        .collect::<Vec<_>>()
+        .into_iter()
+        .map(|h| h.join().unwrap())
+        .collect();
+    assert!(slots.iter().all(|&s| s == slots[0]), "{slots:?}");
+    assert_eq!(loader.plans("A"), 1, "one load");
+    let dev = cache.stats().1;
+    assert_eq!((dev.used, dev.misses, dev.hits), (64, 1, 5));
 }

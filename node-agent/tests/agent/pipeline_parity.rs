@@ -2,7 +2,7 @@
 
 use crate::common::fixtures;
 use candle_core::{Device, Tensor};
-use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache, TierKind};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
 use modelcache_agent::store::convert;
 use modelcache_crds::SchedulerKind;
@@ -51,6 +51,34 @@ fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0.0, f32::max)
+}
+
+#[test]
+fn components_spread_over_several_devices_reproduce_the_reference_image() {
+    let (r, latents, want) = reference();
+    // Three device tiers (a three-GPU node, here three CPU tiers): each
+    // component goes to the one with the most room, so all three are apart.
+    let slot = || DeviceSlot {
+        device: Device::Cpu,
+        budget: 64 << 20,
+    };
+    let config = CacheConfig {
+        devices: vec![slot(), slot(), slot()],
+        ..CacheConfig::cpu(64 << 20, 0)
+    };
+    let cache = ModelCache::new(config, Box::new(DiskLoader), None);
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let images = pipeline::generate(&cache, &model, &params(&r, latents), &|_, _, _| true).unwrap();
+    let mut slots: Vec<usize> = cache
+        .entries()
+        .iter()
+        .filter(|e| e.tier == TierKind::Device)
+        .map(|e| e.slot)
+        .collect();
+    slots.sort();
+    assert_eq!(slots, [0, 1, 2], "one component per device");
+    let d = max_abs_diff(&images[0].data, &want);
+    assert!(d < 1e-3, "max abs difference {d}");
 }
 
 #[test]
