@@ -120,6 +120,11 @@ cache = dashboard(
         panel(6, "Models resident", [
             ("sum by (node, tier) (modelcache_cache_models{%s})" % AGENT, "{{tier}} {{node}}"),
         ], 12, 16),
+        panel(7, "Per device: cached vs budget, and free memory", [
+            ("sum by (node, device) (modelcache_device_cache_bytes{%s})" % AGENT, "cached {{device}} {{node}}"),
+            ("sum by (node, device) (modelcache_device_cache_capacity_bytes{%s})" % AGENT, "budget {{device}} {{node}}"),
+            ('sum by (node, device) (modelcache_device_memory_bytes{state="free", %s})' % AGENT, "free {{device}} {{node}}"),
+        ], 0, 24, w=24, unit="bytes", description="One device tier per GPU. Free memory is the driver's figure (on CPU-only nodes, the host's available memory); cached bytes stay under the budget."),
     ],
 )
 

@@ -379,7 +379,6 @@ impl ClusterAgent {
         let s = &self.state;
         let (ram, dev) = s.cache.stats();
         let cfg = s.cache.config();
-        let (total, available) = meminfo();
         let endpoint = match self.settings.pod_ip.parse::<std::net::IpAddr>() {
             Ok(ip) => std::net::SocketAddr::new(ip, self.settings.api_port).to_string(),
             Err(_) => format!("{}:{}", self.settings.pod_ip, self.settings.api_port),
@@ -453,13 +452,11 @@ impl ClusterAgent {
                 pod_name: self.settings.pod_name.clone(),
                 endpoint,
             }),
-            // A GPU's memory from its driver; the CPU's from /proc/meminfo.
             devices: cfg
                 .devices
                 .iter()
                 .map(|slot| {
-                    let (free, total) =
-                        crate::device::memory(&slot.device).unwrap_or((available, total));
+                    let (free, total) = crate::device::memory_or_host(&slot.device);
                     DeviceInfo {
                         id: crate::device::id(&slot.device),
                         name: crate::device::name(&slot.device),
@@ -698,17 +695,4 @@ fn prepare(state: &AppState, d: &Desired) -> Result<Prepared, String> {
         sha256,
         message,
     })
-}
-
-/// MemTotal and MemAvailable from /proc/meminfo, in bytes (0 when unreadable).
-fn meminfo() -> (u64, u64) {
-    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|rest| rest.split_whitespace().next())
-            .and_then(|kb| kb.parse::<u64>().ok())
-            .map_or(0, |kb| kb * 1024)
-    };
-    (field("MemTotal:"), field("MemAvailable:"))
 }

@@ -119,6 +119,22 @@ pub fn memory(device: &Device) -> Option<(u64, u64)> {
     None
 }
 
+/// (free, total) bytes of a device's memory: a GPU's from its driver, the
+/// CPU's from /proc/meminfo (MemAvailable, MemTotal; 0 when unreadable).
+pub fn memory_or_host(device: &Device) -> (u64, u64) {
+    memory(device).unwrap_or_else(|| {
+        let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|rest| rest.split_whitespace().next())
+                .and_then(|kb| kb.parse::<u64>().ok())
+                .map_or(0, |kb| kb * 1024)
+        };
+        (field("MemAvailable:"), field("MemTotal:"))
+    })
+}
+
 /// The GPU's name from its driver (`NVIDIA H200`), or `CPU`.
 pub fn name(device: &Device) -> String {
     #[cfg(feature = "cuda")]

@@ -138,7 +138,7 @@ impl CacheCollector {
         let device_memory = IntGaugeVec::new(
             Opts::new(
                 "modelcache_device_memory_bytes",
-                "A GPU's memory as its driver reports it, total and free",
+                "Each compute device's memory, total and free: a GPU's from its driver, the CPU's from /proc/meminfo",
             ),
             &["device", "state"],
         )?;
@@ -222,14 +222,13 @@ impl Collector for CacheCollector {
             self.device_capacity
                 .with_label_values(&[&id])
                 .set(s.budget as i64);
-            if let Some((free, total)) = crate::device::memory(&slot.device) {
-                self.device_memory
-                    .with_label_values(&[&id, "free"])
-                    .set(free as i64);
-                self.device_memory
-                    .with_label_values(&[&id, "total"])
-                    .set(total as i64);
-            }
+            let (free, total) = crate::device::memory_or_host(&slot.device);
+            self.device_memory
+                .with_label_values(&[&id, "free"])
+                .set(free as i64);
+            self.device_memory
+                .with_label_values(&[&id, "total"])
+                .set(total as i64);
         }
         let mi = memory::mallinfo2();
         let values = [

@@ -465,6 +465,7 @@ fn metrics_pass_promtool_and_count_requests() {
         "modelcache_cache_models{tier=\"vram\"} 3",
         "modelcache_device_cache_bytes{device=\"cpu\"}",
         "modelcache_device_cache_capacity_bytes{device=\"cpu\"}",
+        "modelcache_device_memory_bytes{device=\"cpu\",state=\"free\"}",
         "modelcache_cache_requests_total{result=\"miss\",tier=\"ram\"} 3",
         "modelcache_cache_evictions_total{tier=\"ram\"} 0",
         "modelcache_model_load_seconds_count{from=\"disk\",to=\"ram\"} 3",
