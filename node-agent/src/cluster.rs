@@ -475,7 +475,17 @@ impl ClusterAgent {
                 misses: (ram.misses + dev.misses) as i64,
                 evictions: (ram.evictions + dev.evictions) as i64,
                 disk_read_bytes_per_second: ram.bandwidth as i64,
-                ram_to_device_bytes_per_second: dev.bandwidth as i64,
+                // Until a move has been measured, the slowest GPU's PCIe link.
+                ram_to_device_bytes_per_second: if dev.bandwidth > 0.0 {
+                    dev.bandwidth as i64
+                } else {
+                    cfg.devices
+                        .iter()
+                        .filter_map(|d| crate::device::pcie_bandwidth(&d.device))
+                        .map(|b| b as i64)
+                        .min()
+                        .unwrap_or(0)
+                },
             }),
             models,
             models_truncated,

@@ -135,6 +135,46 @@ pub fn memory_or_host(device: &Device) -> (u64, u64) {
     })
 }
 
+/// The one-way bandwidth (bytes/s) of the PCIe link a GPU sits on, from the
+/// link speed and width the device reports in sysfs; `None` on the CPU or
+/// where sysfs does not show the device.
+pub fn pcie_bandwidth(device: &Device) -> Option<f64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(d) = device {
+        use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
+        let ctx = d.cuda_stream().context();
+        let attr = |a| ctx.attribute(a).ok();
+        let address = format!(
+            "{:04x}:{:02x}:{:02x}.0",
+            attr(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
+            attr(A::CU_DEVICE_ATTRIBUTE_PCI_BUS_ID)?,
+            attr(A::CU_DEVICE_ATTRIBUTE_PCI_DEVICE_ID)?
+        );
+        let dir = std::path::Path::new("/sys/bus/pci/devices").join(address);
+        let read = |f: &str| std::fs::read_to_string(dir.join(f)).ok();
+        return link_bandwidth(&read("current_link_speed")?, &read("current_link_width")?);
+    }
+    let _ = device;
+    None
+}
+
+/// A PCIe link's one-way bandwidth in bytes/s from sysfs's `current_link_speed`
+/// (`16.0 GT/s PCIe`) and `current_link_width` (`16`), after line encoding:
+/// 8b/10b up to 5 GT/s (PCIe 1–2), 128b/130b up to 32 GT/s (PCIe 3–5), and
+/// PCIe 6's FLIT mode (242 of 256 bytes) above.
+pub fn link_bandwidth(speed: &str, width: &str) -> Option<f64> {
+    let gts: f64 = speed.split_whitespace().next()?.parse().ok()?;
+    let lanes: f64 = width.trim().parse().ok()?;
+    let efficiency = if gts <= 5.0 {
+        0.8
+    } else if gts <= 32.0 {
+        128.0 / 130.0
+    } else {
+        242.0 / 256.0
+    };
+    (gts > 0.0 && lanes > 0.0).then(|| gts * 1e9 * efficiency * lanes / 8.0)
+}
+
 /// The GPU's name from its driver (`NVIDIA H200`), or `CPU`.
 pub fn name(device: &Device) -> String {
     #[cfg(feature = "cuda")]
@@ -180,6 +220,18 @@ impl ComputeDevice {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pcie_links() {
+        let gb = |s, w| link_bandwidth(s, w).map(|b| (b / 1e8).round() / 10.0);
+        assert_eq!(gb("16.0 GT/s PCIe\n", "16\n"), Some(31.5), "Gen4 x16");
+        assert_eq!(gb("32.0 GT/s PCIe", "16"), Some(63.0), "Gen5 x16");
+        assert_eq!(gb("8.0 GT/s PCIe", "8"), Some(7.9), "Gen3 x8");
+        assert_eq!(gb("2.5 GT/s", "1"), Some(0.3), "Gen1 x1");
+        assert_eq!(gb("Unknown", "16"), None);
+        assert_eq!(gb("16.0 GT/s PCIe", "0"), None);
+        assert_eq!(pcie_bandwidth(&Device::Cpu), None);
+    }
 
     #[test]
     fn specs() {

@@ -100,6 +100,15 @@ fn run() -> Result<(), String> {
             plain / 1e9,
             moved / plain
         );
+        match modelcache_agent::device::pcie_bandwidth(&dev) {
+            Some(link) => println!(
+                "| RAM → device move against the PCIe link | {:.2} GB/s | link (sysfs speed × width) {:.2} GB/s | {:.2}x |",
+                moved / 1e9,
+                link / 1e9,
+                moved / link
+            ),
+            None => println!("| PCIe link bandwidth | not visible in sysfs | | |"),
+        }
     }
 
     // SD 1.5's UNet at 512×512, classifier-free guidance batch 2.
