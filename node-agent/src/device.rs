@@ -142,8 +142,8 @@ pub fn pcie_bandwidth(device: &Device) -> Option<f64> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(d) = device {
         use candle_core::cuda_backend::cudarc::driver::sys::CUdevice_attribute as A;
-        let ctx = d.cuda_stream().context();
-        let attr = |a| ctx.attribute(a).ok();
+        let stream = d.cuda_stream();
+        let attr = |a| stream.context().attribute(a).ok();
         let address = format!(
             "{:04x}:{:02x}:{:02x}.0",
             attr(A::CU_DEVICE_ATTRIBUTE_PCI_DOMAIN_ID)?,
