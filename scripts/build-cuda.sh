@@ -15,12 +15,14 @@ check=false
 if [ "${1:-}" = --check ]; then check=true; shift; fi
 cap=${1:-90}
 venv=${CUDA_VENV:-.ci/cuda-venv}
+# Exit status 3: the toolchain could not be installed (CI then skips the check).
 if [ ! -x "$venv/bin/python" ]; then
-  python3 -m venv "$venv"
+  python3 -m venv "$venv" || exit 3
 fi
 "$venv/bin/pip" install -q --disable-pip-version-check \
   'nvidia-cuda-nvcc==13.*' 'nvidia-cuda-runtime==13.*' 'nvidia-cuda-cccl==13.*' 'nvidia-cuda-crt==13.*' \
-  'nvidia-cublas==13.*' 'nvidia-curand==10.*' 'nvidia-cuda-nvrtc==13.*'
+  'nvidia-cublas==13.*' 'nvidia-curand==10.*' 'nvidia-cuda-nvrtc==13.*' ||
+  { echo "could not install NVIDIA's CUDA wheels from PyPI" >&2; exit 3; }
 C=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__path__)[0], "cu13"))')
 [ -x "$C/bin/nvcc" ] || { echo "no nvcc under $C" >&2; exit 1; }
 "$C/bin/nvcc" --version | tail -2

@@ -44,6 +44,8 @@ pub enum Error {
     MissingNamespace(String),
     #[error("encoding status: {0}")]
     Json(#[from] serde_json::Error),
+    #[error("the ModelNode, Node and Lease caches have not finished their first list")]
+    NotSynced,
 }
 
 /// Settings from the command line.
@@ -65,6 +67,24 @@ pub struct Stores {
     pub nodes: Store<Node>,
     /// Leases in the operator's namespace (agents' `modelcache-node-<node>`).
     pub leases: Store<Lease>,
+}
+
+impl Stores {
+    /// Waits (at most `limit`) until every store has finished its first list.
+    /// Before that a node whose ModelNode or Lease is not cached yet looks
+    /// gone, and a freshly started operator would move its placements.
+    async fn synced(&self, limit: Duration) -> Result<(), Error> {
+        let all = async {
+            self.deployments.wait_until_ready().await.is_ok()
+                && self.model_nodes.wait_until_ready().await.is_ok()
+                && self.nodes.wait_until_ready().await.is_ok()
+                && self.leases.wait_until_ready().await.is_ok()
+        };
+        match tokio::time::timeout(limit, all).await {
+            Ok(true) => Ok(()),
+            _ => Err(Error::NotSynced),
+        }
+    }
 }
 
 /// A deployment that lost warm reservations to a higher-priority one; kept until
@@ -233,6 +253,7 @@ pub fn error_policy(md: Arc<ModelDeployment>, error: &Error, ctx: Arc<Context>) 
 }
 
 pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Action, Error> {
+    ctx.stores.synced(Duration::from_secs(30)).await?;
     let started = Instant::now();
     let ns = md
         .namespace()

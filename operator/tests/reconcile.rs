@@ -44,6 +44,16 @@ struct Writers {
 }
 
 fn harness() -> Harness {
+    let mut h = harness_listing();
+    synced(&mut h.writers.deployments);
+    synced(&mut h.writers.model_nodes);
+    synced(&mut h.writers.nodes);
+    synced(&mut h.writers.leases);
+    h
+}
+
+/// A harness whose caches are still in their first list, as in a fresh operator.
+fn harness_listing() -> Harness {
     let (mock, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     let client = Client::new(mock, "default");
     let (dr, dw) = reflector::store();
@@ -80,6 +90,16 @@ fn harness() -> Harness {
             leases: lw,
         },
     }
+}
+
+/// Ends a store's first list (empty), as the watch's initial list does.
+fn synced<K>(w: &mut Writer<K>)
+where
+    K: kube::Resource + Clone + 'static,
+    K::DynamicType: Clone + Eq + std::hash::Hash + Default,
+{
+    w.apply_watcher_event(&watcher::Event::Init);
+    w.apply_watcher_event(&watcher::Event::InitDone);
 }
 
 fn put<K>(w: &mut Writer<K>, obj: K)
@@ -335,6 +355,36 @@ async fn new_deployment_gets_the_finalizer_first() {
     )
     .await;
     assert!(patch.to_string().contains(FINALIZER), "{patch}");
+    assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
+}
+
+#[tokio::test]
+async fn a_fresh_operator_acts_only_once_its_caches_have_listed() {
+    // Before the first lists finish, every node would look gone and a
+    // restarted operator would move placements that are fine.
+    let mut h = harness_listing();
+    let mut md = deployment("sd15", "sd15", json!({}));
+    md.metadata.finalizers = None;
+    let task = spawn_reconcile(&h, &md);
+    let early = tokio::time::timeout(Duration::from_millis(300), h.handle.next_request()).await;
+    assert!(early.is_err(), "an API request before the caches listed");
+    assert!(!task.is_finished());
+    synced(&mut h.writers.deployments);
+    synced(&mut h.writers.model_nodes);
+    synced(&mut h.writers.nodes);
+    synced(&mut h.writers.leases);
+    cluster(&mut h);
+    expect(
+        &mut h.handle,
+        Method::PATCH,
+        "/apis/modelcache.io/v1alpha1/namespaces/ml/modeldeployments/sd15",
+        |_| {
+            let mut m = serde_json::to_value(&md).unwrap();
+            m["metadata"]["finalizers"] = json!([FINALIZER]);
+            m
+        },
+    )
+    .await;
     assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
 }
 
