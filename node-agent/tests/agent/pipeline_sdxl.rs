@@ -6,14 +6,21 @@
 use candle_core::Device;
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
+use modelcache_agent::store::convert;
 use modelcache_crds::{BaseModel, SchedulerKind};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
     crate::common::fixtures().join("tiny-sdxl")
 }
 
 fn run(negative: &str) -> Vec<f32> {
+    run_on(&fixture(), negative)
+}
+
+/// Generates the reference request with the model in `dir` (the fixture, or
+/// what a single-file checkpoint converted to).
+fn run_on(dir: &Path, negative: &str) -> Vec<f32> {
     let f = fixture();
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
@@ -22,7 +29,7 @@ fn run(negative: &str) -> Vec<f32> {
             .unwrap()
             .remove("latents")
             .unwrap();
-    let model = DiffusersModel::open(&f).unwrap();
+    let model = DiffusersModel::open(dir).unwrap();
     assert_eq!(model.base, BaseModel::Sdxl);
     assert_eq!(
         model.components(),
@@ -80,6 +87,31 @@ fn an_empty_negative_prompt_conditions_on_zeros() {
     assert!(d < 1e-3, "{d}");
     // And that is a different image from conditioning on "a dog".
     assert!(max_diff(&got, "reference_image_f64.npy") > 1e-2);
+}
+
+/// tiny-sdxl-single.safetensors is the fixture written as an original (LDM)
+/// SDXL checkpoint by diffusers' own `scripts/convert_diffusers_to_original_sdxl.py`
+/// (tests/fixtures/README.md), so this checks the store's SDXL conversion
+/// against diffusers' key mapping rather than against itself.
+#[test]
+fn single_file_sdxl_checkpoint_matches_diffusers() {
+    let state = tempfile::tempdir().unwrap();
+    let dir = convert::converted(
+        state.path(),
+        &crate::common::fixtures().join("tiny-sdxl-single.safetensors"),
+        Some(&fixture()),
+        None,
+    )
+    .unwrap();
+    let got = run_on(&dir, "a dog");
+    let d = max_diff(&got, "reference_image_f64.npy");
+    eprintln!("tiny-sdxl single file: max abs diff {d:.2e} from diffusers float64");
+    assert!(d < 1e-3, "{d}");
+    assert_eq!(
+        got,
+        run("a dog"),
+        "the same weights as the diffusers folder"
+    );
 }
 
 #[test]
