@@ -124,11 +124,6 @@ impl CacheConfig {
             trim_on_evict: false,
         }
     }
-
-    /// The sum of the device tiers' budgets.
-    pub fn device_budget(&self) -> u64 {
-        self.devices.iter().map(|d| d.budget).sum()
-    }
 }
 
 /// Counters and gauges of one tier.
@@ -151,7 +146,7 @@ pub struct TierStats {
 impl TierStats {
     /// Several device tiers' statistics as one (the `vram` metrics and status):
     /// sums, with the load bandwidth over all their loads.
-    fn sum<'a>(all: impl IntoIterator<Item = &'a TierStats>) -> TierStats {
+    fn sum(all: impl IntoIterator<Item = TierStats>) -> TierStats {
         let mut t = TierStats::default();
         for s in all {
             t.budget += s.budget;
@@ -253,13 +248,23 @@ impl<T> Tier<T> {
         }
     }
 
-    /// Bytes that eviction could free: unlocked, unpinned, ready entries.
-    fn evictable(&self) -> u64 {
+    /// The entries eviction may remove: unlocked, unpinned and ready.
+    fn evictable_entries(&self) -> impl Iterator<Item = (&String, &Entry<T>)> {
         self.entries
-            .values()
-            .filter(|e| e.locks == 0 && !e.pinned && matches!(e.slot, Slot::Ready(_)))
-            .map(|e| e.bytes)
-            .sum()
+            .iter()
+            .filter(|(_, e)| e.locks == 0 && !e.pinned && matches!(e.slot, Slot::Ready(_)))
+    }
+
+    /// Bytes that eviction could free.
+    fn evictable(&self) -> u64 {
+        self.evictable_entries().map(|(_, e)| e.bytes).sum()
+    }
+
+    fn snapshot(&self) -> TierStats {
+        TierStats {
+            models: self.entries.len(),
+            ..self.stats.clone()
+        }
     }
 
     fn free(&self) -> u64 {
@@ -306,9 +311,7 @@ impl<T> Tier<T> {
             });
         }
         let mut candidates: Vec<(u64, String)> = self
-            .entries
-            .iter()
-            .filter(|(_, e)| e.locks == 0 && !e.pinned && matches!(e.slot, Slot::Ready(_)))
+            .evictable_entries()
             .map(|(k, e)| (e.tick, k.clone()))
             .collect();
         candidates.sort();
@@ -665,24 +668,19 @@ impl ModelCache {
 
     /// The RAM tier's statistics and the device tiers' together.
     pub fn stats(&self) -> (TierStats, TierStats) {
-        let devs = self.device_stats();
         let st = lock(&self.inner.state);
-        let ram = TierStats {
-            models: st.ram.entries.len(),
-            ..st.ram.stats.clone()
-        };
-        (ram, TierStats::sum(&devs))
+        (
+            st.ram.snapshot(),
+            TierStats::sum(st.devs.iter().map(Tier::snapshot)),
+        )
     }
 
     /// Each device tier's statistics, in the order of [`CacheConfig::devices`].
     pub fn device_stats(&self) -> Vec<TierStats> {
-        let st = lock(&self.inner.state);
-        st.devs
+        lock(&self.inner.state)
+            .devs
             .iter()
-            .map(|t| TierStats {
-                models: t.entries.len(),
-                ..t.stats.clone()
-            })
+            .map(Tier::snapshot)
             .collect()
     }
 
