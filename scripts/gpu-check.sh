@@ -71,6 +71,49 @@ for p in f32:1e-3 f16:2e-2; do
     --steps 4 --guidance 7.5 --size 64x64 --latents "$f/reference_latents.safetensors" --out "$out/$prec.npy" >/dev/null
   compare "$out/$prec.npy" "$f/reference_image.npy" "$bound" "tiny-sd1 parity on GPU, $prec" || status=1
 done
+
+# A node with several GPUs: one device tier per GPU. The agent serving on all
+# of them spreads tiny-sd1's components over the GPUs and must return the
+# same image (f32, same seed) as the agent serving on one; both GPUs must hold
+# cached bytes. ONE/ALL override the device lists (e.g. ONE=cpu ALL=cpu to try
+# the script's plumbing without GPUs).
+one=${ONE:-cuda:0}
+all=${ALL:-}
+if [ -z "$all" ] && [ "$(nvidia-smi -L | wc -l)" -ge 2 ]; then all=cuda:0,cuda:1; fi
+if [ -n "$all" ]; then
+  mkdir -p "$out/models" && cp -r "$f" "$out/models/tiny-sd1"
+  pids=()
+  trap 'kill "${pids[@]}" 2>/dev/null; rm -rf "$out"' EXIT
+  port=18480
+  for d in "$one" "$all"; do
+    "$bin/modelcache-agent" serve --models-dir "$out/models" --state-dir "$out/state-$port" --device "$d" \
+      --precision f32 --listen "127.0.0.1:$port" --metrics-listen "127.0.0.1:$((port + 1))" >"$out/serve-$port.log" 2>&1 &
+    pids+=($!)
+    port=$((port + 2))
+  done
+  python3 - "$one" "$all" <<'PY' || { status=1; tail -n 5 "$out"/serve-*.log; }
+import json, sys, time, urllib.request
+def get(url):
+    return urllib.request.urlopen(url, timeout=120).read().decode()
+def generate(port):
+    body = json.dumps({"model": "tiny-sd1", "prompt": "a red cat", "size": "64x64", "steps": 4, "seed": 7}).encode()
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/images/generations", body, {"Content-Type": "application/json"})
+    return json.loads(urllib.request.urlopen(req, timeout=300).read())["data"][0]["b64_json"]
+for port in (18480, 18482):
+    for _ in range(120):
+        try:
+            get(f"http://127.0.0.1:{port}/readyz"); break
+        except Exception:
+            time.sleep(0.5)
+same = generate(18480) == generate(18482)
+metrics = get("http://127.0.0.1:18483/metrics")
+held = [l for l in metrics.splitlines() if l.startswith("modelcache_device_cache_bytes{") and not l.endswith(" 0")]
+spread = len(held) >= 2
+ok = same and spread
+print(f"| one device tier per GPU ({sys.argv[2]}) | {'same image as ' + sys.argv[1] if same else 'image differs from ' + sys.argv[1]}; {len(held)} devices hold components | same image, ≥ 2 devices | {'pass' if ok else 'FAIL'} |")
+sys.exit(0 if ok else 1)
+PY
+fi
 echo
 "$bin/modelcache-gpu-bench" --device cuda:0 --gib 4
 exit $status
