@@ -329,6 +329,25 @@ async fn reconcile_applying(
     out
 }
 
+/// The finalizer patch a deployment without one gets first, answered.
+async fn expect_finalizer(h: &mut Harness, md: &ModelDeployment) {
+    let patch = expect(
+        &mut h.handle,
+        Method::PATCH,
+        &format!(
+            "/apis/modelcache.io/v1alpha1/namespaces/ml/modeldeployments/{}",
+            md.name_any()
+        ),
+        |_| {
+            let mut m = serde_json::to_value(md).unwrap();
+            m["metadata"]["finalizers"] = json!([FINALIZER]);
+            m
+        },
+    )
+    .await;
+    assert!(patch.to_string().contains(FINALIZER), "{patch}");
+}
+
 fn condition<'a>(status: &'a Value, t: &str) -> &'a Value {
     status["conditions"]
         .as_array()
@@ -343,18 +362,7 @@ async fn new_deployment_gets_the_finalizer_first() {
     let mut md = deployment("sd15", "sd15", json!({}));
     md.metadata.finalizers = None;
     let task = spawn_reconcile(&h, &md);
-    let patch = expect(
-        &mut h.handle,
-        Method::PATCH,
-        "/apis/modelcache.io/v1alpha1/namespaces/ml/modeldeployments/sd15",
-        |_| {
-            let mut m = serde_json::to_value(&md).unwrap();
-            m["metadata"]["finalizers"] = json!([FINALIZER]);
-            m
-        },
-    )
-    .await;
-    assert!(patch.to_string().contains(FINALIZER), "{patch}");
+    expect_finalizer(&mut h, &md).await;
     assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
 }
 
@@ -374,17 +382,7 @@ async fn a_fresh_operator_acts_only_once_its_caches_have_listed() {
     synced(&mut h.writers.nodes);
     synced(&mut h.writers.leases);
     cluster(&mut h);
-    expect(
-        &mut h.handle,
-        Method::PATCH,
-        "/apis/modelcache.io/v1alpha1/namespaces/ml/modeldeployments/sd15",
-        |_| {
-            let mut m = serde_json::to_value(&md).unwrap();
-            m["metadata"]["finalizers"] = json!([FINALIZER]);
-            m
-        },
-    )
-    .await;
+    expect_finalizer(&mut h, &md).await;
     assert_eq!(task.await.unwrap().unwrap(), Action::await_change());
 }
 
