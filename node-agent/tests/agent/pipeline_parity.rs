@@ -1,26 +1,15 @@
 //! Numerical parity with diffusers on the reference fixtures.
 
-use crate::common::fixtures;
+use crate::common::{fixtures, tiny_cache as cache};
 use candle_core::{Device, Tensor};
 use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache, TierKind};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
 use modelcache_agent::store::convert;
 use modelcache_crds::SchedulerKind;
 
-fn cache() -> ModelCache {
-    let config = CacheConfig::cpu(64 << 20, 64 << 20);
-    ModelCache::new(config, Box::new(DiskLoader), None)
-}
-
 fn reference() -> (serde_json::Value, Tensor, Vec<f32>) {
     let f = fixtures().join("tiny-sd1");
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
-    let latents =
-        candle_core::safetensors::load(f.join("reference_latents.safetensors"), &Device::Cpu)
-            .unwrap()
-            .remove("latents")
-            .unwrap();
+    let (r, latents) = crate::common::reference_run(&f);
     let (shape, image) = read_npy(&std::fs::read(f.join("reference_image.npy")).unwrap()).unwrap();
     assert_eq!(shape, vec![64, 64, 3]);
     (r, latents, image)

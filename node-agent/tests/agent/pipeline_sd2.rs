@@ -58,17 +58,10 @@ fn tiny_sd2_probes_as_sd2_and_generates_deterministically() {
 /// can sit 1e-3 apart while each is within 5e-4 of the truth.
 #[test]
 fn tiny_sd2_matches_diffusers() {
-    use candle_core::Device;
     use modelcache_agent::pipeline::image::read_npy;
-    let f = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/tiny-sd2");
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
+    let f = crate::common::fixtures().join("tiny-sd2");
+    let (r, latents) = crate::common::reference_run(&f);
     assert_eq!(r["prediction_type"], "v_prediction");
-    let latents =
-        candle_core::safetensors::load(f.join("reference_latents.safetensors"), &Device::Cpu)
-            .unwrap()
-            .remove("latents")
-            .unwrap();
     let model = DiffusersModel::open(&f).unwrap();
     let ids = model
         .tokenizer()
@@ -76,11 +69,7 @@ fn tiny_sd2_matches_diffusers() {
         .unwrap();
     let want_ids: Vec<u32> = serde_json::from_value(r["token_ids"].clone()).unwrap();
     assert_eq!(ids, want_ids);
-    let cache = ModelCache::new(
-        CacheConfig::cpu(64 << 20, 64 << 20),
-        Box::new(DiskLoader),
-        None,
-    );
+    let cache = crate::common::tiny_cache();
     let p = GenerateParams {
         prompt: r["prompt"].as_str().unwrap().into(),
         steps: r["steps"].as_u64().unwrap() as usize,

@@ -3,8 +3,6 @@
 //! diffusers' own runs of tests/fixtures/tiny-sdxl (`gen_tiny_sdxl.py`), held
 //! within 1e-3 per pixel of the float64 run.
 
-use candle_core::Device;
-use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
 use modelcache_agent::store::convert;
 use modelcache_crds::{BaseModel, SchedulerKind};
@@ -22,24 +20,14 @@ fn run(negative: &str) -> Vec<f32> {
 /// what a single-file checkpoint converted to).
 fn run_on(dir: &Path, negative: &str) -> Vec<f32> {
     let f = fixture();
-    let r: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(f.join("reference.json")).unwrap()).unwrap();
-    let latents =
-        candle_core::safetensors::load(f.join("reference_latents.safetensors"), &Device::Cpu)
-            .unwrap()
-            .remove("latents")
-            .unwrap();
+    let (r, latents) = crate::common::reference_run(&f);
     let model = DiffusersModel::open(dir).unwrap();
     assert_eq!(model.base, BaseModel::Sdxl);
     assert_eq!(
         model.components(),
         ["text_encoder", "text_encoder_2", "unet", "vae"]
     );
-    let cache = ModelCache::new(
-        CacheConfig::cpu(64 << 20, 64 << 20),
-        Box::new(DiskLoader),
-        None,
-    );
+    let cache = crate::common::tiny_cache();
     let p = GenerateParams {
         prompt: r["prompt"].as_str().unwrap().into(),
         negative_prompt: negative.into(),

@@ -8,6 +8,31 @@ pub fn fixtures() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures")
 }
 
+/// A parity fixture's reference run: `reference.json` (prompt, steps,
+/// guidance, token ids) and the initial latents diffusers started from.
+pub fn reference_run(dir: &Path) -> (serde_json::Value, candle_core::Tensor) {
+    let r = serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+        .unwrap();
+    let latents = candle_core::safetensors::load(
+        dir.join("reference_latents.safetensors"),
+        &candle_core::Device::Cpu,
+    )
+    .unwrap()
+    .remove("latents")
+    .unwrap();
+    (r, latents)
+}
+
+/// A cache for the tiny fixtures: 64 MiB of RAM and 64 MiB on the CPU device.
+pub fn tiny_cache() -> modelcache_agent::cache::ModelCache {
+    use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+    ModelCache::new(
+        CacheConfig::cpu(64 << 20, 64 << 20),
+        Box::new(DiskLoader),
+        None,
+    )
+}
+
 /// Copies a folder tree (a fixture model into a test's models folder).
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
