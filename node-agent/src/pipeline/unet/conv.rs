@@ -7,9 +7,11 @@
 //! through every block's configuration; which convolutions follow it is the
 //! reference's: in a UNet `conv_in`, `conv_out`, resnet `conv1` and the
 //! down/upsamplers (not resnet `conv2`/`conv_shortcut`, not attention), in a
-//! VAE every convolution. Without seamless tiling a convolution is exactly
-//! candle's (same padding inside the kernel call), so parity is untouched.
+//! VAE every convolution. Without seamless tiling the padding is the kernel
+//! call's own, so parity is untouched. On the CPU the convolution itself is
+//! [`cpu_conv`]'s, which is faster than candle's.
 
+use super::cpu_conv;
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
 use std::cell::Cell;
@@ -126,14 +128,19 @@ fn pad(xs: &Tensor, dim: D, p: usize, circular: bool) -> Result<Tensor> {
 
 impl Module for Conv2d {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        match self.wrap {
-            None => self.inner.forward(xs),
+        let wrapped;
+        let xs = match self.wrap {
+            None => xs,
             Some((p, s)) => {
-                let xs = pad(xs, D::Minus1, p, s.x)?;
-                let xs = pad(&xs, D::Minus2, p, s.y)?;
-                self.inner.forward(&xs)
+                wrapped = pad(&pad(xs, D::Minus1, p, s.x)?, D::Minus2, p, s.y)?;
+                &wrapped
             }
+        };
+        let (w, cfg) = (self.inner.weight(), self.inner.config());
+        if cpu_conv::applies(xs, w, cfg.groups, cfg.dilation) {
+            return cpu_conv::conv2d(xs, w, self.inner.bias(), cfg.stride, cfg.padding);
         }
+        self.inner.forward(xs)
     }
 }
 
