@@ -55,10 +55,11 @@ fn tiny_sd2_probes_as_sd2_and_generates_deterministically() {
 /// per-block head counts. Held within 2e-3 per pixel of the float64 run of the
 /// same diffusers pipeline (the exact answer): v-prediction amplifies float32
 /// rounding, so float32 runs that differ only in the order of their sums land
-/// far apart. diffusers' own is 5.0e-4 from exact; this pipeline's is 1.2e-3
-/// with its CPU convolution (which is as accurate per operation as candle's:
-/// mean error from f64 1.26e-6 against 1.29e-6 on a 320-channel layer) and
-/// was 5.2e-4 with candle's.
+/// far apart. diffusers' own is 5.0e-4 from exact; this pipeline's has
+/// measured 5.2e-4 (candle's convolution), 1.2e-3 (its own) and 8.1e-4 (its
+/// own with gemm's AVX-512 kernels), although its convolution is as accurate
+/// per operation as candle's (mean error from f64 1.26e-6 against 1.29e-6 on
+/// a 320-channel layer).
 #[test]
 fn tiny_sd2_matches_diffusers() {
     use modelcache_agent::pipeline::image::read_npy;
