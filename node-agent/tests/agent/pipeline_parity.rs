@@ -1,6 +1,6 @@
 //! Numerical parity with diffusers on the reference fixtures.
 
-use crate::common::{fixtures, tiny_cache as cache};
+use crate::common::{fixtures, max_abs_diff, reference_params as params, tiny_cache as cache};
 use candle_core::{Device, Tensor};
 use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache, TierKind};
 use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
@@ -13,33 +13,6 @@ fn reference() -> (serde_json::Value, Tensor, Vec<f32>) {
     let (shape, image) = read_npy(&std::fs::read(f.join("reference_image.npy")).unwrap()).unwrap();
     assert_eq!(shape, vec![64, 64, 3]);
     (r, latents, image)
-}
-
-fn params(r: &serde_json::Value, latents: Tensor) -> GenerateParams {
-    GenerateParams {
-        prompt: r["prompt"].as_str().unwrap().into(),
-        negative_prompt: String::new(),
-        steps: r["steps"].as_u64().unwrap() as usize,
-        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
-        width: 64,
-        height: 64,
-        seed: 0,
-        scheduler: SchedulerKind::Ddim,
-        n: 1,
-        latents: Some(latents),
-        clip_skip: 0,
-        loras: Vec::new(),
-        embeddings: Vec::new(),
-        seamless: Default::default(),
-    }
-}
-
-fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    a.iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
 }
 
 #[test]

@@ -62,7 +62,7 @@ fn tiny_sd2_probes_as_sd2_and_generates_deterministically() {
 /// a 320-channel layer).
 #[test]
 fn tiny_sd2_matches_diffusers() {
-    use modelcache_agent::pipeline::image::read_npy;
+    use crate::common::{max_abs_diff_from, reference_params};
     let f = crate::common::fixtures().join("tiny-sd2");
     let (r, latents) = crate::common::reference_run(&f);
     assert_eq!(r["prediction_type"], "v_prediction");
@@ -74,26 +74,9 @@ fn tiny_sd2_matches_diffusers() {
     let want_ids: Vec<u32> = serde_json::from_value(r["token_ids"].clone()).unwrap();
     assert_eq!(ids, want_ids);
     let cache = crate::common::tiny_cache();
-    let p = GenerateParams {
-        prompt: r["prompt"].as_str().unwrap().into(),
-        steps: r["steps"].as_u64().unwrap() as usize,
-        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
-        width: 64,
-        height: 64,
-        scheduler: SchedulerKind::Ddim,
-        latents: Some(latents),
-        ..Default::default()
-    };
+    let p = reference_params(&r, latents);
     let got = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
-    let diff = |file: &str| {
-        let (_, want) = read_npy(&std::fs::read(f.join(file)).unwrap()).unwrap();
-        got[0]
-            .data
-            .iter()
-            .zip(&want)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0f32, f32::max)
-    };
+    let diff = |file: &str| max_abs_diff_from(&got[0].data, &f.join(file));
     let (exact, fp32) = (diff("reference_image_f64.npy"), diff("reference_image.npy"));
     eprintln!("tiny-sd2: max abs diff {exact:.2e} from diffusers float64, {fp32:.2e} from diffusers float32");
     assert!(exact < 2e-3, "max abs diff from the exact image {exact}");

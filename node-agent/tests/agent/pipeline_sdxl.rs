@@ -3,9 +3,9 @@
 //! diffusers' own runs of tests/fixtures/tiny-sdxl (`gen_tiny_sdxl.py`), held
 //! within 1e-3 per pixel of the float64 run.
 
-use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
+use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
 use modelcache_agent::store::convert;
-use modelcache_crds::{BaseModel, SchedulerKind};
+use modelcache_crds::BaseModel;
 use std::path::{Path, PathBuf};
 
 fn fixture() -> PathBuf {
@@ -29,15 +29,8 @@ fn run_on(dir: &Path, negative: &str) -> Vec<f32> {
     );
     let cache = crate::common::tiny_cache();
     let p = GenerateParams {
-        prompt: r["prompt"].as_str().unwrap().into(),
         negative_prompt: negative.into(),
-        steps: r["steps"].as_u64().unwrap() as usize,
-        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
-        width: 64,
-        height: 64,
-        scheduler: SchedulerKind::Ddim,
-        latents: Some(latents),
-        ..Default::default()
+        ..crate::common::reference_params(&r, latents)
     };
     pipeline::generate(&cache, &model, &p, &|_, _, _| true)
         .unwrap()
@@ -46,11 +39,7 @@ fn run_on(dir: &Path, negative: &str) -> Vec<f32> {
 }
 
 fn max_diff(a: &[f32], file: &str) -> f32 {
-    let (_, want) = read_npy(&std::fs::read(fixture().join(file)).unwrap()).unwrap();
-    a.iter()
-        .zip(&want)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max)
+    crate::common::max_abs_diff_from(a, &fixture().join(file))
 }
 
 #[test]

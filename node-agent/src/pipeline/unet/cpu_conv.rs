@@ -207,6 +207,12 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
+    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+        (a - b)
+            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+            .unwrap()
+    }
+
     #[test]
     fn matches_candles_convolution() {
         // (n, c_in, h, w, c_out, k, stride, pad): the UNet's and VAE's shapes
@@ -232,14 +238,7 @@ mod tests {
                 .unwrap();
             let got = conv2d(&x, &wt, Some(&b), stride, pad).unwrap();
             assert_eq!(got.dims(), want.dims(), "case {i}");
-            let d = (got - want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(&got, &want);
             assert!(d < 1e-5, "case {i}: max abs diff {d}");
         }
     }
@@ -254,26 +253,12 @@ mod tests {
         let want = conv2d_in_tiles(&x, &wt, Some(&b), 1, 1, usize::MAX).unwrap();
         for floats in [1, 300, 600] {
             let got = conv2d_in_tiles(&x, &wt, Some(&b), 1, 1, floats).unwrap();
-            let d = (got - &want)
-                .unwrap()
-                .abs()
-                .unwrap()
-                .max_all()
-                .unwrap()
-                .to_scalar::<f32>()
-                .unwrap();
+            let d = max_diff(&got, &want);
             assert!(d < 1e-6, "{floats} floats per tile: max abs diff {d}");
         }
         let want = x.conv2d(&wt, 1, 1, 1, 1).unwrap();
         let got = conv2d(&x, &wt, None, 1, 1).unwrap();
-        let d = (got - want)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .max_all()
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+        let d = max_diff(&got, &want);
         assert!(d < 1e-3, "max abs diff {d}");
     }
 

@@ -33,6 +33,40 @@ pub fn tiny_cache() -> modelcache_agent::cache::ModelCache {
     )
 }
 
+/// The reference request of a parity fixture: its prompt, steps and guidance
+/// at 64×64 with DDIM from the given latents; everything else default.
+pub fn reference_params(
+    r: &serde_json::Value,
+    latents: candle_core::Tensor,
+) -> modelcache_agent::pipeline::GenerateParams {
+    modelcache_agent::pipeline::GenerateParams {
+        prompt: r["prompt"].as_str().unwrap().into(),
+        steps: r["steps"].as_u64().unwrap() as usize,
+        guidance_scale: r["guidance_scale"].as_f64().unwrap(),
+        width: 64,
+        height: 64,
+        scheduler: modelcache_crds::SchedulerKind::Ddim,
+        latents: Some(latents),
+        ..Default::default()
+    }
+}
+
+/// The largest per-pixel difference between two images of the same size.
+pub fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// [`max_abs_diff`] from an image stored as `.npy`.
+pub fn max_abs_diff_from(a: &[f32], npy: &Path) -> f32 {
+    let (_, want) =
+        modelcache_agent::pipeline::image::read_npy(&std::fs::read(npy).unwrap()).unwrap();
+    max_abs_diff(a, &want)
+}
+
 /// Copies a folder tree (a fixture model into a test's models folder).
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
