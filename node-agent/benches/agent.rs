@@ -6,7 +6,7 @@
 
 #[path = "../tests/agent/common/mod.rs"]
 mod common;
-use common::{copy_dir, fixtures};
+use common::{copy_dir, fixtures, rchar};
 
 use candle_core::{DType, Device};
 use modelcache_agent::api::{self, AppState, Limits, Queue};
@@ -36,18 +36,6 @@ fn median(mut v: Vec<f64>) -> f64 {
 fn pct(mut v: Vec<f64>, p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
-fn rchar() -> u64 {
-    std::fs::read_to_string("/proc/thread-self/io")
-        .ok()
-        .and_then(|s| {
-            s.lines().find_map(|l| {
-                l.strip_prefix("rchar: ")
-                    .and_then(|v| v.trim().parse().ok())
-            })
-        })
-        .unwrap_or(0)
 }
 
 fn row(what: &str, value: String, reference: String, ratio: Option<f64>, goal: &str) {

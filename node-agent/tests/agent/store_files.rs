@@ -183,18 +183,7 @@ fn identity_is_stable_cached_and_changes_with_content() {
 
 #[test]
 fn probe_reads_only_header_bytes() {
-    // /proc/thread-self/io counts this thread's reads, so parallel tests do not interfere.
-    let rchar = || -> u64 {
-        std::fs::read_to_string("/proc/thread-self/io")
-            .ok()
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("rchar: ")
-                        .and_then(|v| v.trim().parse().ok())
-                })
-            })
-            .unwrap_or(0)
-    };
+    use crate::common::rchar;
     let p = fixtures().join("tiny-sd1-single.safetensors");
     let before = rchar();
     let r = store::probe(&p).unwrap();

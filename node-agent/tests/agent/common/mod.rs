@@ -67,6 +67,20 @@ pub fn max_abs_diff_from(a: &[f32], npy: &Path) -> f32 {
     max_abs_diff(a, &want)
 }
 
+/// Bytes this thread has read through system calls so far
+/// (`/proc/thread-self/io`, so parallel tests do not interfere); 0 if unknown.
+pub fn rchar() -> u64 {
+    std::fs::read_to_string("/proc/thread-self/io")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("rchar: ")
+                    .and_then(|v| v.trim().parse().ok())
+            })
+        })
+        .unwrap_or(0)
+}
+
 /// Copies a folder tree (a fixture model into a test's models folder).
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
