@@ -180,6 +180,8 @@ impl CrossAttention {
                 .transpose(1, 2)?
                 .squeeze(0)?
                 .to_dtype(init_dtype)?
+        } else if super::cpu_attention::applies(query) {
+            super::cpu_attention::attention(query, key, value, self.scale as f32)?
         } else {
             let in_dtype = query.dtype();
             let query = query.to_dtype(DType::F32)?;
@@ -551,15 +553,27 @@ impl Module for AttentionBlock {
             .transpose_for_scores(value_proj)?
             .to_dtype(DType::F32)?;
 
-        // scale is applied twice, hence the -0.25 here rather than -0.5.
-        // https://github.com/huggingface/diffusers/blob/d3d22ce5a894becb951eec03e663951b28d45135/src/diffusers/models/attention.py#L87
-        let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.25);
-        let attention_scores = (query_states * scale)?.matmul(&(key_states.t()? * scale)?)?;
-        let attention_probs = nn::ops::softmax(&attention_scores, D::Minus1)?;
-
-        // TODO: revert the call to force_contiguous once the three matmul kernels have been
-        // adapted to handle layout with some dims set to 1.
-        let xs = attention_probs.matmul(&value_states)?;
+        let xs = if super::cpu_attention::applies(&query_states) {
+            let heads = |t: Tensor| -> Result<Tensor> {
+                let (b, h, n, d) = t.dims4()?;
+                t.contiguous()?.reshape((b * h, n, d))
+            };
+            let d = self.channels / self.num_heads;
+            super::cpu_attention::attention(
+                &heads(query_states)?,
+                &heads(key_states)?,
+                &heads(value_states)?,
+                (d as f32).powf(-0.5),
+            )?
+            .reshape((batch, self.num_heads, height * width, d))?
+        } else {
+            // scale is applied twice, hence the -0.25 here rather than -0.5.
+            // https://github.com/huggingface/diffusers/blob/d3d22ce5a894becb951eec03e663951b28d45135/src/diffusers/models/attention.py#L87
+            let scale = f64::powf(self.channels as f64 / self.num_heads as f64, -0.25);
+            let attention_scores = (query_states * scale)?.matmul(&(key_states.t()? * scale)?)?;
+            let attention_probs = nn::ops::softmax(&attention_scores, D::Minus1)?;
+            attention_probs.matmul(&value_states)?
+        };
         let xs = xs.to_dtype(in_dtype)?;
         let xs = xs.transpose(1, 2)?.contiguous()?;
         let xs = xs.flatten_from(D::Minus2)?;

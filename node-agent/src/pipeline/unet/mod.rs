@@ -11,6 +11,7 @@
 
 pub mod attention;
 pub mod conv;
+pub mod cpu_attention;
 pub mod cpu_conv;
 pub mod embeddings;
 pub mod resnet;
