@@ -1,4 +1,5 @@
 //! Attention Based Building Blocks
+use super::norm::GroupNorm;
 use candle_core::{DType, IndexOp, Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module;
@@ -20,7 +21,11 @@ impl GeGlu {
 impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let hidden_states_and_gate = self.proj.forward(xs)?.chunk(2, D::Minus1)?;
+        let xs = self.proj.forward(xs)?;
+        if super::cpu_ops::applies(&xs) {
+            return super::cpu_ops::geglu(&xs);
+        }
+        let hidden_states_and_gate = xs.chunk(2, D::Minus1)?;
         &hidden_states_and_gate[0] * hidden_states_and_gate[1].gelu_erf()?
     }
 }
@@ -180,7 +185,7 @@ impl CrossAttention {
                 .transpose(1, 2)?
                 .squeeze(0)?
                 .to_dtype(init_dtype)?
-        } else if super::cpu_attention::applies(query) {
+        } else if super::cpu_ops::applies(query) {
             super::cpu_attention::attention(query, key, value, self.scale as f32)?
         } else {
             let in_dtype = query.dtype();
@@ -332,7 +337,7 @@ enum Proj {
 // Aka Transformer2DModel
 #[derive(Debug)]
 pub struct SpatialTransformer {
-    norm: nn::GroupNorm,
+    norm: GroupNorm,
     proj_in: Proj,
     transformer_blocks: Vec<BasicTransformerBlock>,
     proj_out: Proj,
@@ -350,7 +355,7 @@ impl SpatialTransformer {
         config: SpatialTransformerConfig,
     ) -> Result<Self> {
         let inner_dim = n_heads * d_head;
-        let norm = nn::group_norm(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
+        let norm = GroupNorm::new(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {
@@ -464,7 +469,7 @@ impl Default for AttentionBlockConfig {
 
 #[derive(Debug)]
 pub struct AttentionBlock {
-    group_norm: nn::GroupNorm,
+    group_norm: GroupNorm,
     query: nn::Linear,
     key: nn::Linear,
     value: nn::Linear,
@@ -498,7 +503,7 @@ impl AttentionBlock {
         let num_head_channels = config.num_head_channels.unwrap_or(channels);
         let num_heads = channels / num_head_channels;
         let group_norm =
-            nn::group_norm(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
+            GroupNorm::new(config.num_groups, channels, config.eps, vs.pp("group_norm"))?;
         let (q_path, k_path, v_path, out_path) = if vs.contains_tensor("to_q.weight") {
             ("to_q", "to_k", "to_v", "to_out.0")
         } else {
@@ -553,7 +558,7 @@ impl Module for AttentionBlock {
             .transpose_for_scores(value_proj)?
             .to_dtype(DType::F32)?;
 
-        let xs = if super::cpu_attention::applies(&query_states) {
+        let xs = if super::cpu_ops::applies(&query_states) {
             let heads = |t: Tensor| -> Result<Tensor> {
                 let (b, h, n, d) = t.dims4()?;
                 t.contiguous()?.reshape((b * h, n, d))

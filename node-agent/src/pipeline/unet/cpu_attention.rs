@@ -7,12 +7,13 @@
 //! score. This took 1.6 s per self-attention layer on the 2-core reference
 //! machine where PyTorch's fused kernel takes 0.34 s. Here each task takes a
 //! block of query rows of one head: its scores go into a buffer the thread
-//! keeps (about 1 MiB, so they stay in cache), are exponentiated in place by a
+//! keeps (2 MiB, so they stay in cache), are exponentiated in place by a
 //! vectorised `exp`, multiplied by `v` straight into the output, and each
 //! output row is divided by its row's sum. Results equal the unfused
 //! computation up to float rounding (the `exp` is within 2 ulp of glibc's).
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Storage, Tensor};
+use super::cpu_ops::{exp_shifted_in_place, with_slice};
+use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
 
@@ -23,22 +24,6 @@ const BLOCK_FLOATS: usize = 512 << 10;
 thread_local! {
     /// The scores of the current block, kept between blocks and calls.
     static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
-}
-
-/// Whether [`attention`] handles tensors like `t` (f32 on the CPU);
-/// otherwise use candle's ops.
-pub fn applies(t: &Tensor) -> bool {
-    matches!(t.device(), Device::Cpu) && t.dtype() == DType::F32
-}
-
-/// The f32 slice behind a CPU tensor made contiguous.
-fn with_slice<R>(t: &Tensor, f: impl FnOnce(&[f32]) -> Result<R>) -> Result<R> {
-    let t = t.contiguous()?;
-    let (storage, layout): (_, &Layout) = t.storage_and_layout();
-    match &*storage {
-        Storage::Cpu(CpuStorage::F32(v)) => f(&v[layout.start_offset()..]),
-        _ => candle_core::bail!("cpu_attention: expected an f32 CPU tensor"),
-    }
 }
 
 /// `softmax(q·kᵀ·scale)·v` for `q` `[b, n, d]`, `k` `[b, nk, d]` and `v`
@@ -164,78 +149,6 @@ fn attend_block(
     })
 }
 
-/// Replaces each score by `exp(score − max)` and returns their sum: a
-/// softmax row before the division.
-fn exp_shifted_in_place(row: &mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-        // SAFETY: the CPU has the features the function is compiled for.
-        return unsafe { exp_shifted_avx2(row) };
-    }
-    exp_shifted(row)
-}
-
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn exp_shifted_avx2(row: &mut [f32]) -> f32 {
-    exp_shifted(row)
-}
-
-/// Eight lanes, so that the compiler vectorises the max, `exp` and sum.
-#[inline(always)]
-fn exp_shifted(row: &mut [f32]) -> f32 {
-    const L: usize = 8;
-    let mut m = [f32::NEG_INFINITY; L];
-    let mut chunks = row.chunks_exact(L);
-    for c in &mut chunks {
-        for i in 0..L {
-            m[i] = m[i].max(c[i]);
-        }
-    }
-    let max = chunks.remainder().iter().fold(
-        m.iter().fold(f32::NEG_INFINITY, |a, &b| a.max(b)),
-        |a, &b| a.max(b),
-    );
-    let mut sum = [0f32; L];
-    let mut chunks = row.chunks_exact_mut(L);
-    for c in &mut chunks {
-        for i in 0..L {
-            c[i] = exp(c[i] - max);
-            sum[i] += c[i];
-        }
-    }
-    let mut total: f32 = sum.iter().sum();
-    for x in chunks.into_remainder() {
-        *x = exp(*x - max);
-        total += *x;
-    }
-    total
-}
-
-/// `eˣ` by Cephes' `expf` polynomial: x = n·ln2 + r with |r| ≤ ln2/2, then
-/// eʳ by a degree-7 polynomial and 2ⁿ through the exponent bits. Within 2 ulp
-/// of the correctly rounded result over the range where eˣ is a normal f32;
-/// below it the result is the smallest normal (softmax cannot tell), above
-/// it e^88.7. Branch-free and without float-to-int conversions (which Rust
-/// saturates, one lane at a time), so that it vectorises.
-#[inline(always)]
-fn exp(x: f32) -> f32 {
-    // Adding 1.5·2²³ rounds to an integer, which then sits in the low bits.
-    const ROUND: f32 = 12_582_912.0;
-    let x = x.clamp(-87.336_55, 88.722_83);
-    let t = x * std::f32::consts::LOG2_E + ROUND;
-    let n = t - ROUND;
-    // ln 2 split in two, so that n·ln2 is subtracted exactly.
-    let r = x - n * 0.693_359_4 + n * 2.121_944_4e-4;
-    let p = ((((1.987_569_1e-4 * r + 1.398_2e-3) * r + 8.333_452e-3) * r + 4.166_579_6e-2) * r
-        + 0.166_666_65)
-        * r
-        + 0.5;
-    let y = p * r * r + r + 1.0;
-    let two_n = (t.to_bits().wrapping_sub(ROUND.to_bits()).wrapping_add(127)) << 23;
-    y * f32::from_bits(two_n)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -267,21 +180,6 @@ mod tests {
         (a - b)
             .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
             .unwrap()
-    }
-
-    #[test]
-    fn exp_is_within_two_ulp_of_the_standard_library() {
-        let mut worst = 0u32;
-        let mut x = -87.0f32;
-        while x < 88.0 {
-            let (got, want) = (exp(x), x.exp());
-            worst = worst.max(got.to_bits().abs_diff(want.to_bits()));
-            x += 0.001_7;
-        }
-        assert!(worst <= 2, "{worst} ulp");
-        assert_eq!(exp(0.0), 1.0);
-        assert!(exp(-1000.0) < 1.2e-38 && exp(-1000.0) >= 0.0);
-        assert!(exp(f32::NAN).is_nan());
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! timestep and return a denoised version of the input.
 use super::conv::{conv2d, Conv2d, Role};
 use super::embeddings::{TimestepEmbedding, Timesteps};
+use super::norm::GroupNorm;
 use super::unet_2d_blocks::*;
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
@@ -110,7 +111,7 @@ pub struct UNet2DConditionModel {
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
     up_blocks: Vec<UNetUpBlock>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
     span: tracing::Span,
     config: UNet2DConditionModelConfig,
@@ -312,7 +313,7 @@ impl UNet2DConditionModel {
             })
             .collect::<Result<Vec<_>>>()?;
 
-        let conv_norm_out = nn::group_norm(
+        let conv_norm_out = GroupNorm::new(
             config.norm_num_groups,
             b_channels,
             config.norm_eps,
@@ -483,8 +484,7 @@ impl UNet2DConditionModel {
             };
         }
         // 6. post-process
-        let xs = self.conv_norm_out.forward(&xs)?;
-        let xs = nn::ops::silu(&xs)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }

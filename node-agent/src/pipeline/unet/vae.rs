@@ -4,6 +4,7 @@
 //! only decodes, so the encoder is left out.
 
 use super::conv::{conv2d, Conv2d, Role};
+use super::norm::GroupNorm;
 use super::unet_2d_blocks::{
     UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
 };
@@ -25,7 +26,7 @@ pub struct VaeDecoder {
     conv_in: Conv2d,
     mid_block: UNetMidBlock2D,
     up_blocks: Vec<UpDecoderBlock2D>,
-    conv_norm_out: nn::GroupNorm,
+    conv_norm_out: GroupNorm,
     conv_out: Conv2d,
 }
 
@@ -91,7 +92,7 @@ impl VaeDecoder {
                 )
             })
             .collect::<Result<Vec<_>>>()?;
-        let conv_norm_out = nn::group_norm(
+        let conv_norm_out = GroupNorm::new(
             config.norm_num_groups,
             channels[0],
             1e-6,
@@ -125,7 +126,7 @@ impl VaeDecoder {
         for b in &self.up_blocks {
             xs = b.forward(&xs)?;
         }
-        let xs = nn::ops::silu(&self.conv_norm_out.forward(&xs)?)?;
+        let xs = self.conv_norm_out.forward_silu(&xs)?;
         self.conv_out.forward(&xs)
     }
 }
