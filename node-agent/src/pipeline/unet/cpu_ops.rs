@@ -150,7 +150,7 @@ pub fn group_norm(
     silu: bool,
 ) -> Result<Tensor> {
     let dims = x.dims();
-    if dims.len() < 2 || groups == 0 || dims[1] % groups != 0 {
+    if dims.len() < 2 || groups == 0 || !dims[1].is_multiple_of(groups) {
         candle_core::bail!("group_norm: {groups} groups do not divide input {dims:?}");
     }
     let (n, c) = (dims[0], dims[1]);
@@ -186,7 +186,7 @@ pub fn geglu(x: &Tensor) -> Result<Tensor> {
     let Some((&last, lead)) = dims.split_last() else {
         candle_core::bail!("geglu: a scalar has no last dimension");
     };
-    if last % 2 != 0 {
+    if !last.is_multiple_of(2) {
         candle_core::bail!("geglu: last dimension {last} is odd");
     }
     let d = last / 2;
