@@ -72,6 +72,45 @@ fn flash_attn(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: bool) -> Result<Ten
     candle_core::bail!("flash attention is not built into this agent")
 }
 
+/// The most bytes of f32 attention scores [`chunked_attention`] holds at once.
+/// On a GPU (the CPU has its fused kernel) a whole score matrix is 1 GiB per
+/// layer for SD 1.5's 64×64 latents and 16 GiB at 128×128: bounded, so that
+/// a large image does not run the device out of memory, and large, so that
+/// each layer stays a handful of kernel launches.
+const SCORES_BYTES: usize = 256 << 20;
+
+/// `softmax(q·kᵀ·scale)·v` in f32 through candle's ops, for `q` `[b, n, d]`,
+/// computed for as many query rows at a time as keep the scores within
+/// `scores_bytes`: every row's softmax is its own, so the result is the same.
+fn chunked_attention(
+    query: &Tensor,
+    key: &Tensor,
+    value: &Tensor,
+    scale: f64,
+    scores_bytes: usize,
+) -> Result<Tensor> {
+    let in_dtype = query.dtype();
+    let query = query.to_dtype(DType::F32)?;
+    let key_t = (key.to_dtype(DType::F32)?.t()? * scale)?;
+    let value = value.to_dtype(DType::F32)?;
+    let (bh, n, _) = query.dims3()?;
+    let nk = key_t.dim(D::Minus1)?;
+    let rows = (scores_bytes / (bh * nk * 4).max(1)).max(1);
+    let attend = |q: &Tensor| -> Result<Tensor> {
+        nn::ops::softmax_last_dim(&q.matmul(&key_t)?)?.matmul(&value)
+    };
+    let xs = if rows >= n {
+        attend(&query)?
+    } else {
+        let chunks = (0..n)
+            .step_by(rows)
+            .map(|start| attend(&query.narrow(1, start, rows.min(n - start))?.contiguous()?))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&chunks, 1)?
+    };
+    xs.to_dtype(in_dtype)
+}
+
 #[derive(Debug)]
 pub struct CrossAttention {
     to_q: nn::Linear,
@@ -83,7 +122,6 @@ pub struct CrossAttention {
     slice_size: Option<usize>,
     span: tracing::Span,
     span_attn: tracing::Span,
-    span_softmax: tracing::Span,
     use_flash_attn: bool,
 }
 
@@ -107,7 +145,6 @@ impl CrossAttention {
         let to_out = nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
         let span = tracing::span!(tracing::Level::TRACE, "xa");
         let span_attn = tracing::span!(tracing::Level::TRACE, "xa-attn");
-        let span_softmax = tracing::span!(tracing::Level::TRACE, "xa-softmax");
         Ok(Self {
             to_q,
             to_k,
@@ -118,7 +155,6 @@ impl CrossAttention {
             slice_size,
             span,
             span_attn,
-            span_softmax,
             use_flash_attn,
         })
     }
@@ -188,38 +224,7 @@ impl CrossAttention {
         } else if super::cpu_ops::applies(query) {
             super::cpu_attention::attention(query, key, value, self.scale as f32)?
         } else {
-            let in_dtype = query.dtype();
-            let query = query.to_dtype(DType::F32)?;
-            let key_t = (key.to_dtype(DType::F32)?.t()? * self.scale)?;
-            let value = value.to_dtype(DType::F32)?;
-            // Rows of queries at a time, so that the score matrix stays around
-            // SCORES_BYTES instead of [heads, tokens, tokens] (1 GiB for SD 1.5's
-            // 64×64 latents): every row's softmax is its own, so the result is
-            // the same, without the memory traffic and page faults.
-            const SCORES_BYTES: usize = 16 << 20;
-            let (bh, n, _) = query.dims3()?;
-            let nk = key_t.dim(D::Minus1)?;
-            let rows = (SCORES_BYTES / (bh * nk * 4).max(1)).max(1);
-            let attend = |q: &Tensor| -> Result<Tensor> {
-                let xs = q.matmul(&key_t)?;
-                let xs = {
-                    let _enter = self.span_softmax.enter();
-                    nn::ops::softmax_last_dim(&xs)?
-                };
-                xs.matmul(&value)
-            };
-            let xs = if rows >= n {
-                attend(&query)?
-            } else {
-                let chunks = (0..n)
-                    .step_by(rows)
-                    .map(|start| {
-                        attend(&query.narrow(1, start, rows.min(n - start))?.contiguous()?)
-                    })
-                    .collect::<Result<Vec<_>>>()?;
-                Tensor::cat(&chunks, 1)?
-            };
-            xs.to_dtype(in_dtype)?
+            chunked_attention(query, key, value, self.scale, SCORES_BYTES)?
         };
         self.reshape_batch_dim_to_heads(&xs)
     }
@@ -588,5 +593,28 @@ impl Module for AttentionBlock {
             .t()?
             .reshape((batch, channel, height, width))?;
         (xs + residual)? / self.config.rescale_output_factor
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::Device;
+
+    #[test]
+    fn chunked_and_fused_attention_agree() {
+        // The GPU path (chunks of query rows through candle's ops) against
+        // the CPU's fused kernel, with chunks that leave a remainder.
+        let q = Tensor::randn(0f32, 2., (4, 50, 16), &Device::Cpu).unwrap();
+        let k = Tensor::randn(0f32, 2., (4, 30, 16), &Device::Cpu).unwrap();
+        let v = Tensor::randn(0f32, 2., (4, 30, 8), &Device::Cpu).unwrap();
+        let fused = super::super::cpu_attention::attention(&q, &k, &v, 0.25).unwrap();
+        for bytes in [usize::MAX, 4 * 30 * 4 * 7, 1] {
+            let chunked = chunked_attention(&q, &k, &v, 0.25, bytes).unwrap();
+            let d = (&chunked - &fused)
+                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
+                .unwrap();
+            assert!(d < 1e-5, "{bytes} bytes of scores: max abs diff {d}");
+        }
     }
 }
