@@ -612,6 +612,7 @@ fn post(addr: &str, body: &str) -> u16 {
 }
 
 fn main() {
+    pipeline::pin_cpu_threads();
     let groups: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))

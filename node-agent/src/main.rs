@@ -514,6 +514,7 @@ fn init_logging(format: LogFormat) {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    modelcache_agent::pipeline::pin_cpu_threads();
     if !matches!(cli.command, Command::Serve(_)) {
         // Commands that print (probe | head) end quietly on a closed pipe, like
         // other Unix tools; the server keeps Rust's default of ignoring SIGPIPE.

@@ -20,6 +20,22 @@ use clip::{ClipConfig, ClipTextModel};
 pub use image::Image;
 use modelcache_crds::{BaseModel, ModelVariant, SchedulerKind};
 use rng::NormalRng;
+
+/// Fixes the CPU thread count that candle's ops use, once, at start-up.
+///
+/// candle asks for it on every CPU matrix product and, unless
+/// `RAYON_NUM_THREADS` is set, works it out each time by parsing
+/// `/proc/cpuinfo` (`num_cpus::get_physical`): 10% of a tiny model's step on
+/// the 2-core reference machine, and more on hosts with many cores, whose
+/// `/proc/cpuinfo` is long. Setting the variable to the same answer makes the
+/// lookup an environment read. Call it while the process has one thread:
+/// `setenv` races with other threads' `getenv`.
+pub fn pin_cpu_threads() {
+    if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        let n = candle_core::utils::get_num_threads();
+        std::env::set_var("RAYON_NUM_THREADS", n.to_string());
+    }
+}
 use scheduler::{ScheduleConfig, Scheduler};
 use serde_json::Value;
 use std::path::{Path, PathBuf};

@@ -81,7 +81,7 @@ fn conv2d_in_tiles(
     }
     // Whole output rows per tile, as many as fit the buffer budget.
     let tile = (tile_floats / k).max(1).div_ceil(ow) * ow;
-    let threads = candle_core::utils::get_num_threads();
+    let threads = rayon::current_num_threads();
     let parallelism = if threads > 1 {
         gemm::Parallelism::Rayon(threads)
     } else {
