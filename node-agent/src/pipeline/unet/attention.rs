@@ -74,10 +74,11 @@ fn flash_attn(_: &Tensor, _: &Tensor, _: &Tensor, _: f32, _: bool) -> Result<Ten
 
 /// The most bytes of f32 attention scores [`chunked_attention`] holds at once.
 /// On a GPU (the CPU has its fused kernel) a whole score matrix is 1 GiB per
-/// layer for SD 1.5's 64×64 latents and 16 GiB at 128×128: bounded, so that
-/// a large image does not run the device out of memory, and large, so that
-/// each layer stays a handful of kernel launches.
-const SCORES_BYTES: usize = 256 << 20;
+/// layer for SD 1.5's 64×64 latents and 16 GiB at 128×128, outside the cache's
+/// budget: bounded, so that a large image does not run the device out of
+/// memory, and not small, so that a layer stays a few dozen kernel launches
+/// (16 per 64×64 layer, about 3 ms of launches per SD 1.5 step).
+const SCORES_BYTES: usize = 64 << 20;
 
 /// `softmax(q·kᵀ·scale)·v` in f32 through candle's ops, for `q` `[b, n, d]`,
 /// computed for as many query rows at a time as keep the scores within

@@ -43,7 +43,7 @@ fn attention_in_blocks(
     let (b, n, d) = q.dims3()?;
     let (bk, nk, dk) = k.dims3()?;
     let (bv, nv, dv) = v.dims3()?;
-    if bk != b || bv != b || dk != d || nv != nk || nk == 0 || dv == 0 {
+    if bk != b || bv != b || dk != d || nv != nk || nk == 0 || d == 0 || dv == 0 {
         candle_core::bail!(
             "attention: q {:?}, k {:?} and v {:?} do not fit together",
             q.dims(),
@@ -229,5 +229,7 @@ mod tests {
         assert!(attention(&q, &random(&[2, 4, 7], 2), &random(&[2, 4, 8], 3), 1.0).is_err());
         assert!(attention(&q, &random(&[2, 5, 8], 2), &random(&[2, 4, 8], 3), 1.0).is_err());
         assert!(attention(&q, &random(&[1, 4, 8], 2), &random(&[1, 4, 8], 3), 1.0).is_err());
+        let empty = random(&[2, 4, 0], 4);
+        assert!(attention(&empty, &empty, &random(&[2, 4, 8], 3), 1.0).is_err());
     }
 }

@@ -59,7 +59,7 @@ fn conv2d_in_tiles(
 ) -> Result<Tensor> {
     let (n, c_in, h, wd) = x.dims4()?;
     let (c_out, c_in_w, kh, kw) = w.dims4()?;
-    if c_in != c_in_w || stride == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
+    if c_in != c_in_w || stride == 0 || h == 0 || wd == 0 || h + 2 * pad < kh || wd + 2 * pad < kw {
         candle_core::bail!(
             "conv2d: input {:?} does not fit kernel {:?} (stride {stride}, padding {pad})",
             x.dims(),
@@ -262,5 +262,7 @@ mod tests {
         assert!(conv2d(&x, &wt, None, 1, 1).is_err());
         let big = random(&[2, 3, 7, 7], 3);
         assert!(conv2d(&x, &big, None, 1, 0).is_err());
+        let empty = Tensor::zeros((1, 3, 0, 4), DType::F32, &Device::Cpu).unwrap();
+        assert!(conv2d(&empty, &random(&[2, 3, 1, 1], 4), None, 1, 1).is_err());
     }
 }
