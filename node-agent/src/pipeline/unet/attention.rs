@@ -1,4 +1,5 @@
 //! Attention Based Building Blocks
+use super::conv::{conv2d, Conv2d, Role};
 use super::norm::GroupNorm;
 use candle_core::{DType, IndexOp, Result, Tensor, D};
 use candle_nn as nn;
@@ -336,7 +337,7 @@ impl Default for SpatialTransformerConfig {
 
 #[derive(Debug)]
 enum Proj {
-    Conv2d(nn::Conv2d),
+    Conv2d(Conv2d),
     Linear(nn::Linear),
 }
 
@@ -365,12 +366,13 @@ impl SpatialTransformer {
         let proj_in = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(
+            Proj::Conv2d(conv2d(
                 in_channels,
                 inner_dim,
                 1,
                 Default::default(),
                 vs.pp("proj_in"),
+                Role::ResnetSecond,
             )?)
         };
         let mut transformer_blocks = vec![];
@@ -390,12 +392,13 @@ impl SpatialTransformer {
         let proj_out = if config.use_linear_projection {
             Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_out"))?)
         } else {
-            Proj::Conv2d(nn::conv2d(
+            Proj::Conv2d(conv2d(
                 inner_dim,
                 in_channels,
                 1,
                 Default::default(),
                 vs.pp("proj_out"),
+                Role::ResnetSecond,
             )?)
         };
         let span = tracing::span!(tracing::Level::TRACE, "spatial-transformer");

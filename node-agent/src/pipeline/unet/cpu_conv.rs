@@ -79,6 +79,8 @@ fn conv2d_in_tiles(
             row.fill(*v);
         }
     }
+    // A 1×1 convolution's patch matrix is the image itself.
+    let pointwise = kh == 1 && kw == 1 && stride == 1 && pad == 0;
     // Whole output rows per tile, as many as fit the buffer budget.
     let tile = (tile_floats / k).max(1).div_ceil(ow) * ow;
     let threads = rayon::current_num_threads();
@@ -93,14 +95,20 @@ fn conv2d_in_tiles(
                 let mut col = buf.borrow_mut();
                 for b in 0..n {
                     let img = &xs[b * c_in * h * wd..][..c_in * h * wd];
-                    for t0 in (0..pixels).step_by(tile) {
-                        let cols = tile.min(pixels - t0);
-                        col.resize(k * cols, 0.0);
-                        patches(img, (c_in, h, wd), (kh, kw), stride, pad, ow, t0, &mut col);
+                    let step = if pointwise { pixels } else { tile };
+                    for t0 in (0..pixels).step_by(step) {
+                        let cols = step.min(pixels - t0);
+                        let rhs = if pointwise {
+                            img
+                        } else {
+                            col.resize(k * cols, 0.0);
+                            patches(img, (c_in, h, wd), (kh, kw), stride, pad, ow, t0, &mut col);
+                            &col[..]
+                        };
                         let dst = &mut out[b * c_out * pixels + t0..];
                         // SAFETY: dst holds c_out rows of `pixels` floats from t0
                         // (the last row needs only `cols` of them), ws holds
-                        // c_out × k and col holds k × cols, all row-major.
+                        // c_out × k and rhs holds k × cols, all row-major.
                         unsafe {
                             gemm::gemm(
                                 c_out,
@@ -113,7 +121,7 @@ fn conv2d_in_tiles(
                                 ws.as_ptr(),
                                 1,
                                 k as isize,
-                                col.as_ptr(),
+                                rhs.as_ptr(),
                                 1,
                                 cols as isize,
                                 1.0,
