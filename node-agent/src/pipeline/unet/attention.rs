@@ -602,22 +602,19 @@ impl Module for AttentionBlock {
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_ops::tests::{max_diff, random};
     use super::*;
-    use candle_core::Device;
 
     #[test]
     fn chunked_and_fused_attention_agree() {
         // The GPU path (chunks of query rows through candle's ops) against
         // the CPU's fused kernel, with chunks that leave a remainder.
-        let q = Tensor::randn(0f32, 2., (4, 50, 16), &Device::Cpu).unwrap();
-        let k = Tensor::randn(0f32, 2., (4, 30, 16), &Device::Cpu).unwrap();
-        let v = Tensor::randn(0f32, 2., (4, 30, 8), &Device::Cpu).unwrap();
+        let q = random(&[4, 50, 16], 1, 4.0);
+        let k = random(&[4, 30, 16], 2, 4.0);
+        let v = random(&[4, 30, 8], 3, 4.0);
         let fused = super::super::cpu_attention::attention(&q, &k, &v, 0.25).unwrap();
         for bytes in [usize::MAX, 4 * 30 * 4 * 7, 1] {
-            let chunked = chunked_attention(&q, &k, &v, 0.25, bytes).unwrap();
-            let d = (&chunked - &fused)
-                .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-                .unwrap();
+            let d = max_diff(&chunked_attention(&q, &k, &v, 0.25, bytes).unwrap(), &fused);
             assert!(d < 1e-5, "{bytes} bytes of scores: max abs diff {d}");
         }
     }

@@ -151,21 +151,12 @@ fn attend_block(
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_ops::tests::{max_diff, random as random_in};
     use super::*;
     use candle_core::D;
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut s = seed;
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 6.0
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
+        random_in(shape, seed, 6.0)
     }
 
     fn unfused(q: &Tensor, k: &Tensor, v: &Tensor, scale: f64) -> Tensor {
@@ -173,12 +164,6 @@ mod tests {
         candle_nn::ops::softmax(&s, D::Minus1)
             .unwrap()
             .matmul(v)
-            .unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
             .unwrap()
     }
 

@@ -192,26 +192,11 @@ fn patches(
 
 #[cfg(test)]
 mod tests {
+    use super::super::cpu_ops::tests::{max_diff, random as random_in};
     use super::*;
 
     fn random(shape: &[usize], seed: u64) -> Tensor {
-        let mut s = seed;
-        let n: usize = shape.iter().product();
-        let v: Vec<f32> = (0..n)
-            .map(|_| {
-                s = s
-                    .wrapping_mul(6364136223846793005)
-                    .wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) - 0.5
-            })
-            .collect();
-        Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
-    }
-
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
-            .unwrap()
+        random_in(shape, seed, 1.0)
     }
 
     #[test]

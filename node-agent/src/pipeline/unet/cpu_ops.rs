@@ -243,10 +243,11 @@ pub fn erf(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(super) mod tests {
     use super::*;
 
-    fn random(shape: &[usize], seed: u64, spread: f32) -> Tensor {
+    /// Deterministic values in ±spread/2, for the CPU kernels' tests.
+    pub(in super::super) fn random(shape: &[usize], seed: u64, spread: f32) -> Tensor {
         let mut s = seed;
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
@@ -260,7 +261,7 @@ mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(in super::super) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
             .unwrap()
