@@ -20,6 +20,12 @@ use clip::{ClipConfig, ClipTextModel};
 pub use image::Image;
 use modelcache_crds::{BaseModel, ModelVariant, SchedulerKind};
 use rng::NormalRng;
+use scheduler::{ScheduleConfig, Scheduler};
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use unet::conv::{with_seamless, Net, Seamless};
+use unet::unet_2d;
+use unet::vae::{VaeConfig, VaeDecoder};
 
 /// Fixes the CPU thread count that candle's ops use, once, at start-up.
 ///
@@ -36,12 +42,6 @@ pub fn pin_cpu_threads() {
         std::env::set_var("RAYON_NUM_THREADS", n.to_string());
     }
 }
-use scheduler::{ScheduleConfig, Scheduler};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use unet::conv::{with_seamless, Net, Seamless};
-use unet::unet_2d;
-use unet::vae::{VaeConfig, VaeDecoder};
 
 /// Why a generation failed.
 #[derive(Debug, thiserror::Error)]
