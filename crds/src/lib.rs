@@ -1,5 +1,5 @@
 //! The `modelcache.io/v1alpha1` API: the contract between the operator, the node
-//! agents, the Helm chart and users' manifests (ARCHITECTURE §3).
+//! agents, the Helm chart and users' manifests (docs/architecture.md).
 //!
 //! Field names are camelCase and enum values PascalCase, as in Kubernetes' own
 //! APIs. Every field carries a doc comment because kube-derive turns them into
@@ -8,6 +8,7 @@
 // kube-derive's repeated `printcolumn(...)` arguments trip this lint.
 #![allow(clippy::duplicated_attributes)]
 
+pub mod conditions;
 pub mod crdgen;
 pub mod deployment;
 pub mod node;
@@ -15,6 +16,7 @@ pub mod types;
 #[cfg(feature = "validation")]
 pub mod validation;
 
+pub use conditions::{condition, reason};
 pub use deployment::*;
 pub use node::*;
 pub use types::*;

@@ -236,6 +236,37 @@ api_enum! {
     }
 }
 
+/// Why a model cannot serve text-to-image requests.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum NotTextToImage {
+    #[error("is a {0} model, not a text-to-image pipeline")]
+    NotMain(ModelType),
+    #[error("is the {0} variant; text-to-image needs the Normal variant of a base model")]
+    Variant(ModelVariant),
+    #[error("is an SDXL refiner, which refines images and cannot generate from text alone")]
+    Refiner,
+}
+
+/// The one rule for which models serve text-to-image: a main model of the
+/// normal variant (4 latent input channels) that is not an SDXL refiner. The
+/// agent serves and the operator resolves exactly these.
+pub fn text_to_image(
+    model_type: ModelType,
+    base: Option<BaseModel>,
+    variant: Option<ModelVariant>,
+) -> Result<(), NotTextToImage> {
+    if model_type != ModelType::Main {
+        return Err(NotTextToImage::NotMain(model_type));
+    }
+    if let Some(v) = variant.filter(|v| *v != ModelVariant::Normal) {
+        return Err(NotTextToImage::Variant(v));
+    }
+    if base == Some(BaseModel::SdxlRefiner) {
+        return Err(NotTextToImage::Refiner);
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -268,6 +299,30 @@ mod tests {
         assert_eq!(
             err.to_string(),
             "unknown base model \"sd3\"; expected one of: sd1, sd2, sdxl, sdxl-refiner"
+        );
+    }
+
+    #[test]
+    fn only_normal_main_models_that_are_not_refiners_serve_text_to_image() {
+        use ModelType::*;
+        let sd1 = Some(BaseModel::Sd1);
+        assert_eq!(text_to_image(Main, sd1, None), Ok(()));
+        assert_eq!(text_to_image(Main, sd1, Some(ModelVariant::Normal)), Ok(()));
+        assert_eq!(
+            text_to_image(Lora, sd1, None),
+            Err(NotTextToImage::NotMain(Lora))
+        );
+        assert_eq!(
+            text_to_image(Main, sd1, Some(ModelVariant::Inpaint)),
+            Err(NotTextToImage::Variant(ModelVariant::Inpaint))
+        );
+        assert_eq!(
+            text_to_image(Main, Some(BaseModel::SdxlRefiner), None),
+            Err(NotTextToImage::Refiner)
+        );
+        assert_eq!(
+            NotTextToImage::Variant(ModelVariant::Depth).to_string(),
+            "is the Depth variant; text-to-image needs the Normal variant of a base model"
         );
     }
 

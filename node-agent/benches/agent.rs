@@ -9,11 +9,12 @@ mod common;
 use common::{copy_dir, fixtures, rchar};
 
 use candle_core::{DType, Device};
+use modelcache_agent::agent::Agent;
 use modelcache_agent::api::{self, AppState, Limits, Queue};
-use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::cache::{CacheConfig, CacheKey, DiskLoader, ModelCache};
 use modelcache_agent::catalog::Catalog;
-use modelcache_agent::metrics::AgentMetrics;
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
+use modelcache_agent::routes::Routes;
 use modelcache_agent::store::{self, safetensors::write_sparse};
 use safetensors::Dtype;
 use std::io::{Read, Write};
@@ -263,7 +264,7 @@ fn resident_fraction(p: &Path) -> f64 {
 fn bench_cache() {
     header("Cache: load and switch (issue 4, G2)");
     let f16 = gib_file(Dtype::F16);
-    let key = f16.to_string_lossy().into_owned();
+    let key = CacheKey::from(f16.as_path());
     let bytes = std::fs::metadata(&f16).unwrap().len() as f64;
     let cfg = |dev: u64| CacheConfig::cpu(3 << 30, dev);
     let cache = ModelCache::new(cfg(0), Box::new(DiskLoader), None);
@@ -335,7 +336,7 @@ fn bench_cache() {
 
     // RAM → device tier move of an f32 model (a plain copy on the CPU device).
     let f32 = gib_file(Dtype::F32);
-    let k32 = f32.to_string_lossy().into_owned();
+    let k32 = CacheKey::from(f32.as_path());
     let cache = ModelCache::new(cfg(2 << 30), Box::new(DiskLoader), None);
     drop(cache.get_ram(&k32).unwrap());
     let mut moves = Vec::new();
@@ -463,8 +464,8 @@ fn bench_pipeline() {
 fn bench_sd15() {
     header("Pipeline: SD-1.5-sized UNet (issue 5)");
     use candle_nn::{VarBuilder, VarMap};
-    use modelcache_agent::pipeline::unet::unet_2d;
-    let cfg = pipeline::unet_config(&serde_json::json!({
+    use modelcache_agent::pipeline::nets::unet_2d;
+    let cfg = unet_2d::UNet2DConditionModelConfig::from_json(&serde_json::json!({
         "block_out_channels": [320, 640, 1280, 1280], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "attention_head_dim": 8, "cross_attention_dim": 768, "layers_per_block": 2})).unwrap();
     let map = VarMap::new();
@@ -494,17 +495,15 @@ fn bench_sd15() {
 
 fn bench_api() {
     header("API overhead (issue 7)");
-    let cache = tiny_cache();
-    let metrics = AgentMetrics::new().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
     let catalog = Catalog::scan(&models, &dir.path().join("state"), None);
-    let model = catalog.open("tiny").unwrap();
+    let agent =
+        std::sync::Arc::new(Agent::new(CacheConfig::cpu(64 << 20, 64 << 20), catalog).unwrap());
     let state = std::sync::Arc::new(AppState::new(
-        cache.clone(),
-        catalog,
-        metrics,
+        agent,
+        std::sync::Arc::new(Routes::default()),
         Queue::new(2, 64),
         Limits::default(),
         None,
@@ -516,16 +515,6 @@ fn bench_api() {
     let addr = listener.local_addr().unwrap().to_string();
     rt.spawn(async move { axum::serve(listener, api::router(state)).await });
     let body = serde_json::json!({"model": "tiny", "prompt": "a", "size": "64x64", "steps": 1, "guidance_scale": 0, "seed": 1}).to_string();
-    let params = GenerateParams {
-        prompt: "a".into(),
-        steps: 1,
-        guidance_scale: 0.0,
-        width: 64,
-        height: 64,
-        seed: 1,
-        ..Default::default()
-    };
-    let _ = (&model, &params);
     let mut e2e = Vec::new();
     let mut overhead = Vec::new();
     for i in 0..300 {

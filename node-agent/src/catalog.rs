@@ -4,12 +4,35 @@
 //! `sd15/dreamshaper`); in a cluster, ModelDeployments name them by relative
 //! path (`model.path`), and every probed model is reported in the ModelNode.
 
-use crate::pipeline::{DiffusersModel, PipelineError};
+use crate::cache::CacheKey;
+use crate::pipeline::{DiffusersModel, ModelError};
 use crate::store::{self, convert, ProbeResult};
-use modelcache_crds::{ModelFormat, ModelType, ModelVariant};
+use modelcache_crds::{text_to_image, ModelFormat, ModelType};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+
+/// Why a model of the catalog cannot be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("unknown model {0:?}")]
+    Unknown(String),
+    #[error("{}: {source}", path.display())]
+    Model { path: PathBuf, source: ModelError },
+}
+
+/// Why a file a request names cannot be used as an adapter.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AdapterPathError {
+    #[error("{0:?} must be a path relative to the models folder, without '..'")]
+    NotRelative(String),
+    #[error("{0:?} does not exist under the models folder")]
+    Missing(String),
+    #[error("{0:?} is not a file inside the models folder")]
+    Outside(String),
+    #[error("{0:?}: adapters are read from .safetensors files")]
+    NotSafetensors(String),
+}
 
 /// A model found under the root.
 #[derive(Debug, Clone)]
@@ -23,11 +46,9 @@ pub struct CatalogEntry {
 }
 
 impl CatalogEntry {
-    /// Whether the model can generate images (a normal base model).
+    /// Whether the model can generate images from text (see [`text_to_image`]).
     pub fn servable(&self) -> bool {
-        self.probe.model_type == ModelType::Main
-            && self.probe.variant.unwrap_or(ModelVariant::Normal) == ModelVariant::Normal
-            && self.probe.base != Some(modelcache_crds::BaseModel::SdxlRefiner)
+        text_to_image(self.probe.model_type, self.probe.base, self.probe.variant).is_ok()
     }
 }
 
@@ -202,7 +223,7 @@ impl Catalog {
     }
 
     /// Cache key of a component of a model that has been opened, if it has.
-    pub fn opened_component(&self, name: &str, component: &str) -> Option<String> {
+    pub fn opened_component(&self, name: &str, component: &str) -> Option<CacheKey> {
         self.opened
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -212,37 +233,37 @@ impl Catalog {
 
     /// A file named relative to the models folder (a LoRA in a request): relative,
     /// no `..`, inside the folder after resolving symlinks, a safetensors file.
-    pub fn resolve_file(&self, rel: &str) -> Result<PathBuf, String> {
+    pub fn resolve_file(&self, rel: &str) -> Result<PathBuf, AdapterPathError> {
         let p = Path::new(rel);
         if rel.is_empty()
             || p.is_absolute()
             || p.components()
                 .any(|c| matches!(c, std::path::Component::ParentDir))
         {
-            return Err(format!(
-                "{rel:?} must be a path relative to the models folder, without '..'"
-            ));
+            return Err(AdapterPathError::NotRelative(rel.to_string()));
         }
         let real = self
             .root
             .join(p)
             .canonicalize()
-            .map_err(|_| format!("{rel:?} does not exist under the models folder"))?;
-        let root = self.root.canonicalize().map_err(|e| e.to_string())?;
+            .map_err(|_| AdapterPathError::Missing(rel.to_string()))?;
+        // A models folder that cannot be resolved holds no file either.
+        let root = self
+            .root
+            .canonicalize()
+            .map_err(|_| AdapterPathError::Missing(rel.to_string()))?;
         if !real.starts_with(&root) || !real.is_file() {
-            return Err(format!("{rel:?} is not a file inside the models folder"));
+            return Err(AdapterPathError::Outside(rel.to_string()));
         }
         if real.extension().and_then(|e| e.to_str()) != Some("safetensors") {
-            return Err(format!(
-                "{rel:?}: adapters are read from .safetensors files"
-            ));
+            return Err(AdapterPathError::NotSafetensors(rel.to_string()));
         }
         Ok(real)
     }
 
     /// The pipeline of a model: single-file checkpoints are converted once into
     /// the state folder (never next to the model), then opened.
-    pub fn open(&self, name: &str) -> Result<Arc<DiffusersModel>, PipelineError> {
+    pub fn open(&self, name: &str) -> Result<Arc<DiffusersModel>, CatalogError> {
         if let Some(m) = self
             .opened
             .lock()
@@ -253,7 +274,11 @@ impl Catalog {
         }
         let entry = self
             .get(name)
-            .ok_or_else(|| PipelineError::Invalid(format!("unknown model {name:?}")))?;
+            .ok_or_else(|| CatalogError::Unknown(name.to_string()))?;
+        let model_err = |source: ModelError| CatalogError::Model {
+            path: entry.path.clone(),
+            source,
+        };
         let dir = match entry.probe.format {
             ModelFormat::Diffusers => entry.path.clone(),
             ModelFormat::Checkpoint => convert::converted(
@@ -262,12 +287,9 @@ impl Catalog {
                 None,
                 self.tokenizer_dir.as_deref(),
             )
-            .map_err(|e| PipelineError::Model {
-                path: entry.path.clone(),
-                reason: e.to_string(),
-            })?,
+            .map_err(|e| model_err(e.into()))?,
         };
-        let model = Arc::new(DiffusersModel::open(&dir)?);
+        let model = Arc::new(DiffusersModel::open(&dir).map_err(model_err)?);
         self.opened
             .lock()
             .unwrap_or_else(|p| p.into_inner())

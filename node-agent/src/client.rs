@@ -1,114 +1,157 @@
-//! A minimal HTTP/1.1 client for `modelcache-agent request` (the chart's
-//! `helm test`): plain `http://` only, one request per connection, so the
-//! image needs no HTTP library and no TLS stack for an in-cluster call.
+//! The HTTP client of `modelcache-agent request` (the chart's `helm test`):
+//! hyper's, plain `http://` only, so the image carries no TLS stack for an
+//! in-cluster call.
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Bytes;
+use hyper::header::{AUTHORIZATION, CONTENT_TYPE};
+use hyper::{Method, Request, Uri};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
 use std::time::Duration;
+
+/// A generation on a cold model can take minutes.
+const TIMEOUT: Duration = Duration::from_secs(600);
+/// Four 2048×2048 PNGs in base64 fit with room to spare.
+const MAX_REPLY_BYTES: usize = 256 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("{0:?} is not an http://HOST:PORT URL")]
     Url(String),
-    #[error("connecting to {addr}: {source}")]
-    Connect {
-        addr: String,
-        source: std::io::Error,
+    #[error("{url}: {source}")]
+    Request {
+        url: Uri,
+        source: hyper_util::client::legacy::Error,
     },
-    #[error("talking to {addr}: {source}")]
-    Io {
-        addr: String,
-        source: std::io::Error,
-    },
-    #[error("malformed HTTP reply from {0}")]
-    Reply(String),
+    #[error("{url}: reading the reply: {message}")]
+    Reply { url: Uri, message: String },
+    #[error("{url}: no reply within {} s", TIMEOUT.as_secs())]
+    Timeout { url: Uri },
 }
 
 /// POSTs `body` as JSON to `base` + `path`; returns the status and the body.
-pub fn post_json(
+pub async fn post_json(
     base: &str,
     path: &str,
     body: &serde_json::Value,
     token: Option<&str>,
 ) -> Result<(u16, Vec<u8>), ClientError> {
-    let addr = base
-        .strip_prefix("http://")
-        .map(|r| r.trim_end_matches('/'))
-        .filter(|a| !a.is_empty() && !a.contains('/'))
-        .ok_or_else(|| ClientError::Url(base.to_string()))?
-        .to_string();
-    let io = |source| ClientError::Io {
-        addr: addr.clone(),
-        source,
+    let bad = || ClientError::Url(base.to_string());
+    let base_uri: Uri = base.parse().map_err(|_| bad())?;
+    if base_uri.scheme_str() != Some("http")
+        || base_uri.authority().is_none()
+        || !matches!(base_uri.path(), "" | "/")
+    {
+        return Err(bad());
+    }
+    let url: Uri = format!("{}{path}", base.trim_end_matches('/'))
+        .parse()
+        .map_err(|_| bad())?;
+    let mut req = Request::builder()
+        .method(Method::POST)
+        .uri(url.clone())
+        .header(CONTENT_TYPE, "application/json");
+    if let Some(t) = token {
+        req = req.header(AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let req = req
+        .body(Full::new(Bytes::from(body.to_string())))
+        .map_err(|_| bad())?;
+    let client = Client::builder(TokioExecutor::new()).build_http();
+    let exchange = async {
+        let reply = client
+            .request(req)
+            .await
+            .map_err(|source| ClientError::Request {
+                url: url.clone(),
+                source,
+            })?;
+        let status = reply.status().as_u16();
+        let bytes = Limited::new(reply.into_body(), MAX_REPLY_BYTES)
+            .collect()
+            .await
+            .map_err(|e| ClientError::Reply {
+                url: url.clone(),
+                message: e.to_string(),
+            })?
+            .to_bytes();
+        Ok((status, bytes.to_vec()))
     };
-    let mut s = TcpStream::connect(&addr).map_err(|source| ClientError::Connect {
-        addr: addr.clone(),
-        source,
-    })?;
-    // A generation on a cold model can take minutes.
-    s.set_read_timeout(Some(Duration::from_secs(600)))
-        .map_err(io)?;
-    let payload = body.to_string();
-    let auth = token.map_or(String::new(), |t| format!("Authorization: Bearer {t}\r\n"));
-    let head = format!(
-        "POST {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{auth}Content-Length: {}\r\n\r\n",
-        payload.len()
-    );
-    s.write_all(head.as_bytes()).map_err(io)?;
-    s.write_all(payload.as_bytes()).map_err(io)?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(io)?;
-    parse_reply(&raw).ok_or(ClientError::Reply(addr))
-}
-
-/// Status and body of an HTTP/1.1 reply (Content-Length, chunked, or to EOF).
-fn parse_reply(raw: &[u8]) -> Option<(u16, Vec<u8>)> {
-    let end = raw.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&raw[..end]).ok()?;
-    let status: u16 = head.split(' ').nth(1)?.parse().ok()?;
-    let body = &raw[end + 4..];
-    let chunked = head.lines().any(|l| {
-        let l = l.to_ascii_lowercase();
-        l.starts_with("transfer-encoding:") && l.contains("chunked")
-    });
-    if !chunked {
-        return Some((status, body.to_vec()));
-    }
-    let (mut out, mut rest) = (Vec::new(), body);
-    loop {
-        let line_end = rest.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&rest[..line_end]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        rest = &rest[line_end + 2..];
-        if size == 0 {
-            return Some((status, out));
-        }
-        out.extend_from_slice(rest.get(..size)?);
-        rest = rest.get(size + 2..)?;
-    }
+    tokio::time::timeout(TIMEOUT, exchange)
+        .await
+        .map_err(|_| ClientError::Timeout { url: url.clone() })?
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::HeaderMap;
+    use axum::routing::post;
 
-    #[test]
-    fn reads_plain_and_chunked_replies() {
-        let plain = b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}";
-        assert_eq!(parse_reply(plain), Some((200, b"{}".to_vec())));
-        let chunked = b"HTTP/1.1 429 Too Many Requests\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n";
-        assert_eq!(parse_reply(chunked), Some((429, b"abcde".to_vec())));
-        assert_eq!(parse_reply(b"garbage"), None);
+    #[tokio::test]
+    async fn posts_json_with_the_token_and_reads_the_reply() {
+        let app = axum::Router::new().route(
+            "/echo",
+            post(|headers: HeaderMap, body: String| async move {
+                let auth = headers
+                    .get("authorization")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                (axum::http::StatusCode::ACCEPTED, format!("{auth}|{body}"))
+            }),
+        );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tokio::spawn(async move { axum::serve(listener, app).await });
+        let (status, body) = post_json(
+            &format!("http://{addr}"),
+            "/echo",
+            &serde_json::json!({"a": 1}),
+            Some("t0k"),
+        )
+        .await
+        .unwrap();
+        server.abort();
+        assert_eq!(status, 202);
+        assert_eq!(String::from_utf8(body).unwrap(), "Bearer t0k|{\"a\":1}");
     }
 
-    #[test]
-    fn only_plain_http_urls() {
+    #[tokio::test]
+    async fn only_plain_http_urls() {
         let body = serde_json::json!({});
-        for bad in ["https://x:1", "x:1", "http://", "http://a/b"] {
+        for bad in ["https://x:1", "x:1", "http://", "http://a/b", "not a url"] {
             assert!(
-                matches!(post_json(bad, "/", &body, None), Err(ClientError::Url(_))),
+                matches!(
+                    post_json(bad, "/", &body, None).await,
+                    Err(ClientError::Url(_))
+                ),
                 "{bad}"
             );
         }
+    }
+
+    #[tokio::test]
+    async fn a_closed_port_is_a_request_error_naming_the_url() {
+        // Bind and drop a listener: nothing listens on that port any more.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let e = post_json(
+            &format!("http://127.0.0.1:{port}"),
+            "/x",
+            &serde_json::json!({}),
+            None,
+        )
+        .await
+        .unwrap_err();
+        assert!(matches!(e, ClientError::Request { .. }), "{e}");
+        assert!(
+            e.to_string().contains(&format!("127.0.0.1:{port}/x")),
+            "{e}"
+        );
     }
 }

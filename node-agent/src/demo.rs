@@ -3,10 +3,9 @@
 //! itself so that `serve --demo` works on a fresh machine without downloads.
 //! Its images are noise: it exercises the whole serving path, not image quality.
 
-use crate::pipeline::clip::{ClipConfig, ClipTextModel};
+use crate::pipeline::nets::clip::{ClipConfig, ClipTextModel};
+use crate::pipeline::nets::unet_2d;
 use crate::pipeline::rng::NormalRng;
-use crate::pipeline::unet::unet_2d;
-use crate::pipeline::unet_config;
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use candle_transformers::models::stable_diffusion::vae;
@@ -132,7 +131,7 @@ pub fn write_tiny(models_dir: &Path, name: &str, variant: Tiny) -> anyhow::Resul
     let dev = Device::Cpu;
 
     let unet_map = VarMap::new();
-    let cfg = unet_config(&cfg_of("unet/config.json")?).map_err(anyhow::Error::msg)?;
+    let cfg = unet_2d::UNet2DConditionModelConfig::from_json(&cfg_of("unet/config.json")?)?;
     unet_2d::UNet2DConditionModel::new(
         VarBuilder::from_varmap(&unet_map, DType::F32, &dev),
         4,
@@ -177,8 +176,7 @@ pub fn write_tiny(models_dir: &Path, name: &str, variant: Tiny) -> anyhow::Resul
     )?;
 
     let text_map = VarMap::new();
-    let tcfg =
-        ClipConfig::from_json(&cfg_of("text_encoder/config.json")?).map_err(anyhow::Error::msg)?;
+    let tcfg = ClipConfig::from_json(&cfg_of("text_encoder/config.json")?)?;
     ClipTextModel::new(VarBuilder::from_varmap(&text_map, DType::F32, &dev), &tcfg)?;
     reseed(&text_map, &mut rng)?;
     // Embeddings are rows, not matrices with a fan-in: give them CLIP's 0.02 scale.

@@ -5,6 +5,19 @@
 use candle_core::{DType, Device};
 use modelcache_crds::Precision;
 
+/// Why a `--device` value cannot be opened.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DeviceError {
+    #[error("device {0:?} must be auto, cpu, cuda:N or a list of cuda:N")]
+    Spec(String),
+    #[error("cuda:{0} is listed twice")]
+    Twice(usize),
+    #[error("cuda:{0}: this agent was built without CUDA; build it with scripts/build-cuda.sh")]
+    NoCuda(usize),
+    #[error("cuda:{ordinal}: {message}")]
+    Cuda { ordinal: usize, message: String },
+}
+
 /// The device the agent computes on.
 #[derive(Debug, Clone)]
 pub struct ComputeDevice {
@@ -36,7 +49,7 @@ fn cpu() -> ComputeDevice {
 /// Opens the devices `spec` names: `cpu`, `cuda:N`, a comma-separated list
 /// of `cuda:N`, or `auto` (every GPU when the build has CUDA and the driver
 /// reports any, else the CPU). Each device gets its own cache tier.
-pub fn open(spec: &str, precision: Precision) -> Result<Vec<ComputeDevice>, String> {
+pub fn open(spec: &str, precision: Precision) -> Result<Vec<ComputeDevice>, DeviceError> {
     let spec = spec.trim().to_ascii_lowercase();
     match spec.as_str() {
         "cpu" => Ok(vec![cpu()]),
@@ -50,11 +63,9 @@ pub fn open(spec: &str, precision: Precision) -> Result<Vec<ComputeDevice>, Stri
                 let n = s
                     .strip_prefix("cuda:")
                     .and_then(|n| n.parse::<usize>().ok())
-                    .ok_or_else(|| {
-                        format!("device {s:?} must be auto, cpu, cuda:N or a list of cuda:N")
-                    })?;
+                    .ok_or_else(|| DeviceError::Spec(s.to_string()))?;
                 if ordinals.contains(&n) {
-                    return Err(format!("cuda:{n} is listed twice"));
+                    return Err(DeviceError::Twice(n));
                 }
                 ordinals.push(n);
             }
@@ -85,9 +96,11 @@ fn gpu_count() -> usize {
 }
 
 #[cfg(feature = "cuda")]
-fn open_cuda(n: usize, precision: Precision) -> Result<ComputeDevice, String> {
-    let device = Device::new_cuda(n)
-        .map_err(|e| format!("cuda:{n}: {}", crate::store::error::candle_message(&e)))?;
+fn open_cuda(n: usize, precision: Precision) -> Result<ComputeDevice, DeviceError> {
+    let device = Device::new_cuda(n).map_err(|e| DeviceError::Cuda {
+        ordinal: n,
+        message: crate::store::error::candle_message(&e),
+    })?;
     Ok(ComputeDevice {
         name: name(&device),
         device,
@@ -97,11 +110,9 @@ fn open_cuda(n: usize, precision: Precision) -> Result<ComputeDevice, String> {
 }
 
 #[cfg(not(feature = "cuda"))]
-fn open_cuda(n: usize, _precision: Precision) -> Result<ComputeDevice, String> {
+fn open_cuda(n: usize, _precision: Precision) -> Result<ComputeDevice, DeviceError> {
     let _ = dtype_of;
-    Err(format!(
-        "cuda:{n}: this agent was built without CUDA; build it with scripts/build-cuda.sh"
-    ))
+    Err(DeviceError::NoCuda(n))
 }
 
 /// (free, total) bytes of a GPU's memory from the driver; `None` on the CPU.
@@ -243,19 +254,23 @@ mod tests {
         );
         assert!(open("tpu", Precision::F16)
             .unwrap_err()
+            .to_string()
             .contains("auto, cpu, cuda:N"));
-        assert!(open("cuda:0,cuda:0", Precision::F16)
-            .unwrap_err()
-            .contains("twice"));
+        assert_eq!(
+            open("cuda:0,cuda:0", Precision::F16).unwrap_err(),
+            DeviceError::Twice(0)
+        );
         assert_eq!(d.budget(Some(5)), 5);
         #[cfg(not(feature = "cuda"))]
         {
             assert!(open("cuda:0", Precision::F16)
                 .unwrap_err()
+                .to_string()
                 .contains("scripts/build-cuda.sh"));
-            assert!(open("cuda:0,cuda:1", Precision::F16)
-                .unwrap_err()
-                .contains("scripts/build-cuda.sh"));
+            assert_eq!(
+                open("cuda:0,cuda:1", Precision::F16).unwrap_err(),
+                DeviceError::NoCuda(0)
+            );
             let auto = open("auto", Precision::F16).unwrap();
             assert_eq!((auto.len(), auto[0].id.as_str()), (1, "cpu"));
             assert_eq!(d.budget(None), 4 << 30);

@@ -1,17 +1,16 @@
-//! `modelcache-agent`: the node agent's command line.
+//! `modelcache-agent`: the node agent's command line. Parses arguments and
+//! hands each command to the library (`daemon` for `serve`, `commands` for
+//! the rest).
 
-use anyhow::Context;
-use clap::{Parser, Subcommand, ValueEnum};
-use modelcache_agent::api::{self, AppState, Limits, Queue};
-use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache};
-use modelcache_agent::catalog::Catalog;
-use modelcache_agent::metrics::AgentMetrics;
-use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
-use modelcache_agent::{cluster, demo, memory, store};
+use clap::{Parser, Subcommand};
+use modelcache_agent::pipeline::Seamless;
+use modelcache_agent::store::convert::ConvertRequest;
+use modelcache_agent::store::merge::{MergeRequest, Method};
+use modelcache_agent::{commands, daemon};
 use modelcache_crds::{Precision, SchedulerKind};
-use std::path::{Path, PathBuf};
+use modelcache_support::{init_logging, LogFormat};
+use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 #[derive(Parser)]
@@ -21,7 +20,7 @@ use std::time::Duration;
     about = "modelcache node agent: model store, cache, generation and HTTP API"
 )]
 struct Cli {
-    /// Log format.
+    /// Log format: text for people, json for log collectors.
     #[arg(
         long,
         global = true,
@@ -77,7 +76,7 @@ enum Command {
         out: PathBuf,
         /// weighted-sum, sigmoid, inv-sigmoid or add-difference.
         #[arg(long, default_value = "weighted-sum")]
-        method: store::merge::Method,
+        method: Method,
         /// Interpolation weight from 0 to 1 (weighted-sum: share of the second model).
         #[arg(long, default_value_t = 0.5)]
         alpha: f64,
@@ -125,40 +124,22 @@ struct RequestArgs {
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Serve(args) => serve(args)?,
-        Command::Generate(args) => generate(args)?,
-        Command::Probe { path } => {
-            let r = store::probe(&path)?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
-        }
-        Command::Search { root } => {
-            let found = store::search::find_models(&root);
-            for (p, why) in &found.skipped {
-                eprintln!("skipped {}: {why}", p.display());
-            }
-            for m in &found.models {
-                match store::probe(m) {
-                    Ok(r) => println!("{}", serde_json::to_string(&r)?),
-                    Err(e) => eprintln!("skipped {}: {e}", m.display()),
-                }
-            }
-        }
+        Command::Serve(a) => daemon::serve(a.into()),
+        Command::Generate(a) => commands::generate(a.into()),
+        Command::Request(a) => commands::request(a.into()),
+        Command::Probe { path } => commands::probe(&path),
+        Command::Search { root } => commands::search(&root),
         Command::Convert {
             checkpoint,
             out_dir,
             config,
             tokenizer,
-        } => {
-            let req = store::convert::ConvertRequest {
-                checkpoint: &checkpoint,
-                out_dir: &out_dir,
-                config_dir: config.as_deref(),
-                tokenizer_dir: tokenizer.as_deref(),
-            };
-            let out = store::convert::convert_main(&req)
-                .with_context(|| format!("converting {}", checkpoint.display()))?;
-            println!("wrote {}", out.display());
-        }
+        } => commands::convert(&ConvertRequest {
+            checkpoint: &checkpoint,
+            out_dir: &out_dir,
+            config_dir: config.as_deref(),
+            tokenizer_dir: tokenizer.as_deref(),
+        }),
         Command::Merge {
             models,
             out,
@@ -166,349 +147,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             alpha,
             precision,
             force,
-        } => {
-            let req = store::merge::MergeRequest {
-                inputs: &models,
-                out: &out,
-                method,
-                alpha,
-                precision,
-                force,
-            };
-            let r = store::merge::merge(&req)?;
-            println!(
-                "wrote {}: {} tensors merged, {} copied from the first model",
-                out.display(),
-                r.merged,
-                r.copied
-            );
-            for c in r.skipped_components {
-                println!("component {c}: layouts differ, kept the first model's");
-            }
-        }
-        Command::Request(a) => request(a)?,
-        Command::Hash { path, state_dir } => {
-            println!("{}", store::identity::sha256(&path, state_dir.as_deref())?);
-        }
-    }
-    Ok(())
-}
-
-fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let (source, threshold) = memory::ensure_mmap_threshold(args.malloc_mmap_threshold);
-    let compute = modelcache_agent::device::open(&args.device, args.precision)
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?;
-    for d in &compute {
-        tracing::info!(device = %d.id, name = %d.name, dtype = ?d.dtype, precision = %args.precision, "compute device (the CPU always computes in f32)");
-    }
-    tracing::info!(?source, threshold, "malloc mmap threshold");
-    std::fs::create_dir_all(&args.models_dir)
-        .with_context(|| format!("creating {}", args.models_dir.display()))?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating the state folder {}", args.state_dir.display()))?;
-    if args.demo {
-        let dir = demo::write_demo(&args.models_dir).context("writing the demo model")?;
-        tracing::warn!(path = %dir.display(), "serving the demo model `demo`: tiny random weights, its images are noise");
-    }
-    let token = match &args.api_token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading the API token file {}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
-    let metrics = AgentMetrics::new()?;
-    let cache = ModelCache::new(
-        CacheConfig {
-            load_threads: args.load_threads,
-            trim_on_evict: args.malloc_trim_on_evict,
-            devices: compute
-                .iter()
-                .map(|d| DeviceSlot {
-                    device: d.device.clone(),
-                    budget: d.budget(args.vram_cache_bytes.0),
-                })
-                .collect(),
-            dtype: compute[0].dtype,
-            ..CacheConfig::cpu(args.ram_cache_bytes, 0)
-        },
-        Box::new(DiskLoader),
-        Some(&metrics.registry),
-    );
-    metrics.register_cache(cache.clone())?;
-    let catalog = Catalog::scan(&args.models_dir, &args.state_dir, args.tokenizer.as_deref());
-    tracing::info!(models = catalog.entries().len(), dir = %args.models_dir.display(), "model search done");
-    let state = Arc::new(AppState::new(
-        cache,
-        catalog,
-        metrics.clone(),
-        Queue::new(args.concurrency, args.queue_size),
-        Limits::default(),
-        token,
-    ));
-    let rt = tokio::runtime::Runtime::new()?;
-    rt.block_on(async move {
-        let api = tokio::net::TcpListener::bind(&args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
-        if args.rescan_seconds > 0 {
-            let (state, every) = (state.clone(), Duration::from_secs(args.rescan_seconds));
-            tokio::spawn(async move {
-                let mut tick = tokio::time::interval(every);
-                tick.tick().await;
-                loop {
-                    tick.tick().await;
-                    let s = state.clone();
-                    let before = s.catalog.found().len();
-                    let after = tokio::task::spawn_blocking(move || {
-                        s.catalog.rescan();
-                        s.catalog.found().len()
-                    })
-                    .await
-                    .unwrap_or(before);
-                    if after != before {
-                        tracing::info!(before, after, "models folder changed");
-                    }
-                }
-            });
-        }
-        let cluster = if args.kubernetes {
-            let client = kube::Client::try_default()
-                .await
-                .context("--kubernetes: connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
-            let node_name = args.node_name.clone().unwrap_or_default();
-            let renew = Duration::from_secs(args.lease_renew_seconds.max(1));
-            let settings = cluster::Settings {
-                pod_name: args.pod_name.clone().unwrap_or_else(|| format!("modelcache-agent-{node_name}")),
-                node_name,
-                pod_ip: args.pod_ip.clone().unwrap_or_default(),
-                namespace: args.namespace.clone(),
-                api_port: api.local_addr()?.port(),
-                lease_renew: renew,
-                lease_duration: renew * 4,
-                report_interval: Duration::from_secs(args.report_interval_seconds.max(1)),
-            };
-            tracing::info!(node = %settings.node_name, namespace = %settings.namespace, "cluster mode: serving the ModelDeployments placed on this node");
-            let agent = cluster::ClusterAgent::new(state.clone(), settings);
-            Some(agent.run(client))
-        } else {
-            None
-        };
-        let cluster = async move {
-            match cluster {
-                Some(f) => f.await,
-                None => std::future::pending().await,
-            }
-        };
-        let mon = tokio::net::TcpListener::bind(&args.metrics_listen)
-            .await
-            .with_context(|| format!("binding {}", args.metrics_listen))?;
-        tracing::info!(api = %api.local_addr()?, metrics = %mon.local_addr()?, "serving");
-        let shutdown = async {
-            let term = async {
-                match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                    Ok(mut s) => {
-                        s.recv().await;
-                    }
-                    Err(_) => std::future::pending::<()>().await,
-                }
-            };
-            tokio::select! { _ = tokio::signal::ctrl_c() => {}, _ = term => {} }
-            tracing::info!("shutting down");
-        };
-        let metrics_server = axum::serve(mon, api::metrics_router(metrics).into_make_service());
-        let api_server = axum::serve(api, api::router(state).into_make_service())
-            .with_graceful_shutdown(shutdown);
-        tokio::select! {
-            r = api_server => r.context("API server")?,
-            r = metrics_server => r.context("metrics server")?,
-            () = cluster => {}
-        }
-        anyhow::Ok(())
-    })
-}
-
-fn generate(a: GenerateArgs) -> anyhow::Result<()> {
-    let loras = a
-        .lora
-        .iter()
-        .map(|spec| {
-            let (path, weight) = match spec.rsplit_once(':') {
-                Some((p, w)) if w.parse::<f64>().is_ok() => (p, w.parse::<f64>().unwrap_or(1.0)),
-                _ => (spec.as_str(), 1.0),
-            };
-            let path = std::fs::canonicalize(path)
-                .with_context(|| format!("--lora {spec}: {path} not found"))?;
-            Ok((path.to_string_lossy().into_owned(), weight))
-        })
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    let (w, h) = a
-        .size
-        .split_once('x')
-        .context("--size must be WIDTHxHEIGHT")?;
-    let (width, height) = (
-        w.parse::<usize>().context("--size width")?,
-        h.parse::<usize>().context("--size height")?,
-    );
-    let dir = if a.model.is_dir() {
-        a.model.clone()
-    } else {
-        store::convert::converted(
-            &a.state_dir,
-            &a.model,
-            a.config.as_deref(),
-            a.tokenizer.as_deref(),
-        )?
-    };
-    let model = DiffusersModel::open(&dir)?;
-    let latents = match &a.latents {
-        Some(p) => Some(
-            candle_core::safetensors::load(p, &candle_core::Device::Cpu)
-                .map_err(|e| {
-                    anyhow::anyhow!("{}: {}", p.display(), store::error::candle_message(&e))
-                })?
-                .remove("latents")
-                .with_context(|| format!("{} has no tensor named `latents`", p.display()))?,
-        ),
-        None => None,
-    };
-    let p = GenerateParams {
-        prompt: a.prompt,
-        negative_prompt: a.negative_prompt,
-        steps: a.steps,
-        guidance_scale: a.guidance,
-        width,
-        height,
-        seed: a.seed,
-        scheduler: a.scheduler,
-        n: a.n,
-        latents,
-        clip_skip: a.clip_skip,
-        loras,
-        embeddings: a
-            .embedding
-            .iter()
-            .map(|p| (pipeline::embedding::trigger_name(p), p.clone()))
-            .collect(),
-        seamless: a.seamless,
-    };
-    // Room for the model's RAM and device copies plus the adapters' device copies.
-    let lora_bytes: u64 = p
-        .loras
-        .iter()
-        .filter_map(|(k, _)| std::fs::metadata(k).ok())
-        .map(|m| m.len() * 2)
-        .sum();
-    let budget = store::probe(&dir)?.size_bytes.f32 * 2 + lora_bytes + (64 << 20);
-    let compute = modelcache_agent::device::open(&a.device, a.precision)
-        .map_err(|e| anyhow::anyhow!("--device: {e}"))?
-        .remove(0);
-    let cache = ModelCache::new(
-        CacheConfig {
-            devices: vec![DeviceSlot {
-                device: compute.device.clone(),
-                budget,
-            }],
-            dtype: compute.dtype,
-            ..CacheConfig::cpu(budget, budget)
-        },
-        Box::new(DiskLoader),
-        None,
-    );
-    let images = pipeline::generate(&cache, &model, &p, &|i, step, steps| {
-        tracing::info!(image = i, step, steps, "denoising");
-        true
-    })?;
-    for (i, img) in images.iter().enumerate() {
-        let out = if i == 0 {
-            a.out.clone()
-        } else {
-            numbered(&a.out, i)
-        };
-        let bytes = match out.extension().and_then(|e| e.to_str()) {
-            Some("npy") => img.to_npy(),
-            _ => img.to_png()?,
-        };
-        std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
-        println!("wrote {}", out.display());
-    }
-    Ok(())
-}
-
-fn request(a: RequestArgs) -> anyhow::Result<()> {
-    let token = match &a.token_file {
-        Some(p) => Some(
-            std::fs::read_to_string(p)
-                .with_context(|| format!("reading {}", p.display()))?
-                .trim()
-                .to_string(),
-        ),
-        None => None,
-    };
-    let body = serde_json::json!({
-        "model": a.model, "prompt": a.prompt, "size": a.size, "steps": a.steps,
-        "n": 1, "response_format": "b64_json",
-    });
-    let started = std::time::Instant::now();
-    let (status, reply) = modelcache_agent::client::post_json(
-        &a.url,
-        "/v1/images/generations",
-        &body,
-        token.as_deref(),
-    )?;
-    let v: serde_json::Value = serde_json::from_slice(&reply)
-        .with_context(|| format!("HTTP {status}: the reply is not JSON"))?;
-    if status != 200 {
-        anyhow::bail!(
-            "HTTP {status}: {}",
-            v["error"]["message"].as_str().unwrap_or("no error message")
-        );
-    }
-    let b64 = v["data"][0]["b64_json"]
-        .as_str()
-        .context("the reply has no data[0].b64_json")?;
-    use base64::Engine;
-    let png = base64::engine::general_purpose::STANDARD
-        .decode(b64)
-        .context("data[0].b64_json is not base64")?;
-    let (w, h) = pipeline::image::png_size(&png).context("the image is not a PNG")?;
-    if format!("{w}x{h}") != a.size {
-        anyhow::bail!("asked for {} but got a {w}x{h} image", a.size);
-    }
-    if let Some(out) = &a.out {
-        std::fs::write(out, &png).with_context(|| format!("writing {}", out.display()))?;
-    }
-    println!(
-        "ok: {w}x{h} PNG from {} in {:.1} s",
-        a.model,
-        started.elapsed().as_secs_f64()
-    );
-    Ok(())
-}
-
-fn numbered(path: &Path, i: usize) -> PathBuf {
-    let stem = path
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let ext = path
-        .extension()
-        .map(|e| format!(".{}", e.to_string_lossy()))
-        .unwrap_or_default();
-    path.with_file_name(format!("{stem}-{i}{ext}"))
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
+        } => commands::merge(&MergeRequest {
+            inputs: &models,
+            out: &out,
+            method,
+            alpha,
+            precision,
+            force,
+        }),
+        Command::Hash { path, state_dir } => commands::hash(&path, state_dir.as_deref()),
     }
 }
 
@@ -531,17 +178,84 @@ fn main() -> ExitCode {
     }
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
+impl From<ServeArgs> for daemon::Settings {
+    fn from(a: ServeArgs) -> Self {
+        daemon::Settings {
+            cluster: a.kubernetes.then(|| daemon::ClusterSettings {
+                node_name: a.node_name.clone().unwrap_or_default(),
+                pod_ip: a.pod_ip.clone().unwrap_or_default(),
+                pod_name: a.pod_name.clone(),
+                namespace: a.namespace.clone(),
+                lease_renew: Duration::from_secs(a.lease_renew_seconds),
+                report_interval: Duration::from_secs(a.report_interval_seconds),
+            }),
+            models_dir: a.models_dir,
+            state_dir: a.state_dir,
+            listen: a.listen,
+            metrics_listen: a.metrics_listen,
+            ram_cache_bytes: a.ram_cache_bytes,
+            device_cache_bytes: a.vram_cache_bytes.0,
+            device: a.device,
+            precision: a.precision,
+            queue_size: a.queue_size,
+            concurrency: a.concurrency,
+            api_token_file: a.api_token_file,
+            malloc_mmap_threshold: a.malloc_mmap_threshold,
+            malloc_trim_on_evict: a.malloc_trim_on_evict,
+            load_threads: a.load_threads,
+            tokenizer: a.tokenizer,
+            demo: a.demo,
+            rescan: (a.rescan_seconds > 0).then(|| Duration::from_secs(a.rescan_seconds)),
+        }
+    }
+}
+
+impl From<GenerateArgs> for commands::GenerateOptions {
+    fn from(a: GenerateArgs) -> Self {
+        commands::GenerateOptions {
+            model: a.model,
+            device: a.device,
+            precision: a.precision,
+            prompt: a.prompt,
+            negative_prompt: a.negative_prompt,
+            steps: a.steps,
+            guidance: a.guidance,
+            scheduler: a.scheduler,
+            size: a.size,
+            seed: a.seed,
+            n: a.n,
+            latents: a.latents,
+            loras: a.lora,
+            clip_skip: a.clip_skip,
+            seamless: a.seamless,
+            embeddings: a.embedding,
+            config: a.config,
+            tokenizer: a.tokenizer,
+            state_dir: a.state_dir,
+            out: a.out,
+        }
+    }
+}
+
+impl From<RequestArgs> for commands::RequestOptions {
+    fn from(a: RequestArgs) -> Self {
+        commands::RequestOptions {
+            url: a.url,
+            model: a.model,
+            prompt: a.prompt,
+            size: a.size,
+            steps: a.steps,
+            token_file: a.token_file,
+            out: a.out,
+        }
+    }
 }
 
 /// A device budget: `auto` (from the device's free memory) or a byte size.
 #[derive(Debug, Clone, Copy)]
 struct Budget(Option<u64>);
 
-fn parse_budget(s: &str) -> Result<Budget, String> {
+fn parse_budget(s: &str) -> Result<Budget, ByteSizeError> {
     if s.trim().eq_ignore_ascii_case("auto") {
         Ok(Budget(None))
     } else {
@@ -549,8 +263,13 @@ fn parse_budget(s: &str) -> Result<Budget, String> {
     }
 }
 
+/// A flag value that is not a byte size.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a byte size (examples: 1073741824, 8Gi, 512Mi)")]
+struct ByteSizeError(String);
+
 /// Byte sizes: plain bytes or with a Ki/Mi/Gi/Ti (or K/M/G/T, powers of 1000) suffix.
-fn parse_bytes(s: &str) -> Result<u64, String> {
+fn parse_bytes(s: &str) -> Result<u64, ByteSizeError> {
     let s = s.trim();
     let units = [
         ("Ti", 1u64 << 40),
@@ -569,9 +288,9 @@ fn parse_bytes(s: &str) -> Result<u64, String> {
     let n: f64 = num
         .trim()
         .parse()
-        .map_err(|_| format!("{s:?} is not a byte size (examples: 1073741824, 8Gi, 512Mi)"))?;
+        .map_err(|_| ByteSizeError(s.to_string()))?;
     if !(n >= 0.0 && n.is_finite()) {
-        return Err(format!("{s:?} is not a byte size"));
+        return Err(ByteSizeError(s.to_string()));
     }
     Ok((n * mult as f64) as u64)
 }
@@ -715,8 +434,8 @@ struct GenerateArgs {
     #[arg(long, default_value_t = 0)]
     clip_skip: usize,
     /// Tile seamlessly along x, y or xy (circular padding in the UNet and VAE).
-    #[arg(long, default_value = "none", value_parser = pipeline::unet::conv::Seamless::parse)]
-    seamless: pipeline::unet::conv::Seamless,
+    #[arg(long, default_value = "none")]
+    seamless: Seamless,
     /// Textual inversion embedding files (or learned_embeds.bin folders), used in
     /// the prompt as `<name>` where name is the file stem.
     #[arg(long)]

@@ -164,15 +164,15 @@ pub fn trim_released_total() -> u64 {
 
 /// Memory of the process at one moment.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct Snapshot {
+pub struct MemoryReading {
     pub resident: u64,
     pub device: Option<u64>,
     pub malloc: Option<MallInfo2>,
 }
 
-impl Snapshot {
+impl MemoryReading {
     pub fn capture(device_used: Option<u64>) -> Self {
-        Snapshot {
+        MemoryReading {
             resident: resident_bytes(),
             device: device_used,
             malloc: mallinfo2(),
@@ -181,7 +181,7 @@ impl Snapshot {
 
     /// Multi-line diff in the seed's format: label padded to 30 columns, the
     /// signed change and both values in GiB.
-    pub fn diff(&self, after: &Snapshot) -> String {
+    pub fn diff(&self, after: &MemoryReading) -> String {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
         let line = |label: &str, a: u64, b: u64| {
             format!(
@@ -249,12 +249,12 @@ mod tests {
     #[test]
     fn diff_format_and_sections() {
         let g = 1u64 << 30;
-        let a = Snapshot {
+        let a = MemoryReading {
             resident: g,
             device: None,
             malloc: None,
         };
-        let b = Snapshot {
+        let b = MemoryReading {
             resident: g + g / 2,
             device: None,
             malloc: None,
@@ -271,12 +271,12 @@ mod tests {
             fordblks: 4,
             ..Default::default()
         };
-        let a = Snapshot {
+        let a = MemoryReading {
             resident: g,
             device: Some(0),
             malloc: Some(m),
         };
-        let b = Snapshot {
+        let b = MemoryReading {
             resident: g,
             device: Some(g),
             malloc: Some(m),
@@ -298,7 +298,7 @@ mod tests {
                 "VRAM"
             ]
         );
-        let no_vram = Snapshot { device: None, ..a };
+        let no_vram = MemoryReading { device: None, ..a };
         assert!(!no_vram.diff(&b).contains("VRAM"));
     }
 

@@ -1,9 +1,10 @@
 //! `modelcache-operator run`: connects to the cluster, serves health and
 //! metrics, waits for leadership, and runs the controller until a signal.
 
-use crate::controller::{self, Config, Context, Stores};
+use crate::controller::{self, Config, Context};
 use crate::leader::LeaderElector;
 use crate::metrics::{ClusterCollector, Metrics};
+use crate::stores::Stores;
 use anyhow::Context as _;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -12,12 +13,12 @@ use axum::Router;
 use futures::{FutureExt, StreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::jiff::SignedDuration;
 use kube::runtime::events::{Recorder, Reporter};
 use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use modelcache_crds::{ModelDeployment, ModelNode, OPERATOR_MANAGER};
+use modelcache_support::shutdown_signal;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,22 +52,6 @@ async fn serve(addr: SocketAddr, router: Router) -> anyhow::Result<()> {
     axum::serve(listener, router)
         .await
         .with_context(|| format!("serving {addr}"))
-}
-
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c().map(|_| ());
-    #[cfg(unix)]
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
-            }
-            Err(_) => std::future::pending::<()>().await,
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
 }
 
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
@@ -158,40 +143,35 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     tokio::spawn(leases.for_each(|_| std::future::ready(())));
 
     let stores = Stores {
-        deployments: md_reader.clone(),
-        model_nodes: mn_reader.clone(),
-        nodes: node_reader.clone(),
-        leases: lease_reader.clone(),
+        deployments: md_reader,
+        model_nodes: mn_reader,
+        nodes: node_reader,
+        leases: lease_reader,
     };
     let expiry = settings.controller.lease_expiry;
     metrics
-        .register_cluster(ClusterCollector::new(
-            md_reader.clone(),
-            mn_reader.clone(),
-            node_reader.clone(),
-            lease_reader.clone(),
-            SignedDuration::try_from(expiry).unwrap_or(SignedDuration::MAX),
-        )?)
+        .register_cluster(ClusterCollector::new(stores.clone(), expiry)?)
         .context("registering cluster metrics")?;
     let reporter = Reporter {
         controller: OPERATOR_MANAGER.into(),
         instance: Some(settings.identity.clone()),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let (ctx, requeues) = Context::new(client, stores, settings.controller, metrics, recorder);
+    let (ctx, requeues) = Context::new(
+        client,
+        stores.clone(),
+        settings.controller,
+        metrics,
+        recorder,
+    );
     tokio::spawn(controller::watch_node_states(
         ctx.clone(),
         (expiry / 8).max(Duration::from_millis(500)),
     ));
     {
         let ready = health.ready.clone();
-        let (a, b, c, d) = (md_reader, mn_reader, node_reader, lease_reader);
         tokio::spawn(async move {
-            let synced = a.wait_until_ready().await.is_ok()
-                && b.wait_until_ready().await.is_ok()
-                && c.wait_until_ready().await.is_ok()
-                && d.wait_until_ready().await.is_ok();
-            if synced {
+            if stores.synced(Duration::MAX).await.is_ok() {
                 tracing::info!("caches synced");
                 ready.store(true, Ordering::Relaxed);
             }

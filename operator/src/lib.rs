@@ -1,16 +1,17 @@
-//! The modelcache operator: a cluster scheduler for models (ARCHITECTURE §5).
+//! The modelcache operator: a cluster scheduler for models.
 //!
-//! `scheduler` is pure (no I/O) so it can be tested and benchmarked at 1,000+
-//! nodes; `simulate` runs it against a model of the agents' caches;
-//! `snapshot` turns API objects into its inputs; `controller` is the
-//! ModelDeployment reconciler, `routing` its Service and EndpointSlice,
-//! `leader` the Lease-based leader election, `daemon` the `run` command.
+//! Its modules form one-way layers, from the pure `scheduler` at the bottom to
+//! `daemon` at the top: docs/architecture.md lists them and what each does,
+//! and `tests/tests/layers.rs` fails on an import that goes upward.
 
+pub mod cluster;
 pub mod controller;
 pub mod daemon;
 pub mod leader;
 pub mod metrics;
+pub mod preemption;
 pub mod routing;
 pub mod scheduler;
 pub mod simulate;
-pub mod snapshot;
+pub mod status;
+pub mod stores;

@@ -5,6 +5,7 @@ use clap::{Parser, Subcommand};
 use modelcache_operator::scheduler::{self, Node, Options, Strategy};
 use modelcache_operator::simulate::{self, ClusterSpec, TraceSpec};
 use modelcache_operator::{controller, daemon};
+use modelcache_support::{init_logging, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
@@ -27,12 +28,6 @@ struct Cli {
     log_format: LogFormat,
     #[command(subcommand)]
     command: Command,
-}
-
-#[derive(Clone, Copy, clap::ValueEnum)]
-enum LogFormat {
-    Text,
-    Json,
 }
 
 #[derive(Subcommand)]
@@ -276,18 +271,6 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         .build()
         .context("starting the async runtime")?
         .block_on(daemon::run(settings))
-}
-
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match format {
-        LogFormat::Json => builder.json().init(),
-        LogFormat::Text => builder.init(),
-    }
 }
 
 fn main() -> ExitCode {

@@ -1,4 +1,5 @@
-//! The operator's Prometheus metrics (ARCHITECTURE §6).
+//! The operator's Prometheus metrics (their names are a contract with the
+//! dashboards and alerts; docs/architecture.md lists them).
 //!
 //! Counters and histograms are updated by the controller; the gauges that
 //! describe the whole cluster (`modelcache_deployments`,
@@ -6,12 +7,9 @@
 //! scrape time from the reflector stores, so they can never drift from what the
 //! API server holds.
 
-use crate::snapshot::{Cluster, NodeState};
-use k8s_openapi::api::coordination::v1::Lease;
-use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
-use kube::runtime::reflector::Store;
-use modelcache_crds::{ModelDeployment, ModelNode};
+use crate::cluster::NodeState;
+use crate::stores::Stores;
+use modelcache_crds::{condition, ModelDeployment};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
@@ -19,6 +17,7 @@ use prometheus::{
     Opts, Registry, TextEncoder,
 };
 use std::collections::BTreeMap;
+use std::time::Duration;
 
 /// Metrics written by the reconciler.
 #[derive(Clone)]
@@ -87,16 +86,10 @@ impl Metrics {
     }
 }
 
-/// Conditions counted by `modelcache_deployments{condition}` (those that are True).
-const CONDITIONS: [&str; 4] = ["Resolved", "Scheduled", "Available", "Progressing"];
-
 /// Computes the cluster gauges from the stores at scrape time.
 pub struct ClusterCollector {
-    deployments: Store<ModelDeployment>,
-    model_nodes: Store<ModelNode>,
-    nodes: Store<Node>,
-    leases: Store<Lease>,
-    lease_expiry: SignedDuration,
+    stores: Stores,
+    lease_expiry: Duration,
     by_condition: GaugeVec,
     unschedulable: GaugeVec,
     node_states: GaugeVec,
@@ -104,13 +97,8 @@ pub struct ClusterCollector {
 }
 
 impl ClusterCollector {
-    pub fn new(
-        deployments: Store<ModelDeployment>,
-        model_nodes: Store<ModelNode>,
-        nodes: Store<Node>,
-        leases: Store<Lease>,
-        lease_expiry: SignedDuration,
-    ) -> Result<Self, prometheus::Error> {
+    /// Reads `stores`; a node whose Lease is older than `lease_expiry` counts as stale.
+    pub fn new(stores: Stores, lease_expiry: Duration) -> Result<Self, prometheus::Error> {
         let by_condition = GaugeVec::new(
             Opts::new(
                 "modelcache_deployments",
@@ -137,10 +125,7 @@ impl ClusterCollector {
             .flat_map(|c| c.desc().into_iter().cloned())
             .collect();
         Ok(ClusterCollector {
-            deployments,
-            model_nodes,
-            nodes,
-            leases,
+            stores,
             lease_expiry,
             by_condition,
             unschedulable,
@@ -170,13 +155,15 @@ pub fn snake(reason: &str) -> String {
 /// condition among Resolved and Scheduled that is not True.
 pub fn unschedulable_reason(md: &ModelDeployment) -> Option<String> {
     let status = md.status.as_ref()?;
-    ["Resolved", "Scheduled"].iter().find_map(|t| {
-        status
-            .conditions
-            .iter()
-            .find(|c| c.type_ == *t && c.status != "True")
-            .map(|c| snake(&c.reason))
-    })
+    [condition::RESOLVED, condition::SCHEDULED]
+        .iter()
+        .find_map(|t| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == *t && c.status != "True")
+                .map(|c| snake(&c.reason))
+        })
 }
 
 impl Collector for ClusterCollector {
@@ -185,9 +172,9 @@ impl Collector for ClusterCollector {
     }
 
     fn collect(&self) -> Vec<MetricFamily> {
-        let deployments = self.deployments.state();
+        let deployments = self.stores.deployments.state();
         self.by_condition.reset();
-        for c in CONDITIONS {
+        for c in condition::DEPLOYMENT {
             let n = deployments
                 .iter()
                 .filter(|d| {
@@ -212,20 +199,13 @@ impl Collector for ClusterCollector {
                 .with_label_values(&[&r])
                 .set(f64::from(n));
         }
-        let (mns, nodes, leases) = (
-            self.model_nodes.state(),
-            self.nodes.state(),
-            self.leases.state(),
-        );
-        let cluster = Cluster {
-            model_nodes: &mns,
-            nodes: &nodes,
-            leases: &leases,
-            now: Timestamp::now(),
-            lease_expiry: self.lease_expiry,
-        };
+        let cluster = self.stores.cluster(self.lease_expiry);
         for s in [NodeState::Ready, NodeState::Stale, NodeState::Cordoned] {
-            let n = mns.iter().filter(|m| cluster.state(m) == s).count();
+            let n = cluster
+                .model_nodes
+                .iter()
+                .filter(|m| cluster.state(m) == s)
+                .count();
             self.node_states
                 .with_label_values(&[s.label()])
                 .set(n as f64);

@@ -1,5 +1,5 @@
 //! The Service and EndpointSlices that route a ModelDeployment's traffic to the
-//! agents holding it ready (ARCHITECTURE §3 "Routing").
+//! agents holding it ready.
 //!
 //! The Service has no selector: agents are DaemonSet pods that serve many
 //! models, so which pods back a model is the operator's decision, written as

@@ -4,6 +4,7 @@
 
 use crate::scheduler::{self, Deployment, Node, Options};
 use modelcache_crds::{PlacementRole, Tier, WarmTier};
+use modelcache_support::SplitMix64;
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
@@ -95,22 +96,6 @@ impl ClusterSpec {
     }
 }
 
-/// splitmix64, for reproducible traces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-}
-
 /// Draws model indices with Zipf popularity.
 struct Zipf {
     cdf: Vec<f64>,
@@ -130,7 +115,7 @@ impl Zipf {
         }
         Zipf { cdf }
     }
-    fn sample(&self, rng: &mut Rng) -> usize {
+    fn sample(&self, rng: &mut SplitMix64) -> usize {
         let u = rng.unit();
         self.cdf.partition_point(|c| *c < u).min(self.cdf.len() - 1)
     }
@@ -191,7 +176,7 @@ pub struct Report {
 
 /// Runs the workload against the cluster with the real scheduler.
 pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Report {
-    let mut rng = Rng(trace.seed);
+    let mut rng = SplitMix64::new(trace.seed);
     let zipf = Zipf::new(trace.model_bytes.len().max(1), trace.zipf);
     let mut nodes = cluster.scheduler_nodes();
     let mut caches: Vec<(Lru, Lru)> = cluster
@@ -320,11 +305,11 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Report {
 
 /// Builds `count` deployments spread over `models` models, for the full-plan benchmark.
 pub fn synthetic_deployments(count: usize, models: usize, seed: u64) -> Vec<Deployment> {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     (0..count)
         .map(|i| {
-            let m = (rng.next() % models as u64) as usize;
-            let warm = match rng.next() % 4 {
+            let m = (rng.next_u64() % models as u64) as usize;
+            let warm = match rng.next_u64() % 4 {
                 0 => WarmTier::Vram,
                 1 => WarmTier::Ram,
                 _ => WarmTier::None,
@@ -333,9 +318,9 @@ pub fn synthetic_deployments(count: usize, models: usize, seed: u64) -> Vec<Depl
                 key: format!("ns{}/d{i}", i % 50),
                 model: format!("models/m{m}"),
                 size: (2 + (m as u64 % 6)) << 30,
-                replicas: 1 + (rng.next() % 2) as u32,
+                replicas: 1 + (rng.next_u64() % 2) as u32,
                 warm,
-                priority: (rng.next() % 3) as i32 - 1,
+                priority: (rng.next_u64() % 3) as i32 - 1,
                 node_selector: BTreeMap::new(),
                 tolerations: Vec::new(),
                 max_per_node: 1,

@@ -5,10 +5,11 @@
 //! (promtool) and to name only operator metrics; `e2e.rs` runs its queries
 //! against a Prometheus scraping the operator of the end-to-end cluster.
 
+use modelcache_agent::agent::Agent;
 use modelcache_agent::api::{self, AppState, Limits, Queue};
-use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::cache::CacheConfig;
 use modelcache_agent::catalog::Catalog;
-use modelcache_agent::metrics::AgentMetrics;
+use modelcache_agent::routes::Routes;
 use modelcache_tests::{copy_dir, repo, run, tool, Prometheus};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -62,19 +63,13 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
     copy_dir(&fixture, &dir.path().join("models/tiny2"));
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (api_addr, metrics_addr) = rt.block_on(async {
-        let metrics = AgentMetrics::new().unwrap();
-        // Room for about one tiny pipeline per tier: switching models evicts.
-        let cache = ModelCache::new(
-            CacheConfig::cpu(24 << 20, 24 << 20),
-            Box::new(DiskLoader),
-            Some(&metrics.registry),
-        );
-        metrics.register_cache(cache.clone()).unwrap();
         let catalog = Catalog::scan(&dir.path().join("models"), &dir.path().join("state"), None);
+        // Room for about one tiny pipeline per tier: switching models evicts.
+        let agent = Arc::new(Agent::new(CacheConfig::cpu(24 << 20, 24 << 20), catalog).unwrap());
+        let metrics = agent.metrics.clone();
         let state = Arc::new(AppState::new(
-            cache,
-            catalog,
-            metrics.clone(),
+            agent,
+            Arc::new(Routes::default()),
             Queue::new(1, 1),
             Limits::default(),
             None,

@@ -5,8 +5,8 @@
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache};
-use modelcache_agent::pipeline::{self, unet::unet_2d};
+use modelcache_agent::cache::{CacheConfig, CacheKey, DeviceSlot, DiskLoader, ModelCache};
+use modelcache_agent::pipeline::nets::unet_2d;
 use modelcache_crds::Precision;
 use std::collections::HashMap;
 use std::process::ExitCode;
@@ -24,13 +24,14 @@ fn sync(d: &Device) -> candle_core::Result<()> {
     d.synchronize()
 }
 
-fn run() -> Result<(), String> {
-    let e = |e: candle_core::Error| modelcache_agent::store::error::candle_message(&e);
+fn run() -> anyhow::Result<()> {
+    let e =
+        |e: candle_core::Error| anyhow::anyhow!(modelcache_agent::store::error::candle_message(&e));
     let compute =
         modelcache_agent::device::open(&arg("--device", "auto"), Precision::F16)?.remove(0);
     let gib: u64 = arg("--gib", "1")
         .parse()
-        .map_err(|_| "--gib must be a number")?;
+        .map_err(|_| anyhow::anyhow!("--gib must be a number"))?;
     let dev = compute.device.clone();
     println!(
         "device {} ({}), compute dtype {:?}",
@@ -46,7 +47,7 @@ fn run() -> Result<(), String> {
     println!("| measurement | value | reference | ratio |\n|---|---|---|---|");
 
     // A model of `gib` GiB of f32 weights in 64 tensors.
-    let dir = tempfile::tempdir().map_err(|x| x.to_string())?;
+    let dir = tempfile::tempdir()?;
     let path = dir.path().join("model.safetensors");
     let per = (gib << 30) / 64 / 4;
     let tensors: HashMap<String, Tensor> = (0..64)
@@ -71,10 +72,10 @@ fn run() -> Result<(), String> {
         Box::new(DiskLoader),
         None,
     );
-    let key = path.to_string_lossy().into_owned();
-    drop(cache.get_ram(&key).map_err(|x| x.to_string())?);
+    let key = CacheKey::from(path.as_path());
+    drop(cache.get_ram(&key)?);
     let t = Instant::now();
-    drop(cache.get_device(&key).map_err(|x| x.to_string())?);
+    drop(cache.get_device(&key)?);
     sync(&dev).map_err(e)?;
     let moved = bytes / t.elapsed().as_secs_f64();
     let host: Vec<Tensor> = tensors.values().cloned().collect();
@@ -112,7 +113,7 @@ fn run() -> Result<(), String> {
     }
 
     // SD 1.5's UNet at 512×512, classifier-free guidance batch 2.
-    let cfg = pipeline::unet_config(&serde_json::json!({
+    let cfg = unet_2d::UNet2DConditionModelConfig::from_json(&serde_json::json!({
         "block_out_channels": [320, 640, 1280, 1280],
         "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
         "attention_head_dim": 8, "cross_attention_dim": 768, "layers_per_block": 2}))?;
@@ -147,7 +148,7 @@ fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e}");
+            eprintln!("error: {e:#}");
             ExitCode::FAILURE
         }
     }

@@ -11,9 +11,13 @@
 //! `modelcache-memory-bench [ci|full]` runs all three and prints a table;
 //! `modelcache-memory-bench run VARIANT PROFILE` runs one and prints a JSON line.
 
+use anyhow::Context;
 use modelcache_agent::cache::region::Segment;
-use modelcache_agent::cache::{CacheConfig, CacheError, Loader, ModelCache, RamPlan, RegionTensor};
+use modelcache_agent::cache::{
+    CacheConfig, CacheError, CacheKey, Loader, ModelCache, RamPlan, RegionTensor,
+};
 use modelcache_agent::memory;
+use modelcache_support::SplitMix64;
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::process::{Command, ExitCode};
@@ -48,47 +52,39 @@ fn profile(name: &str) -> Option<Profile> {
     }
 }
 
-/// splitmix64: a tiny seeded generator, so every run uses the same catalog.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9e3779b97f4a7c15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
-        z ^ (z >> 31)
-    }
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-    fn uniform(&mut self, a: f64, b: f64) -> f64 {
-        a + (b - a) * self.unit()
-    }
-    fn log_uniform(&mut self, a: f64, b: f64) -> f64 {
-        (a.ln() + (b.ln() - a.ln()) * self.unit()).exp()
-    }
+/// Uniform in [a, b), from the benchmark's seeded generator.
+fn uniform(rng: &mut SplitMix64, a: f64, b: f64) -> f64 {
+    a + (b - a) * rng.unit()
 }
 
-/// The catalog of fragmentation-facts §2.1: model sizes uniform in [min, max];
+/// Log-uniform in [a, b): as many small sizes per decade as large ones.
+fn log_uniform(rng: &mut SplitMix64, a: f64, b: f64) -> f64 {
+    (a.ln() + (b.ln() - a.ln()) * rng.unit()).exp()
+}
+
+/// The catalog of models, shaped like real checkpoints: sizes uniform in [min, max];
 /// tensors by count 5% big (40–100 MiB scaled to the profile), 55% medium
 /// (1–16 MiB log-uniform), 40% small (4–512 KiB log-uniform).
 fn catalog(p: Profile) -> Vec<Vec<u64>> {
-    let mut rng = Rng(1);
+    let mut rng = SplitMix64::new(1);
     let scale = p.max as f64 / (900 * MIB) as f64;
     (0..12)
         .map(|_| {
-            let total = rng.uniform(p.min as f64, p.max as f64) as u64;
+            let total = uniform(&mut rng, p.min as f64, p.max as f64) as u64;
             let mut left = total;
             let mut tensors = Vec::new();
             while left > 0 {
                 let r = rng.unit();
                 let s = if r < 0.05 {
-                    rng.uniform(40.0 * MIB as f64 * scale, 100.0 * MIB as f64 * scale)
+                    uniform(
+                        &mut rng,
+                        40.0 * MIB as f64 * scale,
+                        100.0 * MIB as f64 * scale,
+                    )
                 } else if r < 0.60 {
-                    rng.log_uniform(MIB as f64, 16.0 * MIB as f64)
+                    log_uniform(&mut rng, MIB as f64, 16.0 * MIB as f64)
                 } else {
-                    rng.log_uniform(4096.0, 512.0 * 1024.0)
+                    log_uniform(&mut rng, 4096.0, 512.0 * 1024.0)
                 } as u64;
                 let s = s.clamp(64, left);
                 tensors.push(s);
@@ -121,9 +117,9 @@ struct SharedFile {
 }
 
 impl Loader for SharedFile {
-    fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
-        let i: usize = key.parse().map_err(|_| CacheError::Load {
-            key: key.into(),
+    fn plan(&self, key: &CacheKey) -> Result<RamPlan, CacheError> {
+        let i: usize = key.as_str().parse().map_err(|_| CacheError::Load {
+            key: key.clone(),
             message: "bad key".into(),
         })?;
         let mut tensors = Vec::new();
@@ -166,7 +162,7 @@ struct HeapTensor {
 unsafe impl Send for HeapTensor {}
 
 impl HeapTensor {
-    fn new(size: u64, rng: &mut Rng) -> Option<HeapTensor> {
+    fn new(size: u64, rng: &mut SplitMix64) -> Option<HeapTensor> {
         let layout = std::alloc::Layout::from_size_align(size as usize, 64).ok()?;
         // SAFETY: non-zero size layout; the pointer is checked and freed with the same layout.
         let ptr = unsafe { std::alloc::alloc(layout) };
@@ -175,8 +171,8 @@ impl HeapTensor {
         }
         // Every byte written, so the pages are resident (as a load would make them).
         unsafe { std::ptr::write_bytes(ptr, 1, size as usize) };
-        let name = vec![0u8; 24 + (rng.next() % 100) as usize];
-        let imp = vec![0u8; 160 + (rng.next() % 256) as usize];
+        let name = vec![0u8; 24 + (rng.next_u64() % 100) as usize];
+        let imp = vec![0u8; 160 + (rng.next_u64() % 256) as usize];
         Some(HeapTensor {
             ptr,
             layout,
@@ -196,12 +192,12 @@ impl Drop for HeapTensor {
 /// 32 tensors also leaves a small allocation behind for good (interned strings,
 /// log records), as long-running processes do.
 fn load_heap(tensors: &[u64], seed: u64, pins: &mut Vec<Vec<u8>>) -> Vec<HeapTensor> {
-    let mut rng = Rng(seed);
+    let mut rng = SplitMix64::new(seed);
     tensors
         .iter()
         .filter_map(|&s| {
-            if rng.next().is_multiple_of(32) {
-                pins.push(vec![0u8; 32 + (rng.next() % 4064) as usize]);
+            if rng.next_u64().is_multiple_of(32) {
+                pins.push(vec![0u8; 32 + (rng.next_u64() % 4064) as usize]);
             }
             HeapTensor::new(s, &mut rng)
         })
@@ -216,7 +212,7 @@ struct Outcome {
 }
 
 /// Runs `switches` round-robin switches, dispatching loads over 4 threads.
-fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
+fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
     let models = catalog(p);
     let sizes: Vec<u64> = models
         .iter()
@@ -224,15 +220,14 @@ fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
         .collect();
     let n = models.len();
     let (mut max_rss, mut final_rss) = (0, 0);
-    let mut dispatch = Rng(7);
+    let mut dispatch = SplitMix64::new(7);
     let start = Instant::now();
     match variant {
         "region" => {
             let path = data_file(Profile {
                 max: sizes.iter().copied().max().unwrap_or(p.max),
                 ..p
-            })
-            .map_err(|e| e.to_string())?;
+            })?;
             let config = CacheConfig::cpu(p.budget, 0);
             let cache = ModelCache::new(
                 config,
@@ -244,14 +239,11 @@ fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
             );
             let workers: Vec<_> = (0..4)
                 .map(|_| {
-                    let (tx, rx) = mpsc::channel::<(usize, mpsc::Sender<Result<(), String>>)>();
+                    let (tx, rx) = mpsc::channel::<(usize, mpsc::Sender<Result<(), CacheError>>)>();
                     let cache = cache.clone();
                     std::thread::spawn(move || {
                         for (model, done) in rx {
-                            let r = cache
-                                .get_ram(&model.to_string())
-                                .map(drop)
-                                .map_err(|e| e.to_string());
+                            let r = cache.get_ram(&CacheKey::from(model.to_string())).map(drop);
                             let _ = done.send(r);
                         }
                     });
@@ -260,10 +252,8 @@ fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
                 .collect();
             for k in 0..p.switches {
                 let (tx, rx) = mpsc::channel();
-                workers[(dispatch.next() % 4) as usize]
-                    .send((k % n, tx))
-                    .map_err(|e| e.to_string())?;
-                rx.recv().map_err(|e| e.to_string())??;
+                workers[(dispatch.next_u64() % 4) as usize].send((k % n, tx))?;
+                rx.recv()??;
                 final_rss = memory::resident_bytes();
                 max_rss = max_rss.max(final_rss);
             }
@@ -305,17 +295,15 @@ fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
                         used -= sizes[m];
                     }
                     let (tx, rx) = mpsc::channel();
-                    workers[(dispatch.next() % 4) as usize]
-                        .send((model, tx))
-                        .map_err(|e| e.to_string())?;
-                    lru.push_back((model, rx.recv().map_err(|e| e.to_string())?));
+                    workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
+                    lru.push_back((model, rx.recv()?));
                     used += sizes[model];
                 }
                 final_rss = memory::resident_bytes();
                 max_rss = max_rss.max(final_rss);
             }
         }
-        other => return Err(format!("unknown variant {other}")),
+        other => anyhow::bail!("unknown variant {other}"),
     }
     Ok(Outcome {
         max_rss,
@@ -325,24 +313,24 @@ fn run_variant(variant: &str, p: Profile) -> Result<Outcome, String> {
     })
 }
 
-fn run_child(variant: &str, profile_name: &str) -> Result<serde_json::Value, String> {
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+fn run_child(variant: &str, profile_name: &str) -> anyhow::Result<serde_json::Value> {
+    let exe = std::env::current_exe()?;
     let mut cmd = Command::new(exe);
     cmd.args(["run", variant, profile_name])
         .env_remove("MALLOC_MMAP_THRESHOLD_");
     if variant == "heap-threshold" {
         cmd.env("MALLOC_MMAP_THRESHOLD_", "1048576");
     }
-    let out = cmd.output().map_err(|e| e.to_string())?;
+    let out = cmd.output()?;
     if !out.status.success() {
-        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+        anyhow::bail!("{}", String::from_utf8_lossy(&out.stderr));
     }
     let line = String::from_utf8_lossy(&out.stdout)
         .lines()
         .last()
         .unwrap_or_default()
         .to_string();
-    serde_json::from_str(&line).map_err(|e| format!("{e}: {line}"))
+    serde_json::from_str(&line).with_context(|| format!("the child printed {line:?}"))
 }
 
 fn main() -> ExitCode {

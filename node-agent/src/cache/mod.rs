@@ -1,4 +1,4 @@
-//! The two-tier model cache (ARCHITECTURE §4 `cache`).
+//! The two-tier model cache.
 //!
 //! - **RAM tier**: each model's file bytes in its own anonymous mapping
 //!   ([`region`]), charged at the region's size.
@@ -14,26 +14,49 @@
 //! [`CacheError::CacheFull`] instead of overshooting the budget. Concurrent
 //! requests for a model that is loading wait for that one load.
 
+pub mod key;
 pub mod model;
 pub mod region;
 
+pub use key::CacheKey;
 pub use model::{DeviceModel, RamModel, RamPlan, RegionTensor};
 
-use crate::memory::{self, Snapshot};
+use crate::memory::{self, MemoryReading};
 use candle_core::{DType, Device};
+use modelcache_crds::{Tier, WarmTier};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-/// Which tier.
+/// Which tier of the cache. The API speaks of the same places as
+/// [`Tier`] (where a copy of a model is: `Disk`, `Ram`, `Vram`) and asks for
+/// them as [`WarmTier`]; the conversions below are the only place they meet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TierKind {
     Ram,
     Device,
 }
 
+impl From<TierKind> for Tier {
+    fn from(t: TierKind) -> Tier {
+        match t {
+            TierKind::Ram => Tier::Ram,
+            TierKind::Device => Tier::Vram,
+        }
+    }
+}
+
 impl TierKind {
+    /// The tier a ModelDeployment's `warmTier` keeps a model in; `None` keeps it nowhere.
+    pub fn for_warm(warm: WarmTier) -> Option<TierKind> {
+        match warm {
+            WarmTier::None => None,
+            WarmTier::Ram => Some(TierKind::Ram),
+            WarmTier::Vram => Some(TierKind::Device),
+        }
+    }
+
     /// The metric label (`tier="ram|vram"`).
     pub fn label(self) -> &'static str {
         match self {
@@ -58,30 +81,30 @@ pub enum CacheError {
     #[error("cache full: cannot make room for {key} ({needed} bytes) in the {tier} tier: budget {budget} bytes, {locked} bytes locked by requests in progress, {pinned} bytes kept warm")]
     CacheFull {
         tier: TierKind,
-        key: String,
+        key: CacheKey,
         needed: u64,
         budget: u64,
         locked: u64,
         pinned: u64,
     },
     #[error("loading {key}: {message}")]
-    Load { key: String, message: String },
+    Load { key: CacheKey, message: String },
 }
 
 /// Where a model's bytes come from. The store's loader reads model files;
 /// tests substitute their own.
 pub trait Loader: Send + Sync {
-    /// The file ranges and tensors of the model named `key`.
-    fn plan(&self, key: &str) -> Result<RamPlan, CacheError>;
+    /// The file ranges and tensors of the weights `key` names.
+    fn plan(&self, key: &CacheKey) -> Result<RamPlan, CacheError>;
 }
 
 /// Loads paths (weights files or diffusers component folders) from disk.
 pub struct DiskLoader;
 
 impl Loader for DiskLoader {
-    fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
-        model::plan_path(std::path::Path::new(key)).map_err(|e| CacheError::Load {
-            key: key.into(),
+    fn plan(&self, key: &CacheKey) -> Result<RamPlan, CacheError> {
+        model::plan_path(key.path()).map_err(|e| CacheError::Load {
+            key: key.clone(),
             message: e.to_string(),
         })
     }
@@ -122,6 +145,23 @@ impl CacheConfig {
             dtype: DType::F32,
             load_threads: 2,
             trim_on_evict: false,
+        }
+    }
+
+    /// Budgets for a one-shot generation of one model (`modelcache-agent
+    /// generate`): room for its RAM copy and its copy on `device` at f32
+    /// (`model_bytes`), its adapters' copies (`adapter_bytes`), and 64 MiB of slack.
+    pub fn for_one_model(
+        device: Device,
+        dtype: DType,
+        model_bytes: u64,
+        adapter_bytes: u64,
+    ) -> Self {
+        let budget = model_bytes * 2 + adapter_bytes + (64 << 20);
+        CacheConfig {
+            devices: vec![DeviceSlot { device, budget }],
+            dtype,
+            ..CacheConfig::cpu(budget, budget)
         }
     }
 }
@@ -170,7 +210,7 @@ impl TierStats {
 /// One resident model, for status reports.
 #[derive(Debug, Clone, PartialEq)]
 pub struct EntryInfo {
-    pub key: String,
+    pub key: CacheKey,
     pub tier: TierKind,
     /// Index of the device tier (into [`CacheConfig::devices`]); 0 in the RAM tier.
     pub slot: usize,
@@ -225,18 +265,19 @@ struct Entry<T> {
     tick: u64,
 }
 
-struct Tier<T> {
+/// One tier's entries and counters (the RAM tier, or one device's tier).
+struct Shelf<T> {
     kind: TierKind,
-    entries: HashMap<String, Entry<T>>,
+    entries: HashMap<CacheKey, Entry<T>>,
     stats: TierStats,
     tick: u64,
     /// Bytes held by [`Reservation`]s (counted in `stats.used`, never evictable).
     reserved: u64,
 }
 
-impl<T> Tier<T> {
+impl<T> Shelf<T> {
     fn new(kind: TierKind, budget: u64) -> Self {
-        Tier {
+        Shelf {
             kind,
             entries: HashMap::new(),
             stats: TierStats {
@@ -249,7 +290,7 @@ impl<T> Tier<T> {
     }
 
     /// The entries eviction may remove: unlocked, unpinned and ready.
-    fn evictable_entries(&self) -> impl Iterator<Item = (&String, &Entry<T>)> {
+    fn evictable_entries(&self) -> impl Iterator<Item = (&CacheKey, &Entry<T>)> {
         self.entries
             .iter()
             .filter(|(_, e)| e.locks == 0 && !e.pinned && matches!(e.slot, Slot::Ready(_)))
@@ -260,7 +301,7 @@ impl<T> Tier<T> {
         self.evictable_entries().map(|(_, e)| e.bytes).sum()
     }
 
-    fn snapshot(&self) -> TierStats {
+    fn stats(&self) -> TierStats {
         TierStats {
             models: self.entries.len(),
             ..self.stats.clone()
@@ -271,7 +312,7 @@ impl<T> Tier<T> {
         self.stats.budget.saturating_sub(self.stats.used)
     }
 
-    fn touch(&mut self, key: &str) {
+    fn touch(&mut self, key: &CacheKey) {
         self.tick += 1;
         let tick = self.tick;
         if let Some(e) = self.entries.get_mut(key) {
@@ -282,7 +323,7 @@ impl<T> Tier<T> {
 
     /// Evicts least-recently-used unlocked, unpinned, ready entries until
     /// `needed` more bytes fit. Fails without evicting anything if they cannot.
-    fn make_room(&mut self, key: &str, needed: u64) -> Result<Vec<Arc<T>>, CacheError> {
+    fn make_room(&mut self, key: &CacheKey, needed: u64) -> Result<Vec<Arc<T>>, CacheError> {
         let budget = self.stats.budget;
         if self.stats.used + needed <= budget {
             return Ok(Vec::new());
@@ -303,14 +344,14 @@ impl<T> Tier<T> {
                 .sum();
             return Err(CacheError::CacheFull {
                 tier: self.kind,
-                key: key.into(),
+                key: key.clone(),
                 needed,
                 budget,
                 locked,
                 pinned,
             });
         }
-        let mut candidates: Vec<(u64, String)> = self
+        let mut candidates: Vec<(u64, CacheKey)> = self
             .evictable_entries()
             .map(|(k, e)| (e.tick, k.clone()))
             .collect();
@@ -332,10 +373,10 @@ impl<T> Tier<T> {
         Ok(evicted)
     }
 
-    fn reserve(&mut self, key: &str, bytes: u64, wait: Arc<LoadWait>) {
+    fn reserve(&mut self, key: &CacheKey, bytes: u64, wait: Arc<LoadWait>) {
         self.tick += 1;
         self.entries.insert(
-            key.to_string(),
+            key.clone(),
             Entry {
                 slot: Slot::Loading(wait),
                 bytes,
@@ -349,7 +390,7 @@ impl<T> Tier<T> {
         self.stats.high_water = self.stats.high_water.max(self.stats.used);
     }
 
-    fn complete(&mut self, key: &str, value: Arc<T>, bytes: u64, seconds: f64) {
+    fn complete(&mut self, key: &CacheKey, value: Arc<T>, bytes: u64, seconds: f64) {
         if let Some(e) = self.entries.get_mut(key) {
             self.stats.used = self.stats.used - e.bytes + bytes;
             e.bytes = bytes;
@@ -370,7 +411,7 @@ impl<T> Tier<T> {
     }
 
     /// Removes an idle entry now (unpinning it first); a locked one is only unpinned.
-    fn evict_now(&mut self, key: &str) -> Option<Entry<T>> {
+    fn evict_now(&mut self, key: &CacheKey) -> Option<Entry<T>> {
         let e = self.entries.get_mut(key)?;
         e.pinned = false;
         if e.locks > 0 || !matches!(e.slot, Slot::Ready(_)) {
@@ -382,7 +423,7 @@ impl<T> Tier<T> {
         Some(e)
     }
 
-    fn abort(&mut self, key: &str) {
+    fn abort(&mut self, key: &CacheKey) {
         if let Some(e) = self.entries.remove(key) {
             self.stats.used -= e.bytes;
         }
@@ -390,12 +431,12 @@ impl<T> Tier<T> {
 }
 
 struct State {
-    ram: Tier<RamModel>,
-    devs: Vec<Tier<DeviceModel>>,
+    ram: Shelf<RamModel>,
+    devs: Vec<Shelf<DeviceModel>>,
 }
 
 impl State {
-    fn tiers<T: TierValue>(&mut self) -> &mut [Tier<T>] {
+    fn tiers<T: TierValue>(&mut self) -> &mut [Shelf<T>] {
         T::tiers(self)
     }
 }
@@ -404,8 +445,8 @@ impl State {
 /// without evicting anything, the one with the most free bytes (spreading
 /// models keeps more of them resident); otherwise the one where eviction can
 /// free the most. Ties go to the lowest index.
-fn choose_slot<T>(tiers: &[Tier<T>], needed: u64) -> usize {
-    let rank = |t: &Tier<T>| {
+fn choose_slot<T>(tiers: &[Shelf<T>], needed: u64) -> usize {
+    let rank = |t: &Shelf<T>| {
         let free = t.free();
         (
             free >= needed,
@@ -431,19 +472,19 @@ fn choose_slot<T>(tiers: &[Tier<T>], needed: u64) -> usize {
 #[allow(private_interfaces)]
 pub trait TierValue: Send + Sync + Sized + 'static {
     #[doc(hidden)]
-    fn tiers(state: &mut State) -> &mut [Tier<Self>];
+    fn tiers(state: &mut State) -> &mut [Shelf<Self>];
 }
 
 #[allow(private_interfaces)]
 impl TierValue for RamModel {
-    fn tiers(state: &mut State) -> &mut [Tier<Self>] {
+    fn tiers(state: &mut State) -> &mut [Shelf<Self>] {
         std::slice::from_mut(&mut state.ram)
     }
 }
 
 #[allow(private_interfaces)]
 impl TierValue for DeviceModel {
-    fn tiers(state: &mut State) -> &mut [Tier<Self>] {
+    fn tiers(state: &mut State) -> &mut [Shelf<Self>] {
         &mut state.devs
     }
 }
@@ -470,7 +511,7 @@ pub struct ModelCache {
 /// A model locked for use. While it lives the model stays resident in its tier.
 pub struct ModelGuard<T: TierValue> {
     cache: Arc<Inner>,
-    key: String,
+    key: CacheKey,
     slot: usize,
     value: Arc<T>,
 }
@@ -492,7 +533,7 @@ impl<T: TierValue> fmt::Debug for ModelGuard<T> {
 }
 
 impl<T: TierValue> ModelGuard<T> {
-    pub fn key(&self) -> &str {
+    pub fn key(&self) -> &CacheKey {
         &self.key
     }
 
@@ -568,11 +609,11 @@ impl ModelCache {
             });
         }
         let state = State {
-            ram: Tier::new(TierKind::Ram, config.ram_budget),
+            ram: Shelf::new(TierKind::Ram, config.ram_budget),
             devs: config
                 .devices
                 .iter()
-                .map(|d| Tier::new(TierKind::Device, d.budget))
+                .map(|d| Shelf::new(TierKind::Device, d.budget))
                 .collect(),
         };
         ModelCache {
@@ -593,14 +634,14 @@ impl ModelCache {
     /// there if needed), or fails with `CacheFull` when they cannot be made free.
     pub fn reserve_device(
         &self,
-        what: &str,
+        what: &CacheKey,
         slot: usize,
         bytes: u64,
     ) -> Result<Reservation, CacheError> {
         let evicted = {
             let mut st = lock(&self.inner.state);
             let dev = st.devs.get_mut(slot).ok_or_else(|| CacheError::Load {
-                key: what.into(),
+                key: what.clone(),
                 message: format!("no device tier {slot}"),
             })?;
             let evicted = dev.make_room(what, bytes)?;
@@ -619,7 +660,7 @@ impl ModelCache {
 
     /// Loads `key` into `tier` and pins it there (warm): never evicted until
     /// [`Self::unpin`] or [`Self::drop_model`].
-    pub fn warm(&self, key: &str, tier: TierKind) -> Result<(), CacheError> {
+    pub fn warm(&self, key: &CacheKey, tier: TierKind) -> Result<(), CacheError> {
         match tier {
             TierKind::Ram => drop(self.get_ram(key)?),
             TierKind::Device => drop(self.get_device(key)?),
@@ -632,7 +673,7 @@ impl ModelCache {
     }
 
     /// Unpins `key` in all tiers and evicts it from them unless a request is using it.
-    pub fn drop_model(&self, key: &str) {
+    pub fn drop_model(&self, key: &CacheKey) {
         let (dev, ram) = {
             let mut st = lock(&self.inner.state);
             let dev: Vec<_> = st
@@ -650,14 +691,14 @@ impl ModelCache {
     }
 
     /// Unpins `key` in `tier` (it stays cached but becomes evictable).
-    pub fn unpin(&self, key: &str, tier: TierKind) {
+    pub fn unpin(&self, key: &CacheKey, tier: TierKind) {
         match tier {
             TierKind::Ram => self.set_pinned::<RamModel>(key, false),
             TierKind::Device => self.set_pinned::<DeviceModel>(key, false),
         }
     }
 
-    fn set_pinned<T: TierValue>(&self, key: &str, pinned: bool) {
+    fn set_pinned<T: TierValue>(&self, key: &CacheKey, pinned: bool) {
         let mut st = lock(&self.inner.state);
         for tier in st.tiers::<T>() {
             if let Some(e) = tier.entries.get_mut(key) {
@@ -670,8 +711,8 @@ impl ModelCache {
     pub fn stats(&self) -> (TierStats, TierStats) {
         let st = lock(&self.inner.state);
         (
-            st.ram.snapshot(),
-            TierStats::sum(st.devs.iter().map(Tier::snapshot)),
+            st.ram.stats(),
+            TierStats::sum(st.devs.iter().map(Shelf::stats)),
         )
     }
 
@@ -680,7 +721,7 @@ impl ModelCache {
         lock(&self.inner.state)
             .devs
             .iter()
-            .map(Tier::snapshot)
+            .map(Shelf::stats)
             .collect()
     }
 
@@ -688,7 +729,7 @@ impl ModelCache {
     pub fn entries(&self) -> Vec<EntryInfo> {
         let st = lock(&self.inner.state);
         let mut out: Vec<(u64, EntryInfo)> = Vec::new();
-        fn collect<T>(slot: usize, tier: &Tier<T>, out: &mut Vec<(u64, EntryInfo)>) {
+        fn collect<T>(slot: usize, tier: &Shelf<T>, out: &mut Vec<(u64, EntryInfo)>) {
             for (k, e) in &tier.entries {
                 out.push((
                     e.tick,
@@ -720,7 +761,7 @@ impl ModelCache {
     /// claimed in the first tier, so that concurrent callers wait for it.
     fn acquire<T: TierValue, P>(
         &self,
-        key: &str,
+        key: &CacheKey,
         prepare: impl FnOnce() -> Result<(u64, P), CacheError>,
         build: impl FnOnce(P, usize) -> Result<(T, u64), CacheError>,
     ) -> Result<ModelGuard<T>, CacheError> {
@@ -746,7 +787,7 @@ impl ModelCache {
                     tier.touch(key);
                     return Ok(ModelGuard {
                         cache: self.inner.clone(),
-                        key: key.to_string(),
+                        key: key.clone(),
                         slot,
                         value,
                     });
@@ -799,19 +840,19 @@ impl ModelCache {
             memory::trim();
         }
         let kind = lock(&self.inner.state).tiers::<T>()[slot].kind;
-        let before = Snapshot::capture(None);
+        let before = MemoryReading::capture(None);
         let start = Instant::now();
         match build(input, slot) {
             Ok((value, bytes)) => {
                 let seconds = start.elapsed().as_secs_f64();
-                let after = Snapshot::capture(None);
+                let after = MemoryReading::capture(None);
                 let grew = after.resident.saturating_sub(before.resident);
-                tracing::debug!(key, tier = %kind, slot, bytes, seconds, "loaded\n{}", before.diff(&after));
+                tracing::debug!(%key, tier = %kind, slot, bytes, seconds, "loaded\n{}", before.diff(&after));
                 if kind == TierKind::Ram && memory::misaccounted(grew, bytes) {
-                    tracing::warn!(key, accounted = bytes, measured = grew, "resident memory changed by {grew} bytes loading a model accounted at {bytes} bytes");
+                    tracing::warn!(%key, accounted = bytes, measured = grew, "resident memory changed by {grew} bytes loading a model accounted at {bytes} bytes");
                 }
                 if bytes > reserved {
-                    tracing::warn!(key, reserved, bytes, "model is larger than its reservation");
+                    tracing::warn!(%key, reserved, bytes, "model is larger than its reservation");
                 }
                 let value = Arc::new(value);
                 lock(&self.inner.state).tiers::<T>()[slot].complete(
@@ -827,7 +868,7 @@ impl ModelCache {
                 }
                 Ok(ModelGuard {
                     cache: self.inner.clone(),
-                    key: key.to_string(),
+                    key: key.clone(),
                     slot,
                     value,
                 })
@@ -837,7 +878,7 @@ impl ModelCache {
     }
 
     /// Locks the RAM copy of `key`, loading it if needed.
-    pub fn get_ram(&self, key: &str) -> Result<ModelGuard<RamModel>, CacheError> {
+    pub fn get_ram(&self, key: &CacheKey) -> Result<ModelGuard<RamModel>, CacheError> {
         let threads = self.inner.config.load_threads;
         self.acquire::<RamModel, RamPlan>(
             key,
@@ -849,7 +890,7 @@ impl ModelCache {
             },
             |plan, _| {
                 let err = |message: String| CacheError::Load {
-                    key: key.into(),
+                    key: key.clone(),
                     message,
                 };
                 let mut region = region::Region::new(plan.bytes as usize)
@@ -872,7 +913,7 @@ impl ModelCache {
     /// needed onto the device tier with room ([`choose_slot`]). When the device
     /// tiers are full, least-recently-used unlocked models are offloaded from
     /// the chosen one (their RAM copies stay, so coming back is a move, not a load).
-    pub fn get_device(&self, key: &str) -> Result<ModelGuard<DeviceModel>, CacheError> {
+    pub fn get_device(&self, key: &CacheKey) -> Result<ModelGuard<DeviceModel>, CacheError> {
         let dtype = self.inner.config.dtype;
         self.acquire::<DeviceModel, ModelGuard<RamModel>>(
             key,
@@ -890,7 +931,7 @@ impl ModelCache {
                     if message.to_ascii_lowercase().contains("out of memory") {
                         CacheError::CacheFull {
                             tier: TierKind::Device,
-                            key: key.into(),
+                            key: key.clone(),
                             needed,
                             budget: *budget,
                             locked: 0,
@@ -898,7 +939,7 @@ impl ModelCache {
                         }
                     } else {
                         CacheError::Load {
-                            key: key.into(),
+                            key: key.clone(),
                             message,
                         }
                     }

@@ -1,5 +1,6 @@
-//! Textual inversion (seed-spec §10.5, §10.6): learned token vectors used by
-//! writing `<name>` in a prompt.
+//! Textual inversion: learned token vectors used by writing `<name>` in a
+//! prompt. The files come as A1111 `.pt`/`.safetensors` embeddings
+//! (`string_to_param`, or `emb_params`) or diffusers' `learned_embeds.bin`.
 //!
 //! Instead of growing the text encoder's embedding table (and shrinking it back
 //! afterwards, shared state the reference mutates per request), a prompt is
@@ -20,21 +21,47 @@ pub struct TextualInversion {
     pub vectors: Tensor,
 }
 
+/// Why an embedding cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum EmbeddingError {
+    #[error("embedding {name:?}: {source}")]
+    Store {
+        name: String,
+        source: store::StoreError,
+    },
+    #[error("embedding {name:?} is for SDXL's two text encoders, which this agent does not generate with yet")]
+    Sdxl { name: String },
+    #[error("embedding {name:?}: {} holds no tensor", file.display())]
+    Empty { name: String, file: PathBuf },
+    #[error("embedding {name:?}: {key:?} has rank {rank}; expected [vectors, width]")]
+    Rank {
+        name: String,
+        key: String,
+        rank: usize,
+    },
+    #[error("embedding {name:?}: {message}")]
+    Tensor { name: String, message: String },
+}
+
 /// Loads an embedding file (or a diffusers folder's `learned_embeds.bin`):
 /// A1111 `string_to_param` (first entry), `emb_params`, or the first tensor of
 /// a diffusers file; a 1-D vector becomes `[1, d]`.
-pub fn load(name: &str, path: &Path) -> Result<TextualInversion, String> {
+pub fn load(name: &str, path: &Path) -> Result<TextualInversion, EmbeddingError> {
     let file: PathBuf = if path.is_dir() {
         path.join("learned_embeds.bin")
     } else {
         path.to_path_buf()
     };
-    let index = store::open_weights(&file).map_err(|e| format!("embedding {name:?}: {e}"))?;
+    let store_err = |source| EmbeddingError::Store {
+        name: name.to_string(),
+        source,
+    };
+    let index = store::open_weights(&file).map_err(store_err)?;
     let names: Vec<&str> = index.tensors.iter().map(|t| t.name.as_str()).collect();
     if names.contains(&"clip_l") && names.contains(&"clip_g") {
-        return Err(format!(
-            "embedding {name:?} is for SDXL's two text encoders, which this agent does not generate with yet"
-        ));
+        return Err(EmbeddingError::Sdxl {
+            name: name.to_string(),
+        });
     }
     let params: Vec<&str> = names
         .iter()
@@ -55,24 +82,32 @@ pub fn load(name: &str, path: &Path) -> Result<TextualInversion, String> {
     } else {
         names
             .first()
-            .ok_or_else(|| format!("embedding {name:?}: {} holds no tensor", file.display()))?
+            .ok_or_else(|| EmbeddingError::Empty {
+                name: name.to_string(),
+                file: file.clone(),
+            })?
             .to_string()
     };
-    let mut tensors = store::load::load_all(&index, &Device::Cpu, DType::F32)
-        .map_err(|e| format!("embedding {name:?}: {e}"))?;
+    let mut tensors = store::load::load_all(&index, &Device::Cpu, DType::F32).map_err(store_err)?;
+    let tensor_err = |message: String| EmbeddingError::Tensor {
+        name: name.to_string(),
+        message,
+    };
     let t = tensors
         .remove(&key)
-        .ok_or_else(|| format!("embedding {name:?}: tensor {key:?} could not be read"))?;
+        .ok_or_else(|| tensor_err(format!("tensor {key:?} could not be read")))?;
     let vectors = match t.rank() {
         1 => t.unsqueeze(0),
         2 => Ok(t),
-        r => {
-            return Err(format!(
-                "embedding {name:?}: {key:?} has rank {r}; expected [vectors, width]"
-            ))
+        rank => {
+            return Err(EmbeddingError::Rank {
+                name: name.to_string(),
+                key,
+                rank,
+            })
         }
     }
-    .map_err(|e| format!("embedding {name:?}: {e}"))?;
+    .map_err(|e| tensor_err(store::error::candle_message(&e)))?;
     Ok(TextualInversion {
         name: name.to_string(),
         vectors,

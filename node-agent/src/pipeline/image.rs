@@ -52,10 +52,23 @@ impl Image {
     }
 }
 
+/// Why bytes are not a float32 `.npy` array this reader handles.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NpyError {
+    #[error("not a .npy file")]
+    NotNpy,
+    #[error("the .npy header is truncated or not text")]
+    Header,
+    #[error("unsupported .npy layout (float32, C order only): {0}")]
+    Layout(String),
+    #[error("the .npy data length does not match its shape")]
+    Length,
+}
+
 /// Reads a float32 `.npy` array (C order): shape and values.
-pub fn read_npy(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), String> {
-    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
-        return Err("not a .npy file".into());
+pub fn read_npy(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), NpyError> {
+    if bytes.len() < 12 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(NpyError::NotNpy);
     }
     let (hlen, start) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
@@ -64,27 +77,31 @@ pub fn read_npy(bytes: &[u8]) -> Result<(Vec<usize>, Vec<f32>), String> {
             12,
         ),
     };
-    let header = std::str::from_utf8(bytes.get(start..start + hlen).ok_or("truncated header")?)
-        .map_err(|e| e.to_string())?;
+    let header = bytes
+        .get(start..start + hlen)
+        .and_then(|h| std::str::from_utf8(h).ok())
+        .ok_or(NpyError::Header)?;
     if !header.contains("'<f4'") || header.contains("'fortran_order': True") {
-        return Err(format!("unsupported npy layout: {header}"));
+        return Err(NpyError::Layout(header.to_string()));
     }
-    let shape_text = header
+    let shape: Option<Vec<usize>> = header
         .split("'shape': (")
         .nth(1)
         .and_then(|s| s.split(')').next())
-        .ok_or("no shape")?;
-    let shape: Vec<usize> = shape_text
-        .split(',')
-        .filter(|s| !s.trim().is_empty())
-        .map(|s| s.trim().parse().map_err(|e| format!("{e}")))
-        .collect::<Result<_, String>>()?;
+        .map(|text| {
+            text.split(',')
+                .filter(|s| !s.trim().is_empty())
+                .map(|s| s.trim().parse().ok())
+                .collect()
+        })
+        .and_then(|dims: Option<Vec<usize>>| dims);
+    let shape = shape.ok_or_else(|| NpyError::Layout(header.to_string()))?;
     let data: Vec<f32> = bytes[start + hlen..]
         .chunks_exact(4)
         .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
         .collect();
-    if data.len() != shape.iter().product::<usize>() {
-        return Err("data length does not match the shape".into());
+    if Some(data.len()) != shape.iter().try_fold(1usize, |a, d| a.checked_mul(*d)) {
+        return Err(NpyError::Length);
     }
     Ok((shape, data))
 }

@@ -1,31 +1,40 @@
-//! The generation pipeline (ARCHITECTURE §4 `pipeline`): text encoder → UNet
-//! denoising loop with classifier-free guidance → VAE decode, for diffusers
-//! pipeline folders whose `config.json` files describe the architecture.
-//! Every weight comes from the cache; components are separate cache entries.
+//! The generation pipeline: text encoder → UNet denoising loop with
+//! classifier-free guidance → VAE decode, for diffusers pipeline folders whose
+//! `config.json` files describe the architecture. Every weight comes from the
+//! cache; each component is its own cache entry.
+//!
+//! [`model`] reads a pipeline folder, [`text`] encodes prompts, [`adapters`]
+//! applies a request's LoRAs, [`scheduler`] steps the denoising, and the
+//! networks themselves are plain structs with a `forward` in [`nets`], with
+//! faster CPU kernels in [`cpu`].
 
-pub mod clip;
+pub mod adapters;
+pub mod cpu;
 pub mod embedding;
 pub mod image;
 pub mod lora;
 pub mod lora_keys;
+pub mod model;
+pub mod nets;
 pub mod rng;
 pub mod scheduler;
+pub mod text;
 pub mod tokenizer;
-pub mod unet;
 
-use crate::cache::{CacheError, ModelCache};
-use crate::store::{self, read_json};
-use candle_core::{DType, Device, Tensor};
-use clip::{ClipConfig, ClipTextModel};
 pub use image::Image;
-use modelcache_crds::{BaseModel, ModelVariant, SchedulerKind};
+pub use model::{DiffusersModel, ModelError};
+pub use nets::conv::Seamless;
+pub use text::{encode, encode_text, Conditioning};
+
+use crate::cache::{CacheError, CacheKey, ModelCache};
+use adapters::Adapters;
+use candle_core::{DType, Device, Tensor};
+use modelcache_crds::SchedulerKind;
+use nets::unet_2d::UNet2DConditionModel;
+use nets::vae::VaeDecoder;
 use rng::NormalRng;
-use scheduler::{ScheduleConfig, Scheduler};
-use serde_json::Value;
-use std::path::{Path, PathBuf};
-use unet::conv::{with_seamless, Net, Seamless};
-use unet::unet_2d;
-use unet::vae::{VaeConfig, VaeDecoder};
+use scheduler::Scheduler;
+use std::path::PathBuf;
 
 /// Fixes the CPU thread count that candle's ops use, once, at start-up.
 ///
@@ -46,252 +55,57 @@ pub fn pin_cpu_threads() {
 /// Why a generation failed.
 #[derive(Debug, thiserror::Error)]
 pub enum PipelineError {
-    #[error("{0}")]
+    #[error(transparent)]
     Cache(#[from] CacheError),
-    #[error("{path}: {reason}")]
-    Model { path: PathBuf, reason: String },
+    #[error("{}: {source}", path.display())]
+    Model { path: PathBuf, source: ModelError },
     #[error("invalid request: {0}")]
-    Invalid(String),
+    Invalid(#[from] RequestError),
     #[error("generation cancelled")]
     Cancelled,
-    #[error("{0}")]
-    Compute(String),
+    #[error("{}", crate::store::error::candle_message(.0))]
+    Compute(#[from] candle_core::Error),
 }
 
-impl From<candle_core::Error> for PipelineError {
-    fn from(e: candle_core::Error) -> Self {
-        PipelineError::Compute(store::error::candle_message(&e))
-    }
+/// What in a request cannot be generated.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("size {width}x{height} must be a positive multiple of 8")]
+    Size { width: usize, height: usize },
+    #[error("steps and n must be at least 1")]
+    Empty,
+    #[error("latents have shape {got:?}, expected {want:?}")]
+    Latents { got: Vec<usize>, want: [usize; 4] },
+    #[error("{key}: {source}")]
+    Adapter {
+        key: CacheKey,
+        source: lora::LoraError,
+    },
+    #[error(transparent)]
+    Lora(#[from] lora::LoraError),
+    #[error(transparent)]
+    Prompt(#[from] tokenizer::TokenizerError),
+    #[error(transparent)]
+    Embedding(#[from] embedding::EmbeddingError),
+    #[error(
+        "embedding {name:?} was trained for token dimension {trained} but the model has {model}"
+    )]
+    EmbeddingWidth {
+        name: String,
+        trained: usize,
+        model: usize,
+    },
+    #[error("textual inversion embeddings are not supported with SDXL models yet")]
+    SdxlEmbeddings,
 }
 
-fn model_err(path: &Path, reason: impl Into<String>) -> PipelineError {
-    PipelineError::Model {
-        path: path.to_path_buf(),
-        reason: reason.into(),
-    }
-}
-
-/// A diffusers pipeline folder, with its configurations read and checked.
-pub struct DiffusersModel {
-    pub dir: PathBuf,
-    pub base: BaseModel,
-    unet: unet_2d::UNet2DConditionModelConfig,
-    latent_channels: usize,
-    vae: VaeConfig,
-    scaling_factor: f64,
-    text: ClipConfig,
-    schedule: ScheduleConfig,
-    tokenizer: tokenizer::ClipTokenizer,
-    /// SDXL's second text encoder (with projection) and its tokenizer.
-    text2: Option<(ClipConfig, tokenizer::ClipTokenizer)>,
-    /// SDXL: an empty negative prompt conditions on zeros, not on "".
-    force_zeros_for_empty_prompt: bool,
-}
-
-fn usize_list(v: &Value, n: usize) -> Option<Vec<usize>> {
-    match v {
-        Value::Number(x) => x.as_u64().map(|x| vec![x as usize; n]),
-        Value::Array(a) => a.iter().map(|x| x.as_u64().map(|x| x as usize)).collect(),
-        _ => None,
-    }
-}
-
-/// candle's UNet configuration from a diffusers `unet/config.json`.
-pub fn unet_config(v: &Value) -> Result<unet_2d::UNet2DConditionModelConfig, String> {
-    let channels = usize_list(&v["block_out_channels"], 0)
-        .ok_or("unet config.json lacks block_out_channels")?;
-    let n = channels.len();
-    let types: Vec<&str> = v["down_block_types"]
-        .as_array()
-        .ok_or("unet config.json lacks down_block_types")?
-        .iter()
-        .filter_map(Value::as_str)
-        .collect();
-    if types.len() != n {
-        return Err("unet down_block_types and block_out_channels differ in length".into());
-    }
-    // diffusers quirk: `attention_head_dim` holds the number of heads unless `num_attention_heads` is set.
-    let heads = usize_list(&v["num_attention_heads"], n)
-        .or_else(|| usize_list(&v["attention_head_dim"], n))
-        .unwrap_or(vec![8; n]);
-    let layers = usize_list(&v["transformer_layers_per_block"], n).unwrap_or(vec![1; n]);
-    if heads.len() != n || layers.len() != n {
-        return Err(
-            "unet attention_head_dim / transformer_layers_per_block do not match the blocks".into(),
-        );
-    }
-    if v["class_embed_type"].as_str().is_some() {
-        return Err("UNets with class embeddings are not supported".into());
-    }
-    let addition = match v["addition_embed_type"].as_str() {
-        None => None,
-        Some("text_time") => Some(unet_2d::AdditionConfig {
-            time_embed_dim: v["addition_time_embed_dim"]
-                .as_u64()
-                .ok_or("unet config.json lacks addition_time_embed_dim")?
-                as usize,
-            input_dim: v["projection_class_embeddings_input_dim"]
-                .as_u64()
-                .ok_or("unet config.json lacks projection_class_embeddings_input_dim")?
-                as usize,
-        }),
-        Some(other) => {
-            return Err(format!(
-                "UNet addition_embed_type {other:?} is not supported (only SDXL's text_time)"
-            ))
+impl PipelineError {
+    /// A model folder that cannot be used.
+    pub fn model(path: &std::path::Path, source: impl Into<ModelError>) -> Self {
+        PipelineError::Model {
+            path: path.to_path_buf(),
+            source: source.into(),
         }
-    };
-    let blocks = (0..n)
-        .map(|i| unet_2d::BlockConfig {
-            out_channels: channels[i],
-            use_cross_attn: types[i].starts_with("CrossAttn").then_some(layers[i]),
-            attention_head_dim: heads[i],
-        })
-        .collect();
-    Ok(unet_2d::UNet2DConditionModelConfig {
-        center_input_sample: v["center_input_sample"].as_bool().unwrap_or(false),
-        flip_sin_to_cos: v["flip_sin_to_cos"].as_bool().unwrap_or(true),
-        freq_shift: v["freq_shift"].as_f64().unwrap_or(0.0),
-        blocks,
-        layers_per_block: v["layers_per_block"].as_u64().unwrap_or(2) as usize,
-        downsample_padding: v["downsample_padding"].as_u64().unwrap_or(1) as usize,
-        mid_block_scale_factor: v["mid_block_scale_factor"].as_f64().unwrap_or(1.0),
-        norm_num_groups: v["norm_num_groups"].as_u64().unwrap_or(32) as usize,
-        norm_eps: v["norm_eps"].as_f64().unwrap_or(1e-5),
-        cross_attention_dim: usize_list(&v["cross_attention_dim"], 1)
-            .and_then(|c| c.first().copied())
-            .ok_or("unet config.json lacks cross_attention_dim")?,
-        sliced_attention_size: None,
-        use_linear_projection: v["use_linear_projection"].as_bool().unwrap_or(false),
-        addition,
-    })
-}
-
-impl DiffusersModel {
-    /// Reads and checks a diffusers txt2img pipeline folder.
-    pub fn open(dir: &Path) -> Result<Self, PipelineError> {
-        let probe = store::probe(dir).map_err(|e| model_err(dir, e.to_string()))?;
-        if probe.model_type != modelcache_crds::ModelType::Main {
-            return Err(model_err(
-                dir,
-                format!(
-                    "is a {} model, not a text-to-image pipeline",
-                    probe.model_type
-                ),
-            ));
-        }
-        if let Some(v) = probe.variant.filter(|v| *v != ModelVariant::Normal) {
-            return Err(model_err(
-                dir,
-                format!("is an {v} model; text-to-image needs a normal base model"),
-            ));
-        }
-        let base = probe
-            .base
-            .ok_or_else(|| model_err(dir, "cannot determine the base model"))?;
-        if base == BaseModel::SdxlRefiner {
-            return Err(model_err(
-                dir,
-                "is an SDXL refiner, which refines images and cannot generate from text alone",
-            ));
-        }
-        let cfg = |c: &str| read_json(&dir.join(c)).map_err(|e| model_err(dir, e.to_string()));
-        let unet_json = cfg("unet/config.json")?;
-        let unet = unet_config(&unet_json).map_err(|e| model_err(dir, e))?;
-        if unet_json["in_channels"].as_u64().unwrap_or(4) != 4 {
-            return Err(model_err(
-                dir,
-                "UNet does not take 4 latent channels; only text-to-image models are served",
-            ));
-        }
-        let vae_json = cfg("vae/config.json")?;
-        let vae = VaeConfig {
-            block_out_channels: usize_list(&vae_json["block_out_channels"], 0)
-                .ok_or_else(|| model_err(dir, "vae config.json lacks block_out_channels"))?,
-            layers_per_block: vae_json["layers_per_block"].as_u64().unwrap_or(2) as usize,
-            latent_channels: vae_json["latent_channels"].as_u64().unwrap_or(4) as usize,
-            norm_num_groups: vae_json["norm_num_groups"].as_u64().unwrap_or(32) as usize,
-            use_post_quant_conv: vae_json["use_post_quant_conv"].as_bool().unwrap_or(true),
-        };
-        let text = ClipConfig::from_json(&cfg("text_encoder/config.json")?)
-            .map_err(|e| model_err(dir, e))?;
-        let schedule =
-            ScheduleConfig::from_json(&cfg("scheduler/scheduler_config.json").unwrap_or_default());
-        let tokenizer =
-            tokenizer::ClipTokenizer::load(&dir.join("tokenizer"), text.max_position_embeddings)
-                .map_err(|e| model_err(dir, e))?;
-        let text2 = if dir.join("text_encoder_2/config.json").exists() {
-            let c = ClipConfig::from_json(&cfg("text_encoder_2/config.json")?)
-                .map_err(|e| model_err(dir, e))?;
-            if c.projection_dim.is_none() {
-                return Err(model_err(
-                    dir,
-                    "text_encoder_2 is not a CLIPTextModelWithProjection (SDXL needs its pooled, projected output)",
-                ));
-            }
-            let t =
-                tokenizer::ClipTokenizer::load(&dir.join("tokenizer_2"), c.max_position_embeddings)
-                    .map_err(|e| model_err(dir, e))?;
-            Some((c, t))
-        } else {
-            None
-        };
-        if unet.addition.is_some() != text2.is_some() {
-            return Err(model_err(
-                dir,
-                "the UNet's added text/time embeddings and a second text encoder go together (SDXL); this folder has one without the other",
-            ));
-        }
-        let force_zeros_for_empty_prompt = read_json(&dir.join("model_index.json"))
-            .ok()
-            .and_then(|v| v["force_zeros_for_empty_prompt"].as_bool())
-            .unwrap_or(false);
-        if tokenizer.vocab_size() > text.vocab_size {
-            return Err(model_err(
-                dir,
-                format!("the tokenizer has {} tokens but the text encoder only {}: they do not belong together", tokenizer.vocab_size(), text.vocab_size),
-            ));
-        }
-        Ok(DiffusersModel {
-            dir: dir.to_path_buf(),
-            base,
-            latent_channels: vae.latent_channels,
-            scaling_factor: vae_json["scaling_factor"].as_f64().unwrap_or(0.18215),
-            unet,
-            vae,
-            text,
-            schedule,
-            tokenizer,
-            text2,
-            force_zeros_for_empty_prompt,
-        })
-    }
-
-    /// The VAE's architecture, from its config.json.
-    pub fn vae_config(&self) -> &VaeConfig {
-        &self.vae
-    }
-
-    /// The components a generation loads, each a cache entry.
-    pub fn components(&self) -> Vec<&'static str> {
-        let mut c = vec!["text_encoder", "unet", "vae"];
-        if self.text2.is_some() {
-            c.insert(1, "text_encoder_2");
-        }
-        c
-    }
-
-    /// Cache key of a component.
-    pub fn component(&self, name: &str) -> String {
-        self.dir.join(name).to_string_lossy().into_owned()
-    }
-
-    pub fn tokenizer(&self) -> &tokenizer::ClipTokenizer {
-        &self.tokenizer
-    }
-
-    pub fn schedule(&self) -> &ScheduleConfig {
-        &self.schedule
     }
 }
 
@@ -310,10 +124,10 @@ pub struct GenerateParams {
     /// Initial latents `[n or 1, C, h/8, w/8]` instead of seeded noise.
     pub latents: Option<Tensor>,
     pub clip_skip: usize,
-    /// LoRA-family adapters (cache keys: safetensors paths) and their weights.
-    pub loras: Vec<(String, f64)>,
+    /// LoRA-family adapter files and their weights.
+    pub loras: Vec<(PathBuf, f64)>,
     /// Textual inversion embeddings the prompts may use as `<name>`: (name, file).
-    pub embeddings: Vec<(String, std::path::PathBuf)>,
+    pub embeddings: Vec<(String, PathBuf)>,
     /// Axes along which the image tiles seamlessly.
     pub seamless: Seamless,
 }
@@ -334,7 +148,7 @@ impl Default for GenerateParams {
             clip_skip: 0,
             loras: Vec::new(),
             embeddings: Vec::new(),
-            seamless: Seamless::default(),
+            seamless: Seamless::NONE,
         }
     }
 }
@@ -342,236 +156,21 @@ impl Default for GenerateParams {
 /// Progress callback: (image index, step done, steps); returns false to cancel.
 pub type Progress<'a> = &'a (dyn Fn(usize, usize, usize) -> bool + Sync);
 
-fn check_params(p: &GenerateParams) -> Result<(), PipelineError> {
+/// What can be refused before any weight is loaded.
+fn check_params(model: &DiffusersModel, p: &GenerateParams) -> Result<(), RequestError> {
     if !p.width.is_multiple_of(8) || !p.height.is_multiple_of(8) || p.width == 0 || p.height == 0 {
-        return Err(PipelineError::Invalid(format!(
-            "size {}x{} must be a positive multiple of 8",
-            p.width, p.height
-        )));
-    }
-    if p.steps == 0 || p.n == 0 {
-        return Err(PipelineError::Invalid(
-            "steps and n must be at least 1".into(),
-        ));
-    }
-    Ok(())
-}
-
-/// The adapters of a request, locked in the cache's device tier for its duration.
-fn adapters(
-    cache: &ModelCache,
-    p: &GenerateParams,
-) -> Result<Vec<(lora::Adapter, f64)>, PipelineError> {
-    p.loras
-        .iter()
-        .map(|(key, weight)| {
-            let g = cache.get_device(key)?;
-            let a = lora::Adapter::from_tensors(&g.tensors)
-                .map_err(|e| PipelineError::Invalid(format!("{key}: {e}")))?;
-            Ok((a, *weight))
-        })
-        .collect()
-}
-
-/// A component's weights with the request's adapters applied. The patched
-/// copies live only for this request; their bytes are reserved in the device
-/// tier first (released when the returned guard drops), so adapters cannot push
-/// the device past its budget.
-fn adapted(
-    cache: &ModelCache,
-    component: &crate::cache::ModelGuard<crate::cache::DeviceModel>,
-    prefix: &str,
-    adapters: &[(&lora::Adapter, f64)],
-) -> Result<
-    (
-        candle_nn::VarBuilder<'static>,
-        Option<crate::cache::Reservation>,
-    ),
-    PipelineError,
-> {
-    let bytes = lora::patch_bytes(&component.tensors, prefix, adapters);
-    let held = if bytes > 0 {
-        Some(cache.reserve_device(
-            &format!("{} with adapters", component.key()),
-            component.slot(),
-            bytes,
-        )?)
-    } else {
-        None
-    };
-    let vb = lora::var_builder(
-        &component.tensors,
-        component.dtype,
-        &component.device,
-        prefix,
-        adapters,
-    )
-    .map_err(lora_err)?;
-    Ok((vb, held))
-}
-
-fn lora_err(e: lora::LoraError) -> PipelineError {
-    PipelineError::Invalid(e.to_string())
-}
-
-/// What the UNet is conditioned on: the context `[2, tokens, dim]` (negative
-/// first; `[1, …]` without guidance) and, for SDXL, the pooled text embeddings
-/// `[2 or 1, width]`.
-pub struct Conditioning {
-    pub context: Tensor,
-    pub pooled: Option<Tensor>,
-}
-
-/// Encodes prompt and negative prompt into the UNet context `[2, tokens, dim]`
-/// (negative first), or `[1, …]` without guidance.
-pub fn encode_text(
-    cache: &ModelCache,
-    model: &DiffusersModel,
-    p: &GenerateParams,
-) -> Result<Tensor, PipelineError> {
-    Ok(encode(cache, model, p)?.context)
-}
-
-/// SDXL's conditioning: each prompt through both text encoders, their
-/// penultimate hidden states side by side, and the second's projected pooled
-/// output (diffusers' `encode_prompt`). An empty negative prompt is zeros when
-/// the pipeline says `force_zeros_for_empty_prompt`.
-fn encode_sdxl(
-    cache: &ModelCache,
-    model: &DiffusersModel,
-    p: &GenerateParams,
-    (text2, tokenizer2): &(ClipConfig, tokenizer::ClipTokenizer),
-) -> Result<Conditioning, PipelineError> {
-    if p.embeddings.iter().any(|(name, _)| {
-        let t = format!("<{name}>");
-        p.prompt.contains(&t) || p.negative_prompt.contains(&t)
-    }) {
-        return Err(PipelineError::Invalid(
-            "textual inversion embeddings are not supported with SDXL models yet".into(),
-        ));
-    }
-    let adapters = adapters(cache, p)?;
-    let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
-    let te1 = cache.get_device(&model.component("text_encoder"))?;
-    let te2 = cache.get_device(&model.component("text_encoder_2"))?;
-    let (vb1, _held1) = adapted(cache, &te1, "lora_te1_", &refs)?;
-    let (vb2, _held2) = adapted(cache, &te2, "lora_te2_", &refs)?;
-    let enc1 = ClipTextModel::new(vb1, &model.text)?;
-    let enc2 = ClipTextModel::new(vb2, text2)?;
-    let device = &te1.device;
-    let encode = |text: &str| -> Result<(Tensor, Tensor), PipelineError> {
-        let ids = |t: &tokenizer::ClipTokenizer| -> Result<Tensor, PipelineError> {
-            let ids = t.encode(text).map_err(PipelineError::Invalid)?;
-            Ok(Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
-        };
-        let a = enc1.forward(&ids(&model.tokenizer)?, p.clip_skip)?;
-        let b = enc2.forward(&ids(tokenizer2)?, p.clip_skip)?;
-        let context = Tensor::cat(
-            &[&a.penultimate, &b.penultimate.to_device(device)?],
-            candle_core::D::Minus1,
-        )?;
-        Ok((context, b.pooled))
-    };
-    let (cond, pooled) = encode(&p.prompt)?;
-    if p.guidance_scale <= 1.0 {
-        return Ok(Conditioning {
-            context: cond,
-            pooled: Some(pooled),
+        return Err(RequestError::Size {
+            width: p.width,
+            height: p.height,
         });
     }
-    let (uncond, uncond_pooled) =
-        if p.negative_prompt.is_empty() && model.force_zeros_for_empty_prompt {
-            (cond.zeros_like()?, pooled.zeros_like()?)
-        } else {
-            encode(&p.negative_prompt)?
-        };
-    Ok(Conditioning {
-        context: Tensor::cat(&[uncond, cond], 0)?,
-        pooled: Some(Tensor::cat(&[uncond_pooled, pooled], 0)?),
-    })
-}
-
-/// Encodes prompt and negative prompt (see [`Conditioning`]).
-pub fn encode(
-    cache: &ModelCache,
-    model: &DiffusersModel,
-    p: &GenerateParams,
-) -> Result<Conditioning, PipelineError> {
-    if let Some(text2) = &model.text2 {
-        return encode_sdxl(cache, model, p, text2);
+    if p.steps == 0 || p.n == 0 {
+        return Err(RequestError::Empty);
     }
-    let context = encode_sd(cache, model, p)?;
-    Ok(Conditioning {
-        context,
-        pooled: None,
-    })
-}
-
-fn encode_sd(
-    cache: &ModelCache,
-    model: &DiffusersModel,
-    p: &GenerateParams,
-) -> Result<Tensor, PipelineError> {
-    let te = cache.get_device(&model.component("text_encoder"))?;
-    let adapters = adapters(cache, p)?;
-    let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
-    let (vb, _held) = adapted(cache, &te, "lora_te_", &refs)?;
-    let encoder = ClipTextModel::new(vb, &model.text)?;
-    let device = &te.device;
-    // Only the embeddings a prompt names are read.
-    let used: Vec<&(String, std::path::PathBuf)> = p
-        .embeddings
-        .iter()
-        .filter(|(name, _)| {
-            let t = format!("<{name}>");
-            p.prompt.contains(&t) || p.negative_prompt.contains(&t)
-        })
-        .collect();
-    let tis = used
-        .iter()
-        .map(|(name, path)| embedding::load(name, path))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(PipelineError::Invalid)?;
-    let width = model.text.hidden_size;
-    if let Some(ti) = tis.iter().find(|t| t.vectors.dims().get(1) != Some(&width)) {
-        return Err(PipelineError::Invalid(format!(
-            "embedding {:?} was trained for token dimension {} but the model has {width}",
-            ti.name,
-            ti.vectors.dims().get(1).copied().unwrap_or(0)
-        )));
+    if model.text2.is_some() && p.embeddings.iter().any(|(name, _)| text::named(p, name)) {
+        return Err(RequestError::SdxlEmbeddings);
     }
-    let names: Vec<&str> = tis.iter().map(|t| t.name.as_str()).collect();
-    let sizes: Vec<usize> = tis.iter().map(|t| t.vectors.dims()[0]).collect();
-    let encode = |text: &str| -> Result<Tensor, PipelineError> {
-        let parts = embedding::split(text, &names);
-        if !parts
-            .iter()
-            .any(|p| matches!(p, embedding::Part::Embedding(_)))
-        {
-            let ids = model
-                .tokenizer
-                .encode(text)
-                .map_err(PipelineError::Invalid)?;
-            let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-            return Ok(encoder.forward(&ids, p.clip_skip)?.hidden);
-        }
-        let (ids, slots) = model
-            .tokenizer
-            .encode_parts(&parts, &sizes)
-            .map_err(PipelineError::Invalid)?;
-        let rows = slots
-            .iter()
-            .map(|(pos, ti, k)| Ok((*pos, tis[*ti].vectors.get(*k)?)))
-            .collect::<Result<Vec<_>, candle_core::Error>>()?;
-        let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-        Ok(encoder.forward_with(&ids, &rows, p.clip_skip)?.hidden)
-    };
-    let cond = encode(&p.prompt)?;
-    if p.guidance_scale <= 1.0 {
-        return Ok(cond);
-    }
-    let uncond = encode(&p.negative_prompt)?;
-    Ok(Tensor::cat(&[uncond, cond], 0)?)
+    Ok(())
 }
 
 /// Runs txt2img and returns `n` images.
@@ -581,8 +180,9 @@ pub fn generate(
     p: &GenerateParams,
     progress: Progress,
 ) -> Result<Vec<Image>, PipelineError> {
-    check_params(p)?;
-    let Conditioning { context, pooled } = encode(cache, model, p)?;
+    check_params(model, p)?;
+    let adapters = Adapters::lock(cache, &p.loras)?;
+    let Conditioning { context, pooled } = text::encode_with(cache, model, p, &adapters)?;
     let guided = context.dim(0)? == 2;
     // SDXL's time ids: original size, crop top-left (0, 0), target size.
     let added = match pooled {
@@ -597,12 +197,17 @@ pub fn generate(
     let unet_guard = cache.get_device(&model.component("unet"))?;
     let device: Device = unet_guard.device.clone();
     let dtype = unet_guard.dtype;
-    let adapters = adapters(cache, p)?;
-    let refs: Vec<(&lora::Adapter, f64)> = adapters.iter().map(|(a, w)| (a, *w)).collect();
-    let (vb, _held) = adapted(cache, &unet_guard, "lora_unet_", &refs)?;
-    let unet = with_seamless(Net::Unet, p.seamless, || {
-        unet_2d::UNet2DConditionModel::new(vb, 4, 4, false, model.unet.clone())
-    })?;
+    let (vb, _held) = adapters.weights(cache, &unet_guard, "lora_unet_")?;
+    let unet = UNet2DConditionModel::new(
+        vb,
+        4,
+        4,
+        false,
+        nets::unet_2d::UNet2DConditionModelConfig {
+            seamless: p.seamless,
+            ..model.unet.clone()
+        },
+    )?;
     let context = context.to_device(&device)?.to_dtype(dtype)?;
     let added = match added {
         Some((pooled, ids)) => Some((
@@ -616,7 +221,7 @@ pub fn generate(
     for i in 0..p.n {
         let mut sched = Scheduler::new(p.scheduler, model.schedule.clone(), p.steps);
         let mut rng = NormalRng::new(p.seed.wrapping_add(i as u64));
-        let shape = [1, model.latent_channels, lh, lw];
+        let shape = [1, model.vae.latent_channels, lh, lw];
         let mut x = match &p.latents {
             Some(l) => {
                 let l = if l.dim(0)? > i {
@@ -625,10 +230,11 @@ pub fn generate(
                     l.narrow(0, 0, 1)?
                 };
                 if l.dims() != shape {
-                    return Err(PipelineError::Invalid(format!(
-                        "latents have shape {:?}, expected {shape:?}",
-                        l.dims()
-                    )));
+                    return Err(RequestError::Latents {
+                        got: l.dims().to_vec(),
+                        want: shape,
+                    }
+                    .into());
                 }
                 l.to_device(&device)?.to_dtype(DType::F32)?
             }
@@ -666,15 +272,17 @@ pub fn generate(
     drop(unet);
     drop(unet_guard);
     let vae_guard = cache.get_device(&model.component("vae"))?;
-    let decoder = with_seamless(Net::Vae, p.seamless, || {
-        VaeDecoder::new(vae_guard.var_builder(), 3, &model.vae)
-    })?;
+    let vae = nets::vae::VaeConfig {
+        seamless: p.seamless,
+        ..model.vae.clone()
+    };
+    let decoder = VaeDecoder::new(vae_guard.var_builder(), 3, &vae)?;
     latents_out
         .into_iter()
         .map(|l| {
             let img = decoder
                 .decode(
-                    &(l.to_device(&vae_guard.device)? / model.scaling_factor)?
+                    &(l.to_device(&vae_guard.device)? / vae.scaling_factor)?
                         .to_dtype(vae_guard.dtype)?,
                 )?
                 .to_dtype(DType::F32)?;

@@ -1,4 +1,4 @@
-//! Merging two or three models tensor by tensor (seed-spec §11), streaming so
+//! Merging two or three models tensor by tensor, streaming so
 //! that memory stays near one tensor per input, with the formula the reference
 //! meant for `add_difference` (it silently ran a weighted sum instead).
 
@@ -24,15 +24,22 @@ pub enum Method {
     AddDifference,
 }
 
+/// A merge method name that is not one of the four.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "unknown merge method {0:?}; expected weighted-sum, sigmoid, inv-sigmoid or add-difference"
+)]
+pub struct UnknownMethod(pub String);
+
 impl std::str::FromStr for Method {
-    type Err = String;
-    fn from_str(s: &str) -> std::result::Result<Self, String> {
+    type Err = UnknownMethod;
+    fn from_str(s: &str) -> std::result::Result<Self, UnknownMethod> {
         match s.replace('-', "_").as_str() {
             "weighted_sum" => Ok(Method::WeightedSum),
             "sigmoid" => Ok(Method::Sigmoid),
             "inv_sigmoid" => Ok(Method::InvSigmoid),
             "add_difference" | "add_diff" => Ok(Method::AddDifference),
-            _ => Err(format!("unknown merge method {s:?}; expected weighted-sum, sigmoid, inv-sigmoid or add-difference")),
+            _ => Err(UnknownMethod(s.to_string())),
         }
     }
 }

@@ -1,6 +1,7 @@
 //! Everything between a file on disk and tensors on a device: safe header and
 //! pickle reading, probing, search, identity, conversion and loading.
 
+pub mod clip_vocab;
 pub mod convert;
 pub mod error;
 pub mod identity;

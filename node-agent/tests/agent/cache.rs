@@ -4,8 +4,8 @@
 use crate::common::fixtures;
 use modelcache_agent::cache::region::{Segment, REGION_ALIGN};
 use modelcache_agent::cache::{
-    CacheConfig, CacheError, DeviceSlot, DiskLoader, Loader, ModelCache, RamPlan, RegionTensor,
-    TierKind,
+    CacheConfig, CacheError, CacheKey, DeviceSlot, DiskLoader, Loader, ModelCache, RamPlan,
+    RegionTensor, TierKind,
 };
 use proptest::prelude::*;
 use std::collections::HashMap;
@@ -14,6 +14,10 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Barrier, Mutex};
 
 const R: u64 = REGION_ALIGN as u64;
+
+fn ck(key: impl Into<CacheKey>) -> CacheKey {
+    key.into()
+}
 
 /// Models whose RAM copies are `regions` × 2 MiB; only a few bytes are read from disk.
 struct FakeLoader {
@@ -44,7 +48,8 @@ impl FakeLoader {
 }
 
 impl Loader for FakeLoader {
-    fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
+    fn plan(&self, key: &CacheKey) -> Result<RamPlan, CacheError> {
+        let key = key.as_str();
         *self
             .plans
             .lock()
@@ -54,7 +59,7 @@ impl Loader for FakeLoader {
         std::thread::sleep(self.delay);
         if key == "fail" {
             return Err(CacheError::Load {
-                key: key.into(),
+                key: ck(key),
                 message: "injected failure".into(),
             });
         }
@@ -91,7 +96,7 @@ fn cache_with(loader: Arc<FakeLoader>, ram_regions: u64, dev_bytes: u64) -> Mode
 fn cache_with_devices(loader: Arc<FakeLoader>, ram_regions: u64, devices: &[u64]) -> ModelCache {
     struct Shared(Arc<FakeLoader>);
     impl Loader for Shared {
-        fn plan(&self, key: &str) -> Result<RamPlan, CacheError> {
+        fn plan(&self, key: &CacheKey) -> Result<RamPlan, CacheError> {
             self.0.plan(key)
         }
     }
@@ -113,7 +118,7 @@ fn resident(cache: &ModelCache, tier: TierKind) -> Vec<String> {
         .entries()
         .into_iter()
         .filter(|e| e.tier == tier)
-        .map(|e| e.key)
+        .map(|e| e.key.to_string())
         .collect();
     v.sort();
     v
@@ -124,10 +129,10 @@ fn lru_eviction_keeps_the_recently_used_model() {
     // Seed test 8: budget 10; A(5), B(4), hit A, C(3) → B evicted, A kept.
     let loader = Arc::new(FakeLoader::new(&[("A", 5), ("B", 4), ("C", 3)]));
     let cache = cache_with(loader.clone(), 10, 0);
-    drop(cache.get_ram("A").unwrap());
-    drop(cache.get_ram("B").unwrap());
-    drop(cache.get_ram("A").unwrap());
-    drop(cache.get_ram("C").unwrap());
+    drop(cache.get_ram(&ck("A")).unwrap());
+    drop(cache.get_ram(&ck("B")).unwrap());
+    drop(cache.get_ram(&ck("A")).unwrap());
+    drop(cache.get_ram(&ck("C")).unwrap());
     assert_eq!(resident(&cache, TierKind::Ram), ["A", "C"]);
     let (ram, _) = cache.stats();
     assert_eq!((ram.evictions, ram.hits, ram.misses), (1, 1, 3));
@@ -138,13 +143,13 @@ fn lru_eviction_keeps_the_recently_used_model() {
 fn locked_models_are_never_evicted_and_full_means_cache_full() {
     let loader = Arc::new(FakeLoader::new(&[("A", 5), ("B", 4), ("C", 3), ("D", 6)]));
     let cache = cache_with(loader.clone(), 10, 0);
-    let a = cache.get_ram("A").unwrap(); // locked, least recently used
-    drop(cache.get_ram("B").unwrap());
-    drop(cache.get_ram("C").unwrap()); // needs room: B goes, not A
+    let a = cache.get_ram(&ck("A")).unwrap(); // locked, least recently used
+    drop(cache.get_ram(&ck("B")).unwrap());
+    drop(cache.get_ram(&ck("C")).unwrap()); // needs room: B goes, not A
     assert_eq!(resident(&cache, TierKind::Ram), ["A", "C"]);
-    let c = cache.get_ram("C").unwrap();
+    let c = cache.get_ram(&ck("C")).unwrap();
     // Everything is locked: D cannot fit and nothing is evicted.
-    let err = cache.get_ram("D").unwrap_err();
+    let err = cache.get_ram(&ck("D")).unwrap_err();
     assert!(
         matches!(
             err,
@@ -162,7 +167,7 @@ fn locked_models_are_never_evicted_and_full_means_cache_full() {
     let big = Arc::new(FakeLoader::new(&[("huge", 11)]));
     let cache = cache_with(big, 10, 0);
     assert!(matches!(
-        cache.get_ram("huge").unwrap_err(),
+        cache.get_ram(&ck("huge")).unwrap_err(),
         CacheError::CacheFull { .. }
     ));
     assert_eq!(cache.stats().0.used, 0);
@@ -172,11 +177,11 @@ fn locked_models_are_never_evicted_and_full_means_cache_full() {
 fn pinned_models_stay_until_dropped() {
     let loader = Arc::new(FakeLoader::new(&[("A", 5), ("B", 5), ("C", 5)]));
     let cache = cache_with(loader, 10, 0);
-    cache.warm("A", TierKind::Ram).unwrap();
-    drop(cache.get_ram("B").unwrap());
-    drop(cache.get_ram("C").unwrap()); // evicts B, not the pinned A
+    cache.warm(&ck("A"), TierKind::Ram).unwrap();
+    drop(cache.get_ram(&ck("B")).unwrap());
+    drop(cache.get_ram(&ck("C")).unwrap()); // evicts B, not the pinned A
     assert_eq!(resident(&cache, TierKind::Ram), ["A", "C"]);
-    cache.drop_model("A");
+    cache.drop_model(&ck("A"));
     assert_eq!(resident(&cache, TierKind::Ram), ["C"]);
 }
 
@@ -192,7 +197,7 @@ fn concurrent_misses_load_once_and_share_the_result() {
             let (cache, barrier) = (cache.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                let g = cache.get_ram("A").unwrap();
+                let g = cache.get_ram(&ck("A")).unwrap();
                 g.tensor_bytes(&g.tensors[0]).to_vec()
             })
         })
@@ -216,7 +221,9 @@ fn failed_loads_wake_waiters_with_the_error_and_leave_nothing() {
             .map(|_| {
                 let cache = cache.clone();
                 let key = key.to_string();
-                std::thread::spawn(move || cache.get_ram(&key).map(|_| ()).unwrap_err().to_string())
+                std::thread::spawn(move || {
+                    cache.get_ram(&ck(key)).map(|_| ()).unwrap_err().to_string()
+                })
             })
             .collect();
         for h in handles {
@@ -236,17 +243,17 @@ fn device_tier_offloads_lazily_to_ram() {
     let loader = Arc::new(FakeLoader::new(&[("A", 1), ("B", 1), ("C", 1)]));
     // Each device copy is 16 f32 = 64 bytes; room for two.
     let cache = cache_with(loader, 10, 128);
-    let a = cache.get_device("A").unwrap();
+    let a = cache.get_device(&ck("A")).unwrap();
     assert_eq!(a.tensors["w"].dims(), &[16]);
     drop(a);
-    drop(cache.get_device("B").unwrap());
-    drop(cache.get_device("C").unwrap());
+    drop(cache.get_device(&ck("B")).unwrap());
+    drop(cache.get_device(&ck("C")).unwrap());
     assert_eq!(resident(&cache, TierKind::Device), ["B", "C"]);
     // A's RAM copy stayed: coming back is a move, not a disk load.
     assert_eq!(resident(&cache, TierKind::Ram), ["A", "B", "C"]);
     let (ram, dev) = cache.stats();
     assert_eq!((dev.evictions, dev.used), (1, 128));
-    drop(cache.get_device("A").unwrap());
+    drop(cache.get_device(&ck("A")).unwrap());
     assert_eq!(cache.stats().0.misses, ram.misses, "no new RAM load");
 }
 
@@ -299,9 +306,9 @@ proptest! {
                             let key = format!("m{k}");
                             let hold = matches!(op, Op::Hold(..));
                             let r = if dev {
-                                cache.get_device(&key).map(|g| if hold && held_dev.len() < 2 { held_dev.push(g) })
+                                cache.get_device(&ck(key)).map(|g| if hold && held_dev.len() < 2 { held_dev.push(g) })
                             } else {
-                                cache.get_ram(&key).map(|g| if hold && held_ram.len() < 2 { held_ram.push(g) })
+                                cache.get_ram(&ck(key)).map(|g| if hold && held_ram.len() < 2 { held_ram.push(g) })
                             };
                             match r {
                                 Ok(()) => {}
@@ -310,16 +317,16 @@ proptest! {
                             }
                         }
                         Op::Release => { held_ram.pop(); held_dev.pop(); reserved.pop(); }
-                        Op::Reserve(slot, bytes) => match cache.reserve_device("transient", slot, bytes) {
+                        Op::Reserve(slot, bytes) => match cache.reserve_device(&ck("transient"), slot, bytes) {
                             Ok(r) => if reserved.len() < 2 { reserved.push(r) },
                             Err(CacheError::CacheFull { .. }) => { failures.fetch_add(1, Ordering::Relaxed); }
                             Err(e) => return Err(e.to_string()),
                         },
                         Op::Warm(k, dev) => {
                             let tier = if dev { TierKind::Device } else { TierKind::Ram };
-                            if cache.warm(&format!("m{k}"), tier).is_err() { failures.fetch_add(1, Ordering::Relaxed); }
+                            if cache.warm(&ck(format!("m{k}")), tier).is_err() { failures.fetch_add(1, Ordering::Relaxed); }
                         }
-                        Op::Drop(k) => cache.drop_model(&format!("m{k}")),
+                        Op::Drop(k) => cache.drop_model(&ck(format!("m{k}"))),
                     }
                     let ram = cache.stats().0;
                     if ram.used > ram.budget {
@@ -334,12 +341,12 @@ proptest! {
                     let held = held_ram.iter().map(|g| (g.key().to_string(), 0, TierKind::Ram))
                         .chain(held_dev.iter().map(|g| (g.key().to_string(), g.slot(), TierKind::Device)));
                     for (k, slot, tier) in held {
-                        if !entries.iter().any(|e| e.key == k && e.tier == tier && e.slot == slot && e.locked) {
+                        if !entries.iter().any(|e| e.key.as_str() == k && e.tier == tier && e.slot == slot && e.locked) {
                             return Err(format!("held model {k} is not resident and locked in {tier:?} {slot}"));
                         }
                     }
                     for k in (0..8).map(|i| format!("m{i}")) {
-                        let on = entries.iter().filter(|e| e.key == k && e.tier == TierKind::Device).count();
+                        let on = entries.iter().filter(|e| e.key.as_str() == k && e.tier == TierKind::Device).count();
                         if on > 1 {
                             return Err(format!("{k} is on {on} devices"));
                         }
@@ -382,7 +389,7 @@ fn real_loader_on_the_fixture_models() {
     };
     let cache = ModelCache::new(config, Box::new(DiskLoader), None);
     for k in &keys {
-        let g = cache.get_device(k).unwrap();
+        let g = cache.get_device(&ck(k.as_str())).unwrap();
         let index = modelcache_agent::store::open_weights(
             &modelcache_agent::store::component_weights(Path::new(k)).unwrap()[0],
         )
@@ -404,7 +411,10 @@ fn real_loader_on_the_fixture_models() {
     assert!(ram.used <= ram.budget && dev.used <= dev.budget);
     assert_eq!(ram.loads, 3);
     // A missing model is a clear load error, not a crash, and leaves nothing.
-    let err = cache.get_ram("/nonexistent/unet").unwrap_err().to_string();
+    let err = cache
+        .get_ram(&ck("/nonexistent/unet"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("/nonexistent/unet"), "{err}");
 }
 
@@ -413,10 +423,10 @@ fn reservations_count_against_the_device_budget() {
     // Each fake model is 64 bytes on the device (16 f32).
     let loader = Arc::new(FakeLoader::new(&[("A", 1), ("B", 1)]));
     let cache = cache_with(loader, 4, 200);
-    let a = cache.get_device("A").unwrap();
-    drop(cache.get_device("B").unwrap());
+    let a = cache.get_device(&ck("A")).unwrap();
+    drop(cache.get_device(&ck("B")).unwrap());
     // 200 - 64 (A, locked) leaves 136 once B (idle) is evicted; 150 cannot fit.
-    match cache.reserve_device("A with adapters", a.slot(), 150) {
+    match cache.reserve_device(&ck("A with adapters"), a.slot(), 150) {
         Err(CacheError::CacheFull {
             needed: 150,
             locked: 64,
@@ -430,7 +440,7 @@ fn reservations_count_against_the_device_budget() {
         "a refused reservation evicts nothing"
     );
     let held = cache
-        .reserve_device("A with adapters", a.slot(), 120)
+        .reserve_device(&ck("A with adapters"), a.slot(), 120)
         .unwrap();
     assert_eq!(
         resident(&cache, TierKind::Device),
@@ -440,12 +450,12 @@ fn reservations_count_against_the_device_budget() {
     assert_eq!(cache.stats().1.used, 184);
     // A load now has to fit next to the reservation.
     assert!(matches!(
-        cache.get_device("B"),
+        cache.get_device(&ck("B")),
         Err(CacheError::CacheFull { .. })
     ));
     drop(held);
     assert_eq!(cache.stats().1.used, 64);
-    drop(cache.get_device("B").unwrap());
+    drop(cache.get_device(&ck("B")).unwrap());
     drop(a);
 }
 
@@ -460,7 +470,7 @@ fn models_go_to_the_device_with_room_and_offload_there() {
         ("E", 1),
     ]));
     let cache = cache_with_devices(loader, 10, &[128, 128]);
-    let slot = |k: &str| cache.get_device(k).unwrap().slot();
+    let slot = |k: &str| cache.get_device(&ck(k)).unwrap().slot();
     // Each new model goes to the device with the most free bytes.
     assert_eq!([slot("A"), slot("B"), slot("C"), slot("D")], [0, 1, 0, 1]);
     assert_eq!(slot("A"), 0, "a resident model is found where it is");
@@ -473,16 +483,16 @@ fn models_go_to_the_device_with_room_and_offload_there() {
     // Both are full. With everything on device 0 locked, E offloads the
     // least recently used model of device 1 (B), not one that is in use.
     let (a, c) = (
-        cache.get_device("A").unwrap(),
-        cache.get_device("C").unwrap(),
+        cache.get_device(&ck("A")).unwrap(),
+        cache.get_device(&ck("C")).unwrap(),
     );
-    let e = cache.get_device("E").unwrap();
+    let e = cache.get_device(&ck("E")).unwrap();
     assert_eq!(e.slot(), 1);
     assert_eq!(resident(&cache, TierKind::Device), ["A", "C", "D", "E"]);
     assert_eq!(cache.device_stats()[1].evictions, 1);
     // Nothing fits when every device is full of locked models.
-    let d = cache.get_device("D").unwrap();
-    match cache.get_device("B") {
+    let d = cache.get_device(&ck("D")).unwrap();
+    match cache.get_device(&ck("B")) {
         Err(CacheError::CacheFull {
             tier: TierKind::Device,
             needed: 64,
@@ -508,7 +518,7 @@ fn concurrent_requests_load_a_model_once_onto_one_device() {
             let (cache, barrier) = (cache.clone(), barrier.clone());
             std::thread::spawn(move || {
                 barrier.wait();
-                cache.get_device("A").unwrap().slot()
+                cache.get_device(&ck("A")).unwrap().slot()
             })
         })
         .collect::<Vec<_>>()

@@ -9,11 +9,12 @@ use http::{Method, Request, Response};
 use kube::client::Body;
 use kube::runtime::watcher;
 use kube::Client;
+use modelcache_agent::agent::Agent;
 use modelcache_agent::api::{self, AppState, Limits, Queue};
-use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache, TierKind};
+use modelcache_agent::cache::{CacheConfig, TierKind};
 use modelcache_agent::catalog::Catalog;
 use modelcache_agent::cluster::{ClusterAgent, Settings};
-use modelcache_agent::metrics::AgentMetrics;
+use modelcache_agent::routes::Routes;
 use modelcache_crds::*;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -52,20 +53,16 @@ async fn node() -> Node {
         &dir.path().join("models/tiny"),
     );
     let catalog = Catalog::scan(&dir.path().join("models"), &dir.path().join("state"), None);
-    let cache = ModelCache::new(
-        CacheConfig::cpu(256 << 20, 256 << 20),
-        Box::new(DiskLoader),
-        None,
-    );
+    let core = Arc::new(Agent::new(CacheConfig::cpu(256 << 20, 256 << 20), catalog).unwrap());
+    let routes = Arc::new(Routes::default());
     let state = Arc::new(AppState::new(
-        cache,
-        catalog,
-        AgentMetrics::new().unwrap(),
+        core.clone(),
+        routes.clone(),
         Queue::new(1, 4),
         Limits::default(),
         None,
     ));
-    let agent = ClusterAgent::new(state.clone(), settings());
+    let agent = ClusterAgent::new(core, routes, settings());
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let api = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
@@ -201,7 +198,7 @@ async fn placements_on_this_node_are_warmed_reported_and_served_with_their_defau
     );
     let pinned: Vec<_> = n
         .agent
-        .state
+        .agent
         .cache
         .entries()
         .into_iter()
@@ -223,7 +220,7 @@ async fn placements_on_this_node_are_warmed_reported_and_served_with_their_defau
         .expect("tiny reported");
     let f32_bytes = n
         .agent
-        .state
+        .agent
         .catalog
         .by_path("tiny")
         .unwrap()
@@ -299,7 +296,7 @@ async fn placements_on_this_node_are_warmed_reported_and_served_with_their_defau
     .await;
     assert_eq!(code, 404);
     assert!(
-        n.agent.state.cache.entries().iter().all(|e| !e.pinned),
+        n.agent.agent.cache.entries().iter().all(|e| !e.pinned),
         "released models are evictable"
     );
 }
@@ -387,7 +384,7 @@ async fn a_missing_model_fails_with_an_actionable_message_and_watch_errors_are_s
     );
 
     // A model copied in after the agent started is found on the next attempt.
-    let root = n.agent.state.catalog.root().to_path_buf();
+    let root = n.agent.agent.catalog.root().to_path_buf();
     copy_dir(&fixtures().join("tiny-sd1"), &root.join("late"));
     tokio::time::sleep(Duration::from_millis(5200)).await;
     events

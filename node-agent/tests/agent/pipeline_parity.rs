@@ -48,7 +48,8 @@ fn token_ids_match_the_reference() {
     let (r, _, _) = reference();
     let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
     let ids = model
-        .tokenizer()
+        .text
+        .tokenizer
         .encode(r["prompt"].as_str().unwrap())
         .unwrap();
     let want: Vec<u32> = r["token_ids"]
@@ -136,10 +137,7 @@ fn seeds_reproduce_and_differ_and_cancellation_stops() {
 
 fn lora_params(weight: f64) -> GenerateParams {
     let (r, latents, _) = reference();
-    let lora = fixtures()
-        .join("tiny-sd1-lora/tiny-sd1-lora.safetensors")
-        .to_string_lossy()
-        .into_owned();
+    let lora = fixtures().join("tiny-sd1-lora/tiny-sd1-lora.safetensors");
     GenerateParams {
         loras: vec![(lora, weight)],
         embeddings: Vec::new(),
@@ -300,7 +298,7 @@ fn peft_layout_lora_reproduces_diffusers() {
     let path = dir.path().join("peft.safetensors");
     candle_core::safetensors::save(&peft, &path).unwrap();
     let p = GenerateParams {
-        loras: vec![(path.to_string_lossy().into_owned(), 0.8)],
+        loras: vec![(path.clone(), 0.8)],
         ..lora_params(0.8)
     };
     let img = pipeline::generate(

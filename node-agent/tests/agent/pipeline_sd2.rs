@@ -66,7 +66,8 @@ fn tiny_sd2_matches_diffusers() {
     assert_eq!(r["prediction_type"], "v_prediction");
     let model = DiffusersModel::open(&f).unwrap();
     let ids = model
-        .tokenizer()
+        .text
+        .tokenizer
         .encode(r["prompt"].as_str().unwrap())
         .unwrap();
     let want_ids: Vec<u32> = serde_json::from_value(r["token_ids"].clone()).unwrap();

@@ -7,10 +7,9 @@
 
 use candle_core::{Device, Tensor};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};
+use modelcache_agent::pipeline::nets::vae::{VaeConfig, VaeDecoder};
 use modelcache_agent::pipeline::rng::NormalRng;
-use modelcache_agent::pipeline::unet::conv::{with_seamless, Net, Seamless};
-use modelcache_agent::pipeline::unet::vae::VaeDecoder;
-use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
+use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams, Seamless};
 use std::path::PathBuf;
 
 fn fixture() -> PathBuf {
@@ -56,15 +55,16 @@ fn the_vae_wraps_exactly() {
         .tensor(&[1, 4, 8, 16], &Device::Cpu)
         .unwrap();
     let decode = |s: Seamless, l: &Tensor| {
-        let d = with_seamless(Net::Vae, s, || {
-            VaeDecoder::new(vae.var_builder(), 3, model.vae_config())
-        })
-        .unwrap();
+        let config = VaeConfig {
+            seamless: s,
+            ..model.vae.clone()
+        };
+        let d = VaeDecoder::new(vae.var_builder(), 3, &config).unwrap();
         d.decode(l).unwrap()
     };
     for (s, name) in [
         (Seamless { x: true, y: false }, "seamless x"),
-        (Seamless::default(), "plain"),
+        (Seamless::NONE, "plain"),
     ] {
         let shifted = decode(s, &roll_x(&latents, 3));
         let rolled = roll_x(&decode(s, &latents), 24);
@@ -116,10 +116,7 @@ fn whole_images_wrap_around() {
         let diff = (&b - &roll_x(&a, 64)).unwrap().abs().unwrap();
         diff.mean_all().unwrap().to_scalar::<f32>().unwrap()
     };
-    let (tiled, plain) = (
-        err(Seamless { x: true, y: false }),
-        err(Seamless::default()),
-    );
+    let (tiled, plain) = (err(Seamless { x: true, y: false }), err(Seamless::NONE));
     eprintln!("mean shift error: seamless x {tiled:.4}, plain {plain:.4}");
     assert!(tiled < 0.5 * plain, "seamless {tiled} vs plain {plain}");
 }

@@ -1,6 +1,6 @@
 //! Group normalisation that takes the fused CPU kernel where it applies.
 
-use super::cpu_ops;
+use crate::pipeline::cpu::ops as cpu_ops;
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;

@@ -1,20 +1,24 @@
-//! Turns what the API server holds (Nodes, ModelNodes, Leases, ModelDeployments)
-//! into the scheduler's plain inputs, and resolves a deployment's model from the
-//! agents' reports. Pure functions: the controller passes reflector snapshots in.
+//! The cluster as the scheduler sees it: what the API server holds (Nodes,
+//! ModelNodes, Leases, ModelDeployments) turned into the scheduler's plain
+//! inputs, a deployment's model resolved from the agents' reports, and which
+//! deployments a change on a node concerns. Pure functions over values: the
+//! controller passes the reflector stores' contents in, tests pass objects.
 
 use crate::scheduler::{self, Assignment, Taint, Toleration};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use kube::runtime::reflector::ObjectRef;
 use kube::ResourceExt;
 use modelcache_crds::{
-    node_lease_name, LocalModel, ModelDeployment, ModelFormat, ModelInfo, ModelNode, ModelType,
-    ModelVariant, Tier,
+    condition, node_lease_name, reason, text_to_image, LocalModel, ModelDeployment, ModelFormat,
+    ModelInfo, ModelNode, NotTextToImage, Tier,
 };
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 
-/// Bandwidths assumed until an agent has measured its own (ARCHITECTURE §3).
+/// Bandwidths assumed until an agent has measured its own: a local disk and a
+/// PCIe 4 x8 link, conservatively.
 const DEFAULT_DISK_BPS: f64 = 1e9;
 const DEFAULT_RAM_TO_DEVICE_BPS: f64 = 10e9;
 
@@ -38,17 +42,19 @@ impl NodeState {
     }
 }
 
-/// Everything the controller reads, at one moment.
-pub struct Cluster<'a> {
-    pub model_nodes: &'a [Arc<ModelNode>],
-    pub nodes: &'a [Arc<Node>],
-    /// Leases in the operator's namespace.
-    pub leases: &'a [Arc<Lease>],
+/// The nodes at one moment: the agents' ModelNodes, the Kubernetes Nodes,
+/// and the agents' Leases (in the operator's namespace), with the time they
+/// were read and how old a Lease may be before its node counts as gone.
+#[derive(Debug, Clone)]
+pub struct Cluster {
+    pub model_nodes: Vec<Arc<ModelNode>>,
+    pub nodes: Vec<Arc<Node>>,
+    pub leases: Vec<Arc<Lease>>,
     pub now: Timestamp,
     pub lease_expiry: SignedDuration,
 }
 
-impl Cluster<'_> {
+impl Cluster {
     fn lease(&self, node: &str) -> Option<&Lease> {
         let name = node_lease_name(node);
         self.leases
@@ -86,7 +92,7 @@ impl Cluster<'_> {
         let ready = mn
             .status
             .as_ref()
-            .and_then(|s| s.conditions.iter().find(|c| c.type_ == "Ready"))
+            .and_then(|s| s.conditions.iter().find(|c| c.type_ == condition::READY))
             .is_some_and(|c| c.status == "True");
         if !ready || !self.lease_fresh(&name) {
             NodeState::Stale
@@ -134,12 +140,11 @@ impl Cluster<'_> {
                     .collect()
             })
             .unwrap_or_default();
+        // The fastest tier each model is in (Tier orders Disk < Ram < Vram).
         let mut resident: HashMap<String, Tier> = HashMap::new();
         for m in &status.models {
             let best = resident.entry(m.path.clone()).or_insert(m.tier);
-            if rank(m.tier) > rank(*best) {
-                *best = m.tier;
-            }
+            *best = (*best).max(m.tier);
         }
         // A copy whose hash differs from the pinned one does not count as the model.
         let local = (!status.local_models_truncated).then(|| {
@@ -175,14 +180,6 @@ impl Cluster<'_> {
     }
 }
 
-fn rank(t: Tier) -> u8 {
-    match t {
-        Tier::Disk => 0,
-        Tier::Ram => 1,
-        Tier::Vram => 2,
-    }
-}
-
 fn positive_or(v: i64, default: f64) -> f64 {
     if v > 0 {
         v as f64
@@ -194,6 +191,29 @@ fn positive_or(v: i64, default: f64) -> f64 {
 /// `namespace/name` of a deployment: the key agents report placements under.
 pub fn key(md: &ModelDeployment) -> String {
     format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any())
+}
+
+/// Deployments a change on `node` can affect: those placed there, and those not
+/// yet fully resolved, placed or ready (the node may now have room or the model).
+pub fn affected(
+    deployments: &[Arc<ModelDeployment>],
+    node: &str,
+) -> Vec<ObjectRef<ModelDeployment>> {
+    deployments
+        .iter()
+        .filter(|d| {
+            let Some(s) = d.status.as_ref() else {
+                return true;
+            };
+            s.placements.iter().any(|p| p.node == node)
+                || s.ready_replicas < d.spec.replicas
+                || s.conditions.iter().any(|c| {
+                    (c.type_ == condition::RESOLVED || c.type_ == condition::SCHEDULED)
+                        && c.status != "True"
+                })
+        })
+        .map(|d| ObjectRef::from_obj(d.as_ref()))
+        .collect()
 }
 
 /// The scheduler's view of a deployment. `size` comes from the resolved model
@@ -329,35 +349,35 @@ pub fn resolve(
     if !format_ok {
         return Err(Unresolved {
             status: "False",
-            reason: "FormatMismatch",
+            reason: reason::FORMAT_MISMATCH,
             message: format!(
                 "model {path:?} is a {:?} model but spec.model.format is {:?}; set format to Auto or {:?}",
                 l.format, md.spec.model.format, l.format
             ),
         });
     }
-    if l.model_type != ModelType::Main {
-        return Err(Unresolved {
-            status: "False",
-            reason: "NotAMainModel",
-            message: format!(
-                "model {path:?} is a {:?} model, not a text-to-image pipeline; point model.path at a base model (use LoRAs through spec.loras)",
-                l.model_type
-            ),
-        });
-    }
-    if matches!(l.variant, Some(ModelVariant::Inpaint | ModelVariant::Depth))
-        || l.base == modelcache_crds::BaseModel::SdxlRefiner
-    {
-        return Err(Unresolved {
-            status: "False",
-            reason: "UnsupportedModel",
-            message: format!(
-                "model {path:?} is a {:?}{} model; text-to-image serving needs a normal base model",
-                l.base,
-                l.variant.map(|v| format!(" {v:?}")).unwrap_or_default()
-            ),
-        });
+    match text_to_image(l.model_type, Some(l.base), l.variant) {
+        Ok(()) => {}
+        Err(NotTextToImage::NotMain(t)) => {
+            return Err(Unresolved {
+                status: "False",
+                reason: reason::NOT_A_MAIN_MODEL,
+                message: format!(
+                    "model {path:?} is a {t:?} model, not a text-to-image pipeline; point model.path at a base model (use LoRAs through spec.loras)"
+                ),
+            })
+        }
+        Err(_) => {
+            return Err(Unresolved {
+                status: "False",
+                reason: reason::UNSUPPORTED_MODEL,
+                message: format!(
+                    "model {path:?} is a {:?}{} model; text-to-image serving needs a normal base model",
+                    l.base,
+                    l.variant.map(|v| format!(" {v:?}")).unwrap_or_default()
+                ),
+            })
+        }
     }
     let size = match l.parameter_count {
         Some(n) if n > 0 => n.saturating_mul(md.spec.precision.element_bytes() as i64),
@@ -401,7 +421,7 @@ fn not_found(
             .collect();
         return Unresolved {
             status: "False",
-            reason: "Sha256Mismatch",
+            reason: reason::SHA256_MISMATCH,
             message: format!(
                 "model {path:?} was found but no copy has the pinned sha256 {want}: {}; update spec.model.sha256 or replace the files",
                 list(&nodes)
@@ -411,7 +431,7 @@ fn not_found(
     if searched.is_empty() {
         return Unresolved {
             status: "Unknown",
-            reason: "NoAgents",
+            reason: reason::NO_AGENTS,
             message: format!(
                 "no node agent has reported yet, so model {path:?} cannot be looked up; check that the modelcache agent DaemonSet runs on your GPU nodes"
             ),
@@ -420,7 +440,7 @@ fn not_found(
     if !truncated.is_empty() {
         return Unresolved {
             status: "Unknown",
-            reason: "ModelNotReported",
+            reason: reason::MODEL_NOT_REPORTED,
             message: format!(
                 "model {path:?} is not in the model lists of {} node(s) searched ({}); the lists of {} are truncated, so it may exist there unseen: remove unused models from those nodes or check the path",
                 searched.len(),
@@ -431,7 +451,7 @@ fn not_found(
     }
     Unresolved {
         status: "False",
-        reason: "ModelNotFound",
+        reason: reason::MODEL_NOT_FOUND,
         message: format!(
             "model {path:?} was not found under the model root of any of the {} node(s) searched ({}); copy it to the agents' --models-dir or fix spec.model.path (relative to the model root)",
             searched.len(),

@@ -1,9 +1,9 @@
-//! 2D UNet Building Blocks
-//!
+//! The down, middle and up blocks of the UNet and the VAE decoder.
+
 use super::attention::{
     AttentionBlock, AttentionBlockConfig, SpatialTransformer, SpatialTransformerConfig,
 };
-use super::conv::{conv2d, Conv2d, Role};
+use super::conv::{conv2d, Conv2d, Seamless, Tiling};
 use super::resnet::{ResnetBlock2D, ResnetBlock2DConfig};
 use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
@@ -22,6 +22,7 @@ impl Downsample2D {
         use_conv: bool,
         out_channels: usize,
         padding: usize,
+        wrap: Seamless,
     ) -> Result<Self> {
         let conv = if use_conv {
             let config = nn::Conv2dConfig {
@@ -29,14 +30,7 @@ impl Downsample2D {
                 padding,
                 ..Default::default()
             };
-            let conv = conv2d(
-                in_channels,
-                out_channels,
-                3,
-                config,
-                vs.pp("conv"),
-                Role::Outer,
-            )?;
+            let conv = conv2d(in_channels, out_channels, 3, config, vs.pp("conv"), wrap)?;
             Some(conv)
         } else {
             None
@@ -77,19 +71,17 @@ struct Upsample2D {
 }
 
 impl Upsample2D {
-    fn new(vs: nn::VarBuilder, in_channels: usize, out_channels: usize) -> Result<Self> {
+    fn new(
+        vs: nn::VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        wrap: Seamless,
+    ) -> Result<Self> {
         let config = nn::Conv2dConfig {
             padding: 1,
             ..Default::default()
         };
-        let conv = conv2d(
-            in_channels,
-            out_channels,
-            3,
-            config,
-            vs.pp("conv"),
-            Role::Outer,
-        )?;
+        let conv = conv2d(in_channels, out_channels, 3, config, vs.pp("conv"), wrap)?;
         let span = tracing::span!(tracing::Level::TRACE, "upsample2d");
         Ok(Self { conv, span })
     }
@@ -110,103 +102,14 @@ impl Upsample2D {
 }
 
 #[derive(Debug, Clone, Copy)]
-pub struct DownEncoderBlock2DConfig {
-    pub num_layers: usize,
-    pub resnet_eps: f64,
-    pub resnet_groups: usize,
-    pub output_scale_factor: f64,
-    pub add_downsample: bool,
-    pub downsample_padding: usize,
-}
-
-impl Default for DownEncoderBlock2DConfig {
-    fn default() -> Self {
-        Self {
-            num_layers: 1,
-            resnet_eps: 1e-6,
-            resnet_groups: 32,
-            output_scale_factor: 1.,
-            add_downsample: true,
-            downsample_padding: 1,
-        }
-    }
-}
-
-#[derive(Debug)]
-pub struct DownEncoderBlock2D {
-    resnets: Vec<ResnetBlock2D>,
-    downsampler: Option<Downsample2D>,
-    span: tracing::Span,
-    pub config: DownEncoderBlock2DConfig,
-}
-
-impl DownEncoderBlock2D {
-    pub fn new(
-        vs: nn::VarBuilder,
-        in_channels: usize,
-        out_channels: usize,
-        config: DownEncoderBlock2DConfig,
-    ) -> Result<Self> {
-        let resnets: Vec<_> = {
-            let vs = vs.pp("resnets");
-            let conv_cfg = ResnetBlock2DConfig {
-                eps: config.resnet_eps,
-                out_channels: Some(out_channels),
-                groups: config.resnet_groups,
-                output_scale_factor: config.output_scale_factor,
-                temb_channels: None,
-                ..Default::default()
-            };
-            (0..(config.num_layers))
-                .map(|i| {
-                    let in_channels = if i == 0 { in_channels } else { out_channels };
-                    ResnetBlock2D::new(vs.pp(i.to_string()), in_channels, conv_cfg)
-                })
-                .collect::<Result<Vec<_>>>()?
-        };
-        let downsampler = if config.add_downsample {
-            let downsample = Downsample2D::new(
-                vs.pp("downsamplers").pp("0"),
-                out_channels,
-                true,
-                out_channels,
-                config.downsample_padding,
-            )?;
-            Some(downsample)
-        } else {
-            None
-        };
-        let span = tracing::span!(tracing::Level::TRACE, "down-enc2d");
-        Ok(Self {
-            resnets,
-            downsampler,
-            span,
-            config,
-        })
-    }
-}
-
-impl Module for DownEncoderBlock2D {
-    fn forward(&self, xs: &Tensor) -> Result<Tensor> {
-        let _enter = self.span.enter();
-        let mut xs = xs.clone();
-        for resnet in self.resnets.iter() {
-            xs = resnet.forward(&xs, None)?
-        }
-        match &self.downsampler {
-            Some(downsampler) => downsampler.forward(&xs),
-            None => Ok(xs),
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy)]
 pub struct UpDecoderBlock2DConfig {
     pub num_layers: usize,
     pub resnet_eps: f64,
     pub resnet_groups: usize,
     pub output_scale_factor: f64,
     pub add_upsample: bool,
+    /// Which convolutions wrap around for seamless tiling.
+    pub tiling: Tiling,
 }
 
 impl Default for UpDecoderBlock2DConfig {
@@ -217,6 +120,7 @@ impl Default for UpDecoderBlock2DConfig {
             resnet_groups: 32,
             output_scale_factor: 1.,
             add_upsample: true,
+            tiling: Tiling::default(),
         }
     }
 }
@@ -244,6 +148,7 @@ impl UpDecoderBlock2D {
                 groups: config.resnet_groups,
                 output_scale_factor: config.output_scale_factor,
                 temb_channels: None,
+                tiling: config.tiling,
                 ..Default::default()
             };
             (0..(config.num_layers))
@@ -254,8 +159,12 @@ impl UpDecoderBlock2D {
                 .collect::<Result<Vec<_>>>()?
         };
         let upsampler = if config.add_upsample {
-            let upsample =
-                Upsample2D::new(vs.pp("upsamplers").pp("0"), out_channels, out_channels)?;
+            let upsample = Upsample2D::new(
+                vs.pp("upsamplers").pp("0"),
+                out_channels,
+                out_channels,
+                config.tiling.outer,
+            )?;
             Some(upsample)
         } else {
             None
@@ -292,6 +201,8 @@ pub struct UNetMidBlock2DConfig {
     pub attn_num_head_channels: Option<usize>,
     // attention_type "default"
     pub output_scale_factor: f64,
+    /// Which convolutions wrap around for seamless tiling.
+    pub tiling: Tiling,
 }
 
 impl Default for UNetMidBlock2DConfig {
@@ -302,6 +213,7 @@ impl Default for UNetMidBlock2DConfig {
             resnet_groups: Some(32),
             attn_num_head_channels: Some(1),
             output_scale_factor: 1.,
+            tiling: Tiling::default(),
         }
     }
 }
@@ -331,6 +243,7 @@ impl UNetMidBlock2D {
             groups: resnet_groups,
             output_scale_factor: config.output_scale_factor,
             temb_channels,
+            tiling: config.tiling,
             ..Default::default()
         };
         let resnet = ResnetBlock2D::new(vs_resnets.pp("0"), in_channels, resnet_cfg)?;
@@ -381,6 +294,8 @@ pub struct UNetMidBlock2DCrossAttnConfig {
     pub sliced_attention_size: Option<usize>,
     pub use_linear_projection: bool,
     pub transformer_layers_per_block: usize,
+    /// Which convolutions wrap around for seamless tiling.
+    pub tiling: Tiling,
 }
 
 impl Default for UNetMidBlock2DCrossAttnConfig {
@@ -395,6 +310,7 @@ impl Default for UNetMidBlock2DCrossAttnConfig {
             sliced_attention_size: None, // Sliced attention disabled
             use_linear_projection: false,
             transformer_layers_per_block: 1,
+            tiling: Tiling::default(),
         }
     }
 }
@@ -425,6 +341,7 @@ impl UNetMidBlock2DCrossAttn {
             groups: resnet_groups,
             output_scale_factor: config.output_scale_factor,
             temb_channels,
+            tiling: config.tiling,
             ..Default::default()
         };
         let resnet = ResnetBlock2D::new(vs_resnets.pp("0"), in_channels, resnet_cfg)?;
@@ -487,6 +404,8 @@ pub struct DownBlock2DConfig {
     pub output_scale_factor: f64,
     pub add_downsample: bool,
     pub downsample_padding: usize,
+    /// Which convolutions wrap around for seamless tiling.
+    pub tiling: Tiling,
 }
 
 impl Default for DownBlock2DConfig {
@@ -498,6 +417,7 @@ impl Default for DownBlock2DConfig {
             output_scale_factor: 1.,
             add_downsample: true,
             downsample_padding: 1,
+            tiling: Tiling::default(),
         }
     }
 }
@@ -524,6 +444,7 @@ impl DownBlock2D {
             eps: config.resnet_eps,
             output_scale_factor: config.output_scale_factor,
             temb_channels,
+            tiling: config.tiling,
             ..Default::default()
         };
         let resnets = (0..config.num_layers)
@@ -539,6 +460,7 @@ impl DownBlock2D {
                 true,
                 out_channels,
                 config.downsample_padding,
+                config.tiling.outer,
             )?;
             Some(downsampler)
         } else {
@@ -686,6 +608,8 @@ pub struct UpBlock2DConfig {
     pub resnet_groups: usize,
     pub output_scale_factor: f64,
     pub add_upsample: bool,
+    /// Which convolutions wrap around for seamless tiling.
+    pub tiling: Tiling,
 }
 
 impl Default for UpBlock2DConfig {
@@ -696,6 +620,7 @@ impl Default for UpBlock2DConfig {
             resnet_groups: 32,
             output_scale_factor: 1.,
             add_upsample: true,
+            tiling: Tiling::default(),
         }
     }
 }
@@ -723,6 +648,7 @@ impl UpBlock2D {
             temb_channels,
             eps: config.resnet_eps,
             output_scale_factor: config.output_scale_factor,
+            tiling: config.tiling,
             ..Default::default()
         };
         let resnets = (0..config.num_layers)
@@ -742,8 +668,12 @@ impl UpBlock2D {
             })
             .collect::<Result<Vec<_>>>()?;
         let upsampler = if config.add_upsample {
-            let upsampler =
-                Upsample2D::new(vs.pp("upsamplers").pp("0"), out_channels, out_channels)?;
+            let upsampler = Upsample2D::new(
+                vs.pp("upsamplers").pp("0"),
+                out_channels,
+                out_channels,
+                config.tiling.outer,
+            )?;
             Some(upsampler)
         } else {
             None

@@ -1,14 +1,15 @@
-//! 2D UNet Denoising Models
-//!
-//! The 2D Unet models take as input a noisy sample and the current diffusion
-//! timestep and return a denoised version of the input.
-use super::conv::{conv2d, Conv2d, Role};
+//! The conditional UNet: from a noisy latent, the timestep and the text
+//! context it predicts the noise (or the velocity, or the sample).
+
+use super::conv::{conv2d, Conv2d, Seamless, Tiling};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::norm::GroupNorm;
 use super::unet_2d_blocks::*;
+use super::{usize_list, ConfigError};
 use candle_core::{Result, Tensor};
 use candle_nn as nn;
 use candle_nn::Module;
+use serde_json::Value;
 
 #[derive(Debug, Clone, Copy)]
 pub struct BlockConfig {
@@ -35,6 +36,8 @@ pub struct UNet2DConditionModelConfig {
     pub use_linear_projection: bool,
     /// SDXL's added conditioning (`addition_embed_type: text_time`).
     pub addition: Option<AdditionConfig>,
+    /// Axes along which generated images tile (a request's choice, not the model's).
+    pub seamless: Seamless,
 }
 
 /// SDXL's added text and time embeddings: the pooled text embedding and six
@@ -85,7 +88,98 @@ impl Default for UNet2DConditionModelConfig {
             sliced_attention_size: None,
             use_linear_projection: false,
             addition: None,
+            seamless: Seamless::NONE,
         }
+    }
+}
+
+impl UNet2DConditionModelConfig {
+    /// The configuration a diffusers `unet/config.json` describes.
+    pub fn from_json(v: &Value) -> std::result::Result<Self, ConfigError> {
+        const NET: &str = "unet";
+        let missing = |field| ConfigError::Missing {
+            network: NET,
+            field,
+        };
+        let channels = usize_list(&v["block_out_channels"], 0)
+            .filter(|c| !c.is_empty())
+            .ok_or(missing("block_out_channels"))?;
+        let n = channels.len();
+        let types: Vec<&str> = v["down_block_types"]
+            .as_array()
+            .ok_or(missing("down_block_types"))?
+            .iter()
+            .filter_map(Value::as_str)
+            .collect();
+        if types.len() != n {
+            return Err(ConfigError::Invalid {
+                network: NET,
+                problem: "down_block_types and block_out_channels differ in length".into(),
+            });
+        }
+        // diffusers quirk: `attention_head_dim` holds the number of heads unless `num_attention_heads` is set.
+        let heads = usize_list(&v["num_attention_heads"], n)
+            .or_else(|| usize_list(&v["attention_head_dim"], n))
+            .unwrap_or(vec![8; n]);
+        let layers = usize_list(&v["transformer_layers_per_block"], n).unwrap_or(vec![1; n]);
+        if heads.len() != n || layers.len() != n || heads.contains(&0) {
+            return Err(ConfigError::Invalid {
+                network: NET,
+                problem:
+                    "attention_head_dim / transformer_layers_per_block do not match the blocks"
+                        .into(),
+            });
+        }
+        if v["class_embed_type"].as_str().is_some() {
+            return Err(ConfigError::Unsupported {
+                network: NET,
+                feature: "class embeddings".into(),
+            });
+        }
+        let addition = match v["addition_embed_type"].as_str() {
+            None => None,
+            Some("text_time") => Some(AdditionConfig {
+                time_embed_dim: v["addition_time_embed_dim"]
+                    .as_u64()
+                    .ok_or(missing("addition_time_embed_dim"))?
+                    as usize,
+                input_dim: v["projection_class_embeddings_input_dim"]
+                    .as_u64()
+                    .ok_or(missing("projection_class_embeddings_input_dim"))?
+                    as usize,
+            }),
+            Some(other) => {
+                return Err(ConfigError::Unsupported {
+                    network: NET,
+                    feature: format!("addition_embed_type {other:?} (only SDXL's text_time)"),
+                })
+            }
+        };
+        let blocks = (0..n)
+            .map(|i| BlockConfig {
+                out_channels: channels[i],
+                use_cross_attn: types[i].starts_with("CrossAttn").then_some(layers[i]),
+                attention_head_dim: heads[i],
+            })
+            .collect();
+        Ok(UNet2DConditionModelConfig {
+            center_input_sample: v["center_input_sample"].as_bool().unwrap_or(false),
+            flip_sin_to_cos: v["flip_sin_to_cos"].as_bool().unwrap_or(true),
+            freq_shift: v["freq_shift"].as_f64().unwrap_or(0.0),
+            blocks,
+            layers_per_block: v["layers_per_block"].as_u64().unwrap_or(2) as usize,
+            downsample_padding: v["downsample_padding"].as_u64().unwrap_or(1) as usize,
+            mid_block_scale_factor: v["mid_block_scale_factor"].as_f64().unwrap_or(1.0),
+            norm_num_groups: v["norm_num_groups"].as_u64().unwrap_or(32) as usize,
+            norm_eps: v["norm_eps"].as_f64().unwrap_or(1e-5),
+            cross_attention_dim: usize_list(&v["cross_attention_dim"], 1)
+                .and_then(|c| c.first().copied())
+                .ok_or(missing("cross_attention_dim"))?,
+            sliced_attention_size: None,
+            use_linear_projection: v["use_linear_projection"].as_bool().unwrap_or(false),
+            addition,
+            seamless: Seamless::NONE,
+        })
     }
 }
 
@@ -126,9 +220,13 @@ impl UNet2DConditionModel {
         config: UNet2DConditionModelConfig,
     ) -> Result<Self> {
         let n_blocks = config.blocks.len();
-        let b_channels = config.blocks[0].out_channels;
-        let bl_channels = config.blocks.last().unwrap().out_channels;
-        let bl_attention_head_dim = config.blocks.last().unwrap().attention_head_dim;
+        let (Some(first), Some(last)) = (config.blocks.first(), config.blocks.last()) else {
+            return Err(candle_core::Error::Msg("the UNet has no blocks".into()));
+        };
+        let b_channels = first.out_channels;
+        let bl_channels = last.out_channels;
+        let bl_attention_head_dim = last.attention_head_dim;
+        let tiling = Tiling::unet(config.seamless);
         let time_embed_dim = b_channels * 4;
         let conv_cfg = nn::Conv2dConfig {
             padding: 1,
@@ -140,7 +238,7 @@ impl UNet2DConditionModel {
             3,
             conv_cfg,
             vs.pp("conv_in"),
-            Role::Outer,
+            tiling.outer,
         )?;
 
         let time_proj = Timesteps::new(b_channels, config.flip_sin_to_cos, config.freq_shift);
@@ -188,6 +286,7 @@ impl UNet2DConditionModel {
                     resnet_groups: config.norm_num_groups,
                     add_downsample: i < n_blocks - 1,
                     downsample_padding: config.downsample_padding,
+                    tiling,
                     ..Default::default()
                 };
                 if let Some(transformer_layers_per_block) = use_cross_attn {
@@ -234,6 +333,7 @@ impl UNet2DConditionModel {
             resnet_groups: Some(config.norm_num_groups),
             use_linear_projection: config.use_linear_projection,
             transformer_layers_per_block: mid_transformer_layers_per_block,
+            tiling,
             ..Default::default()
         };
 
@@ -278,6 +378,7 @@ impl UNet2DConditionModel {
                     resnet_eps: config.norm_eps,
                     resnet_groups: config.norm_num_groups,
                     add_upsample: i < n_blocks - 1,
+                    tiling,
                     ..Default::default()
                 };
                 if let Some(transformer_layers_per_block) = use_cross_attn {
@@ -325,7 +426,7 @@ impl UNet2DConditionModel {
             3,
             conv_cfg,
             vs.pp("conv_out"),
-            Role::Outer,
+            tiling.outer,
         )?;
         let span = tracing::span!(tracing::Level::TRACE, "unet2d");
         Ok(Self {
@@ -469,7 +570,12 @@ impl UNet2DConditionModel {
             };
             let res_xs = down_block_res_xs.split_off(down_block_res_xs.len() - n_resnets);
             if i < n_blocks - 1 && forward_upsample_size {
-                let (_, _, h, w) = down_block_res_xs.last().unwrap().dims4()?;
+                let Some(skip) = down_block_res_xs.last() else {
+                    return Err(candle_core::Error::Msg(
+                        "UNet skip connections ran out".into(),
+                    ));
+                };
+                let (_, _, h, w) = skip.dims4()?;
                 upsample_size = Some((h, w))
             }
             xs = match up_block {

@@ -1,32 +1,35 @@
-//! Cluster mode (`serve --kubernetes`, ARCHITECTURE §3 and §4 `cluster`).
+//! Cluster mode (`serve --kubernetes`).
 //!
 //! The agent publishes its node's `ModelNode` status (on change, rate-limited,
 //! never as a heartbeat), renews its liveness Lease, and follows the
 //! ModelDeployments whose placements name its node: it verifies, converts and
-//! warms each model at the deployment's `warmTier`, reports the placement's
-//! phase, and serves Ready deployments by name through the API. Every loop
-//! survives API errors with exponential backoff; nothing here panics because
-//! the API server is away.
+//! warms each model at the deployment's `warmTier` ([`placement`]), reports
+//! the placement's phase ([`status`]), and serves Ready deployments by name
+//! through the API's [`Routes`]. Every loop survives API errors with
+//! exponential backoff; nothing here panics because the API server is away.
 
-use crate::api::{AppState, Route};
+pub mod placement;
+pub mod status;
+
+pub use placement::{desired, Desired};
+
+use crate::agent::Agent;
 use crate::cache::TierKind;
-use crate::memory;
+use crate::routes::{Route, Routes};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, ObjectMeta, Time};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use modelcache_crds::*;
+use placement::{PlacementError, Prepared};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
-
-/// Least time between two searches of the models folder for a missing model.
-const RESCAN_AFTER: Duration = Duration::from_secs(5);
 
 /// Settings from the command line and the downward API.
 #[derive(Debug, Clone)]
@@ -44,52 +47,6 @@ pub struct Settings {
     pub report_interval: Duration,
 }
 
-/// What the agent should hold for one deployment placed on its node.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Desired {
-    /// `namespace/name`.
-    pub key: String,
-    pub path: String,
-    pub sha256: Option<String>,
-    pub warm: WarmTier,
-    pub role: PlacementRole,
-    pub precision: Precision,
-    pub loras: Vec<LoraSpec>,
-    pub defaults: GenerationDefaults,
-}
-
-/// The placements that name `node`, by deployment.
-pub fn desired(node: &str, deployments: &[Arc<ModelDeployment>]) -> BTreeMap<String, Desired> {
-    let mut out = BTreeMap::new();
-    for md in deployments {
-        if md.metadata.deletion_timestamp.is_some() {
-            continue;
-        }
-        let Some(p) = md
-            .status
-            .as_ref()
-            .and_then(|s| s.placements.iter().find(|p| p.node == node))
-        else {
-            continue;
-        };
-        let key = format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any());
-        out.insert(
-            key.clone(),
-            Desired {
-                key,
-                path: md.spec.model.path.clone(),
-                sha256: md.spec.model.sha256.clone(),
-                warm: md.spec.warm_tier,
-                role: p.role,
-                precision: md.spec.precision,
-                loras: md.spec.loras.clone(),
-                defaults: md.spec.defaults.clone(),
-            },
-        );
-    }
-    out
-}
-
 /// One placement the agent works on.
 #[derive(Debug, Clone)]
 struct Tracked {
@@ -105,7 +62,8 @@ struct Tracked {
 
 /// The cluster side of an agent.
 pub struct ClusterAgent {
-    pub state: Arc<AppState>,
+    pub agent: Arc<Agent>,
+    routes: Arc<Routes>,
     pub settings: Settings,
     tracked: Mutex<BTreeMap<String, Tracked>>,
     /// Hashes verified this run, by model path, for the ModelNode's localModels.
@@ -144,10 +102,13 @@ impl Backoff {
 }
 
 impl ClusterAgent {
-    pub fn new(state: Arc<AppState>, settings: Settings) -> Arc<Self> {
-        state.set_routes(HashMap::new());
+    /// The cluster side of `agent`, which serves only its Ready placements
+    /// through `routes` from now on.
+    pub fn new(agent: Arc<Agent>, routes: Arc<Routes>, settings: Settings) -> Arc<Self> {
+        routes.set(HashMap::new());
         Arc::new(ClusterAgent {
-            state,
+            agent,
+            routes,
             settings,
             tracked: Mutex::default(),
             hashes: Mutex::default(),
@@ -280,11 +241,11 @@ impl ClusterAgent {
         for (d, attempt) in start {
             let agent = self.clone();
             tokio::spawn(async move {
-                let state = agent.state.clone();
+                let core = agent.agent.clone();
                 let want = d.clone();
-                let result = tokio::task::spawn_blocking(move || prepare(&state, &want))
+                let result = tokio::task::spawn_blocking(move || placement::prepare(&core, &want))
                     .await
-                    .unwrap_or_else(|e| Err(format!("preparing the model failed: {e}")));
+                    .unwrap_or_else(|e| Err(PlacementError::Task(e.to_string())));
                 agent.finish(&d.key, attempt, result);
             });
         }
@@ -294,7 +255,7 @@ impl ClusterAgent {
         }
     }
 
-    fn finish(&self, key: &str, attempt: u64, result: Result<Prepared, String>) {
+    fn finish(&self, key: &str, attempt: u64, result: Result<Prepared, PlacementError>) {
         {
             let mut tracked = lock(&self.tracked);
             let Some(t) = tracked.get_mut(key).filter(|t| t.attempt == attempt) else {
@@ -312,7 +273,8 @@ impl ClusterAgent {
                     t.model = Some(p.model);
                     t.failures = 0;
                 }
-                Err(message) => {
+                Err(e) => {
+                    let message = e.to_string();
                     t.failures += 1;
                     let wait = Duration::from_secs(10u64 << t.failures.min(5))
                         .min(Duration::from_secs(300));
@@ -336,12 +298,11 @@ impl ClusterAgent {
         if still_warm {
             return;
         }
-        if let Some(m) = self.state.catalog.opened(model) {
-            for c in m.components() {
+        if let Some(m) = self.agent.catalog.opened(model) {
+            for key in m.component_keys() {
                 // Evictable again; LRU decides when the bytes go.
-                let key = m.component(c);
-                self.state.cache.unpin(&key, TierKind::Ram);
-                self.state.cache.unpin(&key, TierKind::Device);
+                self.agent.cache.unpin(&key, TierKind::Ram);
+                self.agent.cache.unpin(&key, TierKind::Device);
             }
         }
     }
@@ -363,7 +324,7 @@ impl ClusterAgent {
                 ))
             })
             .collect();
-        self.state.set_routes(routes);
+        self.routes.set(routes);
     }
 
     /// The agent's view of its placements.
@@ -376,143 +337,14 @@ impl ClusterAgent {
 
     /// The ModelNode status this agent reports now.
     pub fn status(&self) -> ModelNodeStatus {
-        let s = &self.state;
-        let (ram, dev) = s.cache.stats();
-        let cfg = s.cache.config();
-        let endpoint = match self.settings.pod_ip.parse::<std::net::IpAddr>() {
-            Ok(ip) => std::net::SocketAddr::new(ip, self.settings.api_port).to_string(),
-            Err(_) => format!("{}:{}", self.settings.pod_ip, self.settings.api_port),
-        };
-        let now = Timestamp::now();
-        let entries = s.cache.entries();
-        let mut models: Vec<ResidentModel> = Vec::new();
-        for (model, rel) in s
-            .catalog
-            .found()
-            .into_iter()
-            .filter_map(|e| s.catalog.opened(&e.name).map(|m| (m, e.rel_path.clone())))
-        {
-            let keys: Vec<String> = model
-                .components()
-                .iter()
-                .map(|c| model.component(c))
-                .collect();
-            for tier in [TierKind::Device, TierKind::Ram] {
-                let here: Vec<_> = entries
-                    .iter()
-                    .filter(|e| e.tier == tier && !e.loading && keys.contains(&e.key))
-                    .collect();
-                if !here.iter().any(|e| e.key.ends_with("unet")) {
-                    continue;
-                }
-                let idle = here.iter().map(|e| e.idle).min().unwrap_or_default();
-                models.push(ResidentModel {
-                    path: rel.clone(),
-                    tier: match tier {
-                        TierKind::Device => Tier::Vram,
-                        TierKind::Ram => Tier::Ram,
-                    },
-                    size_bytes: here.iter().map(|e| e.bytes as i64).sum(),
-                    locked: here.iter().any(|e| e.locked),
-                    last_used: SignedDuration::try_from(idle)
-                        .ok()
-                        .and_then(|d| now.checked_sub(d).ok())
-                        .map(Time),
-                });
-            }
-        }
-        let models_truncated = models.len() > MAX_REPORTED_MODELS;
-        models.truncate(MAX_REPORTED_MODELS);
         let hashes = lock(&self.hashes).clone();
-        let mut local: Vec<LocalModel> = s
-            .catalog
-            .found()
-            .into_iter()
-            .filter_map(|e| {
-                Some(LocalModel {
-                    path: e.rel_path.clone(),
-                    model_type: e.probe.model_type,
-                    base: e.probe.base?,
-                    variant: e.probe.variant,
-                    prediction_type: e.probe.prediction_type,
-                    format: e.probe.format,
-                    file_bytes: e.probe.file_bytes as i64,
-                    tensor_count: e.probe.tensor_count as i64,
-                    parameter_count: Some((e.probe.size_bytes.f32 / 4) as i64),
-                    sha256: hashes.get(&e.rel_path).cloned(),
-                })
-            })
-            .collect();
-        let local_truncated = local.len() > MAX_REPORTED_MODELS;
-        local.truncate(MAX_REPORTED_MODELS);
-        let mi = memory::mallinfo2();
-        ModelNodeStatus {
-            agent: Some(AgentInfo {
-                version: env!("CARGO_PKG_VERSION").into(),
-                pod_name: self.settings.pod_name.clone(),
-                endpoint,
-            }),
-            devices: cfg
-                .devices
-                .iter()
-                .map(|slot| {
-                    let (free, total) = crate::device::memory_or_host(&slot.device);
-                    DeviceInfo {
-                        id: crate::device::id(&slot.device),
-                        name: crate::device::name(&slot.device),
-                        memory_bytes: total as i64,
-                        free_bytes: free as i64,
-                        cache_budget_bytes: slot.budget as i64,
-                    }
-                })
-                .collect(),
-            cache: Some(CacheStatus {
-                ram_capacity_bytes: ram.budget as i64,
-                ram_used_bytes: ram.used as i64,
-                vram_capacity_bytes: dev.budget as i64,
-                vram_used_bytes: dev.used as i64,
-                hits: (ram.hits + dev.hits) as i64,
-                misses: (ram.misses + dev.misses) as i64,
-                evictions: (ram.evictions + dev.evictions) as i64,
-                disk_read_bytes_per_second: ram.bandwidth as i64,
-                // Until a move has been measured, the slowest GPU's PCIe link.
-                ram_to_device_bytes_per_second: if dev.bandwidth > 0.0 {
-                    dev.bandwidth as i64
-                } else {
-                    cfg.devices
-                        .iter()
-                        .filter_map(|d| crate::device::pcie_bandwidth(&d.device))
-                        .map(|b| b as i64)
-                        .min()
-                        .unwrap_or(0)
-                },
-            }),
-            models,
-            models_truncated,
-            placements: self.placements(),
-            local_models: local,
-            local_models_truncated: local_truncated,
-            memory: Some(MemoryStatus {
-                resident_bytes: memory::resident_bytes() as i64,
-                malloc_arena_bytes: mi.map_or(0, |m| m.arena as i64),
-                malloc_mmap_bytes: mi.map_or(0, |m| m.hblkhd as i64),
-                malloc_free_bytes: mi.map_or(0, |m| m.fordblks as i64),
-                fragmentation_ratio: mi.map_or(0.0, |m| m.fragmentation_ratio()),
-                mmap_threshold_bytes: memory::mmap_threshold() as i64,
-            }),
-            conditions: vec![Condition {
-                type_: "Ready".into(),
-                status: "True".into(),
-                reason: "AgentServing".into(),
-                message: format!(
-                    "{} model(s) found under the model root; {} placement(s) on this node",
-                    s.catalog.found().len(),
-                    lock(&self.tracked).len()
-                ),
-                observed_generation: None,
-                last_transition_time: Time(self.started),
-            }],
-        }
+        status::node_status(
+            &self.agent,
+            &self.settings,
+            self.placements(),
+            &hashes,
+            self.started,
+        )
     }
 
     /// Writes the ModelNode status when something meaningful changed, at most
@@ -526,7 +358,7 @@ impl ClusterAgent {
         let mut backoff = Backoff::new();
         loop {
             let status = self.status();
-            let fingerprint = significant(&status);
+            let fingerprint = status::significant(&status);
             if last.as_ref() != Some(&fingerprint) {
                 let result = async {
                     if !created {
@@ -606,103 +438,4 @@ impl ClusterAgent {
             }
         }
     }
-}
-
-/// The status without what changes all the time (memory to the last 256 MiB and
-/// 0.05 of fragmentation, free device memory, last-use times), so that reports
-/// are written on change and not as a heartbeat.
-fn significant(s: &ModelNodeStatus) -> ModelNodeStatus {
-    let mut s = s.clone();
-    for d in &mut s.devices {
-        d.free_bytes = 0;
-    }
-    for m in &mut s.models {
-        m.last_used = None;
-    }
-    if let Some(m) = s.memory.as_mut() {
-        let q = |v: i64| v >> 28;
-        m.resident_bytes = q(m.resident_bytes);
-        m.malloc_arena_bytes = q(m.malloc_arena_bytes);
-        m.malloc_mmap_bytes = q(m.malloc_mmap_bytes);
-        m.malloc_free_bytes = q(m.malloc_free_bytes);
-        m.fragmentation_ratio = (m.fragmentation_ratio * 20.0).round();
-    }
-    s
-}
-
-/// What preparing a placement produced.
-struct Prepared {
-    model: String,
-    tier: Tier,
-    sha256: Option<String>,
-    message: Option<String>,
-}
-
-/// Finds, verifies, opens (converting a checkpoint once) and warms a placement's
-/// model. Blocking: runs on the blocking pool.
-fn prepare(state: &AppState, d: &Desired) -> Result<Prepared, String> {
-    let catalog = &state.catalog;
-    let entry = match catalog.by_path(&d.path) {
-        Some(e) => e,
-        None => {
-            // It may have been copied in since the last search.
-            catalog.rescan_if_older(RESCAN_AFTER);
-            catalog.by_path(&d.path).ok_or_else(|| {
-                format!(
-                    "model path {:?} is not under this agent's models folder {} (searched again; it is retried)",
-                    d.path,
-                    catalog.root().display()
-                )
-            })?
-        }
-    };
-    if !entry.servable() {
-        return Err(format!(
-            "{:?} is a {} model, not a text-to-image base model",
-            d.path, entry.probe.model_type
-        ));
-    }
-    let mut sha256 = None;
-    if let Some(want) = &d.sha256 {
-        let have = crate::store::identity::sha256(&entry.path, Some(catalog.state_dir()))
-            .map_err(|e| format!("hashing {:?}: {e}", d.path))?;
-        if !have.eq_ignore_ascii_case(want) {
-            return Err(format!(
-                "sha256 mismatch: spec.model.sha256 is {want} but the files on this node hash to {have}"
-            ));
-        }
-        sha256 = Some(have);
-    }
-    let model = catalog.open(&entry.name).map_err(|e| e.to_string())?;
-    let tier = match d.warm {
-        WarmTier::None => None,
-        WarmTier::Ram => Some(TierKind::Ram),
-        WarmTier::Vram => Some(TierKind::Device),
-    };
-    if let Some(t) = tier {
-        for c in model.components() {
-            state
-                .cache
-                .warm(&model.component(c), t)
-                .map_err(|e| e.to_string())?;
-        }
-    }
-    let cfg = state.cache.config();
-    let message = (cfg.devices.iter().all(|s| s.device.is_cpu()) && d.precision != Precision::F32)
-        .then(|| {
-            format!(
-                "computing in F32 on the CPU (spec.precision {} applies on GPUs)",
-                d.precision
-            )
-        });
-    Ok(Prepared {
-        model: entry.name.clone(),
-        tier: match tier {
-            None => Tier::Disk,
-            Some(TierKind::Ram) => Tier::Ram,
-            Some(TierKind::Device) => Tier::Vram,
-        },
-        sha256,
-        message,
-    })
 }

@@ -1,11 +1,8 @@
-//! ResNet Building Blocks
-//!
-//! Some Residual Network blocks used in UNet models.
-//!
-//! Denoising Diffusion Implicit Models, K. He and al, 2015.
-//! - [Paper](https://arxiv.org/abs/1512.03385)
-//!
-use super::conv::{conv2d, Conv2d, Role};
+//! The residual block of the UNet and the VAE (He et al., "Deep Residual
+//! Learning for Image Recognition", 2015, <https://arxiv.org/abs/1512.03385>),
+//! with a timestep embedding added between its two convolutions in the UNet.
+
+use super::conv::{conv2d, Conv2d, Tiling};
 use super::norm::GroupNorm;
 use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
@@ -29,6 +26,8 @@ pub struct ResnetBlock2DConfig {
     // non_linearity: silu
     /// The final output is scaled by dividing by this value.
     pub output_scale_factor: f64,
+    /// Which convolutions wrap around for seamless tiling.
+    pub tiling: Tiling,
 }
 
 impl Default for ResnetBlock2DConfig {
@@ -41,6 +40,7 @@ impl Default for ResnetBlock2DConfig {
             eps: 1e-6,
             use_in_shortcut: None,
             output_scale_factor: 1.,
+            tiling: Tiling::default(),
         }
     }
 }
@@ -78,7 +78,7 @@ impl ResnetBlock2D {
             3,
             conv_cfg,
             vs.pp("conv1"),
-            Role::Outer,
+            config.tiling.outer,
         )?;
         let groups_out = config.groups_out.unwrap_or(config.groups);
         let norm2 = GroupNorm::new(groups_out, out_channels, config.eps, vs.pp("norm2"))?;
@@ -88,7 +88,7 @@ impl ResnetBlock2D {
             3,
             conv_cfg,
             vs.pp("conv2"),
-            Role::ResnetSecond,
+            config.tiling.inner,
         )?;
         let use_in_shortcut = config
             .use_in_shortcut
@@ -107,7 +107,7 @@ impl ResnetBlock2D {
                 1,
                 conv_cfg,
                 vs.pp("conv_shortcut"),
-                Role::ResnetSecond,
+                config.tiling.inner,
             )?)
         } else {
             None

@@ -243,11 +243,11 @@ pub fn erf(x: f32) -> f32 {
 }
 
 #[cfg(test)]
-pub(super) mod tests {
+pub(in crate::pipeline) mod tests {
     use super::*;
 
     /// Deterministic values in ±spread/2, for the CPU kernels' tests.
-    pub(in super::super) fn random(shape: &[usize], seed: u64, spread: f32) -> Tensor {
+    pub(in crate::pipeline) fn random(shape: &[usize], seed: u64, spread: f32) -> Tensor {
         let mut s = seed;
         let n: usize = shape.iter().product();
         let v: Vec<f32> = (0..n)
@@ -261,7 +261,7 @@ pub(super) mod tests {
         Tensor::from_vec(v, shape, &Device::Cpu).unwrap()
     }
 
-    pub(in super::super) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    pub(in crate::pipeline) fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
         (a - b)
             .and_then(|d| d.abs()?.max_all()?.to_scalar::<f32>())
             .unwrap()

@@ -12,7 +12,7 @@
 //! output row is divided by its row's sum. Results equal the unfused
 //! computation up to float rounding (the `exp` is within 2 ulp of glibc's).
 
-use super::cpu_ops::{exp_shifted_in_place, with_slice};
+use super::ops::{exp_shifted_in_place, with_slice};
 use candle_core::{Device, Result, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -151,7 +151,7 @@ fn attend_block(
 
 #[cfg(test)]
 mod tests {
-    use super::super::cpu_ops::tests::{max_diff, random as random_in};
+    use super::super::ops::tests::{max_diff, random as random_in};
     use super::*;
     use candle_core::D;
 

@@ -3,13 +3,15 @@
 //! project's blocks so that its convolutions can tile seamlessly. Generation
 //! only decodes, so the encoder is left out.
 
-use super::conv::{conv2d, Conv2d, Role};
+use super::conv::{conv2d, Conv2d, Seamless, Tiling};
 use super::norm::GroupNorm;
 use super::unet_2d_blocks::{
     UNetMidBlock2D, UNetMidBlock2DConfig, UpDecoderBlock2D, UpDecoderBlock2DConfig,
 };
+use super::{usize_list, ConfigError};
 use candle_core::{Module, Result, Tensor};
 use candle_nn as nn;
+use serde_json::Value;
 
 #[derive(Debug, Clone, PartialEq)]
 pub struct VaeConfig {
@@ -18,6 +20,30 @@ pub struct VaeConfig {
     pub latent_channels: usize,
     pub norm_num_groups: usize,
     pub use_post_quant_conv: bool,
+    /// Latents are divided by this before decoding (SD 0.18215, SDXL 0.13025).
+    pub scaling_factor: f64,
+    /// Axes along which decoded images tile (a request's choice, not the model's).
+    pub seamless: Seamless,
+}
+
+impl VaeConfig {
+    /// The configuration a diffusers `vae/config.json` describes.
+    pub fn from_json(v: &Value) -> std::result::Result<Self, ConfigError> {
+        Ok(VaeConfig {
+            block_out_channels: usize_list(&v["block_out_channels"], 0)
+                .filter(|c| !c.is_empty())
+                .ok_or(ConfigError::Missing {
+                    network: "vae",
+                    field: "block_out_channels",
+                })?,
+            layers_per_block: v["layers_per_block"].as_u64().unwrap_or(2) as usize,
+            latent_channels: v["latent_channels"].as_u64().unwrap_or(4) as usize,
+            norm_num_groups: v["norm_num_groups"].as_u64().unwrap_or(32) as usize,
+            use_post_quant_conv: v["use_post_quant_conv"].as_bool().unwrap_or(true),
+            scaling_factor: v["scaling_factor"].as_f64().unwrap_or(0.18215),
+            seamless: Seamless::NONE,
+        })
+    }
 }
 
 #[derive(Debug)]
@@ -37,6 +63,7 @@ impl VaeDecoder {
         let last = *channels
             .last()
             .ok_or_else(|| candle_core::Error::Msg("vae has no blocks".into()))?;
+        let tiling = Tiling::vae(config.seamless);
         let pad1 = nn::Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -48,7 +75,7 @@ impl VaeDecoder {
                 1,
                 Default::default(),
                 vs.pp("post_quant_conv"),
-                Role::Outer,
+                tiling.outer,
             )?)
         } else {
             None
@@ -60,7 +87,7 @@ impl VaeDecoder {
             3,
             pad1,
             vs.pp("conv_in"),
-            Role::Outer,
+            tiling.outer,
         )?;
         let mid_block = UNetMidBlock2D::new(
             vs.pp("mid_block"),
@@ -71,6 +98,7 @@ impl VaeDecoder {
                 output_scale_factor: 1.,
                 attn_num_head_channels: None,
                 resnet_groups: Some(config.norm_num_groups),
+                tiling,
                 ..Default::default()
             },
         )?;
@@ -87,6 +115,7 @@ impl VaeDecoder {
                         resnet_eps: 1e-6,
                         resnet_groups: config.norm_num_groups,
                         add_upsample: i + 1 != reversed.len(),
+                        tiling,
                         ..Default::default()
                     },
                 )
@@ -104,7 +133,7 @@ impl VaeDecoder {
             3,
             pad1,
             vs.pp("conv_out"),
-            Role::Outer,
+            tiling.outer,
         )?;
         Ok(VaeDecoder {
             post_quant_conv,

@@ -10,7 +10,7 @@
 //! gemm writes each tile's product straight into the output, which starts as
 //! the bias. Results equal candle's up to the order of float additions.
 
-use super::cpu_ops::with_slice;
+use super::ops::with_slice;
 use candle_core::{DType, Device, Result, Tensor};
 use rayon::prelude::*;
 use std::cell::RefCell;
@@ -192,7 +192,7 @@ fn patches(
 
 #[cfg(test)]
 mod tests {
-    use super::super::cpu_ops::tests::{max_diff, random as random_in};
+    use super::super::ops::tests::{max_diff, random as random_in};
     use super::*;
 
     fn random(shape: &[usize], seed: u64) -> Tensor {

@@ -4,6 +4,7 @@
 //! model's `text_encoder/config.json`; reads weights with or without the
 //! `text_model.` prefix (transformers 5 drops it).
 
+use super::ConfigError;
 use candle_core::{DType, Device, IndexOp, Module, Result, Tensor, D};
 use candle_nn::{
     embedding, layer_norm, linear, linear_no_bias, Embedding, LayerNorm, Linear, VarBuilder,
@@ -32,24 +33,44 @@ pub struct ClipConfig {
 }
 
 impl ClipConfig {
-    pub fn from_json(v: &Value) -> std::result::Result<Self, String> {
-        let get = |k: &str| {
-            v[k].as_u64()
+    /// The configuration a transformers text encoder `config.json` describes.
+    pub fn from_json(v: &Value) -> std::result::Result<Self, ConfigError> {
+        const NET: &str = "text encoder";
+        let get = |field: &'static str| {
+            v[field]
+                .as_u64()
                 .map(|x| x as usize)
-                .ok_or_else(|| format!("text encoder config.json lacks {k}"))
+                .ok_or(ConfigError::Missing {
+                    network: NET,
+                    field,
+                })
         };
         let activation = match v["hidden_act"].as_str() {
             Some("quick_gelu") | None => Activation::QuickGelu,
             Some("gelu") => Activation::Gelu,
-            Some(other) => return Err(format!("unsupported text encoder activation {other:?}")),
+            Some(other) => {
+                return Err(ConfigError::Unsupported {
+                    network: NET,
+                    feature: format!("activation {other:?}"),
+                })
+            }
         };
         let with_projection = v["architectures"][0].as_str() == Some("CLIPTextModelWithProjection");
+        let (hidden, heads) = (get("hidden_size")?, get("num_attention_heads")?);
+        if heads == 0 || hidden % heads != 0 {
+            return Err(ConfigError::Invalid {
+                network: NET,
+                problem: format!(
+                    "hidden_size {hidden} is not divisible into {heads} attention heads"
+                ),
+            });
+        }
         Ok(ClipConfig {
             vocab_size: get("vocab_size")?,
-            hidden_size: get("hidden_size")?,
+            hidden_size: hidden,
             intermediate_size: get("intermediate_size")?,
             num_hidden_layers: get("num_hidden_layers")?,
-            num_attention_heads: get("num_attention_heads")?,
+            num_attention_heads: heads,
             max_position_embeddings: get("max_position_embeddings")?,
             layer_norm_eps: v["layer_norm_eps"].as_f64().unwrap_or(1e-5),
             activation,

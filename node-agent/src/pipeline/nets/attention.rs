@@ -1,6 +1,7 @@
 //! Attention Based Building Blocks
-use super::conv::{conv2d, Conv2d, Role};
+use super::conv::{conv2d, Conv2d, Seamless};
 use super::norm::GroupNorm;
+use crate::pipeline::cpu;
 use candle_core::{DType, IndexOp, Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module;
@@ -23,8 +24,8 @@ impl Module for GeGlu {
     fn forward(&self, xs: &Tensor) -> Result<Tensor> {
         let _enter = self.span.enter();
         let xs = self.proj.forward(xs)?;
-        if super::cpu_ops::applies(&xs) {
-            return super::cpu_ops::geglu(&xs);
+        if cpu::ops::applies(&xs) {
+            return cpu::ops::geglu(&xs);
         }
         let hidden_states_and_gate = xs.chunk(2, D::Minus1)?;
         &hidden_states_and_gate[0] * hidden_states_and_gate[1].gelu_erf()?
@@ -223,8 +224,8 @@ impl CrossAttention {
                 .transpose(1, 2)?
                 .squeeze(0)?
                 .to_dtype(init_dtype)?
-        } else if super::cpu_ops::applies(query) {
-            super::cpu_attention::attention(query, key, value, self.scale as f32)?
+        } else if cpu::ops::applies(query) {
+            cpu::attention::attention(query, key, value, self.scale as f32)?
         } else {
             chunked_attention(query, key, value, self.scale, SCORES_BYTES)?
         };
@@ -372,7 +373,8 @@ impl SpatialTransformer {
                 1,
                 Default::default(),
                 vs.pp("proj_in"),
-                Role::ResnetSecond,
+                // Attention never wraps around.
+                Seamless::NONE,
             )?)
         };
         let mut transformer_blocks = vec![];
@@ -398,7 +400,7 @@ impl SpatialTransformer {
                 1,
                 Default::default(),
                 vs.pp("proj_out"),
-                Role::ResnetSecond,
+                Seamless::NONE,
             )?)
         };
         let span = tracing::span!(tracing::Level::TRACE, "spatial-transformer");
@@ -567,13 +569,13 @@ impl Module for AttentionBlock {
             .transpose_for_scores(value_proj)?
             .to_dtype(DType::F32)?;
 
-        let xs = if super::cpu_ops::applies(&query_states) {
+        let xs = if cpu::ops::applies(&query_states) {
             let heads = |t: Tensor| -> Result<Tensor> {
                 let (b, h, n, d) = t.dims4()?;
                 t.contiguous()?.reshape((b * h, n, d))
             };
             let d = self.channels / self.num_heads;
-            super::cpu_attention::attention(
+            cpu::attention::attention(
                 &heads(query_states)?,
                 &heads(key_states)?,
                 &heads(value_states)?,
@@ -602,8 +604,8 @@ impl Module for AttentionBlock {
 
 #[cfg(test)]
 mod tests {
-    use super::super::cpu_ops::tests::{max_diff, random};
     use super::*;
+    use crate::pipeline::cpu::ops::tests::{max_diff, random};
 
     #[test]
     fn chunked_and_fused_attention_agree() {
@@ -612,7 +614,7 @@ mod tests {
         let q = random(&[4, 50, 16], 1, 4.0);
         let k = random(&[4, 30, 16], 2, 4.0);
         let v = random(&[4, 30, 8], 3, 4.0);
-        let fused = super::super::cpu_attention::attention(&q, &k, &v, 0.25).unwrap();
+        let fused = cpu::attention::attention(&q, &k, &v, 0.25).unwrap();
         for bytes in [usize::MAX, 4 * 30 * 4 * 7, 1] {
             let d = max_diff(&chunked_attention(&q, &k, &v, 0.25, bytes).unwrap(), &fused);
             assert!(d < 1e-5, "{bytes} bytes of scores: max abs diff {d}");

@@ -1,0 +1,320 @@
+//! The HTTP API: OpenAI's images API plus extensions, a bounded queue,
+//! limits, an optional bearer token, OpenAI-shaped errors, and an access-log
+//! line with a request id for every API request.
+//!
+//! [`request`] validates bodies, [`queue`] admits them, [`error`] shapes
+//! failures; this module holds the routes and the handlers.
+
+pub mod error;
+pub mod queue;
+pub mod request;
+
+pub use error::ApiError;
+pub use queue::Queue;
+pub use request::{GenerationRequest, Limits};
+
+use crate::agent::Agent;
+use crate::pipeline;
+use crate::routes::Routes;
+use axum::body::Body;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{header, HeaderMap, HeaderValue, Request, Response as HttpResponse, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine;
+use serde_json::json;
+use sha2::{Digest, Sha256};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use subtle::ConstantTimeEq;
+use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
+use tower_http::trace::TraceLayer;
+use tracing::Span;
+
+/// The request id header: kept when a client or gateway sends one, made
+/// otherwise, and returned on every API response.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// What the HTTP handlers share.
+pub struct AppState {
+    pub agent: Arc<Agent>,
+    /// What a request's `model` names (replaced by the cluster side in cluster mode).
+    pub routes: Arc<Routes>,
+    pub queue: Arc<Queue>,
+    pub limits: Limits,
+    /// The bearer token clients must send; `None` when the API is open.
+    pub token: Option<String>,
+    pub ready: AtomicBool,
+}
+
+impl AppState {
+    pub fn new(
+        agent: Arc<Agent>,
+        routes: Arc<Routes>,
+        queue: Queue,
+        limits: Limits,
+        token: Option<String>,
+    ) -> Self {
+        AppState {
+            agent,
+            routes,
+            queue: Arc::new(queue),
+            limits,
+            token,
+            ready: AtomicBool::new(true),
+        }
+    }
+}
+
+/// The API on port 8080. Health probes are left out of the access log, which
+/// kubelets would otherwise fill every few seconds.
+pub fn router(state: Arc<AppState>) -> Router {
+    let limit = state.limits.max_body_bytes;
+    let api = Router::new()
+        .route("/v1/images/generations", post(generate))
+        .route("/v1/models", get(models))
+        .fallback(not_found)
+        .layer(PropagateRequestIdLayer::x_request_id())
+        .layer(
+            TraceLayer::new_for_http()
+                .make_span_with(request_span)
+                .on_request(())
+                .on_response(access_log)
+                .on_failure(()),
+        )
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+    let health = Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz));
+    api.merge(health)
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// The span every log line of a request carries, generation included.
+fn request_span(req: &Request<Body>) -> Span {
+    let id = req
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    tracing::info_span!(
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = %id,
+        model = tracing::field::Empty,
+    )
+}
+
+fn access_log(res: &HttpResponse<Body>, latency: Duration, _span: &Span) {
+    tracing::info!(
+        status = res.status().as_u16(),
+        latency_ms = latency.as_secs_f64() * 1e3,
+        "served"
+    );
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "no such endpoint; see POST /v1/images/generations and GET /v1/models",
+        "invalid_request_error",
+        "not_found",
+    )
+}
+
+/// `/metrics` on its own port, so that a NetworkPolicy can open it to
+/// Prometheus alone.
+pub fn metrics_router(metrics: crate::metrics::AgentMetrics) -> Router {
+    Router::new().route(
+        "/metrics",
+        get(move || {
+            let m = metrics.clone();
+            async move {
+                (
+                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                    m.render(),
+                )
+            }
+        }),
+    )
+}
+
+async fn readyz(State(s): State<Arc<AppState>>) -> Response {
+    if s.ready.load(Ordering::Relaxed) {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+/// The bearer token, compared as SHA-256 digests in constant time: neither
+/// the first differing byte nor the token's length shows in the timing.
+fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(want) = &s.token else { return Ok(()) };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    let (a, b) = (
+        Sha256::digest(want.as_bytes()),
+        Sha256::digest(got.as_bytes()),
+    );
+    if bool::from(a.ct_eq(&b)) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "missing or invalid bearer token",
+            "invalid_request_error",
+            "invalid_api_key",
+        ))
+    }
+}
+
+/// Sets a flag when dropped: the handler future is dropped when the client goes
+/// away, and the generation then stops at its next step.
+struct CancelOnDrop(Arc<AtomicBool>);
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn generate(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    body: Result<Json<GenerationRequest>, JsonRejection>,
+) -> Response {
+    let started = Instant::now();
+    let (label, result) = match body {
+        Ok(Json(req)) => {
+            // The metric's label: the deployment in cluster mode, else the model.
+            let label = s
+                .routes
+                .resolve(&s.agent.catalog, &req.model)
+                .map(|t| t.label().to_string())
+                .unwrap_or_default();
+            Span::current().record("model", label.as_str());
+            (label, run_generation(&s, &headers, req).await)
+        }
+        Err(rej) => {
+            let status = rej.status();
+            let err = if status == StatusCode::PAYLOAD_TOO_LARGE {
+                ApiError::new(
+                    status,
+                    format!(
+                        "request body is larger than {} bytes",
+                        s.limits.max_body_bytes
+                    ),
+                    "invalid_request_error",
+                    "request_too_large",
+                )
+            } else {
+                ApiError::invalid(format!("invalid JSON body: {}", rej.body_text()))
+            };
+            (String::new(), Err(err))
+        }
+    };
+    let (status, response) = match result {
+        Ok((body, secs)) => {
+            let mut r = Json(body).into_response();
+            // Like OpenAI's `openai-processing-ms`: lets clients separate model time from transport.
+            if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", secs * 1e3)) {
+                r.headers_mut().insert("x-modelcache-generation-ms", v);
+            }
+            (StatusCode::OK, r)
+        }
+        Err(e) => (e.status, e.into_response()),
+    };
+    s.agent
+        .metrics
+        .generation_requests
+        .with_label_values(&[label.as_str(), status.as_str()])
+        .inc();
+    if status == StatusCode::OK {
+        s.queue.record(started.elapsed().as_secs_f64());
+    }
+    response
+}
+
+async fn run_generation(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    req: GenerationRequest,
+) -> Result<(serde_json::Value, f64), ApiError> {
+    check_token(s, headers)?;
+    let target = s.routes.resolve(&s.agent.catalog, &req.model)?;
+    let p = request::validate(&req, &target, &s.agent.catalog, &s.limits)?;
+    let ticket = s.queue.admit()?;
+    let permit = ticket.slot(&s.agent.metrics).await?;
+    let cancelled = Arc::new(AtomicBool::new(false));
+    let _cancel_on_drop = CancelOnDrop(cancelled.clone());
+    let agent = s.agent.clone();
+    // The generation's log lines carry the request's id.
+    let span = Span::current();
+    let (pngs, secs) = tokio::task::spawn_blocking(move || {
+        let _span = span.enter();
+        let _permit = permit;
+        let _ticket = ticket;
+        let started = Instant::now();
+        let model = agent.catalog.open(&target.model)?;
+        let images = pipeline::generate(&agent.cache, &model, &p, &|_, _, _| {
+            !cancelled.load(Ordering::Relaxed)
+        })?;
+        let pngs = images
+            .iter()
+            .map(|img| img.to_png())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| ApiError::internal(format!("PNG encoding: {e}")))?;
+        Ok::<_, ApiError>((pngs, started.elapsed().as_secs_f64()))
+    })
+    .await
+    .map_err(|e| ApiError::internal(format!("generation task failed: {e}")))??;
+    s.agent.metrics.generation_seconds.observe(secs);
+    let data: Vec<_> = pngs
+        .iter()
+        .map(|png| json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png)}))
+        .collect();
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok((json!({"created": created, "data": data}), secs))
+}
+
+async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if let Err(e) = check_token(&s, &headers) {
+        return e.into_response();
+    }
+    let catalog = &s.agent.catalog;
+    let resident = s.agent.cache.entries();
+    // Cluster mode lists the deployments served here; standalone, the catalog.
+    let served: Vec<(String, crate::catalog::CatalogEntry)> = match s.routes.deployments() {
+        Some(routes) => routes
+            .into_iter()
+            .filter_map(|r| catalog.get(&r.model).map(|e| (r.deployment, e)))
+            .collect(),
+        None => catalog
+            .entries()
+            .into_iter()
+            .map(|e| (e.name.clone(), e))
+            .collect(),
+    };
+    let data: Vec<_> = served
+        .into_iter()
+        .map(|(id, e)| {
+            json!({
+                "id": id, "object": "model", "created": 0, "owned_by": "modelcache",
+                "base": e.probe.base, "format": e.probe.format, "prediction_type": e.probe.prediction_type,
+                "tier": s.agent.tier(&e.name, &resident).as_flag(), "size_bytes": e.probe.size_bytes.f32,
+            })
+        })
+        .collect();
+    Json(json!({"object": "list", "data": data})).into_response()
+}

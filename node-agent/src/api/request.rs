@@ -1,0 +1,255 @@
+//! The body of `POST /v1/images/generations` and its validation into
+//! generation parameters: limits, defaults (a deployment's, then the model's
+//! native size), adapter paths, and the embeddings a prompt names.
+
+use super::ApiError;
+use crate::catalog::Catalog;
+use crate::pipeline::{embedding, GenerateParams, Seamless};
+use crate::routes::Target;
+use modelcache_crds::SchedulerKind;
+use serde::Deserialize;
+use std::path::PathBuf;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// Request limits.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_prompt_chars: usize,
+    pub max_n: u32,
+    pub max_side: u32,
+    pub max_steps: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_body_bytes: 64 << 10,
+            max_prompt_chars: 4000,
+            max_n: 4,
+            max_side: 2048,
+            max_steps: 150,
+        }
+    }
+}
+
+/// A LoRA named in a request.
+#[derive(Debug, Deserialize)]
+pub struct LoraRequest {
+    pub path: String,
+    #[serde(default)]
+    pub weight: Option<f64>,
+}
+
+/// `POST /v1/images/generations` body. Unknown OpenAI fields (quality, style,
+/// user) are accepted and ignored, as other image backends do.
+#[derive(Debug, Deserialize)]
+pub struct GenerationRequest {
+    pub model: String,
+    pub prompt: String,
+    #[serde(default)]
+    pub n: Option<u32>,
+    #[serde(default)]
+    pub size: Option<String>,
+    #[serde(default)]
+    pub response_format: Option<String>,
+    #[serde(default)]
+    pub negative_prompt: Option<String>,
+    #[serde(default)]
+    pub steps: Option<u32>,
+    #[serde(default)]
+    pub guidance_scale: Option<f64>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+    #[serde(default)]
+    pub scheduler: Option<String>,
+    #[serde(default)]
+    pub loras: Option<Vec<LoraRequest>>,
+    #[serde(default)]
+    pub seamless: Option<serde_json::Value>,
+    #[serde(default)]
+    pub clip_skip: Option<u32>,
+}
+
+fn parse_size(size: &str, max: u32) -> Result<(usize, usize), ApiError> {
+    let bad = || {
+        ApiError::invalid(format!(
+            "size {size:?} must be WIDTHxHEIGHT, multiples of 8 from 64 to {max}"
+        ))
+    };
+    let (w, h) = size.split_once('x').ok_or_else(bad)?;
+    let (w, h): (u32, u32) = (
+        w.trim().parse().map_err(|_| bad())?,
+        h.trim().parse().map_err(|_| bad())?,
+    );
+    if w % 8 != 0 || h % 8 != 0 || !(64..=max).contains(&w) || !(64..=max).contains(&h) {
+        return Err(bad());
+    }
+    Ok((w as usize, h as usize))
+}
+
+/// Validates a request into generation parameters; a deployment's defaults fill
+/// in what the request leaves out, and its adapters come before the request's.
+/// Without a size, the model's native one (512, 768 for SD 2.x-v, 1024 for SDXL).
+pub fn validate(
+    r: &GenerationRequest,
+    target: &Target,
+    catalog: &Catalog,
+    l: &Limits,
+) -> Result<GenerateParams, ApiError> {
+    let native = catalog
+        .get(&target.model)
+        .and_then(|e| e.probe.image_size)
+        .map_or(512, |n| n.min(l.max_side) as usize);
+    let route = target.route.as_ref();
+    let defaults = route.map(|r| r.defaults.clone()).unwrap_or_default();
+    let negative_prompt = r
+        .negative_prompt
+        .clone()
+        .or(defaults.negative_prompt)
+        .unwrap_or_default();
+    if r.prompt.trim().is_empty() {
+        return Err(ApiError::invalid("prompt must not be empty"));
+    }
+    if r.prompt.chars().count() > l.max_prompt_chars
+        || negative_prompt.chars().count() > l.max_prompt_chars
+    {
+        return Err(ApiError::invalid(format!(
+            "prompt is longer than {} characters",
+            l.max_prompt_chars
+        )));
+    }
+    let n = r.n.unwrap_or(1);
+    if !(1..=l.max_n).contains(&n) {
+        return Err(ApiError::invalid(format!(
+            "n must be from 1 to {}",
+            l.max_n
+        )));
+    }
+    match r.response_format.as_deref() {
+        None | Some("b64_json") => {}
+        Some(other) => {
+            return Err(ApiError::invalid(format!(
+                "response_format {other:?} is not supported; use b64_json"
+            )))
+        }
+    }
+    let (width, height) = match (&r.size, defaults.width, defaults.height) {
+        (Some(sz), _, _) => parse_size(sz, l.max_side)?,
+        (None, w, h) => (
+            w.map_or(native, |w| w.max(8) as usize),
+            h.map_or(native, |h| h.max(8) as usize),
+        ),
+    };
+    let steps = r
+        .steps
+        .or(defaults.steps.map(|v| v.max(1) as u32))
+        .unwrap_or(25);
+    if !(1..=l.max_steps).contains(&steps) {
+        return Err(ApiError::invalid(format!(
+            "steps must be from 1 to {}",
+            l.max_steps
+        )));
+    }
+    let guidance = r.guidance_scale.or(defaults.guidance_scale).unwrap_or(7.5);
+    if !(0.0..=30.0).contains(&guidance) {
+        return Err(ApiError::invalid("guidance_scale must be from 0 to 30"));
+    }
+    let scheduler = match &r.scheduler {
+        Some(name) => name
+            .parse::<SchedulerKind>()
+            .map_err(|e| ApiError::invalid(e.to_string()))?,
+        None => defaults.scheduler.unwrap_or(SchedulerKind::Ddim),
+    };
+    let requested = r.loras.as_deref().unwrap_or_default();
+    if requested.len() > 16 {
+        return Err(ApiError::invalid("at most 16 loras per request"));
+    }
+    let deployment_loras = route.map_or(&[][..], |r| r.loras.as_slice());
+    let loras = deployment_loras
+        .iter()
+        .map(|l| (l.path.as_str(), Some(l.weight)))
+        .chain(requested.iter().map(|l| (l.path.as_str(), l.weight)))
+        .map(|(path, weight)| {
+            let weight = weight.unwrap_or(1.0);
+            if !(-4.0..=4.0).contains(&weight) {
+                return Err(ApiError::invalid(format!(
+                    "lora {path:?}: weight must be from -4 to 4"
+                )));
+            }
+            let path = catalog
+                .resolve_file(path)
+                .map_err(|e| ApiError::invalid(e.to_string()))?;
+            Ok((path, weight))
+        })
+        .collect::<Result<Vec<_>, ApiError>>()?;
+    let seamless = match &r.seamless {
+        None | Some(serde_json::Value::Null) | Some(serde_json::Value::Bool(false)) => {
+            Seamless::NONE
+        }
+        Some(serde_json::Value::Bool(true)) => Seamless { x: true, y: true },
+        Some(serde_json::Value::String(axes)) => {
+            axes.parse()
+                .map_err(|e: crate::pipeline::nets::conv::ParseSeamlessError| {
+                    ApiError::invalid(e.to_string())
+                })?
+        }
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "seamless must be true, false, \"x\", \"y\" or \"xy\"",
+            ))
+        }
+    };
+    let clip_skip = r.clip_skip.unwrap_or(0);
+    if clip_skip > 12 {
+        return Err(ApiError::invalid("clip_skip must be from 0 to 12"));
+    }
+    let seed = r.seed.unwrap_or_else(|| {
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos() as u64)
+    });
+    // `<name>` in a prompt uses the embedding of that name under the models folder.
+    let mut embeddings: Vec<(String, PathBuf)> = Vec::new();
+    for name in embedding::triggers(&r.prompt)
+        .into_iter()
+        .chain(embedding::triggers(&negative_prompt))
+    {
+        if let Some(e) = catalog.embedding(&name) {
+            if !embeddings.iter().any(|(n, _)| *n == name) {
+                embeddings.push((name, e.path.clone()));
+            }
+        }
+    }
+    Ok(GenerateParams {
+        prompt: r.prompt.clone(),
+        negative_prompt,
+        steps: steps as usize,
+        guidance_scale: guidance,
+        width,
+        height,
+        seed,
+        scheduler,
+        n: n as usize,
+        latents: None,
+        clip_skip: clip_skip as usize,
+        loras,
+        embeddings,
+        seamless,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_are_multiples_of_8_within_the_limit() {
+        assert_eq!(parse_size("512x768", 2048).unwrap(), (512, 768));
+        assert_eq!(parse_size(" 64 x 64 ", 2048).unwrap(), (64, 64));
+        for bad in ["512", "511x512", "4096x64", "0x0", "axb", "56x64"] {
+            let e = parse_size(bad, 2048).unwrap_err();
+            assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
+        }
+    }
+}

@@ -1,0 +1,162 @@
+//! What this node should hold for the ModelDeployments placed on it, and
+//! preparing one placement: find, verify, open (converting a checkpoint
+//! once) and warm its model.
+
+use crate::agent::Agent;
+use crate::cache::{CacheError, TierKind};
+use crate::catalog::CatalogError;
+use crate::store::StoreError;
+use kube::ResourceExt;
+use modelcache_crds::{
+    GenerationDefaults, LoraSpec, ModelDeployment, ModelType, PlacementRole, Precision, Tier,
+    WarmTier,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Least time between two searches of the models folder for a missing model.
+const RESCAN_AFTER: Duration = Duration::from_secs(5);
+
+/// What the agent should hold for one deployment placed on its node.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Desired {
+    /// `namespace/name`.
+    pub key: String,
+    pub path: String,
+    pub sha256: Option<String>,
+    pub warm: WarmTier,
+    pub role: PlacementRole,
+    pub precision: Precision,
+    pub loras: Vec<LoraSpec>,
+    pub defaults: GenerationDefaults,
+}
+
+/// The placements that name `node`, by deployment.
+pub fn desired(node: &str, deployments: &[Arc<ModelDeployment>]) -> BTreeMap<String, Desired> {
+    let mut out = BTreeMap::new();
+    for md in deployments {
+        if md.metadata.deletion_timestamp.is_some() {
+            continue;
+        }
+        let Some(p) = md
+            .status
+            .as_ref()
+            .and_then(|s| s.placements.iter().find(|p| p.node == node))
+        else {
+            continue;
+        };
+        let key = format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any());
+        out.insert(
+            key.clone(),
+            Desired {
+                key,
+                path: md.spec.model.path.clone(),
+                sha256: md.spec.model.sha256.clone(),
+                warm: md.spec.warm_tier,
+                role: p.role,
+                precision: md.spec.precision,
+                loras: md.spec.loras.clone(),
+                defaults: md.spec.defaults.clone(),
+            },
+        );
+    }
+    out
+}
+
+/// Why a placement could not be prepared; the message goes into the
+/// placement's status, where the user reads it.
+#[derive(Debug, thiserror::Error)]
+pub enum PlacementError {
+    #[error("model path {path:?} is not under this agent's models folder {root} (searched again; it is retried)")]
+    NotFound { path: String, root: String },
+    #[error("{path:?} is a {model_type} model, not a text-to-image base model")]
+    NotServable { path: String, model_type: ModelType },
+    #[error("hashing {path:?}: {source}")]
+    Hash { path: String, source: StoreError },
+    #[error(
+        "sha256 mismatch: spec.model.sha256 is {want} but the files on this node hash to {have}"
+    )]
+    Sha256 { want: String, have: String },
+    #[error(transparent)]
+    Open(#[from] CatalogError),
+    #[error(transparent)]
+    Warm(#[from] CacheError),
+    #[error("preparing the model failed: {0}")]
+    Task(String),
+}
+
+/// What preparing a placement produced.
+pub struct Prepared {
+    /// Catalog name of the model.
+    pub model: String,
+    pub tier: Tier,
+    pub sha256: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Finds, verifies, opens (converting a checkpoint once) and warms a placement's
+/// model. Blocking: runs on the blocking pool.
+pub fn prepare(agent: &Agent, d: &Desired) -> Result<Prepared, PlacementError> {
+    let catalog = &agent.catalog;
+    let entry = match catalog.by_path(&d.path) {
+        Some(e) => e,
+        None => {
+            // It may have been copied in since the last search.
+            catalog.rescan_if_older(RESCAN_AFTER);
+            catalog
+                .by_path(&d.path)
+                .ok_or_else(|| PlacementError::NotFound {
+                    path: d.path.clone(),
+                    root: catalog.root().display().to_string(),
+                })?
+        }
+    };
+    if !entry.servable() {
+        return Err(PlacementError::NotServable {
+            path: d.path.clone(),
+            model_type: entry.probe.model_type,
+        });
+    }
+    let mut sha256 = None;
+    if let Some(want) = &d.sha256 {
+        let have = crate::store::identity::sha256(&entry.path, Some(catalog.state_dir())).map_err(
+            |source| PlacementError::Hash {
+                path: d.path.clone(),
+                source,
+            },
+        )?;
+        if !have.eq_ignore_ascii_case(want) {
+            return Err(PlacementError::Sha256 {
+                want: want.clone(),
+                have,
+            });
+        }
+        sha256 = Some(have);
+    }
+    let model = catalog.open(&entry.name)?;
+    let tier = TierKind::for_warm(d.warm);
+    if let Some(t) = tier {
+        for key in model.component_keys() {
+            agent.cache.warm(&key, t)?;
+        }
+    }
+    let cpu_only = agent
+        .cache
+        .config()
+        .devices
+        .iter()
+        .all(|s| s.device.is_cpu());
+    let message = (cpu_only && d.precision != Precision::F32).then(|| {
+        format!(
+            "computing in F32 on the CPU (spec.precision {} applies on GPUs)",
+            d.precision
+        )
+    });
+    Ok(Prepared {
+        model: entry.name.clone(),
+        tier: tier.map_or(Tier::Disk, Tier::from),
+        sha256,
+        message,
+    })
+}

@@ -1,0 +1,295 @@
+//! The one-shot commands of `modelcache-agent`: everything but `serve`.
+//! Each prints what it did on stdout; errors carry their context up to `main`.
+
+use crate::cache::{CacheConfig, DiskLoader, ModelCache};
+use crate::pipeline::{self, DiffusersModel, GenerateParams, Seamless};
+use crate::{device, store};
+use anyhow::Context;
+use base64::Engine;
+use modelcache_crds::{Precision, SchedulerKind};
+use std::path::{Path, PathBuf};
+
+/// What `generate` was asked for.
+#[derive(Debug, Clone)]
+pub struct GenerateOptions {
+    /// A diffusers folder or a single-file checkpoint.
+    pub model: PathBuf,
+    pub device: String,
+    pub precision: Precision,
+    pub prompt: String,
+    pub negative_prompt: String,
+    pub steps: usize,
+    pub guidance: f64,
+    pub scheduler: SchedulerKind,
+    /// `WIDTHxHEIGHT`.
+    pub size: String,
+    pub seed: u64,
+    pub n: usize,
+    /// Initial latents (safetensors, key `latents`) instead of seeded noise.
+    pub latents: Option<PathBuf>,
+    /// Adapters as `PATH:WEIGHT` (or `PATH`, weight 1).
+    pub loras: Vec<String>,
+    pub clip_skip: usize,
+    pub seamless: Seamless,
+    pub embeddings: Vec<PathBuf>,
+    pub config: Option<PathBuf>,
+    pub tokenizer: Option<PathBuf>,
+    pub state_dir: PathBuf,
+    /// `.png`, or `.npy` for the float32 HWC image; more images get `-1`, `-2`, … suffixes.
+    pub out: PathBuf,
+}
+
+/// Generates images from a model without the server.
+pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
+    let loras = a
+        .loras
+        .iter()
+        .map(|spec| {
+            let (path, weight) = match spec.rsplit_once(':') {
+                Some((p, w)) => match w.parse::<f64>() {
+                    Ok(w) => (p, w),
+                    Err(_) => (spec.as_str(), 1.0),
+                },
+                None => (spec.as_str(), 1.0),
+            };
+            let path = std::fs::canonicalize(path)
+                .with_context(|| format!("--lora {spec}: {path} not found"))?;
+            Ok((path, weight))
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let (width, height) = parse_size(&a.size)?;
+    let dir = if a.model.is_dir() {
+        a.model.clone()
+    } else {
+        store::convert::converted(
+            &a.state_dir,
+            &a.model,
+            a.config.as_deref(),
+            a.tokenizer.as_deref(),
+        )?
+    };
+    let model = DiffusersModel::open(&dir).with_context(|| dir.display().to_string())?;
+    let latents = match &a.latents {
+        Some(p) => Some(
+            candle_core::safetensors::load(p, &candle_core::Device::Cpu)
+                .map_err(|e| {
+                    anyhow::anyhow!("{}: {}", p.display(), store::error::candle_message(&e))
+                })?
+                .remove("latents")
+                .with_context(|| format!("{} has no tensor named `latents`", p.display()))?,
+        ),
+        None => None,
+    };
+    let p = GenerateParams {
+        prompt: a.prompt,
+        negative_prompt: a.negative_prompt,
+        steps: a.steps,
+        guidance_scale: a.guidance,
+        width,
+        height,
+        seed: a.seed,
+        scheduler: a.scheduler,
+        n: a.n,
+        latents,
+        clip_skip: a.clip_skip,
+        loras,
+        embeddings: a
+            .embeddings
+            .iter()
+            .map(|p| (pipeline::embedding::trigger_name(p), p.clone()))
+            .collect(),
+        seamless: a.seamless,
+    };
+    // Adapters are cached twice too (file bytes in RAM, tensors on the device).
+    let adapter_bytes: u64 = p
+        .loras
+        .iter()
+        .filter_map(|(path, _)| std::fs::metadata(path).ok())
+        .map(|m| m.len() * 2)
+        .sum();
+    let compute = device::open(&a.device, a.precision)
+        .context("--device")?
+        .remove(0);
+    let cache = ModelCache::new(
+        CacheConfig::for_one_model(
+            compute.device.clone(),
+            compute.dtype,
+            store::probe(&dir)?.size_bytes.f32,
+            adapter_bytes,
+        ),
+        Box::new(DiskLoader),
+        None,
+    );
+    let images = pipeline::generate(&cache, &model, &p, &|i, step, steps| {
+        tracing::info!(image = i, step, steps, "denoising");
+        true
+    })?;
+    for (i, img) in images.iter().enumerate() {
+        let out = if i == 0 {
+            a.out.clone()
+        } else {
+            numbered(&a.out, i)
+        };
+        let bytes = match out.extension().and_then(|e| e.to_str()) {
+            Some("npy") => img.to_npy(),
+            _ => img.to_png()?,
+        };
+        std::fs::write(&out, bytes).with_context(|| format!("writing {}", out.display()))?;
+        println!("wrote {}", out.display());
+    }
+    Ok(())
+}
+
+fn parse_size(size: &str) -> anyhow::Result<(usize, usize)> {
+    let (w, h) = size
+        .split_once('x')
+        .context("--size must be WIDTHxHEIGHT")?;
+    Ok((
+        w.parse::<usize>().context("--size width")?,
+        h.parse::<usize>().context("--size height")?,
+    ))
+}
+
+/// `out`, `out-1`, `out-2`, … for the images after the first.
+fn numbered(path: &Path, i: usize) -> PathBuf {
+    let stem = path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let ext = path
+        .extension()
+        .map(|e| format!(".{}", e.to_string_lossy()))
+        .unwrap_or_default();
+    path.with_file_name(format!("{stem}-{i}{ext}"))
+}
+
+/// What `request` was asked for.
+#[derive(Debug, Clone)]
+pub struct RequestOptions {
+    /// `http://HOST:PORT`.
+    pub url: String,
+    pub model: String,
+    pub prompt: String,
+    pub size: String,
+    pub steps: u32,
+    pub token_file: Option<PathBuf>,
+    pub out: Option<PathBuf>,
+}
+
+/// Sends one generation request and checks that a PNG of the requested size
+/// comes back: the chart's `helm test`.
+pub fn request(a: RequestOptions) -> anyhow::Result<()> {
+    let token = a
+        .token_file
+        .as_deref()
+        .map(modelcache_support::read_secret)
+        .transpose()?;
+    let body = serde_json::json!({
+        "model": a.model, "prompt": a.prompt, "size": a.size, "steps": a.steps,
+        "n": 1, "response_format": "b64_json",
+    });
+    let started = std::time::Instant::now();
+    let (status, reply) = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?
+        .block_on(crate::client::post_json(
+            &a.url,
+            "/v1/images/generations",
+            &body,
+            token.as_deref(),
+        ))?;
+    let v: serde_json::Value = serde_json::from_slice(&reply)
+        .with_context(|| format!("HTTP {status}: the reply is not JSON"))?;
+    if status != 200 {
+        anyhow::bail!(
+            "HTTP {status}: {}",
+            v["error"]["message"].as_str().unwrap_or("no error message")
+        );
+    }
+    let b64 = v["data"][0]["b64_json"]
+        .as_str()
+        .context("the reply has no data[0].b64_json")?;
+    let png = base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .context("data[0].b64_json is not base64")?;
+    let (w, h) = pipeline::image::png_size(&png).context("the image is not a PNG")?;
+    if format!("{w}x{h}") != a.size {
+        anyhow::bail!("asked for {} but got a {w}x{h} image", a.size);
+    }
+    if let Some(out) = &a.out {
+        std::fs::write(out, &png).with_context(|| format!("writing {}", out.display()))?;
+    }
+    println!(
+        "ok: {w}x{h} PNG from {} in {:.1} s",
+        a.model,
+        started.elapsed().as_secs_f64()
+    );
+    Ok(())
+}
+
+/// Prints what a model is, as JSON.
+pub fn probe(path: &Path) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(&store::probe(path)?)?);
+    Ok(())
+}
+
+/// Prints every model under `root` with its probe result (JSON lines);
+/// unreadable entries go to stderr.
+pub fn search(root: &Path) -> anyhow::Result<()> {
+    let found = store::search::find_models(root);
+    for (p, why) in &found.skipped {
+        eprintln!("skipped {}: {why}", p.display());
+    }
+    for m in &found.models {
+        match store::probe(m) {
+            Ok(r) => println!("{}", serde_json::to_string(&r)?),
+            Err(e) => eprintln!("skipped {}: {e}", m.display()),
+        }
+    }
+    Ok(())
+}
+
+/// Converts a single-file checkpoint into a diffusers folder.
+pub fn convert(req: &store::convert::ConvertRequest) -> anyhow::Result<()> {
+    let out = store::convert::convert_main(req)
+        .with_context(|| format!("converting {}", req.checkpoint.display()))?;
+    println!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Merges 2 or 3 models tensor by tensor.
+pub fn merge(req: &store::merge::MergeRequest) -> anyhow::Result<()> {
+    let r = store::merge::merge(req)?;
+    println!(
+        "wrote {}: {} tensors merged, {} copied from the first model",
+        req.out.display(),
+        r.merged,
+        r.copied
+    );
+    for c in r.skipped_components {
+        println!("component {c}: layouts differ, kept the first model's");
+    }
+    Ok(())
+}
+
+/// Prints a model's SHA-256 content identity.
+pub fn hash(path: &Path, state_dir: Option<&Path>) -> anyhow::Result<()> {
+    println!("{}", store::identity::sha256(path, state_dir)?);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn more_images_are_numbered_before_the_extension() {
+        assert_eq!(
+            numbered(Path::new("out/cat.png"), 2),
+            Path::new("out/cat-2.png")
+        );
+        assert_eq!(numbered(Path::new("cat"), 1), Path::new("cat-1"));
+        assert_eq!(parse_size("64x96").unwrap(), (64, 96));
+        assert!(parse_size("64").is_err());
+    }
+}

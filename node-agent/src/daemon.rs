@@ -1,0 +1,186 @@
+//! `modelcache-agent serve`: applies the malloc threshold, opens the compute
+//! devices, builds the [`Agent`], serves the API and `/metrics`, searches the
+//! models folder again on a timer, runs the cluster side when asked, and stops
+//! gracefully on SIGTERM or Ctrl-C.
+
+use crate::agent::Agent;
+use crate::api::{self, AppState, Limits, Queue};
+use crate::cache::{CacheConfig, DeviceSlot};
+use crate::catalog::Catalog;
+use crate::cluster::{self, ClusterAgent};
+use crate::routes::Routes;
+use crate::{demo, device, memory};
+use anyhow::Context;
+use modelcache_crds::Precision;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// What `serve` was asked for.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub models_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub listen: String,
+    pub metrics_listen: String,
+    pub ram_cache_bytes: u64,
+    /// Each device tier's budget; `None`: from the device's free memory.
+    pub device_cache_bytes: Option<u64>,
+    pub device: String,
+    pub precision: Precision,
+    pub queue_size: usize,
+    pub concurrency: usize,
+    pub api_token_file: Option<PathBuf>,
+    pub malloc_mmap_threshold: u64,
+    pub malloc_trim_on_evict: bool,
+    pub load_threads: usize,
+    pub tokenizer: Option<PathBuf>,
+    pub demo: bool,
+    pub rescan: Option<Duration>,
+    /// Cluster mode, when set.
+    pub cluster: Option<ClusterSettings>,
+}
+
+/// Cluster mode's settings from the command line and the downward API.
+#[derive(Debug, Clone)]
+pub struct ClusterSettings {
+    pub node_name: String,
+    pub pod_ip: String,
+    pub pod_name: Option<String>,
+    pub namespace: String,
+    pub lease_renew: Duration,
+    pub report_interval: Duration,
+}
+
+/// Runs the agent until a signal stops it or a server fails.
+pub fn serve(s: Settings) -> anyhow::Result<()> {
+    let (source, threshold) = memory::ensure_mmap_threshold(s.malloc_mmap_threshold);
+    tracing::info!(?source, threshold, "malloc mmap threshold");
+    let compute = device::open(&s.device, s.precision).context("--device")?;
+    for d in &compute {
+        tracing::info!(device = %d.id, name = %d.name, dtype = ?d.dtype, precision = %s.precision, "compute device (the CPU always computes in f32)");
+    }
+    std::fs::create_dir_all(&s.models_dir)
+        .with_context(|| format!("creating {}", s.models_dir.display()))?;
+    std::fs::create_dir_all(&s.state_dir)
+        .with_context(|| format!("creating the state folder {}", s.state_dir.display()))?;
+    if s.demo {
+        let dir = demo::write_demo(&s.models_dir).context("writing the demo model")?;
+        tracing::warn!(path = %dir.display(), "serving the demo model `demo`: tiny random weights, its images are noise");
+    }
+    let token = s
+        .api_token_file
+        .as_deref()
+        .map(modelcache_support::read_secret)
+        .transpose()
+        .context("--api-token-file")?;
+    let cache = CacheConfig {
+        load_threads: s.load_threads,
+        trim_on_evict: s.malloc_trim_on_evict,
+        devices: compute
+            .iter()
+            .map(|d| DeviceSlot {
+                device: d.device.clone(),
+                budget: d.budget(s.device_cache_bytes),
+            })
+            .collect(),
+        dtype: compute[0].dtype,
+        ..CacheConfig::cpu(s.ram_cache_bytes, 0)
+    };
+    let catalog = Catalog::scan(&s.models_dir, &s.state_dir, s.tokenizer.as_deref());
+    tracing::info!(models = catalog.entries().len(), dir = %s.models_dir.display(), "model search done");
+    let agent = Arc::new(Agent::new(cache, catalog).context("registering metrics")?);
+    let routes = Arc::new(Routes::default());
+    let state = Arc::new(AppState::new(
+        agent.clone(),
+        routes.clone(),
+        Queue::new(s.concurrency, s.queue_size),
+        Limits::default(),
+        token,
+    ));
+    tokio::runtime::Runtime::new()?.block_on(run(s, agent, routes, state))
+}
+
+async fn run(
+    s: Settings,
+    agent: Arc<Agent>,
+    routes: Arc<Routes>,
+    state: Arc<AppState>,
+) -> anyhow::Result<()> {
+    let api = tokio::net::TcpListener::bind(&s.listen)
+        .await
+        .with_context(|| format!("binding {}", s.listen))?;
+    let metrics = tokio::net::TcpListener::bind(&s.metrics_listen)
+        .await
+        .with_context(|| format!("binding {}", s.metrics_listen))?;
+    if let Some(every) = s.rescan {
+        tokio::spawn(rescan(agent.clone(), every));
+    }
+    let cluster = match s.cluster {
+        Some(c) => {
+            let client = kube::Client::try_default().await.context(
+                "--kubernetes: connecting to the Kubernetes API (in-cluster config or KUBECONFIG)",
+            )?;
+            let renew = c.lease_renew.max(Duration::from_secs(1));
+            let settings = cluster::Settings {
+                pod_name: c
+                    .pod_name
+                    .unwrap_or_else(|| format!("modelcache-agent-{}", c.node_name)),
+                node_name: c.node_name,
+                pod_ip: c.pod_ip,
+                namespace: c.namespace,
+                api_port: api.local_addr()?.port(),
+                lease_renew: renew,
+                lease_duration: renew * 4,
+                report_interval: c.report_interval.max(Duration::from_secs(1)),
+            };
+            tracing::info!(node = %settings.node_name, namespace = %settings.namespace, "cluster mode: serving the ModelDeployments placed on this node");
+            Some(ClusterAgent::new(agent.clone(), routes, settings).run(client))
+        }
+        None => None,
+    };
+    let cluster = async move {
+        match cluster {
+            Some(f) => f.await,
+            None => std::future::pending().await,
+        }
+    };
+    tracing::info!(api = %api.local_addr()?, metrics = %metrics.local_addr()?, "serving");
+    let shutdown = async {
+        modelcache_support::shutdown_signal().await;
+        tracing::info!("shutting down");
+    };
+    let metrics_server = axum::serve(
+        metrics,
+        api::metrics_router(agent.metrics.clone()).into_make_service(),
+    );
+    let api_server =
+        axum::serve(api, api::router(state).into_make_service()).with_graceful_shutdown(shutdown);
+    tokio::select! {
+        r = api_server => r.context("API server")?,
+        r = metrics_server => r.context("metrics server")?,
+        () = cluster => {}
+    }
+    Ok(())
+}
+
+/// Searches the models folder every `every`, so that models copied in or
+/// removed are served (and reported) without a restart.
+async fn rescan(agent: Arc<Agent>, every: Duration) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let a = agent.clone();
+        let before = a.catalog.found().len();
+        let after = tokio::task::spawn_blocking(move || {
+            a.catalog.rescan();
+            a.catalog.found().len()
+        })
+        .await
+        .unwrap_or(before);
+        if after != before {
+            tracing::info!(before, after, "models folder changed");
+        }
+    }
+}

@@ -1,0 +1,138 @@
+//! A diffusers pipeline folder: its configurations read and checked once, so
+//! that a generation only has to fetch weights from the cache.
+
+use super::nets::clip::ClipConfig;
+use super::nets::unet_2d::UNet2DConditionModelConfig;
+use super::nets::vae::VaeConfig;
+use super::nets::ConfigError;
+use super::scheduler::ScheduleConfig;
+use super::tokenizer::{ClipTokenizer, TokenizerError};
+use crate::cache::CacheKey;
+use crate::store::{self, read_json, StoreError};
+use modelcache_crds::{text_to_image, BaseModel, NotTextToImage};
+use std::path::{Path, PathBuf};
+
+/// Why a folder is not a pipeline this agent can run.
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    NotTextToImage(#[from] NotTextToImage),
+    #[error("cannot determine the base model")]
+    UnknownBase,
+    #[error("the UNet does not take 4 latent channels; only text-to-image models are served")]
+    LatentChannels,
+    #[error("text_encoder_2 is not a CLIPTextModelWithProjection (SDXL needs its pooled, projected output)")]
+    NoProjection,
+    #[error("the UNet's added text/time embeddings and a second text encoder go together (SDXL); this folder has one without the other")]
+    HalfSdxl,
+    #[error("the tokenizer has {tokens} tokens but the text encoder only {vocab}: they do not belong together")]
+    VocabMismatch { tokens: usize, vocab: usize },
+}
+
+/// A text encoder's configuration and the tokenizer that feeds it.
+pub struct TextEncoder {
+    pub config: ClipConfig,
+    pub tokenizer: ClipTokenizer,
+}
+
+/// A diffusers pipeline folder, with its configurations read and checked.
+pub struct DiffusersModel {
+    pub dir: PathBuf,
+    pub base: BaseModel,
+    pub unet: UNet2DConditionModelConfig,
+    pub vae: VaeConfig,
+    pub text: TextEncoder,
+    /// SDXL's second text encoder (with projection).
+    pub text2: Option<TextEncoder>,
+    pub schedule: ScheduleConfig,
+    /// SDXL: an empty negative prompt conditions on zeros, not on "".
+    pub force_zeros_for_empty_prompt: bool,
+}
+
+impl DiffusersModel {
+    /// Reads and checks a diffusers txt2img pipeline folder.
+    pub fn open(dir: &Path) -> Result<Self, ModelError> {
+        let probe = store::probe(dir)?;
+        text_to_image(probe.model_type, probe.base, probe.variant)?;
+        let base = probe.base.ok_or(ModelError::UnknownBase)?;
+        let config = |c: &str| read_json(&dir.join(c));
+        let unet_json = config("unet/config.json")?;
+        let unet = UNet2DConditionModelConfig::from_json(&unet_json)?;
+        if unet_json["in_channels"].as_u64().unwrap_or(4) != 4 {
+            return Err(ModelError::LatentChannels);
+        }
+        let vae = VaeConfig::from_json(&config("vae/config.json")?)?;
+        let text = text_encoder(dir, "text_encoder", "tokenizer")?;
+        if text.tokenizer.vocab_size() > text.config.vocab_size {
+            return Err(ModelError::VocabMismatch {
+                tokens: text.tokenizer.vocab_size(),
+                vocab: text.config.vocab_size,
+            });
+        }
+        let text2 = if dir.join("text_encoder_2/config.json").exists() {
+            let t = text_encoder(dir, "text_encoder_2", "tokenizer_2")?;
+            if t.config.projection_dim.is_none() {
+                return Err(ModelError::NoProjection);
+            }
+            Some(t)
+        } else {
+            None
+        };
+        if unet.addition.is_some() != text2.is_some() {
+            return Err(ModelError::HalfSdxl);
+        }
+        // A folder without a scheduler config gets the standard schedule.
+        let schedule = ScheduleConfig::from_json(
+            &config("scheduler/scheduler_config.json").unwrap_or_default(),
+        );
+        let force_zeros_for_empty_prompt = config("model_index.json")
+            .ok()
+            .and_then(|v| v["force_zeros_for_empty_prompt"].as_bool())
+            .unwrap_or(false);
+        Ok(DiffusersModel {
+            dir: dir.to_path_buf(),
+            base,
+            unet,
+            vae,
+            text,
+            text2,
+            schedule,
+            force_zeros_for_empty_prompt,
+        })
+    }
+
+    /// The components a generation loads, each a cache entry.
+    pub fn components(&self) -> Vec<&'static str> {
+        let mut c = vec!["text_encoder", "unet", "vae"];
+        if self.text2.is_some() {
+            c.insert(1, "text_encoder_2");
+        }
+        c
+    }
+
+    /// Cache key of a component.
+    pub fn component(&self, name: &str) -> CacheKey {
+        CacheKey::from(self.dir.join(name))
+    }
+
+    /// Cache keys of every component.
+    pub fn component_keys(&self) -> Vec<CacheKey> {
+        self.components()
+            .into_iter()
+            .map(|c| self.component(c))
+            .collect()
+    }
+}
+
+/// A text encoder's configuration and its tokenizer.
+fn text_encoder(dir: &Path, encoder: &str, tokenizer: &str) -> Result<TextEncoder, ModelError> {
+    let config = ClipConfig::from_json(&read_json(&dir.join(encoder).join("config.json"))?)?;
+    let tokenizer = ClipTokenizer::load(&dir.join(tokenizer), config.max_position_embeddings)?;
+    Ok(TextEncoder { config, tokenizer })
+}

@@ -1,0 +1,174 @@
+//! Prompts to the UNet's conditioning: tokenized, with textual-inversion
+//! vectors spliced in, through the text encoder(s) with the request's adapters.
+
+use super::adapters::Adapters;
+use super::embedding;
+use super::model::{DiffusersModel, TextEncoder};
+use super::nets::clip::ClipTextModel;
+use super::{GenerateParams, PipelineError, RequestError};
+use crate::cache::ModelCache;
+use candle_core::{Device, Tensor};
+use std::path::PathBuf;
+
+/// What the UNet is conditioned on: the context `[2, tokens, dim]` (negative
+/// first; `[1, …]` without guidance) and, for SDXL, the pooled text embeddings
+/// `[2 or 1, width]`.
+pub struct Conditioning {
+    pub context: Tensor,
+    pub pooled: Option<Tensor>,
+}
+
+/// Encodes prompt and negative prompt (see [`Conditioning`]).
+pub fn encode(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+) -> Result<Conditioning, PipelineError> {
+    super::check_params(model, p)?;
+    encode_with(cache, model, p, &Adapters::lock(cache, &p.loras)?)
+}
+
+/// Encodes prompt and negative prompt into the UNet context `[2, tokens, dim]`
+/// (negative first), or `[1, …]` without guidance.
+pub fn encode_text(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+) -> Result<Tensor, PipelineError> {
+    Ok(encode(cache, model, p)?.context)
+}
+
+/// [`encode`] with the request's adapters already locked.
+pub(super) fn encode_with(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+    adapters: &Adapters,
+) -> Result<Conditioning, PipelineError> {
+    match &model.text2 {
+        Some(text2) => encode_sdxl(cache, model, p, adapters, text2),
+        None => Ok(Conditioning {
+            context: encode_sd(cache, model, p, adapters)?,
+            pooled: None,
+        }),
+    }
+}
+
+/// Whether a prompt of the request names the embedding `<name>`.
+pub(super) fn named(p: &GenerateParams, name: &str) -> bool {
+    let t = format!("<{name}>");
+    p.prompt.contains(&t) || p.negative_prompt.contains(&t)
+}
+
+/// Token ids of `text` as a `[1, tokens]` tensor.
+fn token_ids(encoder: &TextEncoder, text: &str, device: &Device) -> Result<Tensor, PipelineError> {
+    let ids = encoder.tokenizer.encode(text).map_err(RequestError::from)?;
+    Ok(Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
+}
+
+/// SDXL's conditioning: each prompt through both text encoders, their
+/// penultimate hidden states side by side, and the second's projected pooled
+/// output (diffusers' `encode_prompt`). An empty negative prompt is zeros when
+/// the pipeline says `force_zeros_for_empty_prompt`.
+fn encode_sdxl(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+    adapters: &Adapters,
+    text2: &TextEncoder,
+) -> Result<Conditioning, PipelineError> {
+    let te1 = cache.get_device(&model.component("text_encoder"))?;
+    let te2 = cache.get_device(&model.component("text_encoder_2"))?;
+    let (vb1, _held1) = adapters.weights(cache, &te1, "lora_te1_")?;
+    let (vb2, _held2) = adapters.weights(cache, &te2, "lora_te2_")?;
+    let enc1 = ClipTextModel::new(vb1, &model.text.config)?;
+    let enc2 = ClipTextModel::new(vb2, &text2.config)?;
+    let device = &te1.device;
+    let encode = |text: &str| -> Result<(Tensor, Tensor), PipelineError> {
+        let a = enc1.forward(&token_ids(&model.text, text, device)?, p.clip_skip)?;
+        let b = enc2.forward(&token_ids(text2, text, device)?, p.clip_skip)?;
+        let context = Tensor::cat(
+            &[&a.penultimate, &b.penultimate.to_device(device)?],
+            candle_core::D::Minus1,
+        )?;
+        Ok((context, b.pooled))
+    };
+    let (cond, pooled) = encode(&p.prompt)?;
+    if p.guidance_scale <= 1.0 {
+        return Ok(Conditioning {
+            context: cond,
+            pooled: Some(pooled),
+        });
+    }
+    let (uncond, uncond_pooled) =
+        if p.negative_prompt.is_empty() && model.force_zeros_for_empty_prompt {
+            (cond.zeros_like()?, pooled.zeros_like()?)
+        } else {
+            encode(&p.negative_prompt)?
+        };
+    Ok(Conditioning {
+        context: Tensor::cat(&[uncond, cond], 0)?,
+        pooled: Some(Tensor::cat(&[uncond_pooled, pooled], 0)?),
+    })
+}
+
+fn encode_sd(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+    adapters: &Adapters,
+) -> Result<Tensor, PipelineError> {
+    let te = cache.get_device(&model.component("text_encoder"))?;
+    let (vb, _held) = adapters.weights(cache, &te, "lora_te_")?;
+    let encoder = ClipTextModel::new(vb, &model.text.config)?;
+    let device = &te.device;
+    // Only the embeddings a prompt names are read.
+    let used: Vec<&(String, PathBuf)> = p
+        .embeddings
+        .iter()
+        .filter(|(name, _)| named(p, name))
+        .collect();
+    let tis = used
+        .iter()
+        .map(|(name, path)| embedding::load(name, path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RequestError::from)?;
+    let width = model.text.config.hidden_size;
+    if let Some(ti) = tis.iter().find(|t| t.vectors.dims().get(1) != Some(&width)) {
+        return Err(RequestError::EmbeddingWidth {
+            name: ti.name.clone(),
+            trained: ti.vectors.dims().get(1).copied().unwrap_or(0),
+            model: width,
+        }
+        .into());
+    }
+    let names: Vec<&str> = tis.iter().map(|t| t.name.as_str()).collect();
+    let sizes: Vec<usize> = tis.iter().map(|t| t.vectors.dims()[0]).collect();
+    let encode = |text: &str| -> Result<Tensor, PipelineError> {
+        let parts = embedding::split(text, &names);
+        if !parts
+            .iter()
+            .any(|p| matches!(p, embedding::Part::Embedding(_)))
+        {
+            let ids = token_ids(&model.text, text, device)?;
+            return Ok(encoder.forward(&ids, p.clip_skip)?.hidden);
+        }
+        let (ids, slots) = model
+            .text
+            .tokenizer
+            .encode_parts(&parts, &sizes)
+            .map_err(RequestError::from)?;
+        let rows = slots
+            .iter()
+            .map(|(pos, ti, k)| Ok((*pos, tis[*ti].vectors.get(*k)?)))
+            .collect::<Result<Vec<_>, candle_core::Error>>()?;
+        let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+        Ok(encoder.forward_with(&ids, &rows, p.clip_skip)?.hidden)
+    };
+    let cond = encode(&p.prompt)?;
+    if p.guidance_scale <= 1.0 {
+        return Ok(cond);
+    }
+    let uncond = encode(&p.negative_prompt)?;
+    Ok(Tensor::cat(&[uncond, cond], 0)?)
+}

@@ -1,0 +1,454 @@
+//! A ModelDeployment's new status, computed as data: its conditions, its
+//! placements with the agents' view of each, the agents to route to, and the
+//! Events that tell users what changed. Pure: the controller passes in what
+//! it read and decided, and writes what comes out.
+
+use crate::cluster::{Cluster, ResolvedModel, Unresolved};
+use crate::preemption::Preemption;
+use crate::routing::{self, Backend};
+use crate::scheduler::{Assignment, Decision};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use k8s_openapi::jiff::Timestamp;
+use kube::runtime::events::EventType;
+use kube::ResourceExt;
+use modelcache_crds::{
+    condition, reason, ModelDeployment, ModelDeploymentStatus, ModelNode, NodePlacementPhase,
+    Placement, PlacementPhase, PlacementRole, Tier,
+};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+/// What scheduling decided for a deployment whose model was resolved.
+#[derive(Debug, Clone)]
+pub struct Scheduling {
+    pub decision: Decision,
+    /// The preemption that displaced this deployment, while it explains unplaced replicas.
+    pub displaced_by: Option<Preemption>,
+    /// Deployments this one preempted earlier that have not recovered yet.
+    pub earlier_victims: Vec<String>,
+}
+
+/// An Event to publish on the deployment.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EventNote {
+    pub type_: EventType,
+    pub reason: &'static str,
+    pub action: &'static str,
+    pub note: String,
+}
+
+/// Everything a reconcile writes for one deployment.
+#[derive(Debug, Clone)]
+pub struct Outcome {
+    pub status: ModelDeploymentStatus,
+    /// Agents that hold it Serving and Ready: its EndpointSlice.
+    pub backends: Vec<Backend>,
+    pub events: Vec<EventNote>,
+}
+
+/// The status of `md` after this reconcile. `scheduling` is `None` when the
+/// model could not be resolved; its placements are then kept as they are, so
+/// that a report briefly missing the model does not churn the cluster.
+pub fn deployment_status(
+    md: &ModelDeployment,
+    cluster: &Cluster,
+    resolved: &Result<ResolvedModel, Unresolved>,
+    scheduling: Option<&Scheduling>,
+) -> Outcome {
+    let key = crate::cluster::key(md);
+    let old = md.status.clone().unwrap_or_default();
+    let mut conds = Conditions::new(&old.conditions, md.metadata.generation, cluster.now);
+    let assignments = match (resolved, scheduling) {
+        (Ok(r), Some(s)) => {
+            conds.set(
+                condition::RESOLVED,
+                "True",
+                reason::MODEL_FOUND,
+                format!(
+                    "{:?} {:?} model {:?} found on {} node(s): {}",
+                    r.info.base,
+                    r.info.format,
+                    r.path,
+                    r.nodes.len(),
+                    r.nodes.join(", ")
+                ),
+            );
+            scheduled_condition(&mut conds, md, s);
+            s.decision.assignments.clone()
+        }
+        (resolved, _) => {
+            if let Err(u) = resolved {
+                conds.set(condition::RESOLVED, u.status, u.reason, u.message.clone());
+            }
+            conds.set(
+                condition::SCHEDULED,
+                "False",
+                reason::MODEL_NOT_RESOLVED,
+                "waiting for the model to be resolved (see the Resolved condition)".into(),
+            );
+            old.placements
+                .iter()
+                .map(|p| Assignment {
+                    node: p.node.clone(),
+                    role: p.role,
+                })
+                .collect()
+        }
+    };
+    let placements = placements(
+        &key,
+        &assignments,
+        &old.placements,
+        cluster,
+        resolved.as_ref().ok(),
+    );
+    let replicas = md.spec.replicas.max(0);
+    let ready = placements
+        .iter()
+        .filter(|p| p.role == PlacementRole::Serving && p.phase == PlacementPhase::Ready)
+        .count() as i32;
+    progress_conditions(&mut conds, replicas, ready, &placements);
+    let backends = backends(&placements, &cluster.model_nodes);
+    let status = ModelDeploymentStatus {
+        observed_generation: md.metadata.generation,
+        conditions: conds.into_vec(),
+        model: resolved
+            .as_ref()
+            .ok()
+            .map(|r| r.info.clone())
+            .or(old.model.clone()),
+        placements,
+        replicas: ready.min(replicas),
+        ready_replicas: ready,
+        ready: Some(format!("{ready}/{replicas}")),
+        selector: Some(routing::owned_selector(md)),
+        service_name: Some(md.name_any()),
+    };
+    let events = transitions(&old, &status);
+    Outcome {
+        status,
+        backends,
+        events,
+    }
+}
+
+fn scheduled_condition(conds: &mut Conditions, md: &ModelDeployment, s: &Scheduling) {
+    let d = &s.decision;
+    let serving: Vec<&str> = d
+        .assignments
+        .iter()
+        .filter(|a| a.role == PlacementRole::Serving)
+        .map(|a| a.node.as_str())
+        .collect();
+    // Victims of this deployment: decided now, or earlier and still displaced.
+    let mut victims: Vec<String> = d.preempted.clone();
+    victims.extend(s.earlier_victims.iter().cloned());
+    victims.sort();
+    victims.dedup();
+    let preempted_msg = if victims.is_empty() {
+        String::new()
+    } else {
+        format!("; preempted warm reservations of {}", victims.join(", "))
+    };
+    match (d.unplaced, &s.displaced_by) {
+        (0, _) if md.spec.replicas == 0 => conds.set(
+            condition::SCHEDULED,
+            "True",
+            reason::SCALED_TO_ZERO,
+            match d.assignments.first() {
+                Some(a) => format!("replicas is 0; kept warm on {}", a.node),
+                None => "replicas is 0; nothing to place".into(),
+            },
+        ),
+        (0, _) => conds.set(
+            condition::SCHEDULED,
+            "True",
+            reason::SCHEDULED,
+            format!(
+                "{} serving replica(s) placed on {}{preempted_msg}",
+                serving.len(),
+                serving.join(", ")
+            ),
+        ),
+        (n, Some(p)) => conds.set(
+            condition::SCHEDULED,
+            "False",
+            reason::PREEMPTED,
+            format!(
+                "{n} replica(s) lost their place on {} to higher-priority {} and could not be placed elsewhere: {}",
+                p.nodes.join(", "),
+                p.by,
+                d.reason.as_deref().unwrap_or_default()
+            ),
+        ),
+        (n, None) => conds.set(
+            condition::SCHEDULED,
+            "False",
+            d.reason_code.unwrap_or(reason::UNSCHEDULABLE),
+            format!(
+                "{n} of {} replica(s) could not be placed: {} Add capacity, relax placement, or lower replicas{preempted_msg}",
+                md.spec.replicas,
+                d.reason.as_deref().unwrap_or_default()
+            ),
+        ),
+    }
+}
+
+/// Status placements for the decided assignments, with the agents' view of each.
+fn placements(
+    key: &str,
+    assignments: &[Assignment],
+    old: &[Placement],
+    cluster: &Cluster,
+    model: Option<&ResolvedModel>,
+) -> Vec<Placement> {
+    assignments
+        .iter()
+        .map(|a| {
+            let mn = cluster.model_nodes.iter().find(|n| n.name_any() == a.node);
+            let status = mn.and_then(|n| n.status.as_ref());
+            let agent = status.and_then(|s| s.placements.iter().find(|p| p.deployment == key));
+            let resident = model.and_then(|m| {
+                status.and_then(|s| {
+                    s.models
+                        .iter()
+                        .filter(|r| r.path == m.path)
+                        .map(|r| r.tier)
+                        .max()
+                })
+            });
+            let (phase, tier, message) = match agent {
+                Some(p) => (
+                    match p.phase {
+                        NodePlacementPhase::Loading => PlacementPhase::Loading,
+                        NodePlacementPhase::Ready => PlacementPhase::Ready,
+                        NodePlacementPhase::Failed => PlacementPhase::Failed,
+                    },
+                    p.tier,
+                    p.message.clone(),
+                ),
+                None => (
+                    PlacementPhase::Assigned,
+                    resident.unwrap_or(Tier::Disk),
+                    None,
+                ),
+            };
+            let since = old
+                .iter()
+                .find(|o| o.node == a.node && o.role == a.role && o.phase == phase)
+                .and_then(|o| o.since.clone())
+                .or(Some(Time(cluster.now)));
+            Placement {
+                node: a.node.clone(),
+                role: a.role,
+                phase,
+                tier,
+                message,
+                since,
+            }
+        })
+        .collect()
+}
+
+fn progress_conditions(
+    conds: &mut Conditions,
+    replicas: i32,
+    ready: i32,
+    placements: &[Placement],
+) {
+    let failed: Vec<String> = placements
+        .iter()
+        .filter(|p| p.phase == PlacementPhase::Failed)
+        .map(|p| format!("{}: {}", p.node, p.message.as_deref().unwrap_or("failed")))
+        .collect();
+    let waiting: Vec<&str> = placements
+        .iter()
+        .filter(|p| matches!(p.phase, PlacementPhase::Assigned | PlacementPhase::Loading))
+        .map(|p| p.node.as_str())
+        .collect();
+    if ready > 0 {
+        conds.set(
+            condition::AVAILABLE,
+            "True",
+            reason::REPLICAS_READY,
+            format!("{ready}/{replicas} replica(s) ready"),
+        );
+    } else if replicas == 0 {
+        conds.set(
+            condition::AVAILABLE,
+            "False",
+            reason::SCALED_TO_ZERO,
+            "replicas is 0; not serving".into(),
+        );
+    } else {
+        conds.set(
+            condition::AVAILABLE,
+            "False",
+            reason::NO_READY_REPLICAS,
+            "no replica is ready yet; see Progressing and Scheduled".into(),
+        );
+    }
+    if !failed.is_empty() {
+        conds.set(
+            condition::PROGRESSING,
+            "False",
+            reason::PLACEMENT_FAILED,
+            format!(
+                "loading failed on {}; fix the model or remove the node's copy",
+                failed.join("; ")
+            ),
+        );
+    } else if !waiting.is_empty() {
+        conds.set(
+            condition::PROGRESSING,
+            "True",
+            reason::LOADING,
+            format!("waiting for the model on {}", waiting.join(", ")),
+        );
+    } else {
+        conds.set(
+            condition::PROGRESSING,
+            "False",
+            reason::COMPLETE,
+            "every placement is ready".into(),
+        );
+    }
+}
+
+/// Agents that hold the deployment Serving and Ready, with their API address.
+fn backends(placements: &[Placement], model_nodes: &[Arc<ModelNode>]) -> Vec<Backend> {
+    placements
+        .iter()
+        .filter(|p| p.role == PlacementRole::Serving && p.phase == PlacementPhase::Ready)
+        .filter_map(|p| {
+            let mn = model_nodes.iter().find(|n| n.name_any() == p.node)?;
+            let endpoint = &mn.status.as_ref()?.agent.as_ref()?.endpoint;
+            match endpoint.parse() {
+                Ok(addr) => Some(Backend {
+                    node: p.node.clone(),
+                    addr,
+                }),
+                Err(_) => {
+                    tracing::warn!(node = %p.node, endpoint = %endpoint, "agent endpoint is not ip:port; not routed");
+                    None
+                }
+            }
+        })
+        .collect()
+}
+
+/// Events for what changed: new placements, scheduling failures, failed loads.
+fn transitions(old: &ModelDeploymentStatus, new: &ModelDeploymentStatus) -> Vec<EventNote> {
+    let mut events = Vec::new();
+    let nodes = |s: &ModelDeploymentStatus, role| {
+        s.placements
+            .iter()
+            .filter(|p| p.role == role)
+            .map(|p| p.node.clone())
+            .collect::<Vec<_>>()
+    };
+    for role in [PlacementRole::Serving, PlacementRole::Warm] {
+        let (before, after) = (nodes(old, role), nodes(new, role));
+        if before != after && !after.is_empty() {
+            let what = if role == PlacementRole::Serving {
+                "serving"
+            } else {
+                "warm"
+            };
+            events.push(EventNote {
+                type_: EventType::Normal,
+                reason: reason::SCHEDULED,
+                action: "Schedule",
+                note: format!("{what} on {}", after.join(", ")),
+            });
+        }
+    }
+    let cond =
+        |s: &ModelDeploymentStatus, t: &str| s.conditions.iter().find(|c| c.type_ == t).cloned();
+    for (t, event) in [
+        (condition::RESOLVED, reason::FAILED_RESOLVE),
+        (condition::SCHEDULED, reason::FAILED_SCHEDULING),
+    ] {
+        // An unresolved model already explains why nothing is scheduled.
+        if let Some(c) =
+            cond(new, t).filter(|c| c.status != "True" && c.reason != reason::MODEL_NOT_RESOLVED)
+        {
+            if cond(old, t).map(|o| (o.status, o.message))
+                != Some((c.status.clone(), c.message.clone()))
+            {
+                events.push(EventNote {
+                    type_: EventType::Warning,
+                    reason: event,
+                    action: "Schedule",
+                    note: c.message,
+                });
+            }
+        }
+    }
+    for p in new
+        .placements
+        .iter()
+        .filter(|p| p.phase == PlacementPhase::Failed)
+    {
+        let was = old
+            .placements
+            .iter()
+            .any(|o| o.node == p.node && o.phase == PlacementPhase::Failed);
+        if !was {
+            events.push(EventNote {
+                type_: EventType::Warning,
+                reason: reason::LOAD_FAILED,
+                action: "Load",
+                note: format!(
+                    "{}: {}",
+                    p.node,
+                    p.message.as_deref().unwrap_or("load failed")
+                ),
+            });
+        }
+    }
+    events
+}
+
+/// Builds the condition list, keeping `lastTransitionTime` when a status is unchanged.
+struct Conditions {
+    list: BTreeMap<String, Condition>,
+    generation: Option<i64>,
+    now: Timestamp,
+}
+
+impl Conditions {
+    fn new(old: &[Condition], generation: Option<i64>, now: Timestamp) -> Self {
+        Conditions {
+            list: old.iter().map(|c| (c.type_.clone(), c.clone())).collect(),
+            generation,
+            now,
+        }
+    }
+
+    fn set(&mut self, type_: &str, status: &str, reason: &str, message: String) {
+        let since = match self.list.get(type_) {
+            Some(c) if c.status == status => c.last_transition_time.clone(),
+            _ => Time(self.now),
+        };
+        self.list.insert(
+            type_.to_string(),
+            Condition {
+                type_: type_.to_string(),
+                status: status.to_string(),
+                reason: reason.to_string(),
+                message,
+                observed_generation: self.generation,
+                last_transition_time: since,
+            },
+        );
+    }
+
+    /// In a fixed order: Resolved, Scheduled, Available, Progressing.
+    fn into_vec(mut self) -> Vec<Condition> {
+        condition::DEPLOYMENT
+            .iter()
+            .filter_map(|t| self.list.remove(*t))
+            .collect()
+    }
+}

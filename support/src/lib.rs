@@ -1,0 +1,12 @@
+//! What the operator and the node agent share as processes, so that both
+//! start, log, read secrets and stop the same way.
+
+pub mod logging;
+pub mod secret;
+pub mod signal;
+pub mod splitmix;
+
+pub use logging::{init_logging, LogFormat};
+pub use secret::{read_secret, SecretError};
+pub use signal::shutdown_signal;
+pub use splitmix::SplitMix64;
