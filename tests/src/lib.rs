@@ -7,6 +7,7 @@
 //! (`fixtures/gen_malformed.py` regenerates it) and Grafana's dashboard schema.
 
 pub mod apiserver;
+pub mod layers;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
