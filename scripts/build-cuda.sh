@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Builds the agent with candle's `cuda` feature on a machine without a system
-# CUDA toolkit, from NVIDIA's PyPI wheels (../shared notes: cuda-facts).
+# CUDA toolkit, from NVIDIA's PyPI wheels (nvcc, the CUDA runtime and cuBLAS/cuRAND
+# headers ship there as packages).
 #
 #   bash scripts/build-cuda.sh [COMPUTE_CAP]     (default 90: Hopper, e.g. H100/H200)
 #   bash scripts/build-cuda.sh --check           (type-check the cuda code paths only)

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Writes charts/modelcache/dashboards/*.json, the Grafana dashboards (ARCHITECTURE §6).
+"""Writes charts/modelcache/dashboards/*.json, the Grafana dashboards (metric names:
+docs/architecture.md).
 
 The JSON files are committed; edit this script and run it again
 (`python3 scripts/gen_dashboards.py`) rather than editing them by hand. Every

@@ -90,7 +90,7 @@ fn memcpy_gbps(bytes: usize) -> f64 {
 }
 
 fn bench_store() {
-    header("Store: probe, search, load (issue 3)");
+    header("Store: probe, search, load");
     // A 7 GB SD 1.5-shaped checkpoint: 1,131 tensors, data left as holes.
     let dir = scratch().join("probe");
     std::fs::create_dir_all(&dir).unwrap();
@@ -262,7 +262,7 @@ fn resident_fraction(p: &Path) -> f64 {
 }
 
 fn bench_cache() {
-    header("Cache: load and switch (issue 4, G2)");
+    header("Cache: load and switch");
     let f16 = gib_file(Dtype::F16);
     let key = CacheKey::from(f16.as_path());
     let bytes = std::fs::metadata(&f16).unwrap().len() as f64;
@@ -425,7 +425,7 @@ fn versus_diffusers(ours: f64, theirs: Option<f64>, unit_ms: bool) -> (String, O
 }
 
 fn bench_pipeline() {
-    header("Pipeline (issue 5)");
+    header("Pipeline");
     let cache = tiny_cache();
     let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
     let p = |steps| GenerateParams {
@@ -462,7 +462,7 @@ fn bench_pipeline() {
 }
 
 fn bench_sd15() {
-    header("Pipeline: SD-1.5-sized UNet (issue 5)");
+    header("Pipeline: SD-1.5-sized UNet");
     use candle_nn::{VarBuilder, VarMap};
     use modelcache_agent::pipeline::nets::unet_2d;
     let cfg = unet_2d::UNet2DConditionModelConfig::from_json(&serde_json::json!({
@@ -494,7 +494,7 @@ fn bench_sd15() {
 }
 
 fn bench_api() {
-    header("API overhead (issue 7)");
+    header("API overhead");
     let dir = tempfile::tempdir().unwrap();
     let models = dir.path().join("models");
     copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));

@@ -179,7 +179,7 @@ impl MemoryReading {
         }
     }
 
-    /// Multi-line diff in the seed's format: label padded to 30 columns, the
+    /// Multi-line diff in InvokeAI's format: label padded to 30 columns, the
     /// signed change and both values in GiB.
     pub fn diff(&self, after: &MemoryReading) -> String {
         let gib = |b: u64| b as f64 / (1u64 << 30) as f64;

@@ -1,4 +1,5 @@
-//! The agent's Prometheus metrics (ARCHITECTURE §6), registered once. Cache and
+//! The agent's Prometheus metrics (their names are a contract with the
+//! dashboards and alerts; docs/architecture.md lists them), registered once. Cache and
 //! memory figures are read at scrape time by a collector, so they are never stale
 //! and never double-counted; request metrics are updated as requests finish.
 

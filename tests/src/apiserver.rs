@@ -22,8 +22,8 @@
 //!   API server's 422 Status shape (via `modelcache_crds::validation`).
 //!
 //! It is one process-local store rather than etcd: revisions and watch history
-//! are kept in memory, which is what the tests need (see the closing notes in
-//! the project's issues for what is and is not reproduced).
+//! are kept in memory, which is what the tests need (docs/real-cluster.md lists
+//! what is and is not reproduced).
 
 // Errors here are HTTP responses, returned as they are.
 #![allow(clippy::result_large_err)]

@@ -1,4 +1,4 @@
-//! Fragmentation benchmark (G1 of docs/memory.md), against the real cache code.
+//! Fragmentation benchmark (docs/memory.md), against the real cache code.
 //!
 //! Round-robin over 12 models, loads dispatched over 4 threads, evict-before-load
 //! under a byte budget; RSS and VmHWM are read after every switch. Variants, each
@@ -369,7 +369,7 @@ fn main() -> ExitCode {
                 eprintln!("usage: modelcache-memory-bench [ci|full] | run VARIANT PROFILE");
                 return ExitCode::FAILURE;
             };
-            println!("G1 fragmentation, profile {prof}: budget B = {} MiB, 12 models {}–{} MiB, 4 loader threads, {} switches", p.budget / MIB, p.min / MIB, p.max / MIB, p.switches);
+            println!("Fragmentation, profile {prof}: budget B = {} MiB, 12 models {}–{} MiB, 4 loader threads, {} switches", p.budget / MIB, p.min / MIB, p.max / MIB, p.switches);
             println!("check: after every switch RSS <= B + 64 MiB and VmHWM <= B + 64 MiB");
             println!(
                 "{:<44} {:>10} {:>10} {:>10} {:>10} {:>6}",

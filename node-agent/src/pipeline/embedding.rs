@@ -3,10 +3,10 @@
 //! (`string_to_param`, or `emb_params`) or diffusers' `learned_embeds.bin`.
 //!
 //! Instead of growing the text encoder's embedding table (and shrinking it back
-//! afterwards, shared state the reference mutates per request), a prompt is
+//! afterwards, shared state InvokeAI mutates per request), a prompt is
 //! split at its triggers: text is tokenized as usual and each trigger becomes
 //! its vectors' positions, whose rows replace the token embeddings for this one
-//! forward pass. This is what the reference's added tokens plus pad tokens
+//! forward pass. This is what InvokeAI's added tokens plus pad tokens
 //! compute, without touching the shared model or tokenizer.
 
 use crate::store;

@@ -1,4 +1,5 @@
-//! LoRA-family adapters (seed-spec §10): the weight delta of each layer type and
+//! LoRA-family adapters (LoRA, LoCon, LoHA, LoKR, IA3, full diffs): the weight
+//! delta of each layer type and
 //! its application to a model's weights.
 //!
 //! Mechanism: a **patched copy**. The adapted model is a new tensor map that
@@ -201,7 +202,7 @@ pub fn layer_delta(
     })
 }
 
-/// `alpha / rank` when both are present and non-zero, else 1 (as the seed does).
+/// `alpha / rank` when both are present and non-zero, else 1 (as InvokeAI does).
 pub fn scale(leaves: &HashMap<String, Tensor>, rank: Option<f64>) -> Result<f64> {
     let alpha = scalar(leaves.get("alpha"))?;
     Ok(match (alpha, rank) {
@@ -357,7 +358,7 @@ mod tests {
 
     #[test]
     fn lora_formula_scale_and_restore() {
-        // Seed test 37: U=[[1],[2]], D=[[3,4]], alpha 2, rank 1, weight 0.5 → [[3,4],[6,8]].
+        // U=[[1],[2]], D=[[3,4]], alpha 2, rank 1, weight 0.5 → [[3,4],[6,8]].
         let l = leaves(&[
             ("lora_up.weight", t(&[1., 2.], &[2, 1])),
             ("lora_down.weight", t(&[3., 4.], &[1, 2])),
@@ -374,7 +375,7 @@ mod tests {
             [[0., 0.], [0., 0.]],
             "base untouched"
         );
-        // Seed test 38: alpha 0 or absent → scale 1.
+        // alpha 0 or absent → scale 1.
         let l0 = leaves(&[("alpha", t(&[0.], &[]))]);
         assert_eq!(scale(&l0, Some(4.0)).unwrap(), 1.0);
         assert_eq!(scale(&HashMap::new(), Some(4.0)).unwrap(), 1.0);
@@ -418,14 +419,14 @@ mod tests {
             (v2(&d), rank),
             (vec![vec![2., 4.], vec![6., 8.]], Some(2.0))
         );
-        // LoKR (seed test 41): kron([[1,0],[0,2]], [[1,1]]) = [[1,1,0,0],[0,0,2,2]]
+        // LoKR: kron([[1,0],[0,2]], [[1,1]]) = [[1,1,0,0],[0,0,2,2]]
         let l = leaves(&[
             ("lokr_w1", t(&[1., 0., 0., 2.], &[2, 2])),
             ("lokr_w2", t(&[1., 1.], &[1, 2])),
         ]);
         let (d, _) = layer_delta("l", &l, &t(&[0.; 8], &[2, 4])).unwrap();
         assert_eq!(v2(&d), [[1., 1., 0., 0.], [0., 0., 2., 2.]]);
-        // IA3 (seed test 42)
+        // IA3
         let l = leaves(&[
             ("weight", t(&[10., 100.], &[2])),
             ("on_input", t(&[0.], &[])),
@@ -442,7 +443,7 @@ mod tests {
             v2(&layer_delta("l", &l, &w0).unwrap().0),
             [[10., 200.], [30., 400.]]
         );
-        // Full, and Full with alpha (refused, seed test 44), and unknown leaves.
+        // Full, and Full with alpha (refused), and unknown leaves.
         let l = leaves(&[("diff", w0.clone())]);
         assert_eq!(v2(&layer_delta("l", &l, &w0).unwrap().0), v2(&w0));
         let l = leaves(&[("diff", w0.clone()), ("alpha", t(&[1.], &[]))]);
@@ -456,7 +457,6 @@ mod tests {
 
     #[test]
     fn two_adapters_add_and_ia3_uses_the_original_weight() {
-        // Seed test 43.
         let base: HashMap<String, Tensor> =
             [("m.weight".to_string(), t(&[1., 2., 3., 4.], &[2, 2]))].into();
         let ia3 = Adapter {

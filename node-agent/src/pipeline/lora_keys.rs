@@ -1,4 +1,4 @@
-//! LoRA key layouts (seed-spec §10.3, §10.4), all brought to kohya's before
+//! LoRA key layouts, all brought to kohya's before
 //! the adapter is applied: `lora_unet_…`, `lora_te_…` (`lora_te1_`/`lora_te2_`
 //! for SDXL's two text encoders), a `.`-free module path and
 //! `lora_down`/`lora_up`/`alpha` leaves.
@@ -8,7 +8,7 @@
 //!   `text_encoder_2.…`) and diffusers' older attention-processor layout
 //!   (`…to_q.lora.down.weight`, `…processor.to_q_lora.down.weight`);
 //! - SDXL in Stability's UNet naming (`lora_unet_input_blocks_4_1_…`), converted
-//!   with the reference's table; a file that converts only partly is refused.
+//!   with InvokeAI's table; a file that converts only partly is refused.
 
 use std::collections::HashMap;
 

@@ -1,5 +1,5 @@
 //! Merging two or three models tensor by tensor, streaming so
-//! that memory stays near one tensor per input, with the formula the reference
+//! that memory stays near one tensor per input, with the formula InvokeAI
 //! meant for `add_difference` (it silently ran a weighted sum instead).
 
 use super::error::{Result, StoreError};
@@ -331,7 +331,7 @@ pub fn merge(req: &MergeRequest) -> Result<MergeReport> {
             if indexes.len() < req.inputs.len()
                 || indexes[1..].iter().any(|i| keys(i) != keys(&indexes[0]))
             {
-                // Different layouts: keep the first model's component, as the reference does.
+                // Different layouts: keep the first model's component, as InvokeAI does.
                 report.skipped_components.push(c.clone());
                 merge_files(
                     &indexes[..1],
@@ -376,7 +376,7 @@ mod tests {
     #[test]
     fn formulas_match_the_seed_examples() {
         let f = |m, a| factor(m, a);
-        // 50: weighted_sum α=0.8, θ0=0, θ1=10 → 8
+        // weighted_sum α=0.8, θ0=0, θ1=10 → 8
         assert!(
             (merge_value(
                 Method::WeightedSum,
@@ -388,16 +388,16 @@ mod tests {
                 .abs()
                 < 1e-6
         );
-        // 51: sigmoid α=0.25 → α'=0.15625 → 1.5625; α=0.5 → 5
+        // sigmoid α=0.25 → α'=0.15625 → 1.5625; α=0.5 → 5
         assert!((f(Method::Sigmoid, 0.25) - 0.15625).abs() < 1e-12);
         assert!(
             (merge_value(Method::Sigmoid, f(Method::Sigmoid, 0.5), 0.0, 10.0, 0.0) - 5.0).abs()
                 < 1e-6
         );
-        // 52: inv_sigmoid α=0.25 → 0.326352; α=0.8 → 0.712859
+        // inv_sigmoid α=0.25 → 0.326352; α=0.8 → 0.712859
         assert!((f(Method::InvSigmoid, 0.25) - 0.326352).abs() < 1e-6);
         assert!((f(Method::InvSigmoid, 0.8) - 0.712859).abs() < 1e-6);
-        // 53: add_difference θ0=1, θ1=5, θ2=3, α=0.25 → 2.5 (the reference, as built, gave 2.0)
+        // add_difference θ0=1, θ1=5, θ2=3, α=0.25 → 2.5 (InvokeAI, as built, gave 2.0)
         assert!(
             (merge_value(
                 Method::AddDifference,

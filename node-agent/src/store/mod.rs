@@ -48,7 +48,7 @@ pub fn read_json(path: &Path) -> Result<serde_json::Value> {
 
 /// Weight files of one diffusers component folder: the default-precision
 /// safetensors (all shards), else the fp16 variant, else `.bin` files.
-/// (The seed estimated a folder holding only `*.fp16.*` weights as 0 bytes.)
+/// (InvokeAI estimated a folder holding only `*.fp16.*` weights as 0 bytes.)
 pub fn component_weights(dir: &Path) -> Result<Vec<PathBuf>> {
     let mut files: Vec<PathBuf> = match std::fs::read_dir(dir) {
         Ok(rd) => rd

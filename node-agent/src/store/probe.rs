@@ -1,5 +1,5 @@
 //! Working out what a model file or folder is — type, base, variant, prediction
-//! type, format and size — from headers and config files only (seed-spec §7, §8).
+//! type, format and size — from headers and config files only, never the weights.
 //!
 //! Real models have standard widths (768/1024/2048/1280). When widths are not
 //! standard (the tiny fixtures), the probe decides from structure instead and
@@ -383,7 +383,7 @@ fn name_says_xl(name: &str) -> bool {
     }) || name.contains("sdxl")
 }
 
-/// LoRA token-vector length (seed-spec §8): the cross-attention context width
+/// LoRA token-vector length: the cross-attention context width
 /// or the text encoder width(s).
 pub fn lora_token_vector_length(index: &TensorIndex) -> Option<usize> {
     let extract = |key: &str| -> Option<usize> {

@@ -1,4 +1,6 @@
-//! Finding models under a root folder (seed-spec §9, with its traps fixed):
+//! Finding models under a root folder, without the traps of the search this
+//! project grew from (it descended into model folders and followed symlinks out
+//! of the root):
 //! a folder with a marker file is one model and is not searched further;
 //! weight files elsewhere are models; hidden entries are skipped; symlinks are
 //! followed only while they stay inside the root, and never in a cycle;

@@ -126,7 +126,7 @@ fn resident(cache: &ModelCache, tier: TierKind) -> Vec<String> {
 
 #[test]
 fn lru_eviction_keeps_the_recently_used_model() {
-    // Seed test 8: budget 10; A(5), B(4), hit A, C(3) → B evicted, A kept.
+    // Budget 10; A(5), B(4), hit A, C(3) → B evicted, A kept.
     let loader = Arc::new(FakeLoader::new(&[("A", 5), ("B", 4), ("C", 3)]));
     let cache = cache_with(loader.clone(), 10, 0);
     drop(cache.get_ram(&ck("A")).unwrap());

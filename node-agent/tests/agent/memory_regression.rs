@@ -1,4 +1,4 @@
-//! CI-sized fragmentation regression (G1, profile `ci`: budget 512 MiB, 12 models
+//! CI-sized fragmentation regression (profile `ci`: budget 512 MiB, 12 models
 //! of 75–225 MiB, 4 loader threads, 100 switches), each variant in its own
 //! process. The agent's RAM tier must keep RSS and VmHWM within budget + 64 MiB;
 //! the heap-buffer control under glibc defaults must fail the same check, which

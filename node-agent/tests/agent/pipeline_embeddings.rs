@@ -1,7 +1,8 @@
 //! Textual inversion: `<name>` in a prompt stands for the embedding's vectors.
 //! Checked independently of the implementation: an embedding whose vectors are
 //! the text encoder's own rows for "red" and "cat" must encode "a <name>"
-//! exactly as "a red cat" is encoded, in each file format (seed-spec §10.6).
+//! exactly as "a red cat" is encoded, in each file format (A1111 `.pt` and
+//! `.safetensors`, diffusers `learned_embeds.bin`).
 
 use candle_core::{DType, Device, IndexOp, Tensor};
 use modelcache_agent::cache::{CacheConfig, DiskLoader, ModelCache};

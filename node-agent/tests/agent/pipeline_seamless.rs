@@ -1,7 +1,7 @@
 //! Seamless tiling. A tiling image has no edge along the wrapped axis: shifting
 //! the starting noise around that axis shifts the image the same way. With the
 //! VAE (every convolution wraps) this holds exactly; through the whole pipeline
-//! (the reference leaves a UNet resnet's second convolution zero-padded) it
+//! (InvokeAI's rule leaves a UNet resnet's second convolution zero-padded) it
 //! holds far better than without tiling. Random tiny weights give no smooth
 //! image whose edge columns could be compared by eye, so this is the measure.
 

@@ -1,5 +1,5 @@
-//! Single-file checkpoint → diffusers conversion: key maps one by one (seed-spec
-//! test ideas 58–61) and the fixture converted bit-exactly.
+//! Single-file checkpoint → diffusers conversion: key maps one by one (UNet,
+//! VAE, OpenCLIP with its fused q/k/v) and the fixture converted bit-exactly.
 
 use crate::common::fixtures;
 use modelcache_agent::store::convert::{

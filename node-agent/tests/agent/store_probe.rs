@@ -359,7 +359,7 @@ fn folder_probes() {
             Some(PredictionType::Epsilon)
         )
     );
-    // An fp16-only folder is sized from its fp16 files (the seed estimated 0).
+    // An fp16-only folder is sized from its fp16 files (InvokeAI estimated 0).
     assert_eq!(r.size_bytes.f16, 320 * 4 * 9 * 2);
 
     let vae = dir.path().join("sdxl-vae-fp16");

@@ -2,7 +2,7 @@
 //! is padded circularly instead of with zeros, so the image's left and right
 //! (or top and bottom) edges continue each other.
 //!
-//! Which convolutions wrap is the reference's rule, carried by each network's
+//! Which convolutions wrap is InvokeAI's rule, carried by each network's
 //! configuration as a [`Tiling`]: in a UNet `conv_in`, `conv_out`, resnet
 //! `conv1` and the down/upsamplers (not resnet `conv2`/`conv_shortcut`, not
 //! attention), in a VAE every convolution. Without seamless tiling the padding
