@@ -68,3 +68,24 @@ fn the_main_command_runs_one_binary_and_ci_runs_the_test_command() {
         commands[1]
     );
 }
+
+#[test]
+fn the_readme_names_every_module_of_the_layer_tables() {
+    let readme = std::fs::read_to_string(repo().join("README.md")).unwrap();
+    let doc = std::fs::read_to_string(repo().join("docs/architecture.md")).unwrap();
+    let tables = modelcache_tests::layers::parse(&doc);
+    assert!(!tables.is_empty(), "docs/architecture.md has layer tables");
+    let missing: Vec<String> = tables
+        .iter()
+        .flat_map(|t| {
+            t.layer_of
+                .keys()
+                .filter(|m| !readme.contains(&format!("`{m}`")))
+                .map(move |m| format!("{} {m}", t.src))
+        })
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "README's \"How it fits together\" does not name {missing:?}"
+    );
+}
