@@ -1,10 +1,18 @@
 //! The Helm chart, alert rules and dashboards, checked with the real tools:
 //! `helm lint --strict` and `helm template` (helm v4), PyPI
 //! `kubernetes-validate` for Kubernetes 1.35, `promtool check/test rules`, and
-//! Grafana's dashboard schema. (A real cluster cannot run here, so `helm
-//! install` and `helm test` are only rendered and validated.)
+//! Grafana's dashboard schema. Rendered manifests are read as YAML into
+//! k8s-openapi's types, so assertions name fields rather than text. (A real
+//! cluster cannot run here, so `helm install` and `helm test` are only
+//! rendered and validated.)
 
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::rbac::v1::PolicyRule;
+use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use modelcache_tests::{repo, run, tool};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
 use std::path::PathBuf;
 use std::process::Command;
 
@@ -37,16 +45,68 @@ fn template(args: &[&str]) -> String {
     out
 }
 
-/// The rendered documents as (kind, name, document).
-fn documents(yaml: &str) -> Vec<(String, String, String)> {
-    yaml.split("\n---")
-        .filter_map(|doc| {
-            let field = |key: &str| {
-                doc.lines()
-                    .find_map(|l| l.strip_prefix(key))
-                    .map(|v| v.trim().to_string())
-            };
-            Some((field("kind: ")?, field("  name: ")?, doc.to_string()))
+/// The rendered manifests, read with a YAML parser (helm separates them with `---`).
+fn manifests(yaml: &str) -> Vec<Value> {
+    serde_saphyr::from_multiple(yaml).unwrap_or_else(|e| panic!("rendered YAML: {e}\n{yaml}"))
+}
+
+fn kinds(docs: &[Value]) -> Vec<&str> {
+    docs.iter().filter_map(|d| d["kind"].as_str()).collect()
+}
+
+/// The one manifest of `kind` as its Kubernetes type.
+fn one<K: DeserializeOwned>(docs: &[Value], kind: &str) -> K {
+    let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind}: {found:?}");
+    serde_json::from_value(found[0].clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
+}
+
+fn pod_of(template: &PodTemplateSpec) -> PodSpec {
+    template.spec.clone().expect("a pod template with a spec")
+}
+
+fn env<'a>(c: &'a Container, name: &str) -> Option<&'a EnvVar> {
+    c.env.iter().flatten().find(|e| e.name == name)
+}
+
+fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    env(c, name).and_then(|e| e.value.as_deref())
+}
+
+fn field_ref<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    env(c, name)
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.as_str())
+}
+
+fn args(c: &Container) -> Vec<&str> {
+    c.args.iter().flatten().map(String::as_str).collect()
+}
+
+fn gpu_limit(c: &Container) -> Option<String> {
+    c.resources
+        .as_ref()
+        .and_then(|r| r.limits.as_ref())
+        .and_then(|l| l.get("nvidia.com/gpu"))
+        .map(|q| q.0.clone())
+}
+
+/// Each (resource, verbs) the roles named `name` grant.
+fn rules(docs: &[Value], name: &str) -> Vec<(String, Vec<String>)> {
+    docs.iter()
+        .filter(|d| {
+            (d["kind"] == "ClusterRole" || d["kind"] == "Role") && d["metadata"]["name"] == name
+        })
+        .flat_map(|d| {
+            let rules: Vec<PolicyRule> = serde_json::from_value(d["rules"].clone()).unwrap();
+            rules.into_iter().flat_map(|r| {
+                let verbs = r.verbs;
+                r.resources
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(move |res| (res, verbs.clone()))
+            })
         })
         .collect()
 }
@@ -72,8 +132,8 @@ fn lints_strictly() {
 fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
     let yaml = template(&[]);
     kubernetes_validate(&yaml);
-    let docs = documents(&yaml);
-    let kinds: Vec<&str> = docs.iter().map(|(k, _, _)| k.as_str()).collect();
+    let docs = manifests(&yaml);
+    let kinds = kinds(&docs);
     for want in [
         "CustomResourceDefinition",
         "Deployment",
@@ -90,87 +150,111 @@ fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
         assert!(!kinds.contains(&absent), "{absent} rendered by default");
     }
 
-    let (_, _, operator) = docs.iter().find(|(k, _, _)| k == "Deployment").unwrap();
-    assert!(
-        operator.contains("replicas: 2") && operator.contains("- --leader-elect"),
-        "{operator}"
-    );
-    assert!(operator.contains("readinessProbe") && operator.contains("livenessProbe"));
+    let operator: Deployment = one(&docs, "Deployment");
+    let spec = operator.spec;
+    assert_eq!(spec.replicas, Some(2));
+    let operator_pod = pod_of(&spec.template);
+    let c = &operator_pod.containers[0];
+    assert!(args(c).contains(&"--leader-elect"), "{:?}", args(c));
+    assert!(c.readiness_probe.is_some() && c.liveness_probe.is_some());
 
-    let (_, _, agent) = docs.iter().find(|(k, _, _)| k == "DaemonSet").unwrap();
-    for want in [
-        "nvidia.com/gpu.present: \"true\"",
-        "name: MALLOC_MMAP_THRESHOLD_\n              value: \"1048576\"",
-        "fieldPath: spec.nodeName",
-        "fieldPath: status.podIP",
-        "nvidia.com/gpu: 1",
-        "- --kubernetes",
-        "key: nvidia.com/gpu",
-        "path: /var/lib/modelcache/models",
-        "value: \"32Gi\"",
-    ] {
-        assert!(
-            agent.contains(want),
-            "agent DaemonSet lacks {want:?}:\n{agent}"
-        );
-    }
-    // Every container: non-root, read-only root filesystem, no capabilities.
-    for (kind, name, doc) in docs
+    let agent: DaemonSet = one(&docs, "DaemonSet");
+    let agent_pod = pod_of(&agent.spec.template);
+    let selector = agent_pod.node_selector.clone().unwrap_or_default();
+    assert_eq!(
+        selector.get("nvidia.com/gpu.present").map(String::as_str),
+        Some("true")
+    );
+    assert!(agent_pod
+        .tolerations
         .iter()
-        .filter(|(k, _, _)| k == "Deployment" || k == "DaemonSet")
-    {
-        for want in [
-            "runAsNonRoot: true",
-            "readOnlyRootFilesystem: true",
-            "allowPrivilegeEscalation: false",
-            "drop: [\"ALL\"]",
-        ] {
-            assert!(doc.contains(want), "{kind}/{name} lacks {want}");
+        .flatten()
+        .any(|t| t.key.as_deref() == Some("nvidia.com/gpu")));
+    let c = &agent_pod.containers[0];
+    assert_eq!(env_value(c, "MALLOC_MMAP_THRESHOLD_"), Some("1048576"));
+    assert_eq!(env_value(c, "MODELCACHE_RAM_CACHE_BYTES"), Some("32Gi"));
+    assert_eq!(field_ref(c, "NODE_NAME"), Some("spec.nodeName"));
+    assert_eq!(field_ref(c, "POD_IP"), Some("status.podIP"));
+    assert_eq!(gpu_limit(c).as_deref(), Some("1"));
+    assert!(args(c).contains(&"--kubernetes"), "{:?}", args(c));
+    let models = agent_pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == "models")
+        .and_then(|v| v.host_path.as_ref())
+        .map(|h| h.path.clone());
+    assert_eq!(models.as_deref(), Some("/var/lib/modelcache/models"));
+
+    // Every container: non-root, read-only root filesystem, no capabilities.
+    for (what, pod) in [("operator", &operator_pod), ("agent", &agent_pod)] {
+        let run_as_non_root = pod
+            .security_context
+            .as_ref()
+            .and_then(|s| s.run_as_non_root);
+        assert_eq!(run_as_non_root, Some(true), "{what}");
+        for c in &pod.containers {
+            let s = c.security_context.clone().unwrap_or_default();
+            assert_eq!(s.run_as_non_root, Some(true), "{what}");
+            assert_eq!(s.read_only_root_filesystem, Some(true), "{what}");
+            assert_eq!(s.allow_privilege_escalation, Some(false), "{what}");
+            let drop = s.capabilities.and_then(|c| c.drop);
+            assert_eq!(drop, Some(vec!["ALL".to_string()]), "{what}");
         }
     }
     // Dashboards for Grafana's sidecar.
-    let dashboards: Vec<_> = docs
+    let dashboards: Vec<ConfigMap> = docs
         .iter()
-        .filter(|(k, n, _)| k == "ConfigMap" && n.contains("dashboard"))
+        .filter(|d| d["kind"] == "ConfigMap")
+        .map(|d| serde_json::from_value(d.clone()).unwrap())
+        .filter(|c: &ConfigMap| {
+            c.metadata
+                .name
+                .as_deref()
+                .is_some_and(|n| n.contains("dashboard"))
+        })
         .collect();
     assert_eq!(dashboards.len(), 4);
-    assert!(dashboards
-        .iter()
-        .all(|(_, _, d)| d.contains("grafana_dashboard: \"1\"")));
+    for d in &dashboards {
+        let labels = d.metadata.labels.clone().unwrap_or_default();
+        assert_eq!(
+            labels.get("grafana_dashboard").map(String::as_str),
+            Some("1")
+        );
+    }
 }
 
 #[test]
 fn rbac_grants_each_component_only_what_it_uses() {
-    let yaml = template(&[]);
-    let docs = documents(&yaml);
-    let rules = |name: &str| {
-        docs.iter()
-            .find(|(k, n, _)| (k == "ClusterRole" || k == "Role") && n == name)
-            .map(|(_, _, d)| d.clone())
-            .unwrap_or_else(|| panic!("no role {name}"))
-    };
-    let agent = rules("mc-modelcache-agent");
+    let docs = manifests(&template(&[]));
+    let read: Vec<String> = ["get", "list", "watch"].map(String::from).to_vec();
+    let agent = rules(&docs, "mc-modelcache-agent");
     assert!(
-        agent.contains(
-            "resources: [\"modeldeployments\"]\n    verbs: [\"get\", \"list\", \"watch\"]"
-        ),
-        "agents only read deployments:\n{agent}"
+        agent.contains(&("modeldeployments".to_string(), read.clone())),
+        "agents only read deployments: {agent:?}"
     );
+    for (resource, _) in &agent {
+        assert!(
+            !["services", "endpointslices"].contains(&resource.as_str()),
+            "agents must not touch {resource}"
+        );
+    }
+    let operator = rules(&docs, "mc-modelcache-operator");
     assert!(
-        !agent.contains("services")
-            && !agent.contains("endpointslices")
-            && !agent.contains("\"*\"")
+        operator.contains(&("modelnodes".to_string(), read)),
+        "the operator only reads ModelNodes: {operator:?}"
     );
-    let operator = rules("mc-modelcache-operator");
+    let resources: Vec<&str> = operator.iter().map(|(r, _)| r.as_str()).collect();
     assert!(
-        operator.contains("resources: [\"modelnodes\"]\n    verbs: [\"get\", \"list\", \"watch\"]"),
-        "the operator only reads ModelNodes"
+        resources.contains(&"endpointslices") && resources.contains(&"modeldeployments/status"),
+        "{resources:?}"
     );
-    assert!(operator.contains("endpointslices") && operator.contains("modeldeployments/status"));
-    assert!(
-        !yaml.contains("verbs: [\"*\"]") && !yaml.contains("resources: [\"*\"]"),
-        "no wildcards"
-    );
+    for (resource, verbs) in agent.iter().chain(&operator) {
+        assert!(
+            resource != "*" && !verbs.iter().any(|v| v == "*"),
+            "no wildcards: {resource} {verbs:?}"
+        );
+    }
 }
 
 #[test]
@@ -190,32 +274,65 @@ fn non_default_values_render_valid_manifests() {
         "agent.device=cuda:0\\,cuda:1,agent.cache.vramBytes=auto",
     ]);
     kubernetes_validate(&yaml);
-    let docs = documents(&yaml);
-    let kinds: Vec<&str> = docs.iter().map(|(k, _, _)| k.as_str()).collect();
+    let docs = manifests(&yaml);
+    let kinds = kinds(&docs);
     for want in ["ServiceMonitor", "PodMonitor", "PrometheusRule", "Pod"] {
         assert!(kinds.contains(&want), "no {want} in {kinds:?}");
     }
     assert!(!kinds.contains(&"NetworkPolicy"));
-    let (_, _, agent) = docs.iter().find(|(k, _, _)| k == "DaemonSet").unwrap();
-    assert!(agent.contains("claimName: models") && agent.contains("nvidia.com/gpu: 2"));
-    assert!(agent.contains("value: \"2097152\"") && agent.contains("secretName: api-token"));
+    let agent: DaemonSet = one(&docs, "DaemonSet");
+    let pod = pod_of(&agent.spec.template);
+    let volume = |name: &str| {
+        pod.volumes
+            .iter()
+            .flatten()
+            .find(|v| v.name == name)
+            .cloned()
+    };
+    let claim = volume("models")
+        .and_then(|v| v.persistent_volume_claim)
+        .map(|c| c.claim_name);
+    assert_eq!(claim.as_deref(), Some("models"));
+    let secret = volume("api-token")
+        .and_then(|v| v.secret)
+        .and_then(|s| s.secret_name);
+    assert_eq!(secret.as_deref(), Some("api-token"));
+    let c = &pod.containers[0];
+    assert_eq!(gpu_limit(c).as_deref(), Some("2"));
+    assert_eq!(env_value(c, "MALLOC_MMAP_THRESHOLD_"), Some("2097152"));
+    assert_eq!(env_value(c, "MODELCACHE_DEVICE"), Some("cuda:0,cuda:1"));
+    assert_eq!(env_value(c, "MODELCACHE_VRAM_CACHE_BYTES"), Some("auto"));
+    let operator: Deployment = one(&docs, "Deployment");
+    let operator_pod = pod_of(&operator.spec.template);
+    let a = args(&operator_pod.containers[0]);
     assert!(
-        agent.contains("value: \"cuda:0,cuda:1\"") && agent.contains("value: \"auto\""),
-        "{agent}"
+        a.contains(&"--bin-pack") && !a.contains(&"--leader-elect"),
+        "{a:?}"
     );
-    let (_, _, operator) = docs.iter().find(|(k, _, _)| k == "Deployment").unwrap();
-    assert!(operator.contains("- --bin-pack") && !operator.contains("--leader-elect"));
     // The PrometheusRule carries the same groups promtool tests.
-    let (_, _, rule) = docs.iter().find(|(k, _, _)| k == "PrometheusRule").unwrap();
+    let rule = docs.iter().find(|d| d["kind"] == "PrometheusRule").unwrap();
+    let alert = rule["spec"]["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().cloned().unwrap_or_default())
+        .find(|r| r["alert"] == "ModelcacheMmapThresholdNotInForce")
+        .expect("the mmap threshold alert");
     assert!(
-        rule.contains("alert: ModelcacheMmapThresholdNotInForce")
-            && rule.contains("{{ $labels.instance }}")
+        alert["annotations"]
+            .to_string()
+            .contains("{{ $labels.instance }}"),
+        "{alert}"
     );
     // helm test sends one request to the named deployment's Service.
-    let (_, _, pod) = docs.iter().find(|(k, _, _)| k == "Pod").unwrap();
+    let test: Pod = one(&docs, "Pod");
+    let hook = test.metadata.annotations.clone().unwrap_or_default();
+    assert_eq!(hook.get("helm.sh/hook").map(String::as_str), Some("test"));
+    let c = &test.spec.expect("a Pod spec").containers[0];
     assert!(
-        pod.contains("helm.sh/hook: test") && pod.contains("--url=http://sd15.modelcache.svc:8080"),
-        "{pod}"
+        args(c).contains(&"--url=http://sd15.modelcache.svc:8080"),
+        "{:?}",
+        args(c)
     );
 }
 
@@ -299,16 +416,22 @@ fn dashboards_match_grafanas_schema() {
 
 #[test]
 fn the_chart_ships_the_generated_crds() {
-    for crd in [
+    let rendered: Vec<String> = manifests(&template(&[]))
+        .into_iter()
+        .filter(|d| d["kind"] == "CustomResourceDefinition")
+        .map(|d| serde_json::from_value::<CustomResourceDefinition>(d).unwrap())
+        .filter_map(|crd| crd.metadata.name)
+        .collect();
+    for file in [
         "modelcache.io_modeldeployments.yaml",
         "modelcache.io_modelnodes.yaml",
     ] {
-        let yaml = template(&[]);
-        let committed = std::fs::read_to_string(chart().join("crds").join(crd)).unwrap();
-        let name_line = committed
-            .lines()
-            .find(|l| l.trim_start().starts_with("name: "))
-            .unwrap();
-        assert!(yaml.contains(name_line.trim()), "{crd} not rendered");
+        let text = std::fs::read_to_string(chart().join("crds").join(file)).unwrap();
+        let committed: CustomResourceDefinition = serde_saphyr::from_str(&text).unwrap();
+        let name = committed.metadata.name.unwrap();
+        assert!(
+            rendered.contains(&name),
+            "{file} ({name}) not rendered: {rendered:?}"
+        );
     }
 }

@@ -273,7 +273,16 @@ async fn run_generation(
             .map(|img| img.to_png())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| ApiError::internal(format!("PNG encoding: {e}")))?;
-        Ok::<_, ApiError>((pngs, started.elapsed().as_secs_f64()))
+        let seconds = started.elapsed().as_secs_f64();
+        tracing::info!(
+            images = pngs.len(),
+            width = p.width,
+            height = p.height,
+            steps = p.steps,
+            seconds,
+            "generated"
+        );
+        Ok::<_, ApiError>((pngs, seconds))
     })
     .await
     .map_err(|e| ApiError::internal(format!("generation task failed: {e}")))??;

@@ -17,6 +17,8 @@ struct Agent {
     child: Child,
     api: String,
     metrics: String,
+    /// Every JSON log line the agent has written so far.
+    logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -53,6 +55,8 @@ impl Agent {
             .unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
+        let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let kept = logs.clone();
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) {
@@ -62,6 +66,7 @@ impl Agent {
                             v["fields"]["metrics"].as_str().unwrap_or("").to_string(),
                         ));
                     }
+                    kept.lock().unwrap().push(v);
                 }
             }
         });
@@ -72,6 +77,7 @@ impl Agent {
             child,
             api,
             metrics,
+            logs,
             _dir: dir,
         }
     }
@@ -221,6 +227,95 @@ fn generates_pngs_of_the_requested_size_and_lists_models() {
     assert_eq!(models["data"][0]["tier"], "vram");
     assert_eq!(http(&agent.api, "GET", "/healthz", &[], b"").status, 200);
     assert_eq!(http(&agent.api, "GET", "/readyz", &[], b"").status, 200);
+}
+
+/// The access-log line of the request with `id`, once the agent has written it.
+fn access_line(agent: &Agent, id: &str) -> serde_json::Value {
+    for _ in 0..100 {
+        let found = agent.logs.lock().unwrap().iter().find_map(|v| {
+            (v["fields"]["message"] == "served" && v["span"]["request_id"] == id).then(|| v.clone())
+        });
+        if let Some(v) = found {
+            return v;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    panic!("no access-log line for request {id}");
+}
+
+#[test]
+fn every_request_gets_an_id_and_an_access_log_line() {
+    let agent = Agent::start(&[]);
+    let r = post(
+        &agent.api,
+        serde_json::json!({"model": "tiny", "prompt": "a red cat", "size": "64x64", "steps": 1, "seed": 1}),
+    );
+    assert_eq!(r.status, 200);
+    let id = r.header("x-request-id").expect("a request id").to_string();
+    assert_eq!(id.len(), 36, "a UUID: {id}");
+    let line = access_line(&agent, &id);
+    let span = &line["span"];
+    assert_eq!(
+        (&span["method"], &span["path"], &span["model"]),
+        (
+            &serde_json::json!("POST"),
+            &serde_json::json!("/v1/images/generations"),
+            &serde_json::json!("tiny")
+        ),
+        "{line}"
+    );
+    assert_eq!(line["fields"]["status"], 200, "{line}");
+    assert!(
+        line["fields"]["latency_ms"].as_f64().unwrap() > 0.0,
+        "{line}"
+    );
+    // The generation's own log lines carry the same id.
+    let generation_lines = agent
+        .logs
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|v| v["span"]["request_id"] == id.as_str() && v["fields"]["message"] != "served")
+        .count();
+    assert!(
+        generation_lines > 0,
+        "no log line of the generation names request {id}"
+    );
+
+    // A caller's own id (a gateway's) is kept, errors are logged too, and
+    // the probes stay out of the access log.
+    let r = http(
+        &agent.api,
+        "POST",
+        "/v1/images/generations",
+        &[
+            ("content-type", "application/json"),
+            ("x-request-id", "gw-42"),
+        ],
+        b"{not json",
+    );
+    assert_eq!((r.status, r.header("x-request-id")), (400, Some("gw-42")));
+    assert_eq!(access_line(&agent, "gw-42")["fields"]["status"], 400);
+    let r = http(
+        &agent.api,
+        "GET",
+        "/nowhere",
+        &[("x-request-id", "lost-1")],
+        b"",
+    );
+    assert_eq!((r.status, error_code(&r).as_str()), (404, "not_found"));
+    assert_eq!(access_line(&agent, "lost-1")["fields"]["status"], 404);
+    assert_eq!(http(&agent.api, "GET", "/healthz", &[], b"").status, 200);
+    std::thread::sleep(Duration::from_millis(200));
+    assert!(
+        !agent
+            .logs
+            .lock()
+            .unwrap()
+            .iter()
+            .any(|v| v["span"]["path"] == "/healthz"),
+        "health probes are not access-logged"
+    );
 }
 
 fn error_code(r: &Reply) -> String {
