@@ -459,3 +459,345 @@ fn not_found(
         ),
     }
 }
+
+/// Objects as the API server would hold them, for the pure modules' tests.
+#[cfg(test)]
+pub(crate) mod fixtures {
+    use super::*;
+    use k8s_openapi::api::coordination::v1::LeaseSpec;
+    use k8s_openapi::api::core::v1::{NodeSpec, Taint as NodeTaint};
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
+    use modelcache_crds::*;
+
+    pub const G: i64 = 1 << 30;
+
+    /// A fixed "now", so that conditions' times compare.
+    pub fn now() -> Timestamp {
+        Timestamp::from_second(1_800_000_000).unwrap()
+    }
+
+    /// `ml/<name>` serving `path`, with `spec` merged into the spec.
+    pub fn deployment(name: &str, path: &str, spec: serde_json::Value) -> ModelDeployment {
+        let mut s = serde_json::json!({"model": {"path": path}});
+        if let (Some(dst), Some(src)) = (s.as_object_mut(), spec.as_object()) {
+            dst.extend(src.clone());
+        }
+        let mut md = ModelDeployment::new(name, serde_json::from_value(s).unwrap());
+        md.metadata.namespace = Some("ml".into());
+        md.metadata.uid = Some(format!("uid-{name}"));
+        md.metadata.generation = Some(1);
+        md
+    }
+
+    /// An SD 1.x checkpoint of one billion parameters.
+    pub fn local(path: &str) -> LocalModel {
+        LocalModel {
+            path: path.into(),
+            model_type: ModelType::Main,
+            base: BaseModel::Sd1,
+            variant: Some(ModelVariant::Normal),
+            prediction_type: Some(PredictionType::Epsilon),
+            format: ModelFormat::Checkpoint,
+            file_bytes: 4 * G,
+            tensor_count: 1100,
+            parameter_count: Some(G),
+            sha256: None,
+        }
+    }
+
+    /// A Ready agent at `ip` with 32 GiB of RAM and one 24 GiB device.
+    pub fn model_node(name: &str, ip: &str, locals: Vec<LocalModel>) -> Arc<ModelNode> {
+        let mut mn = ModelNode::new(name, ModelNodeSpec {});
+        mn.status = Some(ModelNodeStatus {
+            agent: Some(AgentInfo {
+                version: "0.1.0".into(),
+                pod_name: format!("agent-{name}"),
+                endpoint: format!("{ip}:8080"),
+            }),
+            devices: vec![DeviceInfo {
+                id: "cuda:0".into(),
+                name: "H100".into(),
+                memory_bytes: 24 * G,
+                free_bytes: 24 * G,
+                cache_budget_bytes: 24 * G,
+            }],
+            cache: Some(CacheStatus {
+                ram_capacity_bytes: 32 * G,
+                ..Default::default()
+            }),
+            local_models: locals,
+            conditions: vec![Condition {
+                type_: condition::READY.into(),
+                status: "True".into(),
+                reason: reason::AGENT_SERVING.into(),
+                message: String::new(),
+                observed_generation: None,
+                last_transition_time: Time(now()),
+            }],
+            ..Default::default()
+        });
+        Arc::new(mn)
+    }
+
+    /// The node's agent Lease, renewed `age_seconds` before [`now`].
+    pub fn lease(node: &str, age_seconds: i64) -> Arc<Lease> {
+        Arc::new(Lease {
+            metadata: kube::api::ObjectMeta {
+                name: Some(node_lease_name(node)),
+                namespace: Some("modelcache".into()),
+                ..Default::default()
+            },
+            spec: Some(LeaseSpec {
+                renew_time: Some(MicroTime(now() - SignedDuration::from_secs(age_seconds))),
+                ..Default::default()
+            }),
+        })
+    }
+
+    /// A Kubernetes Node with labels, `key=value:effect` taints, maybe cordoned.
+    pub fn node(
+        name: &str,
+        labels: &[(&str, &str)],
+        taints: &[(&str, &str, &str)],
+        cordoned: bool,
+    ) -> Arc<Node> {
+        Arc::new(Node {
+            metadata: kube::api::ObjectMeta {
+                name: Some(name.into()),
+                labels: Some(
+                    labels
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                ),
+                ..Default::default()
+            },
+            spec: Some(NodeSpec {
+                unschedulable: Some(cordoned),
+                taints: Some(
+                    taints
+                        .iter()
+                        .map(|(k, v, e)| NodeTaint {
+                            key: k.to_string(),
+                            value: Some(v.to_string()),
+                            effect: e.to_string(),
+                            time_added: None,
+                        })
+                        .collect(),
+                ),
+                ..Default::default()
+            }),
+            status: None,
+        })
+    }
+
+    /// The nodes at [`now`], with the operator's default 40 s Lease expiry.
+    pub fn cluster(
+        model_nodes: Vec<Arc<ModelNode>>,
+        nodes: Vec<Arc<Node>>,
+        leases: Vec<Arc<Lease>>,
+    ) -> Cluster {
+        Cluster {
+            model_nodes,
+            nodes,
+            leases,
+            now: now(),
+            lease_expiry: SignedDuration::from_secs(40),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::fixtures::*;
+    use super::*;
+    use modelcache_crds::{
+        ModelDeploymentStatus, ModelType, ModelVariant, Placement, PlacementPhase, PlacementRole,
+        ResidentModel,
+    };
+
+    #[test]
+    fn a_node_is_ready_stale_or_cordoned() {
+        let mns = vec![
+            model_node("fresh", "10.0.0.1", vec![]),
+            model_node("old", "10.0.0.2", vec![]),
+            model_node("leaseless", "10.0.0.3", vec![]),
+            model_node("cordoned", "10.0.0.4", vec![]),
+        ];
+        let mut unready = (*model_node("unready", "10.0.0.5", vec![])).clone();
+        if let Some(s) = unready.status.as_mut() {
+            s.conditions[0].status = "False".into();
+        }
+        let c = cluster(
+            [mns.clone(), vec![Arc::new(unready)]].concat(),
+            vec![node("cordoned", &[], &[], true)],
+            vec![
+                lease("fresh", 5),
+                lease("old", 41),
+                lease("cordoned", 5),
+                lease("unready", 5),
+            ],
+        );
+        let states: Vec<(String, NodeState)> = c
+            .model_nodes
+            .iter()
+            .map(|m| (m.name_any(), c.state(m)))
+            .collect();
+        assert_eq!(
+            states,
+            [
+                ("fresh".to_string(), NodeState::Ready),
+                ("old".to_string(), NodeState::Stale),
+                ("leaseless".to_string(), NodeState::Stale),
+                ("cordoned".to_string(), NodeState::Cordoned),
+                ("unready".to_string(), NodeState::Stale),
+            ]
+        );
+    }
+
+    #[test]
+    fn scheduler_nodes_carry_labels_taints_residency_and_measured_bandwidth() {
+        let mut mn = (*model_node("n1", "10.0.0.1", vec![local("a"), local("b")])).clone();
+        if let Some(s) = mn.status.as_mut() {
+            s.models = vec![
+                ResidentModel {
+                    path: "a".into(),
+                    tier: Tier::Ram,
+                    size_bytes: G,
+                    locked: false,
+                    last_used: None,
+                },
+                ResidentModel {
+                    path: "a".into(),
+                    tier: Tier::Vram,
+                    size_bytes: G,
+                    locked: false,
+                    last_used: None,
+                },
+            ];
+            s.cache.as_mut().unwrap().disk_read_bytes_per_second = 3_000_000_000;
+        }
+        let c = cluster(
+            vec![Arc::new(mn), model_node("n0", "10.0.0.2", vec![])],
+            vec![node(
+                "n1",
+                &[("zone", "z1")],
+                &[("nvidia.com/gpu", "", "NoSchedule")],
+                false,
+            )],
+            vec![lease("n1", 1)],
+        );
+        let nodes = c.scheduler_nodes(None);
+        let names: Vec<&str> = nodes.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["n0", "n1"], "sorted by name");
+        let n1 = &nodes[1];
+        assert_eq!(n1.resident["a"], Tier::Vram, "the fastest tier wins");
+        assert_eq!(n1.labels["zone"], "z1");
+        assert_eq!(n1.taints[0].key, "nvidia.com/gpu");
+        assert!(n1.healthy && n1.schedulable);
+        assert_eq!(
+            (n1.ram_budget, n1.device_budgets.clone()),
+            (32 << 30, vec![24 << 30])
+        );
+        assert_eq!(n1.disk_bps, 3e9, "measured");
+        assert_eq!(
+            n1.ram_to_device_bps, DEFAULT_RAM_TO_DEVICE_BPS,
+            "not measured yet"
+        );
+        assert!(n1.local.as_ref().unwrap().contains("b"));
+        assert!(!nodes[0].healthy, "n0 has no Lease");
+    }
+
+    #[test]
+    fn resolving_finds_the_model_and_says_why_not() {
+        let md = deployment("sd", "./sd15/", serde_json::json!({"precision": "F16"}));
+        let mns = vec![
+            model_node("n2", "10.0.0.2", vec![local("sd15")]),
+            model_node("n1", "10.0.0.1", vec![local("sd15"), local("other")]),
+        ];
+        let r = resolve(&md, &mns).unwrap();
+        assert_eq!(r.path, "sd15");
+        assert_eq!(r.nodes, ["n1", "n2"]);
+        assert_eq!(r.info.size_bytes, 2 * G, "one billion parameters at F16");
+
+        let why = |md: &ModelDeployment, mns: &[Arc<ModelNode>]| {
+            let u = resolve(md, mns).unwrap_err();
+            (u.status, u.reason)
+        };
+        assert_eq!(why(&md, &[]), ("Unknown", reason::NO_AGENTS));
+        let elsewhere = vec![model_node("n1", "10.0.0.1", vec![local("other")])];
+        assert_eq!(why(&md, &elsewhere), ("False", reason::MODEL_NOT_FOUND));
+        let mut truncated = (*elsewhere[0]).clone();
+        truncated.status.as_mut().unwrap().local_models_truncated = true;
+        assert_eq!(
+            why(&md, &[Arc::new(truncated)]),
+            ("Unknown", reason::MODEL_NOT_REPORTED)
+        );
+        let diffusers = deployment(
+            "sd",
+            "sd15",
+            serde_json::json!({"model": {"path": "sd15", "format": "Diffusers"}}),
+        );
+        assert_eq!(why(&diffusers, &mns), ("False", reason::FORMAT_MISMATCH));
+        let mut lora = local("sd15");
+        lora.model_type = ModelType::Lora;
+        let l = vec![model_node("n1", "10.0.0.1", vec![lora])];
+        assert_eq!(why(&md, &l), ("False", reason::NOT_A_MAIN_MODEL));
+        let mut inpaint = local("sd15");
+        inpaint.variant = Some(ModelVariant::Inpaint);
+        let i = vec![model_node("n1", "10.0.0.1", vec![inpaint])];
+        assert_eq!(why(&md, &i), ("False", reason::UNSUPPORTED_MODEL));
+        let pinned = deployment(
+            "sd",
+            "sd15",
+            serde_json::json!({"model": {"path": "sd15", "sha256": "aa".repeat(32)}}),
+        );
+        let mut copy = local("sd15");
+        copy.sha256 = Some("bb".repeat(32));
+        let wrong = vec![model_node("n1", "10.0.0.1", vec![copy])];
+        let u = resolve(&pinned, &wrong).unwrap_err();
+        assert_eq!(u.reason, reason::SHA256_MISMATCH);
+        assert!(u.message.contains(&"bb".repeat(32)), "{}", u.message);
+    }
+
+    #[test]
+    fn a_node_change_concerns_what_is_placed_there_and_what_is_not_done() {
+        let placed = |name: &str, node: &str, ready: i32| {
+            let mut md = deployment(name, "m", serde_json::json!({"replicas": 1}));
+            md.status = Some(ModelDeploymentStatus {
+                placements: vec![Placement {
+                    node: node.into(),
+                    role: PlacementRole::Serving,
+                    phase: PlacementPhase::Ready,
+                    tier: Tier::Ram,
+                    message: None,
+                    since: None,
+                }],
+                ready_replicas: ready,
+                ..Default::default()
+            });
+            Arc::new(md)
+        };
+        let deployments = vec![
+            placed("here", "n1", 1),
+            placed("elsewhere", "n2", 1),
+            placed("waiting", "n2", 0),
+            Arc::new(deployment("new", "m", serde_json::json!({}))),
+        ];
+        let names: Vec<String> = affected(&deployments, "n1")
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["here", "waiting", "new"]);
+    }
+
+    #[test]
+    fn paths_are_normalized_as_agents_report_them() {
+        assert_eq!(normalize("./sd15/"), "sd15");
+        assert_eq!(
+            normalize("sdxl/juggernaut.safetensors"),
+            "sdxl/juggernaut.safetensors"
+        );
+        assert_eq!(key(&deployment("a", "m", serde_json::json!({}))), "ml/a");
+    }
+}

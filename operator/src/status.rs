@@ -452,3 +452,270 @@ impl Conditions {
             .collect()
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cluster::fixtures::*;
+    use crate::cluster::resolve;
+    use modelcache_crds::{NodePlacement, ResidentModel};
+    use std::time::Instant;
+
+    fn decision(nodes: &[(&str, PlacementRole)], unplaced: u32) -> Decision {
+        Decision {
+            key: "ml/sd".into(),
+            assignments: nodes
+                .iter()
+                .map(|(n, role)| Assignment {
+                    node: n.to_string(),
+                    role: *role,
+                })
+                .collect(),
+            unplaced,
+            reason: (unplaced > 0).then(|| "0/2 nodes are available: 2 Insufficient VRAM.".into()),
+            reason_code: (unplaced > 0).then_some("InsufficientVram"),
+            preempted: Vec::new(),
+            preempted_by: None,
+        }
+    }
+
+    fn scheduling(d: Decision) -> Scheduling {
+        Scheduling {
+            decision: d,
+            displaced_by: None,
+            earlier_victims: Vec::new(),
+        }
+    }
+
+    fn condition<'a>(s: &'a ModelDeploymentStatus, t: &str) -> &'a Condition {
+        s.conditions.iter().find(|c| c.type_ == t).unwrap()
+    }
+
+    fn reasons(o: &Outcome) -> Vec<&'static str> {
+        o.events.iter().map(|e| e.reason).collect()
+    }
+
+    /// Runs a reconcile's computation for `md` against `mns` with `d`.
+    fn decide(md: &ModelDeployment, mns: Vec<Arc<ModelNode>>, d: Option<Scheduling>) -> Outcome {
+        let leases = mns.iter().map(|m| lease(&m.name_any(), 1)).collect();
+        let c = cluster(mns, Vec::new(), leases);
+        let resolved = resolve(md, &c.model_nodes);
+        deployment_status(md, &c, &resolved, d.as_ref())
+    }
+
+    /// `n1` with the agent's view of `ml/sd` and the model resident in RAM.
+    fn reporting(phase: Option<NodePlacementPhase>) -> Arc<ModelNode> {
+        let mut mn = (*model_node("n1", "10.0.0.1", vec![local("sd15")])).clone();
+        if let Some(s) = mn.status.as_mut() {
+            s.models = vec![ResidentModel {
+                path: "sd15".into(),
+                tier: Tier::Ram,
+                size_bytes: 4 * G,
+                locked: false,
+                last_used: None,
+            }];
+            s.placements = phase
+                .map(|phase| NodePlacement {
+                    deployment: "ml/sd".into(),
+                    phase,
+                    tier: Tier::Vram,
+                    message: (phase == NodePlacementPhase::Failed).then(|| "disk full".into()),
+                })
+                .into_iter()
+                .collect();
+        }
+        Arc::new(mn)
+    }
+
+    #[test]
+    fn a_new_placement_is_assigned_loading_and_announced() {
+        let md = deployment("sd", "sd15", serde_json::json!({"replicas": 1}));
+        let o = decide(
+            &md,
+            vec![reporting(None)],
+            Some(scheduling(decision(&[("n1", PlacementRole::Serving)], 0))),
+        );
+        let s = &o.status;
+        assert_eq!(
+            condition(s, condition::RESOLVED).reason,
+            reason::MODEL_FOUND
+        );
+        assert_eq!(condition(s, condition::SCHEDULED).status, "True");
+        assert_eq!(
+            condition(s, condition::AVAILABLE).reason,
+            reason::NO_READY_REPLICAS
+        );
+        assert_eq!(condition(s, condition::PROGRESSING).reason, reason::LOADING);
+        let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
+        assert_eq!(types, condition::DEPLOYMENT, "in a fixed order");
+        let p = &s.placements[0];
+        assert_eq!(
+            (p.phase, p.tier),
+            (PlacementPhase::Assigned, Tier::Ram),
+            "the agent has not reported it; the model is resident in RAM there"
+        );
+        assert_eq!(s.ready.as_deref(), Some("0/1"));
+        assert!(o.backends.is_empty(), "not routed before it is Ready");
+        assert_eq!(reasons(&o), [reason::SCHEDULED]);
+        assert_eq!(o.events[0].note, "serving on n1");
+    }
+
+    #[test]
+    fn a_ready_placement_is_routed_and_nothing_is_announced_twice() {
+        let mut md = deployment("sd", "sd15", serde_json::json!({"replicas": 1}));
+        let d = || Some(scheduling(decision(&[("n1", PlacementRole::Serving)], 0)));
+        let first = decide(&md, vec![reporting(Some(NodePlacementPhase::Loading))], d());
+        md.status = Some(first.status.clone());
+        let o = decide(&md, vec![reporting(Some(NodePlacementPhase::Ready))], d());
+        let s = &o.status;
+        assert_eq!((s.ready_replicas, s.ready.as_deref()), (1, Some("1/1")));
+        assert_eq!(
+            condition(s, condition::AVAILABLE).reason,
+            reason::REPLICAS_READY
+        );
+        assert_eq!(
+            condition(s, condition::PROGRESSING).reason,
+            reason::COMPLETE
+        );
+        assert_eq!(s.placements[0].tier, Tier::Vram, "the agent's word");
+        assert_eq!(o.backends[0].addr.to_string(), "10.0.0.1:8080");
+        assert!(o.events.is_empty(), "{:?}", o.events);
+        // Unchanged conditions keep their transition time.
+        let before = condition(&first.status, condition::RESOLVED);
+        assert_eq!(
+            condition(s, condition::RESOLVED).last_transition_time,
+            before.last_transition_time
+        );
+    }
+
+    #[test]
+    fn a_failed_load_is_announced_once() {
+        let mut md = deployment("sd", "sd15", serde_json::json!({"replicas": 1}));
+        let d = || Some(scheduling(decision(&[("n1", PlacementRole::Serving)], 0)));
+        let o = decide(&md, vec![reporting(Some(NodePlacementPhase::Failed))], d());
+        let progressing = condition(&o.status, condition::PROGRESSING);
+        assert_eq!(progressing.reason, reason::PLACEMENT_FAILED);
+        assert!(
+            progressing.message.contains("n1: disk full"),
+            "{}",
+            progressing.message
+        );
+        assert_eq!(reasons(&o), [reason::SCHEDULED, reason::LOAD_FAILED]);
+        md.status = Some(o.status);
+        let again = decide(&md, vec![reporting(Some(NodePlacementPhase::Failed))], d());
+        assert!(again.events.is_empty(), "{:?}", again.events);
+    }
+
+    #[test]
+    fn an_unresolved_model_keeps_the_placements_and_says_why() {
+        let mut md = deployment("sd", "sd15", serde_json::json!({"replicas": 1}));
+        md.status = Some(ModelDeploymentStatus {
+            placements: vec![Placement {
+                node: "n1".into(),
+                role: PlacementRole::Serving,
+                phase: PlacementPhase::Ready,
+                tier: Tier::Ram,
+                message: None,
+                since: None,
+            }],
+            ..Default::default()
+        });
+        let o = decide(&md, vec![model_node("n1", "10.0.0.1", vec![])], None);
+        let s = &o.status;
+        assert_eq!(
+            condition(s, condition::RESOLVED).reason,
+            reason::MODEL_NOT_FOUND
+        );
+        assert_eq!(
+            condition(s, condition::SCHEDULED).reason,
+            reason::MODEL_NOT_RESOLVED
+        );
+        assert_eq!(
+            s.placements[0].node, "n1",
+            "kept: a briefly missing report must not churn"
+        );
+        assert_eq!(
+            reasons(&o),
+            [reason::FAILED_RESOLVE],
+            "and not FailedScheduling too"
+        );
+    }
+
+    #[test]
+    fn unplaced_replicas_name_the_reason_or_the_preemptor() {
+        let md = deployment("sd", "sd15", serde_json::json!({"replicas": 2}));
+        let d = decision(&[("n1", PlacementRole::Serving)], 1);
+        let o = decide(&md, vec![reporting(None)], Some(scheduling(d.clone())));
+        let c = condition(&o.status, condition::SCHEDULED);
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "InsufficientVram")
+        );
+        assert!(
+            c.message
+                .starts_with("1 of 2 replica(s) could not be placed"),
+            "{}",
+            c.message
+        );
+        assert!(reasons(&o).contains(&reason::FAILED_SCHEDULING));
+
+        let displaced = Scheduling {
+            decision: d,
+            displaced_by: Some(Preemption {
+                by: "ml/high".into(),
+                nodes: vec!["n2".into()],
+                at: Instant::now(),
+            }),
+            earlier_victims: Vec::new(),
+        };
+        let o = decide(&md, vec![reporting(None)], Some(displaced));
+        let c = condition(&o.status, condition::SCHEDULED);
+        assert_eq!(c.reason, reason::PREEMPTED);
+        assert!(
+            c.message.contains("n2 to higher-priority ml/high"),
+            "{}",
+            c.message
+        );
+    }
+
+    #[test]
+    fn a_preemptor_lists_its_victims_and_zero_replicas_stay_warm() {
+        let md = deployment("sd", "sd15", serde_json::json!({"replicas": 1}));
+        let mut d = decision(&[("n1", PlacementRole::Serving)], 0);
+        d.preempted = vec!["ml/low".into()];
+        let s = Scheduling {
+            decision: d,
+            displaced_by: None,
+            earlier_victims: vec!["ml/low".into(), "ml/older".into()],
+        };
+        let o = decide(&md, vec![reporting(None)], Some(s));
+        let c = condition(&o.status, condition::SCHEDULED);
+        assert!(
+            c.message
+                .ends_with("; preempted warm reservations of ml/low, ml/older"),
+            "{}",
+            c.message
+        );
+
+        let idle = deployment(
+            "sd",
+            "sd15",
+            serde_json::json!({"replicas": 0, "warmTier": "Ram"}),
+        );
+        let o = decide(
+            &idle,
+            vec![reporting(None)],
+            Some(scheduling(decision(&[("n1", PlacementRole::Warm)], 0))),
+        );
+        assert_eq!(
+            condition(&o.status, condition::SCHEDULED).reason,
+            reason::SCALED_TO_ZERO
+        );
+        assert_eq!(
+            condition(&o.status, condition::AVAILABLE).reason,
+            reason::SCALED_TO_ZERO
+        );
+        assert_eq!(o.events[0].note, "warm on n1");
+        assert!(o.backends.is_empty(), "warm copies are never routed to");
+    }
+}
