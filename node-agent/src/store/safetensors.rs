@@ -20,7 +20,7 @@ pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 pub fn read_index(path: &Path) -> Result<TensorIndex> {
     let mut file = std::fs::File::open(path).map_err(StoreError::io(path))?;
     let file_len = file.metadata().map_err(StoreError::io(path))?.len();
-    let header = read_header_bytes(&mut file, file_len).map_err(|reason| bad(path, reason))?;
+    let header = read_header_bytes(path, &mut file, file_len)?;
     parse_header(path, &header, file_len)
 }
 
@@ -31,27 +31,30 @@ fn bad(path: &Path, reason: impl Into<String>) -> StoreError {
     }
 }
 
-fn read_header_bytes(file: &mut impl Read, file_len: u64) -> std::result::Result<Vec<u8>, String> {
+fn read_header_bytes(path: &Path, file: &mut impl Read, file_len: u64) -> Result<Vec<u8>> {
     if file_len < 8 {
-        return Err(format!(
-            "file is {file_len} bytes, shorter than the 8-byte header length"
+        return Err(bad(
+            path,
+            format!("file is {file_len} bytes, shorter than the 8-byte header length"),
         ));
     }
     let mut len = [0u8; 8];
-    file.read_exact(&mut len).map_err(|e| e.to_string())?;
+    file.read_exact(&mut len).map_err(StoreError::io(path))?;
     let n = u64::from_le_bytes(len);
     if n > MAX_HEADER_BYTES {
-        return Err(format!(
-            "header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"
+        return Err(bad(
+            path,
+            format!("header length {n} exceeds the {MAX_HEADER_BYTES}-byte limit"),
         ));
     }
     if n == 0 || 8 + n > file_len {
-        return Err(format!(
-            "header length {n} does not fit in a {file_len}-byte file"
+        return Err(bad(
+            path,
+            format!("header length {n} does not fit in a {file_len}-byte file"),
         ));
     }
     let mut header = vec![0u8; n as usize];
-    file.read_exact(&mut header).map_err(|e| e.to_string())?;
+    file.read_exact(&mut header).map_err(StoreError::io(path))?;
     Ok(header)
 }
 
