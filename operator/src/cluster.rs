@@ -460,9 +460,10 @@ fn not_found(
     }
 }
 
-/// Objects as the API server would hold them, for the pure modules' tests.
-#[cfg(test)]
-pub(crate) mod fixtures {
+/// Objects as the API server would hold them, for the operator's tests: the
+/// pure modules' unit tests and the reconcile tests (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod fixtures {
     use super::*;
     use k8s_openapi::api::coordination::v1::LeaseSpec;
     use k8s_openapi::api::core::v1::{NodeSpec, Taint as NodeTaint};
@@ -471,12 +472,8 @@ pub(crate) mod fixtures {
 
     pub const G: i64 = 1 << 30;
 
-    /// A fixed "now", so that conditions' times compare.
-    pub fn now() -> Timestamp {
-        Timestamp::from_second(1_800_000_000).unwrap()
-    }
-
-    /// `ml/<name>` serving `path`, with `spec` merged into the spec.
+    /// `ml/<name>` serving `path`, with `spec` merged into the spec, as the API
+    /// server holds it once the operator's finalizer is on.
     pub fn deployment(name: &str, path: &str, spec: serde_json::Value) -> ModelDeployment {
         let mut s = serde_json::json!({"model": {"path": path}});
         if let (Some(dst), Some(src)) = (s.as_object_mut(), spec.as_object()) {
@@ -486,11 +483,13 @@ pub(crate) mod fixtures {
         md.metadata.namespace = Some("ml".into());
         md.metadata.uid = Some(format!("uid-{name}"));
         md.metadata.generation = Some(1);
+        md.metadata.resource_version = Some("1".into());
+        md.metadata.finalizers = Some(vec![FINALIZER.into()]);
         md
     }
 
-    /// An SD 1.x checkpoint of one billion parameters.
-    pub fn local(path: &str) -> LocalModel {
+    /// An SD 1.x checkpoint of `params` parameters.
+    pub fn local(path: &str, params: i64) -> LocalModel {
         LocalModel {
             path: path.into(),
             model_type: ModelType::Main,
@@ -498,15 +497,15 @@ pub(crate) mod fixtures {
             variant: Some(ModelVariant::Normal),
             prediction_type: Some(PredictionType::Epsilon),
             format: ModelFormat::Checkpoint,
-            file_bytes: 4 * G,
+            file_bytes: params * 4,
             tensor_count: 1100,
-            parameter_count: Some(G),
+            parameter_count: Some(params),
             sha256: None,
         }
     }
 
-    /// A Ready agent at `ip` with 32 GiB of RAM and one 24 GiB device.
-    pub fn model_node(name: &str, ip: &str, locals: Vec<LocalModel>) -> Arc<ModelNode> {
+    /// A Ready agent at `ip` with 32 GiB of RAM and one device of `vram` GiB.
+    pub fn model_node(name: &str, ip: &str, vram: i64, locals: Vec<LocalModel>) -> ModelNode {
         let mut mn = ModelNode::new(name, ModelNodeSpec {});
         mn.status = Some(ModelNodeStatus {
             agent: Some(AgentInfo {
@@ -517,9 +516,9 @@ pub(crate) mod fixtures {
             devices: vec![DeviceInfo {
                 id: "cuda:0".into(),
                 name: "H100".into(),
-                memory_bytes: 24 * G,
-                free_bytes: 24 * G,
-                cache_budget_bytes: 24 * G,
+                memory_bytes: vram * G,
+                free_bytes: vram * G,
+                cache_budget_bytes: vram * G,
             }],
             cache: Some(CacheStatus {
                 ram_capacity_bytes: 32 * G,
@@ -532,36 +531,40 @@ pub(crate) mod fixtures {
                 reason: reason::AGENT_SERVING.into(),
                 message: String::new(),
                 observed_generation: None,
-                last_transition_time: Time(now()),
+                last_transition_time: Time(Timestamp::now()),
             }],
             ..Default::default()
         });
-        Arc::new(mn)
+        mn
     }
 
-    /// The node's agent Lease, renewed `age_seconds` before [`now`].
-    pub fn lease(node: &str, age_seconds: i64) -> Arc<Lease> {
-        Arc::new(Lease {
+    /// The node's agent Lease, renewed `age_secs` ago.
+    pub fn lease(node: &str, age_secs: i64) -> Lease {
+        Lease {
             metadata: kube::api::ObjectMeta {
                 name: Some(node_lease_name(node)),
                 namespace: Some("modelcache".into()),
                 ..Default::default()
             },
             spec: Some(LeaseSpec {
-                renew_time: Some(MicroTime(now() - SignedDuration::from_secs(age_seconds))),
+                holder_identity: Some(node.into()),
+                lease_duration_seconds: Some(40),
+                renew_time: Some(MicroTime(
+                    Timestamp::now() - SignedDuration::from_secs(age_secs),
+                )),
                 ..Default::default()
             }),
-        })
+        }
     }
 
-    /// A Kubernetes Node with labels, `key=value:effect` taints, maybe cordoned.
+    /// A Kubernetes Node with labels, `(key, value, effect)` taints, maybe cordoned.
     pub fn node(
         name: &str,
         labels: &[(&str, &str)],
         taints: &[(&str, &str, &str)],
         cordoned: bool,
-    ) -> Arc<Node> {
-        Arc::new(Node {
+    ) -> Node {
+        Node {
             metadata: kube::api::ObjectMeta {
                 name: Some(name.into()),
                 labels: Some(
@@ -588,20 +591,16 @@ pub(crate) mod fixtures {
                 ..Default::default()
             }),
             status: None,
-        })
+        }
     }
 
-    /// The nodes at [`now`], with the operator's default 40 s Lease expiry.
-    pub fn cluster(
-        model_nodes: Vec<Arc<ModelNode>>,
-        nodes: Vec<Arc<Node>>,
-        leases: Vec<Arc<Lease>>,
-    ) -> Cluster {
+    /// The nodes now, with the operator's default 40 s Lease expiry.
+    pub fn cluster(model_nodes: Vec<ModelNode>, nodes: Vec<Node>, leases: Vec<Lease>) -> Cluster {
         Cluster {
-            model_nodes,
-            nodes,
-            leases,
-            now: now(),
+            model_nodes: model_nodes.into_iter().map(Arc::new).collect(),
+            nodes: nodes.into_iter().map(Arc::new).collect(),
+            leases: leases.into_iter().map(Arc::new).collect(),
+            now: Timestamp::now(),
             lease_expiry: SignedDuration::from_secs(40),
         }
     }
@@ -619,17 +618,17 @@ mod tests {
     #[test]
     fn a_node_is_ready_stale_or_cordoned() {
         let mns = vec![
-            model_node("fresh", "10.0.0.1", vec![]),
-            model_node("old", "10.0.0.2", vec![]),
-            model_node("leaseless", "10.0.0.3", vec![]),
-            model_node("cordoned", "10.0.0.4", vec![]),
+            model_node("fresh", "10.0.0.1", 24, vec![]),
+            model_node("old", "10.0.0.2", 24, vec![]),
+            model_node("leaseless", "10.0.0.3", 24, vec![]),
+            model_node("cordoned", "10.0.0.4", 24, vec![]),
         ];
-        let mut unready = (*model_node("unready", "10.0.0.5", vec![])).clone();
+        let mut unready = model_node("unready", "10.0.0.5", 24, vec![]);
         if let Some(s) = unready.status.as_mut() {
             s.conditions[0].status = "False".into();
         }
         let c = cluster(
-            [mns.clone(), vec![Arc::new(unready)]].concat(),
+            [mns.clone(), vec![unready]].concat(),
             vec![node("cordoned", &[], &[], true)],
             vec![
                 lease("fresh", 5),
@@ -657,7 +656,7 @@ mod tests {
 
     #[test]
     fn scheduler_nodes_carry_labels_taints_residency_and_measured_bandwidth() {
-        let mut mn = (*model_node("n1", "10.0.0.1", vec![local("a"), local("b")])).clone();
+        let mut mn = model_node("n1", "10.0.0.1", 24, vec![local("a", G), local("b", G)]);
         if let Some(s) = mn.status.as_mut() {
             s.models = vec![
                 ResidentModel {
@@ -678,7 +677,7 @@ mod tests {
             s.cache.as_mut().unwrap().disk_read_bytes_per_second = 3_000_000_000;
         }
         let c = cluster(
-            vec![Arc::new(mn), model_node("n0", "10.0.0.2", vec![])],
+            vec![mn, model_node("n0", "10.0.0.2", 24, vec![])],
             vec![node(
                 "n1",
                 &[("zone", "z1")],
@@ -711,10 +710,17 @@ mod tests {
     #[test]
     fn resolving_finds_the_model_and_says_why_not() {
         let md = deployment("sd", "./sd15/", serde_json::json!({"precision": "F16"}));
-        let mns = vec![
-            model_node("n2", "10.0.0.2", vec![local("sd15")]),
-            model_node("n1", "10.0.0.1", vec![local("sd15"), local("other")]),
-        ];
+        let mns: Vec<Arc<ModelNode>> = [
+            model_node("n2", "10.0.0.2", 24, vec![local("sd15", G)]),
+            model_node(
+                "n1",
+                "10.0.0.1",
+                24,
+                vec![local("sd15", G), local("other", G)],
+            ),
+        ]
+        .map(Arc::new)
+        .to_vec();
         let r = resolve(&md, &mns).unwrap();
         assert_eq!(r.path, "sd15");
         assert_eq!(r.nodes, ["n1", "n2"]);
@@ -725,7 +731,12 @@ mod tests {
             (u.status, u.reason)
         };
         assert_eq!(why(&md, &[]), ("Unknown", reason::NO_AGENTS));
-        let elsewhere = vec![model_node("n1", "10.0.0.1", vec![local("other")])];
+        let elsewhere = vec![Arc::new(model_node(
+            "n1",
+            "10.0.0.1",
+            24,
+            vec![local("other", G)],
+        ))];
         assert_eq!(why(&md, &elsewhere), ("False", reason::MODEL_NOT_FOUND));
         let mut truncated = (*elsewhere[0]).clone();
         truncated.status.as_mut().unwrap().local_models_truncated = true;
@@ -739,22 +750,22 @@ mod tests {
             serde_json::json!({"model": {"path": "sd15", "format": "Diffusers"}}),
         );
         assert_eq!(why(&diffusers, &mns), ("False", reason::FORMAT_MISMATCH));
-        let mut lora = local("sd15");
+        let mut lora = local("sd15", G);
         lora.model_type = ModelType::Lora;
-        let l = vec![model_node("n1", "10.0.0.1", vec![lora])];
+        let l = vec![Arc::new(model_node("n1", "10.0.0.1", 24, vec![lora]))];
         assert_eq!(why(&md, &l), ("False", reason::NOT_A_MAIN_MODEL));
-        let mut inpaint = local("sd15");
+        let mut inpaint = local("sd15", G);
         inpaint.variant = Some(ModelVariant::Inpaint);
-        let i = vec![model_node("n1", "10.0.0.1", vec![inpaint])];
+        let i = vec![Arc::new(model_node("n1", "10.0.0.1", 24, vec![inpaint]))];
         assert_eq!(why(&md, &i), ("False", reason::UNSUPPORTED_MODEL));
         let pinned = deployment(
             "sd",
             "sd15",
             serde_json::json!({"model": {"path": "sd15", "sha256": "aa".repeat(32)}}),
         );
-        let mut copy = local("sd15");
+        let mut copy = local("sd15", G);
         copy.sha256 = Some("bb".repeat(32));
-        let wrong = vec![model_node("n1", "10.0.0.1", vec![copy])];
+        let wrong = vec![Arc::new(model_node("n1", "10.0.0.1", 24, vec![copy]))];
         let u = resolve(&pinned, &wrong).unwrap_err();
         assert_eq!(u.reason, reason::SHA256_MISMATCH);
         assert!(u.message.contains(&"bb".repeat(32)), "{}", u.message);

@@ -496,7 +496,7 @@ mod tests {
     }
 
     /// Runs a reconcile's computation for `md` against `mns` with `d`.
-    fn decide(md: &ModelDeployment, mns: Vec<Arc<ModelNode>>, d: Option<Scheduling>) -> Outcome {
+    fn decide(md: &ModelDeployment, mns: Vec<ModelNode>, d: Option<Scheduling>) -> Outcome {
         let leases = mns.iter().map(|m| lease(&m.name_any(), 1)).collect();
         let c = cluster(mns, Vec::new(), leases);
         let resolved = resolve(md, &c.model_nodes);
@@ -504,8 +504,8 @@ mod tests {
     }
 
     /// `n1` with the agent's view of `ml/sd` and the model resident in RAM.
-    fn reporting(phase: Option<NodePlacementPhase>) -> Arc<ModelNode> {
-        let mut mn = (*model_node("n1", "10.0.0.1", vec![local("sd15")])).clone();
+    fn reporting(phase: Option<NodePlacementPhase>) -> ModelNode {
+        let mut mn = model_node("n1", "10.0.0.1", 24, vec![local("sd15", G)]);
         if let Some(s) = mn.status.as_mut() {
             s.models = vec![ResidentModel {
                 path: "sd15".into(),
@@ -524,7 +524,7 @@ mod tests {
                 .into_iter()
                 .collect();
         }
-        Arc::new(mn)
+        mn
     }
 
     #[test]
@@ -620,7 +620,7 @@ mod tests {
             }],
             ..Default::default()
         });
-        let o = decide(&md, vec![model_node("n1", "10.0.0.1", vec![])], None);
+        let o = decide(&md, vec![model_node("n1", "10.0.0.1", 24, vec![])], None);
         let s = &o.status;
         assert_eq!(
             condition(s, condition::RESOLVED).reason,

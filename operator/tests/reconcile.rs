@@ -6,10 +6,10 @@
 
 use futures::StreamExt;
 use http::{Method, Request, Response};
-use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
-use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, MicroTime, Time};
-use k8s_openapi::jiff::{SignedDuration, Timestamp};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use k8s_openapi::jiff::Timestamp;
 use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::{Recorder, Reporter};
@@ -18,6 +18,7 @@ use kube::runtime::watcher;
 use kube::runtime::WatchStreamExt;
 use kube::{Client, ResourceExt};
 use modelcache_crds::*;
+use modelcache_operator::cluster::fixtures::{deployment, lease, local, model_node, G};
 use modelcache_operator::controller::{self, Config, Context};
 use modelcache_operator::metrics::Metrics;
 use modelcache_operator::scheduler::Options;
@@ -27,8 +28,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-
-const G: i64 = 1 << 30;
 
 struct Harness {
     ctx: Arc<Context>,
@@ -109,89 +108,6 @@ where
     K::DynamicType: Clone + Eq + std::hash::Hash + Default,
 {
     w.apply_watcher_event(&watcher::Event::Apply(obj));
-}
-
-fn deployment(name: &str, path: &str, spec: Value) -> ModelDeployment {
-    let mut s = json!({"model": {"path": path}});
-    if let (Some(dst), Some(src)) = (s.as_object_mut(), spec.as_object()) {
-        dst.extend(src.clone());
-    }
-    let mut md = ModelDeployment::new(name, serde_json::from_value(s).unwrap());
-    md.metadata.namespace = Some("ml".into());
-    md.metadata.uid = Some(format!("uid-{name}"));
-    md.metadata.generation = Some(1);
-    md.metadata.resource_version = Some("1".into());
-    md.metadata.finalizers = Some(vec![FINALIZER.into()]);
-    md
-}
-
-fn local(path: &str, params: i64) -> LocalModel {
-    LocalModel {
-        path: path.into(),
-        model_type: ModelType::Main,
-        base: BaseModel::Sd1,
-        variant: Some(ModelVariant::Normal),
-        prediction_type: Some(PredictionType::Epsilon),
-        format: ModelFormat::Checkpoint,
-        file_bytes: params * 4,
-        tensor_count: 1100,
-        parameter_count: Some(params),
-        sha256: None,
-    }
-}
-
-fn ready_condition() -> Condition {
-    Condition {
-        type_: "Ready".into(),
-        status: "True".into(),
-        reason: "AgentReady".into(),
-        message: String::new(),
-        observed_generation: None,
-        last_transition_time: Time(Timestamp::now()),
-    }
-}
-
-/// An agent's ModelNode: 32 GiB RAM budget, one device with `vram` GiB.
-fn model_node(name: &str, ip: &str, vram: i64, locals: Vec<LocalModel>) -> ModelNode {
-    let mut mn = ModelNode::new(name, ModelNodeSpec {});
-    mn.status = Some(ModelNodeStatus {
-        agent: Some(AgentInfo {
-            version: "0.1.0".into(),
-            pod_name: format!("agent-{name}"),
-            endpoint: format!("{ip}:8080"),
-        }),
-        devices: vec![DeviceInfo {
-            id: "cuda:0".into(),
-            name: "H100".into(),
-            memory_bytes: vram * G,
-            free_bytes: vram * G,
-            cache_budget_bytes: vram * G,
-        }],
-        cache: Some(CacheStatus {
-            ram_capacity_bytes: 32 * G,
-            ..Default::default()
-        }),
-        local_models: locals,
-        conditions: vec![ready_condition()],
-        ..Default::default()
-    });
-    mn
-}
-
-fn lease(node: &str, age_secs: i64) -> Lease {
-    let t = Timestamp::now() - SignedDuration::from_secs(age_secs);
-    let mut l = Lease {
-        metadata: Default::default(),
-        spec: Some(LeaseSpec {
-            holder_identity: Some(node.into()),
-            lease_duration_seconds: Some(40),
-            renew_time: Some(MicroTime(t)),
-            ..Default::default()
-        }),
-    };
-    l.metadata.name = Some(node_lease_name(node));
-    l.metadata.namespace = Some("modelcache".into());
-    l
 }
 
 /// Three healthy agents; all have `sd15` on disk (1 G parameters = 2 GiB at F16).
