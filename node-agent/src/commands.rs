@@ -1,5 +1,7 @@
-//! The one-shot commands of `modelcache-agent`: everything but `serve`.
-//! Each prints what it did on stdout; errors carry their context up to `main`.
+//! The one-shot commands of `modelcache-agent`: everything but `serve`. The
+//! option types are the command line's own (clap), so flags are defined once.
+//! Each command prints what it did on stdout; errors carry their context up
+//! to `main`.
 
 use crate::cache::{CacheConfig, DiskLoader, ModelCache};
 use crate::pipeline::{self, DiffusersModel, GenerateParams, Seamless};
@@ -10,32 +12,68 @@ use modelcache_crds::{Precision, SchedulerKind};
 use std::path::{Path, PathBuf};
 
 /// What `generate` was asked for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct GenerateOptions {
     /// A diffusers folder or a single-file checkpoint.
+    #[arg(long)]
     pub model: PathBuf,
+    /// Compute device: auto (the first GPU in CUDA builds, else the CPU), cpu
+    /// or cuda:N (of a list, the first).
+    #[arg(long, default_value = "auto")]
     pub device: String,
+    /// Compute precision on a GPU (f16, bf16, f32); the CPU computes in f32.
+    #[arg(long, default_value = "f32")]
     pub precision: Precision,
+    #[arg(long)]
     pub prompt: String,
+    #[arg(long, default_value = "")]
     pub negative_prompt: String,
+    #[arg(long, default_value_t = 25)]
     pub steps: usize,
+    #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
+    /// ddim, euler-ancestral or dpm++2m.
+    #[arg(long, default_value = "ddim")]
     pub scheduler: SchedulerKind,
-    /// `WIDTHxHEIGHT`.
+    /// WIDTHxHEIGHT, multiples of 8.
+    #[arg(long, default_value = "512x512")]
     pub size: String,
+    #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Number of images (written as OUT, OUT-1, …).
+    #[arg(long, default_value_t = 1)]
     pub n: usize,
     /// Initial latents (safetensors, key `latents`) instead of seeded noise.
+    #[arg(long)]
     pub latents: Option<PathBuf>,
-    /// Adapters as `PATH:WEIGHT` (or `PATH`, weight 1).
+    /// LoRA adapters as PATH:WEIGHT (or PATH, weight 1).
+    #[arg(long = "lora")]
     pub loras: Vec<String>,
+    /// Number of final CLIP layers to skip.
+    #[arg(long, default_value_t = 0)]
     pub clip_skip: usize,
+    /// Tile seamlessly along x, y or xy (circular padding in the UNet and VAE).
+    #[arg(long, default_value = "none")]
     pub seamless: Seamless,
+    /// Textual inversion embedding files (or learned_embeds.bin folders), used in
+    /// the prompt as `<name>` where name is the file stem.
+    #[arg(long = "embedding")]
     pub embeddings: Vec<PathBuf>,
+    /// Architecture of a single-file checkpoint (a diffusers-layout folder).
+    #[arg(long)]
     pub config: Option<PathBuf>,
+    /// Tokenizer folder for a single-file checkpoint (default: the standard CLIP vocabulary).
+    #[arg(long)]
     pub tokenizer: Option<PathBuf>,
+    /// Where converted checkpoints are cached.
+    #[arg(
+        long,
+        env = "MODELCACHE_STATE_DIR",
+        default_value = ".modelcache-state"
+    )]
     pub state_dir: PathBuf,
-    /// `.png`, or `.npy` for the float32 HWC image; more images get `-1`, `-2`, … suffixes.
+    /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
+    #[arg(long)]
     pub out: PathBuf,
 }
 
@@ -164,15 +202,26 @@ fn numbered(path: &Path, i: usize) -> PathBuf {
 }
 
 /// What `request` was asked for.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct RequestOptions {
-    /// `http://HOST:PORT`.
+    /// Base URL, http://HOST:PORT.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
     pub url: String,
+    /// Model (standalone) or ModelDeployment name (cluster).
+    #[arg(long)]
     pub model: String,
+    #[arg(long, default_value = "a lighthouse at dusk")]
     pub prompt: String,
+    /// WIDTHxHEIGHT.
+    #[arg(long, default_value = "512x512")]
     pub size: String,
+    #[arg(long, default_value_t = 4)]
     pub steps: u32,
+    /// File holding a bearer token to send.
+    #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// Where to write the PNG.
+    #[arg(long)]
     pub out: Option<PathBuf>,
 }
 

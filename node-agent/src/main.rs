@@ -3,11 +3,10 @@
 //! the rest).
 
 use clap::{Parser, Subcommand};
-use modelcache_agent::pipeline::Seamless;
 use modelcache_agent::store::convert::ConvertRequest;
 use modelcache_agent::store::merge::{MergeRequest, Method};
 use modelcache_agent::{commands, daemon};
-use modelcache_crds::{Precision, SchedulerKind};
+use modelcache_crds::Precision;
 use modelcache_support::{init_logging, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -38,7 +37,7 @@ enum Command {
     /// Serve the models under --models-dir over HTTP (standalone mode).
     Serve(ServeArgs),
     /// Generate images from a model without the server.
-    Generate(GenerateArgs),
+    Generate(commands::GenerateOptions),
     /// Print what a model file or diffusers folder is, as JSON (type, base, variant,
     /// prediction type, format, size per precision, tensor count, and the evidence).
     Probe {
@@ -96,37 +95,14 @@ enum Command {
     },
     /// Send one generation request to a running agent (or a ModelDeployment's Service)
     /// and check that a PNG of the requested size comes back: the chart's `helm test`.
-    Request(RequestArgs),
-}
-
-#[derive(clap::Args)]
-struct RequestArgs {
-    /// Base URL, http://HOST:PORT.
-    #[arg(long, default_value = "http://127.0.0.1:8080")]
-    url: String,
-    /// Model (standalone) or ModelDeployment name (cluster).
-    #[arg(long)]
-    model: String,
-    #[arg(long, default_value = "a lighthouse at dusk")]
-    prompt: String,
-    /// WIDTHxHEIGHT.
-    #[arg(long, default_value = "512x512")]
-    size: String,
-    #[arg(long, default_value_t = 4)]
-    steps: u32,
-    /// File holding a bearer token to send.
-    #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
-    token_file: Option<PathBuf>,
-    /// Where to write the PNG.
-    #[arg(long)]
-    out: Option<PathBuf>,
+    Request(commands::RequestOptions),
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve(a) => daemon::serve(a.into()),
-        Command::Generate(a) => commands::generate(a.into()),
-        Command::Request(a) => commands::request(a.into()),
+        Command::Generate(a) => commands::generate(a),
+        Command::Request(a) => commands::request(a),
         Command::Probe { path } => commands::probe(&path),
         Command::Search { root } => commands::search(&root),
         Command::Convert {
@@ -206,47 +182,6 @@ impl From<ServeArgs> for daemon::Settings {
             tokenizer: a.tokenizer,
             demo: a.demo,
             rescan: (a.rescan_seconds > 0).then(|| Duration::from_secs(a.rescan_seconds)),
-        }
-    }
-}
-
-impl From<GenerateArgs> for commands::GenerateOptions {
-    fn from(a: GenerateArgs) -> Self {
-        commands::GenerateOptions {
-            model: a.model,
-            device: a.device,
-            precision: a.precision,
-            prompt: a.prompt,
-            negative_prompt: a.negative_prompt,
-            steps: a.steps,
-            guidance: a.guidance,
-            scheduler: a.scheduler,
-            size: a.size,
-            seed: a.seed,
-            n: a.n,
-            latents: a.latents,
-            loras: a.lora,
-            clip_skip: a.clip_skip,
-            seamless: a.seamless,
-            embeddings: a.embedding,
-            config: a.config,
-            tokenizer: a.tokenizer,
-            state_dir: a.state_dir,
-            out: a.out,
-        }
-    }
-}
-
-impl From<RequestArgs> for commands::RequestOptions {
-    fn from(a: RequestArgs) -> Self {
-        commands::RequestOptions {
-            url: a.url,
-            model: a.model,
-            prompt: a.prompt,
-            size: a.size,
-            steps: a.steps,
-            token_file: a.token_file,
-            out: a.out,
         }
     }
 }
@@ -390,70 +325,4 @@ struct ServeArgs {
     /// removed are served (and reported) without a restart; 0 never.
     #[arg(long, env = "MODELCACHE_RESCAN_SECONDS", default_value_t = 60)]
     rescan_seconds: u64,
-}
-
-/// Options of `generate`.
-#[derive(clap::Args)]
-struct GenerateArgs {
-    /// A diffusers folder or a single-file checkpoint.
-    #[arg(long)]
-    model: PathBuf,
-    /// Compute device: auto (the first GPU in CUDA builds, else the CPU), cpu
-    /// or cuda:N (of a list, the first).
-    #[arg(long, default_value = "auto")]
-    device: String,
-    /// Compute precision on a GPU (f16, bf16, f32); the CPU computes in f32.
-    #[arg(long, default_value = "f32")]
-    precision: Precision,
-    #[arg(long)]
-    prompt: String,
-    #[arg(long, default_value = "")]
-    negative_prompt: String,
-    #[arg(long, default_value_t = 25)]
-    steps: usize,
-    #[arg(long, default_value_t = 7.5)]
-    guidance: f64,
-    /// ddim, euler-ancestral or dpm++2m.
-    #[arg(long, default_value = "ddim")]
-    scheduler: SchedulerKind,
-    /// WIDTHxHEIGHT, multiples of 8.
-    #[arg(long, default_value = "512x512")]
-    size: String,
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
-    /// Number of images (written as OUT, OUT-1, …).
-    #[arg(long, default_value_t = 1)]
-    n: usize,
-    /// Initial latents (safetensors, key `latents`) instead of seeded noise.
-    #[arg(long)]
-    latents: Option<PathBuf>,
-    /// LoRA adapters as PATH:WEIGHT.
-    #[arg(long)]
-    lora: Vec<String>,
-    /// Number of final CLIP layers to skip.
-    #[arg(long, default_value_t = 0)]
-    clip_skip: usize,
-    /// Tile seamlessly along x, y or xy (circular padding in the UNet and VAE).
-    #[arg(long, default_value = "none")]
-    seamless: Seamless,
-    /// Textual inversion embedding files (or learned_embeds.bin folders), used in
-    /// the prompt as `<name>` where name is the file stem.
-    #[arg(long)]
-    embedding: Vec<PathBuf>,
-    /// Architecture of a single-file checkpoint (a diffusers-layout folder).
-    #[arg(long)]
-    config: Option<PathBuf>,
-    /// Tokenizer folder for a single-file checkpoint (default: the standard CLIP vocabulary).
-    #[arg(long)]
-    tokenizer: Option<PathBuf>,
-    /// Where converted checkpoints are cached.
-    #[arg(
-        long,
-        env = "MODELCACHE_STATE_DIR",
-        default_value = ".modelcache-state"
-    )]
-    state_dir: PathBuf,
-    /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
-    #[arg(long)]
-    out: PathBuf,
 }

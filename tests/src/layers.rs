@@ -108,7 +108,9 @@ fn targets(text: &str, module_path: &[String]) -> Vec<(usize, String)> {
             }
         }
     }
-    // `super::super::x` climbing out of a nested module to the root.
+    // `super::super::x` climbing out of a nested module to the root; inline
+    // modules (`mod tests { … }`) add a level each.
+    let inline = inline_modules(&code);
     for (at, _) in code.match_indices("super::") {
         if word_before(at) {
             continue; // the middle of a chain
@@ -119,11 +121,51 @@ fn targets(text: &str, module_path: &[String]) -> Vec<(usize, String)> {
             ups += 1;
             rest = r;
         }
-        if ups >= module_path.len() {
+        let depth = module_path.len()
+            + inline
+                .iter()
+                .filter(|(a, b)| (*a..*b).contains(&at))
+                .count();
+        if ups >= depth {
             out.push((at, ident(rest)));
         }
     }
     out.retain(|(_, t)| !t.is_empty() && t != "self");
+    out
+}
+
+/// The byte ranges of inline module bodies (`mod name { … }`), by brace counting.
+fn inline_modules(code: &str) -> Vec<(usize, usize)> {
+    let bytes = code.as_bytes();
+    let mut out = Vec::new();
+    for (at, _) in code.match_indices("mod ") {
+        if at > 0 && (bytes[at - 1].is_ascii_alphanumeric() || bytes[at - 1] == b'_') {
+            continue;
+        }
+        let rest = &code[at + 4..];
+        let name_len = rest
+            .find(|c: char| !(c.is_alphanumeric() || c == '_'))
+            .unwrap_or(rest.len());
+        let after = rest[name_len..].trim_start();
+        if name_len == 0 || !after.starts_with('{') {
+            continue; // `mod name;` lives in its own file
+        }
+        let open = code.len() - after.len();
+        let mut depth = 0usize;
+        for (i, b) in bytes.iter().enumerate().skip(open) {
+            match b {
+                b'{' => depth += 1,
+                b'}' => {
+                    depth -= 1;
+                    if depth == 0 {
+                        out.push((open, i));
+                        break;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
     out
 }
 
@@ -272,6 +314,18 @@ mod tests {
         assert_eq!(names("use super::ApiError;"), none, "inside api");
         assert_eq!(names("use super::super::daemon;"), ["daemon"]);
         assert_eq!(names("use modelcache_crate::x;"), none);
+        assert_eq!(
+            names("mod tests {\n    use super::fixtures::*;\n    use super::super::x;\n}"),
+            none,
+            "inside an inline module of api::error, super::super is api"
+        );
+        let top = vec!["store".to_string()];
+        let in_top =
+            |t: &str| -> Vec<String> { targets(t, &top).into_iter().map(|(_, t)| t).collect() };
+        assert_eq!(
+            in_top("mod tests {\n    use super::super::daemon;\n}"),
+            ["daemon"]
+        );
         assert_eq!(targets("a\nb crate::x", &m)[0].0, 4);
     }
 
