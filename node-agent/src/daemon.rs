@@ -16,6 +16,9 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
+/// Tokens shorter than this are accepted with a warning.
+const MIN_TOKEN_CHARS: usize = 16;
+
 /// What `serve` was asked for.
 #[derive(Debug, Clone)]
 pub struct Settings {
@@ -74,6 +77,12 @@ pub fn serve(s: Settings) -> anyhow::Result<()> {
         .map(modelcache_support::read_secret)
         .transpose()
         .context("--api-token-file")?;
+    if let Some(t) = token.as_ref().filter(|t| t.chars().count() < MIN_TOKEN_CHARS) {
+        tracing::warn!(
+            chars = t.chars().count(),
+            "the API token is shorter than {MIN_TOKEN_CHARS} characters and can be guessed; use a longer random one"
+        );
+    }
     let cache = CacheConfig {
         load_threads: s.load_threads,
         trim_on_evict: s.malloc_trim_on_evict,

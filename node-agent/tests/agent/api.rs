@@ -464,6 +464,60 @@ fn bearer_token_is_required_when_configured() {
     assert_eq!(http(&agent.api, "GET", "/v1/models", &[], b"").status, 401);
 }
 
+/// Runs `serve` with `extra` and waits (at most 60 s) for it to exit; its exit
+/// status and stderr. Killed if it is still running then.
+fn serve_exits(extra: &[&str]) -> (Option<i32>, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .arg("--models-dir")
+        .arg(dir.path().join("models"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(extra)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (status, err)
+}
+
+#[test]
+fn an_empty_token_file_refuses_to_start_and_a_short_one_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, content) in [("empty", ""), ("blank", " \n\t\n")] {
+        let token = dir.path().join(name);
+        std::fs::write(&token, content).unwrap();
+        let (status, err) = serve_exits(&["--api-token-file", token.to_str().unwrap()]);
+        assert_eq!(status, Some(1), "{name}: must not serve without authentication: {err}");
+        assert!(err.contains("--api-token-file") && err.contains("is empty"), "{err}");
+    }
+    let token = dir.path().join("short");
+    std::fs::write(&token, "abc\n").unwrap();
+    let agent = Agent::start(&["--api-token-file", token.to_str().unwrap()]);
+    let warned = agent.logs.lock().unwrap().iter().any(|v| {
+        v["level"] == "WARN"
+            && v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("shorter than 16 characters"))
+    });
+    assert!(warned, "no warning about a 3-character token");
+}
+
 #[test]
 fn a_model_that_cannot_fit_is_503_cache_full() {
     let agent = Agent::start(&["--ram-cache-bytes", "2Mi"]);
