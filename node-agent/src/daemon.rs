@@ -77,7 +77,10 @@ pub fn serve(s: Settings) -> anyhow::Result<()> {
         .map(modelcache_support::read_secret)
         .transpose()
         .context("--api-token-file")?;
-    if let Some(t) = token.as_ref().filter(|t| t.chars().count() < MIN_TOKEN_CHARS) {
+    if let Some(t) = token
+        .as_ref()
+        .filter(|t| t.chars().count() < MIN_TOKEN_CHARS)
+    {
         tracing::warn!(
             chars = t.chars().count(),
             "the API token is shorter than {MIN_TOKEN_CHARS} characters and can be guessed; use a longer random one"

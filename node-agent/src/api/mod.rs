@@ -187,22 +187,48 @@ impl Drop for CancelOnDrop {
     }
 }
 
+/// Counts a generation request in `modelcache_generation_requests_total` once,
+/// with its status; a request dropped before it answered (its client went
+/// away) counts as 499, as proxies log it.
+struct Counted {
+    state: Arc<AppState>,
+    label: String,
+    status: Option<StatusCode>,
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        let code = self.status.map_or("499".into(), |s| s.as_str().to_string());
+        self.state
+            .agent
+            .metrics
+            .generation_requests
+            .with_label_values(&[self.label.as_str(), code.as_str()])
+            .inc();
+    }
+}
+
 async fn generate(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
     body: Result<Json<GenerationRequest>, JsonRejection>,
 ) -> Response {
     let started = Instant::now();
-    let (label, result) = match body {
+    let mut counted = Counted {
+        state: s.clone(),
+        label: String::new(),
+        status: None,
+    };
+    let result = match body {
         Ok(Json(req)) => {
             // The metric's label: the deployment in cluster mode, else the model.
-            let label = s
+            counted.label = s
                 .routes
                 .resolve(&s.agent.catalog, &req.model)
                 .map(|t| t.label().to_string())
                 .unwrap_or_default();
-            Span::current().record("model", label.as_str());
-            (label, run_generation(&s, &headers, req).await)
+            Span::current().record("model", counted.label.as_str());
+            run_generation(&s, &headers, req).await
         }
         Err(rej) => {
             let status = rej.status();
@@ -219,7 +245,7 @@ async fn generate(
             } else {
                 ApiError::invalid(format!("invalid JSON body: {}", rej.body_text()))
             };
-            (String::new(), Err(err))
+            Err(err)
         }
     };
     let (status, response) = match result {
@@ -233,11 +259,7 @@ async fn generate(
         }
         Err(e) => (e.status, e.into_response()),
     };
-    s.agent
-        .metrics
-        .generation_requests
-        .with_label_values(&[label.as_str(), status.as_str()])
-        .inc();
+    counted.status = Some(status);
     if status == StatusCode::OK {
         s.queue.record(started.elapsed().as_secs_f64());
     }

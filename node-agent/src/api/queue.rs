@@ -70,19 +70,16 @@ pub(super) struct Ticket {
 }
 
 impl Ticket {
-    /// Waits for a generation slot.
+    /// Waits for a generation slot. The request counts as waiting until it
+    /// gets one or is dropped (its client went away): a guard, not code after
+    /// the `await`, takes it off the count.
     pub(super) async fn slot(
         &self,
         metrics: &AgentMetrics,
     ) -> Result<OwnedSemaphorePermit, ApiError> {
         let q = &self.queue;
-        metrics
-            .queue_depth
-            .set((q.waiting.fetch_add(1, Ordering::SeqCst) + 1) as f64);
+        let _waiting = Waiting::start(q, metrics);
         let permit = q.slots.clone().acquire_owned().await;
-        metrics
-            .queue_depth
-            .set((q.waiting.fetch_sub(1, Ordering::SeqCst) - 1) as f64);
         permit.map_err(|_| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -91,6 +88,27 @@ impl Ticket {
                 "shutting_down",
             )
         })
+    }
+}
+
+/// One request on the waiting count (and the `modelcache_queue_depth` gauge).
+struct Waiting<'a> {
+    queue: &'a Queue,
+    metrics: &'a AgentMetrics,
+}
+
+impl<'a> Waiting<'a> {
+    fn start(queue: &'a Queue, metrics: &'a AgentMetrics) -> Self {
+        let n = queue.waiting.fetch_add(1, Ordering::SeqCst) + 1;
+        metrics.queue_depth.set(n as f64);
+        Waiting { queue, metrics }
+    }
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        let n = self.queue.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
+        self.metrics.queue_depth.set(n as f64);
     }
 }
 

@@ -469,7 +469,13 @@ fn bearer_token_is_required_when_configured() {
 fn serve_exits(extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--metrics-listen", "127.0.0.1:0"])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
         .arg("--models-dir")
         .arg(dir.path().join("models"))
         .arg("--state-dir")
@@ -503,8 +509,15 @@ fn an_empty_token_file_refuses_to_start_and_a_short_one_warns() {
         let token = dir.path().join(name);
         std::fs::write(&token, content).unwrap();
         let (status, err) = serve_exits(&["--api-token-file", token.to_str().unwrap()]);
-        assert_eq!(status, Some(1), "{name}: must not serve without authentication: {err}");
-        assert!(err.contains("--api-token-file") && err.contains("is empty"), "{err}");
+        assert_eq!(
+            status,
+            Some(1),
+            "{name}: must not serve without authentication: {err}"
+        );
+        assert!(
+            err.contains("--api-token-file") && err.contains("is empty"),
+            "{err}"
+        );
     }
     let token = dir.path().join("short");
     std::fs::write(&token, "abc\n").unwrap();
@@ -516,6 +529,77 @@ fn an_empty_token_file_refuses_to_start_and_a_short_one_warns() {
                 .is_some_and(|m| m.contains("shorter than 16 characters"))
     });
     assert!(warned, "no warning about a 3-character token");
+}
+
+/// The value of a metric series (a line starting with `series`), if present.
+fn metric(agent: &Agent, series: &str) -> Option<f64> {
+    let r = http(&agent.metrics, "GET", "/metrics", &[], b"");
+    String::from_utf8_lossy(&r.body)
+        .lines()
+        .find_map(|l| l.strip_prefix(series).and_then(|v| v.trim().parse().ok()))
+}
+
+/// Sends a generation request and closes the connection after `after`,
+/// without reading the reply: a client that gave up.
+fn abandon(addr: &str, body: serde_json::Value, after: Duration) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    let body = body.to_string();
+    write!(
+        s,
+        "POST /v1/images/generations HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    std::thread::sleep(after);
+    drop(s);
+}
+
+#[test]
+fn clients_that_give_up_leave_the_queue_and_are_counted_as_499() {
+    let agent = Agent::start(&["--concurrency", "1", "--queue-size", "4"]);
+    let quick = serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1});
+    assert_eq!(
+        post(&agent.api, quick.clone()).status,
+        200,
+        "warm the model"
+    );
+    // One long generation holds the only slot...
+    let api = agent.api.clone();
+    let long = std::thread::spawn(move || {
+        post(
+            &api,
+            serde_json::json!({"model": "tiny", "prompt": "y", "size": "64x64", "steps": 60}),
+        )
+        .status
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    // ...while three clients queue behind it and give up.
+    for _ in 0..3 {
+        abandon(&agent.api, quick.clone(), Duration::from_millis(300));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        metric(&agent, "modelcache_queue_depth "),
+        Some(0.0),
+        "requests whose clients left are not waiting any more"
+    );
+    assert_eq!(
+        metric(
+            &agent,
+            "modelcache_generation_requests_total{code=\"499\",model=\"tiny\"} "
+        ),
+        Some(3.0)
+    );
+    assert_eq!(long.join().unwrap(), 200);
+    // The queue admits as many as before: nothing leaked.
+    let burst: Vec<_> = (0..5)
+        .map(|_| {
+            let (api, q) = (agent.api.clone(), quick.clone());
+            std::thread::spawn(move || post(&api, q).status)
+        })
+        .collect();
+    let codes: Vec<u16> = burst.into_iter().map(|h| h.join().unwrap()).collect();
+    assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
 }
 
 #[test]
