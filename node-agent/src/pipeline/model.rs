@@ -88,9 +88,11 @@ impl DiffusersModel {
             return Err(ModelError::HalfSdxl);
         }
         // A folder without a scheduler config gets the standard schedule.
-        let schedule = ScheduleConfig::from_json(
-            &config("scheduler/scheduler_config.json").unwrap_or_default(),
-        );
+        let schedule = match config("scheduler/scheduler_config.json") {
+            Ok(v) => ScheduleConfig::from_json(&v)?,
+            Err(StoreError::Io { .. }) => ScheduleConfig::default(),
+            Err(e) => return Err(e.into()),
+        };
         let force_zeros_for_empty_prompt = config("model_index.json")
             .ok()
             .and_then(|v| v["force_zeros_for_empty_prompt"].as_bool())

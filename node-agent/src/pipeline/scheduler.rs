@@ -2,6 +2,7 @@
 //! following diffusers' formulas (DDIM, Euler ancestral, DPM-Solver++ 2M).
 //! Sampling noise comes from the caller's seeded generator.
 
+use super::nets::ConfigError;
 use super::rng::NormalRng;
 use candle_core::{Result, Tensor};
 use modelcache_crds::{PredictionType, SchedulerKind};
@@ -38,10 +39,11 @@ impl Default for ScheduleConfig {
 }
 
 impl ScheduleConfig {
-    /// Reads a diffusers `scheduler_config.json`; missing keys keep SD defaults.
-    pub fn from_json(v: &Value) -> Self {
+    /// Reads a diffusers `scheduler_config.json`; missing keys keep SD
+    /// defaults, and values no schedule can have are refused.
+    pub fn from_json(v: &Value) -> std::result::Result<Self, ConfigError> {
         let d = ScheduleConfig::default();
-        ScheduleConfig {
+        let c = ScheduleConfig {
             num_train_timesteps: v["num_train_timesteps"]
                 .as_u64()
                 .map_or(d.num_train_timesteps, |x| x as usize),
@@ -66,7 +68,59 @@ impl ScheduleConfig {
             set_alpha_to_one: v["set_alpha_to_one"]
                 .as_bool()
                 .unwrap_or(d.set_alpha_to_one),
+        };
+        c.check()?;
+        Ok(c)
+    }
+
+    /// The schedule is one diffusers defines: 1 to 100,000 training steps
+    /// (each costs a float here), betas with 0 < start ≤ end < 1, a known beta
+    /// schedule and timestep spacing, and an offset inside the schedule.
+    fn check(&self) -> std::result::Result<(), ConfigError> {
+        let invalid = |problem: String| ConfigError::Invalid {
+            network: "scheduler",
+            problem,
+        };
+        if !(1..=100_000).contains(&self.num_train_timesteps) {
+            return Err(invalid(format!(
+                "num_train_timesteps {} must be from 1 to 100000",
+                self.num_train_timesteps
+            )));
         }
+        let (a, b) = (self.beta_start, self.beta_end);
+        if !(a.is_finite() && b.is_finite() && 0.0 < a && a <= b && b < 1.0) {
+            return Err(invalid(format!(
+                "beta_start {a} and beta_end {b} must satisfy 0 < beta_start <= beta_end < 1"
+            )));
+        }
+        if !matches!(self.beta_schedule.as_str(), "linear" | "scaled_linear") {
+            return Err(ConfigError::Unsupported {
+                network: "scheduler",
+                feature: format!(
+                    "beta_schedule {:?} (linear and scaled_linear are)",
+                    self.beta_schedule
+                ),
+            });
+        }
+        if !matches!(
+            self.timestep_spacing.as_str(),
+            "leading" | "trailing" | "linspace"
+        ) {
+            return Err(ConfigError::Unsupported {
+                network: "scheduler",
+                feature: format!(
+                    "timestep_spacing {:?} (leading, trailing and linspace are)",
+                    self.timestep_spacing
+                ),
+            });
+        }
+        if self.steps_offset >= self.num_train_timesteps {
+            return Err(invalid(format!(
+                "steps_offset {} is outside the {} training steps",
+                self.steps_offset, self.num_train_timesteps
+            )));
+        }
+        Ok(())
     }
 
     pub fn alphas_cumprod(&self) -> Vec<f64> {
@@ -305,6 +359,43 @@ mod tests {
 
     fn sd() -> ScheduleConfig {
         ScheduleConfig::default()
+    }
+
+    #[test]
+    fn impossible_schedules_are_refused_naming_the_field() {
+        let parse = |v: serde_json::Value| ScheduleConfig::from_json(&v);
+        assert_eq!(parse(serde_json::json!({})).unwrap(), sd());
+        for (bad, field) in [
+            (
+                serde_json::json!({"num_train_timesteps": 0}),
+                "num_train_timesteps",
+            ),
+            (
+                serde_json::json!({"num_train_timesteps": 1u64 << 40}),
+                "num_train_timesteps",
+            ),
+            (serde_json::json!({"beta_start": 0.0}), "beta_start"),
+            (serde_json::json!({"beta_end": 1.5}), "beta_end"),
+            (
+                serde_json::json!({"beta_start": 0.5, "beta_end": 0.1}),
+                "beta_start",
+            ),
+            (
+                serde_json::json!({"beta_schedule": "squaredcos_cap_v2"}),
+                "beta_schedule",
+            ),
+            (
+                serde_json::json!({"timestep_spacing": "sideways"}),
+                "timestep_spacing",
+            ),
+            (
+                serde_json::json!({"num_train_timesteps": 10, "steps_offset": 10}),
+                "steps_offset",
+            ),
+        ] {
+            let e = parse(bad.clone()).unwrap_err().to_string();
+            assert!(e.contains(field), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -24,15 +24,20 @@ struct Agent {
 
 impl Agent {
     fn start(extra: &[&str]) -> Agent {
+        Agent::start_with(
+            |models| {
+                copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+                copy_dir(&fixtures().join("tiny-sd1-lora"), &models.join("loras"));
+            },
+            extra,
+        )
+    }
+
+    /// An agent whose models folder `fill` writes.
+    fn start_with(fill: impl FnOnce(&Path), extra: &[&str]) -> Agent {
         let dir = tempfile::tempdir().unwrap();
-        copy_dir(
-            &fixtures().join("tiny-sd1"),
-            &dir.path().join("models/tiny"),
-        );
-        copy_dir(
-            &fixtures().join("tiny-sd1-lora"),
-            &dir.path().join("models/loras"),
-        );
+        std::fs::create_dir_all(dir.path().join("models")).unwrap();
+        fill(&dir.path().join("models"));
         let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
             .args([
                 "--log-format",
@@ -600,6 +605,73 @@ fn clients_that_give_up_leave_the_queue_and_are_counted_as_499() {
         .collect();
     let codes: Vec<u16> = burst.into_iter().map(|h| h.join().unwrap()).collect();
     assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
+}
+
+/// The fixture with one value of one component's config replaced.
+fn tampered(models: &Path, name: &str, file: &str, key: &str, value: serde_json::Value) {
+    let dir = models.join(name);
+    copy_dir(&fixtures().join("tiny-sd1"), &dir);
+    let path = dir.join(file);
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    config[key] = value;
+    std::fs::write(&path, config.to_string()).unwrap();
+}
+
+#[test]
+fn tampered_model_configs_are_503_naming_the_field() {
+    use serde_json::json;
+    let cases = [
+        ("heads", "unet/config.json", "attention_head_dim", json!(0)),
+        ("groups", "unet/config.json", "norm_num_groups", json!(3)),
+        (
+            "timesteps",
+            "scheduler/scheduler_config.json",
+            "num_train_timesteps",
+            json!(0),
+        ),
+        (
+            "betas",
+            "scheduler/scheduler_config.json",
+            "beta_end",
+            json!(2.0),
+        ),
+        ("scaling", "vae/config.json", "scaling_factor", json!(0)),
+        ("vae_groups", "vae/config.json", "norm_num_groups", json!(0)),
+        (
+            "text_heads",
+            "text_encoder/config.json",
+            "num_attention_heads",
+            json!(0),
+        ),
+    ];
+    let agent = Agent::start_with(
+        |models| {
+            for (name, file, key, value) in &cases {
+                tampered(models, name, file, key, value.clone());
+            }
+        },
+        &[],
+    );
+    for (name, _, key, _) in &cases {
+        let r = post(
+            &agent.api,
+            json!({"model": name, "prompt": "x", "size": "64x64", "steps": 1}),
+        );
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(
+            (r.status, error_code(&r).as_str()),
+            (503, "model_unavailable"),
+            "{name}: {message}"
+        );
+        assert!(
+            message.contains(key),
+            "{name}: the message names {key}: {message}"
+        );
+    }
 }
 
 #[test]

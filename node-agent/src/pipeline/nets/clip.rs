@@ -61,7 +61,7 @@ impl ClipConfig {
             return Err(ConfigError::Invalid {
                 network: NET,
                 problem: format!(
-                    "hidden_size {hidden} is not divisible into {heads} attention heads"
+                    "hidden_size {hidden} is not divisible into num_attention_heads {heads}"
                 ),
             });
         }

@@ -162,15 +162,31 @@ impl UNet2DConditionModelConfig {
                 attention_head_dim: heads[i],
             })
             .collect();
+        let norm_num_groups = v["norm_num_groups"].as_u64().unwrap_or(32) as usize;
+        if norm_num_groups == 0 || channels.iter().any(|c| c % norm_num_groups != 0) {
+            return Err(ConfigError::Invalid {
+                network: NET,
+                problem: format!(
+                    "norm_num_groups {norm_num_groups} does not divide block_out_channels {channels:?}"
+                ),
+            });
+        }
+        let layers_per_block = v["layers_per_block"].as_u64().unwrap_or(2) as usize;
+        if layers_per_block == 0 {
+            return Err(ConfigError::Invalid {
+                network: NET,
+                problem: "layers_per_block must be at least 1".into(),
+            });
+        }
         Ok(UNet2DConditionModelConfig {
             center_input_sample: v["center_input_sample"].as_bool().unwrap_or(false),
             flip_sin_to_cos: v["flip_sin_to_cos"].as_bool().unwrap_or(true),
             freq_shift: v["freq_shift"].as_f64().unwrap_or(0.0),
             blocks,
-            layers_per_block: v["layers_per_block"].as_u64().unwrap_or(2) as usize,
+            layers_per_block,
             downsample_padding: v["downsample_padding"].as_u64().unwrap_or(1) as usize,
             mid_block_scale_factor: v["mid_block_scale_factor"].as_f64().unwrap_or(1.0),
-            norm_num_groups: v["norm_num_groups"].as_u64().unwrap_or(32) as usize,
+            norm_num_groups,
             norm_eps: v["norm_eps"].as_f64().unwrap_or(1e-5),
             cross_attention_dim: usize_list(&v["cross_attention_dim"], 1)
                 .and_then(|c| c.first().copied())

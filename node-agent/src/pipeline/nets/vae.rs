@@ -29,7 +29,7 @@ pub struct VaeConfig {
 impl VaeConfig {
     /// The configuration a diffusers `vae/config.json` describes.
     pub fn from_json(v: &Value) -> std::result::Result<Self, ConfigError> {
-        Ok(VaeConfig {
+        let c = VaeConfig {
             block_out_channels: usize_list(&v["block_out_channels"], 0)
                 .filter(|c| !c.is_empty())
                 .ok_or(ConfigError::Missing {
@@ -42,7 +42,29 @@ impl VaeConfig {
             use_post_quant_conv: v["use_post_quant_conv"].as_bool().unwrap_or(true),
             scaling_factor: v["scaling_factor"].as_f64().unwrap_or(0.18215),
             seamless: Seamless::NONE,
-        })
+        };
+        let invalid = |problem: String| ConfigError::Invalid {
+            network: "vae",
+            problem,
+        };
+        let groups = c.norm_num_groups;
+        if groups == 0 || c.block_out_channels.iter().any(|ch| ch % groups != 0) {
+            return Err(invalid(format!(
+                "norm_num_groups {groups} does not divide block_out_channels {:?}",
+                c.block_out_channels
+            )));
+        }
+        // Latents are divided by it: 0 decodes every image to the same flat colour.
+        if !(c.scaling_factor.is_finite() && c.scaling_factor > 0.0) {
+            return Err(invalid(format!(
+                "scaling_factor {} must be a positive number",
+                c.scaling_factor
+            )));
+        }
+        if c.latent_channels == 0 {
+            return Err(invalid("latent_channels must be at least 1".into()));
+        }
+        Ok(c)
     }
 }
 
