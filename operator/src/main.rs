@@ -159,7 +159,7 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
             locality: true,
             strategy,
         },
-    );
+    )?;
     print_report("residency-aware scheduler", &with);
     if a.compare_locality {
         let without = simulate::run(
@@ -169,7 +169,7 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
                 locality: false,
                 strategy,
             },
-        );
+        )?;
         print_report("same scheduler, locality score off", &without);
         let fewer = 1.0 - with.cold_loads as f64 / without.cold_loads.max(1) as f64;
         println!(
@@ -177,6 +177,13 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
             with.cold_loads,
             without.cold_loads,
             fewer * 100.0
+        );
+    }
+    if a.full_plan_deployments > simulate::MAX_ARRIVALS {
+        anyhow::bail!(
+            "--full-plan-deployments {} is more than {}",
+            a.full_plan_deployments,
+            simulate::MAX_ARRIVALS
         );
     }
     if a.full_plan_deployments > 0 {

@@ -9,6 +9,34 @@ use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::time::Instant;
 
+/// A described cluster or workload the simulation cannot run.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum SpecError {
+    #[error("the cluster has no nodes")]
+    NoNodes,
+    #[error("{field} is {value}; it must be {rule}")]
+    OutOfRange {
+        field: String,
+        value: String,
+        rule: &'static str,
+    },
+}
+
+fn out_of_range(field: impl Into<String>, value: impl ToString, rule: &'static str) -> SpecError {
+    SpecError::OutOfRange {
+        field: field.into(),
+        value: value.to_string(),
+        rule,
+    }
+}
+
+/// Most nodes, models, deployment arrivals and requests a simulation takes: a
+/// run of that size takes minutes, not forever.
+pub const MAX_NODES: usize = 100_000;
+pub const MAX_MODELS: usize = 1_000_000;
+pub const MAX_ARRIVALS: usize = 10_000_000;
+pub const MAX_REQUESTS: usize = 100_000_000;
+
 /// A cluster description: nodes with their cache budgets and bandwidths.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -56,6 +84,35 @@ pub struct TraceSpec {
 }
 
 impl ClusterSpec {
+    /// Refuses what cannot be simulated: no nodes, too many, or a bandwidth
+    /// that is not a positive number (loads would take forever or no time).
+    pub fn check(&self) -> Result<(), SpecError> {
+        if self.nodes.is_empty() {
+            return Err(SpecError::NoNodes);
+        }
+        if self.nodes.len() > MAX_NODES {
+            return Err(out_of_range("nodes", self.nodes.len(), "at most 100000"));
+        }
+        for n in &self.nodes {
+            for (field, v) in [
+                ("diskBytesPerSecond", n.disk_bytes_per_second),
+                (
+                    "ramToDeviceBytesPerSecond",
+                    n.ram_to_device_bytes_per_second,
+                ),
+            ] {
+                if !(v.is_finite() && v > 0.0) {
+                    return Err(out_of_range(
+                        format!("node {:?} {field}", n.name),
+                        v,
+                        "a positive number",
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// The nodes as the scheduler sees them: healthy, schedulable, nothing resident yet.
     pub fn scheduler_nodes(&self) -> Vec<Node> {
         self.nodes
@@ -158,6 +215,48 @@ impl Lru {
     }
 }
 
+impl TraceSpec {
+    /// Refuses what cannot be simulated: no models, a model of 0 bytes, a
+    /// popularity exponent that is not a number, or a run too long to end.
+    pub fn check(&self) -> Result<(), SpecError> {
+        if self.model_bytes.is_empty() || self.model_bytes.len() > MAX_MODELS {
+            return Err(out_of_range(
+                "modelBytes",
+                format!("a list of {}", self.model_bytes.len()),
+                "a list of 1 to 1000000 sizes",
+            ));
+        }
+        if let Some(i) = self.model_bytes.iter().position(|b| *b == 0) {
+            return Err(out_of_range(
+                format!("modelBytes[{i}]"),
+                0,
+                "at least 1 byte",
+            ));
+        }
+        if !(self.zipf.is_finite() && self.zipf >= 0.0) {
+            return Err(out_of_range("zipf", self.zipf, "a number from 0 up"));
+        }
+        if self.active == 0 {
+            return Err(out_of_range("active", 0, "at least 1"));
+        }
+        if !(1..=MAX_ARRIVALS).contains(&self.arrivals) {
+            return Err(out_of_range(
+                "arrivals",
+                self.arrivals,
+                "from 1 to 10000000",
+            ));
+        }
+        if self.arrivals.saturating_mul(self.requests_per_arrival) > MAX_REQUESTS {
+            return Err(out_of_range(
+                "arrivals × requestsPerArrival",
+                self.arrivals.saturating_mul(self.requests_per_arrival),
+                "at most 100000000",
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// What a simulation measured.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -175,7 +274,9 @@ pub struct Report {
 }
 
 /// Runs the workload against the cluster with the real scheduler.
-pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Report {
+pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Report, SpecError> {
+    cluster.check()?;
+    trace.check()?;
     let mut rng = SplitMix64::new(trace.seed);
     let zipf = Zipf::new(trace.model_bytes.len().max(1), trace.zipf);
     let mut nodes = cluster.scheduler_nodes();
@@ -300,7 +401,7 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Report {
     report.latency_p50 = pct(0.5);
     report.latency_p99 = pct(0.99);
     report.decisions_per_second = trace.arrivals as f64 / decide_seconds.max(1e-9);
-    report
+    Ok(report)
 }
 
 /// Builds `count` deployments spread over `models` models, for the full-plan benchmark.
