@@ -3,7 +3,6 @@
 //! released with one `munmap`. Cached weights never pass through malloc, so
 //! model switching cannot fragment the heap (docs/memory.md).
 
-use std::fs::File;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
 
@@ -105,6 +104,8 @@ pub struct Segment {
 /// Why a fill failed.
 #[derive(Debug, thiserror::Error)]
 pub enum FillError {
+    #[error(transparent)]
+    Open(#[from] crate::store::StoreError),
     #[error("{path}: {source}")]
     Io {
         path: PathBuf,
@@ -137,10 +138,7 @@ pub fn fill(region: &mut Region, segments: &[Segment], threads: usize) -> Result
                 path: s.path.clone(),
             });
         }
-        let f = File::open(&s.path).map_err(|source| FillError::Io {
-            path: s.path.clone(),
-            source,
-        })?;
+        let f = crate::store::file::open_regular(&s.path)?;
         files.push((s.path.clone(), f));
         let mut done = 0u64;
         while done < s.len {

@@ -7,11 +7,8 @@ use tokenizers::Tokenizer;
 /// Why a tokenizer cannot be loaded or a prompt tokenized.
 #[derive(Debug, thiserror::Error)]
 pub enum TokenizerError {
-    #[error("{}: {source}", path.display())]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Read(#[from] crate::store::StoreError),
     #[error("{}: {reason}", path.display())]
     Invalid { path: PathBuf, reason: String },
     #[error("tokenizing the prompt: {0}")]
@@ -73,7 +70,7 @@ impl ClipTokenizer {
         let invalid = |path: PathBuf, reason: String| TokenizerError::Invalid { path, reason };
         let read = |file: &str| {
             let path = dir.join(file);
-            std::fs::read_to_string(&path).map_err(|source| TokenizerError::Read { path, source })
+            crate::store::file::read_to_string(&path).map_err(TokenizerError::Read)
         };
         if max_len == 0 {
             return Err(invalid(
@@ -83,17 +80,20 @@ impl ClipTokenizer {
         }
         let json = dir.join("tokenizer.json");
         let tok = if json.exists() {
-            Tokenizer::from_file(&json).map_err(|e| invalid(json.clone(), e.to_string()))?
+            crate::store::file::read_to_string(&json)?
+                .parse::<Tokenizer>()
+                .map_err(|e| invalid(json.clone(), e.to_string()))?
         } else {
             let text = clip_json(&read("vocab.json")?, &read("merges.txt")?)
                 .map_err(|e| invalid(dir.to_path_buf(), e.to_string()))?;
             text.parse::<Tokenizer>()
                 .map_err(|e| invalid(dir.to_path_buf(), e.to_string()))?
         };
-        let cfg: serde_json::Value = std::fs::read_to_string(dir.join("tokenizer_config.json"))
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default();
+        let cfg: serde_json::Value =
+            crate::store::file::read_to_string(&dir.join("tokenizer_config.json"))
+                .ok()
+                .and_then(|t| serde_json::from_str(&t).ok())
+                .unwrap_or_default();
         let token_id = |t: &str| tok.token_to_id(t);
         let eos_id = token_id("<|endoftext|>").ok_or_else(|| {
             invalid(

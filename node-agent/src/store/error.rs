@@ -37,6 +37,8 @@ pub enum StoreError {
     Conversion { path: PathBuf, reason: String },
     #[error("{path}: {reason}")]
     Candle { path: PathBuf, reason: String },
+    #[error("{path}: not a regular file (a {kind}); only regular files are read")]
+    NotRegular { path: PathBuf, kind: &'static str },
 }
 
 impl StoreError {

@@ -13,6 +13,7 @@ use std::time::UNIX_EPOCH;
 pub fn content_files(path: &Path) -> Result<Vec<PathBuf>> {
     let meta = std::fs::metadata(path).map_err(StoreError::io(path))?;
     if !meta.is_dir() {
+        super::file::check_regular(path, meta.file_type())?;
         return Ok(vec![path.to_path_buf()]);
     }
     let mut out = Vec::new();
@@ -79,7 +80,7 @@ pub fn sha256(path: &Path, state_dir: Option<&Path>) -> Result<String> {
     let mut buf = vec![0u8; 1 << 20];
     for f in &files {
         let mut h = Sha256::new();
-        let mut file = std::fs::File::open(f).map_err(StoreError::io(f))?;
+        let mut file = super::file::open_regular(f)?;
         loop {
             let n = file.read(&mut buf).map_err(StoreError::io(f))?;
             if n == 0 {

@@ -26,7 +26,7 @@ pub fn candle_dtype(d: Dtype) -> Option<DType> {
 pub fn read_bytes(index: &TensorIndex, meta: &TensorMeta) -> Result<Vec<u8>> {
     match &meta.location {
         Location::File { offset } => {
-            let file = std::fs::File::open(&index.path).map_err(StoreError::io(&index.path))?;
+            let file = super::file::open_regular(&index.path)?;
             let mut buf = vec![0u8; meta.len as usize];
             file.read_exact_at(&mut buf, *offset)
                 .map_err(StoreError::io(&index.path))?;
@@ -131,7 +131,7 @@ pub fn load_all(
         WeightsFormat::Pickle => Some(pickle_reader(index)?),
         WeightsFormat::Safetensors => None,
     };
-    let file = std::fs::File::open(&index.path).map_err(StoreError::io(&index.path))?;
+    let file = super::file::open_regular(&index.path)?;
     for meta in &index.tensors {
         let terr = |e: candle_core::Error| StoreError::Tensor {
             path: index.path.clone(),

@@ -4,6 +4,7 @@
 pub mod clip_vocab;
 pub mod convert;
 pub mod error;
+pub mod file;
 pub mod identity;
 pub mod index;
 pub mod load;
@@ -35,7 +36,7 @@ pub fn open_weights(path: &Path) -> Result<TensorIndex> {
 
 /// Reads a JSON file of a model folder.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
-    let text = std::fs::read_to_string(path).map_err(StoreError::io(path))?;
+    let text = file::read_to_string(path)?;
     serde_json::from_str(&text).map_err(|e| StoreError::Config {
         path: path.parent().unwrap_or(path).to_path_buf(),
         file: path

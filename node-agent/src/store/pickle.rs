@@ -241,7 +241,7 @@ fn as_int(o: &Object) -> Option<i64> {
 /// Reads the tensor index of a PyTorch zip checkpoint. Nested `state_dict`
 /// wrappers are unwrapped; `global_step` is kept for the SD2 prediction probe.
 pub fn read_index(path: &Path) -> Result<TensorIndex> {
-    let file = std::fs::File::open(path).map_err(StoreError::io(path))?;
+    let file = super::file::open_regular(path)?;
     let file_bytes = file.metadata().map_err(StoreError::io(path))?.len();
     let mut zip = zip::ZipArchive::new(std::io::BufReader::new(file)).map_err(|e| {
         bad(

@@ -18,7 +18,7 @@ pub const MAX_HEADER_BYTES: u64 = 100_000_000;
 
 /// Reads and validates the header of `path`. Reads 8 + header bytes, never the data.
 pub fn read_index(path: &Path) -> Result<TensorIndex> {
-    let mut file = std::fs::File::open(path).map_err(StoreError::io(path))?;
+    let mut file = super::file::open_regular(path)?;
     let file_len = file.metadata().map_err(StoreError::io(path))?.len();
     let header = read_header_bytes(path, &mut file, file_len)?;
     parse_header(path, &header, file_len)

@@ -4,7 +4,10 @@
 //! a folder with a marker file is one model and is not searched further;
 //! weight files elsewhere are models; hidden entries are skipped; symlinks are
 //! followed only while they stay inside the root, and never in a cycle;
-//! unreadable entries are reported and skipped.
+//! unreadable entries are reported and skipped. A model is only listed when
+//! everything in it is a regular file or folder that resolves inside the root:
+//! a FIFO or device would hang whatever reads it, and a link out of the root
+//! would serve (or copy) files the models folder does not hold.
 
 use super::probe::MODEL_FOLDER_MARKERS;
 use super::WEIGHT_SUFFIXES;
@@ -20,6 +23,54 @@ pub struct SearchResult {
     pub skipped: Vec<(PathBuf, String)>,
     /// Directory entries looked at.
     pub items_scanned: u64,
+}
+
+/// Most entries looked at inside one model folder (a diffusers pipeline has tens).
+const MAX_MODEL_ENTRIES: usize = 10_000;
+
+/// Why a model folder cannot be served: an entry in it (at any depth) that
+/// resolves outside `root`, or that is neither a regular file nor a folder.
+fn unsafe_entry(folder: &Path, root: &Path) -> Option<String> {
+    let mut stack = vec![folder.to_path_buf()];
+    let mut seen = HashSet::new();
+    let mut count = 0;
+    while let Some(dir) = stack.pop() {
+        let Ok(entries) = std::fs::read_dir(&dir) else {
+            return Some(format!("{} cannot be read", dir.display()));
+        };
+        for entry in entries.flatten() {
+            count += 1;
+            if count > MAX_MODEL_ENTRIES {
+                return Some(format!("holds more than {MAX_MODEL_ENTRIES} entries"));
+            }
+            let path = entry.path();
+            let rel = path
+                .strip_prefix(folder)
+                .unwrap_or(&path)
+                .display()
+                .to_string();
+            let Ok(real) = path.canonicalize() else {
+                return Some(format!("{rel} is a broken link"));
+            };
+            if !real.starts_with(root) {
+                return Some(format!("{rel} links outside the model root"));
+            }
+            match std::fs::metadata(&real) {
+                Ok(m) if m.is_dir() => {
+                    if seen.insert(real) {
+                        stack.push(path);
+                    }
+                }
+                Ok(m) if m.is_file() => {}
+                _ => {
+                    return Some(format!(
+                        "{rel} is not a regular file (a FIFO, socket or device)"
+                    ))
+                }
+            }
+        }
+    }
+    None
 }
 
 /// Walks `root` (which is never itself a model) and returns every model in it.
@@ -74,20 +125,27 @@ pub fn find_models(root: &Path) -> SearchResult {
             let Ok(meta) = std::fs::metadata(&real) else {
                 continue;
             };
+            let is_weights = path
+                .extension()
+                .and_then(|e| e.to_str())
+                .is_some_and(|e| WEIGHT_SUFFIXES.contains(&e));
             if meta.is_dir() {
                 if !visited.insert(real) {
                     continue; // already seen: a symlink cycle or a second link to the same folder
                 }
                 if MODEL_FOLDER_MARKERS.iter().any(|m| path.join(m).is_file()) {
-                    result.models.push(path);
+                    match unsafe_entry(&path, &canonical_root) {
+                        None => result.models.push(path),
+                        Some(why) => result.skipped.push((path, why)),
+                    }
                 } else {
                     stack.push(path);
                 }
-            } else if path
-                .extension()
-                .and_then(|e| e.to_str())
-                .is_some_and(|e| WEIGHT_SUFFIXES.contains(&e))
-            {
+            } else if is_weights && !meta.is_file() {
+                result
+                    .skipped
+                    .push((path, "not a regular file (a FIFO, socket or device)".into()));
+            } else if is_weights {
                 result.models.push(path);
             }
         }

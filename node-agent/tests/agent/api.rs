@@ -675,6 +675,35 @@ fn tampered_model_configs_are_503_naming_the_field() {
 }
 
 #[test]
+fn a_fifo_in_the_models_folder_neither_blocks_start_nor_shutdown() {
+    let mut agent = Agent::start_with(
+        |models| {
+            copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+            let fifo =
+                std::ffi::CString::new(models.join("pipe.safetensors").to_str().unwrap()).unwrap();
+            // SAFETY: a valid NUL-terminated path.
+            assert_eq!(unsafe { libc::mkfifo(fifo.as_ptr(), 0o600) }, 0);
+        },
+        &[],
+    );
+    let models = http(&agent.api, "GET", "/v1/models", &[], b"").json();
+    let ids: Vec<&str> = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|m| m["id"].as_str())
+        .collect();
+    assert_eq!(ids, ["tiny"]);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(agent.pid() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while agent.child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "SIGTERM did not stop the agent");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
 fn a_model_that_cannot_fit_is_503_cache_full() {
     let agent = Agent::start(&["--ram-cache-bytes", "2Mi"]);
     let r = post(

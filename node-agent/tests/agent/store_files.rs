@@ -194,3 +194,145 @@ fn probe_reads_only_header_bytes() {
         r.file_bytes
     );
 }
+
+fn mkfifo(path: &std::path::Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo");
+}
+
+/// Runs a `modelcache-agent` command; its exit code and stderr, or `None`
+/// when it had not finished within 30 s (then it is killed).
+fn agent_cli(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
+    use std::io::Read;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+        .args(args)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return (None, "still running after 30 s".into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
+    (code, err)
+}
+
+#[test]
+fn fifos_and_devices_named_like_models_are_skipped_and_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    crate::common::copy_dir(&fixtures().join("tiny-sd1"), &root.join("tiny"));
+    mkfifo(&root.join("pipe.safetensors"));
+    // A FIFO inside a model folder taints the whole model.
+    crate::common::copy_dir(&fixtures().join("tiny-sd1"), &root.join("tainted"));
+    mkfifo(&root.join("tainted/unet/extra.safetensors"));
+    let found = find_models(&root);
+    let models: Vec<_> = found
+        .models
+        .iter()
+        .map(|p| p.file_name().unwrap().to_owned())
+        .collect();
+    assert_eq!(models, ["tiny"], "{found:?}");
+    let why = |name: &str| {
+        found
+            .skipped
+            .iter()
+            .find(|(p, _)| p.ends_with(name))
+            .map(|(_, w)| w.clone())
+            .unwrap_or_default()
+    };
+    assert!(
+        why("pipe.safetensors").contains("not a regular file"),
+        "{found:?}"
+    );
+    assert!(
+        why("tainted").contains("unet/extra.safetensors is not a regular file"),
+        "{found:?}"
+    );
+
+    // The commands answer at once instead of hanging.
+    let (code, err) = agent_cli(&["probe".as_ref(), root.join("pipe.safetensors").as_os_str()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a regular file (a FIFO)"), "{err}");
+    let (code, err) = agent_cli(&["search".as_ref(), root.as_os_str()]);
+    assert_eq!(code, Some(0), "{err}");
+    assert!(
+        err.contains("pipe.safetensors: not a regular file"),
+        "{err}"
+    );
+    let (code, err) = agent_cli(&["hash".as_ref(), "/dev/zero".as_ref()]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("not a regular file (a device)"), "{err}");
+}
+
+#[test]
+fn files_linking_out_of_the_root_are_neither_served_nor_copied() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("models");
+    let outside = dir.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    std::fs::write(outside.join("secret.json"), "{\"secret\": 1}").unwrap();
+    // A model folder whose weights link out of the root.
+    crate::common::copy_dir(&fixtures().join("tiny-sd1"), &root.join("linked"));
+    let weights = root.join("linked/unet/diffusion_pytorch_model.safetensors");
+    std::fs::rename(&weights, outside.join("unet.safetensors")).unwrap();
+    std::os::unix::fs::symlink(outside.join("unet.safetensors"), &weights).unwrap();
+    let found = find_models(&root);
+    assert!(found.models.is_empty(), "{found:?}");
+    assert!(
+        found.skipped[0]
+            .1
+            .contains("unet/diffusion_pytorch_model.safetensors links outside"),
+        "{found:?}"
+    );
+
+    // A single-file checkpoint whose neighbouring tokenizer links out of the
+    // root converts without copying the outside file.
+    let ck = root.join("ck.safetensors");
+    std::fs::copy(fixtures().join("tiny-sd1-single.safetensors"), &ck).unwrap();
+    std::fs::create_dir_all(root.join("tokenizer")).unwrap();
+    std::os::unix::fs::symlink(
+        outside.join("secret.json"),
+        root.join("tokenizer/vocab.json"),
+    )
+    .unwrap();
+    let config = dir.path().join("config");
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        let to = config.join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixtures().join("tiny-sd1").join(f), to).unwrap();
+    }
+    let out = dir.path().join("converted");
+    let err = modelcache_agent::store::convert::convert_main(
+        &modelcache_agent::store::convert::ConvertRequest {
+            checkpoint: &ck,
+            out_dir: &out,
+            config_dir: Some(&config),
+            tokenizer_dir: None,
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("tokenizer/vocab.json") && err.contains("links outside"),
+        "{err}"
+    );
+    assert!(!out.exists(), "a failed conversion leaves nothing");
+}

@@ -117,26 +117,28 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
             write_json(&dir.join("scheduler_config.json"), s)?;
         }
         for tok in ["tokenizer", "tokenizer_2"] {
+            // Folders named on the command line are trusted; a tokenizer found
+            // beside the checkpoint is copied only from inside the checkpoint's folder.
+            let beside = req.checkpoint.parent().map(|p| p.join(tok));
             let src = req
                 .config_dir
-                .map(|d| d.join(tok))
-                .filter(|d| d.is_dir())
+                .map(|d| (d.join(tok), None))
+                .filter(|(d, _)| d.is_dir())
                 .or_else(|| {
                     req.tokenizer_dir
                         .filter(|_| tok == "tokenizer")
-                        .map(Path::to_path_buf)
+                        .map(|d| (d.to_path_buf(), None))
                 })
                 .or_else(|| {
-                    req.checkpoint
-                        .parent()
-                        .map(|p| p.join(tok))
+                    beside
                         .filter(|d| d.is_dir())
+                        .map(|d| (d, req.checkpoint.parent()))
                 });
             let needed = config["model_index"][tok]
                 .as_array()
                 .is_some_and(|a| a.iter().all(|v| !v.is_null()));
             match src {
-                Some(src) => copy_dir(&src, &tmp.join(tok))?,
+                Some((src, confine)) => copy_dir(&src, &tmp.join(tok), confine)?,
                 // A single file carries no tokenizer: use the standard CLIP vocabulary
                 // shipped with the agent (SD 2.x and SDXL's second encoder pad with "!").
                 None if needed => {
@@ -162,14 +164,31 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
     Ok(req.out_dir.to_path_buf())
 }
 
-fn copy_dir(src: &Path, dst: &Path) -> Result<()> {
+/// Copies the regular files of `src` into `dst`. With `confine`, every file
+/// must resolve inside that folder: a link out of the models folder would
+/// otherwise copy a file it does not hold into the converted model.
+fn copy_dir(src: &Path, dst: &Path, confine: Option<&Path>) -> Result<()> {
+    let confine = confine
+        .map(|c| c.canonicalize().map_err(StoreError::io(c)))
+        .transpose()?;
     std::fs::create_dir_all(dst).map_err(StoreError::io(dst))?;
     for entry in std::fs::read_dir(src).map_err(StoreError::io(src))? {
         let entry = entry.map_err(StoreError::io(src))?;
         let p = entry.path();
-        if p.is_file() {
-            std::fs::copy(&p, dst.join(entry.file_name())).map_err(StoreError::io(&p))?;
+        let real = p.canonicalize().map_err(StoreError::io(&p))?;
+        if confine.as_ref().is_some_and(|c| !real.starts_with(c)) {
+            return Err(StoreError::invalid(
+                &p,
+                "links outside the folder of the checkpoint; not copied into the converted model",
+            ));
         }
+        if real.is_dir() {
+            continue;
+        }
+        let mut from = super::file::open_regular(&real)?;
+        let to = dst.join(entry.file_name());
+        let mut out = std::fs::File::create(&to).map_err(StoreError::io(&to))?;
+        std::io::copy(&mut from, &mut out).map_err(StoreError::io(&to))?;
     }
     Ok(())
 }
