@@ -2,9 +2,38 @@
 //! for the whole request, then applied to each network as it is built.
 
 use super::lora::{self, Adapter};
-use super::{PipelineError, RequestError};
+use super::{DiffusersModel, PipelineError, RequestError};
 use crate::cache::{CacheKey, DeviceModel, ModelCache, ModelGuard, Reservation};
-use std::path::PathBuf;
+use crate::store;
+use modelcache_crds::ModelType;
+use std::path::{Path, PathBuf};
+
+/// An adapter is judged by its header before any of it is loaded: it must
+/// probe as a LoRA-family adapter and be no larger than the model's weights at
+/// f32 (what a full-weight diff of that model weighs). Anything else would be
+/// read whole into the cache, pushing real models out, only to be refused.
+fn check(path: &Path, model: &DiffusersModel) -> Result<(), RequestError> {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let not_adapter = |why: String| RequestError::NotAnAdapter {
+        name: name.clone(),
+        why,
+    };
+    let index = store::open_weights(path).map_err(|e| not_adapter(e.to_string()))?;
+    let kind = store::probe::checkpoint_type(&index).map_err(|e| not_adapter(e.to_string()))?;
+    if kind != ModelType::Lora {
+        return Err(not_adapter(format!("it is a {kind} model")));
+    }
+    if index.file_bytes > model.bytes_f32 {
+        return Err(not_adapter(format!(
+            "its {} bytes are more than the model's own {} bytes of weights",
+            index.file_bytes, model.bytes_f32
+        )));
+    }
+    Ok(())
+}
 
 /// The adapters of one request, locked in the device tier until it ends.
 pub struct Adapters {
@@ -13,11 +42,17 @@ pub struct Adapters {
 }
 
 impl Adapters {
-    /// Locks and parses `loras` (adapter files and their weights).
-    pub fn lock(cache: &ModelCache, loras: &[(PathBuf, f64)]) -> Result<Self, PipelineError> {
+    /// Checks, locks and parses `loras` (adapter files and their weights)
+    /// for `model`.
+    pub fn lock(
+        cache: &ModelCache,
+        model: &DiffusersModel,
+        loras: &[(PathBuf, f64)],
+    ) -> Result<Self, PipelineError> {
         let mut parsed = Vec::with_capacity(loras.len());
         let mut locked = Vec::with_capacity(loras.len());
         for (path, weight) in loras {
+            check(path, model)?;
             let key = CacheKey::from(path.as_path());
             let guard = cache.get_device(&key)?;
             let adapter = Adapter::from_tensors(&guard.tensors)

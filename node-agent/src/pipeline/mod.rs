@@ -76,6 +76,8 @@ pub enum RequestError {
     Empty,
     #[error("latents have shape {got:?}, expected {want:?}")]
     Latents { got: Vec<usize>, want: [usize; 4] },
+    #[error("{name} is not a LoRA adapter this model can use: {why}")]
+    NotAnAdapter { name: String, why: String },
     #[error("{key}: {source}")]
     Adapter {
         key: CacheKey,
@@ -181,7 +183,7 @@ pub fn generate(
     progress: Progress,
 ) -> Result<Vec<Image>, PipelineError> {
     check_params(model, p)?;
-    let adapters = Adapters::lock(cache, &p.loras)?;
+    let adapters = Adapters::lock(cache, model, &p.loras)?;
     let Conditioning { context, pooled } = text::encode_with(cache, model, p, &adapters)?;
     let guided = context.dim(0)? == 2;
     // SDXL's time ids: original size, crop top-left (0, 0), target size.

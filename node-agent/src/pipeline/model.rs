@@ -53,6 +53,8 @@ pub struct DiffusersModel {
     pub schedule: ScheduleConfig,
     /// SDXL: an empty negative prompt conditions on zeros, not on "".
     pub force_zeros_for_empty_prompt: bool,
+    /// Bytes of all its weights at f32: no adapter of it can be larger.
+    pub bytes_f32: u64,
 }
 
 impl DiffusersModel {
@@ -106,6 +108,7 @@ impl DiffusersModel {
             text2,
             schedule,
             force_zeros_for_empty_prompt,
+            bytes_f32: probe.size_bytes.f32,
         })
     }
 

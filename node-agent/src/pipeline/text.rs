@@ -25,7 +25,7 @@ pub fn encode(
     p: &GenerateParams,
 ) -> Result<Conditioning, PipelineError> {
     super::check_params(model, p)?;
-    encode_with(cache, model, p, &Adapters::lock(cache, &p.loras)?)
+    encode_with(cache, model, p, &Adapters::lock(cache, model, &p.loras)?)
 }
 
 /// Encodes prompt and negative prompt into the UNet context `[2, tokens, dim]`

@@ -704,6 +704,52 @@ fn a_fifo_in_the_models_folder_neither_blocks_start_nor_shutdown() {
 }
 
 #[test]
+fn only_files_that_are_adapters_are_loaded_as_adapters() {
+    let agent = Agent::start_with(
+        |models| {
+            copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+            copy_dir(&fixtures().join("tiny-sd1-lora"), &models.join("loras"));
+            // 256 MiB of weights that are no adapter (sparse: nothing to read but the header).
+            modelcache_agent::store::safetensors::write_sparse(
+                &models.join("big.safetensors"),
+                &[("some.weight", safetensors::Dtype::F32, &[64 << 20])],
+                &[],
+            )
+            .unwrap();
+            std::fs::copy(
+                fixtures().join("tiny-sd1-single.safetensors"),
+                models.join("main.safetensors"),
+            )
+            .unwrap();
+        },
+        &[],
+    );
+    let ram = || metric(&agent, "modelcache_cache_bytes{tier=\"ram\"} ").unwrap_or(0.0);
+    let with = |path: &str| {
+        post(
+            &agent.api,
+            serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1, "loras": [{"path": path}]}),
+        )
+    };
+    let r = with("loras/tiny-sd1-lora.safetensors");
+    assert_eq!(r.status, 200, "a real adapter still works");
+    let before = ram();
+    for (path, why) in [
+        ("big.safetensors", "not a LoRA adapter"),
+        ("main.safetensors", "it is a Main model"),
+    ] {
+        let r = with(path);
+        let message = r.json()["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert_eq!(r.status, 400, "{path}: {message}");
+        assert!(message.contains(why), "{path}: {message}");
+    }
+    assert_eq!(ram(), before, "refused files never enter the cache");
+}
+
+#[test]
 fn a_model_that_cannot_fit_is_503_cache_full() {
     let agent = Agent::start(&["--ram-cache-bytes", "2Mi"]);
     let r = post(
