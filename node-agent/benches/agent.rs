@@ -435,10 +435,10 @@ fn bench_pipeline() {
         height: 64,
         ..Default::default()
     };
-    pipeline::generate(&cache, &model, &p(2), &|_, _, _| true).unwrap();
+    pipeline::generate(&cache, &model, &p(2), &|_| true).unwrap();
     let step = |steps: usize| {
         let t = Instant::now();
-        pipeline::generate(&cache, &model, &p(steps), &|_, _, _| true).unwrap();
+        pipeline::generate(&cache, &model, &p(steps), &|_| true).unwrap();
         t.elapsed().as_secs_f64()
     };
     let (a, b) = (

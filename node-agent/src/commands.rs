@@ -158,8 +158,10 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         Box::new(DiskLoader),
         None,
     );
-    let images = pipeline::generate(&cache, &model, &p, &|i, step, steps| {
-        tracing::info!(image = i, step, steps, "denoising");
+    let images = pipeline::generate(&cache, &model, &p, &|stage| {
+        if let pipeline::Stage::Denoising { image, step, steps } = stage {
+            tracing::info!(image, step, steps, "denoising");
+        }
         true
     })?;
     for (i, img) in images.iter().enumerate() {

@@ -33,6 +33,10 @@ pub struct Settings {
     pub precision: Precision,
     pub queue_size: usize,
     pub concurrency: usize,
+    /// Most width × height × steps × n a request may ask for.
+    pub max_pixel_steps: u64,
+    /// Longest a request may take, queueing included; `None`: no limit.
+    pub request_timeout: Option<Duration>,
     pub api_token_file: Option<PathBuf>,
     pub malloc_mmap_threshold: u64,
     pub malloc_trim_on_evict: bool,
@@ -107,7 +111,11 @@ pub fn serve(s: Settings) -> anyhow::Result<()> {
         agent.clone(),
         routes.clone(),
         Queue::new(s.concurrency, s.queue_size),
-        Limits::default(),
+        Limits {
+            max_pixel_steps: s.max_pixel_steps,
+            timeout: s.request_timeout,
+            ..Limits::default()
+        },
         token,
     ));
     tokio::runtime::Runtime::new()?.block_on(run(s, agent, routes, state))

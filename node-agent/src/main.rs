@@ -175,6 +175,9 @@ impl From<ServeArgs> for daemon::Settings {
             precision: a.precision,
             queue_size: a.queue_size,
             concurrency: a.concurrency,
+            max_pixel_steps: a.max_pixel_steps,
+            request_timeout: (a.request_timeout_seconds > 0)
+                .then(|| Duration::from_secs(a.request_timeout_seconds)),
             api_token_file: a.api_token_file,
             malloc_mmap_threshold: a.malloc_mmap_threshold,
             malloc_trim_on_evict: a.malloc_trim_on_evict,
@@ -274,6 +277,17 @@ struct ServeArgs {
     /// Generations that run at once.
     #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 1)]
     concurrency: usize,
+    /// Most width × height × steps × n one request may ask for (400 above it).
+    #[arg(long, env = "MODELCACHE_MAX_PIXEL_STEPS", default_value_t = modelcache_agent::api::request::DEFAULT_MAX_PIXEL_STEPS)]
+    max_pixel_steps: u64,
+    /// Longest a request may take, queueing included, before it is stopped and
+    /// answered 504; 0: no limit.
+    #[arg(
+        long,
+        env = "MODELCACHE_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 600
+    )]
+    request_timeout_seconds: u64,
     /// File holding the bearer token clients must send; no authentication without it.
     #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,

@@ -275,9 +275,45 @@ async fn run_generation(
     let target = s.routes.resolve(&s.agent.catalog, &req.model)?;
     let p = request::validate(&req, &target, &s.agent.catalog, &s.limits)?;
     let ticket = s.queue.admit()?;
-    let permit = ticket.slot(&s.agent.metrics).await?;
+    // Set when this future is dropped (the client went away, or the time
+    // budget ran out): the generation stops before its next step or block.
     let cancelled = Arc::new(AtomicBool::new(false));
     let _cancel_on_drop = CancelOnDrop(cancelled.clone());
+    let work = generate_images(s, ticket, target, p, cancelled);
+    let (pngs, secs) = match s.limits.timeout {
+        None => work.await?,
+        Some(limit) => tokio::time::timeout(limit, work).await.map_err(|_| {
+            ApiError::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "the request took longer than this agent's limit of {} s (--request-timeout-seconds); ask for fewer or smaller images, or fewer steps",
+                    limit.as_secs()
+                ),
+                "server_error",
+                "timeout",
+            )
+        })??,
+    };
+    let data: Vec<_> = pngs
+        .iter()
+        .map(|png| json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png)}))
+        .collect();
+    let created = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    Ok((json!({"created": created, "data": data}), secs))
+}
+
+/// Waits for a generation slot, then generates on the blocking pool: the PNGs
+/// and the generation's own seconds.
+async fn generate_images(
+    s: &Arc<AppState>,
+    ticket: queue::Ticket,
+    target: crate::routes::Target,
+    p: pipeline::GenerateParams,
+    cancelled: Arc<AtomicBool>,
+) -> Result<(Vec<Vec<u8>>, f64), ApiError> {
+    let permit = ticket.slot(&s.agent.metrics).await?;
     let agent = s.agent.clone();
     // The generation's log lines carry the request's id.
     let span = Span::current();
@@ -287,8 +323,16 @@ async fn run_generation(
         let _ticket = ticket;
         let started = Instant::now();
         let model = agent.catalog.open(&target.model)?;
-        let images = pipeline::generate(&agent.cache, &model, &p, &|_, _, _| {
+        let images = pipeline::generate(&agent.cache, &model, &p, &|_| {
             !cancelled.load(Ordering::Relaxed)
+        })
+        .inspect_err(|e| {
+            if matches!(e, pipeline::PipelineError::Cancelled) {
+                tracing::info!(
+                    seconds = started.elapsed().as_secs_f64(),
+                    "generation stopped: its client went away or its time ran out"
+                );
+            }
         })?;
         let pngs = images
             .iter()
@@ -309,14 +353,7 @@ async fn run_generation(
     .await
     .map_err(|e| ApiError::internal(format!("generation task failed: {e}")))??;
     s.agent.metrics.generation_seconds.observe(secs);
-    let data: Vec<_> = pngs
-        .iter()
-        .map(|png| json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png)}))
-        .collect();
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok((json!({"created": created, "data": data}), secs))
+    Ok((pngs, secs))
 }
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {

@@ -19,7 +19,15 @@ pub struct Limits {
     pub max_n: u32,
     pub max_side: u32,
     pub max_steps: u32,
+    /// Most width × height × steps × n one request may ask for: what it costs
+    /// grows with all four, and one request must not hold a slot for long.
+    pub max_pixel_steps: u64,
+    /// Longest a request may take, queueing included; `None`: no limit.
+    pub timeout: Option<std::time::Duration>,
 }
+
+/// The default `--max-pixel-steps`: four 1024×1024 images of 64 steps.
+pub const DEFAULT_MAX_PIXEL_STEPS: u64 = 1 << 28;
 
 impl Default for Limits {
     fn default() -> Self {
@@ -29,6 +37,8 @@ impl Default for Limits {
             max_n: 4,
             max_side: 2048,
             max_steps: 150,
+            max_pixel_steps: DEFAULT_MAX_PIXEL_STEPS,
+            timeout: Some(std::time::Duration::from_secs(600)),
         }
     }
 }
@@ -149,6 +159,13 @@ pub fn validate(
         return Err(ApiError::invalid(format!(
             "steps must be from 1 to {}",
             l.max_steps
+        )));
+    }
+    let cost = (width as u64) * (height as u64) * u64::from(steps) * u64::from(n);
+    if cost > l.max_pixel_steps {
+        return Err(ApiError::invalid(format!(
+            "width × height × steps × n is {cost}, more than this agent's limit of {} (--max-pixel-steps); ask for fewer or smaller images, or fewer steps",
+            l.max_pixel_steps
         )));
     }
     let guidance = r.guidance_scale.or(defaults.guidance_scale).unwrap_or(7.5);

@@ -155,8 +155,26 @@ impl Default for GenerateParams {
     }
 }
 
-/// Progress callback: (image index, step done, steps); returns false to cancel.
-pub type Progress<'a> = &'a (dyn Fn(usize, usize, usize) -> bool + Sync);
+/// Where a generation is, as its progress callback hears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stage {
+    /// `step` of `steps` of `image` is done.
+    Denoising {
+        image: usize,
+        step: usize,
+        steps: usize,
+    },
+    /// `image` is about to decode `block` of the VAE's `blocks`.
+    Decoding {
+        image: usize,
+        block: usize,
+        blocks: usize,
+    },
+}
+
+/// Progress callback, told every step and every VAE block; returns false to
+/// cancel, and the generation then stops before its next piece of work.
+pub type Progress<'a> = &'a (dyn Fn(Stage) -> bool + Sync);
 
 /// What can be refused before any weight is loaded.
 fn check_params(model: &DiffusersModel, p: &GenerateParams) -> Result<(), RequestError> {
@@ -265,7 +283,12 @@ pub fn generate(
                 noise
             };
             x = sched.step(&noise, s, &x, &mut rng)?;
-            if !progress(i, s + 1, timesteps.len()) {
+            let stage = Stage::Denoising {
+                image: i,
+                step: s + 1,
+                steps: timesteps.len(),
+            };
+            if !progress(stage) {
                 return Err(PipelineError::Cancelled);
             }
         }
@@ -281,12 +304,20 @@ pub fn generate(
     let decoder = VaeDecoder::new(vae_guard.var_builder(), 3, &vae)?;
     latents_out
         .into_iter()
-        .map(|l| {
+        .enumerate()
+        .map(|(image, l)| {
+            let latents = (l.to_device(&vae_guard.device)? / vae.scaling_factor)?
+                .to_dtype(vae_guard.dtype)?;
+            let mut go_on = |block, blocks| {
+                progress(Stage::Decoding {
+                    image,
+                    block,
+                    blocks,
+                })
+            };
             let img = decoder
-                .decode(
-                    &(l.to_device(&vae_guard.device)? / vae.scaling_factor)?
-                        .to_dtype(vae_guard.dtype)?,
-                )?
+                .decode_until(&latents, &mut go_on)?
+                .ok_or(PipelineError::Cancelled)?
                 .to_dtype(DType::F32)?;
             let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
             let img = img.squeeze(0)?.permute((1, 2, 0))?.contiguous()?;

@@ -750,6 +750,81 @@ fn only_files_that_are_adapters_are_loaded_as_adapters() {
 }
 
 #[test]
+fn a_request_past_its_time_budget_is_504_and_stops_working() {
+    let agent = Agent::start(&["--request-timeout-seconds", "2", "--concurrency", "1"]);
+    let quick = serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1});
+    assert_eq!(
+        post(&agent.api, quick.clone()).status,
+        200,
+        "warm the model"
+    );
+    let started = Instant::now();
+    // Minutes of work in a debug build.
+    let r = post(
+        &agent.api,
+        serde_json::json!({"model": "tiny", "prompt": "x", "size": "256x256", "steps": 100}),
+    );
+    assert_eq!((r.status, error_code(&r).as_str()), (504, "timeout"));
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    // The generation stops at its next step instead of running its 100 steps.
+    let id = r.header("x-request-id").unwrap().to_string();
+    let stopped = (0..1200).find_map(|_| {
+        let line = agent.logs.lock().unwrap().iter().find_map(|v| {
+            (v["span"]["request_id"] == id.as_str()
+                && v["fields"]["message"]
+                    .as_str()
+                    .is_some_and(|m| m.starts_with("generation stopped")))
+            .then(|| v["fields"]["seconds"].as_f64().unwrap_or(f64::MAX))
+        });
+        if line.is_none() {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        line
+    });
+    let seconds = stopped.expect("the abandoned generation never stopped");
+    assert!(seconds < 60.0, "it ran {seconds} s");
+    assert_eq!(
+        metric(
+            &agent,
+            "modelcache_generation_requests_total{code=\"504\",model=\"tiny\"} "
+        ),
+        Some(1.0)
+    );
+    assert_eq!(
+        post(&agent.api, quick).status,
+        200,
+        "and its slot is free again"
+    );
+}
+
+#[test]
+fn a_request_costing_more_than_the_limit_is_refused_naming_it() {
+    let agent = Agent::start(&["--max-pixel-steps", "100000"]);
+    let ask = |steps: u32| {
+        post(
+            &agent.api,
+            serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": steps}),
+        )
+    };
+    // 64 × 64 × 25 = 102400 > 100000.
+    let r = ask(25);
+    let message = r.json()["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+    assert_eq!(r.status, 400, "{message}");
+    assert!(
+        message.contains("--max-pixel-steps") && message.contains("102400"),
+        "{message}"
+    );
+    assert_eq!(ask(24).status, 200);
+}
+
+#[test]
 fn a_model_that_cannot_fit_is_503_cache_full() {
     let agent = Agent::start(&["--ram-cache-bytes", "2Mi"]);
     let r = post(

@@ -3,7 +3,7 @@
 use crate::common::{fixtures, max_abs_diff, reference_params as params, tiny_cache as cache};
 use candle_core::{Device, Tensor};
 use modelcache_agent::cache::{CacheConfig, DeviceSlot, DiskLoader, ModelCache, TierKind};
-use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams};
+use modelcache_agent::pipeline::{self, image::read_npy, DiffusersModel, GenerateParams, Stage};
 use modelcache_agent::store::convert;
 use modelcache_crds::SchedulerKind;
 
@@ -30,7 +30,7 @@ fn components_spread_over_several_devices_reproduce_the_reference_image() {
     };
     let cache = ModelCache::new(config, Box::new(DiskLoader), None);
     let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
-    let images = pipeline::generate(&cache, &model, &params(&r, latents), &|_, _, _| true).unwrap();
+    let images = pipeline::generate(&cache, &model, &params(&r, latents), &|_| true).unwrap();
     let mut slots: Vec<usize> = cache
         .entries()
         .iter()
@@ -66,7 +66,7 @@ fn diffusers_folder_reproduces_the_reference_image() {
     let (r, latents, want) = reference();
     let cache = cache();
     let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
-    let images = pipeline::generate(&cache, &model, &params(&r, latents), &|_, _, _| true).unwrap();
+    let images = pipeline::generate(&cache, &model, &params(&r, latents), &|_| true).unwrap();
     let d = max_abs_diff(&images[0].data, &want);
     eprintln!("tiny-sd1: max abs diff {d:.2e} from diffusers float32");
     assert!(d < 1e-3, "max abs difference {d}");
@@ -85,8 +85,7 @@ fn single_file_checkpoint_reproduces_the_reference_image() {
     )
     .unwrap();
     let model = DiffusersModel::open(&dir).unwrap();
-    let images =
-        pipeline::generate(&cache(), &model, &params(&r, latents), &|_, _, _| true).unwrap();
+    let images = pipeline::generate(&cache(), &model, &params(&r, latents), &|_| true).unwrap();
     let d = max_abs_diff(&images[0].data, &want);
     assert!(d < 1e-3, "max abs difference {d}");
 }
@@ -110,8 +109,8 @@ fn seeds_reproduce_and_differ_and_cancellation_stops() {
             n: 2,
             ..Default::default()
         };
-        let a = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
-        let b = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
+        let a = pipeline::generate(&cache, &model, &p, &|_| true).unwrap();
+        let b = pipeline::generate(&cache, &model, &p, &|_| true).unwrap();
         assert_eq!(a, b, "{scheduler}: same seed, same images");
         assert_ne!(
             a[0], a[1],
@@ -126,10 +125,45 @@ fn seeds_reproduce_and_differ_and_cancellation_stops() {
         height: 64,
         ..Default::default()
     };
-    let err = pipeline::generate(&cache, &model, &p, &|_, step, _| step < 2).unwrap_err();
+    let err = pipeline::generate(&cache, &model, &p, &|stage| {
+        !matches!(stage, Stage::Denoising { step: 2, .. })
+    })
+    .unwrap_err();
     assert!(matches!(err, pipeline::PipelineError::Cancelled));
+    // Cancelled in the middle of decoding the first of three images, nothing
+    // more is decoded: no VAE block runs after the one that said stop.
+    let seen = std::sync::Mutex::new(Vec::new());
+    let three = GenerateParams { n: 3, ..p.clone() };
+    let err = pipeline::generate(&cache, &model, &three, &|stage| {
+        seen.lock().unwrap().push(stage);
+        !matches!(
+            stage,
+            Stage::Decoding {
+                image: 0,
+                block: 2,
+                ..
+            }
+        )
+    })
+    .unwrap_err();
+    assert!(matches!(err, pipeline::PipelineError::Cancelled));
+    let seen = seen.into_inner().unwrap();
+    assert_eq!(
+        seen.last(),
+        Some(&Stage::Decoding {
+            image: 0,
+            block: 2,
+            blocks: 5
+        }),
+        "{seen:?}"
+    );
+    let denoised = seen
+        .iter()
+        .filter(|s| matches!(s, Stage::Denoising { .. }))
+        .count();
+    assert_eq!(denoised, 9, "three images of three steps, then the decode");
     let bad = GenerateParams { width: 60, ..p };
-    assert!(pipeline::generate(&cache, &model, &bad, &|_, _, _| true)
+    assert!(pipeline::generate(&cache, &model, &bad, &|_| true)
         .unwrap_err()
         .to_string()
         .contains("multiple of 8"));
@@ -157,12 +191,12 @@ fn kohya_lora_reproduces_diffusers_and_weight_zero_is_the_base_image() {
         .unwrap();
         (data, shape)
     };
-    let img = pipeline::generate(&cache, &model, &lora_params(0.8), &|_, _, _| true).unwrap();
+    let img = pipeline::generate(&cache, &model, &lora_params(0.8), &|_| true).unwrap();
     let d = max_abs_diff(&img[0].data, &want);
     assert!(d < 1e-3, "max abs difference {d}");
     let (r, latents, _) = reference();
-    let base = pipeline::generate(&cache, &model, &params(&r, latents), &|_, _, _| true).unwrap();
-    let zero = pipeline::generate(&cache, &model, &lora_params(0.0), &|_, _, _| true).unwrap();
+    let base = pipeline::generate(&cache, &model, &params(&r, latents), &|_| true).unwrap();
+    let zero = pipeline::generate(&cache, &model, &lora_params(0.0), &|_| true).unwrap();
     assert_eq!(
         zero[0], base[0],
         "weight 0 reproduces the base image exactly"
@@ -174,11 +208,8 @@ fn concurrent_requests_with_and_without_a_lora_never_mix() {
     let cache = cache();
     let model = std::sync::Arc::new(DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap());
     let (r, latents, _) = reference();
-    let base = pipeline::generate(&cache, &model, &params(&r, latents.clone()), &|_, _, _| {
-        true
-    })
-    .unwrap();
-    let with = pipeline::generate(&cache, &model, &lora_params(0.8), &|_, _, _| true).unwrap();
+    let base = pipeline::generate(&cache, &model, &params(&r, latents.clone()), &|_| true).unwrap();
+    let with = pipeline::generate(&cache, &model, &lora_params(0.8), &|_| true).unwrap();
     let handles: Vec<_> = (0..6)
         .map(|i| {
             let (cache, model, latents, r) =
@@ -191,7 +222,7 @@ fn concurrent_requests_with_and_without_a_lora_never_mix() {
                 };
                 (
                     i,
-                    pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap(),
+                    pipeline::generate(&cache, &model, &p, &|_| true).unwrap(),
                 )
             })
         })
@@ -305,7 +336,7 @@ fn peft_layout_lora_reproduces_diffusers() {
         &cache(),
         &DiffusersModel::open(&f.join("tiny-sd1")).unwrap(),
         &p,
-        &|_, _, _| true,
+        &|_| true,
     )
     .unwrap();
     let (_, want) =
@@ -324,7 +355,7 @@ fn lora_copies_count_against_the_device_budget() {
     let (r, latents, _) = reference();
     let during = |p: &GenerateParams| {
         let seen = std::sync::Mutex::new(0u64);
-        pipeline::generate(&cache, &model, p, &|_, _, _| {
+        pipeline::generate(&cache, &model, p, &|_| {
             *seen.lock().unwrap() = cache.stats().1.used;
             true
         })

@@ -39,8 +39,8 @@ fn tiny_sd2_probes_as_sd2_and_generates_deterministically() {
             clip_skip: 1,
             ..Default::default()
         };
-        let a = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
-        let b = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
+        let a = pipeline::generate(&cache, &model, &p, &|_| true).unwrap();
+        let b = pipeline::generate(&cache, &model, &p, &|_| true).unwrap();
         assert_eq!(a, b, "{scheduler}");
         assert!(a[0]
             .data
@@ -74,7 +74,7 @@ fn tiny_sd2_matches_diffusers() {
     assert_eq!(ids, want_ids);
     let cache = crate::common::tiny_cache();
     let p = reference_params(&r, latents);
-    let got = pipeline::generate(&cache, &model, &p, &|_, _, _| true).unwrap();
+    let got = pipeline::generate(&cache, &model, &p, &|_| true).unwrap();
     let diff = |file: &str| max_abs_diff_from(&got[0].data, &f.join(file));
     let (exact, fp32) = (diff("reference_image_f64.npy"), diff("reference_image.npy"));
     eprintln!("tiny-sd2: max abs diff {exact:.2e} from diffusers float64, {fp32:.2e} from diffusers float32");

@@ -32,7 +32,7 @@ fn run_on(dir: &Path, negative: &str) -> Vec<f32> {
         negative_prompt: negative.into(),
         ..crate::common::reference_params(&r, latents)
     };
-    pipeline::generate(&cache, &model, &p, &|_, _, _| true)
+    pipeline::generate(&cache, &model, &p, &|_| true)
         .unwrap()
         .remove(0)
         .data

@@ -100,7 +100,7 @@ fn whole_images_wrap_around() {
             seamless: s,
             ..Default::default()
         };
-        let img = pipeline::generate(&cache, &model, &p, &|_, _, _| true)
+        let img = pipeline::generate(&cache, &model, &p, &|_| true)
             .unwrap()
             .remove(0);
         Tensor::from_vec(img.data, (1, img.height, img.width, 3), &Device::Cpu)

@@ -169,15 +169,34 @@ impl VaeDecoder {
 
     /// Latents (already divided by the scaling factor) → image in [-1, 1].
     pub fn decode(&self, xs: &Tensor) -> Result<Tensor> {
+        self.decode_until(xs, &mut |_, _| true)?
+            .ok_or_else(|| candle_core::Error::Msg("decoding stopped".into()))
+    }
+
+    /// [`Self::decode`], asking `go_on(block, blocks)` before each of its
+    /// blocks (the middle block, then each up block) and returning `None` as
+    /// soon as it says stop: a large image takes seconds per block on a CPU.
+    pub fn decode_until(
+        &self,
+        xs: &Tensor,
+        go_on: &mut dyn FnMut(usize, usize) -> bool,
+    ) -> Result<Option<Tensor>> {
+        let blocks = self.up_blocks.len() + 1;
+        if !go_on(0, blocks) {
+            return Ok(None);
+        }
         let xs = match &self.post_quant_conv {
             Some(c) => c.forward(xs)?,
             None => xs.clone(),
         };
         let mut xs = self.mid_block.forward(&self.conv_in.forward(&xs)?, None)?;
-        for b in &self.up_blocks {
+        for (i, b) in self.up_blocks.iter().enumerate() {
+            if !go_on(i + 1, blocks) {
+                return Ok(None);
+            }
             xs = b.forward(&xs)?;
         }
         let xs = self.conv_norm_out.forward_silu(&xs)?;
-        self.conv_out.forward(&xs)
+        self.conv_out.forward(&xs).map(Some)
     }
 }
