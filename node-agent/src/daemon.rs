@@ -4,6 +4,7 @@
 //! gracefully on SIGTERM or Ctrl-C.
 
 use crate::agent::Agent;
+use crate::api::server::{self, ConnectionLimits};
 use crate::api::{self, AppState, Limits, Queue};
 use crate::cache::{CacheConfig, DeviceSlot};
 use crate::catalog::Catalog;
@@ -33,6 +34,8 @@ pub struct Settings {
     pub precision: Precision,
     pub queue_size: usize,
     pub concurrency: usize,
+    /// Open connections per port, and how long a client may take to send its headers.
+    pub connections: ConnectionLimits,
     /// Most width × height × steps × n a request may ask for.
     pub max_pixel_steps: u64,
     /// Longest a request may take, queueing included; `None`: no limit.
@@ -59,14 +62,63 @@ pub struct ClusterSettings {
     pub report_interval: Duration,
 }
 
+/// Raises the soft limit on open files to the hard one and returns it: each
+/// connection and each model file being read holds a descriptor.
+fn open_files_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit write and read a plain struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 1024;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                lim.rlim_cur = lim.rlim_max;
+            }
+        }
+    }
+    lim.rlim_cur
+}
+
+/// Connections per port that the open-files limit allows: both ports at
+/// their cap, with 256 descriptors left for model files and the rest.
+fn connections_within(limits: ConnectionLimits, open_files: u64) -> ConnectionLimits {
+    let room = (open_files.saturating_sub(256) / 2).max(16) as usize;
+    if limits.max_connections > room {
+        tracing::warn!(
+            configured = limits.max_connections,
+            open_files,
+            used = room,
+            "--max-connections is more than the open-files limit allows; using fewer"
+        );
+    }
+    ConnectionLimits {
+        max_connections: limits.max_connections.min(room),
+        ..limits
+    }
+}
+
 /// Runs the agent until a signal stops it or a server fails.
-pub fn serve(s: Settings) -> anyhow::Result<()> {
+pub fn serve(mut s: Settings) -> anyhow::Result<()> {
+    s.connections = connections_within(s.connections, open_files_limit());
     let (source, threshold) = memory::ensure_mmap_threshold(s.malloc_mmap_threshold);
     tracing::info!(?source, threshold, "malloc mmap threshold");
     let compute = device::open(&s.device, s.precision).context("--device")?;
     for d in &compute {
         tracing::info!(device = %d.id, name = %d.name, dtype = ?d.dtype, precision = %s.precision, "compute device (the CPU always computes in f32)");
     }
+    tracing::info!(
+        max_connections = s.connections.max_connections,
+        header_read_timeout = ?s.connections.header_read_timeout,
+        "connection limits per port"
+    );
     std::fs::create_dir_all(&s.models_dir)
         .with_context(|| format!("creating {}", s.models_dir.display()))?;
     std::fs::create_dir_all(&s.state_dir)
@@ -166,20 +218,26 @@ async fn run(
         }
     };
     tracing::info!(api = %api.local_addr()?, metrics = %metrics.local_addr()?, "serving");
-    let shutdown = async {
+    let (stop, stopping) = tokio::sync::watch::channel(false);
+    let stopped = move || {
+        let mut s = stopping.clone();
+        async move {
+            let _ = s.wait_for(|stop| *stop).await;
+        }
+    };
+    let metrics_app = api::metrics_router(agent.metrics.clone(), state.ready.clone());
+    let metrics_server = server::serve(metrics, metrics_app, s.connections, stopped());
+    let api_server = server::serve(api, api::router(state), s.connections, stopped());
+    let signal = async {
         modelcache_support::shutdown_signal().await;
         tracing::info!("shutting down");
+        let _ = stop.send(true);
+        std::future::pending::<()>().await
     };
-    let metrics_server = axum::serve(
-        metrics,
-        api::metrics_router(agent.metrics.clone()).into_make_service(),
-    );
-    let api_server =
-        axum::serve(api, api::router(state).into_make_service()).with_graceful_shutdown(shutdown);
     tokio::select! {
-        r = api_server => r.context("API server")?,
-        r = metrics_server => r.context("metrics server")?,
+        ((), ()) = async { tokio::join!(api_server, metrics_server) } => {}
         () = cluster => {}
+        () = signal => {}
     }
     Ok(())
 }

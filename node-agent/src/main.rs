@@ -3,6 +3,7 @@
 //! the rest).
 
 use clap::{Parser, Subcommand};
+use modelcache_agent::api::server::ConnectionLimits;
 use modelcache_agent::store::convert::ConvertRequest;
 use modelcache_agent::store::merge::{MergeRequest, Method};
 use modelcache_agent::{commands, daemon};
@@ -175,6 +176,11 @@ impl From<ServeArgs> for daemon::Settings {
             precision: a.precision,
             queue_size: a.queue_size,
             concurrency: a.concurrency,
+            connections: ConnectionLimits {
+                max_connections: a.max_connections,
+                header_read_timeout: Duration::from_secs(a.header_read_timeout_seconds.max(1)),
+                ..ConnectionLimits::default()
+            },
             max_pixel_steps: a.max_pixel_steps,
             request_timeout: (a.request_timeout_seconds > 0)
                 .then(|| Duration::from_secs(a.request_timeout_seconds)),
@@ -277,6 +283,17 @@ struct ServeArgs {
     /// Generations that run at once.
     #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 1)]
     concurrency: usize,
+    /// Connections open at once on each port; more clients wait to be accepted.
+    #[arg(long, env = "MODELCACHE_MAX_CONNECTIONS", default_value_t = 512)]
+    max_connections: usize,
+    /// A client must send each request's headers within this many seconds
+    /// (idle keep-alive connections close after it too).
+    #[arg(
+        long,
+        env = "MODELCACHE_HEADER_READ_TIMEOUT_SECONDS",
+        default_value_t = 10
+    )]
+    header_read_timeout_seconds: u64,
     /// Most width × height × steps × n one request may ask for (400 above it).
     #[arg(long, env = "MODELCACHE_MAX_PIXEL_STEPS", default_value_t = modelcache_agent::api::request::DEFAULT_MAX_PIXEL_STEPS)]
     max_pixel_steps: u64,

@@ -10,6 +10,7 @@ use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, PodSpec, PodTemplateSpec};
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use modelcache_tests::{repo, run, tool};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
@@ -177,6 +178,14 @@ fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
     assert_eq!(field_ref(c, "POD_IP"), Some("status.podIP"));
     assert_eq!(gpu_limit(c).as_deref(), Some("1"));
     assert!(args(c).contains(&"--kubernetes"), "{:?}", args(c));
+    // The agent's probes ask the monitoring port, which a flood of the API port cannot starve.
+    for probe in [&c.readiness_probe, &c.liveness_probe] {
+        let port = probe
+            .as_ref()
+            .and_then(|p| p.http_get.as_ref())
+            .map(|g| g.port.clone());
+        assert_eq!(port, Some(IntOrString::String("metrics".into())));
+    }
     let models = agent_pod
         .volumes
         .iter()

@@ -8,6 +8,7 @@
 pub mod error;
 pub mod queue;
 pub mod request;
+pub mod server;
 
 pub use error::ApiError;
 pub use queue::Queue;
@@ -47,7 +48,8 @@ pub struct AppState {
     pub limits: Limits,
     /// The bearer token clients must send; `None` when the API is open.
     pub token: Option<String>,
-    pub ready: AtomicBool,
+    /// What `/readyz` answers, on both ports.
+    pub ready: Arc<AtomicBool>,
 }
 
 impl AppState {
@@ -64,7 +66,7 @@ impl AppState {
             queue: Arc::new(queue),
             limits,
             token,
-            ready: AtomicBool::new(true),
+            ready: Arc::new(AtomicBool::new(true)),
         }
     }
 }
@@ -127,25 +129,36 @@ async fn not_found() -> ApiError {
     )
 }
 
-/// `/metrics` on its own port, so that a NetworkPolicy can open it to
-/// Prometheus alone.
-pub fn metrics_router(metrics: crate::metrics::AgentMetrics) -> Router {
-    Router::new().route(
-        "/metrics",
-        get(move || {
-            let m = metrics.clone();
-            async move {
-                (
-                    [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
-                    m.render(),
-                )
-            }
-        }),
-    )
+/// The monitoring port: `/metrics`, on a port of its own so that a
+/// NetworkPolicy can open it to Prometheus alone, and the health probes
+/// again, so that they answer even while the API port is flooded.
+pub fn metrics_router(metrics: crate::metrics::AgentMetrics, ready: Arc<AtomicBool>) -> Router {
+    Router::new()
+        .route(
+            "/metrics",
+            get(move || {
+                let m = metrics.clone();
+                async move {
+                    (
+                        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+                        m.render(),
+                    )
+                }
+            }),
+        )
+        .route("/healthz", get(|| async { "ok" }))
+        .route(
+            "/readyz",
+            get(move || std::future::ready(readiness(&ready))),
+        )
 }
 
 async fn readyz(State(s): State<Arc<AppState>>) -> Response {
-    if s.ready.load(Ordering::Relaxed) {
+    readiness(&s.ready)
+}
+
+fn readiness(ready: &AtomicBool) -> Response {
+    if ready.load(Ordering::Relaxed) {
         "ready".into_response()
     } else {
         (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()

@@ -35,29 +35,38 @@ impl Agent {
 
     /// An agent whose models folder `fill` writes.
     fn start_with(fill: impl FnOnce(&Path), extra: &[&str]) -> Agent {
+        Agent::start_configured(fill, extra, |_| {})
+    }
+
+    /// [`Agent::start_with`], with `configure` adjusting the command first.
+    fn start_configured(
+        fill: impl FnOnce(&Path),
+        extra: &[&str],
+        configure: impl FnOnce(&mut Command),
+    ) -> Agent {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("models")).unwrap();
         fill(&dir.path().join("models"));
-        let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
-            .args([
-                "--log-format",
-                "json",
-                "serve",
-                "--listen",
-                "127.0.0.1:0",
-                "--metrics-listen",
-                "127.0.0.1:0",
-            ])
-            .arg("--models-dir")
-            .arg(dir.path().join("models"))
-            .arg("--state-dir")
-            .arg(dir.path().join("state"))
-            .args(extra)
-            .env("RUST_LOG", "info")
-            .stderr(Stdio::piped())
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"));
+        cmd.args([
+            "--log-format",
+            "json",
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ])
+        .arg("--models-dir")
+        .arg(dir.path().join("models"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .args(extra)
+        .env("RUST_LOG", "info")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null());
+        configure(&mut cmd);
+        let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let logs = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -822,6 +831,86 @@ fn a_request_costing_more_than_the_limit_is_refused_naming_it() {
         "{message}"
     );
     assert_eq!(ask(24).status, 200);
+}
+
+#[test]
+fn a_flood_of_idle_connections_neither_exhausts_descriptors_nor_silences_health() {
+    use std::os::unix::process::CommandExt;
+    // 256 descriptors in all, as a small container might allow.
+    let agent = Agent::start_configured(
+        |models| copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny")),
+        &["--header-read-timeout-seconds", "1"],
+        |cmd| {
+            // SAFETY: setrlimit is async-signal-safe; it runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(|| {
+                    let lim = libc::rlimit {
+                        rlim_cur: 256,
+                        rlim_max: 256,
+                    };
+                    if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
+                });
+            }
+        },
+    );
+    // More idle and trickling connections than the agent has descriptors.
+    let mut flood = Vec::new();
+    for i in 0..300 {
+        if let Ok(mut s) = TcpStream::connect(&agent.api) {
+            if i % 2 == 0 {
+                let _ = s.write_all(b"POST /v1/images/generations HTTP/1.1\r\nHost: x\r\n");
+            }
+            flood.push(s);
+        }
+    }
+    // The health probes on the monitoring port answer at once.
+    let started = Instant::now();
+    for path in ["/healthz", "/readyz"] {
+        assert_eq!(
+            http(&agent.metrics, "GET", path, &[], b"").status,
+            200,
+            "{path}"
+        );
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    // Connections that send no complete headers are closed after the timeout.
+    std::thread::sleep(Duration::from_secs(2));
+    let closed = flood
+        .iter_mut()
+        .map(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(10))).unwrap();
+            s.read(&mut [0u8; 256]).is_ok()
+        })
+        .filter(|closed| *closed)
+        .count();
+    assert!(closed >= 16, "only {closed} idle connections were closed");
+    // Once the flood is gone the API serves at once.
+    drop(flood);
+    let started = Instant::now();
+    let r = post(
+        &agent.api,
+        serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1}),
+    );
+    assert_eq!(r.status, 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "{:?}",
+        started.elapsed()
+    );
+    let exhausted = agent.logs.lock().unwrap().iter().any(|v| {
+        v["fields"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Too many open files"))
+    });
+    assert!(!exhausted, "the agent ran out of descriptors");
 }
 
 #[test]
