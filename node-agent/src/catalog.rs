@@ -21,15 +21,15 @@ pub enum CatalogError {
     Model { path: PathBuf, source: ModelError },
 }
 
-/// Why a file a request names cannot be used as an adapter.
+/// Why a file a request names cannot be used as an adapter. A missing file
+/// and one a link shows outside the folder get the same answer, so that
+/// requests cannot probe what exists outside it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AdapterPathError {
     #[error("{0:?} must be a path relative to the models folder, without '..'")]
     NotRelative(String),
-    #[error("{0:?} does not exist under the models folder")]
-    Missing(String),
-    #[error("{0:?} is not a file inside the models folder")]
-    Outside(String),
+    #[error("{0:?} is not a file in the models folder")]
+    NotAvailable(String),
     #[error("{0:?}: adapters are read from .safetensors files")]
     NotSafetensors(String),
 }
@@ -175,6 +175,23 @@ impl Catalog {
         &self.root
     }
 
+    /// `text` with paths under the models folder made relative to it and
+    /// paths under the state folder shown as `<state>/…`: what clients see of
+    /// an error, without the host's layout.
+    pub fn redact(&self, text: &str) -> String {
+        let mut out = text.to_string();
+        for (dir, shown) in [(&self.root, ""), (&self.state_dir, "<state>/")] {
+            let canonical = dir.canonicalize().ok();
+            for form in [Some(dir.clone()), canonical].into_iter().flatten() {
+                let prefix = format!("{}/", form.display());
+                if prefix.len() > 1 {
+                    out = out.replace(&prefix, shown);
+                }
+            }
+        }
+        out
+    }
+
     /// The writable folder for converted checkpoints and hashes.
     pub fn state_dir(&self) -> &Path {
         &self.state_dir
@@ -246,14 +263,14 @@ impl Catalog {
             .root
             .join(p)
             .canonicalize()
-            .map_err(|_| AdapterPathError::Missing(rel.to_string()))?;
+            .map_err(|_| AdapterPathError::NotAvailable(rel.to_string()))?;
         // A models folder that cannot be resolved holds no file either.
         let root = self
             .root
             .canonicalize()
-            .map_err(|_| AdapterPathError::Missing(rel.to_string()))?;
+            .map_err(|_| AdapterPathError::NotAvailable(rel.to_string()))?;
         if !real.starts_with(&root) || !real.is_file() {
-            return Err(AdapterPathError::Outside(rel.to_string()));
+            return Err(AdapterPathError::NotAvailable(rel.to_string()));
         }
         if real.extension().and_then(|e| e.to_str()) != Some("safetensors") {
             return Err(AdapterPathError::NotSafetensors(rel.to_string()));
@@ -284,7 +301,7 @@ impl Catalog {
             ModelFormat::Checkpoint => convert::converted(
                 &self.state_dir,
                 &entry.path,
-                None,
+                store::config_beside(&entry.path).as_deref(),
                 self.tokenizer_dir.as_deref(),
             )
             .map_err(|e| model_err(e.into()))?,

@@ -123,6 +123,12 @@ pub fn serve(mut s: Settings) -> anyhow::Result<()> {
         .with_context(|| format!("creating {}", s.models_dir.display()))?;
     std::fs::create_dir_all(&s.state_dir)
         .with_context(|| format!("creating the state folder {}", s.state_dir.display()))?;
+    for dir in [s.models_dir.clone(), s.state_dir.join("converted")] {
+        let removed = crate::store::remove_partials(&dir);
+        if removed > 0 {
+            tracing::info!(dir = %dir.display(), removed, "removed what interrupted writes left");
+        }
+    }
     if s.demo {
         let dir = demo::write_demo(&s.models_dir).context("writing the demo model")?;
         tracing::warn!(path = %dir.display(), "serving the demo model `demo`: tiny random weights, its images are noise");

@@ -55,6 +55,12 @@ impl ApiError {
         )
     }
 
+    /// The message without the host's paths (see [`crate::catalog::Catalog::redact`]).
+    pub(super) fn redacted(mut self, catalog: &crate::catalog::Catalog) -> Self {
+        self.message = catalog.redact(&self.message);
+        self
+    }
+
     /// Tells the client when to try again (`Retry-After`, seconds).
     pub(super) fn retry_after(mut self, seconds: u64) -> Self {
         self.retry_after = Some(seconds);

@@ -79,6 +79,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/images/generations", post(generate))
         .route("/v1/models", get(models))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(
             TraceLayer::new_for_http()
@@ -118,6 +119,15 @@ fn access_log(res: &HttpResponse<Body>, latency: Duration, _span: &Span) {
         latency_ms = latency.as_secs_f64() * 1e3,
         "served"
     );
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "this endpoint does not take that method; see POST /v1/images/generations and GET /v1/models",
+        "invalid_request_error",
+        "method_not_allowed",
+    )
 }
 
 async fn not_found() -> ApiError {
@@ -270,7 +280,7 @@ async fn generate(
             }
             (StatusCode::OK, r)
         }
-        Err(e) => (e.status, e.into_response()),
+        Err(e) => (e.status, e.redacted(&s.agent.catalog).into_response()),
     };
     counted.status = Some(status);
     if status == StatusCode::OK {

@@ -34,6 +34,30 @@ pub fn open_weights(path: &Path) -> Result<TensorIndex> {
     }
 }
 
+/// Removes what interrupted writes left in `dir` (a conversion or the demo
+/// model stopped half-way: `.<name>.partial-<pid>`); returns how many.
+pub fn remove_partials(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .filter(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            name.starts_with('.') && name.contains(".partial-")
+        })
+        .filter(|e| std::fs::remove_dir_all(e.path()).is_ok())
+        .count()
+}
+
+/// The folder of architecture configs a single-file checkpoint may have
+/// beside it, `<name>.config/` for `<name>.safetensors`: what `--config`
+/// gives `convert`, for a checkpoint of an architecture that is not built in.
+pub fn config_beside(checkpoint: &Path) -> Option<PathBuf> {
+    let dir = checkpoint.with_extension("config");
+    (checkpoint.is_file() && dir.is_dir()).then_some(dir)
+}
+
 /// Reads a JSON file of a model folder.
 pub fn read_json(path: &Path) -> Result<serde_json::Value> {
     let text = file::read_to_string(path)?;

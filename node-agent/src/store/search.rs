@@ -73,6 +73,14 @@ fn unsafe_entry(folder: &Path, root: &Path) -> Option<String> {
     None
 }
 
+/// Whether `dir` is `<name>.config/` beside a checkpoint `<name>.<weights suffix>`.
+fn is_config_of_checkpoint(dir: &Path) -> bool {
+    dir.extension().is_some_and(|e| e == "config")
+        && WEIGHT_SUFFIXES
+            .iter()
+            .any(|s| super::config_beside(&dir.with_extension(s)).is_some())
+}
+
 /// Walks `root` (which is never itself a model) and returns every model in it.
 pub fn find_models(root: &Path) -> SearchResult {
     let mut result = SearchResult::default();
@@ -129,6 +137,9 @@ pub fn find_models(root: &Path) -> SearchResult {
                 .extension()
                 .and_then(|e| e.to_str())
                 .is_some_and(|e| WEIGHT_SUFFIXES.contains(&e));
+            if meta.is_dir() && is_config_of_checkpoint(&path) {
+                continue; // `<name>.config/` describes `<name>.safetensors`; not a model
+            }
             if meta.is_dir() {
                 if !visited.insert(real) {
                     continue; // already seen: a symlink cycle or a second link to the same folder

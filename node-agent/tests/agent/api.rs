@@ -680,6 +680,10 @@ fn tampered_model_configs_are_503_naming_the_field() {
             message.contains(key),
             "{name}: the message names {key}: {message}"
         );
+        assert!(
+            message.starts_with(&format!("{name}: ")) && !message.contains("/tmp"),
+            "{name}: paths are relative to the models folder: {message}"
+        );
     }
 }
 
@@ -911,6 +915,98 @@ fn a_flood_of_idle_connections_neither_exhausts_descriptors_nor_silences_health(
             .is_some_and(|e| e.contains("Too many open files"))
     });
     assert!(!exhausted, "the agent ran out of descriptors");
+}
+
+#[test]
+fn small_things_a_careful_client_notices() {
+    let outside = tempfile::tempdir().unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-sd1-lora/tiny-sd1-lora.safetensors"),
+        outside.path().join("secret.safetensors"),
+    )
+    .unwrap();
+    let state_leftover = std::sync::Mutex::new(None);
+    let agent = Agent::start_with(
+        |models| {
+            copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+            // What an interrupted write leaves.
+            std::fs::create_dir_all(models.join(".demo.partial-4242/unet")).unwrap();
+            let state = models
+                .parent()
+                .unwrap()
+                .join("state/converted/.x.partial-4242");
+            std::fs::create_dir_all(&state).unwrap();
+            *state_leftover.lock().unwrap() = Some(state);
+            // A link to a folder outside the models folder.
+            std::os::unix::fs::symlink(outside.path(), models.join("link")).unwrap();
+            // A checkpoint of an architecture that is not built in, with its configs beside it.
+            std::fs::copy(
+                fixtures().join("tiny-sd1-single.safetensors"),
+                models.join("custom.safetensors"),
+            )
+            .unwrap();
+            for f in [
+                "model_index.json",
+                "unet/config.json",
+                "vae/config.json",
+                "text_encoder/config.json",
+                "scheduler/scheduler_config.json",
+            ] {
+                let to = models.join("custom.config").join(f);
+                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+                std::fs::copy(fixtures().join("tiny-sd1").join(f), to).unwrap();
+            }
+            copy_dir(
+                &fixtures().join("tiny-sd1/tokenizer"),
+                &models.join("custom.config/tokenizer"),
+            );
+        },
+        &[],
+    );
+    let models = agent._dir.path().join("models");
+    assert!(
+        !models.join(".demo.partial-4242").exists(),
+        "leftovers are removed at start"
+    );
+    assert!(!state_leftover.lock().unwrap().as_ref().unwrap().exists());
+
+    // A wrong method gets the OpenAI error shape, not an empty body.
+    let r = http(&agent.api, "GET", "/v1/images/generations", &[], b"");
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (405, "method_not_allowed")
+    );
+
+    // Whether a file exists outside the models folder does not show.
+    let message = |path: &str| {
+        let r = post(
+            &agent.api,
+            serde_json::json!({"model": "tiny", "prompt": "x", "size": "64x64", "steps": 1, "loras": [{"path": path}]}),
+        );
+        assert_eq!(r.status, 400);
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .replace(path, "PATH")
+    };
+    assert_eq!(
+        message("link/secret.safetensors"),
+        message("link/nothing.safetensors")
+    );
+
+    // The checkpoint is served through its configs, and the folder of configs is no model.
+    let ids: Vec<String> = http(&agent.api, "GET", "/v1/models", &[], b"").json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(ids, ["custom", "tiny"]);
+    let r = post(
+        &agent.api,
+        serde_json::json!({"model": "custom", "prompt": "x", "size": "64x64", "steps": 1}),
+    );
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
 #[test]
