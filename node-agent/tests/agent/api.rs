@@ -1009,6 +1009,97 @@ fn small_things_a_careful_client_notices() {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
 }
 
+/// The (method, path) of every route `api::router` declares with `.route(…)`.
+fn declared_routes() -> std::collections::BTreeSet<(String, String)> {
+    let src = std::fs::read_to_string(repo().join("node-agent/src/api/mod.rs")).unwrap();
+    let body = src
+        .split("pub fn router(")
+        .nth(1)
+        .and_then(|b| b.split("\n}\n").next())
+        .expect("api::router");
+    let compact: String = body.split_whitespace().collect();
+    compact
+        .split(".route(\"")
+        .skip(1)
+        .filter_map(|rest| {
+            let (path, rest) = rest.split_once('"')?;
+            let method = rest
+                .trim_start_matches(',')
+                .trim()
+                .split('(')
+                .next()?
+                .trim();
+            Some((method.to_string(), path.to_string()))
+        })
+        .collect()
+}
+
+#[test]
+fn the_api_matches_its_openapi_document() {
+    let doc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(repo().join("node-agent/openapi.json")).unwrap(),
+    )
+    .unwrap();
+    let documented: std::collections::BTreeSet<(String, String)> = doc["paths"]
+        .as_object()
+        .unwrap()
+        .iter()
+        .flat_map(|(path, ops)| {
+            ops.as_object()
+                .unwrap()
+                .keys()
+                .map(move |m| (m.clone(), path.clone()))
+        })
+        .collect();
+    assert_eq!(
+        declared_routes(),
+        documented,
+        "every route is documented, and only those"
+    );
+    let agent = Agent::start_with(
+        |models| copy_dir(&fixtures().join("tiny-sd1"), &models.join("demo")),
+        &[
+            "--max-pixel-steps",
+            "65536",
+            "--request-timeout-seconds",
+            "60",
+            "--queue-size",
+            "64",
+        ],
+    );
+    let served = http(&agent.api, "GET", "/openapi.json", &[], b"").json();
+    assert_eq!(served, doc, "the served document is the committed one");
+    // Schemathesis generates requests from the document, valid and invalid,
+    // and checks every answer against it.
+    let schemathesis = repo().join(".ci/venv/bin/schemathesis");
+    assert!(
+        schemathesis.exists(),
+        "schemathesis is missing: run .ci/install-tools.sh"
+    );
+    let report = tempfile::tempdir().unwrap();
+    let out = Command::new(&schemathesis)
+        .current_dir(report.path())
+        .args(["run", &format!("http://{}/openapi.json", agent.api)])
+        .args([
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_headers_conformance,response_schema_conformance,negative_data_rejection,unsupported_method,allow_header_conformance",
+            "--max-examples",
+            "50",
+            "--seed",
+            "1",
+            "--workers",
+            "1",
+            "--no-color",
+            "--generation-database",
+            "none",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "schemathesis found problems:\n{text}");
+    assert!(text.contains("No issues found"), "{text}");
+}
+
 #[test]
 fn a_model_that_cannot_fit_is_503_cache_full() {
     let agent = Agent::start(&["--ram-cache-bytes", "2Mi"]);
