@@ -95,7 +95,41 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/readyz", get(readyz));
     api.merge(health)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(axum::middleware::from_fn(limit_request_head))
         .with_state(state)
+}
+
+/// Longest request URI, and most bytes of request headers, answered in the
+/// OpenAI error shape. (Past hyper's own buffer, far larger, hyper answers
+/// with an empty body before any of this code runs.)
+const MAX_URI_BYTES: usize = 8 << 10;
+const MAX_HEADER_BYTES: usize = 32 << 10;
+
+async fn limit_request_head(req: Request<Body>, next: axum::middleware::Next) -> Response {
+    if req.uri().to_string().len() > MAX_URI_BYTES {
+        return ApiError::new(
+            StatusCode::URI_TOO_LONG,
+            format!("the request URI is longer than {MAX_URI_BYTES} bytes"),
+            "invalid_request_error",
+            "uri_too_long",
+        )
+        .into_response();
+    }
+    let header_bytes: usize = req
+        .headers()
+        .iter()
+        .map(|(k, v)| k.as_str().len() + v.len())
+        .sum();
+    if header_bytes > MAX_HEADER_BYTES {
+        return ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            format!("the request headers are larger than {MAX_HEADER_BYTES} bytes"),
+            "invalid_request_error",
+            "headers_too_large",
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 /// The span every log line of a request carries, generation included.

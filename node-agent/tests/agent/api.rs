@@ -970,11 +970,23 @@ fn small_things_a_careful_client_notices() {
     );
     assert!(!state_leftover.lock().unwrap().as_ref().unwrap().exists());
 
-    // A wrong method gets the OpenAI error shape, not an empty body.
+    // A wrong method, a long URI and large headers get the OpenAI error shape,
+    // not an empty body.
     let r = http(&agent.api, "GET", "/v1/images/generations", &[], b"");
     assert_eq!(
         (r.status, error_code(&r).as_str()),
         (405, "method_not_allowed")
+    );
+    let long = format!("/v1/models?{}", "a".repeat(20_000));
+    let r = http(&agent.api, "GET", &long, &[], b"");
+    assert_eq!((r.status, error_code(&r).as_str()), (414, "uri_too_long"));
+    let big = "b".repeat(8_000);
+    let names: Vec<String> = (0..6).map(|i| format!("x-big-{i}")).collect();
+    let headers: Vec<(&str, &str)> = names.iter().map(|k| (k.as_str(), big.as_str())).collect();
+    let r = http(&agent.api, "GET", "/v1/models", &headers, b"");
+    assert_eq!(
+        (r.status, error_code(&r).as_str()),
+        (431, "headers_too_large")
     );
 
     // Whether a file exists outside the models folder does not show.
