@@ -482,7 +482,7 @@ fn bearer_token_is_required_when_configured() {
 /// status and stderr. Killed if it is still running then.
 fn serve_exits(extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+    let child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
         .args([
             "serve",
             "--listen",
@@ -499,21 +499,7 @@ fn serve_exits(extra: &[&str]) -> (Option<i32>, String) {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.code();
-        }
-        if Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    (status, err)
+    crate::common::wait_exit(child, Duration::from_secs(60))
 }
 
 #[test]

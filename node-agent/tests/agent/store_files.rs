@@ -204,28 +204,13 @@ fn mkfifo(path: &std::path::Path) {
 /// Runs a `modelcache-agent` command; its exit code and stderr, or `None`
 /// when it had not finished within 30 s (then it is killed).
 fn agent_cli(args: &[&std::ffi::OsStr]) -> (Option<i32>, String) {
-    use std::io::Read;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
         .args(args)
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
-    let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s.code();
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            return (None, "still running after 30 s".into());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    let mut err = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut err);
-    (code, err)
+    crate::common::wait_exit(child, std::time::Duration::from_secs(30))
 }
 
 #[test]

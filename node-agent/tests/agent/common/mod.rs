@@ -94,3 +94,30 @@ pub fn copy_dir(src: &Path, dst: &Path) {
         }
     }
 }
+
+/// Waits at most `limit` for `child` to exit; its exit code and stderr
+/// (which must be piped), or `None` for the code when it was still running
+/// then, in which case it is killed so that no test leaves it behind.
+pub fn wait_exit(
+    mut child: std::process::Child,
+    limit: std::time::Duration,
+) -> (Option<i32>, String) {
+    use std::io::Read;
+    let deadline = std::time::Instant::now() + limit;
+    let code = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s.code();
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            break None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    let mut err = String::new();
+    if let Some(mut stderr) = child.stderr.take() {
+        let _ = stderr.read_to_string(&mut err);
+    }
+    (code, err)
+}
