@@ -1153,3 +1153,35 @@ impl Server {
         Some(obj)
     }
 }
+
+impl crate::kube::Kube for ApiServer {
+    fn send(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value) {
+        use std::io::{Read, Write};
+        let addr = self.url.trim_start_matches("http://").to_string();
+        let content_type = match method {
+            "PATCH" => "application/merge-patch+json",
+            _ => "application/json",
+        };
+        let body = body.map(Value::to_string).unwrap_or_default();
+        let Ok(mut s) = std::net::TcpStream::connect(&addr) else {
+            return (0, Value::Null);
+        };
+        let sent = write!(s, "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\n\r\n{body}", body.len());
+        let mut raw = Vec::new();
+        if sent.is_err() || s.read_to_end(&mut raw).is_err() {
+            return (0, Value::Null);
+        }
+        let text = String::from_utf8_lossy(&raw);
+        let code = text.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+        let body = text
+            .find("\r\n\r\n")
+            .and_then(|i| serde_json::from_str(&text[i + 4..]).ok())
+            .unwrap_or(Value::Null);
+        (code, body)
+    }
+
+    /// The emulation authorizes everyone: one kubeconfig for all.
+    fn kubeconfig(&self, _: crate::kube::Component, dir: &std::path::Path) -> std::path::PathBuf {
+        self.kubeconfig(dir)
+    }
+}

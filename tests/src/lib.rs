@@ -7,7 +7,11 @@
 //! (`fixtures/gen_malformed.py` regenerates it) and Grafana's dashboard schema.
 
 pub mod apiserver;
+pub mod control_plane;
+pub mod kube;
 pub mod layers;
+pub mod process;
+pub mod scenarios;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

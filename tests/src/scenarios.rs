@@ -1,0 +1,566 @@
+//! The end-to-end scenarios of a whole modelcache cluster on one machine: the
+//! real `modelcache-operator` and three real `modelcache-agent` processes in
+//! cluster mode with different node names, ports and model folders, against an
+//! API server given as a [`Kube`]: the in-repo emulation
+//! (`tests/tests/e2e.rs`) or a real kube-apiserver with RBAC on
+//! (`tests/tests/real_apiserver.rs`). Lease durations are shortened by flags
+//! to keep it fast.
+//!
+//! One function walks the scenarios in order because they share the cluster:
+//! placement on the node that has the model and generation through the
+//! EndpointSlice; residency preference; agent death and return; operator
+//! restart; scale to zero and back; priority preemption; invalid resources and
+//! a missing model.
+
+use crate::kube::{Component, Kube};
+use crate::process::{binary, Proc};
+use crate::{copy_dir, free_port, http_get, repo, Prometheus};
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+struct Cluster<'k, K: Kube> {
+    api: &'k K,
+    operator_kubeconfig: PathBuf,
+    agent_kubeconfig: PathBuf,
+    dir: tempfile::TempDir,
+    operator: Option<Proc>,
+    operator_metrics: u16,
+    agents: Vec<(String, u16, u16, Option<Proc>)>,
+}
+
+impl<K: Kube> Cluster<'_, K> {
+    fn start_operator(&mut self) {
+        let dir = self.dir.path().to_path_buf();
+        let n = self.operator_starts();
+        self.operator_metrics = free_port();
+        let mut cmd = Command::new(binary("modelcache-operator"));
+        cmd.args([
+            "run",
+            "--namespace",
+            "modelcache",
+            "--leader-elect",
+            "--leader-lease-seconds",
+            "3",
+        ])
+        .args(["--node-lease-expiry-seconds", "4", "--resync-seconds", "30"])
+        .arg(format!(
+            "--metrics-listen=127.0.0.1:{}",
+            self.operator_metrics
+        ))
+        .arg(format!("--health-listen=127.0.0.1:{}", free_port()))
+        .arg(format!("--identity=operator-{n}"))
+        .env("KUBECONFIG", &self.operator_kubeconfig)
+        .env("RUST_LOG", "info,kube=warn");
+        self.operator = Some(Proc::spawn(&mut cmd, dir.join(format!("operator-{n}.log"))));
+    }
+
+    fn operator_starts(&self) -> usize {
+        std::fs::read_dir(self.dir.path())
+            .map(|d| {
+                d.filter(|e| {
+                    e.as_ref()
+                        .is_ok_and(|e| e.file_name().to_string_lossy().starts_with("operator-"))
+                })
+                .count()
+            })
+            .unwrap_or(0)
+    }
+
+    fn start_agent(&mut self, i: usize) {
+        let (node, api_port, metrics_port, _) = &self.agents[i];
+        let root = self.dir.path().join(node);
+        let mut cmd = Command::new(binary("modelcache-agent"));
+        cmd.args(["--log-format", "json", "serve", "--kubernetes"])
+            .arg("--models-dir")
+            .arg(root.join("models"))
+            .arg("--state-dir")
+            .arg(root.join("state"))
+            .arg(format!("--listen=127.0.0.1:{api_port}"))
+            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+            .args([
+                "--node-name",
+                node,
+                "--pod-ip",
+                "127.0.0.1",
+                "--pod-name",
+                &format!("agent-{node}"),
+            ])
+            .args([
+                "--namespace",
+                "modelcache",
+                "--lease-renew-seconds",
+                "1",
+                "--report-interval-seconds",
+                "1",
+            ])
+            .args(["--ram-cache-bytes", "64Mi", "--vram-cache-bytes", "20Mi"])
+            .env("KUBECONFIG", &self.agent_kubeconfig)
+            .env("RUST_LOG", "info,kube=warn");
+        let log = self.dir.path().join(format!("{node}.log"));
+        self.agents[i].3 = Some(Proc::spawn(&mut cmd, log));
+    }
+
+    fn logs(&self) -> String {
+        let mut out = String::new();
+        if let Some(op) = &self.operator {
+            out.push_str(&format!("--- operator\n{}\n", op.tail(15)));
+        }
+        for (node, _, _, p) in &self.agents {
+            if let Some(p) = p {
+                out.push_str(&format!("--- agent {node}\n{}\n", p.tail(15)));
+            }
+        }
+        out
+    }
+
+    /// Every line every process of the cluster has logged.
+    fn logs_whole(&self) -> String {
+        std::fs::read_dir(self.dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+            .filter_map(|e| std::fs::read_to_string(e.path()).ok())
+            .collect()
+    }
+
+    /// Polls `f` until it returns Some, or fails with the processes' logs.
+    fn wait<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f() {
+                return v;
+            }
+            if Instant::now() > deadline {
+                panic!("timed out waiting for {what}\n{}", self.logs());
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    fn mdep(&self, name: &str) -> Value {
+        self.api
+            .object("modeldeployments", "default", name)
+            .unwrap_or(Value::Null)
+    }
+
+    fn condition(&self, name: &str, t: &str) -> Value {
+        self.mdep(name)["status"]["conditions"]
+            .as_array()
+            .and_then(|cs| cs.iter().find(|c| c["type"] == t).cloned())
+            .unwrap_or(Value::Null)
+    }
+
+    fn placements(&self, name: &str) -> Vec<(String, String, String)> {
+        self.mdep(name)["status"]["placements"]
+            .as_array()
+            .map(|ps| {
+                ps.iter()
+                    .map(|p| {
+                        (
+                            p["node"].as_str().unwrap_or("").to_string(),
+                            p["role"].as_str().unwrap_or("").to_string(),
+                            p["phase"].as_str().unwrap_or("").to_string(),
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Waits for READY "n/n" and returns the serving nodes.
+    fn wait_ready(&self, name: &str, n: usize) -> Vec<String> {
+        self.wait(
+            &format!("{name} ready {n}/{n}"),
+            Duration::from_secs(60),
+            || {
+                let md = self.mdep(name);
+                (md["status"]["ready"] == format!("{n}/{n}")
+                    && md["status"]["observedGeneration"] == md["metadata"]["generation"])
+                    .then(|| {
+                        self.placements(name)
+                            .into_iter()
+                            .filter(|p| p.1 == "Serving")
+                            .map(|p| p.0)
+                            .collect()
+                    })
+            },
+        )
+    }
+
+    /// Endpoints (`ip:port`) of the deployment's EndpointSlice.
+    fn endpoints(&self, name: &str) -> Vec<String> {
+        let Some(slice) = self.api.object("endpointslices", "default", name) else {
+            return Vec::new();
+        };
+        let port = slice["ports"][0]["port"].as_i64().unwrap_or(0);
+        slice["endpoints"]
+            .as_array()
+            .map(|eps| {
+                eps.iter()
+                    .map(|e| format!("{}:{port}", e["addresses"][0].as_str().unwrap_or("")))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    fn node_of_port(&self, endpoint: &str) -> String {
+        self.agents
+            .iter()
+            .find(|(_, port, _, _)| endpoint.ends_with(&format!(":{port}")))
+            .map(|(n, _, _, _)| n.clone())
+            .unwrap_or_default()
+    }
+
+    fn metrics(&self, node: &str) -> String {
+        let (_, _, port, _) = self.agents.iter().find(|a| a.0 == node).unwrap();
+        http_get(&format!("127.0.0.1:{port}"), "/metrics")
+            .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    }
+
+    fn create(&self, spec: Value, name: &str) -> (u16, Value) {
+        let obj = json!({"apiVersion": "modelcache.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name, "namespace": "default"}, "spec": spec});
+        self.api.send(
+            "POST",
+            "/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments",
+            Some(&obj),
+        )
+    }
+
+    fn patch_spec(&self, name: &str, spec: Value) {
+        let (code, body) = self.api.send(
+            "PATCH",
+            &format!("/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments/{name}"),
+            Some(&json!({"spec": spec})),
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+
+    fn delete(&self, name: &str) {
+        let (code, body) = self.api.send(
+            "DELETE",
+            &format!("/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments/{name}"),
+            None,
+        );
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+fn generate(endpoint: &str, model: &str) -> (u16, Value) {
+    let body =
+        json!({"model": model, "prompt": "a lighthouse", "size": "64x64", "steps": 2, "seed": 1})
+            .to_string();
+    let mut s = std::net::TcpStream::connect(endpoint).unwrap();
+    write!(s, "POST /v1/images/generations HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    let start = text.find("\r\n\r\n").unwrap() + 4;
+    (
+        text[9..12].parse().unwrap(),
+        serde_json::from_str(&text[start..]).unwrap_or(Value::Null),
+    )
+}
+
+fn disk_loads(metrics: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| {
+            l.starts_with("modelcache_model_load_seconds_count") && l.contains("from=\"disk\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// The seven scenarios, in order, on a cluster of three agents and the
+/// operator that this starts against `api`; asserts that no process was ever
+/// refused by the API server's authorizer.
+pub fn run<K: Kube>(api: &K) {
+    let dir = tempfile::tempdir().unwrap();
+    let fixture = repo().join("tests/fixtures/tiny-sd1");
+    // n1 has alpha and beta; n2 has beta; n3 has beta and gamma. n3 is the "small" pool.
+    for (node, models) in [
+        ("n1", &["alpha", "beta"][..]),
+        ("n2", &["beta"][..]),
+        ("n3", &["beta", "gamma"][..]),
+    ] {
+        for m in models {
+            copy_dir(&fixture, &dir.path().join(node).join("models").join(m));
+        }
+        let labels = if node == "n3" {
+            json!({"pool": "small", "kubernetes.io/hostname": node})
+        } else {
+            json!({"kubernetes.io/hostname": node})
+        };
+        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": labels}, "spec": {}});
+        let (code, body) = api.send("POST", "/api/v1/nodes", Some(&node));
+        assert_eq!(code, 201, "{body}");
+    }
+    let mut c = Cluster {
+        api,
+        operator_kubeconfig: api.kubeconfig(Component::Operator, dir.path()),
+        agent_kubeconfig: api.kubeconfig(Component::Agent, dir.path()),
+        dir,
+        operator: None,
+        operator_metrics: 0,
+        agents: ["n1", "n2", "n3"]
+            .iter()
+            .map(|n| (n.to_string(), free_port(), free_port(), None))
+            .collect(),
+    };
+    for i in 0..3 {
+        c.start_agent(i);
+    }
+    c.start_operator();
+    c.wait("three Ready ModelNodes", Duration::from_secs(60), || {
+        (c.api
+            .objects("modelnodes")
+            .iter()
+            .filter(|n| n["status"]["conditions"][0]["status"] == "True")
+            .count()
+            == 3)
+            .then_some(())
+    });
+
+    // 1. Placed on the node that has the model, Ready, routed, and it generates.
+    let (code, body) = c.create(json!({"model": {"path": "alpha"}, "replicas": 1}), "alpha");
+    assert_eq!(code, 201, "{body}");
+    assert_eq!(c.wait_ready("alpha", 1), ["n1"], "only n1 has alpha");
+    assert_eq!(c.condition("alpha", "Resolved")["status"], "True");
+    let endpoints = c.wait("alpha's EndpointSlice", Duration::from_secs(30), || {
+        Some(c.endpoints("alpha")).filter(|e| !e.is_empty())
+    });
+    assert_eq!(c.node_of_port(&endpoints[0]), "n1");
+    let (code, reply) = generate(&endpoints[0], "alpha");
+    assert_eq!(code, 200, "{reply}");
+    assert!(reply["data"][0]["b64_json"]
+        .as_str()
+        .is_some_and(|b| b.len() > 100));
+    assert!(
+        c.api.object("services", "default", "alpha").is_some(),
+        "a Service per deployment"
+    );
+
+    // 2. A deployment prefers the node where its model is already resident.
+    let (code, _) = c.create(json!({"model": {"path": "beta"}, "replicas": 1, "warmTier": "Ram", "placement": {"nodeSelector": {"pool": "small"}}}), "beta-warmup");
+    assert_eq!(code, 201);
+    assert_eq!(c.wait_ready("beta-warmup", 1), ["n3"]);
+    c.delete("beta-warmup");
+    c.wait(
+        "beta-warmup gone with its Service",
+        Duration::from_secs(30),
+        || {
+            (c.api
+                .object("modeldeployments", "default", "beta-warmup")
+                .is_none()
+                && c.api.object("services", "default", "beta-warmup").is_none())
+            .then_some(())
+        },
+    );
+    c.wait(
+        "n3 reporting beta resident",
+        Duration::from_secs(30),
+        || {
+            c.api
+                .object("modelnodes", "", "n3")
+                .and_then(|n| n["status"]["models"].as_array().cloned())
+                .filter(|m| m.iter().any(|m| m["path"] == "beta"))
+                .map(|_| ())
+        },
+    );
+    let (code, _) = c.create(json!({"model": {"path": "beta"}, "replicas": 1}), "beta");
+    assert_eq!(code, 201);
+    assert_eq!(
+        c.wait_ready("beta", 1),
+        ["n3"],
+        "beta is on every node's disk but resident on n3"
+    );
+
+    // 3. Kill an agent: its Lease expires, its placements move, routing drops it.
+    let before = c.endpoints("beta");
+    c.agents[2].3.as_mut().unwrap().kill();
+    let moved = c.wait("beta to leave n3", Duration::from_secs(60), || {
+        let nodes: Vec<String> = c.placements("beta").into_iter().map(|p| p.0).collect();
+        (!nodes.is_empty() && !nodes.contains(&"n3".to_string())).then_some(nodes)
+    });
+    assert!(moved[0] == "n1" || moved[0] == "n2");
+    c.wait_ready("beta", 1);
+    let after = c.wait(
+        "beta's EndpointSlice to move",
+        Duration::from_secs(30),
+        || Some(c.endpoints("beta")).filter(|e| !e.is_empty() && *e != before),
+    );
+    assert_ne!(c.node_of_port(&after[0]), "n3");
+    // The agent comes back: nothing moves (no churn).
+    c.start_agent(2);
+    c.wait("n3 Ready again", Duration::from_secs(30), || {
+        c.api
+            .object("modelnodes", "", "n3")
+            .filter(|n| n["status"]["agent"]["podName"] == "agent-n3")
+            .map(|_| ())
+    });
+    std::thread::sleep(Duration::from_secs(5));
+    assert_eq!(
+        c.placements("beta")
+            .into_iter()
+            .map(|p| p.0)
+            .collect::<Vec<_>>(),
+        moved,
+        "no churn when n3 returns"
+    );
+
+    // 4. Restart the operator: no placement changes.
+    let snapshot: Vec<_> = ["alpha", "beta"].iter().map(|n| c.placements(n)).collect();
+    c.operator.as_mut().unwrap().stop();
+    c.start_operator();
+    std::thread::sleep(Duration::from_secs(6));
+    let now: Vec<_> = ["alpha", "beta"].iter().map(|n| c.placements(n)).collect();
+    assert_eq!(snapshot, now, "an operator restart moves nothing");
+
+    // 5. Scale to 0 with warmTier Ram: not routed, still resident; scale up: Ready without a disk load.
+    let (code, _) = c.create(
+        json!({"model": {"path": "gamma"}, "replicas": 1, "warmTier": "Ram"}),
+        "gamma",
+    );
+    assert_eq!(code, 201);
+    assert_eq!(c.wait_ready("gamma", 1), ["n3"], "only n3 has gamma");
+    c.patch_spec("gamma", json!({"replicas": 0}));
+    c.wait("gamma scaled to zero", Duration::from_secs(30), || {
+        let p = c.placements("gamma");
+        (c.mdep("gamma")["status"]["ready"] == "0/0"
+            && p.len() == 1
+            && p[0].1 == "Warm"
+            && c.endpoints("gamma").is_empty())
+        .then_some(())
+    });
+    assert_eq!(c.condition("gamma", "Available")["reason"], "ScaledToZero");
+    let loads = disk_loads(&c.metrics("n3"));
+    c.patch_spec("gamma", json!({"replicas": 1}));
+    assert_eq!(c.wait_ready("gamma", 1), ["n3"]);
+    assert_eq!(
+        disk_loads(&c.metrics("n3")),
+        loads,
+        "scaling up from a warm copy reads nothing from disk"
+    );
+
+    // 6. Priority preemption, with the reason in both deployments' conditions.
+    // F32 copies of the tiny pipeline (~15 MiB) and n3's 20 MiB device budget: one fits.
+    let (code, _) = c.create(json!({"model": {"path": "beta"}, "replicas": 1, "warmTier": "Vram", "precision": "F32", "priority": -10, "placement": {"nodeSelector": {"pool": "small"}}}), "low");
+    assert_eq!(code, 201);
+    assert_eq!(c.wait_ready("low", 1), ["n3"]);
+    let (code, _) = c.create(json!({"model": {"path": "gamma"}, "replicas": 1, "warmTier": "Vram", "precision": "F32", "priority": 100, "placement": {"nodeSelector": {"pool": "small"}}}), "high");
+    assert_eq!(code, 201);
+    assert_eq!(c.wait_ready("high", 1), ["n3"]);
+    let low = c.wait(
+        &format!(
+            "low to be preempted; low: {}; high: {}",
+            c.mdep("low")["status"],
+            c.mdep("high")["status"]
+        ),
+        Duration::from_secs(30),
+        || {
+            let cond = c.condition("low", "Scheduled");
+            (cond["reason"] == "Preempted").then_some(cond)
+        },
+    );
+    assert!(
+        low["message"].as_str().unwrap().contains("default/high"),
+        "{low}"
+    );
+    let high = c.condition("high", "Scheduled");
+    assert!(
+        high["message"]
+            .as_str()
+            .unwrap()
+            .contains("preempted warm reservations of default/low"),
+        "{high}"
+    );
+
+    // 7. Invalid resources are refused with the CRD's message; a missing model says where it looked.
+    let (code, body) = c.create(json!({"model": {"path": "../etc/passwd"}}), "evil");
+    assert_eq!(code, 422, "{body}");
+    assert_eq!(body["reason"], "Invalid");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("ModelDeployment.modelcache.io \"evil\" is invalid"),
+        "{body}"
+    );
+    let (code, body) = c.create(json!({"model": {"path": "x"}, "replicas": 5000}), "toomany");
+    assert_eq!(code, 422);
+    assert!(
+        body["message"].as_str().unwrap().contains("spec.replicas"),
+        "{body}"
+    );
+    let (code, _) = c.create(
+        json!({"model": {"path": "sdxl/missing.safetensors"}}),
+        "missing",
+    );
+    assert_eq!(code, 201);
+    let resolved = c.wait("missing to be unresolved", Duration::from_secs(30), || {
+        let cond = c.condition("missing", "Resolved");
+        (cond["status"] == "False").then_some(cond)
+    });
+    assert_eq!(resolved["reason"], "ModelNotFound");
+    let msg = resolved["message"].as_str().unwrap();
+    assert!(
+        msg.contains("sdxl/missing.safetensors") && msg.contains("n1, n2, n3"),
+        "{msg}"
+    );
+
+    // The Scheduler dashboard's panels return data from a real Prometheus scraping this operator.
+    let target = format!("127.0.0.1:{}", c.operator_metrics);
+    let prom = Prometheus::start(&[(&target, &[("namespace", "modelcache")])]);
+    assert!(
+        !prom.wait_for("up == 1", Duration::from_secs(30)).is_empty(),
+        "operator never scraped"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    let dashboard: Value = serde_json::from_slice(
+        &std::fs::read(repo().join("charts/modelcache/dashboards/scheduler.json")).unwrap(),
+    )
+    .unwrap();
+    let mut empty = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let q = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$namespace", "modelcache");
+            if prom.query(&q).is_empty() {
+                empty.push(format!("{}: {q}", p["title"]));
+            }
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "Scheduler panels without data:\n{}",
+        empty.join("\n")
+    );
+    let unschedulable = prom.query("modelcache_unschedulable_deployments");
+    let reasons: Vec<&str> = unschedulable
+        .iter()
+        .filter_map(|r| r["metric"]["reason"].as_str())
+        .collect();
+    assert!(
+        reasons.contains(&"model_not_found") && reasons.contains(&"preempted"),
+        "{reasons:?}"
+    );
+    let refused: Vec<String> = c
+        .logs_whole()
+        .lines()
+        .filter(|l| l.to_ascii_lowercase().contains("forbidden"))
+        .map(str::to_string)
+        .collect();
+    assert!(
+        refused.is_empty(),
+        "refused by the authorizer:\n{}",
+        refused.join("\n")
+    );
+}
