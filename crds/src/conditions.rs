@@ -11,11 +11,13 @@ pub mod condition {
     pub const AVAILABLE: &str = "Available";
     /// ModelDeployment: placements are still loading (or one failed).
     pub const PROGRESSING: &str = "Progressing";
+    /// ModelDeployment: the summary (resolved, every replica placed and ready,
+    /// nothing loading), for `kubectl wait`, kstatus, Argo CD and Flux.
     /// ModelNode: the agent is serving.
     pub const READY: &str = "Ready";
 
     /// ModelDeployment conditions in the order the status lists them.
-    pub const DEPLOYMENT: [&str; 4] = [RESOLVED, SCHEDULED, AVAILABLE, PROGRESSING];
+    pub const DEPLOYMENT: [&str; 5] = [READY, RESOLVED, SCHEDULED, AVAILABLE, PROGRESSING];
 }
 
 /// Condition reasons (and the reasons of the Events that repeat them).

@@ -22,9 +22,9 @@ use std::collections::BTreeMap;
     category = "modelcache",
     printcolumn(name = "Ready", type_ = "string", json_path = ".status.ready"),
     printcolumn(name = "Base", type_ = "string", json_path = ".status.model.base"),
-    printcolumn(name = "Size", type_ = "integer", format = "int64", json_path = ".status.model.sizeBytes"),
+    printcolumn(name = "Size", type_ = "string", json_path = ".status.size"),
     printcolumn(name = "Warm", type_ = "string", json_path = ".spec.warmTier"),
-    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.placements[*].node"),
+    printcolumn(name = "Nodes", type_ = "string", json_path = ".status.nodes"),
     printcolumn(name = "Age", type_ = "date", json_path = ".metadata.creationTimestamp"),
     scale(
         spec_replicas_path = ".spec.replicas",
@@ -238,6 +238,15 @@ pub struct ModelDeploymentStatus {
     /// Name of the Service that routes to the ready serving copies.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub service_name: Option<String>,
+
+    /// Every placement's node, comma-separated, for `kubectl get` (a printer
+    /// column shows only the first match of a JSONPath list).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nodes: Option<String>,
+
+    /// `model.sizeBytes` for a person (`1.9Gi`, `15.0Mi`), for `kubectl get`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub size: Option<String>,
 }
 
 /// Probe result of a model's files.

@@ -38,8 +38,9 @@ pub const DEPLOYMENT_LABEL: &str = "modelcache.io/deployment";
 pub const MANAGED_BY_LABEL: &str = "app.kubernetes.io/managed-by";
 /// `kubernetes.io/service-name` ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
-/// Finalizer the operator adds so that it can remove what it created.
-pub const FINALIZER: &str = "modelcache.io/cleanup";
+/// The finalizer versions before 0.3 added; the operator removes it from the
+/// objects that still carry it (owner references clean up instead).
+pub const LEGACY_FINALIZER: &str = "modelcache.io/cleanup";
 /// Prefix of the per-node liveness Lease: `modelcache-node-<node>`.
 pub const NODE_LEASE_PREFIX: &str = "modelcache-node-";
 /// Port the agent serves the generation API on, and the Service port.

@@ -472,8 +472,7 @@ pub mod fixtures {
 
     pub const G: i64 = 1 << 30;
 
-    /// `ml/<name>` serving `path`, with `spec` merged into the spec, as the API
-    /// server holds it once the operator's finalizer is on.
+    /// `ml/<name>` serving `path`, with `spec` merged into the spec.
     pub fn deployment(name: &str, path: &str, spec: serde_json::Value) -> ModelDeployment {
         let mut s = serde_json::json!({"model": {"path": path}});
         if let (Some(dst), Some(src)) = (s.as_object_mut(), spec.as_object()) {
@@ -484,7 +483,6 @@ pub mod fixtures {
         md.metadata.uid = Some(format!("uid-{name}"));
         md.metadata.generation = Some(1);
         md.metadata.resource_version = Some("1".into());
-        md.metadata.finalizers = Some(vec![FINALIZER.into()]);
         md
     }
 

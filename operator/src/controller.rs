@@ -1,5 +1,5 @@
 //! The ModelDeployment controller: one reconcile per deployment, in the style of
-//! kube-rs's controller-rs (a [`Context`], an [`error_policy`], a finalizer).
+//! kube-rs's controller-rs (a [`Context`], an [`error_policy`]).
 //! This module holds the reconcile's I/O only; what to write is computed by
 //! [`crate::status`] from what [`crate::cluster`] reads and the scheduler decides.
 //!
@@ -19,14 +19,13 @@ use crate::stores::{NotSynced, Stores};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::core::v1::{Node, Service};
 use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams};
+use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::controller::{Action, Controller};
 use kube::runtime::events::{Event, EventType, Recorder};
-use kube::runtime::finalizer::{finalizer, Event as Finalizer};
 use kube::runtime::reflector::ObjectRef;
 use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
-use modelcache_crds::{reason, ModelDeployment, ModelNode, FINALIZER, OPERATOR_MANAGER};
+use modelcache_crds::{reason, ModelDeployment, ModelNode, LEGACY_FINALIZER, OPERATOR_MANAGER};
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -37,8 +36,8 @@ use tokio::sync::mpsc;
 pub enum Error {
     #[error("Kubernetes API: {0}")]
     Kube(#[from] kube::Error),
-    #[error("finalizer: {0}")]
-    Finalizer(#[source] Box<kube::runtime::finalizer::Error<Error>>),
+    #[error("building a JSON patch: {0}")]
+    Patch(#[source] serde_json::Error),
     #[error("ModelDeployment {0} has no namespace")]
     MissingNamespace(String),
     #[error("encoding status: {0}")]
@@ -170,44 +169,33 @@ pub async fn reconcile(md: Arc<ModelDeployment>, ctx: Arc<Context>) -> Result<Ac
         .namespace()
         .ok_or_else(|| Error::MissingNamespace(md.name_any()))?;
     let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), &ns);
-    let result = finalizer(&api, FINALIZER, md, |event| async {
-        match event {
-            Finalizer::Apply(md) => apply(&md, &ctx).await,
-            Finalizer::Cleanup(md) => cleanup(&md, &ctx).await,
-        }
-    })
-    .await
-    .map_err(|e| Error::Finalizer(Box::new(e)));
+    ctx.preemptions.retain(&ctx.stores.deployments.state());
+    // What the operator makes for a deployment is owned by it, so the garbage
+    // collector removes it, and deletion never waits for the operator.
+    // Versions before 0.3 added a finalizer: take it off.
+    if let Some(i) = md.finalizers().iter().position(|f| f == LEGACY_FINALIZER) {
+        let path = format!("/metadata/finalizers/{i}");
+        let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
+            {"op": "test", "path": path, "value": LEGACY_FINALIZER},
+            {"op": "remove", "path": path},
+        ]))
+        .map_err(Error::Patch)?;
+        api.patch(
+            &md.name_any(),
+            &PatchParams::default(),
+            &Patch::Json::<()>(patch),
+        )
+        .await?;
+        tracing::info!(deployment = %cluster::key(&md), "removed the finalizer of an earlier version");
+    }
+    if md.metadata.deletion_timestamp.is_some() {
+        return Ok(Action::await_change());
+    }
+    let result = apply(&md, &ctx).await;
     ctx.metrics
         .reconcile_duration
         .observe(started.elapsed().as_secs_f64());
     result
-}
-
-/// Removes the Service and EndpointSlices made for `md`. Owner references would
-/// let the garbage collector do it too, but not before the finalizer is gone.
-async fn cleanup(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {
-    let ns = md.namespace().unwrap_or_default();
-    let key = cluster::key(md);
-    let services: Api<Service> = Api::namespaced(ctx.client.clone(), &ns);
-    let slices: Api<EndpointSlice> = Api::namespaced(ctx.client.clone(), &ns);
-    match services
-        .delete(&md.name_any(), &DeleteParams::default())
-        .await
-    {
-        Ok(_) => {}
-        Err(kube::Error::Api(s)) if s.code == 404 => {}
-        Err(e) => return Err(e.into()),
-    }
-    slices
-        .delete_collection(
-            &DeleteParams::default(),
-            &ListParams::default().labels(&routing::owned_selector(md)),
-        )
-        .await?;
-    ctx.preemptions.forget(&key);
-    tracing::info!(deployment = %key, "removed Service and EndpointSlices");
-    Ok(Action::await_change())
 }
 
 async fn apply(md: &ModelDeployment, ctx: &Context) -> Result<Action, Error> {

@@ -10,7 +10,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
 use axum::Router;
-use futures::{FutureExt, StreamExt};
+use futures::{FutureExt, StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use kube::runtime::events::{Recorder, Reporter};
@@ -118,19 +118,22 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         watcher(Api::<ModelDeployment>::all(client.clone()), wc.clone()),
     )
     .default_backoff()
-    .applied_objects();
+    .applied_objects()
+    .inspect_err(|e| watch_failed("ModelDeployments", e));
     let model_nodes = reflector(
         mn_writer,
         watcher(Api::<ModelNode>::all(client.clone()), wc.clone()),
     )
     .default_backoff()
-    .touched_objects();
+    .touched_objects()
+    .inspect_err(|e| watch_failed("ModelNodes", e));
     let nodes = reflector(
         node_writer,
         watcher(Api::<Node>::all(client.clone()), wc.clone()),
     )
     .default_backoff()
-    .touched_objects();
+    .touched_objects()
+    .inspect_err(|e| watch_failed("Nodes", e));
     let leases = reflector(
         lease_writer,
         watcher(
@@ -139,7 +142,8 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         ),
     )
     .default_backoff()
-    .touched_objects();
+    .touched_objects()
+    .inspect_err(|e| watch_failed("Leases", e));
     tokio::spawn(leases.for_each(|_| std::future::ready(())));
 
     let stores = Stores {
@@ -221,4 +225,11 @@ async fn log_exit(f: impl std::future::Future<Output = anyhow::Result<()>>) {
         tracing::error!(error = format!("{e:#}"), "server stopped");
         std::process::exit(1);
     }
+}
+
+/// A watch error is retried with backoff by the watcher; it is logged here
+/// because nothing else would say why the caches never sync (a 403 from
+/// missing RBAC, say).
+fn watch_failed(kind: &str, e: &watcher::Error) {
+    tracing::warn!(kind, error = %e, "watch failed; retrying with backoff");
 }

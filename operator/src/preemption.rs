@@ -77,9 +77,10 @@ impl Preemptions {
         v
     }
 
-    /// Forgets a deleted deployment.
-    pub fn forget(&self, key: &str) {
-        self.lock().remove(key);
+    /// Forgets preemptions whose victim or preemptor no longer exists.
+    pub fn retain(&self, deployments: &[Arc<ModelDeployment>]) {
+        let live = |key: &str| deployments.iter().any(|d| cluster::key(d) == key);
+        self.lock().retain(|victim, p| live(victim) && live(&p.by));
     }
 }
 

@@ -108,21 +108,38 @@ pub fn deployment_status(
         .filter(|p| p.role == PlacementRole::Serving && p.phase == PlacementPhase::Ready)
         .count() as i32;
     progress_conditions(&mut conds, replicas, ready, &placements);
+    ready_condition(&mut conds, replicas, ready);
     let backends = backends(&placements, &cluster.model_nodes);
+    let model = resolved
+        .as_ref()
+        .ok()
+        .map(|r| r.info.clone())
+        .or(old.model.clone());
     let status = ModelDeploymentStatus {
         observed_generation: md.metadata.generation,
         conditions: conds.into_vec(),
-        model: resolved
-            .as_ref()
-            .ok()
-            .map(|r| r.info.clone())
-            .or(old.model.clone()),
-        placements,
-        replicas: ready.min(replicas),
+        // The scale subresource's status: what serves or is about to, as a
+        // Deployment counts its pods, so an autoscaler sees the truth.
+        replicas: placements
+            .iter()
+            .filter(|p| p.role == PlacementRole::Serving)
+            .count() as i32,
         ready_replicas: ready,
         ready: Some(format!("{ready}/{replicas}")),
         selector: Some(routing::owned_selector(md)),
         service_name: Some(md.name_any()),
+        nodes: (!placements.is_empty()).then(|| {
+            placements
+                .iter()
+                .map(|p| p.node.as_str())
+                .collect::<Vec<_>>()
+                .join(",")
+        }),
+        size: model
+            .as_ref()
+            .map(|m| binary_size(m.size_bytes.max(0) as u64)),
+        model,
+        placements,
     };
     let events = transitions(&old, &status);
     Outcome {
@@ -315,6 +332,58 @@ fn progress_conditions(
     }
 }
 
+/// Bytes with a binary suffix, as Kubernetes quantities write them (`15.0Mi`).
+fn binary_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["Ki", "Mi", "Gi", "Ti", "Pi"];
+    if bytes < 1024 {
+        return bytes.to_string();
+    }
+    let mut v = bytes as f64 / 1024.0;
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    format!("{v:.1}{}", UNITS[unit])
+}
+
+/// The summary `Ready` condition that `kubectl wait`, kstatus, Argo CD and
+/// Flux read: True when the model is resolved, every replica is placed and
+/// ready, and nothing is still loading; otherwise False with the reason of
+/// the first condition that holds it back.
+fn ready_condition(conds: &mut Conditions, replicas: i32, ready: i32) {
+    let get = |t: &str| conds.list.get(t).cloned();
+    let blocking = [
+        get(condition::RESOLVED).filter(|c| c.status != "True"),
+        get(condition::SCHEDULED).filter(|c| c.status != "True"),
+        get(condition::PROGRESSING).filter(|c| c.reason != reason::COMPLETE),
+    ]
+    .into_iter()
+    .flatten()
+    .next();
+    match blocking {
+        Some(c) => conds.set(condition::READY, "False", &c.reason, c.message),
+        None if ready < replicas => conds.set(
+            condition::READY,
+            "False",
+            reason::NO_READY_REPLICAS,
+            format!("{ready}/{replicas} replica(s) ready"),
+        ),
+        None if replicas == 0 => conds.set(
+            condition::READY,
+            "True",
+            reason::SCALED_TO_ZERO,
+            "replicas is 0; every warm copy is in place".into(),
+        ),
+        None => conds.set(
+            condition::READY,
+            "True",
+            reason::REPLICAS_READY,
+            format!("{ready}/{replicas} replica(s) ready"),
+        ),
+    }
+}
+
 /// Agents that hold the deployment Serving and Ready, with their API address.
 fn backends(placements: &[Placement], model_nodes: &[Arc<ModelNode>]) -> Vec<Backend> {
     placements
@@ -444,7 +513,7 @@ impl Conditions {
         );
     }
 
-    /// In a fixed order: Resolved, Scheduled, Available, Progressing.
+    /// In a fixed order: Ready, Resolved, Scheduled, Available, Progressing.
     fn into_vec(mut self) -> Vec<Condition> {
         condition::DEPLOYMENT
             .iter()
@@ -493,6 +562,26 @@ mod tests {
 
     fn reasons(o: &Outcome) -> Vec<&'static str> {
         o.events.iter().map(|e| e.reason).collect()
+    }
+
+    #[test]
+    fn sizes_read_as_kubernetes_binary_quantities() {
+        assert_eq!(binary_size(512), "512");
+        assert_eq!(binary_size(15 * 1024 * 1024 + 1024 * 100), "15.1Mi");
+        assert_eq!(binary_size(6_938_040_682), "6.5Gi");
+    }
+
+    #[test]
+    fn an_unresolved_model_is_not_ready_for_the_same_reason() {
+        let md = deployment("sd", "missing", serde_json::json!({"replicas": 1}));
+        let o = decide(&md, vec![reporting(None)], None);
+        let ready = condition(&o.status, condition::READY);
+        let resolved = condition(&o.status, condition::RESOLVED);
+        assert_eq!(ready.status, "False");
+        assert_eq!(
+            (&ready.reason, &ready.message),
+            (&resolved.reason, &resolved.message)
+        );
     }
 
     /// Runs a reconcile's computation for `md` against `mns` with `d`.
@@ -546,6 +635,11 @@ mod tests {
             reason::NO_READY_REPLICAS
         );
         assert_eq!(condition(s, condition::PROGRESSING).reason, reason::LOADING);
+        let ready = condition(s, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("False", reason::LOADING)
+        );
         let types: Vec<&str> = s.conditions.iter().map(|c| c.type_.as_str()).collect();
         assert_eq!(types, condition::DEPLOYMENT, "in a fixed order");
         let p = &s.placements[0];
@@ -555,6 +649,11 @@ mod tests {
             "the agent has not reported it; the model is resident in RAM there"
         );
         assert_eq!(s.ready.as_deref(), Some("0/1"));
+        assert_eq!(
+            (s.replicas, s.ready_replicas),
+            (1, 0),
+            "one serving placement, not ready yet"
+        );
         assert!(o.backends.is_empty(), "not routed before it is Ready");
         assert_eq!(reasons(&o), [reason::SCHEDULED]);
         assert_eq!(o.events[0].note, "serving on n1");
@@ -569,6 +668,13 @@ mod tests {
         let o = decide(&md, vec![reporting(Some(NodePlacementPhase::Ready))], d());
         let s = &o.status;
         assert_eq!((s.ready_replicas, s.ready.as_deref()), (1, Some("1/1")));
+        let ready = condition(s, condition::READY);
+        assert_eq!(
+            (ready.status.as_str(), ready.reason.as_str()),
+            ("True", reason::REPLICAS_READY)
+        );
+        assert_eq!(s.nodes.as_deref(), Some("n1"));
+        assert_eq!(s.size.as_deref(), Some("2.0Gi"), "{:?}", s.model);
         assert_eq!(
             condition(s, condition::AVAILABLE).reason,
             reason::REPLICAS_READY

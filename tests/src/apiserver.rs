@@ -287,6 +287,34 @@ impl ApiServer {
     }
 }
 
+/// The apiserver's EndpointSlice address rule: an endpoint must be
+/// reachable from other nodes, so loopback and link-local addresses are refused.
+fn invalid_endpoint_address(name: &str, obj: &Value) -> Option<Response> {
+    let endpoints = obj["endpoints"].as_array()?;
+    for (i, e) in endpoints.iter().enumerate() {
+        for (j, a) in e["addresses"].as_array().into_iter().flatten().enumerate() {
+            let Some(ip) = a.as_str().and_then(|a| a.parse::<std::net::IpAddr>().ok()) else {
+                continue;
+            };
+            let why = if ip.is_loopback() {
+                "may not be in the loopback range (127.0.0.0/8, ::1/128)"
+            } else if matches!(ip, std::net::IpAddr::V4(v4) if v4.is_link_local()) {
+                "may not be in the link-local range (169.254.0.0/16, fe80::/10)"
+            } else {
+                continue;
+            };
+            let field = format!("endpoints[{i}].addresses[{j}]");
+            return Some(status(
+                422,
+                "Invalid",
+                format!("EndpointSlice.discovery.k8s.io \"{name}\" is invalid: {field}: Invalid value: \"{ip}\": {why}"),
+                Some(json!({"name": name, "group": "discovery.k8s.io", "kind": "EndpointSlice", "causes": [{"reason": "FieldValueInvalid", "message": format!("Invalid value: \"{ip}\": {why}"), "field": field}]})),
+            ));
+        }
+    }
+    None
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -823,6 +851,9 @@ impl Server {
         obj: &Value,
         old: Option<&Value>,
     ) -> Option<Response> {
+        if KINDS[kind].plural == "endpointslices" {
+            return invalid_endpoint_address(name, obj);
+        }
         let v = self.validators.get(&kind)?;
         let errors = v.validate(obj, old);
         if errors.is_empty() {
@@ -876,6 +907,21 @@ impl Server {
         if kind.status_subresource {
             if let Some(m) = obj.as_object_mut() {
                 m.remove("status");
+            }
+        }
+        // The TaintNodesByCondition admission plugin: a new Node is not Ready
+        // until its kubelet says so (the node lifecycle controller then lifts it).
+        if kind.plural == "nodes" {
+            let taint = json!({"key": "node.kubernetes.io/not-ready", "effect": "NoSchedule"});
+            if let Some(spec) = obj
+                .as_object_mut()
+                .map(|m| m.entry("spec").or_insert_with(|| json!({})))
+                .and_then(Value::as_object_mut)
+            {
+                let taints = spec.entry("taints").or_insert_with(|| json!([]));
+                if let Some(list) = taints.as_array_mut() {
+                    list.push(taint);
+                }
             }
         }
         if let Some(r) = self.invalid(t.kind, &name, &obj, None) {

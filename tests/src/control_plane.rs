@@ -92,6 +92,8 @@ impl ControlPlane {
             Command::new(bin.join("kube-apiserver"))
                 .arg(format!("--etcd-servers=http://127.0.0.1:{etcd_port}"))
                 .args(["--bind-address=127.0.0.1", "--advertise-address=127.0.0.1"])
+                // As envtest: the loopback address cannot back the kubernetes Service.
+                .arg("--endpoint-reconciler-type=none")
                 .arg(format!("--secure-port={port}"))
                 .arg(format!("--cert-dir={}", file("apiserver-certs")))
                 .arg(format!("--tls-cert-file={}", file("server.crt")))
@@ -294,17 +296,6 @@ fn make_certificates(d: &Path) {
             String::from_utf8_lossy(&out.stderr)
         );
     };
-    let leaf = |name: &str, subject: &str, ext: &[&str]| {
-        let (key, crt) = (format!("{name}.key"), format!("{name}.crt"));
-        let mut args = vec![
-            "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", subject, "-CA",
-            "ca.crt", "-CAkey", "ca.key", "-keyout", &key, "-out", &crt,
-        ];
-        for e in ext {
-            args.extend(["-addext", e]);
-        }
-        openssl(&args);
-    };
     openssl(&[
         "req",
         "-x509",
@@ -320,18 +311,54 @@ fn make_certificates(d: &Path) {
         "-out",
         "ca.crt",
     ]);
+    // Leaves are signed from a CSR with explicit extensions: rustls (kube-rs)
+    // refuses an end-entity certificate marked as a CA, which `req -x509` makes.
+    let leaf = |name: &str, subject: &str, ext: &str| {
+        let file = |x: &str| format!("{name}.{x}");
+        let extensions = format!(
+            "basicConstraints=critical,CA:FALSE\nkeyUsage=critical,digitalSignature,keyEncipherment\n{ext}\n"
+        );
+        std::fs::write(d.join(file("ext")), extensions).expect("writing an extensions file");
+        openssl(&[
+            "req",
+            "-new",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-subj",
+            subject,
+            "-keyout",
+            &file("key"),
+            "-out",
+            &file("csr"),
+        ]);
+        openssl(&[
+            "x509",
+            "-req",
+            "-in",
+            &file("csr"),
+            "-CA",
+            "ca.crt",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &file("ext"),
+            "-out",
+            &file("crt"),
+        ]);
+    };
     leaf(
         "server",
         "/CN=kube-apiserver",
-        &[
-            "subjectAltName=IP:127.0.0.1,DNS:localhost",
-            "extendedKeyUsage=serverAuth",
-        ],
+        "extendedKeyUsage=serverAuth\nsubjectAltName=IP:127.0.0.1,DNS:localhost",
     );
     leaf(
         "admin",
         "/O=system:masters/CN=test-admin",
-        &["extendedKeyUsage=clientAuth"],
+        "extendedKeyUsage=clientAuth",
     );
     openssl(&["genrsa", "-out", "sa.key", "2048"]);
 }

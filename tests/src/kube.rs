@@ -26,18 +26,31 @@ pub trait Kube {
     /// status and JSON body.
     fn send(&self, method: &str, path: &str, body: Option<&Value>) -> (u16, Value);
 
+    /// A GET that waits out 429s, as clients do: a real apiserver answers 429
+    /// "storage is (re)initializing" for a moment after a CRD is established.
+    fn get(&self, path: &str) -> (u16, Value) {
+        for _ in 0..60 {
+            let (code, body) = self.send("GET", path, None);
+            if code != 429 {
+                return (code, body);
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        }
+        self.send("GET", path, None)
+    }
+
     /// A kubeconfig for one of the project's processes, written under `dir`.
     fn kubeconfig(&self, component: Component, dir: &Path) -> PathBuf;
 
     /// The object, if it exists (`ns` empty for cluster-scoped kinds).
     fn object(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
-        let (code, body) = self.send("GET", &path(plural, ns, Some(name)), None);
+        let (code, body) = self.get(&path(plural, ns, Some(name)));
         (code == 200).then_some(body)
     }
 
     /// Every object of a kind, in all namespaces.
     fn objects(&self, plural: &str) -> Vec<Value> {
-        let (code, body) = self.send("GET", &path(plural, "", None), None);
+        let (code, body) = self.get(&path(plural, "", None));
         assert_eq!(code, 200, "listing {plural}: {body}");
         body["items"].as_array().cloned().unwrap_or_default()
     }

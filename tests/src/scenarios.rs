@@ -21,17 +21,93 @@ use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-struct Cluster<'k, K: Kube> {
+/// The operator and three agents, running against an API server.
+pub struct Cluster<'k, K: Kube> {
     api: &'k K,
     operator_kubeconfig: PathBuf,
     agent_kubeconfig: PathBuf,
+    /// The agents' address: EndpointSlices refuse loopback addresses.
+    pod_ip: String,
     dir: tempfile::TempDir,
     operator: Option<Proc>,
     operator_metrics: u16,
     agents: Vec<(String, u16, u16, Option<Proc>)>,
 }
 
-impl<K: Kube> Cluster<'_, K> {
+impl<'k, K: Kube> Cluster<'k, K> {
+    /// Creates the Nodes n1, n2 and n3 (n3 labelled `pool: small`) with their
+    /// model folders (n1: alpha, beta; n2: beta; n3: beta, gamma), starts an
+    /// agent on each and the operator, and waits for three Ready ModelNodes.
+    pub fn start(api: &'k K) -> Self {
+        let mut dir = tempfile::tempdir().unwrap();
+        // MODELCACHE_KEEP_LOGS=1 keeps the processes' logs and folders.
+        if std::env::var_os("MODELCACHE_KEEP_LOGS").is_some() {
+            dir.disable_cleanup(true);
+            eprintln!("keeping {}", dir.path().display());
+        }
+        let fixture = repo().join("tests/fixtures/tiny-sd1");
+        // n1 has alpha and beta; n2 has beta; n3 has beta and gamma. n3 is the "small" pool.
+        for (node, models) in [
+            ("n1", &["alpha", "beta"][..]),
+            ("n2", &["beta"][..]),
+            ("n3", &["beta", "gamma"][..]),
+        ] {
+            for m in models {
+                copy_dir(&fixture, &dir.path().join(node).join("models").join(m));
+            }
+            let labels = if node == "n3" {
+                json!({"pool": "small", "kubernetes.io/hostname": node})
+            } else {
+                json!({"kubernetes.io/hostname": node})
+            };
+            let obj = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": labels}, "spec": {}});
+            let (code, body) = api.send("POST", "/api/v1/nodes", Some(&obj));
+            assert_eq!(code, 201, "{body}");
+            // A new Node carries the not-ready taint until its kubelet reports
+            // Ready and the node lifecycle controller lifts it; neither runs here.
+            let (code, body) = api.send(
+                "PATCH",
+                &format!("/api/v1/nodes/{node}"),
+                Some(&json!({"spec": {"taints": null}})),
+            );
+            assert_eq!(code, 200, "{body}");
+        }
+        let mut c = Cluster {
+            api,
+            operator_kubeconfig: api.kubeconfig(Component::Operator, dir.path()),
+            agent_kubeconfig: api.kubeconfig(Component::Agent, dir.path()),
+            pod_ip: host_ip(),
+            dir,
+            operator: None,
+            operator_metrics: 0,
+            agents: ["n1", "n2", "n3"]
+                .iter()
+                .map(|n| (n.to_string(), free_port(), free_port(), None))
+                .collect(),
+        };
+        for i in 0..3 {
+            c.start_agent(i);
+        }
+        c.start_operator();
+        c.wait("three Ready ModelNodes", Duration::from_secs(60), || {
+            (c.api
+                .objects("modelnodes")
+                .iter()
+                .filter(|n| n["status"]["conditions"][0]["status"] == "True")
+                .count()
+                == 3)
+                .then_some(())
+        });
+        c
+    }
+
+    /// Waits until the deployment's status satisfies `f`.
+    pub fn wait_status(&self, name: &str, f: impl Fn(&Value) -> bool) {
+        self.wait(&format!("{name}'s status"), Duration::from_secs(60), || {
+            f(&self.mdep(name)["status"]).then_some(())
+        });
+    }
+
     fn start_operator(&mut self) {
         let dir = self.dir.path().to_path_buf();
         let n = self.operator_starts();
@@ -53,7 +129,10 @@ impl<K: Kube> Cluster<'_, K> {
         .arg(format!("--health-listen=127.0.0.1:{}", free_port()))
         .arg(format!("--identity=operator-{n}"))
         .env("KUBECONFIG", &self.operator_kubeconfig)
-        .env("RUST_LOG", "info,kube=warn");
+        .env(
+            "RUST_LOG",
+            std::env::var("MODELCACHE_TEST_LOG").unwrap_or("info,kube=warn".into()),
+        );
         self.operator = Some(Proc::spawn(&mut cmd, dir.join(format!("operator-{n}.log"))));
     }
 
@@ -78,13 +157,13 @@ impl<K: Kube> Cluster<'_, K> {
             .arg(root.join("models"))
             .arg("--state-dir")
             .arg(root.join("state"))
-            .arg(format!("--listen=127.0.0.1:{api_port}"))
+            .arg(format!("--listen={}:{api_port}", self.pod_ip))
             .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
             .args([
                 "--node-name",
                 node,
                 "--pod-ip",
-                "127.0.0.1",
+                &self.pod_ip,
                 "--pod-name",
                 &format!("agent-{node}"),
             ])
@@ -98,7 +177,10 @@ impl<K: Kube> Cluster<'_, K> {
             ])
             .args(["--ram-cache-bytes", "64Mi", "--vram-cache-bytes", "20Mi"])
             .env("KUBECONFIG", &self.agent_kubeconfig)
-            .env("RUST_LOG", "info,kube=warn");
+            .env(
+                "RUST_LOG",
+                std::env::var("MODELCACHE_TEST_LOG").unwrap_or("info,kube=warn".into()),
+            );
         let log = self.dir.path().join(format!("{node}.log"));
         self.agents[i].3 = Some(Proc::spawn(&mut cmd, log));
     }
@@ -106,7 +188,7 @@ impl<K: Kube> Cluster<'_, K> {
     fn logs(&self) -> String {
         let mut out = String::new();
         if let Some(op) = &self.operator {
-            out.push_str(&format!("--- operator\n{}\n", op.tail(15)));
+            out.push_str(&format!("--- operator\n{}\n", op.tail(60)));
         }
         for (node, _, _, p) in &self.agents {
             if let Some(p) = p {
@@ -135,7 +217,17 @@ impl<K: Kube> Cluster<'_, K> {
                 return v;
             }
             if Instant::now() > deadline {
-                panic!("timed out waiting for {what}\n{}", self.logs());
+                let deployments: Vec<String> = self
+                    .api
+                    .objects("modeldeployments")
+                    .iter()
+                    .map(|d| format!("{}: {}", d["metadata"]["name"], d["status"]))
+                    .collect();
+                panic!(
+                    "timed out waiting for {what}\n{}\n--- deployments\n{}",
+                    self.logs(),
+                    deployments.join("\n")
+                );
             }
             std::thread::sleep(Duration::from_millis(200));
         }
@@ -250,6 +342,34 @@ impl<K: Kube> Cluster<'_, K> {
     }
 }
 
+/// This machine's address on its network (not loopback), which the agents
+/// listen on as pods do on theirs.
+fn host_ip() -> String {
+    let routed = ["10.255.255.254:9", "192.0.2.1:9", "172.31.255.254:9"]
+        .iter()
+        .filter_map(|target| {
+            // Connecting a UDP socket sends nothing; it picks the source address.
+            let s = std::net::UdpSocket::bind("0.0.0.0:0").ok()?;
+            s.connect(target).ok()?;
+            Some(s.local_addr().ok()?.ip())
+        })
+        .chain(
+            // Else any address the host has (`hostname -I`).
+            Command::new("hostname")
+                .arg("-I")
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_default()
+                .split_whitespace()
+                .filter_map(|a| a.parse().ok())
+                .collect::<Vec<std::net::IpAddr>>(),
+        )
+        .find(|ip| ip.is_ipv4() && !ip.is_loopback() && !ip.is_unspecified());
+    routed
+        .map(|ip| ip.to_string())
+        .expect("these tests need a non-loopback IPv4 address: EndpointSlices refuse loopback ones")
+}
+
 fn generate(endpoint: &str, model: &str) -> (u16, Value) {
     let body =
         json!({"model": model, "prompt": "a lighthouse", "size": "64x64", "steps": 2, "seed": 1})
@@ -280,51 +400,7 @@ fn disk_loads(metrics: &str) -> f64 {
 /// operator that this starts against `api`; asserts that no process was ever
 /// refused by the API server's authorizer.
 pub fn run<K: Kube>(api: &K) {
-    let dir = tempfile::tempdir().unwrap();
-    let fixture = repo().join("tests/fixtures/tiny-sd1");
-    // n1 has alpha and beta; n2 has beta; n3 has beta and gamma. n3 is the "small" pool.
-    for (node, models) in [
-        ("n1", &["alpha", "beta"][..]),
-        ("n2", &["beta"][..]),
-        ("n3", &["beta", "gamma"][..]),
-    ] {
-        for m in models {
-            copy_dir(&fixture, &dir.path().join(node).join("models").join(m));
-        }
-        let labels = if node == "n3" {
-            json!({"pool": "small", "kubernetes.io/hostname": node})
-        } else {
-            json!({"kubernetes.io/hostname": node})
-        };
-        let node = json!({"apiVersion": "v1", "kind": "Node", "metadata": {"name": node, "labels": labels}, "spec": {}});
-        let (code, body) = api.send("POST", "/api/v1/nodes", Some(&node));
-        assert_eq!(code, 201, "{body}");
-    }
-    let mut c = Cluster {
-        api,
-        operator_kubeconfig: api.kubeconfig(Component::Operator, dir.path()),
-        agent_kubeconfig: api.kubeconfig(Component::Agent, dir.path()),
-        dir,
-        operator: None,
-        operator_metrics: 0,
-        agents: ["n1", "n2", "n3"]
-            .iter()
-            .map(|n| (n.to_string(), free_port(), free_port(), None))
-            .collect(),
-    };
-    for i in 0..3 {
-        c.start_agent(i);
-    }
-    c.start_operator();
-    c.wait("three Ready ModelNodes", Duration::from_secs(60), || {
-        (c.api
-            .objects("modelnodes")
-            .iter()
-            .filter(|n| n["status"]["conditions"][0]["status"] == "True")
-            .count()
-            == 3)
-            .then_some(())
-    });
+    let mut c = Cluster::start(api);
 
     // 1. Placed on the node that has the model, Ready, routed, and it generates.
     let (code, body) = c.create(json!({"model": {"path": "alpha"}, "replicas": 1}), "alpha");
@@ -352,7 +428,9 @@ pub fn run<K: Kube>(api: &K) {
     c.delete("beta-warmup");
     c.wait(
         "beta-warmup gone with its Service",
-        Duration::from_secs(30),
+        // The garbage collector of a real controller manager learns of a new
+        // CRD when it next syncs discovery (every 30 s).
+        Duration::from_secs(90),
         || {
             (c.api
                 .object("modeldeployments", "default", "beta-warmup")
@@ -413,13 +491,29 @@ pub fn run<K: Kube>(api: &K) {
         "no churn when n3 returns"
     );
 
-    // 4. Restart the operator: no placement changes.
-    let snapshot: Vec<_> = ["alpha", "beta"].iter().map(|n| c.placements(n)).collect();
+    // 4. Restart the operator: no placement changes. While it is down, a
+    // deployment is deleted, and its Service and EndpointSlice go with it
+    // (owner references; nothing waits for the operator).
+    let snapshot = c.placements("beta");
     c.operator.as_mut().unwrap().stop();
+    c.delete("alpha");
+    c.wait(
+        "alpha, its Service and EndpointSlice gone while the operator is down",
+        Duration::from_secs(30),
+        || {
+            ["modeldeployments", "services", "endpointslices"]
+                .iter()
+                .all(|kind| c.api.object(kind, "default", "alpha").is_none())
+                .then_some(())
+        },
+    );
     c.start_operator();
     std::thread::sleep(Duration::from_secs(6));
-    let now: Vec<_> = ["alpha", "beta"].iter().map(|n| c.placements(n)).collect();
-    assert_eq!(snapshot, now, "an operator restart moves nothing");
+    assert_eq!(
+        snapshot,
+        c.placements("beta"),
+        "an operator restart moves nothing"
+    );
 
     // 5. Scale to 0 with warmTier Ram: not routed, still resident; scale up: Ready without a disk load.
     let (code, _) = c.create(
