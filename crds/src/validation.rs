@@ -146,9 +146,19 @@ impl CrdValidator {
                 } else {
                     e.field_path.clone()
                 };
-                let message = match e.kind {
-                    ErrorKind::ValidationFailure => {
-                        format!("{path}: Invalid value: \"object\": {}", e.message)
+                // The API server shows a scalar's value, and nothing for an
+                // object, whose path at the root is `<nil>`.
+                let message = match (&e.kind, value_at(&defaulted, &e.field_path)) {
+                    (ErrorKind::ValidationFailure, Some(v)) if !v.is_object() && !v.is_array() => {
+                        format!("{path}: Invalid value: {}: {}", show(v), e.message)
+                    }
+                    (ErrorKind::ValidationFailure, _) => {
+                        let path = if e.field_path.is_empty() {
+                            "<nil>"
+                        } else {
+                            &path
+                        };
+                        format!("{path}: Invalid value: {}", e.message)
                     }
                     _ => format!("{path}: Internal error: {}", e.message),
                 };
@@ -214,8 +224,25 @@ fn show(v: &Value) -> String {
     match v {
         Value::Object(_) => "\"object\"".into(),
         Value::Array(_) => "\"array\"".into(),
+        // Go prints a float64 5.0 as 5.
+        Value::Number(n) => n.as_f64().filter(|_| n.is_f64()).map_or(n.to_string(), num),
         other => other.to_string(),
     }
+}
+
+/// The value at a field path as the API server writes it (`spec.loras[0].path`).
+fn value_at<'a>(root: &'a Value, path: &str) -> Option<&'a Value> {
+    let mut v = root;
+    for part in path.split('.').filter(|p| !p.is_empty()) {
+        let (key, indexes) = part.split_once('[').unwrap_or((part, ""));
+        if !key.is_empty() {
+            v = v.get(key)?;
+        }
+        for i in indexes.split('[').filter(|i| !i.is_empty()) {
+            v = v.get(i.trim_end_matches(']').parse::<usize>().ok()?)?;
+        }
+    }
+    Some(v)
 }
 
 fn type_of(v: &Value) -> &'static str {
@@ -258,10 +285,11 @@ fn check(
         let got = type_of(value);
         let ok = got == want.as_str() || (want == "number" && got == "integer") || int_or_string;
         if !ok {
+            // The API server shows the type it found, not the value.
             invalid(
                 errors,
                 shown,
-                value,
+                &Value::String(got.into()),
                 format!("{shown} in body must be of type {want}: \"{got}\""),
             );
             return;
@@ -423,11 +451,12 @@ fn check_object(
         } else if !preserve
             && (props.is_some() || s.get("additionalProperties") == Some(&Value::Bool(false)))
         {
-            // kubectl's default --validate=strict refuses these; the server would silently drop them.
+            // kubectl's default --validate=strict refuses these (a 400 from
+            // the server's strict decoding); other clients see them dropped.
             errors.push(FieldError {
                 path: p.clone(),
                 reason: "FieldValueInvalid",
-                message: format!(".{p}: field not declared in schema"),
+                message: format!("strict decoding error: unknown field \"{p}\""),
             });
         }
     }
