@@ -2,7 +2,7 @@
 //! metrics, waits for leadership, and runs the controller until a signal.
 
 use crate::controller::{self, Config, Context};
-use crate::leader::LeaderElector;
+use crate::leader::{LeaderElector, Timing};
 use crate::metrics::{ClusterCollector, Metrics};
 use crate::stores::Stores;
 use anyhow::Context as _;
@@ -32,7 +32,7 @@ pub struct Settings {
     pub metrics_listen: SocketAddr,
     pub health_listen: SocketAddr,
     pub leader_elect: bool,
-    pub leader_lease: Duration,
+    pub leader_timing: Timing,
     /// Pod name: the leader identity and the Events' reporting instance.
     pub identity: String,
     pub controller: Config,
@@ -95,14 +95,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             Api::namespaced(client.clone(), &settings.namespace),
             LEADER_LEASE,
             &settings.identity,
-            settings.leader_lease,
+            settings.leader_timing,
         ))
     });
+    let mut renewed = None;
     if let Some(e) = &elector {
         // A standby is healthy and ready: it is doing what it should.
         health.ready.store(true, Ordering::Relaxed);
         tokio::select! {
-            _ = e.acquire() => {}
+            at = e.acquire() => renewed = Some(at),
             _ = shutdown_signal() => return Ok(()),
         }
         health.ready.store(false, Ordering::Relaxed);
@@ -182,19 +183,23 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         });
     }
 
-    // Stop on a signal, or when leadership is lost (then exit non-zero so the
-    // pod restarts as a candidate instead of acting on stale leadership).
+    // Stop gracefully on a signal. When leadership is lost, exit at once, with
+    // reconciles in flight (as client-go's users do in OnStoppedLeading): a
+    // graceful stop could wait on an API server that no longer answers while a
+    // standby takes over. The pod restarts as a candidate.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let lost = Arc::new(AtomicBool::new(false));
     {
-        let (lost, elector) = (lost.clone(), elector.clone());
+        let elector = elector.clone();
         tokio::spawn(async move {
-            match elector {
-                Some(e) => tokio::select! {
-                    _ = e.hold() => lost.store(true, Ordering::Relaxed),
+            match (elector, renewed) {
+                (Some(e), Some(renewed)) => tokio::select! {
+                    _ = e.hold(renewed) => {
+                        tracing::error!("lost leadership; exiting so that the pod restarts as a candidate");
+                        std::process::exit(1);
+                    }
                     _ = shutdown_signal() => {}
                 },
-                None => shutdown_signal().await,
+                _ => shutdown_signal().await,
             }
             let _ = stop_tx.send(());
         });
@@ -209,9 +214,6 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     )
     .for_each(|_| std::future::ready(()))
     .await;
-    if lost.load(Ordering::Relaxed) {
-        anyhow::bail!("lost leadership; exiting so that the pod restarts as a candidate");
-    }
     if let Some(e) = elector {
         // After the last reconcile, so the standby takes over at once.
         e.release().await;

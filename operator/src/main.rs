@@ -2,6 +2,7 @@
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use modelcache_operator::leader::Timing;
 use modelcache_operator::scheduler::{self, Node, Options, Strategy};
 use modelcache_operator::simulate::{self, ClusterSpec, TraceSpec};
 use modelcache_operator::{controller, daemon};
@@ -58,7 +59,9 @@ struct RunArgs {
     /// Elect a leader through a Lease, so that several replicas can run.
     #[arg(long, env = "MODELCACHE_LEADER_ELECT")]
     leader_elect: bool,
-    /// Leader Lease duration: how long a dead leader blocks a takeover.
+    /// Leader Lease duration: how long a dead leader blocks a takeover. The
+    /// leader stops if it cannot renew within 2/3 of it, and renews every 2/15
+    /// of it (client-go's 15 s / 10 s / 2 s).
     #[arg(long, env = "MODELCACHE_LEADER_LEASE_SECONDS", default_value_t = 15)]
     leader_lease_seconds: u64,
     /// A node whose agent Lease is older than this is not scheduled to, and its
@@ -258,7 +261,7 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         metrics_listen: a.metrics_listen,
         health_listen: a.health_listen,
         leader_elect: a.leader_elect,
-        leader_lease: Duration::from_secs(a.leader_lease_seconds.max(3)),
+        leader_timing: Timing::from_lease(Duration::from_secs(a.leader_lease_seconds.max(3))),
         identity,
         controller: controller::Config {
             lease_expiry: Duration::from_secs(a.node_lease_expiry_seconds.max(1)),

@@ -154,7 +154,15 @@ mod tests {
             Some(vec!["n1".into()])
         );
         assert_eq!(p.explains("ml/low", 1), None, "forgotten once placed");
-        p.forget("ml/other");
+        // A deleted victim is forgotten.
+        let live = |name: &str| {
+            Arc::new(crate::cluster::fixtures::deployment(
+                name,
+                "m",
+                serde_json::json!({}),
+            ))
+        };
+        p.retain(&[live("high")]);
         assert!(p.victims_of("ml/high").is_empty());
     }
 }
