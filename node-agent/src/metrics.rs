@@ -24,6 +24,7 @@ pub struct AgentMetrics {
 impl AgentMetrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        modelcache_support::process_metrics::register(&registry, "agent")?;
         let generation_seconds = Histogram::with_opts(
             HistogramOpts::new(
                 "modelcache_generation_seconds",
@@ -82,6 +83,7 @@ struct CacheCollector {
     device_bytes: IntGaugeVec,
     device_capacity: IntGaugeVec,
     device_memory: IntGaugeVec,
+    device_memory_free: IntGaugeVec,
     process: [Gauge; 8],
     descs: Vec<Desc>,
 }
@@ -136,12 +138,21 @@ impl CacheCollector {
             ),
             &["device"],
         )?;
+        // Total and free are two quantities (summing them means nothing), so
+        // two metrics rather than one with a `state` label.
         let device_memory = IntGaugeVec::new(
             Opts::new(
                 "modelcache_device_memory_bytes",
-                "Each compute device's memory, total and free: a GPU's from its driver, the CPU's from /proc/meminfo",
+                "Each compute device's memory: a GPU's from its driver, the CPU's from /proc/meminfo",
             ),
-            &["device", "state"],
+            &["device"],
+        )?;
+        let device_memory_free = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_device_memory_free_bytes",
+                "Each compute device's free memory: a GPU's from its driver, the CPU's MemAvailable",
+            ),
+            &["device"],
         )?;
         let g = |n: &str, h: &str| Gauge::new(n, h);
         let process = [
@@ -168,6 +179,7 @@ impl CacheCollector {
             &device_bytes,
             &device_capacity,
             &device_memory,
+            &device_memory_free,
         ] {
             descs.extend(c.desc().into_iter().cloned());
         }
@@ -185,6 +197,7 @@ impl CacheCollector {
             device_bytes,
             device_capacity,
             device_memory,
+            device_memory_free,
             process,
             descs,
         })
@@ -224,11 +237,11 @@ impl Collector for CacheCollector {
                 .with_label_values(&[&id])
                 .set(s.budget as i64);
             let (free, total) = crate::device::memory_or_host(&slot.device);
-            self.device_memory
-                .with_label_values(&[&id, "free"])
+            self.device_memory_free
+                .with_label_values(&[&id])
                 .set(free as i64);
             self.device_memory
-                .with_label_values(&[&id, "total"])
+                .with_label_values(&[&id])
                 .set(total as i64);
         }
         let mi = memory::mallinfo2();
@@ -255,6 +268,7 @@ impl Collector for CacheCollector {
             &self.device_bytes,
             &self.device_capacity,
             &self.device_memory,
+            &self.device_memory_free,
         ] {
             out.extend(c.collect());
         }

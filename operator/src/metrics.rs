@@ -32,6 +32,7 @@ pub struct Metrics {
 impl Metrics {
     pub fn new() -> Result<Self, prometheus::Error> {
         let registry = Registry::new();
+        modelcache_support::process_metrics::register(&registry, "operator")?;
         let decisions = IntCounterVec::new(
             Opts::new(
                 "modelcache_scheduler_decisions_total",

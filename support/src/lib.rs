@@ -1,7 +1,8 @@
 //! What the operator and the node agent share as processes, so that both
-//! start, log, read secrets and stop the same way.
+//! start, log, read secrets, expose process metrics and stop the same way.
 
 pub mod logging;
+pub mod process_metrics;
 pub mod secret;
 pub mod signal;
 pub mod splitmix;

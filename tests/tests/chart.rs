@@ -2,12 +2,13 @@
 //! `helm lint --strict` and `helm template` (helm v4), PyPI
 //! `kubernetes-validate` for Kubernetes 1.35, `promtool check/test rules`, and
 //! Grafana's dashboard schema. Rendered manifests are read as YAML into
-//! k8s-openapi's types, so assertions name fields rather than text. (A real
-//! cluster cannot run here, so `helm install` and `helm test` are only
-//! rendered and validated.)
+//! k8s-openapi's types, so assertions name fields rather than text.
+//! `real_apiserver.rs` installs, upgrades and uninstalls it on a real
+//! kube-apiserver.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
 use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -346,6 +347,72 @@ fn non_default_values_render_valid_manifests() {
 }
 
 #[test]
+fn names_service_accounts_disruption_budget_and_gitops_monitoring() {
+    // Defaults: two operator replicas with a budget of one disruption.
+    let docs = manifests(&template(&[]));
+    let pdb: PodDisruptionBudget = one(&docs, "PodDisruptionBudget");
+    let spec = pdb.spec.unwrap_or_default();
+    assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
+    assert_eq!(
+        spec.selector
+            .and_then(|s| s.match_labels)
+            .unwrap_or_default()["app.kubernetes.io/component"],
+        "operator"
+    );
+    // One replica: no budget that would block every drain.
+    let one_replica = manifests(&template(&["--set", "operator.replicas=1"]));
+    assert!(!kinds(&one_replica).contains(&"PodDisruptionBudget"));
+
+    // Overridden names, an existing operator ServiceAccount, IAM annotations on the agent's.
+    let yaml = template(&[
+        "--set",
+        "fullnameOverride=mc-prod,nameOverride=imagegen",
+        "--set",
+        "operator.serviceAccount.create=false,operator.serviceAccount.name=platform-ops",
+        "--set",
+        "agent.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/x",
+        // GitOps: no cluster to ask whether the Prometheus Operator is there.
+        "--set",
+        "monitoring.assumePrometheusOperator=true,monitoring.serviceMonitor.enabled=true",
+    ]);
+    kubernetes_validate(&yaml);
+    let docs = manifests(&yaml);
+    assert!(kinds(&docs).contains(&"ServiceMonitor"));
+    let accounts: Vec<&Value> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ServiceAccount")
+        .collect();
+    assert_eq!(accounts.len(), 1, "only the agent's is made: {accounts:?}");
+    assert_eq!(accounts[0]["metadata"]["name"], "mc-prod-agent");
+    assert_eq!(
+        accounts[0]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
+        "arn:aws:iam::1:role/x"
+    );
+    let operator: Deployment = one(&docs, "Deployment");
+    assert_eq!(operator.metadata.name.as_deref(), Some("mc-prod-operator"));
+    assert_eq!(
+        pod_of(&operator.spec.template)
+            .service_account_name
+            .as_deref(),
+        Some("platform-ops")
+    );
+    let bound: Vec<&str> = docs
+        .iter()
+        .filter(|d| d["kind"] == "ClusterRoleBinding" || d["kind"] == "RoleBinding")
+        .filter_map(|d| d["subjects"][0]["name"].as_str())
+        .collect();
+    assert!(
+        bound.contains(&"platform-ops") && bound.contains(&"mc-prod-agent"),
+        "{bound:?}"
+    );
+    for d in &docs {
+        if let Some(name) = d["metadata"]["labels"]["app.kubernetes.io/name"].as_str() {
+            assert_eq!(name, "imagegen", "{}", d["kind"]);
+        }
+    }
+}
+
+#[test]
 fn bad_values_are_refused_by_the_schema() {
     for (set, why) in [
         ("operator.replicas=two", "got string, want integer"),
@@ -394,6 +461,25 @@ fn alert_rules_check_and_pass_their_unit_tests() {
     }
     assert_eq!(rules.matches("summary:").count(), 7);
     assert_eq!(rules.matches("description:").count(), 7);
+    // Every runbook link points at a section of docs/runbooks.md.
+    let runbooks = std::fs::read_to_string(repo().join("docs/runbooks.md")).unwrap();
+    let urls: Vec<&str> = rules
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("runbook_url: "))
+        .collect();
+    assert_eq!(urls.len(), 7, "{urls:?}");
+    for url in urls {
+        let anchor = url
+            .trim_matches('"')
+            .strip_prefix("https://github.com/modelcache/modelcache/blob/main/docs/runbooks.md#")
+            .unwrap_or_else(|| panic!("{url} is not a runbook in docs/runbooks.md"));
+        assert!(
+            runbooks.lines().any(|l| l
+                .strip_prefix("## ")
+                .is_some_and(|h| h.to_lowercase() == anchor)),
+            "docs/runbooks.md has no section for {anchor}"
+        );
+    }
 }
 
 #[test]

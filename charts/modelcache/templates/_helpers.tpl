@@ -1,22 +1,42 @@
-{{/* Name of the release's objects. */}}
+{{/* The chart's name, or nameOverride. */}}
+{{- define "modelcache.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Name of the release's objects: fullnameOverride, or release-name. */}}
 {{- define "modelcache.fullname" -}}
-{{- if contains .Chart.Name .Release.Name -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := include "modelcache.name" . -}}
+{{- if contains $name .Release.Name -}}
 {{- .Release.Name | trunc 63 | trimSuffix "-" -}}
 {{- else -}}
-{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{/* A component's ServiceAccount: (dict "root" . "component" "operator"|"agent"). */}}
+{{- define "modelcache.serviceAccountName" -}}
+{{- $sa := index .root.Values .component "serviceAccount" -}}
+{{- if $sa.create -}}
+{{- default (printf "%s-%s" (include "modelcache.fullname" .root) .component) $sa.name -}}
+{{- else -}}
+{{- default "default" $sa.name -}}
 {{- end -}}
 {{- end -}}
 
 {{- define "modelcache.labels" -}}
 helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version }}
-app.kubernetes.io/name: {{ .Chart.Name }}
+app.kubernetes.io/name: {{ include "modelcache.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end -}}
 
 {{- define "modelcache.selector" -}}
-app.kubernetes.io/name: {{ .root.Chart.Name }}
+app.kubernetes.io/name: {{ include "modelcache.name" .root }}
 app.kubernetes.io/instance: {{ .root.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
