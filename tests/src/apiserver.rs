@@ -1,7 +1,8 @@
-//! An emulated Kubernetes API server for the end-to-end tests.
+//! An emulated Kubernetes API server for the fast end-to-end tests.
 //!
-//! A real kube-apiserver cannot be installed on the machines this project is
-//! built on (no registry carries it, and there is no Go toolchain). This speaks
+//! The same scenarios run against a real kube-apiserver
+//! (`control_plane`), which takes minutes to build and seconds to start; this
+//! starts in a millisecond. It speaks
 //! the Kubernetes REST protocol over HTTP on 127.0.0.1, enough for kube-rs
 //! clients and kube-runtime controllers to run unmodified against it, with the
 //! same code paths as in production (the binaries just get a kubeconfig):
@@ -19,7 +20,9 @@
 //! - finalizers and `deletionTimestamp`, deletecollection, and garbage
 //!   collection of objects whose ownerReferences name a deleted object;
 //! - the ModelDeployment CRD's openAPIV3Schema and CEL rules, answered with the
-//!   API server's 422 Status shape (via `modelcache_crds::validation`).
+//!   API server's 422 Status shape and messages (via `modelcache_crds::validation`);
+//! - the not-ready taint admission puts on new Nodes, and the EndpointSlice
+//!   rule that refuses loopback and link-local addresses.
 //!
 //! It is one process-local store rather than etcd: revisions and watch history
 //! are kept in memory, which is what the tests need (docs/real-cluster.md lists
