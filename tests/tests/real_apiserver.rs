@@ -280,17 +280,24 @@ fn a_users_kubectl_session() {
     let file = cp.dir().join("alpha.json");
     std::fs::write(&file, md.to_string()).expect("writing alpha.json");
     kubectl(&cp, &["apply", "-f", &file.display().to_string()]);
-    kubectl(
-        &cp,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "mdep/alpha",
-            "-n",
-            "default",
-            "--timeout=120s",
-        ],
-    );
+    let wait_ready = || {
+        kubectl(
+            &cp,
+            &[
+                "wait",
+                "--for=condition=Ready",
+                "mdep/alpha",
+                "-n",
+                "default",
+                "--timeout=120s",
+            ],
+        )
+    };
+    let scale_status = || {
+        let path = "/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments/alpha/scale";
+        cp.send("GET", path, None).1["status"].clone()
+    };
+    wait_ready();
     let table = kubectl(&cp, &["get", "mdep", "alpha", "-n", "default"]);
     let mut lines = table.lines();
     let header: Vec<&str> = lines.next().unwrap_or("").split_whitespace().collect();
@@ -315,37 +322,16 @@ fn a_users_kubectl_session() {
         &["scale", "mdep/alpha", "-n", "default", "--replicas=0"],
     );
     cluster.wait_status("alpha", |s| s["ready"] == "0/0");
-    let (_, scale) = cp.send(
-        "GET",
-        "/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments/alpha/scale",
-        None,
-    );
-    assert_eq!(scale["status"]["replicas"], 0, "{scale}");
+    assert_eq!(scale_status()["replicas"], 0);
     kubectl(
         &cp,
         &["scale", "mdep/alpha", "-n", "default", "--replicas=1"],
     );
-    kubectl(
-        &cp,
-        &[
-            "wait",
-            "--for=condition=Ready",
-            "mdep/alpha",
-            "-n",
-            "default",
-            "--timeout=120s",
-        ],
-    );
-    let (_, scale) = cp.send(
-        "GET",
-        "/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments/alpha/scale",
-        None,
-    );
-    assert_eq!(scale["status"]["replicas"], 1, "{scale}");
+    wait_ready();
+    let scale = scale_status();
+    assert_eq!(scale["replicas"], 1, "{scale}");
     assert!(
-        scale["status"]["selector"]
-            .as_str()
-            .is_some_and(|s| !s.is_empty()),
+        scale["selector"].as_str().is_some_and(|s| !s.is_empty()),
         "{scale}"
     );
 
