@@ -28,7 +28,7 @@ pub trait Kube {
 
     /// A GET that waits out 429s, as clients do: a real apiserver answers 429
     /// "storage is (re)initializing" for a moment after a CRD is established.
-    fn get(&self, path: &str) -> (u16, Value) {
+    fn read(&self, path: &str) -> (u16, Value) {
         for _ in 0..60 {
             let (code, body) = self.send("GET", path, None);
             if code != 429 {
@@ -44,13 +44,13 @@ pub trait Kube {
 
     /// The object, if it exists (`ns` empty for cluster-scoped kinds).
     fn object(&self, plural: &str, ns: &str, name: &str) -> Option<Value> {
-        let (code, body) = self.get(&path(plural, ns, Some(name)));
+        let (code, body) = self.read(&path(plural, ns, Some(name)));
         (code == 200).then_some(body)
     }
 
     /// Every object of a kind, in all namespaces.
     fn objects(&self, plural: &str) -> Vec<Value> {
-        let (code, body) = self.get(&path(plural, "", None));
+        let (code, body) = self.read(&path(plural, "", None));
         assert_eq!(code, 200, "listing {plural}: {body}");
         body["items"].as_array().cloned().unwrap_or_default()
     }
