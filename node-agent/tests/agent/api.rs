@@ -47,24 +47,8 @@ impl Agent {
         let dir = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(dir.path().join("models")).unwrap();
         fill(&dir.path().join("models"));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"));
-        cmd.args([
-            "--log-format",
-            "json",
-            "serve",
-            "--listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .arg("--models-dir")
-        .arg(dir.path().join("models"))
-        .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(extra)
-        .env("RUST_LOG", "info")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null());
+        let mut cmd = serve_command(dir.path(), &["--log-format", "json"], extra);
+        cmd.env("RUST_LOG", "info");
         configure(&mut cmd);
         let mut child = cmd.spawn().unwrap();
         let stderr = child.stderr.take().unwrap();
@@ -482,7 +466,15 @@ fn bearer_token_is_required_when_configured() {
 /// status and stderr. Killed if it is still running then.
 fn serve_exits(extra: &[&str]) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
-    let child = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+    let child = serve_command(dir.path(), &[], extra).spawn().unwrap();
+    crate::common::wait_exit(child, Duration::from_secs(60))
+}
+
+/// `modelcache-agent <global> serve <args>` on ephemeral loopback ports with
+/// `models/` and `state/` under `dir`; stderr piped.
+fn serve_command(dir: &Path, global: &[&str], args: &[&str]) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_modelcache-agent"));
+    cmd.args(global)
         .args([
             "serve",
             "--listen",
@@ -491,15 +483,13 @@ fn serve_exits(extra: &[&str]) -> (Option<i32>, String) {
             "127.0.0.1:0",
         ])
         .arg("--models-dir")
-        .arg(dir.path().join("models"))
+        .arg(dir.join("models"))
         .arg("--state-dir")
-        .arg(dir.path().join("state"))
-        .args(extra)
+        .arg(dir.join("state"))
+        .args(args)
         .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    crate::common::wait_exit(child, Duration::from_secs(60))
+        .stderr(Stdio::piped());
+    cmd
 }
 
 #[test]
@@ -931,17 +921,7 @@ fn small_things_a_careful_client_notices() {
                 models.join("custom.safetensors"),
             )
             .unwrap();
-            for f in [
-                "model_index.json",
-                "unet/config.json",
-                "vae/config.json",
-                "text_encoder/config.json",
-                "scheduler/scheduler_config.json",
-            ] {
-                let to = models.join("custom.config").join(f);
-                std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-                std::fs::copy(fixtures().join("tiny-sd1").join(f), to).unwrap();
-            }
+            crate::common::copy_configs(&models.join("custom.config"));
             copy_dir(
                 &fixtures().join("tiny-sd1/tokenizer"),
                 &models.join("custom.config/tokenizer"),

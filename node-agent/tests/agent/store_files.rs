@@ -293,17 +293,7 @@ fn files_linking_out_of_the_root_are_neither_served_nor_copied() {
     )
     .unwrap();
     let config = dir.path().join("config");
-    for f in [
-        "model_index.json",
-        "unet/config.json",
-        "vae/config.json",
-        "text_encoder/config.json",
-        "scheduler/scheduler_config.json",
-    ] {
-        let to = config.join(f);
-        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
-        std::fs::copy(fixtures().join("tiny-sd1").join(f), to).unwrap();
-    }
+    crate::common::copy_configs(&config);
     let out = dir.path().join("converted");
     let err = modelcache_agent::store::convert::convert_main(
         &modelcache_agent::store::convert::ConvertRequest {

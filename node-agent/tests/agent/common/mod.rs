@@ -81,6 +81,22 @@ pub fn rchar() -> u64 {
         .unwrap_or(0)
 }
 
+/// The tiny SD 1.x fixture's configs (no weights) into `dst`, in the diffusers
+/// layout: what a single-file checkpoint's `<name>.config/` folder holds.
+pub fn copy_configs(dst: &Path) {
+    for f in [
+        "model_index.json",
+        "unet/config.json",
+        "vae/config.json",
+        "text_encoder/config.json",
+        "scheduler/scheduler_config.json",
+    ] {
+        let to = dst.join(f);
+        std::fs::create_dir_all(to.parent().unwrap()).unwrap();
+        std::fs::copy(fixtures().join("tiny-sd1").join(f), to).unwrap();
+    }
+}
+
 /// Copies a folder tree (a fixture model into a test's models folder).
 pub fn copy_dir(src: &Path, dst: &Path) {
     std::fs::create_dir_all(dst).unwrap();
