@@ -424,9 +424,18 @@ fn bad_values_are_refused_by_the_schema() {
         ("agent.typo=1", "additional properties 'typo' not allowed"),
         ("image.pullPolicy=Sometimes", "value must be one of"),
         ("test.modelDeployment=Bad_Name", "does not match pattern"),
-        ("operator.serviceAccount.create=maybe", "got string, want boolean"),
-        ("agent.serviceAccount.role=x", "additional properties 'role' not allowed"),
-        ("monitoring.assumePrometheusOperator=yes", "got string, want boolean"),
+        (
+            "operator.serviceAccount.create=maybe",
+            "got string, want boolean",
+        ),
+        (
+            "agent.serviceAccount.role=x",
+            "additional properties 'role' not allowed",
+        ),
+        (
+            "monitoring.assumePrometheusOperator=yes",
+            "got string, want boolean",
+        ),
         (
             "fullnameOverride=a-name-longer-than-sixty-three-characters-which-cannot-name-objects",
             "maxLength",
