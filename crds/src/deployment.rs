@@ -73,6 +73,81 @@ pub struct ModelDeploymentSpec {
     /// Generation parameters used when a request does not set them.
     #[serde(default)]
     pub defaults: GenerationDefaults,
+
+    /// Replicas set from load: the operator raises `replicas` when requests in flight and
+    /// queued per replica exceed `targetInFlight`, and lowers it after `scaleDownDelaySeconds`
+    /// of less load; the gateway scales a deployment at zero up on its first request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("self.minReplicas <= self.maxReplicas").message("autoscaling.minReplicas must not exceed autoscaling.maxReplicas"))]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+/// How the operator sets `replicas` from load.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingSpec {
+    /// Whether the operator sets `replicas` (and the gateway scales up from zero). Default true.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+
+    /// Fewest replicas, 0 to 1000. 0 lets an idle deployment scale to zero; its next request
+    /// waits at the gateway while a replica loads. Default 0.
+    #[serde(default)]
+    #[schemars(range(min = 0, max = 1000))]
+    pub min_replicas: i32,
+
+    /// Most replicas, 1 to 1000. Default 3.
+    #[serde(default = "default_max_replicas")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub max_replicas: i32,
+
+    /// Requests in flight or queued per replica the autoscaler aims at, 1 to 1000. An agent
+    /// runs one generation at a time by default, so 2 means one running and one waiting.
+    /// Default 2.
+    #[serde(default = "default_target_in_flight")]
+    #[schemars(range(min = 1, max = 1000))]
+    pub target_in_flight: i32,
+
+    /// Seconds the load must have stayed lower before replicas are removed, 0 to 86400.
+    /// Scaling up is immediate. Default 300.
+    #[serde(default = "default_scale_down_delay")]
+    #[schemars(range(min = 0, max = 86400))]
+    pub scale_down_delay_seconds: i32,
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_max_replicas() -> i32 {
+    3
+}
+
+fn default_target_in_flight() -> i32 {
+    2
+}
+
+fn default_scale_down_delay() -> i32 {
+    300
+}
+
+impl Default for AutoscalingSpec {
+    fn default() -> Self {
+        AutoscalingSpec {
+            enabled: true,
+            min_replicas: 0,
+            max_replicas: default_max_replicas(),
+            target_in_flight: default_target_in_flight(),
+            scale_down_delay_seconds: default_scale_down_delay(),
+        }
+    }
+}
+
+impl ModelDeploymentSpec {
+    /// The autoscaling settings when autoscaling is on.
+    pub fn autoscaling(&self) -> Option<&AutoscalingSpec> {
+        self.autoscaling.as_ref().filter(|a| a.enabled)
+    }
 }
 
 fn default_replicas() -> i32 {

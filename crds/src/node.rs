@@ -114,6 +114,10 @@ pub struct AgentInfo {
     pub pod_name: String,
     /// `podIP:port` of the generation API.
     pub endpoint: String,
+    /// `podIP:port` of the monitoring port: `/metrics`, and `/load` (requests in flight by
+    /// deployment), which the operator's autoscaler reads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics_endpoint: Option<String>,
 }
 
 /// One compute device.

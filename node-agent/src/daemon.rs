@@ -208,6 +208,7 @@ async fn run(
                 pod_ip: c.pod_ip,
                 namespace: c.namespace,
                 api_port: api.local_addr()?.port(),
+                metrics_port: metrics.local_addr()?.port(),
                 lease_renew: renew,
                 lease_duration: renew * 4,
                 report_interval: c.report_interval.max(Duration::from_secs(1)),
@@ -231,7 +232,11 @@ async fn run(
             let _ = s.wait_for(|stop| *stop).await;
         }
     };
-    let metrics_app = api::metrics_router(agent.metrics.clone(), state.ready.clone());
+    let metrics_app = api::metrics_router(
+        agent.metrics.clone(),
+        state.queue.clone(),
+        state.ready.clone(),
+    );
     let metrics_server = server::serve(metrics, metrics_app, s.connections, stopped());
     let api_server = server::serve(api, api::router(state), s.connections, stopped());
     let signal = async {

@@ -510,6 +510,7 @@ pub mod fixtures {
                 version: "0.1.0".into(),
                 pod_name: format!("agent-{name}"),
                 endpoint: format!("{ip}:8080"),
+                metrics_endpoint: Some(format!("{ip}:9090")),
             }),
             devices: vec![DeviceInfo {
                 id: "cuda:0".into(),

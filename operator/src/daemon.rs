@@ -1,6 +1,7 @@
 //! `modelcache-operator run`: connects to the cluster, serves health and
 //! metrics, waits for leadership, and runs the controller until a signal.
 
+use crate::autoscaler;
 use crate::controller::{self, Config, Context};
 use crate::leader::{LeaderElector, Timing};
 use crate::metrics::{ClusterCollector, Metrics};
@@ -35,6 +36,8 @@ pub struct Settings {
     pub leader_timing: Timing,
     /// Pod name: the leader identity and the Events' reporting instance.
     pub identity: String,
+    /// How often the autoscaler runs; `None`: never.
+    pub autoscale_interval: Option<Duration>,
     pub controller: Config,
 }
 
@@ -162,6 +165,15 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         instance: Some(settings.identity.clone()),
     };
     let recorder = Recorder::new(client.clone(), reporter);
+    if let Some(interval) = settings.autoscale_interval {
+        tokio::spawn(autoscaler::run(autoscaler::Context {
+            client: client.clone(),
+            stores: stores.clone(),
+            metrics: metrics.autoscaler.clone(),
+            recorder: recorder.clone(),
+            interval,
+        }));
+    }
     let (ctx, requeues) = Context::new(
         client,
         stores.clone(),

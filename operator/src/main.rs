@@ -5,7 +5,7 @@ use clap::{Parser, Subcommand};
 use modelcache_operator::leader::Timing;
 use modelcache_operator::scheduler::{self, Node, Options, Strategy};
 use modelcache_operator::simulate::{self, ClusterSpec, TraceSpec};
-use modelcache_operator::{controller, daemon};
+use modelcache_operator::{controller, daemon, gateway};
 use modelcache_support::{init_logging, LogFormat};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -36,6 +36,11 @@ enum Command {
     /// Run the operator in a cluster (in-cluster config, or KUBECONFIG): reconcile
     /// ModelDeployments, schedule them onto node agents, and route to them.
     Run(RunArgs),
+    /// Serve the OpenAI images API for every ModelDeployment in the cluster at one
+    /// base URL: route each request to an agent holding its model Ready (least
+    /// wait, then VRAM before RAM, then LoRA affinity), retry on another when one
+    /// fails, and scale autoscaled deployments up from zero.
+    Gateway(GatewayArgs),
     /// Run the real scheduler on a described cluster and request trace, without a
     /// cluster, and print placement quality and timing (capacity planning).
     Simulate(SimulateArgs),
@@ -81,6 +86,63 @@ struct RunArgs {
     /// Leader identity and Event reporter instance (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
+    /// How often the leader reads the agents' load and sets the replicas of
+    /// autoscaled deployments (0: never).
+    #[arg(
+        long,
+        env = "MODELCACHE_AUTOSCALE_INTERVAL_SECONDS",
+        default_value_t = 5
+    )]
+    autoscale_interval_seconds: u64,
+}
+
+#[derive(clap::Args)]
+struct GatewayArgs {
+    /// Namespace a bare `model` name is looked up in (others are named namespace/name).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "modelcache")]
+    namespace: String,
+    /// Where the API is served.
+    #[arg(long, env = "MODELCACHE_LISTEN", default_value = "0.0.0.0:8080")]
+    listen: std::net::SocketAddr,
+    /// Where /metrics is served.
+    #[arg(
+        long,
+        env = "MODELCACHE_METRICS_LISTEN",
+        default_value = "0.0.0.0:9090"
+    )]
+    metrics_listen: std::net::SocketAddr,
+    /// File with the bearer token clients must send; the gateway sends it to the
+    /// agents too (the agents' own token). An empty file is refused.
+    #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
+    api_token_file: Option<PathBuf>,
+    /// Agents tried for one request: a connection failure, 503 or 429 moves it to the next.
+    #[arg(long, env = "MODELCACHE_MAX_ATTEMPTS", default_value_t = 3)]
+    max_attempts: usize,
+    /// How much busier than the mean an agent may be and still receive the LoRA
+    /// sets that hash to it.
+    #[arg(long, env = "MODELCACHE_LOAD_FACTOR", default_value_t = 1.25)]
+    load_factor: f64,
+    /// How long a request waits for a deployment without a ready replica
+    /// (scaling up from zero, loading) before a 503.
+    #[arg(
+        long,
+        env = "MODELCACHE_SCALE_UP_TIMEOUT_SECONDS",
+        default_value_t = 120
+    )]
+    scale_up_timeout_seconds: u64,
+    /// Requests that may wait per deployment; more get 429.
+    #[arg(long, env = "MODELCACHE_MAX_HELD_REQUESTS", default_value_t = 100)]
+    max_held_requests: usize,
+    /// Longest one attempt at an agent may take before a 504.
+    #[arg(
+        long,
+        env = "MODELCACHE_REQUEST_TIMEOUT_SECONDS",
+        default_value_t = 600
+    )]
+    request_timeout_seconds: u64,
+    /// Largest request body, in bytes (413 above it).
+    #[arg(long, env = "MODELCACHE_MAX_BODY_BYTES", default_value_t = 64 << 10)]
+    max_body_bytes: usize,
 }
 
 #[derive(clap::Args)]
@@ -263,6 +325,8 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         leader_elect: a.leader_elect,
         leader_timing: Timing::from_lease(Duration::from_secs(a.leader_lease_seconds.max(3))),
         identity,
+        autoscale_interval: (a.autoscale_interval_seconds > 0)
+            .then(|| Duration::from_secs(a.autoscale_interval_seconds)),
         controller: controller::Config {
             lease_expiry: Duration::from_secs(a.node_lease_expiry_seconds.max(1)),
             options: Options {
@@ -283,11 +347,45 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
         .block_on(daemon::run(settings))
 }
 
+fn gateway_cmd(a: GatewayArgs) -> anyhow::Result<()> {
+    if !(1.0..=10.0).contains(&a.load_factor) {
+        anyhow::bail!(
+            "--load-factor must be between 1 and 10, not {}",
+            a.load_factor
+        );
+    }
+    let token = match &a.api_token_file {
+        Some(p) => Some(modelcache_support::read_secret(p).context("--api-token-file")?),
+        None => None,
+    };
+    let settings = gateway::Settings {
+        namespace: a.namespace,
+        listen: a.listen,
+        metrics_listen: a.metrics_listen,
+        token,
+        limits: gateway::Limits {
+            max_body_bytes: a.max_body_bytes,
+            max_attempts: a.max_attempts.max(1),
+            load_factor: a.load_factor,
+            hold_timeout: Duration::from_secs(a.scale_up_timeout_seconds),
+            max_held: a.max_held_requests,
+            request_timeout: Duration::from_secs(a.request_timeout_seconds.max(1)),
+            ..gateway::Limits::default()
+        },
+    };
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(gateway::run(settings))
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.log_format);
     let result = match cli.command {
         Command::Run(a) => run_cmd(a),
+        Command::Gateway(a) => gateway_cmd(a),
         Command::Simulate(a) => simulate_cmd(a),
     };
     match result {

@@ -14,7 +14,7 @@ use prometheus::core::{Collector, Desc};
 use prometheus::proto::MetricFamily;
 use prometheus::{
     exponential_buckets, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec,
-    Opts, Registry, TextEncoder,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -27,6 +27,62 @@ pub struct Metrics {
     pub scheduler_duration: Histogram,
     pub reconcile_duration: Histogram,
     pub reconcile_errors: IntCounter,
+    pub autoscaler: AutoscalerMetrics,
+}
+
+/// What the autoscaler measured and decided, per deployment.
+#[derive(Clone)]
+pub struct AutoscalerMetrics {
+    /// Requests in flight or queued at a deployment's agents, for every deployment
+    /// (what KEDA or an HPA can scale on instead).
+    pub inflight: GaugeVec,
+    pub desired: IntGaugeVec,
+    pub current: IntGaugeVec,
+    pub rescales: IntCounterVec,
+}
+
+impl AutoscalerMetrics {
+    fn new(registry: &Registry) -> Result<Self, prometheus::Error> {
+        let labels = &["namespace", "deployment"];
+        let inflight = GaugeVec::new(
+            Opts::new(
+                "modelcache_deployment_inflight_requests",
+                "Requests in flight or queued at a deployment's agents, as last polled",
+            ),
+            labels,
+        )?;
+        let desired = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_autoscaler_desired_replicas",
+                "Replicas the autoscaler wants for an autoscaled deployment",
+            ),
+            labels,
+        )?;
+        let current = IntGaugeVec::new(
+            Opts::new(
+                "modelcache_autoscaler_current_replicas",
+                "spec.replicas of an autoscaled deployment when the autoscaler last looked",
+            ),
+            labels,
+        )?;
+        let rescales = IntCounterVec::new(
+            Opts::new(
+                "modelcache_autoscaler_rescales_total",
+                "Replica changes the autoscaler wrote, by direction (up, down)",
+            ),
+            &["direction"],
+        )?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(desired.clone()))?;
+        registry.register(Box::new(current.clone()))?;
+        registry.register(Box::new(rescales.clone()))?;
+        Ok(AutoscalerMetrics {
+            inflight,
+            desired,
+            current,
+            rescales,
+        })
+    }
 }
 
 impl Metrics {
@@ -62,7 +118,9 @@ impl Metrics {
         registry.register(Box::new(scheduler_duration.clone()))?;
         registry.register(Box::new(reconcile_duration.clone()))?;
         registry.register(Box::new(reconcile_errors.clone()))?;
+        let autoscaler = AutoscalerMetrics::new(&registry)?;
         Ok(Metrics {
+            autoscaler,
             registry,
             decisions,
             scheduler_duration,

@@ -37,6 +37,15 @@ pub fn read_secret(path: &Path) -> Result<String, SecretError> {
     Ok(secret.to_string())
 }
 
+/// Whether a bearer token a client sent is `want`, compared as SHA-256
+/// digests in constant time: neither the first differing byte nor the
+/// token's length shows in the timing.
+pub fn token_matches(want: &str, got: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    bool::from(Sha256::digest(want.as_bytes()).ct_eq(&Sha256::digest(got.as_bytes())))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -65,5 +74,12 @@ mod tests {
         std::fs::write(&p, [b's', b'3', 0xff]).unwrap();
         let e = read_secret(&p).unwrap_err().to_string();
         assert!(!e.contains("s3"), "{e}");
+    }
+
+    #[test]
+    fn tokens_match_only_when_equal() {
+        assert!(token_matches("secret-token-1234", "secret-token-1234"));
+        assert!(!token_matches("secret-token-1234", "secret-token-123"));
+        assert!(!token_matches("secret-token-1234", ""));
     }
 }

@@ -80,8 +80,10 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
             api.local_addr().unwrap().to_string(),
             mon.local_addr().unwrap().to_string(),
         );
-        let ready = state.ready.clone();
-        tokio::spawn(async move { axum::serve(mon, api::metrics_router(metrics, ready)).await });
+        let (queue, ready) = (state.queue.clone(), state.ready.clone());
+        tokio::spawn(
+            async move { axum::serve(mon, api::metrics_router(metrics, queue, ready)).await },
+        );
         tokio::spawn(async move { axum::serve(api, api::router(state)).await });
         addrs
     });

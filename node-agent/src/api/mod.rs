@@ -26,11 +26,9 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine;
 use serde_json::json;
-use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use subtle::ConstantTimeEq;
 use tower_http::request_id::{MakeRequestUuid, PropagateRequestIdLayer, SetRequestIdLayer};
 use tower_http::trace::TraceLayer;
 use tracing::Span;
@@ -38,6 +36,10 @@ use tracing::Span;
 /// The request id header: kept when a client or gateway sends one, made
 /// otherwise, and returned on every API response.
 pub const REQUEST_ID: &str = "x-request-id";
+
+/// On every `/v1` response: the requests this agent has admitted and not
+/// finished (running and waiting), the load a gateway balances on.
+pub const QUEUE_DEPTH: &str = "x-modelcache-queue-depth";
 
 /// What the HTTP handlers share.
 pub struct AppState {
@@ -89,7 +91,11 @@ pub fn router(state: Arc<AppState>) -> Router {
                 .on_response(access_log)
                 .on_failure(()),
         )
-        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid));
+        .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
+        .layer(axum::middleware::map_response_with_state(
+            state.clone(),
+            report_load,
+        ));
     let health = Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz));
@@ -130,6 +136,12 @@ async fn limit_request_head(req: Request<Body>, next: axum::middleware::Next) ->
         .into_response();
     }
     next.run(req).await
+}
+
+async fn report_load(State(s): State<Arc<AppState>>, mut res: Response) -> Response {
+    res.headers_mut()
+        .insert(QUEUE_DEPTH, HeaderValue::from(s.queue.in_flight()));
+    res
 }
 
 /// The span every log line of a request carries, generation included.
@@ -181,11 +193,16 @@ async fn not_found() -> ApiError {
     )
 }
 
-/// The monitoring port: `/metrics`, on a port of its own so that a
-/// NetworkPolicy can open it to Prometheus alone, and the health probes
-/// again, so that they answer even while the API port is flooded.
-pub fn metrics_router(metrics: crate::metrics::AgentMetrics, ready: Arc<AtomicBool>) -> Router {
+/// The monitoring port: `/metrics` and `/load`, on a port of its own so that
+/// a NetworkPolicy can open it to Prometheus and the operator alone, and the
+/// health probes again, so that they answer even while the API port is flooded.
+pub fn metrics_router(
+    metrics: crate::metrics::AgentMetrics,
+    queue: Arc<Queue>,
+    ready: Arc<AtomicBool>,
+) -> Router {
     Router::new()
+        .route("/load", get(move || std::future::ready(Json(queue.load()))))
         .route(
             "/metrics",
             get(move || {
@@ -217,8 +234,7 @@ fn readiness(ready: &AtomicBool) -> Response {
     }
 }
 
-/// The bearer token, compared as SHA-256 digests in constant time: neither
-/// the first differing byte nor the token's length shows in the timing.
+/// The bearer token, compared in constant time.
 fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &s.token else { return Ok(()) };
     let got = headers
@@ -226,11 +242,7 @@ fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
-    let (a, b) = (
-        Sha256::digest(want.as_bytes()),
-        Sha256::digest(got.as_bytes()),
-    );
-    if bool::from(a.ct_eq(&b)) {
+    if modelcache_support::token_matches(want, got) {
         Ok(())
     } else {
         Err(ApiError::new(
@@ -339,7 +351,7 @@ async fn run_generation(
     check_token(s, headers)?;
     let target = s.routes.resolve(&s.agent.catalog, &req.model)?;
     let p = request::validate(&req, &target, &s.agent.catalog, &s.limits)?;
-    let ticket = s.queue.admit()?;
+    let ticket = s.queue.admit(target.label())?;
     // Set when this future is dropped (the client went away, or the time
     // budget ran out): the generation stops before its next step or block.
     let cancelled = Arc::new(AtomicBool::new(false));

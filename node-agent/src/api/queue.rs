@@ -1,10 +1,16 @@
 //! Admission control: `concurrency` generations run, up to `queue_size` wait,
 //! the rest are refused at once with 429 and a `Retry-After` estimated from
 //! how long generations have been taking.
+//!
+//! It also counts what it holds by deployment: the load a gateway reads from
+//! every reply's `x-modelcache-queue-depth` and the operator's autoscaler
+//! from `/load`.
 
 use super::ApiError;
 use crate::metrics::AgentMetrics;
 use axum::http::StatusCode;
+use serde::Serialize;
+use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
@@ -17,6 +23,21 @@ pub struct Queue {
     waiting: AtomicUsize,
     /// Moving average of generation seconds, for Retry-After.
     avg_seconds: Mutex<f64>,
+    /// Admitted requests by deployment (cluster mode) or model.
+    by_model: Mutex<BTreeMap<String, usize>>,
+}
+
+/// What the agent is working on, as `/load` answers it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct Load {
+    /// Requests admitted and not finished: running and waiting.
+    pub in_flight: usize,
+    /// Of those, the requests waiting for a generation slot.
+    pub waiting: usize,
+    /// Generations that run at once.
+    pub concurrency: usize,
+    /// `in_flight` by deployment (`namespace/name`) in cluster mode, by model standalone.
+    pub models: BTreeMap<String, usize>,
 }
 
 impl Queue {
@@ -29,11 +50,12 @@ impl Queue {
             admitted: AtomicUsize::new(0),
             waiting: AtomicUsize::new(0),
             avg_seconds: Mutex::new(1.0),
+            by_model: Mutex::new(BTreeMap::new()),
         }
     }
 
-    /// A place in the queue, or 429 when it is full.
-    pub(super) fn admit(self: &Arc<Self>) -> Result<Ticket, ApiError> {
+    /// A place in the queue for a request for `model`, or 429 when it is full.
+    pub(super) fn admit(self: &Arc<Self>, model: &str) -> Result<Ticket, ApiError> {
         if self.admitted.fetch_add(1, Ordering::SeqCst) >= self.capacity {
             self.admitted.fetch_sub(1, Ordering::SeqCst);
             let per = *self.avg_seconds.lock().unwrap_or_else(|p| p.into_inner());
@@ -48,13 +70,33 @@ impl Queue {
             )
             .retry_after(wait));
         }
+        *self.models().entry(model.to_string()).or_default() += 1;
         Ok(Ticket {
             queue: self.clone(),
+            model: model.to_string(),
         })
+    }
+
+    fn models(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, usize>> {
+        self.by_model.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn waiting(&self) -> usize {
         self.waiting.load(Ordering::Relaxed)
+    }
+
+    /// Requests admitted and not finished.
+    pub fn in_flight(&self) -> usize {
+        self.admitted.load(Ordering::Relaxed)
+    }
+
+    pub fn load(&self) -> Load {
+        Load {
+            in_flight: self.in_flight(),
+            waiting: self.waiting(),
+            concurrency: self.concurrency,
+            models: self.models().clone(),
+        }
     }
 
     /// Counts a finished generation's time into the Retry-After estimate.
@@ -67,6 +109,7 @@ impl Queue {
 /// An admitted request; holds its place until dropped.
 pub(super) struct Ticket {
     queue: Arc<Queue>,
+    model: String,
 }
 
 impl Ticket {
@@ -114,6 +157,14 @@ impl Drop for Waiting<'_> {
 
 impl Drop for Ticket {
     fn drop(&mut self) {
+        let mut models = self.queue.models();
+        if let Some(n) = models.get_mut(&self.model) {
+            *n -= 1;
+            if *n == 0 {
+                models.remove(&self.model);
+            }
+        }
+        drop(models);
         self.queue.admitted.fetch_sub(1, Ordering::SeqCst);
     }
 }

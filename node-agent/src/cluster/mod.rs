@@ -40,6 +40,8 @@ pub struct Settings {
     /// Namespace of the Lease (the agent's own).
     pub namespace: String,
     pub api_port: u16,
+    /// Port of `/metrics` and `/load`, reported for the operator's autoscaler.
+    pub metrics_port: u16,
     pub lease_renew: Duration,
     /// Lease duration written for the operator; 4× the renew period as kubelets do.
     pub lease_duration: Duration,

@@ -20,9 +20,9 @@ pub fn node_status(
 ) -> ModelNodeStatus {
     let (ram, dev) = agent.cache.stats();
     let cfg = agent.cache.config();
-    let endpoint = match settings.pod_ip.parse::<std::net::IpAddr>() {
-        Ok(ip) => std::net::SocketAddr::new(ip, settings.api_port).to_string(),
-        Err(_) => format!("{}:{}", settings.pod_ip, settings.api_port),
+    let endpoint = |port| match settings.pod_ip.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{}:{port}", settings.pod_ip),
     };
     let now = Timestamp::now();
     let entries = agent.cache.entries();
@@ -72,7 +72,8 @@ pub fn node_status(
         agent: Some(AgentInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             pod_name: settings.pod_name.clone(),
-            endpoint,
+            endpoint: endpoint(settings.api_port),
+            metrics_endpoint: Some(endpoint(settings.metrics_port)),
         }),
         devices: cfg
             .devices

@@ -39,6 +39,7 @@ fn settings() -> Settings {
         pod_ip: "10.1.2.3".into(),
         namespace: "modelcache".into(),
         api_port: 8080,
+        metrics_port: 9090,
         lease_renew: Duration::from_millis(200),
         lease_duration: Duration::from_secs(40),
         report_interval: Duration::from_millis(100),

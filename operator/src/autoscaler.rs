@@ -1,0 +1,187 @@
+//! The autoscaler loop of the leader: every interval it reads each agent's
+//! `/load` (requests in flight and queued, by deployment), exports the sum per
+//! deployment, and sets `replicas` of the autoscaled ones through the scale
+//! subresource, with an Event for each change.
+//!
+//! The load comes from the agents rather than from the gateway, so requests
+//! sent to a deployment's Service directly count too, and it needs no
+//! agreement between gateway replicas.
+
+use crate::autoscale::{Autoscaler, Decision};
+use crate::metrics::AutoscalerMetrics;
+use crate::scale::{self, ScaleError};
+use crate::stores::Stores;
+use futures::future::join_all;
+use http_body_util::{BodyExt, Empty};
+use hyper::body::Bytes;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client as HttpClient;
+use hyper_util::rt::TokioExecutor;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::{Api, Client, Resource, ResourceExt};
+use modelcache_crds::{ModelDeployment, ModelNode};
+use serde::Deserialize;
+use std::collections::{BTreeMap, BTreeSet};
+use std::time::{Duration, Instant};
+
+/// How long one agent's `/load` may take; a slower agent counts as idle this round.
+const POLL_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// What the loop needs.
+pub struct Context {
+    pub client: Client,
+    pub stores: Stores,
+    pub metrics: AutoscalerMetrics,
+    pub recorder: Recorder,
+    pub interval: Duration,
+}
+
+/// The part of an agent's `/load` the autoscaler reads.
+#[derive(Debug, Deserialize)]
+struct AgentLoad {
+    #[serde(default)]
+    models: BTreeMap<String, u64>,
+}
+
+/// Runs until the process ends (the leader exits when it loses the lease).
+pub async fn run(ctx: Context) {
+    let mut connector = HttpConnector::new();
+    connector.set_connect_timeout(Some(POLL_TIMEOUT));
+    let http = HttpClient::builder(TokioExecutor::new()).build(connector);
+    // Until the caches are full, absent agents would look idle.
+    if ctx.stores.synced(Duration::MAX).await.is_err() {
+        return;
+    }
+    let mut autoscaler = Autoscaler::default();
+    // Label sets exported last round, removed when their deployment is gone
+    // (or, for the autoscaler's own gauges, no longer autoscaled).
+    let mut exported = (BTreeSet::new(), BTreeSet::new());
+    let mut tick = tokio::time::interval(ctx.interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tick.tick().await;
+        let loads = poll(&http, &ctx.stores.model_nodes.state()).await;
+        let mut seen = (BTreeSet::new(), BTreeSet::new());
+        for md in ctx.stores.deployments.state() {
+            let (Some(ns), name) = (md.namespace(), md.name_any()) else {
+                continue;
+            };
+            let key = format!("{ns}/{name}");
+            let load = loads.get(&key).copied().unwrap_or(0) as f64;
+            let labels = [ns.as_str(), name.as_str()];
+            ctx.metrics.inflight.with_label_values(&labels).set(load);
+            seen.0.insert((ns.clone(), name.clone()));
+            let Some(spec) = md.spec.autoscaling() else {
+                continue;
+            };
+            seen.1.insert((ns.clone(), name.clone()));
+            let current = md.spec.replicas;
+            let d = autoscaler.decide(&key, spec, load, current, Instant::now());
+            ctx.metrics
+                .desired
+                .with_label_values(&labels)
+                .set(i64::from(d.desired));
+            ctx.metrics
+                .current
+                .with_label_values(&labels)
+                .set(i64::from(current));
+            if d.desired != current && md.metadata.deletion_timestamp.is_none() {
+                rescale(&ctx, &md, &ns, current, d, load, spec.target_in_flight).await;
+            }
+        }
+        autoscaler.retain(|k| {
+            k.split_once('/')
+                .is_some_and(|(ns, name)| seen.1.contains(&(ns.to_string(), name.to_string())))
+        });
+        for (ns, name) in exported.0.difference(&seen.0) {
+            let _ = ctx.metrics.inflight.remove_label_values(&[ns, name]);
+        }
+        for (ns, name) in exported.1.difference(&seen.1) {
+            let _ = ctx.metrics.desired.remove_label_values(&[ns, name]);
+            let _ = ctx.metrics.current.remove_label_values(&[ns, name]);
+        }
+        exported = seen;
+    }
+}
+
+/// Requests in flight and queued by deployment (`namespace/name`), summed over
+/// every agent that answered.
+async fn poll(
+    http: &HttpClient<HttpConnector, Empty<Bytes>>,
+    nodes: &[std::sync::Arc<ModelNode>],
+) -> BTreeMap<String, u64> {
+    let asks = nodes.iter().filter_map(|mn| {
+        let endpoint = mn
+            .status
+            .as_ref()?
+            .agent
+            .as_ref()?
+            .metrics_endpoint
+            .clone()?;
+        let node = mn.name_any();
+        Some(async move {
+            let uri: hyper::Uri = format!("http://{endpoint}/load").parse().ok()?;
+            let fetch = async {
+                let res = http.get(uri).await.ok()?;
+                if !res.status().is_success() {
+                    return None;
+                }
+                let body = res.into_body().collect().await.ok()?.to_bytes();
+                serde_json::from_slice::<AgentLoad>(&body).ok()
+            };
+            let load = tokio::time::timeout(POLL_TIMEOUT, fetch)
+                .await
+                .ok()
+                .flatten();
+            if load.is_none() {
+                tracing::debug!(%node, %endpoint, "no load from the agent this round");
+            }
+            load
+        })
+    });
+    let mut sum = BTreeMap::new();
+    for load in join_all(asks).await.into_iter().flatten() {
+        for (k, n) in load.models {
+            *sum.entry(k).or_insert(0) += n;
+        }
+    }
+    sum
+}
+
+async fn rescale(
+    ctx: &Context,
+    md: &ModelDeployment,
+    ns: &str,
+    current: i32,
+    d: Decision,
+    load: f64,
+    target: i32,
+) {
+    let name = md.name_any();
+    let api: Api<ModelDeployment> = Api::namespaced(ctx.client.clone(), ns);
+    match scale::set_replicas(&api, &name, current, d.desired).await {
+        Ok(()) => {
+            let direction = if d.desired > current { "up" } else { "down" };
+            ctx.metrics.rescales.with_label_values(&[direction]).inc();
+            let note = format!(
+                "Rescaled from {current} to {} replicas: {load} requests in flight or queued, {target} per replica targeted (recommendation now {})",
+                d.desired, d.recommended
+            );
+            tracing::info!(deployment = %format!("{ns}/{name}"), from = current, to = d.desired, load, "rescaled");
+            let ev = Event {
+                type_: EventType::Normal,
+                reason: "Rescaled".into(),
+                note: Some(note),
+                action: "Scale".into(),
+                secondary: None,
+            };
+            if let Err(e) = ctx.recorder.publish(&ev, &md.object_ref(&())).await {
+                tracing::warn!(error = %e, "publishing the Rescaled event");
+            }
+        }
+        Err(ScaleError::Changed) => {
+            tracing::debug!(deployment = %format!("{ns}/{name}"), "replicas changed meanwhile; deciding again next round");
+        }
+        Err(e) => tracing::warn!(deployment = %format!("{ns}/{name}"), error = %e, "autoscaling"),
+    }
+}
