@@ -85,6 +85,9 @@ impl Autoscaler {
         let desired = recommended
             .max(current.min(stabilised))
             .clamp(spec.min_replicas, spec.max_replicas.max(spec.min_replicas));
+        // The count this decision writes is what the next look should compare
+        // with: a rise from it by anyone else is then held like the others.
+        h.seen = Some(desired);
         Decision {
             recommended,
             desired,
@@ -137,10 +140,8 @@ mod tests {
         // Quiet, but within 60 s of the burst's recommendation: stay.
         assert_eq!(a.decide("d", &s, 0.0, 3, at(20)).desired, 3);
         assert_eq!(a.decide("d", &s, 1.0, 3, at(69)).desired, 3);
-        // 60 s after 3 replicas were first seen (t = 20), the highest recent
-        // recommendation is 1.
-        assert_eq!(a.decide("d", &s, 0.0, 3, at(79)).desired, 3);
-        let d = a.decide("d", &s, 0.0, 3, at(81));
+        // 60 s after the burst the highest recent recommendation is 1.
+        let d = a.decide("d", &s, 0.0, 3, at(71));
         assert_eq!(
             d,
             Decision {
@@ -171,6 +172,19 @@ mod tests {
                 .desired,
             0
         );
+    }
+
+    #[test]
+    fn a_rise_by_someone_else_right_after_a_scale_down_is_held_too() {
+        let s = spec(0, 4, 1, 10);
+        let mut a = Autoscaler::default();
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(a.decide("d", &s, 0.0, 1, at(0)).desired, 1);
+        assert_eq!(a.decide("d", &s, 0.0, 1, at(11)).desired, 0);
+        // The gateway raised it from the 0 just written to 1 for a new request.
+        assert_eq!(a.decide("d", &s, 0.0, 1, at(12)).desired, 1);
+        assert_eq!(a.decide("d", &s, 0.0, 1, at(21)).desired, 1);
     }
 
     #[test]

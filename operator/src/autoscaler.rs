@@ -49,9 +49,10 @@ pub async fn run(ctx: Context) {
     connector.set_connect_timeout(Some(POLL_TIMEOUT));
     let http = HttpClient::builder(TokioExecutor::new()).build(connector);
     // Until the caches are full, absent agents would look idle.
-    if ctx.stores.synced(Duration::MAX).await.is_err() {
+    if !ctx.stores.ready().await {
         return;
     }
+    tracing::info!(interval = ?ctx.interval, "autoscaler running");
     let mut autoscaler = Autoscaler::default();
     // Label sets exported last round, removed when their deployment is gone
     // (or, for the autoscaler's own gauges, no longer autoscaled).
@@ -170,13 +171,20 @@ async fn rescale(
             tracing::info!(deployment = %format!("{ns}/{name}"), from = current, to = d.desired, load, "rescaled");
             let ev = Event {
                 type_: EventType::Normal,
-                reason: "Rescaled".into(),
+                // Separate reasons: the recorder folds Events of one reason
+                // into a series that keeps the first note.
+                reason: if d.desired > current {
+                    "ScaledUp"
+                } else {
+                    "ScaledDown"
+                }
+                .into(),
                 note: Some(note),
                 action: "Scale".into(),
                 secondary: None,
             };
             if let Err(e) = ctx.recorder.publish(&ev, &md.object_ref(&())).await {
-                tracing::warn!(error = %e, "publishing the Rescaled event");
+                tracing::warn!(error = %e, "publishing the autoscaling event");
             }
         }
         Err(ScaleError::Changed) => {

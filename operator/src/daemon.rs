@@ -188,7 +188,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     {
         let ready = health.ready.clone();
         tokio::spawn(async move {
-            if stores.synced(Duration::MAX).await.is_ok() {
+            if stores.ready().await {
                 tracing::info!("caches synced");
                 ready.store(true, Ordering::Relaxed);
             }

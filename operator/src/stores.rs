@@ -27,15 +27,30 @@ impl Stores {
     /// out. Before that a node whose ModelNode or Lease is not cached yet
     /// looks gone, and a freshly started operator would move its placements.
     pub async fn synced(&self, limit: Duration) -> Result<(), NotSynced> {
-        let all = async {
+        match tokio::time::timeout(limit, self.ready()).await {
+            Ok(true) => Ok(()),
+            _ => Err(NotSynced),
+        }
+    }
+
+    /// Waits for every store's first list, however long it takes; false when
+    /// a store's writer is gone.
+    ///
+    /// A store's readiness is a oneshot receiver that remembers one waker, so
+    /// of several tasks waiting at once (health, autoscaler, reconciles) only
+    /// the last to poll is woken; the others would wait forever. Each wait is
+    /// therefore polled again every half second.
+    pub async fn ready(&self) -> bool {
+        let all = || async {
             self.deployments.wait_until_ready().await.is_ok()
                 && self.model_nodes.wait_until_ready().await.is_ok()
                 && self.nodes.wait_until_ready().await.is_ok()
                 && self.leases.wait_until_ready().await.is_ok()
         };
-        match tokio::time::timeout(limit, all).await {
-            Ok(true) => Ok(()),
-            _ => Err(NotSynced),
+        loop {
+            if let Ok(ready) = tokio::time::timeout(Duration::from_millis(500), all()).await {
+                return ready;
+            }
         }
     }
 

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 pub enum Component {
     Operator,
     Agent,
+    Gateway,
 }
 
 impl Component {
@@ -17,6 +18,7 @@ impl Component {
         match self {
             Component::Operator => "modelcache-operator",
             Component::Agent => "modelcache-agent",
+            Component::Gateway => "modelcache-gateway",
         }
     }
 }

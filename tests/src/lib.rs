@@ -8,6 +8,7 @@
 
 pub mod apiserver;
 pub mod control_plane;
+pub mod gateway;
 pub mod kube;
 pub mod layers;
 pub mod process;

@@ -23,15 +23,19 @@ use std::time::{Duration, Instant};
 
 /// The operator and three agents, running against an API server.
 pub struct Cluster<'k, K: Kube> {
-    api: &'k K,
+    pub(crate) api: &'k K,
     operator_kubeconfig: PathBuf,
     agent_kubeconfig: PathBuf,
     /// The agents' address: EndpointSlices refuse loopback addresses.
     pod_ip: String,
-    dir: tempfile::TempDir,
+    pub(crate) dir: tempfile::TempDir,
     operator: Option<Proc>,
-    operator_metrics: u16,
-    agents: Vec<(String, u16, u16, Option<Proc>)>,
+    pub(crate) operator_metrics: u16,
+    operator_health: u16,
+    /// (node, API port, metrics port, process)
+    pub(crate) agents: Vec<(String, u16, u16, Option<Proc>)>,
+    /// The gateway's API and metrics ports, once started.
+    pub(crate) gateway: Option<(u16, u16, Proc)>,
 }
 
 impl<'k, K: Kube> Cluster<'k, K> {
@@ -55,6 +59,14 @@ impl<'k, K: Kube> Cluster<'k, K> {
             for m in models {
                 copy_dir(&fixture, &dir.path().join(node).join("models").join(m));
             }
+            // The same LoRA on every node, for the gateway's adapter affinity.
+            let loras = dir.path().join(node).join("models/loras");
+            std::fs::create_dir_all(&loras).unwrap();
+            std::fs::copy(
+                repo().join("tests/fixtures/tiny-sd1-lora/tiny-sd1-lora.safetensors"),
+                loras.join("style.safetensors"),
+            )
+            .unwrap();
             let labels = if node == "n3" {
                 json!({"pool": "small", "kubernetes.io/hostname": node})
             } else {
@@ -80,15 +92,23 @@ impl<'k, K: Kube> Cluster<'k, K> {
             dir,
             operator: None,
             operator_metrics: 0,
+            operator_health: 0,
             agents: ["n1", "n2", "n3"]
                 .iter()
                 .map(|n| (n.to_string(), free_port(), free_port(), None))
                 .collect(),
+            gateway: None,
         };
         for i in 0..3 {
             c.start_agent(i);
         }
         c.start_operator();
+        // The leader is ready once its caches have synced (kubelets route
+        // and roll out by it).
+        let health = format!("127.0.0.1:{}", c.operator_health);
+        c.wait("the operator ready", Duration::from_secs(30), || {
+            matches!(http_get(&health, "/readyz"), Ok((200, _))).then_some(())
+        });
         c.wait("three Ready ModelNodes", Duration::from_secs(60), || {
             (c.api
                 .objects("modelnodes")
@@ -112,6 +132,7 @@ impl<'k, K: Kube> Cluster<'k, K> {
         let dir = self.dir.path().to_path_buf();
         let n = self.operator_starts();
         self.operator_metrics = free_port();
+        self.operator_health = free_port();
         let mut cmd = Command::new(binary("modelcache-operator"));
         cmd.args([
             "run",
@@ -122,11 +143,15 @@ impl<'k, K: Kube> Cluster<'k, K> {
             "3",
         ])
         .args(["--node-lease-expiry-seconds", "4", "--resync-seconds", "30"])
+        .args(["--autoscale-interval-seconds", "1"])
         .arg(format!(
             "--metrics-listen=127.0.0.1:{}",
             self.operator_metrics
         ))
-        .arg(format!("--health-listen=127.0.0.1:{}", free_port()))
+        .arg(format!(
+            "--health-listen=127.0.0.1:{}",
+            self.operator_health
+        ))
         .arg(format!("--identity=operator-{n}"))
         .env("KUBECONFIG", &self.operator_kubeconfig)
         .env(
@@ -134,6 +159,36 @@ impl<'k, K: Kube> Cluster<'k, K> {
             std::env::var("MODELCACHE_TEST_LOG").unwrap_or("info,kube=warn".into()),
         );
         self.operator = Some(Proc::spawn(&mut cmd, dir.join(format!("operator-{n}.log"))));
+    }
+
+    /// Starts `modelcache-operator gateway` as the chart's gateway ServiceAccount.
+    pub(crate) fn start_gateway(&mut self) -> String {
+        let (port, metrics) = (free_port(), free_port());
+        let mut cmd = Command::new(binary("modelcache-operator"));
+        cmd.args([
+            "gateway",
+            "--namespace",
+            "default",
+            "--scale-up-timeout-seconds",
+            "60",
+        ])
+        .arg(format!("--listen=127.0.0.1:{port}"))
+        .arg(format!("--metrics-listen=127.0.0.1:{metrics}"))
+        .env(
+            "KUBECONFIG",
+            self.api.kubeconfig(Component::Gateway, self.dir.path()),
+        )
+        .env(
+            "RUST_LOG",
+            std::env::var("MODELCACHE_TEST_LOG").unwrap_or("info,kube=warn".into()),
+        );
+        let log = self.dir.path().join("gateway.log");
+        self.gateway = Some((port, metrics, Proc::spawn(&mut cmd, log)));
+        let addr = format!("127.0.0.1:{port}");
+        self.wait("the gateway ready", Duration::from_secs(30), || {
+            matches!(http_get(&addr, "/readyz"), Ok((200, _))).then_some(())
+        });
+        addr
     }
 
     fn operator_starts(&self) -> usize {
@@ -148,7 +203,7 @@ impl<'k, K: Kube> Cluster<'k, K> {
             .unwrap_or(0)
     }
 
-    fn start_agent(&mut self, i: usize) {
+    pub(crate) fn start_agent(&mut self, i: usize) {
         let (node, api_port, metrics_port, _) = &self.agents[i];
         let root = self.dir.path().join(node);
         let mut cmd = Command::new(binary("modelcache-agent"));
@@ -158,7 +213,7 @@ impl<'k, K: Kube> Cluster<'k, K> {
             .arg("--state-dir")
             .arg(root.join("state"))
             .arg(format!("--listen={}:{api_port}", self.pod_ip))
-            .arg(format!("--metrics-listen=127.0.0.1:{metrics_port}"))
+            .arg(format!("--metrics-listen={}:{metrics_port}", self.pod_ip))
             .args([
                 "--node-name",
                 node,
@@ -185,10 +240,13 @@ impl<'k, K: Kube> Cluster<'k, K> {
         self.agents[i].3 = Some(Proc::spawn(&mut cmd, log));
     }
 
-    fn logs(&self) -> String {
+    pub(crate) fn logs(&self) -> String {
         let mut out = String::new();
         if let Some(op) = &self.operator {
             out.push_str(&format!("--- operator\n{}\n", op.tail(60)));
+        }
+        if let Some((_, _, g)) = &self.gateway {
+            out.push_str(&format!("--- gateway\n{}\n", g.tail(30)));
         }
         for (node, _, _, p) in &self.agents {
             if let Some(p) = p {
@@ -209,8 +267,28 @@ impl<'k, K: Kube> Cluster<'k, K> {
             .collect()
     }
 
+    /// Fails when any process was refused by the API server's authorizer.
+    pub(crate) fn assert_nothing_forbidden(&self) {
+        let refused: Vec<String> = self
+            .logs_whole()
+            .lines()
+            .filter(|l| l.to_ascii_lowercase().contains("forbidden"))
+            .map(str::to_string)
+            .collect();
+        assert!(
+            refused.is_empty(),
+            "refused by the authorizer:\n{}",
+            refused.join("\n")
+        );
+    }
+
     /// Polls `f` until it returns Some, or fails with the processes' logs.
-    fn wait<T>(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    pub(crate) fn wait<T>(
+        &self,
+        what: &str,
+        timeout: Duration,
+        mut f: impl FnMut() -> Option<T>,
+    ) -> T {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(v) = f() {
@@ -233,20 +311,20 @@ impl<'k, K: Kube> Cluster<'k, K> {
         }
     }
 
-    fn mdep(&self, name: &str) -> Value {
+    pub(crate) fn mdep(&self, name: &str) -> Value {
         self.api
             .object("modeldeployments", "default", name)
             .unwrap_or(Value::Null)
     }
 
-    fn condition(&self, name: &str, t: &str) -> Value {
+    pub(crate) fn condition(&self, name: &str, t: &str) -> Value {
         self.mdep(name)["status"]["conditions"]
             .as_array()
             .and_then(|cs| cs.iter().find(|c| c["type"] == t).cloned())
             .unwrap_or(Value::Null)
     }
 
-    fn placements(&self, name: &str) -> Vec<(String, String, String)> {
+    pub(crate) fn placements(&self, name: &str) -> Vec<(String, String, String)> {
         self.mdep(name)["status"]["placements"]
             .as_array()
             .map(|ps| {
@@ -264,7 +342,7 @@ impl<'k, K: Kube> Cluster<'k, K> {
     }
 
     /// Waits for READY "n/n" and returns the serving nodes.
-    fn wait_ready(&self, name: &str, n: usize) -> Vec<String> {
+    pub(crate) fn wait_ready(&self, name: &str, n: usize) -> Vec<String> {
         self.wait(
             &format!("{name} ready {n}/{n}"),
             Duration::from_secs(60),
@@ -284,7 +362,7 @@ impl<'k, K: Kube> Cluster<'k, K> {
     }
 
     /// Endpoints (`ip:port`) of the deployment's EndpointSlice.
-    fn endpoints(&self, name: &str) -> Vec<String> {
+    pub(crate) fn endpoints(&self, name: &str) -> Vec<String> {
         let Some(slice) = self.api.object("endpointslices", "default", name) else {
             return Vec::new();
         };
@@ -307,14 +385,14 @@ impl<'k, K: Kube> Cluster<'k, K> {
             .unwrap_or_default()
     }
 
-    fn metrics(&self, node: &str) -> String {
+    pub(crate) fn metrics(&self, node: &str) -> String {
         let (_, _, port, _) = self.agents.iter().find(|a| a.0 == node).unwrap();
-        http_get(&format!("127.0.0.1:{port}"), "/metrics")
+        http_get(&format!("{}:{port}", self.pod_ip), "/metrics")
             .map(|(_, b)| String::from_utf8_lossy(&b).into_owned())
             .unwrap_or_default()
     }
 
-    fn create(&self, spec: Value, name: &str) -> (u16, Value) {
+    pub(crate) fn create(&self, spec: Value, name: &str) -> (u16, Value) {
         let obj = json!({"apiVersion": "modelcache.io/v1alpha1", "kind": "ModelDeployment", "metadata": {"name": name, "namespace": "default"}, "spec": spec});
         self.api.send(
             "POST",
@@ -323,7 +401,7 @@ impl<'k, K: Kube> Cluster<'k, K> {
         )
     }
 
-    fn patch_spec(&self, name: &str, spec: Value) {
+    pub(crate) fn patch_spec(&self, name: &str, spec: Value) {
         let (code, body) = self.api.send(
             "PATCH",
             &format!("/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments/{name}"),
@@ -332,7 +410,7 @@ impl<'k, K: Kube> Cluster<'k, K> {
         assert_eq!(code, 200, "{body}");
     }
 
-    fn delete(&self, name: &str) {
+    pub(crate) fn delete(&self, name: &str) {
         let (code, body) = self.api.send(
             "DELETE",
             &format!("/apis/modelcache.io/v1alpha1/namespaces/default/modeldeployments/{name}"),
@@ -371,18 +449,34 @@ fn host_ip() -> String {
 }
 
 fn generate(endpoint: &str, model: &str) -> (u16, Value) {
-    let body =
-        json!({"model": model, "prompt": "a lighthouse", "size": "64x64", "steps": 2, "seed": 1})
-            .to_string();
+    let (code, _, body) = post_generation(
+        endpoint,
+        &json!({"model": model, "prompt": "a lighthouse", "size": "64x64", "steps": 2, "seed": 1}),
+    );
+    (code, body)
+}
+
+/// One generation request: status, response headers (lowercase names) and body.
+pub(crate) fn post_generation(endpoint: &str, body: &Value) -> (u16, Vec<(String, String)>, Value) {
+    let body = body.to_string();
     let mut s = std::net::TcpStream::connect(endpoint).unwrap();
     write!(s, "POST /v1/images/generations HTTP/1.1\r\nHost: {endpoint}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}", body.len()).unwrap();
     let mut raw = Vec::new();
     s.read_to_end(&mut raw).unwrap();
     let text = String::from_utf8_lossy(&raw).into_owned();
-    let start = text.find("\r\n\r\n").unwrap() + 4;
+    let Some(end) = text.find("\r\n\r\n") else {
+        return (0, Vec::new(), Value::Null);
+    };
+    let headers = text[..end]
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
     (
-        text[9..12].parse().unwrap(),
-        serde_json::from_str(&text[start..]).unwrap_or(Value::Null),
+        text[9..12].parse().unwrap_or(0),
+        headers,
+        serde_json::from_str(&text[end + 4..]).unwrap_or(Value::Null),
     )
 }
 
@@ -646,15 +740,5 @@ pub fn run<K: Kube>(api: &K) {
         reasons.contains(&"model_not_found") && reasons.contains(&"preempted"),
         "{reasons:?}"
     );
-    let refused: Vec<String> = c
-        .logs_whole()
-        .lines()
-        .filter(|l| l.to_ascii_lowercase().contains("forbidden"))
-        .map(str::to_string)
-        .collect();
-    assert!(
-        refused.is_empty(),
-        "refused by the authorizer:\n{}",
-        refused.join("\n")
-    );
+    c.assert_nothing_forbidden();
 }

@@ -223,6 +223,20 @@ fn the_scenarios_pass_under_the_charts_rbac() {
     );
 }
 
+#[test]
+fn the_gateway_routes_and_scales_under_the_charts_rbac() {
+    let Some((_serial, cp)) = control_plane() else {
+        return;
+    };
+    install(&cp);
+    let started = Instant::now();
+    modelcache_tests::gateway::run(&cp);
+    eprintln!(
+        "the gateway scenarios took {:.0} s against the real apiserver",
+        started.elapsed().as_secs_f64()
+    );
+}
+
 /// `kubectl`, as the test admin, expecting success; returns its output.
 fn kubectl(cp: &ControlPlane, args: &[&str]) -> String {
     let (ok, out) = run(cp.kubectl().args(args).current_dir(repo()));

@@ -30,8 +30,14 @@ pub fn deployment_name<'a>(model: &'a str, default_ns: &'a str) -> Option<(&'a s
 }
 
 /// The agents of `slice` that are ready, with the tier the deployment's
-/// status gives their node (Ram when it says nothing more).
-pub fn backends(md: &ModelDeployment, slice: Option<&EndpointSlice>) -> Vec<Backend> {
+/// status gives their node (Ram when it says nothing more). An agent's
+/// address is the one its ModelNode reports (`agent_at(node)`), which carries
+/// its own port; the slice's address and port otherwise.
+pub fn backends(
+    md: &ModelDeployment,
+    slice: Option<&EndpointSlice>,
+    agent_at: impl Fn(&str) -> Option<SocketAddr>,
+) -> Vec<Backend> {
     let Some(slice) = slice else {
         return Vec::new();
     };
@@ -64,8 +70,8 @@ pub fn backends(md: &ModelDeployment, slice: Option<&EndpointSlice>) -> Vec<Back
                 })
                 .map_or(Tier::Ram, |p| p.tier);
             Some(Backend {
+                addr: agent_at(&node).unwrap_or(SocketAddr::new(ip, port)),
                 node,
-                addr: SocketAddr::new(ip, port),
                 tier,
             })
         })
@@ -196,17 +202,18 @@ mod tests {
             }]),
             metadata: Default::default(),
         };
-        let b = backends(&md(), Some(&slice));
+        let n2_reports: SocketAddr = "10.0.0.2:9000".parse().unwrap();
+        let b = backends(&md(), Some(&slice), |n| (n == "n2").then_some(n2_reports));
         assert_eq!(
             b.iter()
                 .map(|b| (b.node.as_str(), b.addr.to_string(), b.tier))
                 .collect::<Vec<_>>(),
             vec![
                 ("n1", "10.0.0.1:8080".to_string(), Tier::Vram),
-                ("n2", "10.0.0.2:8080".to_string(), Tier::Ram),
+                ("n2", "10.0.0.2:9000".to_string(), Tier::Ram),
             ]
         );
-        assert!(backends(&md(), None).is_empty());
+        assert!(backends(&md(), None, |_| None).is_empty());
     }
 
     #[test]

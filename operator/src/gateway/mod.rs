@@ -2,8 +2,9 @@
 //! ModelDeployment in the cluster.
 //!
 //! It is stateless: what it routes by comes from watches of ModelDeployments
-//! (spec, placements and their tiers) and of the operator's EndpointSlices
-//! (the Ready agents), never from an API call per request. [`backends`] reads
+//! (spec, placements and their tiers), of the operator's EndpointSlices (the
+//! Ready agents) and of ModelNodes (each agent's address), never from an API
+//! call per request. [`backends`] reads
 //! those objects, [`crate::balance`] orders the agents, [`proxy`] holds,
 //! sends and retries, [`metrics`] counts.
 
@@ -26,7 +27,7 @@ use kube::runtime::reflector::{self, reflector};
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::{Api, Client};
 use metrics::GatewayMetrics;
-use modelcache_crds::{ModelDeployment, MANAGED_BY_LABEL, OPERATOR_MANAGER};
+use modelcache_crds::{ModelDeployment, ModelNode, MANAGED_BY_LABEL, OPERATOR_MANAGER};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -141,6 +142,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let metrics = GatewayMetrics::new().context("registering metrics")?;
     let (md_reader, md_writer) = reflector::store();
     let (slice_reader, slice_writer) = reflector::store();
+    let (node_reader, node_writer) = reflector::store();
     let (changed, changes) = tokio::sync::watch::channel(0u64);
     let changed = Arc::new(changed);
     let deployments = reflector(
@@ -172,13 +174,35 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         changed.send_modify(|n| *n += 1);
         std::future::ready(())
     });
+    let nodes = reflector(
+        node_writer,
+        watcher(
+            Api::<ModelNode>::all(client.clone()),
+            watcher::Config::default(),
+        ),
+    )
+    .default_backoff()
+    .touched_objects()
+    .inspect_err(
+        |e| tracing::warn!(kind = "ModelNodes", error = %e, "watch failed; retrying with backoff"),
+    )
+    .for_each(|_| std::future::ready(()));
     tokio::spawn(deployments);
     tokio::spawn(slices);
+    tokio::spawn(nodes);
     let ready = Arc::new(AtomicBool::new(false));
     {
-        let (md, sl, ready) = (md_reader.clone(), slice_reader.clone(), ready.clone());
+        let (md, sl, mn, ready) = (
+            md_reader.clone(),
+            slice_reader.clone(),
+            node_reader.clone(),
+            ready.clone(),
+        );
         tokio::spawn(async move {
-            if md.wait_until_ready().await.is_ok() && sl.wait_until_ready().await.is_ok() {
+            if md.wait_until_ready().await.is_ok()
+                && sl.wait_until_ready().await.is_ok()
+                && mn.wait_until_ready().await.is_ok()
+            {
                 tracing::info!("watches synced");
                 ready.store(true, Ordering::Relaxed);
             }
@@ -188,6 +212,7 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
         settings.namespace,
         md_reader,
         slice_reader,
+        node_reader,
         changes,
         Some(client),
         settings.token,

@@ -16,7 +16,7 @@ use hyper_util::rt::TokioExecutor;
 use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Api;
-use modelcache_crds::ModelDeployment;
+use modelcache_crds::{ModelDeployment, ModelNode};
 use serde_json::{json, Value};
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -165,6 +165,8 @@ pub struct Gateway {
     pub namespace: String,
     pub deployments: Store<ModelDeployment>,
     pub slices: Store<EndpointSlice>,
+    /// The agents' own reports: their addresses.
+    pub nodes: Store<ModelNode>,
     /// Bumped on every watch event: held requests look again.
     pub changes: watch::Receiver<u64>,
     /// For scaling up from zero; `None` turns that off (benchmarks).
@@ -190,6 +192,7 @@ impl Gateway {
         namespace: String,
         deployments: Store<ModelDeployment>,
         slices: Store<EndpointSlice>,
+        nodes: Store<ModelNode>,
         changes: watch::Receiver<u64>,
         kube: Option<kube::Client>,
         token: Option<String>,
@@ -206,6 +209,7 @@ impl Gateway {
             namespace,
             deployments,
             slices,
+            nodes,
             changes,
             kube,
             token,
@@ -254,7 +258,17 @@ impl Gateway {
 
     fn ready_now(&self, md: &ModelDeployment, ns: &str, name: &str) -> Vec<Backend> {
         let slice = self.slices.get(&ObjectRef::new(name).within(ns));
-        backends::backends(md, slice.as_deref())
+        backends::backends(md, slice.as_deref(), |node| {
+            self.nodes
+                .get(&ObjectRef::new(node))?
+                .status
+                .as_ref()?
+                .agent
+                .as_ref()?
+                .endpoint
+                .parse()
+                .ok()
+        })
     }
 
     /// Sends a JSON request for a deployment to one of its agents. `label` is
@@ -375,8 +389,12 @@ impl Gateway {
             if md.spec.replicas == 0 {
                 self.scale_from_zero(&md, ns, name, key).await;
             }
-            match tokio::time::timeout_at(deadline, changes.changed()).await {
+            // Woken by any watch event, and every second regardless, so that a
+            // scale-up that someone undid is tried again.
+            let wake = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            match tokio::time::timeout_at(wake, changes.changed()).await {
                 Ok(Ok(())) => continue,
+                Err(_) if wake < deadline => continue,
                 Ok(Err(_)) => {
                     break Err(GatewayError::new(
                         StatusCode::SERVICE_UNAVAILABLE,
@@ -506,7 +524,9 @@ impl Gateway {
                             .insert(HeaderName::from_static(BACKEND), v);
                     }
                     match res.status() {
-                        StatusCode::SERVICE_UNAVAILABLE => {
+                        // 404: the agent dropped the deployment after the
+                        // EndpointSlice was read (a scale-down, a move).
+                        StatusCode::SERVICE_UNAVAILABLE | StatusCode::NOT_FOUND => {
                             unavailable = Some(res);
                             self.retried(n, &order, "unavailable");
                         }
