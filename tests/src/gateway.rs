@@ -221,5 +221,15 @@ pub fn run<K: Kube>(api: &K) {
         metrics.contains("modelcache_gateway_requests_total{code=\"200\",model=\"default/beta\"}"),
         "{metrics}"
     );
+    // The kill did cut requests off, and they were sent again.
+    let retried: f64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("modelcache_gateway_retries_total{reason=\"connect\"}"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert!(
+        retried >= 1.0,
+        "no request was retried after n2 died:\n{metrics}"
+    );
     c.assert_nothing_forbidden();
 }

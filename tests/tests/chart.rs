@@ -7,7 +7,10 @@
 //! kube-apiserver.
 
 use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, EnvVar, Pod, PodSpec, PodTemplateSpec};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, EnvVar, Pod, PodSpec, PodTemplateSpec, Service,
+};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::api::rbac::v1::PolicyRule;
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
@@ -61,6 +64,18 @@ fn one<K: DeserializeOwned>(docs: &[Value], kind: &str) -> K {
     let found: Vec<&Value> = docs.iter().filter(|d| d["kind"] == kind).collect();
     assert_eq!(found.len(), 1, "one {kind}: {found:?}");
     serde_json::from_value(found[0].clone()).unwrap_or_else(|e| panic!("{kind}: {e}"))
+}
+
+/// The one manifest of `kind` for `component` (operator, agent, gateway).
+fn of<K: DeserializeOwned>(docs: &[Value], kind: &str, component: &str) -> K {
+    let found: Vec<Value> = docs
+        .iter()
+        .filter(|d| {
+            d["kind"] == kind && d["metadata"]["labels"]["app.kubernetes.io/component"] == component
+        })
+        .cloned()
+        .collect();
+    one(&found, kind)
 }
 
 fn pod_of(template: &PodTemplateSpec) -> PodSpec {
@@ -152,7 +167,24 @@ fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
         assert!(!kinds.contains(&absent), "{absent} rendered by default");
     }
 
-    let operator: Deployment = one(&docs, "Deployment");
+    // The gateway: two replicas behind one Service, a budget of one disruption.
+    let gateway: Deployment = of(&docs, "Deployment", "gateway");
+    let gateway = gateway.spec;
+    assert_eq!(gateway.replicas, Some(2));
+    assert_eq!(args(&pod_of(&gateway.template).containers[0])[0], "gateway");
+    let svc: Service = of(&docs, "Service", "gateway");
+    assert_eq!(svc.metadata.name.as_deref(), Some("mc-modelcache-gateway"));
+    let ports = svc.spec.and_then(|s| s.ports).unwrap_or_default();
+    assert!(
+        ports
+            .iter()
+            .any(|p| p.name.as_deref() == Some("http") && p.port == 8080),
+        "{ports:?}"
+    );
+    let _: PodDisruptionBudget = of(&docs, "PodDisruptionBudget", "gateway");
+    let _: NetworkPolicy = of(&docs, "NetworkPolicy", "gateway");
+
+    let operator: Deployment = of(&docs, "Deployment", "operator");
     let spec = operator.spec;
     assert_eq!(spec.replicas, Some(2));
     let operator_pod = pod_of(&spec.template);
@@ -259,6 +291,29 @@ fn rbac_grants_each_component_only_what_it_uses() {
         resources.contains(&"endpointslices") && resources.contains(&"modeldeployments/status"),
         "{resources:?}"
     );
+    assert!(
+        operator.contains(&(
+            "modeldeployments/scale".to_string(),
+            vec!["patch".to_string()]
+        )),
+        "the autoscaler writes replicas through the scale subresource: {operator:?}"
+    );
+    // The gateway reads by watches only, and raises replicas from zero.
+    let watch = vec!["list".to_string(), "watch".to_string()];
+    let mut gateway = rules(&docs, "mc-modelcache-gateway");
+    gateway.sort();
+    assert_eq!(
+        gateway,
+        vec![
+            ("endpointslices".to_string(), watch.clone()),
+            ("modeldeployments".to_string(), watch.clone()),
+            (
+                "modeldeployments/scale".to_string(),
+                vec!["patch".to_string()]
+            ),
+            ("modelnodes".to_string(), watch),
+        ]
+    );
     for (resource, verbs) in agent.iter().chain(&operator) {
         assert!(
             resource != "*" && !verbs.iter().any(|v| v == "*"),
@@ -312,7 +367,19 @@ fn non_default_values_render_valid_manifests() {
     assert_eq!(env_value(c, "MALLOC_MMAP_THRESHOLD_"), Some("2097152"));
     assert_eq!(env_value(c, "MODELCACHE_DEVICE"), Some("cuda:0,cuda:1"));
     assert_eq!(env_value(c, "MODELCACHE_VRAM_CACHE_BYTES"), Some("auto"));
-    let operator: Deployment = one(&docs, "Deployment");
+    // The gateway takes the agents' token and sends it on.
+    let gateway: Deployment = of(&docs, "Deployment", "gateway");
+    let gateway_pod = pod_of(&gateway.spec.template);
+    assert_eq!(
+        env_value(&gateway_pod.containers[0], "MODELCACHE_API_TOKEN_FILE"),
+        Some("/var/run/secrets/modelcache/token")
+    );
+    assert!(gateway_pod.volumes.iter().flatten().any(|v| v
+        .secret
+        .as_ref()
+        .and_then(|s| s.secret_name.as_deref())
+        == Some("api-token")));
+    let operator: Deployment = of(&docs, "Deployment", "operator");
     let operator_pod = pod_of(&operator.spec.template);
     let a = args(&operator_pod.containers[0]);
     assert!(
@@ -350,7 +417,7 @@ fn non_default_values_render_valid_manifests() {
 fn names_service_accounts_disruption_budget_and_gitops_monitoring() {
     // Defaults: two operator replicas with a budget of one disruption.
     let docs = manifests(&template(&[]));
-    let pdb: PodDisruptionBudget = one(&docs, "PodDisruptionBudget");
+    let pdb: PodDisruptionBudget = of(&docs, "PodDisruptionBudget", "operator");
     let spec = pdb.spec.unwrap_or_default();
     assert_eq!(spec.max_unavailable, Some(IntOrString::Int(1)));
     assert_eq!(
@@ -360,7 +427,10 @@ fn names_service_accounts_disruption_budget_and_gitops_monitoring() {
         "operator"
     );
     // One replica: no budget that would block every drain.
-    let one_replica = manifests(&template(&["--set", "operator.replicas=1"]));
+    let one_replica = manifests(&template(&[
+        "--set",
+        "operator.replicas=1,gateway.replicas=1",
+    ]));
     assert!(!kinds(&one_replica).contains(&"PodDisruptionBudget"));
 
     // Overridden names, an existing operator ServiceAccount, IAM annotations on the agent's.
@@ -371,6 +441,8 @@ fn names_service_accounts_disruption_budget_and_gitops_monitoring() {
         "operator.serviceAccount.create=false,operator.serviceAccount.name=platform-ops",
         "--set",
         "agent.serviceAccount.annotations.eks\\.amazonaws\\.com/role-arn=arn:aws:iam::1:role/x",
+        "--set",
+        "gateway.enabled=false",
         // GitOps: no cluster to ask whether the Prometheus Operator is there.
         "--set",
         "monitoring.assumePrometheusOperator=true,monitoring.serviceMonitor.enabled=true",
@@ -388,7 +460,7 @@ fn names_service_accounts_disruption_budget_and_gitops_monitoring() {
         accounts[0]["metadata"]["annotations"]["eks.amazonaws.com/role-arn"],
         "arn:aws:iam::1:role/x"
     );
-    let operator: Deployment = one(&docs, "Deployment");
+    let operator: Deployment = of(&docs, "Deployment", "operator");
     assert_eq!(operator.metadata.name.as_deref(), Some("mc-prod-operator"));
     assert_eq!(
         pod_of(&operator.spec.template)
@@ -416,6 +488,9 @@ fn names_service_accounts_disruption_budget_and_gitops_monitoring() {
 fn bad_values_are_refused_by_the_schema() {
     for (set, why) in [
         ("operator.replicas=two", "got string, want integer"),
+        ("gateway.loadFactor=0.5", "minimum"),
+        ("gateway.service.type=ExternalName", "value must be one of"),
+        ("gateway.maxAttempts=0", "minimum"),
         ("agent.precision=f8", "value must be one of"),
         ("agent.malloc.mmapThreshold=100", "minimum"),
         ("agent.cache.ramBytes=lots", "does not match pattern"),
