@@ -208,6 +208,37 @@ scheduler = dashboard(
     ],
 )
 
-for name, d in [("cache", cache), ("memory", memory), ("generation", generation), ("scheduler", scheduler)]:
+gateway = dashboard(
+    "modelcache-gateway",
+    "modelcache / Gateway",
+    "The cluster's one base URL: requests by model and code, latency, how agents were picked, retries, requests held while a deployment scales up from zero, and the autoscaler's decisions.",
+    False,
+    [
+        panel(1, "Requests by model and code", [
+            ("sum by (model, code) (rate(modelcache_gateway_requests_total{%s}[%s]))" % (OPERATOR, RI), "{{model}} {{code}}"),
+        ], 0, 0, unit="reqps"),
+        panel(2, "Request latency (holding and retries included)", quantiles("modelcache_gateway_request_duration_seconds", "namespace", OPERATOR, ""), 12, 0, unit="s"),
+        panel(3, "Picks by reason", [
+            ("sum by (reason) (rate(modelcache_gateway_picks_total{%s}[%s]))" % (OPERATOR, RI), "{{reason}}"),
+        ], 0, 8, unit="reqps", description="What decided each first choice: least_wait, residency (VRAM before RAM), affinity (LoRA set or model hash), only (one holder)."),
+        panel(4, "Retries by reason", [
+            ("sum by (reason) (rate(modelcache_gateway_retries_total{%s}[%s]))" % (OPERATOR, RI), "{{reason}}"),
+        ], 12, 8, unit="reqps", description="Requests sent again to another agent: connect (unreachable), unavailable (503 or the deployment gone from it), busy (429)."),
+        panel(5, "Held while scaling up", [
+            ("sum by (model) (modelcache_gateway_held_requests{%s})" % OPERATOR, "{{model}}"),
+        ], 0, 16, description="Requests waiting for a deployment to get a ready replica (scale from zero, loading)."),
+        panel(6, "Hold time", quantiles("modelcache_gateway_hold_seconds", "namespace", OPERATOR, ""), 12, 16, unit="s"),
+        panel(7, "Autoscaler: desired and current replicas", [
+            ("sum by (deployment) (modelcache_autoscaler_desired_replicas{%s})" % OPERATOR, "desired {{deployment}}"),
+            ("sum by (deployment) (modelcache_autoscaler_current_replicas{%s})" % OPERATOR, "current {{deployment}}"),
+        ], 0, 24),
+        panel(8, "Load per deployment and rescales", [
+            ("sum by (deployment) (modelcache_deployment_inflight_requests{%s})" % OPERATOR, "in flight {{deployment}}"),
+            ("sum by (direction) (increase(modelcache_autoscaler_rescales_total{%s}[%s]))" % (OPERATOR, RI), "rescaled {{direction}}"),
+        ], 12, 24),
+    ],
+)
+
+for name, d in [("cache", cache), ("memory", memory), ("generation", generation), ("scheduler", scheduler), ("gateway", gateway)]:
     (OUT / f"{name}.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
     print(f"wrote {OUT / name}.json")
