@@ -9,8 +9,8 @@
 //! down after the delay; an agent killed during a burst losing no request.
 
 use crate::kube::Kube;
-use crate::scenarios::{post_generation, Cluster};
-use crate::{http_get, tool};
+use crate::scenarios::{assert_panels_have_data, post_generation, Cluster};
+use crate::{http_get, tool, Prometheus};
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -231,5 +231,22 @@ pub fn run<K: Kube>(api: &K) {
         retried >= 1.0,
         "no request was retried after n2 died:\n{metrics}"
     );
+
+    // The Gateway dashboard's panels return data from a real Prometheus
+    // scraping the gateway and the operator.
+    let (operator, gateway) = (
+        format!("127.0.0.1:{}", c.operator_metrics),
+        format!("127.0.0.1:{}", c.gateway.as_ref().unwrap().1),
+    );
+    let labels: &[(&str, &str)] = &[("namespace", "modelcache")];
+    let prom = Prometheus::start(&[(&operator, labels), (&gateway, labels)]);
+    assert!(
+        !prom
+            .wait_for("count(up == 1) == 2", Duration::from_secs(30))
+            .is_empty(),
+        "operator and gateway never both scraped"
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    assert_panels_have_data(&prom, "gateway");
     c.assert_nothing_forbidden();
 }

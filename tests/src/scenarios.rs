@@ -490,6 +490,31 @@ fn disk_loads(metrics: &str) -> f64 {
         .sum()
 }
 
+/// Every query of the dashboard `name` returns data from `prom`, whose
+/// targets carry `namespace="modelcache"`.
+pub(crate) fn assert_panels_have_data(prom: &Prometheus, name: &str) {
+    let file = repo().join(format!("charts/modelcache/dashboards/{name}.json"));
+    let dashboard: Value = serde_json::from_slice(&std::fs::read(file).unwrap()).unwrap();
+    let mut empty = Vec::new();
+    for p in dashboard["panels"].as_array().unwrap() {
+        for t in p["targets"].as_array().unwrap() {
+            let q = t["expr"]
+                .as_str()
+                .unwrap()
+                .replace("$__rate_interval", "1m")
+                .replace("$namespace", "modelcache");
+            if prom.query(&q).is_empty() {
+                empty.push(format!("{}: {q}", p["title"]));
+            }
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "{name} panels without data:\n{}",
+        empty.join("\n")
+    );
+}
+
 /// The seven scenarios, in order, on a cluster of three agents and the
 /// operator that this starts against `api`; asserts that no process was ever
 /// refused by the API server's authorizer.
@@ -709,28 +734,7 @@ pub fn run<K: Kube>(api: &K) {
         "operator never scraped"
     );
     std::thread::sleep(Duration::from_secs(3));
-    let dashboard: Value = serde_json::from_slice(
-        &std::fs::read(repo().join("charts/modelcache/dashboards/scheduler.json")).unwrap(),
-    )
-    .unwrap();
-    let mut empty = Vec::new();
-    for p in dashboard["panels"].as_array().unwrap() {
-        for t in p["targets"].as_array().unwrap() {
-            let q = t["expr"]
-                .as_str()
-                .unwrap()
-                .replace("$__rate_interval", "1m")
-                .replace("$namespace", "modelcache");
-            if prom.query(&q).is_empty() {
-                empty.push(format!("{}: {q}", p["title"]));
-            }
-        }
-    }
-    assert!(
-        empty.is_empty(),
-        "Scheduler panels without data:\n{}",
-        empty.join("\n")
-    );
+    assert_panels_have_data(&prom, "scheduler");
     let unschedulable = prom.query("modelcache_unschedulable_deployments");
     let reasons: Vec<&str> = unschedulable
         .iter()
