@@ -1,22 +1,26 @@
 //! Writing `replicas` through the scale subresource, as `kubectl scale` and
-//! HPAs do, and only if it still holds the value the writer decided from: a
-//! person's or another component's change made meanwhile wins.
+//! the HorizontalPodAutoscaler do, and only if it still holds the value the
+//! writer decided from: a change made meanwhile by a person or another
+//! component wins.
+//!
+//! It reads the Scale and writes it back with its resourceVersion (the HPA's
+//! way) rather than a JSON patch that tests the old value: the API server
+//! leaves zero replicas out of a Scale, so a test of `/spec/replicas` against
+//! 0 could never pass.
 
-use kube::api::{Patch, PatchParams};
+use kube::api::PostParams;
 use kube::Api;
 use modelcache_crds::ModelDeployment;
 
 /// Why replicas were not changed.
 #[derive(Debug, thiserror::Error)]
 pub enum ScaleError {
-    /// `spec.replicas` no longer held the expected value (not an error for callers
-    /// that only wanted it raised or lowered from what they saw).
+    /// `spec.replicas` no longer held the expected value, or changed between
+    /// the read and the write.
     #[error("replicas changed meanwhile")]
     Changed,
-    #[error("patching the scale subresource: {0}")]
+    #[error("the scale subresource: {0}")]
     Api(#[source] kube::Error),
-    #[error("building the patch: {0}")]
-    Patch(#[source] serde_json::Error),
 }
 
 /// Sets `replicas` of `name` from `from` to `to`.
@@ -26,18 +30,18 @@ pub async fn set_replicas(
     from: i32,
     to: i32,
 ) -> Result<(), ScaleError> {
-    let patch: json_patch::Patch = serde_json::from_value(serde_json::json!([
-        {"op": "test", "path": "/spec/replicas", "value": from},
-        {"op": "replace", "path": "/spec/replicas", "value": to},
-    ]))
-    .map_err(ScaleError::Patch)?;
+    let mut scale = api.get_scale(name).await.map_err(ScaleError::Api)?;
+    let spec = scale.spec.get_or_insert_with(Default::default);
+    if spec.replicas.unwrap_or(0) != from {
+        return Err(ScaleError::Changed);
+    }
+    spec.replicas = Some(to);
     match api
-        .patch_scale(name, &PatchParams::default(), &Patch::Json::<()>(patch))
+        .replace_scale(name, &PostParams::default(), &scale)
         .await
     {
         Ok(_) => Ok(()),
-        // A failed `test` is 422 (Invalid) from kube-apiserver.
-        Err(kube::Error::Api(e)) if e.code == 422 || e.code == 409 => Err(ScaleError::Changed),
+        Err(kube::Error::Api(e)) if e.code == 409 => Err(ScaleError::Changed),
         Err(e) => Err(ScaleError::Api(e)),
     }
 }

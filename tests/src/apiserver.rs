@@ -593,11 +593,19 @@ async fn handle(
     }
 }
 
+/// The autoscaling/v1 Scale of an object. As in the API server (Go's
+/// `omitempty`), zero replicas are left out of `spec`.
 fn scale_of(obj: &Value) -> Value {
+    let replicas = obj["spec"]["replicas"].as_i64().unwrap_or(0);
+    let spec = if replicas == 0 {
+        json!({})
+    } else {
+        json!({"replicas": replicas})
+    };
     json!({
         "apiVersion": "autoscaling/v1", "kind": "Scale",
         "metadata": {"name": obj["metadata"]["name"], "namespace": obj["metadata"]["namespace"], "resourceVersion": obj["metadata"]["resourceVersion"]},
-        "spec": {"replicas": obj["spec"]["replicas"]},
+        "spec": spec,
         "status": {"replicas": obj["status"]["replicas"].as_i64().unwrap_or(0), "selector": obj["status"]["selector"]},
     })
 }
@@ -997,7 +1005,7 @@ impl Server {
             }
             Some("scale") => {
                 let mut n = current.clone();
-                n["spec"]["replicas"] = incoming["spec"]["replicas"].clone();
+                n["spec"]["replicas"] = incoming["spec"]["replicas"].as_i64().unwrap_or(0).into();
                 n
             }
             _ => {

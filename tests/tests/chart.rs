@@ -294,7 +294,7 @@ fn rbac_grants_each_component_only_what_it_uses() {
     assert!(
         operator.contains(&(
             "modeldeployments/scale".to_string(),
-            vec!["patch".to_string()]
+            vec!["get".to_string(), "update".to_string()]
         )),
         "the autoscaler writes replicas through the scale subresource: {operator:?}"
     );
@@ -309,7 +309,7 @@ fn rbac_grants_each_component_only_what_it_uses() {
             ("modeldeployments".to_string(), watch.clone()),
             (
                 "modeldeployments/scale".to_string(),
-                vec!["patch".to_string()]
+                vec!["get".to_string(), "update".to_string()]
             ),
             ("modelnodes".to_string(), watch),
         ]
