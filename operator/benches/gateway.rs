@@ -5,8 +5,9 @@
 //! stores filled the way its watches fill them, in front of three small
 //! agents that answer like the real one (the JSON shape and the
 //! `x-modelcache-queue-depth` header). For the balance, each agent runs one
-//! generation at a time and pays a patch cost whenever a request's LoRA set
-//! differs from the one it has applied, as the real agent patches weights.
+//! generation at a time and, like the real agent's cache, holds two models on
+//! its GPU and three adapter files, least recently used first out: a request
+//! whose model or adapter is not held pays for loading it.
 //!
 //! 1. Overhead: one client, requests alternately through the gateway and
 //!    straight to an agent; p50 and p99 of each and of the difference.
@@ -15,7 +16,7 @@
 //! 3. Balance: ten clients, a Zipf mix of four models and eight LoRA sets,
 //!    through the gateway against a random choice of agent per request (what
 //!    a plain Kubernetes Service does): the busiest agent's work over the
-//!    least busy one's, and adapter patches per request.
+//!    least busy one's, and adapter and model loads per request.
 
 use axum::extract::State;
 use axum::http::{HeaderValue, Request};
@@ -42,31 +43,61 @@ use std::time::{Duration, Instant};
 const NODES: [&str; 3] = ["n1", "n2", "n3"];
 const MODELS: [&str; 4] = ["m0", "m1", "m2", "m3"];
 
-/// A stand-in agent: one request at a time when `service` is set.
+/// Costs of the balance run: one image, loading a model to the GPU, loading
+/// an adapter file.
+#[derive(Clone, Copy)]
+struct Costs {
+    image: Duration,
+    model: Duration,
+    adapter: Duration,
+}
+
+/// What a stand-in agent holds, most recently used last.
+#[derive(Default)]
+struct Held {
+    models: std::collections::VecDeque<String>,
+    adapters: std::collections::VecDeque<String>,
+}
+
+/// Whether `key` was held; it is the most recent afterwards.
+fn touch(list: &mut std::collections::VecDeque<String>, key: &str, capacity: usize) -> bool {
+    let hit = list.iter().position(|k| k == key).map(|i| list.remove(i));
+    list.push_back(key.to_string());
+    if list.len() > capacity {
+        list.pop_front();
+    }
+    hit.is_some()
+}
+
+/// A stand-in agent: one request at a time when `costs` is set.
 #[derive(Default)]
 struct Agent {
     in_flight: AtomicUsize,
     served: AtomicUsize,
-    patches: AtomicUsize,
+    model_loads: AtomicUsize,
+    adapter_loads: AtomicUsize,
     busy_us: AtomicU64,
-    /// (model, LoRA set) last applied, and the one-at-a-time slot.
-    applied: tokio::sync::Mutex<String>,
-    /// Time per image, and per patch, in the balance run.
-    service: Option<(Duration, Duration)>,
+    /// The one-at-a-time slot, and what the agent holds.
+    held: tokio::sync::Mutex<Held>,
+    costs: Option<Costs>,
 }
 
 async fn generate(State(a): State<Arc<Agent>>, body: axum::body::Bytes) -> Response {
     a.in_flight.fetch_add(1, Ordering::SeqCst);
-    if let Some((image, patch)) = a.service {
+    if let Some(costs) = a.costs {
         let req: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
-        let key = format!("{}|{}", req["model"], req["loras"]);
-        let mut applied = a.applied.lock().await;
+        let mut held = a.held.lock().await;
         let started = Instant::now();
-        let mut work = image;
-        if *applied != key {
-            a.patches.fetch_add(1, Ordering::Relaxed);
-            *applied = key;
-            work += patch;
+        let mut work = costs.image;
+        if !touch(&mut held.models, &req["model"].to_string(), 2) {
+            a.model_loads.fetch_add(1, Ordering::Relaxed);
+            work += costs.model;
+        }
+        for l in req["loras"].as_array().into_iter().flatten() {
+            if !touch(&mut held.adapters, &l["path"].to_string(), 3) {
+                a.adapter_loads.fetch_add(1, Ordering::Relaxed);
+                work += costs.adapter;
+            }
         }
         tokio::time::sleep(work).await;
         a.busy_us
@@ -127,8 +158,10 @@ async fn gateway(agents: &[(String, SocketAddr)]) -> SocketAddr {
             "endpoints": endpoints, "ports": [{"port": 8080}],
         }))));
     }
-    let (_tx, rx) = tokio::sync::watch::channel(0);
-    std::mem::forget(_tx);
+    // Nothing is ever held here (every deployment has Ready agents); the
+    // sender lives as long as the process.
+    let (tx, rx) = tokio::sync::watch::channel(0);
+    std::mem::forget(tx);
     let g = Gateway::new(
         "ml".into(),
         deployments,
@@ -167,14 +200,12 @@ fn percentile(v: &mut [f64], q: f64) -> f64 {
     v[((v.len() - 1) as f64 * q).round() as usize]
 }
 
-async fn agents(
-    service: Option<(Duration, Duration)>,
-) -> (Vec<Arc<Agent>>, Vec<(String, SocketAddr)>) {
+async fn agents(costs: Option<Costs>) -> (Vec<Arc<Agent>>, Vec<(String, SocketAddr)>) {
     let mut state = Vec::new();
     let mut addrs = Vec::new();
     for n in NODES {
         let a = Arc::new(Agent {
-            service,
+            costs,
             ..Default::default()
         });
         let r = Router::new()
@@ -269,10 +300,25 @@ fn zipf(rng: &mut SplitMix64, n: usize) -> usize {
     n - 1
 }
 
-/// Ten clients, `per_client` requests each: (busiest ÷ least busy agent's
-/// work, patches per request, seconds).
-async fn balance_run(through_gateway: bool, per_client: usize) -> (f64, f64, f64) {
-    let (state, addrs) = agents(Some((Duration::from_millis(4), Duration::from_millis(12)))).await;
+const COSTS: Costs = Costs {
+    image: Duration::from_millis(4),
+    model: Duration::from_millis(20),
+    adapter: Duration::from_millis(8),
+};
+
+/// What one balance run measured.
+struct Balance {
+    /// Busiest ÷ least busy agent's busy time.
+    spread: f64,
+    adapter_loads: f64,
+    model_loads: f64,
+    seconds: f64,
+}
+
+/// Ten clients, `per_client` requests each, through the gateway or to a
+/// random agent.
+async fn balance_run(through_gateway: bool, per_client: usize) -> Balance {
+    let (state, addrs) = agents(Some(COSTS)).await;
     let gw = gateway(&addrs).await;
     let started = Instant::now();
     let picks = Arc::new(Mutex::new(SplitMix64::new(7)));
@@ -314,27 +360,33 @@ async fn balance_run(through_gateway: bool, per_client: usize) -> (f64, f64, f64
         .iter()
         .map(|a| a.busy_us.load(Ordering::Relaxed) as f64)
         .collect();
-    let patches: usize = state
-        .iter()
-        .map(|a| a.patches.load(Ordering::Relaxed))
-        .sum();
-    let served: usize = state.iter().map(|a| a.served.load(Ordering::Relaxed)).sum();
+    let sum = |f: fn(&Agent) -> usize| state.iter().map(|a| f(a)).sum::<usize>() as f64;
+    let served = sum(|a| a.served.load(Ordering::Relaxed));
     let max = busy.iter().cloned().fold(0.0, f64::max);
     let min = busy.iter().cloned().fold(f64::MAX, f64::min).max(1.0);
-    (
-        max / min,
-        patches as f64 / served as f64,
-        started.elapsed().as_secs_f64(),
-    )
+    Balance {
+        spread: max / min,
+        adapter_loads: sum(|a| a.adapter_loads.load(Ordering::Relaxed)) / served,
+        model_loads: sum(|a| a.model_loads.load(Ordering::Relaxed)) / served,
+        seconds: started.elapsed().as_secs_f64(),
+    }
 }
 
 async fn balance() {
-    let (g_ratio, g_patch, g_secs) = balance_run(true, 150).await;
-    let (s_ratio, s_patch, s_secs) = balance_run(false, 150).await;
+    let g = balance_run(true, 150).await;
+    let s = balance_run(false, 150).await;
+    println!("balance: 3 agents (each: 2 models on its GPU, 3 adapter files), 10 clients × 150 requests, Zipf(1.1) over 4 models and 9 LoRA sets (one of them none); 4 ms per image, 20 ms per model load, 8 ms per adapter load");
+    for (name, b) in [("gateway", &g), ("random choice (a Service)", &s)] {
+        println!(
+            "  {name}: busiest/least busy {:.2}, adapter loads {:.3} and model loads {:.3} per request, {:.1} s",
+            b.spread, b.adapter_loads, b.model_loads, b.seconds
+        );
+    }
     println!(
-        "balance (3 agents, 10 clients, Zipf over 4 models × 9 LoRA sets, 4 ms per image + 12 ms per patch):\n  gateway: busiest/least busy {g_ratio:.2}, {g_patch:.2} patches per request, {g_secs:.1} s\n  random choice (a Service): busiest/least busy {s_ratio:.2}, {s_patch:.2} patches per request, {s_secs:.1} s\n  patches {:.2}× of a Service's, wall time {:.2}×",
-        g_patch / s_patch,
-        g_secs / s_secs
+        "  gateway vs Service: adapter loads {:.2}×, model loads {:.2}×, wall time {:.2}×",
+        g.adapter_loads / s.adapter_loads,
+        g.model_loads / s.model_loads,
+        g.seconds / s.seconds
     );
 }
 
