@@ -28,11 +28,8 @@ use hyper::body::Bytes;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
-use k8s_openapi::api::discovery::v1::EndpointSlice;
-use kube::runtime::reflector;
-use kube::runtime::watcher::Event;
-use modelcache_crds::{ModelDeployment, ModelNode};
-use modelcache_operator::gateway::{metrics::GatewayMetrics, router, Gateway, Limits};
+use modelcache_crds::Tier;
+use modelcache_operator::gateway::{fixtures, router, Limits};
 use modelcache_support::SplitMix64;
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -122,57 +119,21 @@ async fn serve(router: Router) -> SocketAddr {
     addr
 }
 
-fn object<T: serde::de::DeserializeOwned>(v: Value) -> T {
-    serde_json::from_value(v).unwrap()
-}
-
-/// A gateway in front of `agents`, every model placed Ready on every agent.
+/// A gateway in front of `agents`, every model placed Ready in VRAM on each.
 async fn gateway(agents: &[(String, SocketAddr)]) -> SocketAddr {
-    let (deployments, mut dw) = reflector::store::<ModelDeployment>();
-    let (slices, mut sw) = reflector::store::<EndpointSlice>();
-    let (nodes, mut nw) = reflector::store::<ModelNode>();
+    let (g, mut objects) = fixtures::gateway(Limits::default());
+    let ready: Vec<(&str, Tier)> = agents
+        .iter()
+        .map(|(n, _)| (n.as_str(), Tier::Vram))
+        .collect();
     for (node, addr) in agents {
-        nw.apply_watcher_event(&Event::Apply(object(json!({
-            "apiVersion": "modelcache.io/v1alpha1", "kind": "ModelNode", "metadata": {"name": node},
-            "spec": {}, "status": {"agent": {"version": "0", "podName": node, "endpoint": addr.to_string()}},
-        }))));
+        objects.agent(node, *addr);
     }
     for m in MODELS {
-        let placements: Vec<Value> = agents
-            .iter()
-            .map(|(n, _)| json!({"node": n, "role": "Serving", "phase": "Ready", "tier": "Vram"}))
-            .collect();
-        dw.apply_watcher_event(&Event::Apply(object(json!({
-            "apiVersion": "modelcache.io/v1alpha1", "kind": "ModelDeployment",
-            "metadata": {"name": m, "namespace": "ml"},
-            "spec": {"model": {"path": m}, "replicas": 3},
-            "status": {"placements": placements, "replicas": 3, "readyReplicas": 3},
-        }))));
-        let endpoints: Vec<Value> = agents
-            .iter()
-            .map(|(n, a)| json!({"addresses": [a.ip().to_string()], "conditions": {"ready": true}, "nodeName": n}))
-            .collect();
-        sw.apply_watcher_event(&Event::Apply(object(json!({
-            "apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice", "addressType": "IPv4",
-            "metadata": {"name": m, "namespace": "ml"},
-            "endpoints": endpoints, "ports": [{"port": 8080}],
-        }))));
+        objects.deployment(m, 3, false, &ready, None);
     }
-    // Nothing is ever held here (every deployment has Ready agents); the
-    // sender lives as long as the process.
-    let (tx, rx) = tokio::sync::watch::channel(0);
-    std::mem::forget(tx);
-    let g = Gateway::new(
-        "ml".into(),
-        deployments,
-        slices,
-        nodes,
-        rx,
-        None,
-        None,
-        Limits::default(),
-        GatewayMetrics::new().unwrap(),
-    );
+    // The objects never change during a run; their writers live as long as the process.
+    std::mem::forget(objects);
     serve(router(Arc::new(g), Arc::new(AtomicBool::new(true)))).await
 }
 

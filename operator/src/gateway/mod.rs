@@ -9,6 +9,8 @@
 //! sends and retries, [`metrics`] counts.
 
 pub mod backends;
+#[cfg(feature = "testing")]
+pub mod fixtures;
 pub mod metrics;
 pub mod proxy;
 
