@@ -592,6 +592,36 @@ fn clients_that_give_up_leave_the_queue_and_are_counted_as_499() {
     assert!(codes.iter().all(|c| *c == 200), "{codes:?}");
 }
 
+#[test]
+fn the_load_is_reported_on_every_answer_and_by_model() {
+    let agent = Agent::start(&["--concurrency", "1"]);
+    let load = || http(&agent.metrics, "GET", "/load", &[], b"").json();
+    assert_eq!(
+        load(),
+        serde_json::json!({"in_flight": 0, "waiting": 0, "concurrency": 1, "models": {}})
+    );
+    let api = agent.api.clone();
+    let long = std::thread::spawn(move || {
+        post(
+            &api,
+            serde_json::json!({"model": "tiny", "prompt": "y", "size": "64x64", "steps": 40}),
+        )
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while load()["in_flight"] != 1 {
+        assert!(std::time::Instant::now() < deadline, "{}", load());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(load()["models"], serde_json::json!({"tiny": 1}));
+    // Answered while the long one runs: one other request in flight here.
+    let models = http(&agent.api, "GET", "/v1/models", &[], b"");
+    assert_eq!(models.header("x-modelcache-queue-depth"), Some("1"));
+    let r = long.join().unwrap();
+    assert_eq!(r.status, 200);
+    assert_eq!(r.header("x-modelcache-queue-depth"), Some("0"), "its own request is done");
+    assert_eq!(load()["models"], serde_json::json!({}));
+}
+
 /// The fixture with one value of one component's config replaced.
 fn tampered(models: &Path, name: &str, file: &str, key: &str, value: serde_json::Value) {
     let dir = models.join(name);
