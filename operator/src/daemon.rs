@@ -5,6 +5,7 @@ use crate::autoscaler;
 use crate::controller::{self, Config, Context};
 use crate::leader::{LeaderElector, Timing};
 use crate::metrics::{ClusterCollector, Metrics};
+use crate::server::serve;
 use crate::stores::Stores;
 use anyhow::Context as _;
 use axum::extract::State;
@@ -47,16 +48,6 @@ struct Health {
     metrics: Metrics,
 }
 
-async fn serve(addr: SocketAddr, router: Router) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, "listening");
-    axum::serve(listener, router)
-        .await
-        .with_context(|| format!("serving {addr}"))
-}
-
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let client = Client::try_default()
         .await
@@ -90,8 +81,18 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }),
         )
         .with_state(health.clone());
-    tokio::spawn(log_exit(serve(settings.health_listen, health_router)));
-    tokio::spawn(log_exit(serve(settings.metrics_listen, metrics_router)));
+    // They run until the process ends: a standby's health must answer until then.
+    let forever = std::future::pending::<()>;
+    tokio::spawn(log_exit(serve(
+        settings.health_listen,
+        health_router,
+        forever(),
+    )));
+    tokio::spawn(log_exit(serve(
+        settings.metrics_listen,
+        metrics_router,
+        forever(),
+    )));
 
     let elector = settings.leader_elect.then(|| {
         Arc::new(LeaderElector::new(

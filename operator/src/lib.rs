@@ -17,6 +17,7 @@ pub mod preemption;
 pub mod routing;
 pub mod scale;
 pub mod scheduler;
+pub mod server;
 pub mod simulate;
 pub mod status;
 pub mod stores;

@@ -37,6 +37,14 @@ pub fn read_secret(path: &Path) -> Result<String, SecretError> {
     Ok(secret.to_string())
 }
 
+/// Whether an `Authorization` header value carries the bearer token `want`.
+pub fn bearer_matches(want: &str, authorization: Option<&str>) -> bool {
+    let got = authorization
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    token_matches(want, got)
+}
+
 /// Whether a bearer token a client sent is `want`, compared as SHA-256
 /// digests in constant time: neither the first differing byte nor the
 /// token's length shows in the timing.
@@ -81,5 +89,14 @@ mod tests {
         assert!(token_matches("secret-token-1234", "secret-token-1234"));
         assert!(!token_matches("secret-token-1234", "secret-token-123"));
         assert!(!token_matches("secret-token-1234", ""));
+        assert!(bearer_matches(
+            "secret-token-1234",
+            Some("Bearer secret-token-1234")
+        ));
+        assert!(!bearer_matches(
+            "secret-token-1234",
+            Some("secret-token-1234")
+        ));
+        assert!(!bearer_matches("secret-token-1234", None));
     }
 }

@@ -237,12 +237,10 @@ fn readiness(ready: &AtomicBool) -> Response {
 /// The bearer token, compared in constant time.
 fn check_token(s: &AppState, headers: &HeaderMap) -> Result<(), ApiError> {
     let Some(want) = &s.token else { return Ok(()) };
-    let got = headers
+    let sent = headers
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    if modelcache_support::token_matches(want, got) {
+        .and_then(|v| v.to_str().ok());
+    if modelcache_support::bearer_matches(want, sent) {
         Ok(())
     } else {
         Err(ApiError::new(

@@ -618,7 +618,11 @@ fn the_load_is_reported_on_every_answer_and_by_model() {
     assert_eq!(models.header("x-modelcache-queue-depth"), Some("1"));
     let r = long.join().unwrap();
     assert_eq!(r.status, 200);
-    assert_eq!(r.header("x-modelcache-queue-depth"), Some("0"), "its own request is done");
+    assert_eq!(
+        r.header("x-modelcache-queue-depth"),
+        Some("0"),
+        "its own request is done"
+    );
     assert_eq!(load()["models"], serde_json::json!({}));
 }
 

@@ -16,6 +16,7 @@ pub mod proxy;
 
 pub use proxy::{Gateway, GatewayError, Limits};
 
+use crate::server::serve;
 use anyhow::Context as _;
 use axum::body::Body;
 use axum::extract::State;
@@ -125,17 +126,6 @@ async fn models(State(g): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
     Json(serde_json::json!({"object": "list", "data": data})).into_response()
 }
 
-async fn serve(addr: SocketAddr, router: Router) -> anyhow::Result<()> {
-    let listener = tokio::net::TcpListener::bind(addr)
-        .await
-        .with_context(|| format!("binding {addr}"))?;
-    tracing::info!(%addr, "listening");
-    axum::serve(listener, router)
-        .with_graceful_shutdown(modelcache_support::shutdown_signal())
-        .await
-        .with_context(|| format!("serving {addr}"))
-}
-
 /// Watches, serves, and stops on SIGTERM after the requests in flight.
 pub async fn run(settings: Settings) -> anyhow::Result<()> {
     let client = Client::try_default()
@@ -230,8 +220,16 @@ pub async fn run(settings: Settings) -> anyhow::Result<()> {
             }),
         )
         .route("/healthz", get(|| async { "ok" }));
-    let api = serve(settings.listen, router(gateway, ready));
-    let mon = serve(settings.metrics_listen, metrics_router);
+    let api = serve(
+        settings.listen,
+        router(gateway, ready),
+        modelcache_support::shutdown_signal(),
+    );
+    let mon = serve(
+        settings.metrics_listen,
+        metrics_router,
+        modelcache_support::shutdown_signal(),
+    );
     tokio::try_join!(api, mon)?;
     tracing::info!("stopped");
     Ok(())

@@ -236,12 +236,10 @@ impl Gateway {
         let Some(want) = &self.token else {
             return Ok(());
         };
-        let got = headers
+        let sent = headers
             .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .unwrap_or("");
-        if modelcache_support::token_matches(want, got) {
+            .and_then(|v| v.to_str().ok());
+        if modelcache_support::bearer_matches(want, sent) {
             Ok(())
         } else {
             Err(GatewayError::new(
