@@ -43,6 +43,8 @@ fi
 k8s="no Go toolchain: the real-apiserver tests will print SKIPPED"
 if command -v go >/dev/null; then
   bin=$(bash tests/k8s/control-plane.sh)
-  k8s="$("$bin/kube-apiserver" --version), etcd $("$bin/etcd" --version | head -1 | awk '{print $3}')"
+  # awk reads every line: `head -1` may exit first and, under pipefail, the
+  # writer's SIGPIPE would fail this script at random.
+  k8s="$("$bin/kube-apiserver" --version), etcd $("$bin/etcd" --version | awk 'NR == 1 {print $3}')"
 fi
-echo "tools ready: $k8s; $(promtool --version 2>&1 | head -1); $(.ci/tools/helm version --short); openai $(.ci/venv/bin/python -c 'import openai; print(openai.__version__)')"
+echo "tools ready: $k8s; $(promtool --version 2>&1 | awk 'NR == 1'); $(.ci/tools/helm version --short); openai $(.ci/venv/bin/python -c 'import openai; print(openai.__version__)')"

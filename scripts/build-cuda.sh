@@ -32,7 +32,7 @@ C=$("$venv/bin/python" -c 'import nvidia, os; print(os.path.join(list(nvidia.__p
 links=$(pwd)/target/cuda-link
 mkdir -p "$links"
 for lib in cublas cublasLt curand nvrtc cudart; do
-  real=$(ls "$C"/lib/lib$lib.so.* 2>/dev/null | head -1)
+  real=$(ls "$C"/lib/lib$lib.so.* 2>/dev/null | awk 'NR == 1')
   [ -n "$real" ] || { echo "missing lib$lib in $C/lib" >&2; exit 1; }
   ln -sf "$real" "$links/lib$lib.so"
 done
