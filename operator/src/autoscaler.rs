@@ -61,14 +61,17 @@ pub async fn run(ctx: Context) {
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
-        let loads = poll(&http, &ctx.stores.model_nodes.state()).await;
+        let polled = poll(&http, &ctx.stores.model_nodes.state()).await;
+        if !polled.silent.is_empty() {
+            tracing::warn!(nodes = ?polled.silent, "agents did not answer /load; their deployments are not scaled down this round (check the NetworkPolicy to the agents' metrics port)");
+        }
         let mut seen = (BTreeSet::new(), BTreeSet::new());
         for md in ctx.stores.deployments.state() {
             let (Some(ns), name) = (md.namespace(), md.name_any()) else {
                 continue;
             };
             let key = format!("{ns}/{name}");
-            let load = loads.get(&key).copied().unwrap_or(0) as f64;
+            let load = polled.load.get(&key).copied().unwrap_or(0) as f64;
             let labels = [ns.as_str(), name.as_str()];
             ctx.metrics.inflight.with_label_values(&labels).set(load);
             seen.0.insert((ns.clone(), name.clone()));
@@ -86,7 +89,14 @@ pub async fn run(ctx: Context) {
                 .current
                 .with_label_values(&labels)
                 .set(i64::from(current));
-            if d.desired != current && md.metadata.deletion_timestamp.is_none() {
+            // An agent that did not answer may be busy: never lower on a guess.
+            let unknown = md
+                .status
+                .iter()
+                .flat_map(|s| &s.placements)
+                .any(|p| polled.silent.contains(&p.node));
+            let lower_blind = d.desired < current && unknown;
+            if d.desired != current && !lower_blind && md.metadata.deletion_timestamp.is_none() {
                 rescale(&ctx, &md, &ns, current, d, load, spec.target_in_flight).await;
             }
         }
@@ -105,12 +115,19 @@ pub async fn run(ctx: Context) {
     }
 }
 
-/// Requests in flight and queued by deployment (`namespace/name`), summed over
-/// every agent that answered.
+/// What one round read from the agents.
+struct Polled {
+    /// Requests in flight and queued by deployment (`namespace/name`), summed
+    /// over every agent that answered.
+    load: BTreeMap<String, u64>,
+    /// Nodes whose agent did not answer: their load is unknown, not zero.
+    silent: BTreeSet<String>,
+}
+
 async fn poll(
     http: &HttpClient<HttpConnector, Empty<Bytes>>,
     nodes: &[std::sync::Arc<ModelNode>],
-) -> BTreeMap<String, u64> {
+) -> Polled {
     let asks = nodes.iter().filter_map(|mn| {
         let endpoint = mn
             .status
@@ -137,16 +154,26 @@ async fn poll(
             if load.is_none() {
                 tracing::debug!(%node, %endpoint, "no load from the agent this round");
             }
-            load
+            Some((node, load))
         })
     });
-    let mut sum = BTreeMap::new();
-    for load in join_all(asks).await.into_iter().flatten() {
-        for (k, n) in load.models {
-            *sum.entry(k).or_insert(0) += n;
+    let mut polled = Polled {
+        load: BTreeMap::new(),
+        silent: BTreeSet::new(),
+    };
+    for (node, load) in join_all(asks).await.into_iter().flatten() {
+        match load {
+            Some(load) => {
+                for (k, n) in load.models {
+                    *polled.load.entry(k).or_insert(0) += n;
+                }
+            }
+            None => {
+                polled.silent.insert(node);
+            }
         }
     }
-    sum
+    polled
 }
 
 async fn rescale(
