@@ -3,12 +3,14 @@
 docs/architecture.md).
 
 The JSON files are committed; edit this script and run it again
-(`python3 scripts/gen_dashboards.py`) rather than editing them by hand. Every
+(`python3 scripts/gen_dashboards.py`) rather than editing them by hand; the
+chart tests run it with `--check`. Every
 panel is templated by data source, namespace and (for agent panels) node, and
 `tests/tests/dashboards.rs` runs each query against a real Prometheus.
 """
 import json
 import pathlib
+import sys
 
 OUT = pathlib.Path(__file__).resolve().parent.parent / "charts/modelcache/dashboards"
 DS = {"type": "prometheus", "uid": "${datasource}"}
@@ -124,7 +126,7 @@ cache = dashboard(
         panel(7, "Per device: cached vs budget, and free memory", [
             ("sum by (node, device) (modelcache_device_cache_bytes{%s})" % AGENT, "cached {{device}} {{node}}"),
             ("sum by (node, device) (modelcache_device_cache_capacity_bytes{%s})" % AGENT, "budget {{device}} {{node}}"),
-            ('sum by (node, device) (modelcache_device_memory_bytes{state="free", %s})' % AGENT, "free {{device}} {{node}}"),
+            ('sum by (node, device) (modelcache_device_memory_free_bytes{%s})' % AGENT, "free {{device}} {{node}}"),
         ], 0, 24, w=24, unit="bytes", description="One device tier per GPU. Free memory is the driver's figure (on CPU-only nodes, the host's available memory); cached bytes stay under the budget."),
     ],
 )
@@ -239,6 +241,17 @@ gateway = dashboard(
     ],
 )
 
+# --check: fail, naming them, when the committed files differ from what this writes.
+check = "--check" in sys.argv[1:]
+stale = []
 for name, d in [("cache", cache), ("memory", memory), ("generation", generation), ("scheduler", scheduler), ("gateway", gateway)]:
-    (OUT / f"{name}.json").write_text(json.dumps(d, indent=2, ensure_ascii=False) + "\n")
-    print(f"wrote {OUT / name}.json")
+    path = OUT / f"{name}.json"
+    text = json.dumps(d, indent=2, ensure_ascii=False) + "\n"
+    if check:
+        if not path.exists() or path.read_text() != text:
+            stale.append(str(path))
+    else:
+        path.write_text(text)
+        print(f"wrote {path}")
+if stale:
+    sys.exit("not what scripts/gen_dashboards.py writes (run it again): " + ", ".join(stale))

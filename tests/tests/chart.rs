@@ -581,6 +581,14 @@ fn alert_rules_check_and_pass_their_unit_tests() {
 }
 
 #[test]
+fn dashboards_are_what_their_generator_writes() {
+    let (ok, out) = run(Command::new("python3")
+        .arg(repo().join("scripts/gen_dashboards.py"))
+        .arg("--check"));
+    assert!(ok, "{out}");
+}
+
+#[test]
 fn dashboards_match_grafanas_schema() {
     let mut cmd = Command::new(tool("python"));
     cmd.arg(repo().join("tests/scripts/check_dashboards.py"))
