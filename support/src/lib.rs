@@ -8,6 +8,6 @@ pub mod signal;
 pub mod splitmix;
 
 pub use logging::{init_logging, LogFormat};
-pub use secret::{bearer_matches, read_secret, token_matches, SecretError};
+pub use secret::{bearer_allowed, read_secret, token_matches, SecretError};
 pub use signal::shutdown_signal;
 pub use splitmix::SplitMix64;

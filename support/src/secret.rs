@@ -37,8 +37,10 @@ pub fn read_secret(path: &Path) -> Result<String, SecretError> {
     Ok(secret.to_string())
 }
 
-/// Whether an `Authorization` header value carries the bearer token `want`.
-pub fn bearer_matches(want: &str, authorization: Option<&str>) -> bool {
+/// Whether a request with this `Authorization` header value may pass: always
+/// when no token is configured, else when it carries the bearer token.
+pub fn bearer_allowed(token: Option<&str>, authorization: Option<&str>) -> bool {
+    let Some(want) = token else { return true };
     let got = authorization
         .and_then(|v| v.strip_prefix("Bearer "))
         .unwrap_or("");
@@ -89,14 +91,10 @@ mod tests {
         assert!(token_matches("secret-token-1234", "secret-token-1234"));
         assert!(!token_matches("secret-token-1234", "secret-token-123"));
         assert!(!token_matches("secret-token-1234", ""));
-        assert!(bearer_matches(
-            "secret-token-1234",
-            Some("Bearer secret-token-1234")
-        ));
-        assert!(!bearer_matches(
-            "secret-token-1234",
-            Some("secret-token-1234")
-        ));
-        assert!(!bearer_matches("secret-token-1234", None));
+        let want = Some("secret-token-1234");
+        assert!(bearer_allowed(want, Some("Bearer secret-token-1234")));
+        assert!(!bearer_allowed(want, Some("secret-token-1234")));
+        assert!(!bearer_allowed(want, None));
+        assert!(bearer_allowed(None, None), "no token configured: open");
     }
 }
