@@ -95,6 +95,23 @@ async fn agent(node: &'static str, reply: Reply) -> (Arc<Agent>, SocketAddr) {
     (a, addr)
 }
 
+/// A gateway whose deployment `ml/alpha` is held Ready in VRAM by one
+/// stand-in agent per `(node, reply)`, and those agents.
+async fn alpha_on(limits: Limits, holders: &[(&'static str, Reply)]) -> (Gateway, Vec<Arc<Agent>>) {
+    let (g, mut objects) = fixtures::gateway(limits);
+    let mut agents = Vec::new();
+    for (node, reply) in holders {
+        let (a, addr) = agent(node, *reply).await;
+        objects.agent(node, addr);
+        agents.push(a);
+    }
+    let ready: Vec<(&str, Tier)> = holders.iter().map(|(n, _)| (*n, Tier::Vram)).collect();
+    objects.deployment("alpha", holders.len() as i32, false, &ready, None);
+    // The objects do not change during these tests.
+    std::mem::forget(objects);
+    (g, agents)
+}
+
 /// An address where nothing listens: an agent that died.
 async fn dead() -> SocketAddr {
     let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -171,10 +188,8 @@ fn metric(g: &Gateway, name_and_labels: &str) -> f64 {
 
 #[tokio::test]
 async fn names_models_and_bad_requests_are_answered_like_openai() {
-    let (a, addr) = agent("n1", Reply::Image).await;
-    let (g, mut objects) = fixtures::gateway(Limits::default());
-    objects.agent("n1", addr);
-    objects.deployment("alpha", 1, false, &[("n1", Tier::Vram)], None);
+    let (g, agents) = alpha_on(Limits::default(), &[("n1", Reply::Image)]).await;
+    let a = &agents[0];
     let (base, _g) = serve(g).await;
 
     for name in ["alpha", "ml/alpha"] {
@@ -290,50 +305,34 @@ async fn a_dead_agent_and_a_503_are_retried_on_another_holder() {
 
 #[tokio::test]
 async fn when_every_holder_is_busy_the_client_gets_429_with_the_shortest_wait() {
-    let mut objects_agents = Vec::new();
-    for (node, secs) in [("n1", 7), ("n2", 3), ("n3", 5)] {
-        objects_agents.push((node, agent(node, Reply::Busy(secs)).await));
-    }
-    let (g, mut objects) = fixtures::gateway(Limits::default());
-    for (node, (_, addr)) in &objects_agents {
-        objects.agent(node, *addr);
-    }
-    objects.deployment(
-        "alpha",
-        3,
-        false,
-        &[("n1", Tier::Vram), ("n2", Tier::Vram), ("n3", Tier::Vram)],
-        None,
-    );
+    let busy = [
+        ("n1", Reply::Busy(7)),
+        ("n2", Reply::Busy(3)),
+        ("n3", Reply::Busy(5)),
+    ];
+    let (g, agents) = alpha_on(Limits::default(), &busy).await;
     let (base, _g) = serve(g).await;
     let r = generate(&base, json!({"model": "alpha", "prompt": "x"}), &[]).await;
     assert_eq!(r.status, 429);
     assert_eq!(r.headers["retry-after"], "3");
     assert_eq!(r.body["error"]["code"], "queue_full");
-    for (_, (a, _)) in &objects_agents {
+    for a in &agents {
         assert_eq!(a.hits.load(Ordering::SeqCst), 1, "each holder asked once");
     }
 }
 
 #[tokio::test]
 async fn attempts_are_bounded() {
-    let mut agents = Vec::new();
-    let (g, mut objects) = fixtures::gateway(Limits {
+    let limits = Limits {
         max_attempts: 2,
         ..Limits::default()
-    });
-    for node in ["n1", "n2", "n3"] {
-        let (a, addr) = agent(node, Reply::Unavailable).await;
-        objects.agent(node, addr);
-        agents.push(a);
-    }
-    objects.deployment(
-        "alpha",
-        3,
-        false,
-        &[("n1", Tier::Vram), ("n2", Tier::Vram), ("n3", Tier::Vram)],
-        None,
-    );
+    };
+    let unavailable = [
+        ("n1", Reply::Unavailable),
+        ("n2", Reply::Unavailable),
+        ("n3", Reply::Unavailable),
+    ];
+    let (g, agents) = alpha_on(limits, &unavailable).await;
     let (base, _g) = serve(g).await;
     let r = generate(&base, json!({"model": "alpha", "prompt": "x"}), &[]).await;
     assert_eq!(r.status, 503);
@@ -347,20 +346,11 @@ async fn attempts_are_bounded() {
 
 #[tokio::test]
 async fn an_agents_reported_queue_sends_the_next_request_elsewhere() {
-    let (g, mut objects) = fixtures::gateway(Limits::default());
-    let mut agents = Vec::new();
-    for node in ["n1", "n2"] {
-        let (a, addr) = agent(node, Reply::Image).await;
-        objects.agent(node, addr);
-        agents.push(a);
-    }
-    objects.deployment(
-        "alpha",
-        2,
-        false,
-        &[("n1", Tier::Vram), ("n2", Tier::Vram)],
-        None,
-    );
+    let (g, agents) = alpha_on(
+        Limits::default(),
+        &[("n1", Reply::Image), ("n2", Reply::Image)],
+    )
+    .await;
     let (base, _g) = serve(g).await;
     let body = json!({"model": "alpha", "prompt": "x"});
     let first = generate(&base, body.clone(), &[]).await;
@@ -453,11 +443,9 @@ async fn holding_is_bounded_in_time_and_number_and_says_why() {
 
 #[tokio::test]
 async fn the_token_is_required_and_passed_on() {
-    let (a, addr) = agent("n1", Reply::Image).await;
-    let (mut g, mut objects) = fixtures::gateway(Limits::default());
+    let (mut g, agents) = alpha_on(Limits::default(), &[("n1", Reply::Image)]).await;
+    let a = &agents[0];
     g.token = Some("s3cret-token-for-tests".into());
-    objects.agent("n1", addr);
-    objects.deployment("alpha", 1, false, &[("n1", Tier::Vram)], None);
     let (base, _g) = serve(g).await;
     let body = json!({"model": "alpha", "prompt": "x"});
     for auth in [None, Some("Bearer wrong")] {
