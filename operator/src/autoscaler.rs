@@ -220,3 +220,64 @@ async fn rescale(
         Err(e) => tracing::warn!(deployment = %format!("{ns}/{name}"), error = %e, "autoscaling"),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::get;
+    use axum::Router;
+    use std::net::SocketAddr;
+
+    async fn agent_answering(body: &'static str) -> SocketAddr {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let app = Router::new().route("/load", get(move || async move { body }));
+        tokio::spawn(async move { axum::serve(l, app).await });
+        addr
+    }
+
+    fn node(name: &str, metrics: SocketAddr) -> std::sync::Arc<ModelNode> {
+        std::sync::Arc::new(
+            serde_json::from_value(serde_json::json!({
+                "apiVersion": "modelcache.io/v1alpha1", "kind": "ModelNode", "metadata": {"name": name},
+                "spec": {}, "status": {"agent": {"version": "0", "podName": name, "endpoint": "10.0.0.1:8080",
+                                                  "metricsEndpoint": metrics.to_string()}},
+            }))
+            .unwrap(),
+        )
+    }
+
+    #[tokio::test]
+    async fn loads_are_summed_and_agents_without_a_readable_answer_are_silent_not_idle() {
+        let one = agent_answering(
+            r#"{"in_flight": 3, "waiting": 2, "concurrency": 1, "models": {"ml/a": 2, "ml/b": 1}}"#,
+        )
+        .await;
+        let two = agent_answering(
+            r#"{"in_flight": 1, "waiting": 0, "concurrency": 1, "models": {"ml/a": 1}}"#,
+        )
+        .await;
+        let garbage = agent_answering("<html>not load</html>").await;
+        let dead = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .unwrap()
+            .local_addr()
+            .unwrap();
+        let nodes = [
+            node("n1", one),
+            node("n2", two),
+            node("n3", garbage),
+            node("n4", dead),
+        ];
+        let http = HttpClient::builder(TokioExecutor::new()).build(HttpConnector::new());
+        let polled = poll(&http, &nodes).await;
+        assert_eq!(
+            polled.load,
+            BTreeMap::from([("ml/a".to_string(), 3), ("ml/b".to_string(), 1)])
+        );
+        assert_eq!(
+            polled.silent,
+            BTreeSet::from(["n3".to_string(), "n4".to_string()])
+        );
+    }
+}
