@@ -241,14 +241,17 @@ api_enum! {
 pub enum NotTextToImage {
     #[error("is a {0} model, not a text-to-image pipeline")]
     NotMain(ModelType),
-    #[error("is the {0} variant; text-to-image needs the Normal variant of a base model")]
+    #[error(
+        "is the {0} variant; text-to-image needs the Normal or Inpaint variant of a base model"
+    )]
     Variant(ModelVariant),
     #[error("is an SDXL refiner, which refines images and cannot generate from text alone")]
     Refiner,
 }
 
 /// The one rule for which models serve text-to-image: a main model of the
-/// normal variant (4 latent input channels) that is not an SDXL refiner. The
+/// normal variant (4 latent input channels) or an inpainting one (which
+/// generates from text with everything masked), not an SDXL refiner. The
 /// agent serves and the operator resolves exactly these.
 pub fn text_to_image(
     model_type: ModelType,
@@ -258,7 +261,7 @@ pub fn text_to_image(
     if model_type != ModelType::Main {
         return Err(NotTextToImage::NotMain(model_type));
     }
-    if let Some(v) = variant.filter(|v| *v != ModelVariant::Normal) {
+    if let Some(v) = variant.filter(|v| *v == ModelVariant::Depth) {
         return Err(NotTextToImage::Variant(v));
     }
     if base == Some(BaseModel::SdxlRefiner) {
@@ -303,7 +306,7 @@ mod tests {
     }
 
     #[test]
-    fn only_normal_main_models_that_are_not_refiners_serve_text_to_image() {
+    fn only_normal_or_inpainting_main_models_that_are_not_refiners_serve_text_to_image() {
         use ModelType::*;
         let sd1 = Some(BaseModel::Sd1);
         assert_eq!(text_to_image(Main, sd1, None), Ok(()));
@@ -314,7 +317,11 @@ mod tests {
         );
         assert_eq!(
             text_to_image(Main, sd1, Some(ModelVariant::Inpaint)),
-            Err(NotTextToImage::Variant(ModelVariant::Inpaint))
+            Ok(())
+        );
+        assert_eq!(
+            text_to_image(Main, sd1, Some(ModelVariant::Depth)),
+            Err(NotTextToImage::Variant(ModelVariant::Depth))
         );
         assert_eq!(
             text_to_image(Main, Some(BaseModel::SdxlRefiner), None),
@@ -322,7 +329,7 @@ mod tests {
         );
         assert_eq!(
             NotTextToImage::Variant(ModelVariant::Depth).to_string(),
-            "is the Depth variant; text-to-image needs the Normal variant of a base model"
+            "is the Depth variant; text-to-image needs the Normal or Inpaint variant of a base model"
         );
     }
 

@@ -137,6 +137,8 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
             .map(|p| (pipeline::embedding::trigger_name(p), p.clone()))
             .collect(),
         seamless: a.seamless,
+        edit: None,
+        draws: None,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p

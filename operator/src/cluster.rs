@@ -753,9 +753,9 @@ mod tests {
         lora.model_type = ModelType::Lora;
         let l = vec![Arc::new(model_node("n1", "10.0.0.1", 24, vec![lora]))];
         assert_eq!(why(&md, &l), ("False", reason::NOT_A_MAIN_MODEL));
-        let mut inpaint = local("sd15", G);
-        inpaint.variant = Some(ModelVariant::Inpaint);
-        let i = vec![Arc::new(model_node("n1", "10.0.0.1", 24, vec![inpaint]))];
+        let mut depth = local("sd15", G);
+        depth.variant = Some(ModelVariant::Depth);
+        let i = vec![Arc::new(model_node("n1", "10.0.0.1", 24, vec![depth]))];
         assert_eq!(why(&md, &i), ("False", reason::UNSUPPORTED_MODEL));
         let pinned = deployment(
             "sd",

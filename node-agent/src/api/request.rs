@@ -253,6 +253,8 @@ pub fn validate(
         loras,
         embeddings,
         seamless,
+        edit: None,
+        draws: None,
     })
 }
 

@@ -114,3 +114,141 @@ pub fn png_size(bytes: &[u8]) -> Option<(u32, u32)> {
     let be = |i: usize| u32::from_be_bytes([bytes[i], bytes[i + 1], bytes[i + 2], bytes[i + 3]]);
     Some((be(16), be(20)))
 }
+
+/// Why uploaded bytes are not an image an edit can use.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("is not a PNG, JPEG or WebP image")]
+    Format,
+    #[error("is {width}x{height}, more than the {max} pixels an edit may upload")]
+    TooLarge { width: u32, height: u32, max: u64 },
+    #[error("cannot be decoded: {0}")]
+    Corrupt(String),
+}
+
+/// Reads the header of an uploaded image and refuses it, before a pixel is
+/// decoded, when it is not PNG, JPEG or WebP or has more than `max_pixels`:
+/// a few kilobytes of compressed data can claim gigabytes of pixels.
+fn reader(
+    bytes: &[u8],
+    max_pixels: u64,
+) -> Result<image::ImageReader<std::io::Cursor<&[u8]>>, DecodeError> {
+    use image::ImageFormat;
+    let open = || {
+        image::ImageReader::new(std::io::Cursor::new(bytes))
+            .with_guessed_format()
+            .map_err(|e| DecodeError::Corrupt(e.to_string()))
+    };
+    let probe = open()?;
+    if !matches!(
+        probe.format(),
+        Some(ImageFormat::Png | ImageFormat::Jpeg | ImageFormat::WebP)
+    ) {
+        return Err(DecodeError::Format);
+    }
+    let (width, height) = probe
+        .into_dimensions()
+        .map_err(|e| DecodeError::Corrupt(e.to_string()))?;
+    if u64::from(width) * u64::from(height) > max_pixels {
+        return Err(DecodeError::TooLarge {
+            width,
+            height,
+            max: max_pixels,
+        });
+    }
+    let mut r = open()?;
+    let mut limits = image::Limits::default();
+    limits.max_image_width = Some(width);
+    limits.max_image_height = Some(height);
+    // RGBA at 16 bits per channel, twice over for conversions.
+    limits.max_alloc = Some(u64::from(width) * u64::from(height) * 16);
+    r.limits(limits);
+    Ok(r)
+}
+
+fn decode(bytes: &[u8], max_pixels: u64) -> Result<image::DynamicImage, DecodeError> {
+    reader(bytes, max_pixels)?
+        .decode()
+        .map_err(|e| DecodeError::Corrupt(e.to_string()))
+}
+
+/// An uploaded PNG, JPEG or WebP as an RGB image (alpha dropped).
+pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<Image, DecodeError> {
+    let rgb = decode(bytes, max_pixels)?.to_rgb8();
+    Ok(Image {
+        width: rgb.width() as usize,
+        height: rgb.height() as usize,
+        data: rgb.as_raw().iter().map(|&v| f32::from(v) / 255.0).collect(),
+    })
+}
+
+/// An uploaded mask: with an alpha channel, its fully transparent pixels are
+/// repainted (OpenAI's convention); without one, its light pixels are
+/// (luminance ≥ 0.5, diffusers' convention for black-and-white masks).
+pub fn decode_mask(bytes: &[u8], max_pixels: u64) -> Result<super::Mask, DecodeError> {
+    let img = decode(bytes, max_pixels)?;
+    let (width, height) = (img.width() as usize, img.height() as usize);
+    let data = if img.color().has_alpha() {
+        img.to_rgba8()
+            .pixels()
+            .map(|p| if p[3] == 0 { 1.0 } else { 0.0 })
+            .collect()
+    } else {
+        img.to_luma8()
+            .pixels()
+            .map(|p| if p[0] >= 128 { 1.0 } else { 0.0 })
+            .collect()
+    };
+    Ok(super::Mask {
+        width,
+        height,
+        data,
+    })
+}
+
+impl Image {
+    /// The image resampled to `width` × `height` (Lanczos, as diffusers'
+    /// image processor resizes).
+    pub fn resized(&self, width: usize, height: usize) -> Image {
+        if (width, height) == (self.width, self.height) {
+            return self.clone();
+        }
+        let src =
+            image::Rgb32FImage::from_raw(self.width as u32, self.height as u32, self.data.clone());
+        let Some(src) = src else {
+            return self.clone();
+        };
+        let out = image::imageops::resize(
+            &src,
+            width as u32,
+            height as u32,
+            image::imageops::FilterType::Lanczos3,
+        );
+        Image {
+            width,
+            height,
+            data: out
+                .into_raw()
+                .into_iter()
+                .map(|v| v.clamp(0.0, 1.0))
+                .collect(),
+        }
+    }
+}
+
+impl super::Mask {
+    /// The mask resampled to `width` × `height` (nearest pixel, so it stays binary).
+    pub fn resized(&self, width: usize, height: usize) -> super::Mask {
+        let data = (0..height)
+            .flat_map(|y| (0..width).map(move |x| (y, x)))
+            .map(|(y, x)| {
+                self.data[(y * self.height / height) * self.width + x * self.width / width]
+            })
+            .collect();
+        super::Mask {
+            width,
+            height,
+            data,
+        }
+    }
+}

@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod cpu;
+pub mod edit;
 pub mod embedding;
 pub mod image;
 pub mod lora;
@@ -21,6 +22,7 @@ pub mod scheduler;
 pub mod text;
 pub mod tokenizer;
 
+pub use edit::{Edit, Mask};
 pub use image::Image;
 pub use model::{DiffusersModel, ModelError};
 pub use nets::conv::Seamless;
@@ -31,7 +33,7 @@ use adapters::Adapters;
 use candle_core::{DType, Device, Tensor};
 use modelcache_crds::SchedulerKind;
 use nets::unet_2d::UNet2DConditionModel;
-use nets::vae::VaeDecoder;
+use nets::vae::{VaeDecoder, VaeEncoder};
 use rng::NormalRng;
 use scheduler::Scheduler;
 use std::path::PathBuf;
@@ -74,6 +76,15 @@ pub enum RequestError {
     Size { width: usize, height: usize },
     #[error("steps and n must be at least 1")]
     Empty,
+    #[error("strength {strength} of {steps} steps runs no step: raise strength or steps")]
+    NoStep { strength: f64, steps: usize },
+    #[error("the image is {got_w}x{got_h} but the generation is {want_w}x{want_h}")]
+    EditSize {
+        got_w: usize,
+        got_h: usize,
+        want_w: usize,
+        want_h: usize,
+    },
     #[error("latents have shape {got:?}, expected {want:?}")]
     Latents { got: Vec<usize>, want: [usize; 4] },
     #[error("{name} is not a LoRA adapter this model can use: {why}")]
@@ -132,6 +143,11 @@ pub struct GenerateParams {
     pub embeddings: Vec<(String, PathBuf)>,
     /// Axes along which the image tiles seamlessly.
     pub seamless: Seamless,
+    /// The image to edit, if this is an edit.
+    pub edit: Option<Edit>,
+    /// Every Gaussian draw, in order, instead of the seed's (all images use
+    /// the same): reproduces a reference run's noise exactly.
+    pub draws: Option<Vec<f32>>,
 }
 
 impl Default for GenerateParams {
@@ -151,6 +167,8 @@ impl Default for GenerateParams {
             loras: Vec::new(),
             embeddings: Vec::new(),
             seamless: Seamless::NONE,
+            edit: None,
+            draws: None,
         }
     }
 }
@@ -190,7 +208,55 @@ fn check_params(model: &DiffusersModel, p: &GenerateParams) -> Result<(), Reques
     if model.text2.is_some() && p.embeddings.iter().any(|(name, _)| text::named(p, name)) {
         return Err(RequestError::SdxlEmbeddings);
     }
+    if let Some(e) = &p.edit {
+        let sizes = [(e.image.width, e.image.height)]
+            .into_iter()
+            .chain(e.mask.as_ref().map(|m| (m.width, m.height)));
+        for (w, h) in sizes {
+            if (w, h) != (p.width, p.height) {
+                return Err(RequestError::EditSize {
+                    got_w: w,
+                    got_h: h,
+                    want_w: p.width,
+                    want_h: p.height,
+                });
+            }
+        }
+        if edit::start_step(p.steps, e.strength).is_none() {
+            return Err(RequestError::NoStep {
+                strength: e.strength,
+                steps: p.steps,
+            });
+        }
+    }
     Ok(())
+}
+
+/// What an edit brings to the denoising loop of one image.
+struct EditLatents {
+    /// The image's latents, which the kept part is blended back to
+    /// (inpainting with a text-to-image UNet), or `None`.
+    image: Option<Tensor>,
+    /// The latent mask and masked image's latents an inpainting UNet takes
+    /// beside the latents, each doubled for guidance.
+    unet_inputs: Option<(Tensor, Tensor)>,
+    /// The latent mask the blend uses (text-to-image UNets).
+    mask: Option<Tensor>,
+}
+
+/// The VAE encoder's sample of an image's latents (diffusers' `retrieve_latents`
+/// in sample mode), times the scaling factor.
+fn encode_image(
+    encoder: &VaeEncoder,
+    image: &Tensor,
+    scaling_factor: f64,
+    rng: &mut NormalRng,
+    dtype: DType,
+) -> Result<Tensor, PipelineError> {
+    let (mean, std) = encoder.encode(&image.to_dtype(dtype)?)?;
+    let (mean, std) = (mean.to_dtype(DType::F32)?, std.to_dtype(DType::F32)?);
+    let eps = rng.tensor(mean.dims(), mean.device())?;
+    Ok(((mean + (std * eps)?)? * scaling_factor)?)
 }
 
 /// Runs txt2img and returns `n` images.
@@ -220,8 +286,8 @@ pub fn generate(
     let (vb, _held) = adapters.weights(cache, &unet_guard, "lora_unet_")?;
     let unet = UNet2DConditionModel::new(
         vb,
-        4,
-        4,
+        model.unet_in_channels,
+        model.vae.latent_channels,
         false,
         nets::unet_2d::UNet2DConditionModelConfig {
             seamless: p.seamless,
@@ -237,18 +303,70 @@ pub fn generate(
         None => None,
     };
     let (lh, lw) = (p.height / 8, p.width / 8);
+    let shape = [1, model.vae.latent_channels, lh, lw];
+    // Inpainting models without an image to edit generate from text with
+    // everything masked, as other front ends run them.
+    let blank;
+    let edit = match (&p.edit, model.inpainting()) {
+        (Some(e), _) => Some(e),
+        (None, true) => {
+            blank = Edit {
+                image: Image {
+                    width: p.width,
+                    height: p.height,
+                    data: vec![0.5; p.width * p.height * 3],
+                },
+                mask: Some(Mask::full(p.width, p.height)),
+                strength: 1.0,
+            };
+            Some(&blank)
+        }
+        (None, false) => None,
+    };
+    let vae_guard = match edit {
+        Some(_) => Some(cache.get_device(&model.component("vae"))?),
+        None => None,
+    };
+    let encoder = match &vae_guard {
+        Some(g) => Some(VaeEncoder::new(g.var_builder(), 3, &model.vae)?),
+        None => None,
+    };
+    let latents_by_image = p.latents.as_ref();
     let mut latents_out = Vec::with_capacity(p.n);
     for i in 0..p.n {
         let mut sched = Scheduler::new(p.scheduler, model.schedule.clone(), p.steps);
-        let mut rng = NormalRng::new(p.seed.wrapping_add(i as u64));
-        let shape = [1, model.vae.latent_channels, lh, lw];
-        let mut x = match &p.latents {
+        let mut rng = match &p.draws {
+            Some(d) => NormalRng::replay(d.clone()),
+            None => NormalRng::new(p.seed.wrapping_add(i as u64)),
+        };
+        let n_steps = sched.timesteps().len();
+        let start = match edit {
+            Some(e) => edit::start_step(n_steps, e.strength).unwrap_or(0),
+            None => 0,
+        };
+        let full_strength = start == 0;
+        let enc = |image: &Tensor, rng: &mut NormalRng| -> Result<Tensor, PipelineError> {
+            let (Some(encoder), Some(g)) = (&encoder, &vae_guard) else {
+                return Err(PipelineError::Compute(candle_core::Error::Msg(
+                    "no VAE encoder for an edit".into(),
+                )));
+            };
+            let img = image.to_device(&g.device)?;
+            encode_image(encoder, &img, model.vae.scaling_factor, rng, g.dtype)?
+                .to_device(&device)
+                .map_err(Into::into)
+        };
+        // The draws come in diffusers' order: the image's encoding, the
+        // noise, the masked image's encoding.
+        let image_latents = match edit {
+            Some(e) if !model.inpainting() || !full_strength => {
+                Some(enc(&edit::image_tensor(&e.image, &Device::Cpu)?, &mut rng)?)
+            }
+            _ => None,
+        };
+        let noise = match latents_by_image {
             Some(l) => {
-                let l = if l.dim(0)? > i {
-                    l.narrow(0, i, 1)?
-                } else {
-                    l.narrow(0, 0, 1)?
-                };
+                let l = l.narrow(0, if l.dim(0)? > i { i } else { 0 }, 1)?;
                 if l.dims() != shape {
                     return Err(RequestError::Latents {
                         got: l.dims().to_vec(),
@@ -260,33 +378,91 @@ pub fn generate(
             }
             None => rng.tensor(&shape, &device)?,
         };
-        x = (x * sched.init_noise_sigma())?;
+        let mut x = match &image_latents {
+            Some(img) if !full_strength => sched.add_noise(img, &noise, start)?,
+            _ => (&noise * sched.init_noise_sigma())?,
+        };
+        let edit_latents = match edit {
+            Some(Edit {
+                image,
+                mask: Some(mask),
+                ..
+            }) => {
+                let latent_mask = mask.latent(&device)?;
+                if model.inpainting() {
+                    let masked = enc(
+                        &edit::masked_image_tensor(image, mask, &Device::Cpu)?,
+                        &mut rng,
+                    )?;
+                    let double = |t: Tensor| -> candle_core::Result<Tensor> {
+                        if guided {
+                            Tensor::cat(&[&t, &t], 0)
+                        } else {
+                            Ok(t)
+                        }
+                    };
+                    EditLatents {
+                        image: None,
+                        unet_inputs: Some((
+                            double(latent_mask)?.to_dtype(dtype)?,
+                            double(masked)?.to_dtype(dtype)?,
+                        )),
+                        mask: None,
+                    }
+                } else {
+                    EditLatents {
+                        image: image_latents,
+                        unet_inputs: None,
+                        mask: Some(latent_mask),
+                    }
+                }
+            }
+            _ => EditLatents {
+                image: None,
+                unet_inputs: None,
+                mask: None,
+            },
+        };
         let timesteps = sched.timesteps().to_vec();
-        for (s, &t) in timesteps.iter().enumerate() {
+        for (s, &t) in timesteps.iter().enumerate().skip(start) {
             let inp = sched.scale_model_input(&x, s)?;
             let inp = if guided {
                 Tensor::cat(&[&inp, &inp], 0)?
             } else {
                 inp
             };
-            let noise = match &added {
+            let inp = match &edit_latents.unet_inputs {
+                Some((mask, masked)) => Tensor::cat(&[&inp.to_dtype(dtype)?, mask, masked], 1)?,
+                None => inp.to_dtype(dtype)?,
+            };
+            let noise_pred = match &added {
                 Some((pooled, ids)) => {
-                    unet.forward_with_added(&inp.to_dtype(dtype)?, t as f64, &context, pooled, ids)?
+                    unet.forward_with_added(&inp, t as f64, &context, pooled, ids)?
                 }
-                None => unet.forward(&inp.to_dtype(dtype)?, t as f64, &context)?,
+                None => unet.forward(&inp, t as f64, &context)?,
             }
             .to_dtype(DType::F32)?;
-            let noise = if guided {
-                let (u, c) = (noise.narrow(0, 0, 1)?, noise.narrow(0, 1, 1)?);
+            let noise_pred = if guided {
+                let (u, c) = (noise_pred.narrow(0, 0, 1)?, noise_pred.narrow(0, 1, 1)?);
                 (&u + ((c - &u)? * p.guidance_scale)?)?
             } else {
-                noise
+                noise_pred
             };
-            x = sched.step(&noise, s, &x, &mut rng)?;
+            x = sched.step(&noise_pred, s, &x, &mut rng)?;
+            // Inpainting with a text-to-image UNet: the kept part is the
+            // image's own latents at the next step's noise level.
+            if let (Some(img), Some(mask)) = (&edit_latents.image, &edit_latents.mask) {
+                let kept = if s + 1 < timesteps.len() {
+                    sched.add_noise(img, &noise, s + 1)?
+                } else {
+                    img.clone()
+                };
+                x = (kept.broadcast_mul(&(1.0 - mask)?)? + x.broadcast_mul(mask)?)?;
+            }
             let stage = Stage::Denoising {
                 image: i,
-                step: s + 1,
-                steps: timesteps.len(),
+                step: s + 1 - start,
+                steps: timesteps.len() - start,
             };
             if !progress(stage) {
                 return Err(PipelineError::Cancelled);
@@ -294,6 +470,8 @@ pub fn generate(
         }
         latents_out.push(x);
     }
+    drop(encoder);
+    drop(vae_guard);
     drop(unet);
     drop(unet_guard);
     let vae_guard = cache.get_device(&model.component("vae"))?;

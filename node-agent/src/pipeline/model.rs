@@ -25,8 +25,8 @@ pub enum ModelError {
     NotTextToImage(#[from] NotTextToImage),
     #[error("cannot determine the base model")]
     UnknownBase,
-    #[error("the UNet does not take 4 latent channels; only text-to-image models are served")]
-    LatentChannels,
+    #[error("the UNet takes {0} input channels; the latents' 4 (text-to-image) or 9 (inpainting) are served")]
+    LatentChannels(u64),
     #[error("text_encoder_2 is not a CLIPTextModelWithProjection (SDXL needs its pooled, projected output)")]
     NoProjection,
     #[error("the UNet's added text/time embeddings and a second text encoder go together (SDXL); this folder has one without the other")]
@@ -46,6 +46,9 @@ pub struct DiffusersModel {
     pub dir: PathBuf,
     pub base: BaseModel,
     pub unet: UNet2DConditionModelConfig,
+    /// The latent channels (text-to-image), or twice them and one more: an
+    /// inpainting UNet, which also takes the mask and the masked image.
+    pub unet_in_channels: usize,
     pub vae: VaeConfig,
     pub text: TextEncoder,
     /// SDXL's second text encoder (with projection).
@@ -66,10 +69,13 @@ impl DiffusersModel {
         let config = |c: &str| read_json(&dir.join(c));
         let unet_json = config("unet/config.json")?;
         let unet = UNet2DConditionModelConfig::from_json(&unet_json)?;
-        if unet_json["in_channels"].as_u64().unwrap_or(4) != 4 {
-            return Err(ModelError::LatentChannels);
-        }
         let vae = VaeConfig::from_json(&config("vae/config.json")?)?;
+        let latent = vae.latent_channels;
+        let unet_in_channels = match unet_json["in_channels"].as_u64() {
+            None => latent,
+            Some(c) if c as usize == latent || c as usize == 2 * latent + 1 => c as usize,
+            Some(c) => return Err(ModelError::LatentChannels(c)),
+        };
         let text = text_encoder(dir, "text_encoder", "tokenizer")?;
         if text.tokenizer.vocab_size() > text.config.vocab_size {
             return Err(ModelError::VocabMismatch {
@@ -103,6 +109,7 @@ impl DiffusersModel {
             dir: dir.to_path_buf(),
             base,
             unet,
+            unet_in_channels,
             vae,
             text,
             text2,
@@ -110,6 +117,11 @@ impl DiffusersModel {
             force_zeros_for_empty_prompt,
             bytes_f32: probe.size_bytes.f32,
         })
+    }
+
+    /// Whether the UNet is an inpainting one (mask and masked image as input).
+    pub fn inpainting(&self) -> bool {
+        self.unet_in_channels != self.vae.latent_channels
     }
 
     /// The components a generation loads, each a cache entry.

@@ -10,6 +10,9 @@ use rand_chacha::ChaCha8Rng;
 pub struct NormalRng {
     rng: ChaCha8Rng,
     spare: Option<f32>,
+    /// Draws given in advance, used instead of the stream: a reference run's
+    /// exact noise, so that a test can reproduce another implementation's image.
+    replay: Option<std::vec::IntoIter<f32>>,
 }
 
 impl NormalRng {
@@ -17,6 +20,15 @@ impl NormalRng {
         NormalRng {
             rng: ChaCha8Rng::seed_from_u64(seed),
             spare: None,
+            replay: None,
+        }
+    }
+
+    /// A generator that hands out `draws` in order, and fails past their end.
+    pub fn replay(draws: Vec<f32>) -> Self {
+        NormalRng {
+            replay: Some(draws.into_iter()),
+            ..NormalRng::new(0)
         }
     }
 
@@ -39,7 +51,16 @@ impl NormalRng {
     /// A tensor of standard normal samples.
     pub fn tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
         let n = shape.iter().product();
-        let v: Vec<f32> = (0..n).map(|_| self.sample()).collect();
+        let v: Vec<f32> = match &mut self.replay {
+            Some(draws) => {
+                let v: Vec<f32> = draws.by_ref().take(n).collect();
+                if v.len() < n {
+                    return Err(candle_core::Error::Msg("the replayed draws ran out".into()));
+                }
+                v
+            }
+            None => (0..n).map(|_| self.sample()).collect(),
+        };
         Tensor::from_vec(v, shape, device)
     }
 }

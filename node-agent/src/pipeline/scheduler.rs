@@ -236,6 +236,19 @@ impl Scheduler {
         }
     }
 
+    /// `x0` noised to the level of step `i` (diffusers' `add_noise`): how
+    /// an edit's image enters the schedule, and how inpainting re-noises the
+    /// part it keeps.
+    pub fn add_noise(&self, x0: &Tensor, noise: &Tensor, i: usize) -> Result<Tensor> {
+        match self.kind {
+            SchedulerKind::EulerAncestral => x0 + (noise * self.sigmas[i])?,
+            _ => {
+                let a = self.ac[self.timesteps[i]];
+                (x0 * a.sqrt())? + (noise * (1.0 - a).sqrt())?
+            }
+        }
+    }
+
     /// Scales the UNet input at step `i`.
     pub fn scale_model_input(&self, x: &Tensor, i: usize) -> Result<Tensor> {
         match self.kind {

@@ -7,6 +7,7 @@ mod api;
 mod cache;
 mod cluster;
 mod memory_regression;
+mod pipeline_edit;
 mod pipeline_embeddings;
 mod pipeline_parity;
 mod pipeline_sd2;

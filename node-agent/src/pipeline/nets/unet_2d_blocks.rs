@@ -442,6 +442,7 @@ impl DownBlock2D {
         let resnet_cfg = ResnetBlock2DConfig {
             out_channels: Some(out_channels),
             eps: config.resnet_eps,
+            groups: config.resnet_groups,
             output_scale_factor: config.output_scale_factor,
             temb_channels,
             tiling: config.tiling,
