@@ -35,9 +35,9 @@ pub struct GenerateOptions {
     /// ddim, euler-ancestral or dpm++2m.
     #[arg(long, default_value = "ddim")]
     pub scheduler: SchedulerKind,
-    /// WIDTHxHEIGHT, multiples of 8.
-    #[arg(long, default_value = "512x512")]
-    pub size: String,
+    /// WIDTHxHEIGHT, multiples of 8 (default 512x512, or --init-image's size).
+    #[arg(long)]
+    pub size: Option<String>,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Number of images (written as OUT, OUT-1, …).
@@ -72,9 +72,62 @@ pub struct GenerateOptions {
         default_value = ".modelcache-state"
     )]
     pub state_dir: PathBuf,
+    /// An image to edit (PNG, JPEG or WebP): image-to-image, or inpainting
+    /// with --mask. The output takes its size unless --size is given.
+    #[arg(long)]
+    pub init_image: Option<PathBuf>,
+    /// The area of --init-image to repaint: a PNG whose fully transparent
+    /// pixels (or, without alpha, white pixels) are repainted.
+    #[arg(long, requires = "init_image")]
+    pub mask: Option<PathBuf>,
+    /// How much of --init-image is redrawn, 0 to 1 (default 0.8, or 1 with --mask).
+    #[arg(long, requires = "init_image")]
+    pub strength: Option<f64>,
     /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// The most pixels `generate` reads from an --init-image or --mask.
+const MAX_EDIT_PIXELS: u64 = 8192 * 8192;
+
+/// `--init-image`, `--mask` and `--strength` as an edit, at the image's size.
+fn read_edit(
+    image: &Path,
+    mask: Option<&Path>,
+    strength: Option<f64>,
+) -> anyhow::Result<pipeline::Edit> {
+    use pipeline::image::{decode_image, decode_mask};
+    let read = |p: &Path| std::fs::read(p).with_context(|| p.display().to_string());
+    let image = decode_image(&read(image)?, MAX_EDIT_PIXELS)
+        .with_context(|| format!("--init-image {}", image.display()))?;
+    let mask = match mask {
+        Some(path) => {
+            let m = decode_mask(&read(path)?, MAX_EDIT_PIXELS)
+                .with_context(|| format!("--mask {}", path.display()))?;
+            anyhow::ensure!(
+                (m.width, m.height) == (image.width, image.height),
+                "--mask {} is {}x{} but --init-image is {}x{}",
+                path.display(),
+                m.width,
+                m.height,
+                image.width,
+                image.height
+            );
+            Some(m)
+        }
+        None => None,
+    };
+    let strength = strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+    anyhow::ensure!(
+        (0.0..=1.0).contains(&strength),
+        "--strength {strength} must be from 0 to 1"
+    );
+    Ok(pipeline::Edit {
+        image,
+        mask,
+        strength,
+    })
 }
 
 /// Generates images from a model without the server.
@@ -95,7 +148,20 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
             Ok((path, weight))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let (width, height) = parse_size(&a.size)?;
+    let edit = match &a.init_image {
+        Some(path) => Some(read_edit(path, a.mask.as_deref(), a.strength)?),
+        None => None,
+    };
+    let (width, height) = match (&a.size, &edit) {
+        (Some(size), _) => parse_size(size)?,
+        (None, Some(e)) => (e.image.width, e.image.height),
+        (None, None) => (512, 512),
+    };
+    let edit = edit.map(|e| pipeline::Edit {
+        image: e.image.resized(width, height),
+        mask: e.mask.map(|m| m.resized(width, height)),
+        ..e
+    });
     let dir = if a.model.is_dir() {
         a.model.clone()
     } else {
@@ -137,7 +203,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
             .map(|p| (pipeline::embedding::trigger_name(p), p.clone()))
             .collect(),
         seamless: a.seamless,
-        edit: None,
+        edit,
         draws: None,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).

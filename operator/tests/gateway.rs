@@ -8,6 +8,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use axum::Router;
 use modelcache_crds::Tier;
+use modelcache_operator::gateway::payload::{self, Payload};
 use modelcache_operator::gateway::{fixtures, router, Gateway, Limits};
 use serde_json::{json, Value};
 use std::net::SocketAddr;
@@ -33,7 +34,11 @@ struct Agent {
     seen: Mutex<(String, String, String)>,
 }
 
-async fn answer(State(a): State<Arc<Agent>>, headers: HeaderMap, body: String) -> Response {
+async fn answer(
+    State(a): State<Arc<Agent>>,
+    headers: HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
     a.hits.fetch_add(1, Ordering::SeqCst);
     let h = |k: &str| {
         headers
@@ -42,10 +47,20 @@ async fn answer(State(a): State<Arc<Agent>>, headers: HeaderMap, body: String) -
             .unwrap_or_default()
             .to_string()
     };
-    let model = serde_json::from_str::<Value>(&body).unwrap_or_default()["model"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string();
+    let model = if payload::is_form(&headers) {
+        // An edit: the form's model, and the size of its image as the last word.
+        let form = Payload::read(&headers, body).await.unwrap();
+        let Payload::Form(parts) = &form else {
+            unreachable!()
+        };
+        let image = parts.iter().find(|p| p.name == "image").unwrap();
+        format!("{} {}", form.model().unwrap_or_default(), image.data.len())
+    } else {
+        serde_json::from_slice::<Value>(&body).unwrap_or_default()["model"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string()
+    };
     *a.seen.lock().unwrap() = (h("x-request-id"), h("authorization"), model);
     let mut r = match a.reply {
         Reply::Image => axum::Json(json!({"created": 0, "data": [{"b64_json": a.node}]})).into_response(),
@@ -89,6 +104,7 @@ async fn agent(node: &'static str, reply: Reply) -> (Arc<Agent>, SocketAddr) {
     let addr = listen(
         Router::new()
             .route("/v1/images/generations", post(answer))
+            .route("/v1/images/edits", post(answer))
             .with_state(a.clone()),
     )
     .await;
@@ -249,6 +265,56 @@ async fn names_models_and_bad_requests_are_answered_like_openai() {
         2,
         "bad requests never reach an agent"
     );
+}
+
+#[tokio::test]
+async fn edits_are_forwarded_as_forms_with_the_model_named_and_the_image_intact() {
+    let (g, agents) = alpha_on(Limits::default(), &[("n1", Reply::Image)]).await;
+    let (base, _g) = serve(g).await;
+    let image: Vec<u8> = (0..=255u8).cycle().take(100_000).collect();
+    let form = Payload::Form(vec![
+        payload::Part {
+            name: "model".into(),
+            filename: None,
+            content_type: None,
+            data: "alpha".into(),
+        },
+        payload::Part {
+            name: "image".into(),
+            filename: Some("cat.png".into()),
+            content_type: Some("image/png".into()),
+            data: image.into(),
+        },
+    ]);
+    let (ct, body) = form.encode().unwrap();
+    let (status, _, answer) = client::send(
+        "POST",
+        &format!("{base}/v1/images/edits"),
+        &[("content-type", ct.to_str().unwrap())],
+        body.to_vec(),
+    )
+    .await;
+    assert_eq!(status, 200, "{}", String::from_utf8_lossy(&answer));
+    assert_eq!(agents[0].seen.lock().unwrap().2, "ml/alpha 100000");
+    // A form without a model, and one that is not a form, never reach an agent.
+    let (no_model, empty) = Payload::Form(vec![]).encode().unwrap();
+    for (ct, body) in [
+        (no_model.to_str().unwrap().to_string(), empty.to_vec()),
+        (
+            "multipart/form-data; boundary=x".to_string(),
+            b"garbage".to_vec(),
+        ),
+    ] {
+        let (status, _, _) = client::send(
+            "POST",
+            &format!("{base}/v1/images/edits"),
+            &[("content-type", &ct)],
+            body,
+        )
+        .await;
+        assert_eq!(status, 400, "{ct}");
+    }
+    assert_eq!(agents[0].hits.load(Ordering::SeqCst), 1);
 }
 
 #[tokio::test]

@@ -16,6 +16,8 @@ pub struct ApiError {
     message: String,
     kind: &'static str,
     code: &'static str,
+    /// The request field at fault, as OpenAI's errors name it.
+    pub(super) param: Option<&'static str>,
     retry_after: Option<u64>,
 }
 
@@ -31,8 +33,15 @@ impl ApiError {
             message: message.into(),
             kind,
             code,
+            param: None,
             retry_after: None,
         }
+    }
+
+    /// Names the request field at fault.
+    pub(super) fn param(mut self, field: &'static str) -> Self {
+        self.param = Some(field);
+        self
     }
 
     /// 400: something in the request is wrong; the message says what.
@@ -70,7 +79,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": null}});
+        let body = json!({"error": {"message": self.message, "type": self.kind, "code": self.code, "param": self.param}});
         let mut r = (self.status, Json(body)).into_response();
         if let Some(s) = self.retry_after {
             if let Ok(v) = HeaderValue::from_str(&s.to_string()) {

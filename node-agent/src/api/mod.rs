@@ -5,6 +5,7 @@
 //! [`request`] validates bodies, [`queue`] admits them, [`error`] shapes
 //! failures; this module holds the routes and the handlers.
 
+pub mod edit;
 pub mod error;
 pub mod queue;
 pub mod request;
@@ -79,6 +80,10 @@ pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.limits.max_body_bytes;
     let api = Router::new()
         .route("/v1/images/generations", post(generate))
+        .route(
+            "/v1/images/edits",
+            post(edit).layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
+        )
         .route("/v1/models", get(models))
         .route("/openapi.json", get(openapi))
         .fallback(not_found)
@@ -178,7 +183,7 @@ async fn openapi() -> Response {
 async fn method_not_allowed() -> ApiError {
     ApiError::new(
         StatusCode::METHOD_NOT_ALLOWED,
-        "this endpoint does not take that method; see POST /v1/images/generations and GET /v1/models",
+        "this endpoint does not take that method; see POST /v1/images/generations, POST /v1/images/edits and GET /v1/models",
         "invalid_request_error",
         "method_not_allowed",
     )
@@ -187,7 +192,7 @@ async fn method_not_allowed() -> ApiError {
 async fn not_found() -> ApiError {
     ApiError::new(
         StatusCode::NOT_FOUND,
-        "no such endpoint; see POST /v1/images/generations and GET /v1/models",
+        "no such endpoint; see POST /v1/images/generations, POST /v1/images/edits and GET /v1/models",
         "invalid_request_error",
         "not_found",
     )
@@ -287,6 +292,47 @@ async fn generate(
     headers: HeaderMap,
     body: Result<Json<GenerationRequest>, JsonRejection>,
 ) -> Response {
+    let body = body.map_err(|rej| {
+        let status = rej.status();
+        if status == StatusCode::PAYLOAD_TOO_LARGE {
+            ApiError::new(
+                status,
+                format!(
+                    "request body is larger than {} bytes",
+                    s.limits.max_body_bytes
+                ),
+                "invalid_request_error",
+                "request_too_large",
+            )
+        } else {
+            ApiError::invalid(format!("invalid JSON body: {}", rej.body_text()))
+        }
+    });
+    answer(&s, &headers, body.map(|Json(r)| (r, None))).await
+}
+
+/// `POST /v1/images/edits`: the same answer as a generation, from a form.
+async fn edit(
+    State(s): State<Arc<AppState>>,
+    headers: HeaderMap,
+    form: Result<axum::extract::Multipart, axum::extract::multipart::MultipartRejection>,
+) -> Response {
+    let form = match form {
+        Ok(m) => edit::read_form(m, &s.limits).await,
+        Err(rej) => Err(ApiError::invalid(format!(
+            "the body must be multipart/form-data: {}",
+            rej.body_text()
+        ))),
+    };
+    answer(&s, &headers, form.map(|(r, upload)| (r, Some(upload)))).await
+}
+
+/// Runs a request read from either endpoint, counts it, and shapes its answer.
+async fn answer(
+    s: &Arc<AppState>,
+    headers: &HeaderMap,
+    body: Result<(GenerationRequest, Option<edit::Upload>), ApiError>,
+) -> Response {
     let started = Instant::now();
     let mut counted = Counted {
         state: s.clone(),
@@ -294,7 +340,7 @@ async fn generate(
         status: None,
     };
     let result = match body {
-        Ok(Json(req)) => {
+        Ok((req, upload)) => {
             // The metric's label: the deployment in cluster mode, else the model.
             counted.label = s
                 .routes
@@ -302,25 +348,9 @@ async fn generate(
                 .map(|t| t.label().to_string())
                 .unwrap_or_default();
             Span::current().record("model", counted.label.as_str());
-            run_generation(&s, &headers, req).await
+            run_generation(s, headers, req, upload).await
         }
-        Err(rej) => {
-            let status = rej.status();
-            let err = if status == StatusCode::PAYLOAD_TOO_LARGE {
-                ApiError::new(
-                    status,
-                    format!(
-                        "request body is larger than {} bytes",
-                        s.limits.max_body_bytes
-                    ),
-                    "invalid_request_error",
-                    "request_too_large",
-                )
-            } else {
-                ApiError::invalid(format!("invalid JSON body: {}", rej.body_text()))
-            };
-            Err(err)
-        }
+        Err(e) => Err(e),
     };
     let (status, response) = match result {
         Ok((body, secs)) => {
@@ -344,10 +374,22 @@ async fn run_generation(
     s: &Arc<AppState>,
     headers: &HeaderMap,
     req: GenerationRequest,
+    upload: Option<edit::Upload>,
 ) -> Result<(serde_json::Value, f64), ApiError> {
     check_token(s, headers)?;
     let target = s.routes.resolve(&s.agent.catalog, &req.model)?;
-    let p = request::validate(&req, &target, &s.agent.catalog, &s.limits)?;
+    let p = match upload {
+        // Decoding an upload is CPU work: off the async workers.
+        Some(upload) => {
+            let (agent, limits, target) = (s.agent.clone(), s.limits.clone(), target.clone());
+            tokio::task::spawn_blocking(move || {
+                edit::validate_edit(req, upload, &target, &agent.catalog, &limits)
+            })
+            .await
+            .map_err(|e| ApiError::internal(format!("reading the upload failed: {e}")))??
+        }
+        None => request::validate(&req, &target, &s.agent.catalog, &s.limits)?,
+    };
     let ticket = s.queue.admit(target.label())?;
     // Set when this future is dropped (the client went away, or the time
     // budget ran out): the generation stops before its next step or block.

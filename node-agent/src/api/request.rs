@@ -24,6 +24,11 @@ pub struct Limits {
     pub max_pixel_steps: u64,
     /// Longest a request may take, queueing included; `None`: no limit.
     pub timeout: Option<std::time::Duration>,
+    /// Largest `/v1/images/edits` body (the image and mask with the fields).
+    pub max_upload_bytes: usize,
+    /// Most pixels an uploaded image or mask may have, checked from its
+    /// header before it is decoded.
+    pub max_image_pixels: u64,
 }
 
 /// The default `--max-pixel-steps`: four 1024×1024 images of 64 steps.
@@ -39,6 +44,8 @@ impl Default for Limits {
             max_steps: 150,
             max_pixel_steps: DEFAULT_MAX_PIXEL_STEPS,
             timeout: Some(std::time::Duration::from_secs(600)),
+            max_upload_bytes: 32 << 20,
+            max_image_pixels: 2048 * 2048,
         }
     }
 }
@@ -79,13 +86,17 @@ pub struct GenerationRequest {
     pub seamless: Option<serde_json::Value>,
     #[serde(default)]
     pub clip_skip: Option<u32>,
+    /// Refused while streaming does not exist, rather than silently ignored.
+    #[serde(default)]
+    pub stream: Option<bool>,
 }
 
 fn parse_size(size: &str, max: u32) -> Result<(usize, usize), ApiError> {
     let bad = || {
         ApiError::invalid(format!(
-            "size {size:?} must be WIDTHxHEIGHT, multiples of 8 from 64 to {max}"
+            "size {size:?} must be \"auto\" or WIDTHxHEIGHT, multiples of 8 from 64 to {max}"
         ))
+        .param("size")
     };
     let (w, h) = size.split_once('x').ok_or_else(bad)?;
     let (w, h): (u32, u32) = (
@@ -96,6 +107,23 @@ fn parse_size(size: &str, max: u32) -> Result<(usize, usize), ApiError> {
         return Err(bad());
     }
     Ok((w as usize, h as usize))
+}
+
+/// The size asked for; without one (or with `auto`), the deployment's
+/// default, else the model's native size.
+fn output_size(
+    size: Option<&str>,
+    defaults: &modelcache_crds::GenerationDefaults,
+    native: usize,
+    max_side: u32,
+) -> Result<(usize, usize), ApiError> {
+    match size.filter(|s| *s != "auto") {
+        Some(sz) => parse_size(sz, max_side),
+        None => Ok((
+            defaults.width.map_or(native, |w| w.max(8) as usize),
+            defaults.height.map_or(native, |h| h.max(8) as usize),
+        )),
+    }
 }
 
 /// Validates a request into generation parameters; a deployment's defaults fill
@@ -116,10 +144,10 @@ pub fn validate(
     let negative_prompt = r
         .negative_prompt
         .clone()
-        .or(defaults.negative_prompt)
+        .or(defaults.negative_prompt.clone())
         .unwrap_or_default();
     if r.prompt.trim().is_empty() {
-        return Err(ApiError::invalid("prompt must not be empty"));
+        return Err(ApiError::invalid("prompt must not be empty").param("prompt"));
     }
     if r.prompt.chars().count() > l.max_prompt_chars
         || negative_prompt.chars().count() > l.max_prompt_chars
@@ -127,60 +155,60 @@ pub fn validate(
         return Err(ApiError::invalid(format!(
             "prompt is longer than {} characters",
             l.max_prompt_chars
-        )));
+        ))
+        .param("prompt"));
     }
     let n = r.n.unwrap_or(1);
     if !(1..=l.max_n).contains(&n) {
-        return Err(ApiError::invalid(format!(
-            "n must be from 1 to {}",
-            l.max_n
-        )));
+        return Err(ApiError::invalid(format!("n must be from 1 to {}", l.max_n)).param("n"));
     }
     match r.response_format.as_deref() {
         None | Some("b64_json") => {}
         Some(other) => {
             return Err(ApiError::invalid(format!(
                 "response_format {other:?} is not supported; use b64_json"
-            )))
+            ))
+            .param("response_format"))
         }
     }
-    let (width, height) = match (&r.size, defaults.width, defaults.height) {
-        (Some(sz), _, _) => parse_size(sz, l.max_side)?,
-        (None, w, h) => (
-            w.map_or(native, |w| w.max(8) as usize),
-            h.map_or(native, |h| h.max(8) as usize),
-        ),
-    };
+    if r.stream == Some(true) {
+        return Err(
+            ApiError::invalid("stream is not supported yet; leave it out or false").param("stream"),
+        );
+    }
+    let (width, height) = output_size(r.size.as_deref(), &defaults, native, l.max_side)?;
     let steps = r
         .steps
         .or(defaults.steps.map(|v| v.max(1) as u32))
         .unwrap_or(25);
     if !(1..=l.max_steps).contains(&steps) {
-        return Err(ApiError::invalid(format!(
-            "steps must be from 1 to {}",
-            l.max_steps
-        )));
+        return Err(
+            ApiError::invalid(format!("steps must be from 1 to {}", l.max_steps)).param("steps"),
+        );
     }
     let cost = (width as u64) * (height as u64) * u64::from(steps) * u64::from(n);
     if cost > l.max_pixel_steps {
         return Err(ApiError::invalid(format!(
             "width × height × steps × n is {cost}, more than this agent's limit of {} (--max-pixel-steps); ask for fewer or smaller images, or fewer steps",
             l.max_pixel_steps
-        )));
+        ))
+        .param("size"));
     }
     let guidance = r.guidance_scale.or(defaults.guidance_scale).unwrap_or(7.5);
     if !(0.0..=30.0).contains(&guidance) {
-        return Err(ApiError::invalid("guidance_scale must be from 0 to 30"));
+        return Err(
+            ApiError::invalid("guidance_scale must be from 0 to 30").param("guidance_scale")
+        );
     }
     let scheduler = match &r.scheduler {
         Some(name) => name
             .parse::<SchedulerKind>()
-            .map_err(|e| ApiError::invalid(e.to_string()))?,
+            .map_err(|e| ApiError::invalid(e.to_string()).param("scheduler"))?,
         None => defaults.scheduler.unwrap_or(SchedulerKind::Ddim),
     };
     let requested = r.loras.as_deref().unwrap_or_default();
     if requested.len() > 16 {
-        return Err(ApiError::invalid("at most 16 loras per request"));
+        return Err(ApiError::invalid("at most 16 loras per request").param("loras"));
     }
     let deployment_loras = route.map_or(&[][..], |r| r.loras.as_slice());
     let loras = deployment_loras
@@ -192,11 +220,12 @@ pub fn validate(
             if !(-4.0..=4.0).contains(&weight) {
                 return Err(ApiError::invalid(format!(
                     "lora {path:?}: weight must be from -4 to 4"
-                )));
+                ))
+                .param("loras"));
             }
             let path = catalog
                 .resolve_file(path)
-                .map_err(|e| ApiError::invalid(e.to_string()))?;
+                .map_err(|e| ApiError::invalid(e.to_string()).param("loras"))?;
             Ok((path, weight))
         })
         .collect::<Result<Vec<_>, ApiError>>()?;
@@ -208,18 +237,19 @@ pub fn validate(
         Some(serde_json::Value::String(axes)) => {
             axes.parse()
                 .map_err(|e: crate::pipeline::nets::conv::ParseSeamlessError| {
-                    ApiError::invalid(e.to_string())
+                    ApiError::invalid(e.to_string()).param("seamless")
                 })?
         }
         Some(_) => {
-            return Err(ApiError::invalid(
-                "seamless must be true, false, \"x\", \"y\" or \"xy\"",
-            ))
+            return Err(
+                ApiError::invalid("seamless must be true, false, \"x\", \"y\" or \"xy\"")
+                    .param("seamless"),
+            )
         }
     };
     let clip_skip = r.clip_skip.unwrap_or(0);
     if clip_skip > 12 {
-        return Err(ApiError::invalid("clip_skip must be from 0 to 12"));
+        return Err(ApiError::invalid("clip_skip must be from 0 to 12").param("clip_skip"));
     }
     let seed = r.seed.unwrap_or_else(|| {
         SystemTime::now()
@@ -270,5 +300,22 @@ mod tests {
             let e = parse_size(bad, 2048).unwrap_err();
             assert_eq!(e.status, axum::http::StatusCode::BAD_REQUEST, "{bad}");
         }
+    }
+
+    #[test]
+    fn auto_or_no_size_is_the_deployment_s_default_else_the_model_s_own() {
+        let none = modelcache_crds::GenerationDefaults::default();
+        let wide = modelcache_crds::GenerationDefaults {
+            width: Some(768),
+            ..Default::default()
+        };
+        for size in [None, Some("auto")] {
+            assert_eq!(output_size(size, &none, 1024, 2048).unwrap(), (1024, 1024));
+            assert_eq!(output_size(size, &wide, 512, 2048).unwrap(), (768, 512));
+        }
+        assert_eq!(
+            output_size(Some("64x72"), &wide, 512, 2048).unwrap(),
+            (64, 72)
+        );
     }
 }

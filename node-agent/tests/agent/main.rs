@@ -4,6 +4,7 @@
 mod common;
 
 mod api;
+mod api_edit;
 mod cache;
 mod cluster;
 mod memory_regression;

@@ -12,6 +12,7 @@ pub mod backends;
 #[cfg(feature = "testing")]
 pub mod fixtures;
 pub mod metrics;
+pub mod payload;
 pub mod proxy;
 
 pub use proxy::{Gateway, GatewayError, Limits};
@@ -50,6 +51,7 @@ pub struct Settings {
 pub fn router(gateway: Arc<Gateway>, ready: Arc<AtomicBool>) -> Router {
     Router::new()
         .route("/v1/images/generations", post(generations))
+        .route("/v1/images/edits", post(edits))
         .route("/v1/models", get(models))
         .layer(PropagateRequestIdLayer::x_request_id())
         .layer(SetRequestIdLayer::x_request_id(MakeRequestUuid))
@@ -70,7 +72,7 @@ pub fn router(gateway: Arc<Gateway>, ready: Arc<AtomicBool>) -> Router {
         .fallback(|| async {
             GatewayError {
                 status: StatusCode::NOT_FOUND,
-                message: "no such endpoint; see POST /v1/images/generations and GET /v1/models"
+                message: "no such endpoint; see POST /v1/images/generations, POST /v1/images/edits and GET /v1/models"
                     .into(),
                 code: "not_found",
                 param: None,
@@ -98,14 +100,23 @@ impl Drop for Counted<'_> {
 }
 
 async fn generations(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    proxied(&g, "/v1/images/generations", &headers, body).await
+}
+
+async fn edits(State(g): State<Arc<Gateway>>, headers: HeaderMap, body: Body) -> Response {
+    proxied(&g, "/v1/images/edits", &headers, body).await
+}
+
+/// Forwards a request to an agent of its deployment, counted once.
+async fn proxied(g: &Gateway, path: &str, headers: &HeaderMap, body: Body) -> Response {
     let mut counted = Counted {
-        gateway: &g,
+        gateway: g,
         model: String::new(),
         code: None,
         started: Instant::now(),
     };
     let res = g
-        .forward("/v1/images/generations", &headers, body, &mut counted.model)
+        .forward(path, headers, body, &mut counted.model)
         .await
         .unwrap_or_else(IntoResponse::into_response);
     counted.code = Some(res.status());

@@ -3,6 +3,7 @@
 
 use super::backends::{self, Backend};
 use super::metrics::GatewayMetrics;
+use super::payload::{self, Payload};
 use crate::balance::{self, Candidate};
 use crate::scale::{self, ScaleError};
 use axum::body::Body;
@@ -17,7 +18,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::runtime::reflector::{ObjectRef, Store};
 use kube::Api;
 use modelcache_crds::{ModelDeployment, ModelNode};
-use serde_json::{json, Value};
+use serde_json::json;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
@@ -40,6 +41,8 @@ const SCALE_UP_EVERY: Duration = Duration::from_secs(5);
 #[derive(Debug, Clone)]
 pub struct Limits {
     pub max_body_bytes: usize,
+    /// Largest form (`/v1/images/edits`, with its image and mask).
+    pub max_upload_bytes: usize,
     /// Agents tried for one request (retries on connection failures, 503 and 429).
     pub max_attempts: usize,
     /// How much busier than the mean an agent may be and still take a LoRA set it has.
@@ -57,6 +60,7 @@ impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_body_bytes: 64 << 10,
+            max_upload_bytes: 32 << 20,
             max_attempts: 3,
             load_factor: 1.25,
             hold_timeout: Duration::from_secs(120),
@@ -266,7 +270,7 @@ impl Gateway {
         })
     }
 
-    /// Sends a JSON request for a deployment to one of its agents. `label` is
+    /// Sends a request (JSON or a form) for a deployment to one of its agents. `label` is
     /// set to the deployment once it is known (the metrics' `model`).
     pub async fn forward(
         &self,
@@ -276,37 +280,29 @@ impl Gateway {
         label: &mut String,
     ) -> Result<Response, GatewayError> {
         self.check_token(headers)?;
-        let bytes = axum::body::to_bytes(body, self.limits.max_body_bytes)
-            .await
-            .map_err(|_| {
-                GatewayError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    "request_too_large",
-                    format!(
-                        "request body is larger than {} bytes",
-                        self.limits.max_body_bytes
-                    ),
-                )
-            })?;
-        let mut req: Value = serde_json::from_slice(&bytes).map_err(|e| {
+        let limit = if payload::is_form(headers) {
+            self.limits.max_upload_bytes
+        } else {
+            self.limits.max_body_bytes
+        };
+        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
             GatewayError::new(
-                StatusCode::BAD_REQUEST,
-                "invalid_value",
-                format!("invalid JSON body: {e}"),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "request_too_large",
+                format!("request body is larger than {limit} bytes"),
             )
         })?;
-        let model = req
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or_else(|| GatewayError {
-                param: Some("model"),
-                ..GatewayError::new(
-                    StatusCode::BAD_REQUEST,
-                    "invalid_value",
-                    "model is required: the name of a ModelDeployment, or namespace/name",
-                )
-            })?
-            .to_string();
+        let mut req = Payload::read(headers, bytes).await.map_err(|e| {
+            GatewayError::new(StatusCode::BAD_REQUEST, "invalid_value", e.to_string())
+        })?;
+        let model = req.model().ok_or_else(|| GatewayError {
+            param: Some("model"),
+            ..GatewayError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid_value",
+                "model is required: the name of a ModelDeployment, or namespace/name",
+            )
+        })?;
         let not_found = || {
             GatewayError {
             param: Some("model"),
@@ -326,15 +322,15 @@ impl Gateway {
         let md = self.lookup(&ns, &name).ok_or_else(not_found)?;
         let key = format!("{ns}/{name}");
         *label = key.clone();
-        req["model"] = Value::String(key.clone());
-        let body = Bytes::from(serde_json::to_vec(&req).map_err(|e| {
+        req.set_model(&key);
+        let body = req.encode().map_err(|e| {
             GatewayError::new(
                 StatusCode::INTERNAL_SERVER_ERROR,
                 "internal_error",
                 e.to_string(),
             )
-        })?);
-        let breq = backends::balance_request(&key, &req);
+        })?;
+        let breq = backends::balance_request(&key, &req.balance_view());
         let ready = self.ready_or_hold(md, &ns, &name, &key).await?;
         let request_id = headers
             .get("x-request-id")
@@ -456,7 +452,7 @@ impl Gateway {
         key: &str,
         ready: Vec<Backend>,
         breq: balance::Request,
-        body: Bytes,
+        body: (HeaderValue, Bytes),
         request_id: HeaderValue,
     ) -> Result<Response, GatewayError> {
         let now = self.now_ms();
@@ -563,11 +559,11 @@ impl Gateway {
         &self,
         path: &str,
         addr: SocketAddr,
-        body: &Bytes,
+        (content_type, body): &(HeaderValue, Bytes),
         request_id: &HeaderValue,
     ) -> Result<Response, GatewayError> {
         let mut req = hyper::Request::post(format!("http://{addr}{path}"))
-            .header(header::CONTENT_TYPE, "application/json")
+            .header(header::CONTENT_TYPE, content_type)
             .header("x-request-id", request_id);
         if let Some(t) = &self.token {
             req = req.header(header::AUTHORIZATION, format!("Bearer {t}"));

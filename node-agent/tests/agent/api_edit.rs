@@ -1,0 +1,260 @@
+//! `POST /v1/images/edits` over HTTP: image-to-image and inpainting from a
+//! multipart form (hand-built and from the official openai client), and
+//! every bad upload refused with a 400 naming its field.
+
+use crate::api::{decode_b64, http, png_size, repo, Agent, Reply};
+use crate::common::{copy_dir, fixtures};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+/// One part of a form: a text field, or a file with its bytes.
+enum Part<'a> {
+    Text(&'a str),
+    File(&'a [u8]),
+}
+
+fn edit(addr: &str, parts: &[(&str, Part)]) -> Reply {
+    let boundary = "modelcache-test-boundary";
+    let mut body = Vec::new();
+    for (name, part) in parts {
+        body.extend_from_slice(format!("--{boundary}\r\n").as_bytes());
+        match part {
+            Part::Text(v) => body.extend_from_slice(
+                format!("Content-Disposition: form-data; name=\"{name}\"\r\n\r\n{v}\r\n")
+                    .as_bytes(),
+            ),
+            Part::File(bytes) => {
+                body.extend_from_slice(
+                    format!("Content-Disposition: form-data; name=\"{name}\"; filename=\"{name}.png\"\r\nContent-Type: image/png\r\n\r\n").as_bytes(),
+                );
+                body.extend_from_slice(bytes);
+                body.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    body.extend_from_slice(format!("--{boundary}--\r\n").as_bytes());
+    let ct = format!("multipart/form-data; boundary={boundary}");
+    http(
+        addr,
+        "POST",
+        "/v1/images/edits",
+        &[("content-type", &ct)],
+        &body,
+    )
+}
+
+fn fixture(name: &str) -> Vec<u8> {
+    std::fs::read(fixtures().join("tiny-sd1-edit").join(name)).unwrap()
+}
+
+fn agent() -> Agent {
+    Agent::start_with(
+        |models| {
+            copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+            copy_dir(
+                &fixtures().join("tiny-sd1-inpaint"),
+                &models.join("tiny-inpaint"),
+            );
+        },
+        &[],
+    )
+}
+
+fn image_of(r: &Reply) -> Vec<u8> {
+    assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
+    decode_b64(r.json()["data"][0]["b64_json"].as_str().unwrap())
+}
+
+#[test]
+fn edits_take_the_image_s_size_or_the_one_asked_for_and_the_mask_matters() {
+    let agent = agent();
+    let (image, mask) = (fixture("image.png"), fixture("mask.png"));
+    let base = |extra: Vec<(&'static str, Part<'static>)>| {
+        let mut parts = vec![
+            ("model", Part::Text("tiny")),
+            ("prompt", Part::Text("a red cat")),
+            ("steps", Part::Text("4")),
+            ("seed", Part::Text("7")),
+        ];
+        parts.extend(extra);
+        parts
+    };
+    let img: &'static [u8] = image.leak();
+    let msk: &'static [u8] = mask.leak();
+    let img2img = image_of(&edit(&agent.api, &base(vec![("image", Part::File(img))])));
+    assert_eq!(png_size(&img2img), (64, 64), "the image's own size");
+    let again = image_of(&edit(&agent.api, &base(vec![("image", Part::File(img))])));
+    assert_eq!(img2img, again, "same seed, same edit");
+    let stronger = image_of(&edit(
+        &agent.api,
+        &base(vec![
+            ("image", Part::File(img)),
+            ("strength", Part::Text("0.5")),
+        ]),
+    ));
+    assert_ne!(stronger, img2img, "strength changes the edit");
+    let inpaint = image_of(&edit(
+        &agent.api,
+        &base(vec![("image", Part::File(img)), ("mask", Part::File(msk))]),
+    ));
+    assert_ne!(inpaint, img2img, "a mask makes it inpainting");
+    let resized = image_of(&edit(
+        &agent.api,
+        &base(vec![
+            ("image", Part::File(img)),
+            ("mask", Part::File(msk)),
+            ("size", Part::Text("128x96")),
+        ]),
+    ));
+    assert_eq!(png_size(&resized), (128, 96), "the size asked for");
+    // An inpainting model, for edits and from text alone.
+    let r = edit(
+        &agent.api,
+        &[
+            ("model", Part::Text("tiny-inpaint")),
+            ("prompt", Part::Text("a red cat")),
+            ("steps", Part::Text("2")),
+            ("image", Part::File(img)),
+            ("mask", Part::File(msk)),
+        ],
+    );
+    assert_eq!(png_size(&image_of(&r)), (64, 64));
+}
+
+/// A grey PNG of `w`×`h` whose pixels are all zero: compresses a thousandfold.
+fn zeros_png(w: u32, h: u32) -> Vec<u8> {
+    let mut out = Vec::new();
+    let mut enc = png::Encoder::new(&mut out, w, h);
+    enc.set_color(png::ColorType::Grayscale);
+    enc.set_compression(png::Compression::High);
+    let mut writer = enc.write_header().unwrap();
+    writer
+        .write_image_data(&vec![0u8; (w * h) as usize])
+        .unwrap();
+    writer.finish().unwrap();
+    out
+}
+
+fn param(r: &Reply) -> String {
+    let j = r.json();
+    assert_eq!(r.status, 400, "{j}");
+    j["error"]["param"].as_str().unwrap_or_default().to_string()
+}
+
+#[test]
+fn bad_uploads_are_400_naming_the_field() {
+    let agent = agent();
+    let (image, mask) = (fixture("image.png"), fixture("mask.png"));
+    let ask = |parts: Vec<(&str, Part)>| {
+        let mut all = vec![
+            ("model", Part::Text("tiny")),
+            ("prompt", Part::Text("a red cat")),
+            ("steps", Part::Text("2")),
+        ];
+        all.extend(parts);
+        edit(&agent.api, &all)
+    };
+    assert_eq!(param(&ask(vec![])), "image", "no image");
+    let r = ask(vec![("image", Part::File(b"GIF89a not really"))]);
+    assert_eq!(param(&r), "image");
+    assert!(
+        r.json()["error"]["message"]
+            .as_str()
+            .unwrap()
+            .contains("PNG, JPEG or WebP"),
+        "{}",
+        r.json()
+    );
+    let truncated = &image[..image.len() / 2];
+    assert_eq!(param(&ask(vec![("image", Part::File(truncated))])), "image");
+    let small_mask = zeros_png(32, 32);
+    let r = ask(vec![
+        ("image", Part::File(&image)),
+        ("mask", Part::File(&small_mask)),
+    ]);
+    assert_eq!(param(&r), "mask", "a mask of another size");
+    let odd = zeros_png(60, 60);
+    assert_eq!(param(&ask(vec![("image", Part::File(&odd))])), "image");
+    for (field, value) in [
+        ("strength", "1.5"),
+        ("strength", "0.1"),
+        ("n", "two"),
+        ("stream", "true"),
+        ("size", "63x64"),
+        ("scheduler", "nonesuch"),
+    ] {
+        let r = ask(vec![
+            ("image", Part::File(&image)),
+            (field, Part::Text(value)),
+        ]);
+        assert_eq!(param(&r), field, "{field}={value}");
+    }
+    // A decompression bomb: 16 Mpixels in a few kilobytes, refused from its
+    // header, before it is decoded.
+    let bomb = zeros_png(4096, 4096);
+    assert!(bomb.len() < 100 << 10, "{} bytes", bomb.len());
+    let started = Instant::now();
+    let r = ask(vec![
+        ("image", Part::File(&bomb)),
+        ("mask", Part::File(&mask)),
+    ]);
+    assert_eq!(param(&r), "image");
+    let msg = r.json()["error"]["message"].as_str().unwrap().to_string();
+    assert!(msg.contains("4096x4096") && msg.contains("pixels"), "{msg}");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    // A body over the upload limit, and one that is not a form.
+    let big = vec![0u8; 33 << 20];
+    let r = ask(vec![("image", Part::File(&big))]);
+    assert_eq!(r.status, 413, "{}", String::from_utf8_lossy(&r.body));
+    let r = http(
+        &agent.api,
+        "POST",
+        "/v1/images/edits",
+        &[("content-type", "application/json")],
+        b"{}",
+    );
+    assert_eq!(r.status, 400);
+    // The agent is still well.
+    let ok = ask(vec![("image", Part::File(&image))]);
+    assert_eq!(ok.status, 200);
+}
+
+#[test]
+fn the_official_openai_client_edits_an_image() {
+    let python = repo().join(".ci/venv/bin/python");
+    assert!(
+        python.exists(),
+        "the openai client's virtual environment is missing: run .ci/install-tools.sh"
+    );
+    let agent = agent();
+    let dir = fixtures().join("tiny-sd1-edit");
+    let script = format!(
+        r#"
+import base64, openai
+client = openai.OpenAI(base_url="http://{addr}/v1", api_key="unused")
+with open("{dir}/image.png", "rb") as image, open("{dir}/mask.png", "rb") as mask:
+    r = client.images.edit(model="tiny", image=image, mask=mask, prompt="a red cat", n=2,
+                           size="64x64", response_format="b64_json", extra_body={{"steps": 2, "seed": 1}})
+assert len(r.data) == 2
+for d in r.data:
+    png = base64.b64decode(d.b64_json)
+    assert png[:8] == b"\x89PNG\r\n\x1a\n"
+with open("{dir}/image.png", "rb") as image:
+    try:
+        client.images.edit(model="tiny", image=image, prompt="a red cat", extra_body={{"strength": 7}})
+        raise SystemExit("a strength of 7 was accepted")
+    except openai.BadRequestError as e:
+        assert e.body["param"] == "strength", e.body
+print("ok")
+"#,
+        addr = agent.api,
+        dir = dir.display()
+    );
+    let out = Command::new(python).arg("-c").arg(script).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
