@@ -229,10 +229,22 @@ api_enum! {
     SchedulerKind, "scheduler" {
         /// DDIM (deterministic with eta 0).
         Ddim => ["ddim"],
-        /// Euler ancestral.
+        /// Euler (the ODE solver; deterministic).
+        Euler => ["euler"],
+        /// Euler ancestral (adds fresh noise every step).
         EulerAncestral => ["euler-ancestral", "euler_ancestral", "euler-a", "euler_a"],
+        /// Heun (second order: two UNet evaluations per step but the last).
+        Heun => ["heun"],
+        /// Linear multistep (order 4).
+        Lms => ["lms"],
+        /// PNDM as the pseudo linear multistep method (PLMS, `skip_prk_steps`).
+        Pndm => ["pndm", "plms"],
         /// DPM-Solver++ (2M).
         DpmPlusPlus2M => ["dpm++2m", "dpmpp-2m", "dpmpp_2m", "dpm-plus-plus-2m"],
+        /// DPM-Solver++ (2M) on the Karras noise levels.
+        DpmPlusPlus2MKarras => ["dpm++2m-karras", "dpmpp-2m-karras", "dpmpp_2m_karras"],
+        /// UniPC (second order, bh2, predictor and corrector).
+        UniPc => ["unipc", "uni-pc", "uni_pc"],
     }
 }
 

@@ -32,9 +32,10 @@ pub struct GenerateOptions {
     pub steps: usize,
     #[arg(long, default_value_t = 7.5)]
     pub guidance: f64,
-    /// ddim, euler-ancestral or dpm++2m.
-    #[arg(long, default_value = "ddim")]
-    pub scheduler: SchedulerKind,
+    /// ddim, euler, euler-ancestral, heun, lms, pndm, dpm++2m, dpm++2m-karras
+    /// or unipc (default: the model's own, from its scheduler_config.json).
+    #[arg(long)]
+    pub scheduler: Option<SchedulerKind>,
     /// WIDTHxHEIGHT, multiples of 8 (default 512x512, or --init-image's size).
     #[arg(long)]
     pub size: Option<String>,

@@ -200,11 +200,13 @@ pub fn validate(
             ApiError::invalid("guidance_scale must be from 0 to 30").param("guidance_scale")
         );
     }
+    // Without one, the deployment's; without that, the model's own.
     let scheduler = match &r.scheduler {
-        Some(name) => name
-            .parse::<SchedulerKind>()
-            .map_err(|e| ApiError::invalid(e.to_string()).param("scheduler"))?,
-        None => defaults.scheduler.unwrap_or(SchedulerKind::Ddim),
+        Some(name) => Some(
+            name.parse::<SchedulerKind>()
+                .map_err(|e| ApiError::invalid(e.to_string()).param("scheduler"))?,
+        ),
+        None => defaults.scheduler,
     };
     let requested = r.loras.as_deref().unwrap_or_default();
     if requested.len() > 16 {

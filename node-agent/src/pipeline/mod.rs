@@ -132,7 +132,8 @@ pub struct GenerateParams {
     pub width: usize,
     pub height: usize,
     pub seed: u64,
-    pub scheduler: SchedulerKind,
+    /// `None`: the model's own (its `scheduler_config.json`'s `_class_name`).
+    pub scheduler: Option<SchedulerKind>,
     pub n: usize,
     /// Initial latents `[n or 1, C, h/8, w/8]` instead of seeded noise.
     pub latents: Option<Tensor>,
@@ -160,7 +161,7 @@ impl Default for GenerateParams {
             width: 512,
             height: 512,
             seed: 0,
-            scheduler: SchedulerKind::Ddim,
+            scheduler: None,
             n: 1,
             latents: None,
             clip_skip: 0,
@@ -334,14 +335,14 @@ pub fn generate(
     let latents_by_image = p.latents.as_ref();
     let mut latents_out = Vec::with_capacity(p.n);
     for i in 0..p.n {
-        let mut sched = Scheduler::new(p.scheduler, model.schedule.clone(), p.steps);
+        let kind = p.scheduler.unwrap_or(model.schedule.default_kind);
+        let mut sched = Scheduler::new(kind, model.schedule.clone(), p.steps);
         let mut rng = match &p.draws {
             Some(d) => NormalRng::replay(d.clone()),
             None => NormalRng::new(p.seed.wrapping_add(i as u64)),
         };
-        let n_steps = sched.timesteps().len();
         let start = match edit {
-            Some(e) => edit::start_step(n_steps, e.strength).unwrap_or(0),
+            Some(e) => edit::start_step(p.steps, e.strength).unwrap_or(0) * sched.order(),
             None => 0,
         };
         let full_strength = start == 0;
@@ -436,10 +437,8 @@ pub fn generate(
                 None => inp.to_dtype(dtype)?,
             };
             let noise_pred = match &added {
-                Some((pooled, ids)) => {
-                    unet.forward_with_added(&inp, t as f64, &context, pooled, ids)?
-                }
-                None => unet.forward(&inp, t as f64, &context)?,
+                Some((pooled, ids)) => unet.forward_with_added(&inp, t, &context, pooled, ids)?,
+                None => unet.forward(&inp, t, &context)?,
             }
             .to_dtype(DType::F32)?;
             let noise_pred = if guided {

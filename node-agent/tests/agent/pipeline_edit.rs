@@ -124,3 +124,47 @@ fn edits_that_cannot_run_are_refused_before_any_work() {
     let e = pipeline::generate(&tiny_cache(), &model, &p, &|_| true).unwrap_err();
     assert!(e.to_string().contains("64x64"), "{e}");
 }
+
+#[test]
+fn the_command_line_edits_with_init_image_mask_and_strength() {
+    let (dir, _) = edit_fixture();
+    let out = tempfile::tempdir().unwrap();
+    let run = |extra: &[&str], file: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+            .arg("generate")
+            .arg("--model")
+            .arg(fixtures().join("tiny-sd1"))
+            .args(["--prompt", "a red cat", "--steps", "4", "--out"])
+            .arg(out.path().join(file))
+            .arg("--init-image")
+            .arg(dir.join("image.png"))
+            .args(extra)
+            .output()
+            .unwrap();
+        (
+            o.status.success(),
+            String::from_utf8_lossy(&o.stderr).to_string(),
+        )
+    };
+    let mask = dir.join("mask.png");
+    let mask = mask.to_str().unwrap();
+    assert!(run(&["--strength", "0.5"], "a.png").0);
+    assert!(run(&["--mask", mask], "b.png").0);
+    let read = |f: &str| std::fs::read(out.path().join(f)).unwrap();
+    assert_eq!(
+        modelcache_agent::pipeline::image::png_size(&read("a.png")),
+        Some((64, 64)),
+        "the image's own size"
+    );
+    assert_ne!(read("a.png"), read("b.png"));
+    let (ok, err) = run(&["--strength", "1.5"], "c.png");
+    assert!(!ok && err.contains("--strength"), "{err}");
+    let (ok, err) = run(
+        &["--mask", dir.join("reference.json").to_str().unwrap()],
+        "c.png",
+    );
+    assert!(
+        !ok && err.contains("--mask") && err.contains("PNG, JPEG or WebP"),
+        "{err}"
+    );
+}

@@ -105,7 +105,7 @@ fn seeds_reproduce_and_differ_and_cancellation_stops() {
             width: 64,
             height: 64,
             seed: 5,
-            scheduler,
+            scheduler: Some(scheduler),
             n: 2,
             ..Default::default()
         };

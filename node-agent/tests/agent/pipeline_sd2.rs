@@ -35,7 +35,7 @@ fn tiny_sd2_probes_as_sd2_and_generates_deterministically() {
             width: 64,
             height: 64,
             seed: 4,
-            scheduler,
+            scheduler: Some(scheduler),
             clip_skip: 1,
             ..Default::default()
         };

@@ -45,7 +45,7 @@ pub fn reference_params(
         guidance_scale: r["guidance_scale"].as_f64().unwrap(),
         width: 64,
         height: 64,
-        scheduler: modelcache_crds::SchedulerKind::Ddim,
+        scheduler: Some(modelcache_crds::SchedulerKind::Ddim),
         latents: Some(latents),
         ..Default::default()
     }
