@@ -132,6 +132,17 @@ api_enum! {
     }
 }
 
+impl PredictionType {
+    /// The spelling of diffusers' `scheduler_config.json`.
+    pub fn diffusers_name(self) -> &'static str {
+        match self {
+            PredictionType::Epsilon => "epsilon",
+            PredictionType::VPrediction => "v_prediction",
+            PredictionType::Sample => "sample",
+        }
+    }
+}
+
 api_enum! {
     /// On-disk layout of a model.
     ModelFormat, "model format" {

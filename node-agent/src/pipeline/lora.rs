@@ -40,7 +40,9 @@ pub struct Adapter {
 
 impl Adapter {
     /// Groups a flat tensor map (`layer.leaf` → tensor) by layer, after bringing
-    /// diffusers/PEFT and Stability SDXL keys to kohya's layout.
+    /// diffusers/PEFT and Stability SDXL keys to kohya's layout. The tensors
+    /// stay the cache's, at the dtype the cache charged for them; each layer
+    /// is widened to f32 only while its delta is computed.
     pub fn from_tensors(tensors: &HashMap<String, Tensor>) -> Result<Self> {
         let tensors = super::lora_keys::normalize(tensors.clone())
             .map_err(|e| LoraError::Candle(e.to_string()))?;
@@ -52,7 +54,7 @@ impl Adapter {
             layers
                 .entry(layer.to_string())
                 .or_default()
-                .insert(leaf.to_string(), t.to_dtype(DType::F32)?);
+                .insert(leaf.to_string(), t.clone());
         }
         Ok(Adapter { layers })
     }
@@ -103,6 +105,21 @@ fn kron(a: &Tensor, b: &Tensor) -> Result<Tensor> {
     Ok(prod.reshape(out)?)
 }
 
+/// A weight rebuilt from its Tucker decomposition, as LyCORIS stores
+/// convolutions: `W[p, r, k, l] = Σ_ij T[i, j, k, l] · A[i, p] · B[j, r]`,
+/// that is `Aᵀ · T[.., .., k, l] · B` at every kernel position.
+fn tucker(t: &Tensor, a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    let (r1, r2, kh, kw) = t.dims4()?;
+    let m = t.permute((2, 3, 0, 1))?.reshape((kh * kw, r1, r2))?;
+    let w = a
+        .t()?
+        .unsqueeze(0)?
+        .broadcast_matmul(&m)?
+        .broadcast_matmul(&b.unsqueeze(0)?)?; // [kh*kw, out, in]
+    let (_, o, i) = w.dims3()?;
+    Ok(w.reshape((kh, kw, o, i))?.permute((2, 3, 0, 1))?)
+}
+
 /// ΔW of one layer before scaling, and its rank (for `alpha / rank`).
 /// `w0` is the original weight (IA3 scales it).
 pub fn layer_delta(
@@ -140,18 +157,19 @@ pub fn layer_delta(
         get("hada_w2_a"),
         get("hada_w2_b"),
     ) {
-        if get("hada_t1").is_some() || get("hada_t2").is_some() {
-            return Err(err(
-                "LoHA with Tucker decomposition (hada_t1/hada_t2) is not supported",
-            ));
-        }
         let rank = b1.dim(0)? as f64;
-        return Ok(((a1.matmul(b1)? * a2.matmul(b2)?)?, Some(rank)));
+        let w = match (get("hada_t1"), get("hada_t2")) {
+            (None, None) => (a1.matmul(b1)? * a2.matmul(b2)?)?,
+            (Some(t1), Some(t2)) => (tucker(t1, a1, b1)? * tucker(t2, a2, b2)?)?,
+            _ => {
+                return Err(err(
+                    "LoHA with one Tucker core (hada_t1 or hada_t2) but not both",
+                ))
+            }
+        };
+        return Ok((w, Some(rank)));
     }
     if get("lokr_w1").is_some() || get("lokr_w1_b").is_some() {
-        if get("lokr_t2").is_some() {
-            return Err(err("LoKR with a Tucker w2 (lokr_t2) is not supported"));
-        }
         let w1 = match get("lokr_w1") {
             Some(w) => w.clone(),
             None => get("lokr_w1_a")
@@ -163,7 +181,10 @@ pub fn layer_delta(
             None => {
                 let a = get("lokr_w2_a").ok_or_else(|| err("no lokr_w2 or lokr_w2_a"))?;
                 let b = get("lokr_w2_b").ok_or_else(|| err("no lokr_w2_b"))?;
-                a.matmul(b)?
+                match get("lokr_t2") {
+                    Some(t2) => tucker(t2, a, b)?,
+                    None => a.matmul(b)?,
+                }
             }
         };
         let rank = match (get("lokr_w1_b"), get("lokr_w2_b")) {
@@ -253,8 +274,12 @@ pub fn apply(
                 });
             };
             let w0 = &base[target];
-            let (delta, rank) = layer_delta(layer, leaves, w0)?;
-            let delta = (delta * (weight * scale(leaves, rank)?))?;
+            let leaves = leaves
+                .iter()
+                .map(|(k, t)| Ok((k.clone(), t.to_dtype(DType::F32)?)))
+                .collect::<Result<HashMap<_, _>>>()?;
+            let (delta, rank) = layer_delta(layer, &leaves, w0)?;
+            let delta = (delta * (weight * scale(&leaves, rank)?))?;
             let delta = if delta.dims() == w0.dims() {
                 delta
             } else if delta.elem_count() == w0.elem_count() {
@@ -453,6 +478,56 @@ mod tests {
             .unwrap_err()
             .to_string()
             .contains("unknown format"));
+    }
+
+    #[test]
+    fn tucker_cores_rebuild_loha_and_lokr_convolutions() {
+        // T [2, 2, 1, 2], A [2, out 3], B [2, in 2]: check against the sum itself.
+        let tv = [1., 2., 3., 4., -1., 0.5, 2., -2.];
+        let av = [1., 0., 2., 0., 1., -1.];
+        let bv = [3., 1., 0., 2.];
+        let (tc, a, b) = (t(&tv, &[2, 2, 1, 2]), t(&av, &[2, 3]), t(&bv, &[2, 2]));
+        let want = |p: usize, r: usize, l: usize| -> f32 {
+            let mut s = 0.0;
+            for i in 0..2 {
+                for j in 0..2 {
+                    s += tv[i * 4 + j * 2 + l] * av[i * 3 + p] * bv[j * 2 + r];
+                }
+            }
+            s
+        };
+        let w = tucker(&tc, &a, &b).unwrap();
+        assert_eq!(w.dims(), [3, 2, 1, 2]);
+        let got = w.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        for p in 0..3 {
+            for r in 0..2 {
+                for l in 0..2 {
+                    assert_eq!(got[p * 4 + r * 2 + l], want(p, r, l), "{p} {r} {l}");
+                }
+            }
+        }
+        let loha = leaves(&[
+            ("hada_w1_a", a.clone()),
+            ("hada_w1_b", b.clone()),
+            ("hada_t1", tc.clone()),
+            ("hada_w2_a", a.clone()),
+            ("hada_w2_b", b.clone()),
+            ("hada_t2", tc.clone()),
+        ]);
+        let w0 = t(&[0.; 12], &[3, 2, 1, 2]);
+        let (d, rank) = layer_delta("l", &loha, &w0).unwrap();
+        let squared: Vec<f32> = got.iter().map(|v| v * v).collect();
+        assert_eq!(d.flatten_all().unwrap().to_vec1::<f32>().unwrap(), squared);
+        assert_eq!(rank, Some(2.0));
+        let lokr = leaves(&[
+            ("lokr_w1", t(&[2.], &[1, 1])),
+            ("lokr_w2_a", a),
+            ("lokr_w2_b", b),
+            ("lokr_t2", tc),
+        ]);
+        let (d, _) = layer_delta("l", &lokr, &w0).unwrap();
+        let doubled: Vec<f32> = got.iter().map(|v| 2.0 * v).collect();
+        assert_eq!(d.flatten_all().unwrap().to_vec1::<f32>().unwrap(), doubled);
     }
 
     #[test]

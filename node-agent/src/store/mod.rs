@@ -13,6 +13,7 @@ pub mod pickle;
 pub mod probe;
 pub mod safetensors;
 pub mod search;
+pub mod sidecar;
 
 pub use error::{Result, StoreError};
 pub use index::{Location, TensorIndex, TensorMeta, WeightsFormat};

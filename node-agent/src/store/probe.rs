@@ -251,7 +251,8 @@ fn probe_main_checkpoint(index: &TensorIndex, r: &mut ProbeResult) -> Result<()>
         r.variant.map_or("", |v| v.as_str())
     ));
 
-    r.prediction_type = checkpoint_prediction(index, base, &mut r.evidence);
+    let sidecar = super::sidecar::prediction_type(&index.path)?;
+    r.prediction_type = checkpoint_prediction(index, base, sidecar, &mut r.evidence);
     Ok(())
 }
 
@@ -309,15 +310,20 @@ fn variant_from_in_channels(path: &Path, in_ch: usize) -> Result<ModelVariant> {
     }
 }
 
+/// The prediction type of a main checkpoint: its sidecar YAML's, else its
+/// metadata's, else what its base and training step suggest.
 fn checkpoint_prediction(
     index: &TensorIndex,
     base: BaseModel,
+    sidecar: Option<PredictionType>,
     evidence: &mut Vec<String>,
 ) -> Option<PredictionType> {
-    let sidecar = index.path.with_extension("yaml");
-    if sidecar.exists() {
-        evidence.push(format!("prediction type left to {}", sidecar.display()));
-        return None;
+    if let Some(pt) = sidecar {
+        evidence.push(format!(
+            "prediction type {pt}: model.params.parameterization of {}",
+            index.path.with_extension("yaml").display()
+        ));
+        return Some(pt);
     }
     if let Some(p) = index.metadata.get("modelspec.prediction_type") {
         let pt = if p.starts_with('v') {

@@ -307,3 +307,28 @@ fn a_checkpoint_without_a_tokenizer_gets_the_standard_clip_vocabulary() {
         &[49406, 320, 736, 2368, 49407]
     );
 }
+
+#[test]
+fn a_sidecar_yaml_sets_the_converted_model_s_prediction_type_and_a_new_one_converts_anew() {
+    let f = fixtures();
+    let dir = tempfile::tempdir().unwrap();
+    let ckpt = dir.path().join("m.safetensors");
+    std::fs::copy(f.join("tiny-sd1-single.safetensors"), &ckpt).unwrap();
+    let state = dir.path().join("state");
+    let prediction = |out: &std::path::Path| {
+        modelcache_agent::pipeline::DiffusersModel::open(out)
+            .unwrap()
+            .schedule
+            .prediction_type
+    };
+    let plain = convert::converted(&state, &ckpt, Some(&f.join("tiny-sd1")), None).unwrap();
+    assert_eq!(prediction(&plain), modelcache_crds::PredictionType::Epsilon);
+    std::fs::write(
+        dir.path().join("m.yaml"),
+        "model:\n  params:\n    parameterization: \"v\"\n",
+    )
+    .unwrap();
+    let v = convert::converted(&state, &ckpt, Some(&f.join("tiny-sd1")), None).unwrap();
+    assert_ne!(plain, v, "a new sidecar is a new conversion");
+    assert_eq!(prediction(&v), modelcache_crds::PredictionType::VPrediction);
+}

@@ -202,16 +202,40 @@ fn unknown_width_without_structure_is_a_clear_error() {
 }
 
 #[test]
-fn sidecar_yaml_leaves_prediction_to_it() {
+fn a_sidecar_yaml_decides_the_prediction_type_and_a_broken_one_is_refused() {
     let dir = tempfile::tempdir().unwrap();
+    // An SD 2.x checkpoint whose metadata says epsilon: its YAML says v.
     let p = write_owned(
         dir.path(),
         "foo.safetensors",
-        &sd_main(768, 4, "cond_stage_model.transformer."),
-        &[],
+        &sd_main(1024, 4, "cond_stage_model.model."),
+        &[("modelspec.prediction_type", "epsilon")],
     );
-    std::fs::write(dir.path().join("foo.yaml"), "model: {}").unwrap();
-    assert_eq!(store::probe(&p).unwrap().prediction_type, None);
+    let yaml = dir.path().join("foo.yaml");
+    std::fs::write(
+        &yaml,
+        "model:\n  params:\n    parameterization: \"v\"\n    image_size: 64\n",
+    )
+    .unwrap();
+    let r = store::probe(&p).unwrap();
+    assert_eq!(
+        (r.prediction_type, r.image_size),
+        (Some(PredictionType::VPrediction), Some(768))
+    );
+    assert!(
+        r.evidence.iter().any(|e| e.contains("foo.yaml")),
+        "{:?}",
+        r.evidence
+    );
+    std::fs::write(&yaml, "model:\n  params:\n    linear_start: 0.00085\n").unwrap();
+    let r = store::probe(&p).unwrap();
+    assert_eq!(
+        (r.prediction_type, r.image_size),
+        (Some(PredictionType::Epsilon), Some(512))
+    );
+    std::fs::write(&yaml, "model: {params: {parameterization: velocity}}").unwrap();
+    let e = store::probe(&p).unwrap_err().to_string();
+    assert!(e.contains("foo.yaml") && e.contains("velocity"), "{e}");
 }
 
 #[test]

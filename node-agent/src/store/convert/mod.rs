@@ -53,10 +53,16 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
         .base
         .ok_or_else(|| StoreError::invalid(req.checkpoint, "cannot determine the base model"))?;
     let v = probe.prediction_type == Some(modelcache_crds::PredictionType::VPrediction);
-    let config = match req.config_dir {
+    let mut config = match req.config_dir {
         Some(dir) => folder_config(dir)?,
         None => builtin_config(base, v),
     };
+    // The checkpoint's own YAML outranks the architecture folder's scheduler.
+    if let Some(pt) = super::sidecar::prediction_type(req.checkpoint)? {
+        if let Some(sched) = config.get_mut("scheduler") {
+            sched["prediction_type"] = serde_json::Value::from(pt.diffusers_name());
+        }
+    }
     let unet_cfg = config.get("unet").cloned().unwrap_or_default();
     let layout = Layout {
         unet: UnetLayout {
@@ -215,6 +221,17 @@ pub fn cache_dir(
     h.update(abs.to_string_lossy().as_bytes());
     h.update(m.len().to_le_bytes());
     h.update(mtime.to_le_bytes());
+    // A sidecar YAML decides the prediction type: editing it converts anew.
+    if let Ok(yaml) = std::fs::metadata(abs.with_extension("yaml")) {
+        let mtime = yaml
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        h.update(b"sidecar");
+        h.update(yaml.len().to_le_bytes());
+        h.update(mtime.to_le_bytes());
+    }
     if let Some(c) = config_dir {
         h.update(
             c.canonicalize()
