@@ -14,11 +14,13 @@ use candle_core::{DType, Device, Tensor};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-/// An embedding's vectors `[n, d]` (f32, CPU).
+/// An embedding's vectors `[n, d]` (f32, CPU): for SDXL, one set per text
+/// encoder (`clip_l` for the first, `clip_g` for the second).
 #[derive(Debug, Clone)]
 pub struct TextualInversion {
     pub name: String,
     pub vectors: Tensor,
+    pub vectors_2: Option<Tensor>,
 }
 
 /// Why an embedding cannot be used.
@@ -29,8 +31,10 @@ pub enum EmbeddingError {
         name: String,
         source: store::StoreError,
     },
-    #[error("embedding {name:?} is for SDXL's two text encoders, which this agent does not generate with yet")]
-    Sdxl { name: String },
+    #[error("embedding {name:?} is for SDXL's two text encoders (clip_l and clip_g), not this model's one")]
+    ForSdxl { name: String },
+    #[error("embedding {name:?} has vectors for one text encoder; SDXL needs clip_l and clip_g")]
+    NotForSdxl { name: String },
     #[error("embedding {name:?}: {} holds no tensor", file.display())]
     Empty { name: String, file: PathBuf },
     #[error("embedding {name:?}: {key:?} has rank {rank}; expected [vectors, width]")]
@@ -58,17 +62,15 @@ pub fn load(name: &str, path: &Path) -> Result<TextualInversion, EmbeddingError>
     };
     let index = store::open_weights(&file).map_err(store_err)?;
     let names: Vec<&str> = index.tensors.iter().map(|t| t.name.as_str()).collect();
-    if names.contains(&"clip_l") && names.contains(&"clip_g") {
-        return Err(EmbeddingError::Sdxl {
-            name: name.to_string(),
-        });
-    }
+    let sdxl = names.contains(&"clip_l") && names.contains(&"clip_g");
     let params: Vec<&str> = names
         .iter()
         .copied()
         .filter(|n| *n == "string_to_param" || n.starts_with("string_to_param."))
         .collect();
-    let key = if let Some(first) = params.first() {
+    let key = if sdxl {
+        "clip_l".to_string()
+    } else if let Some(first) = params.first() {
         if params.len() > 1 {
             tracing::warn!(
                 embedding = name,
@@ -93,24 +95,29 @@ pub fn load(name: &str, path: &Path) -> Result<TextualInversion, EmbeddingError>
         name: name.to_string(),
         message,
     };
-    let t = tensors
-        .remove(&key)
-        .ok_or_else(|| tensor_err(format!("tensor {key:?} could not be read")))?;
-    let vectors = match t.rank() {
-        1 => t.unsqueeze(0),
-        2 => Ok(t),
-        rank => {
-            return Err(EmbeddingError::Rank {
-                name: name.to_string(),
-                key,
-                rank,
-            })
+    let mut take = |key: &str| -> Result<Tensor, EmbeddingError> {
+        let t = tensors
+            .remove(key)
+            .ok_or_else(|| tensor_err(format!("tensor {key:?} could not be read")))?;
+        match t.rank() {
+            1 => t.unsqueeze(0),
+            2 => Ok(t),
+            rank => {
+                return Err(EmbeddingError::Rank {
+                    name: name.to_string(),
+                    key: key.to_string(),
+                    rank,
+                })
+            }
         }
-    }
-    .map_err(|e| tensor_err(store::error::candle_message(&e)))?;
+        .map_err(|e| tensor_err(store::error::candle_message(&e)))
+    };
+    let vectors = take(&key)?;
+    let vectors_2 = if sdxl { Some(take("clip_g")?) } else { None };
     Ok(TextualInversion {
         name: name.to_string(),
         vectors,
+        vectors_2,
     })
 }
 

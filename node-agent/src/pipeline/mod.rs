@@ -108,8 +108,6 @@ pub enum RequestError {
         trained: usize,
         model: usize,
     },
-    #[error("textual inversion embeddings are not supported with SDXL models yet")]
-    SdxlEmbeddings,
 }
 
 impl PipelineError {
@@ -196,7 +194,7 @@ pub enum Stage {
 pub type Progress<'a> = &'a (dyn Fn(Stage) -> bool + Sync);
 
 /// What can be refused before any weight is loaded.
-fn check_params(model: &DiffusersModel, p: &GenerateParams) -> Result<(), RequestError> {
+fn check_params(p: &GenerateParams) -> Result<(), RequestError> {
     if !p.width.is_multiple_of(8) || !p.height.is_multiple_of(8) || p.width == 0 || p.height == 0 {
         return Err(RequestError::Size {
             width: p.width,
@@ -205,9 +203,6 @@ fn check_params(model: &DiffusersModel, p: &GenerateParams) -> Result<(), Reques
     }
     if p.steps == 0 || p.n == 0 {
         return Err(RequestError::Empty);
-    }
-    if model.text2.is_some() && p.embeddings.iter().any(|(name, _)| text::named(p, name)) {
-        return Err(RequestError::SdxlEmbeddings);
     }
     if let Some(e) = &p.edit {
         let sizes = [(e.image.width, e.image.height)]
@@ -267,7 +262,7 @@ pub fn generate(
     p: &GenerateParams,
     progress: Progress,
 ) -> Result<Vec<Image>, PipelineError> {
-    check_params(model, p)?;
+    check_params(p)?;
     let adapters = Adapters::lock(cache, model, &p.loras)?;
     let Conditioning { context, pooled } = text::encode_with(cache, model, p, &adapters)?;
     let guided = context.dim(0)? == 2;

@@ -4,11 +4,10 @@
 use super::adapters::Adapters;
 use super::embedding;
 use super::model::{DiffusersModel, TextEncoder};
-use super::nets::clip::ClipTextModel;
+use super::nets::clip::{ClipTextModel, TextOutput};
 use super::{GenerateParams, PipelineError, RequestError};
 use crate::cache::ModelCache;
 use candle_core::{Device, Tensor};
-use std::path::PathBuf;
 
 /// What the UNet is conditioned on: the context `[2, tokens, dim]` (negative
 /// first; `[1, …]` without guidance) and, for SDXL, the pooled text embeddings
@@ -24,7 +23,7 @@ pub fn encode(
     model: &DiffusersModel,
     p: &GenerateParams,
 ) -> Result<Conditioning, PipelineError> {
-    super::check_params(model, p)?;
+    super::check_params(p)?;
     encode_with(cache, model, p, &Adapters::lock(cache, model, &p.loras)?)
 }
 
@@ -66,6 +65,79 @@ fn token_ids(encoder: &TextEncoder, text: &str, device: &Device) -> Result<Tenso
     Ok(Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?)
 }
 
+/// The embeddings the prompts name, read, with each encoder's vectors
+/// checked against that encoder's width.
+fn embeddings(
+    model: &DiffusersModel,
+    p: &GenerateParams,
+) -> Result<Vec<embedding::TextualInversion>, PipelineError> {
+    let tis = p
+        .embeddings
+        .iter()
+        .filter(|(name, _)| named(p, name))
+        .map(|(name, path)| embedding::load(name, path))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(RequestError::from)?;
+    let width = |t: &Tensor| t.dims().get(1).copied().unwrap_or(0);
+    for ti in &tis {
+        let name = ti.name.clone();
+        let pairs = match (&model.text2, &ti.vectors_2) {
+            (None, None) => vec![(&ti.vectors, &model.text)],
+            (Some(text2), Some(v2)) => vec![(&ti.vectors, &model.text), (v2, text2)],
+            (None, Some(_)) => {
+                return Err(RequestError::from(embedding::EmbeddingError::ForSdxl { name }).into())
+            }
+            (Some(_), None) => {
+                return Err(
+                    RequestError::from(embedding::EmbeddingError::NotForSdxl { name }).into(),
+                )
+            }
+        };
+        for (v, encoder) in pairs {
+            if width(v) != encoder.config.hidden_size {
+                return Err(RequestError::EmbeddingWidth {
+                    name: ti.name.clone(),
+                    trained: width(v),
+                    model: encoder.config.hidden_size,
+                }
+                .into());
+            }
+        }
+    }
+    Ok(tis)
+}
+
+/// One prompt through one text encoder, each `<name>` of `tis` standing for
+/// its vectors (`vectors` of the pair for this encoder).
+fn run_encoder(
+    encoder: &ClipTextModel,
+    te: &TextEncoder,
+    text: &str,
+    tis: &[(&str, &Tensor)],
+    device: &Device,
+    clip_skip: usize,
+) -> Result<TextOutput, PipelineError> {
+    let names: Vec<&str> = tis.iter().map(|(n, _)| *n).collect();
+    let parts = embedding::split(text, &names);
+    if !parts
+        .iter()
+        .any(|p| matches!(p, embedding::Part::Embedding(_)))
+    {
+        return Ok(encoder.forward(&token_ids(te, text, device)?, clip_skip)?);
+    }
+    let sizes: Vec<usize> = tis.iter().map(|(_, v)| v.dims()[0]).collect();
+    let (ids, slots) = te
+        .tokenizer
+        .encode_parts(&parts, &sizes)
+        .map_err(RequestError::from)?;
+    let rows = slots
+        .iter()
+        .map(|(pos, ti, k)| Ok((*pos, tis[*ti].1.get(*k)?)))
+        .collect::<Result<Vec<_>, candle_core::Error>>()?;
+    let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
+    Ok(encoder.forward_with(&ids, &rows, clip_skip)?)
+}
+
 /// SDXL's conditioning: each prompt through both text encoders, their
 /// penultimate hidden states side by side, and the second's projected pooled
 /// output (diffusers' `encode_prompt`). An empty negative prompt is zeros when
@@ -84,9 +156,15 @@ fn encode_sdxl(
     let enc1 = ClipTextModel::new(vb1, &model.text.config)?;
     let enc2 = ClipTextModel::new(vb2, &text2.config)?;
     let device = &te1.device;
+    let tis = embeddings(model, p)?;
+    let tis1: Vec<(&str, &Tensor)> = tis.iter().map(|t| (t.name.as_str(), &t.vectors)).collect();
+    let tis2: Vec<(&str, &Tensor)> = tis
+        .iter()
+        .filter_map(|t| Some((t.name.as_str(), t.vectors_2.as_ref()?)))
+        .collect();
     let encode = |text: &str| -> Result<(Tensor, Tensor), PipelineError> {
-        let a = enc1.forward(&token_ids(&model.text, text, device)?, p.clip_skip)?;
-        let b = enc2.forward(&token_ids(text2, text, device)?, p.clip_skip)?;
+        let a = run_encoder(&enc1, &model.text, text, &tis1, device, p.clip_skip)?;
+        let b = run_encoder(&enc2, text2, text, &tis2, &te2.device, p.clip_skip)?;
         let context = Tensor::cat(
             &[&a.penultimate, &b.penultimate.to_device(device)?],
             candle_core::D::Minus1,
@@ -121,49 +199,10 @@ fn encode_sd(
     let te = cache.get_device(&model.component("text_encoder"))?;
     let (vb, _held) = adapters.weights(cache, &te, "lora_te_")?;
     let encoder = ClipTextModel::new(vb, &model.text.config)?;
-    let device = &te.device;
-    // Only the embeddings a prompt names are read.
-    let used: Vec<&(String, PathBuf)> = p
-        .embeddings
-        .iter()
-        .filter(|(name, _)| named(p, name))
-        .collect();
-    let tis = used
-        .iter()
-        .map(|(name, path)| embedding::load(name, path))
-        .collect::<Result<Vec<_>, _>>()
-        .map_err(RequestError::from)?;
-    let width = model.text.config.hidden_size;
-    if let Some(ti) = tis.iter().find(|t| t.vectors.dims().get(1) != Some(&width)) {
-        return Err(RequestError::EmbeddingWidth {
-            name: ti.name.clone(),
-            trained: ti.vectors.dims().get(1).copied().unwrap_or(0),
-            model: width,
-        }
-        .into());
-    }
-    let names: Vec<&str> = tis.iter().map(|t| t.name.as_str()).collect();
-    let sizes: Vec<usize> = tis.iter().map(|t| t.vectors.dims()[0]).collect();
+    let tis = embeddings(model, p)?;
+    let tis: Vec<(&str, &Tensor)> = tis.iter().map(|t| (t.name.as_str(), &t.vectors)).collect();
     let encode = |text: &str| -> Result<Tensor, PipelineError> {
-        let parts = embedding::split(text, &names);
-        if !parts
-            .iter()
-            .any(|p| matches!(p, embedding::Part::Embedding(_)))
-        {
-            let ids = token_ids(&model.text, text, device)?;
-            return Ok(encoder.forward(&ids, p.clip_skip)?.hidden);
-        }
-        let (ids, slots) = model
-            .text
-            .tokenizer
-            .encode_parts(&parts, &sizes)
-            .map_err(RequestError::from)?;
-        let rows = slots
-            .iter()
-            .map(|(pos, ti, k)| Ok((*pos, tis[*ti].vectors.get(*k)?)))
-            .collect::<Result<Vec<_>, candle_core::Error>>()?;
-        let ids = Tensor::new(ids.as_slice(), device)?.unsqueeze(0)?;
-        Ok(encoder.forward_with(&ids, &rows, p.clip_skip)?.hidden)
+        Ok(run_encoder(&encoder, &model.text, text, &tis, &te.device, p.clip_skip)?.hidden)
     };
     let cond = encode(&p.prompt)?;
     if p.guidance_scale <= 1.0 {

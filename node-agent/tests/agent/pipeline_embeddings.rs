@@ -174,3 +174,66 @@ fn the_api_finds_embeddings_under_the_models_folder_by_name() {
         "embeddings are not served as models"
     );
 }
+
+/// `rows` for one of tiny-sdxl's text encoders and its tokenizer.
+fn sdxl_rows(words: &str, encoder: &str, tokenizer: &str) -> Tensor {
+    let dir = crate::common::fixtures().join("tiny-sdxl");
+    let tok = ClipTokenizer::load(&dir.join(tokenizer), 77).unwrap();
+    // BOS, the words' tokens, EOS, padding: EOS is what follows BOS alone.
+    let eos = tok.encode("").unwrap()[1];
+    let ids = tok.encode(words).unwrap();
+    let body: Vec<u32> = ids[1..].iter().copied().take_while(|&i| i != eos).collect();
+    let weights =
+        candle_core::safetensors::load(dir.join(encoder).join("model.safetensors"), &Device::Cpu)
+            .unwrap();
+    let table = weights
+        .iter()
+        .find(|(k, _)| k.ends_with("token_embedding.weight"))
+        .map(|(_, v)| v.to_dtype(DType::F32).unwrap())
+        .unwrap();
+    table
+        .index_select(&Tensor::new(body.as_slice(), &Device::Cpu).unwrap(), 0)
+        .unwrap()
+}
+
+#[test]
+fn sdxl_embeddings_give_each_text_encoder_its_own_vectors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = DiffusersModel::open(&crate::common::fixtures().join("tiny-sdxl")).unwrap();
+    let cache = crate::common::tiny_cache();
+    let cond = |prompt: &str, embeddings: Vec<(String, PathBuf)>| {
+        let p = GenerateParams {
+            prompt: prompt.into(),
+            negative_prompt: "a dog".into(),
+            embeddings,
+            ..Default::default()
+        };
+        pipeline::encode(&cache, &model, &p).map_err(|e| e.to_string())
+    };
+    let clip_l = sdxl_rows("red cat", "text_encoder", "tokenizer");
+    let clip_g = sdxl_rows("red cat", "text_encoder_2", "tokenizer_2");
+    assert_ne!(clip_l.dims(), clip_g.dims(), "two widths");
+    assert!(clip_l.dim(0).unwrap() >= 2 && clip_g.dim(0).unwrap() >= 2);
+    let path = dir.path().join("rc.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([
+            ("clip_l".to_string(), clip_l.clone()),
+            ("clip_g".to_string(), clip_g),
+        ]),
+        &path,
+    )
+    .unwrap();
+    let plain = cond("a red cat", vec![]).unwrap();
+    let with_ti = cond("a <rc>", vec![("rc".into(), path.clone())]).unwrap();
+    assert_eq!(max_diff(&with_ti.context, &plain.context), 0.0);
+    let pooled = (plain.pooled.unwrap(), with_ti.pooled.unwrap());
+    assert_eq!(max_diff(&pooled.0, &pooled.1), 0.0, "the pooled output too");
+    // An SDXL embedding on an SD 1.x model, and a one-encoder embedding on SDXL.
+    let err = encode("a <rc>", vec![("rc".into(), path)]).unwrap_err();
+    assert!(err.contains("clip_l and clip_g"), "{err}");
+    let one = dir.path().join("one.safetensors");
+    candle_core::safetensors::save(&HashMap::from([("emb_params".to_string(), clip_l)]), &one)
+        .unwrap();
+    let err = cond("a <one>", vec![("one".into(), one)]).err().unwrap();
+    assert!(err.contains("SDXL needs clip_l and clip_g"), "{err}");
+}

@@ -8,7 +8,7 @@ use candle_core::Device;
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
 use modelcache_crds::SchedulerKind;
 
-fn run_all(model: &str, fixture: &str) {
+fn run_all(model: &std::path::Path, fixture: &str) {
     let dir = fixtures().join(fixture);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
@@ -23,7 +23,7 @@ fn run_all(model: &str, fixture: &str) {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
-    let model = DiffusersModel::open(&fixtures().join(model)).unwrap();
+    let model = DiffusersModel::open(model).unwrap();
     let cache = tiny_cache();
     let runs = r["runs"].as_object().unwrap();
     assert_eq!(
@@ -56,7 +56,22 @@ fn run_all(model: &str, fixture: &str) {
 
 #[test]
 fn every_scheduler_matches_diffusers_on_an_epsilon_model() {
-    run_all("tiny-sd1", "tiny-sd1-schedulers");
+    run_all(&fixtures().join("tiny-sd1"), "tiny-sd1-schedulers");
+}
+
+#[test]
+fn every_scheduler_matches_diffusers_on_a_v_prediction_model() {
+    // tiny-sd1's weights read as a v-prediction model, as a sidecar YAML
+    // with `parameterization: "v"` makes of a checkpoint.
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    copy_dir(&fixtures().join("tiny-sd1"), &m);
+    let config = m.join("scheduler/scheduler_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    v["prediction_type"] = "v_prediction".into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    run_all(&m, "tiny-sd1-schedulers-v");
 }
 
 #[test]
