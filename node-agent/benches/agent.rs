@@ -2,7 +2,7 @@
 //! judged against, measured in the same run.
 //!
 //! `cargo bench -p modelcache-agent --bench agent [-- GROUP]` with GROUP one of
-//! `store`, `cache`, `pipeline`, `sd15`, `api` (default: all but `sd15`).
+//! `store`, `cache`, `pipeline`, `edits`, `sd15`, `api` (default: all but `sd15`).
 
 #[path = "../tests/agent/common/mod.rs"]
 mod common;
@@ -461,6 +461,106 @@ fn bench_pipeline() {
     );
 }
 
+/// Edits against text-to-image on the same model, size and steps: image to
+/// image at strength s should cost about s of it (it runs the last s of the
+/// steps, plus one VAE encode), inpainting with an ordinary model under 1.1×
+/// (one encode, and a blend per step).
+fn bench_edits() {
+    header("Edits");
+    let cache = tiny_cache();
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let (w, h) = (256, 256);
+    let image = pipeline::Image {
+        width: w,
+        height: h,
+        data: (0..w * h * 3).map(|i| (i % 251) as f32 / 250.0).collect(),
+    };
+    let mut mask = pipeline::Mask::full(w, h);
+    mask.data[..w * h / 2].iter_mut().for_each(|v| *v = 0.0);
+    let p = |edit: Option<pipeline::Edit>| GenerateParams {
+        prompt: "a red cat".into(),
+        steps: 20,
+        width: w,
+        height: h,
+        edit,
+        ..Default::default()
+    };
+    // Whole request, and its denoising alone: steps run × the median time
+    // between two steps' ends (so the VAE's fixed cost is apart).
+    let time = |p: &GenerateParams| {
+        pipeline::generate(&cache, &model, p, &|_| true).unwrap();
+        let runs: Vec<(f64, f64)> = (0..3)
+            .map(|_| {
+                let ends = std::sync::Mutex::new(Vec::new());
+                let t = Instant::now();
+                pipeline::generate(&cache, &model, p, &|s| {
+                    if matches!(s, pipeline::Stage::Denoising { .. }) {
+                        ends.lock().unwrap().push(t.elapsed().as_secs_f64());
+                    }
+                    true
+                })
+                .unwrap();
+                let ends = ends.into_inner().unwrap();
+                let gaps: Vec<f64> = ends.windows(2).map(|w| w[1] - w[0]).collect();
+                (t.elapsed().as_secs_f64(), median(gaps) * ends.len() as f64)
+            })
+            .collect();
+        (
+            median(runs.iter().map(|r| r.0).collect()),
+            median(runs.iter().map(|r| r.1).collect()),
+        )
+    };
+    let (txt2img, txt2img_denoise) = time(&p(None));
+    let reference = |denoise: bool| {
+        if denoise {
+            format!("text-to-image denoising {:.0} ms", txt2img_denoise * 1e3)
+        } else {
+            format!("text-to-image {:.0} ms", txt2img * 1e3)
+        }
+    };
+    let what = format!("tiny-sd1 {w}×{h}, 20 steps");
+    for strength in [0.25, 0.5, 0.75] {
+        let (t, denoise) = time(&p(Some(pipeline::Edit {
+            image: image.clone(),
+            mask: None,
+            strength,
+        })));
+        row(
+            &format!("image-to-image at strength {strength}, {what}: denoising"),
+            format!("{:.0} ms", denoise * 1e3),
+            reference(true),
+            Some(denoise / txt2img_denoise),
+            &format!("≈ {strength}x"),
+        );
+        row(
+            &format!("image-to-image at strength {strength}, {what}: whole request"),
+            format!("{:.0} ms", t * 1e3),
+            reference(false),
+            Some(t / txt2img),
+            "(adds a VAE encode)",
+        );
+    }
+    let (t, denoise) = time(&p(Some(pipeline::Edit {
+        image,
+        mask: Some(mask),
+        strength: 1.0,
+    })));
+    row(
+        &format!("inpainting (text-to-image UNet), {what}: denoising"),
+        format!("{:.0} ms", denoise * 1e3),
+        reference(true),
+        Some(denoise / txt2img_denoise),
+        "≈ 1x (a blend per step)",
+    );
+    row(
+        &format!("inpainting (text-to-image UNet), {what}: whole request"),
+        format!("{:.0} ms", t * 1e3),
+        reference(false),
+        Some(t / txt2img),
+        "< 1.1x (adds a VAE encode)",
+    );
+}
+
 fn bench_sd15() {
     header("Pipeline: SD-1.5-sized UNet");
     use candle_nn::{VarBuilder, VarMap};
@@ -620,6 +720,9 @@ fn main() {
     }
     if want("pipeline") {
         bench_pipeline();
+    }
+    if want("edits") {
+        bench_edits();
     }
     if want("sd15") {
         bench_sd15();
