@@ -66,6 +66,12 @@ pub struct ModelDeploymentSpec {
     #[schemars(length(max = 16))]
     pub loras: Vec<LoraSpec>,
 
+    /// A VAE used in place of the model's own: a VAE file (`.safetensors`, converted once) or
+    /// diffusers VAE folder, relative to the agents' models folder. Requests may name another.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    pub vae: Option<String>,
+
     /// Which nodes may serve the model and how replicas are spread over them.
     #[serde(default)]
     pub placement: PlacementSpec,

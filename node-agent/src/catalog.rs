@@ -34,6 +34,20 @@ pub enum AdapterPathError {
     NotSafetensors(String),
 }
 
+/// Why a VAE a request or deployment names cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum VaeError {
+    #[error("vae {0:?} is not a VAE file or folder in the models folder")]
+    NotFound(String),
+    #[error("vae {name:?} is a {kind} model, not a VAE")]
+    NotVae { name: String, kind: ModelType },
+    #[error("vae {name:?}: {source}")]
+    Convert {
+        name: String,
+        source: crate::store::StoreError,
+    },
+}
+
 /// A model found under the root.
 #[derive(Debug, Clone)]
 pub struct CatalogEntry {
@@ -276,6 +290,29 @@ impl Catalog {
             return Err(AdapterPathError::NotSafetensors(rel.to_string()));
         }
         Ok(real)
+    }
+
+    /// The diffusers folder of the VAE at `rel` (a VAE file is converted once
+    /// into the state folder). Only what the last scan found under the root is
+    /// found here, so a path cannot reach outside it.
+    pub fn vae(&self, rel: &str) -> Result<PathBuf, VaeError> {
+        let entry = self
+            .by_path(rel)
+            .ok_or_else(|| VaeError::NotFound(rel.to_string()))?;
+        if entry.probe.model_type != ModelType::Vae {
+            return Err(VaeError::NotVae {
+                name: rel.to_string(),
+                kind: entry.probe.model_type,
+            });
+        }
+        match entry.probe.format {
+            ModelFormat::Diffusers => Ok(entry.path),
+            ModelFormat::Checkpoint => convert::converted_vae(&self.state_dir, &entry.path)
+                .map_err(|source| VaeError::Convert {
+                    name: rel.to_string(),
+                    source,
+                }),
+        }
     }
 
     /// The pipeline of a model: single-file checkpoints are converted once into

@@ -73,6 +73,10 @@ pub struct GenerateOptions {
         default_value = ".modelcache-state"
     )]
     pub state_dir: PathBuf,
+    /// A VAE used in place of the model's own: a VAE file (converted once) or
+    /// a diffusers VAE folder.
+    #[arg(long)]
+    pub vae: Option<PathBuf>,
     /// An image to edit (PNG, JPEG or WebP): image-to-image, or inpainting
     /// with --mask. The output takes its size unless --size is given.
     #[arg(long)]
@@ -149,6 +153,14 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
             Ok((path, weight))
         })
         .collect::<anyhow::Result<Vec<_>>>()?;
+    let vae = match &a.vae {
+        Some(p) if p.is_dir() => Some(p.clone()),
+        Some(p) => Some(
+            store::convert::converted_vae(&a.state_dir, p)
+                .with_context(|| format!("--vae {}", p.display()))?,
+        ),
+        None => None,
+    };
     let edit = match &a.init_image {
         Some(path) => Some(read_edit(path, a.mask.as_deref(), a.strength)?),
         None => None,
@@ -204,6 +216,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
             .map(|p| (pipeline::embedding::trigger_name(p), p.clone()))
             .collect(),
         seamless: a.seamless,
+        vae,
         edit,
         draws: None,
     };

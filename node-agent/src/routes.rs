@@ -19,6 +19,8 @@ pub struct Route {
     pub model: String,
     /// Adapters applied to every request, before the request's own.
     pub loras: Vec<LoraSpec>,
+    /// The VAE used unless a request names another (`spec.vae`).
+    pub vae: Option<String>,
     /// Values for what a request leaves out.
     pub defaults: GenerationDefaults,
 }
@@ -123,6 +125,7 @@ mod tests {
                         deployment: d.to_string(),
                         model: m.to_string(),
                         loras: Vec::new(),
+                        vae: None,
                         defaults: GenerationDefaults::default(),
                     },
                 )

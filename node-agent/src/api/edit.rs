@@ -79,6 +79,7 @@ pub async fn read_form(
                     "scheduler",
                     "seamless",
                     "loras",
+                    "vae",
                     "stream",
                 ]
                 .into_iter()

@@ -86,6 +86,9 @@ pub struct GenerationRequest {
     pub seamless: Option<serde_json::Value>,
     #[serde(default)]
     pub clip_skip: Option<u32>,
+    /// A VAE under the models folder used in place of the model's own.
+    #[serde(default)]
+    pub vae: Option<String>,
     /// Refused while streaming does not exist, rather than silently ignored.
     #[serde(default)]
     pub stream: Option<bool>,
@@ -258,6 +261,14 @@ pub fn validate(
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos() as u64)
     });
+    let vae = match r.vae.as_deref().or(route.and_then(|r| r.vae.as_deref())) {
+        Some(rel) => Some(
+            catalog
+                .vae(rel)
+                .map_err(|e| ApiError::invalid(e.to_string()).param("vae"))?,
+        ),
+        None => None,
+    };
     // `<name>` in a prompt uses the embedding of that name under the models folder.
     let mut embeddings: Vec<(String, PathBuf)> = Vec::new();
     for name in embedding::triggers(&r.prompt)
@@ -285,6 +296,7 @@ pub fn validate(
         loras,
         embeddings,
         seamless,
+        vae,
         edit: None,
         draws: None,
     })

@@ -321,6 +321,7 @@ impl ClusterAgent {
                         deployment: t.want.key.clone(),
                         model: t.model.clone()?,
                         loras: t.want.loras.clone(),
+                        vae: t.want.vae.clone(),
                         defaults: t.want.defaults.clone(),
                     },
                 ))

@@ -29,6 +29,7 @@ pub struct Desired {
     pub role: PlacementRole,
     pub precision: Precision,
     pub loras: Vec<LoraSpec>,
+    pub vae: Option<String>,
     pub defaults: GenerationDefaults,
 }
 
@@ -57,6 +58,7 @@ pub fn desired(node: &str, deployments: &[Arc<ModelDeployment>]) -> BTreeMap<Str
                 role: p.role,
                 precision: md.spec.precision,
                 loras: md.spec.loras.clone(),
+                vae: md.spec.vae.clone(),
                 defaults: md.spec.defaults.clone(),
             },
         );

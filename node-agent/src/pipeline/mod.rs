@@ -76,6 +76,8 @@ pub enum RequestError {
     Size { width: usize, height: usize },
     #[error("steps and n must be at least 1")]
     Empty,
+    #[error("the VAE makes latents of {vae} channels but the model's UNet takes {model}")]
+    VaeChannels { vae: usize, model: usize },
     #[error("strength {strength} of {steps} steps runs no step: raise strength or steps")]
     NoStep { strength: f64, steps: usize },
     #[error("the image is {got_w}x{got_h} but the generation is {want_w}x{want_h}")]
@@ -142,6 +144,8 @@ pub struct GenerateParams {
     pub embeddings: Vec<(String, PathBuf)>,
     /// Axes along which the image tiles seamlessly.
     pub seamless: Seamless,
+    /// A diffusers VAE folder used in place of the model's own.
+    pub vae: Option<PathBuf>,
     /// The image to edit, if this is an edit.
     pub edit: Option<Edit>,
     /// Every Gaussian draw, in order, instead of the seed's (all images use
@@ -166,6 +170,7 @@ impl Default for GenerateParams {
             loras: Vec::new(),
             embeddings: Vec::new(),
             seamless: Seamless::NONE,
+            vae: None,
             edit: None,
             draws: None,
         }
@@ -226,6 +231,30 @@ fn check_params(p: &GenerateParams) -> Result<(), RequestError> {
         }
     }
     Ok(())
+}
+
+/// The VAE a generation uses (the request's override, else the model's
+/// own): its cache key and configuration. An override must make latents of
+/// the model's channel count; its own scaling factor applies, as in diffusers.
+fn vae_of(
+    model: &DiffusersModel,
+    p: &GenerateParams,
+) -> Result<(CacheKey, nets::vae::VaeConfig), PipelineError> {
+    let Some(dir) = &p.vae else {
+        return Ok((model.component("vae"), model.vae.clone()));
+    };
+    let config = crate::store::read_json(&dir.join("config.json"))
+        .map_err(|e| PipelineError::model(dir, e))?;
+    let config =
+        nets::vae::VaeConfig::from_json(&config).map_err(|e| PipelineError::model(dir, e))?;
+    if config.latent_channels != model.vae.latent_channels {
+        return Err(RequestError::VaeChannels {
+            vae: config.latent_channels,
+            model: model.vae.latent_channels,
+        }
+        .into());
+    }
+    Ok((CacheKey::from(dir.clone()), config))
 }
 
 /// What an edit brings to the denoising loop of one image.
@@ -300,6 +329,7 @@ pub fn generate(
     };
     let (lh, lw) = (p.height / 8, p.width / 8);
     let shape = [1, model.vae.latent_channels, lh, lw];
+    let (vae_key, vae_config) = vae_of(model, p)?;
     // Inpainting models without an image to edit generate from text with
     // everything masked, as other front ends run them.
     let blank;
@@ -320,11 +350,11 @@ pub fn generate(
         (None, false) => None,
     };
     let vae_guard = match edit {
-        Some(_) => Some(cache.get_device(&model.component("vae"))?),
+        Some(_) => Some(cache.get_device(&vae_key)?),
         None => None,
     };
     let encoder = match &vae_guard {
-        Some(g) => Some(VaeEncoder::new(g.var_builder(), 3, &model.vae)?),
+        Some(g) => Some(VaeEncoder::new(g.var_builder(), 3, &vae_config)?),
         None => None,
     };
     let latents_by_image = p.latents.as_ref();
@@ -348,7 +378,7 @@ pub fn generate(
                 )));
             };
             let img = image.to_device(&g.device)?;
-            encode_image(encoder, &img, model.vae.scaling_factor, rng, g.dtype)?
+            encode_image(encoder, &img, vae_config.scaling_factor, rng, g.dtype)?
                 .to_device(&device)
                 .map_err(Into::into)
         };
@@ -468,10 +498,10 @@ pub fn generate(
     drop(vae_guard);
     drop(unet);
     drop(unet_guard);
-    let vae_guard = cache.get_device(&model.component("vae"))?;
+    let vae_guard = cache.get_device(&vae_key)?;
     let vae = nets::vae::VaeConfig {
         seamless: p.seamless,
-        ..model.vae.clone()
+        ..vae_config
     };
     let decoder = VaeDecoder::new(vae_guard.var_builder(), 3, &vae)?;
     latents_out

@@ -183,7 +183,7 @@ fn dechunk(mut b: &[u8]) -> Vec<u8> {
     }
 }
 
-fn post(addr: &str, body: serde_json::Value) -> Reply {
+pub(crate) fn post(addr: &str, body: serde_json::Value) -> Reply {
     http(
         addr,
         "POST",

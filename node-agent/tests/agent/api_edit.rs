@@ -55,6 +55,12 @@ fn agent() -> Agent {
                 &fixtures().join("tiny-sd1-inpaint"),
                 &models.join("tiny-inpaint"),
             );
+            std::fs::create_dir_all(models.join("vae")).unwrap();
+            std::fs::copy(
+                fixtures().join("tiny-sd1-vae.safetensors"),
+                models.join("vae/other.safetensors"),
+            )
+            .unwrap();
         },
         &[],
     )
@@ -257,4 +263,36 @@ print("ok")
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+#[test]
+fn a_request_may_name_a_vae_under_the_models_folder() {
+    let agent = agent();
+    let ask = |vae: Option<&str>| {
+        let mut body = serde_json::json!({"model": "tiny", "prompt": "a red cat", "size": "64x64", "steps": 2, "seed": 1});
+        if let Some(v) = vae {
+            body["vae"] = v.into();
+        }
+        crate::api::post(&agent.api, body)
+    };
+    let own = image_of(&ask(None));
+    let other = image_of(&ask(Some("vae/other.safetensors")));
+    assert_ne!(own, other, "the named VAE decodes");
+    assert_eq!(other, image_of(&ask(Some("vae/other.safetensors"))));
+    // In an edit too.
+    let image = fixture("image.png");
+    let r = edit(
+        &agent.api,
+        &[
+            ("model", Part::Text("tiny")),
+            ("prompt", Part::Text("a red cat")),
+            ("steps", Part::Text("2")),
+            ("vae", Part::Text("vae/other.safetensors")),
+            ("image", Part::File(&image)),
+        ],
+    );
+    assert_eq!(png_size(&image_of(&r)), (64, 64));
+    for bad in ["tiny", "vae/none.safetensors", "../vae/other.safetensors"] {
+        assert_eq!(param(&ask(Some(bad))), "vae", "{bad}");
+    }
 }

@@ -15,6 +15,7 @@ mod pipeline_schedulers;
 mod pipeline_sd2;
 mod pipeline_sdxl;
 mod pipeline_seamless;
+mod pipeline_vae;
 mod store_convert;
 mod store_files;
 mod store_merge;

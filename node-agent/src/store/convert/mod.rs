@@ -11,11 +11,13 @@
 pub mod configs;
 pub mod keys;
 pub mod plan;
+pub mod vae;
 pub mod write;
 
 pub use configs::{builtin_config, folder_config};
 pub use keys::{openclip_key, unet_key, vae_key, UnetLayout};
 pub use plan::{openclip_plan, plan_main, plan_vae_keys, Layout, Op, Plan, Planned};
+pub use vae::converted_vae;
 pub use write::write_component;
 
 use super::error::{Result, StoreError};
