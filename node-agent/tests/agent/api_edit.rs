@@ -2,9 +2,8 @@
 //! multipart form (hand-built and from the official openai client), and
 //! every bad upload refused with a 400 naming its field.
 
-use crate::api::{decode_b64, http, png_size, repo, Agent, Reply};
+use crate::api::{decode_b64, http, png_size, run_openai_client, Agent, Reply};
 use crate::common::{copy_dir, fixtures};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 /// One part of a form: a text field, or a file with its bytes.
@@ -227,14 +226,9 @@ fn bad_uploads_are_400_naming_the_field() {
 
 #[test]
 fn the_official_openai_client_edits_an_image() {
-    let python = repo().join(".ci/venv/bin/python");
-    assert!(
-        python.exists(),
-        "the openai client's virtual environment is missing: run .ci/install-tools.sh"
-    );
     let agent = agent();
     let dir = fixtures().join("tiny-sd1-edit");
-    let script = format!(
+    run_openai_client(&format!(
         r#"
 import base64, openai
 client = openai.OpenAI(base_url="http://{addr}/v1", api_key="unused")
@@ -255,14 +249,7 @@ print("ok")
 "#,
         addr = agent.api,
         dir = dir.display()
-    );
-    let out = Command::new(python).arg("-c").arg(script).output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ));
 }
 
 #[test]

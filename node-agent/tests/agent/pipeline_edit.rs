@@ -3,8 +3,7 @@
 //! replaying diffusers' exact Gaussian draws and compared with its float64
 //! run (`tests/fixtures/tiny-sd1-edit`).
 
-use crate::common::{fixtures, max_abs_diff_from, tiny_cache};
-use candle_core::Device;
+use crate::common::{draws, fixtures, max_abs_diff_from, tiny_cache};
 use modelcache_agent::pipeline::image::{decode_image, decode_mask};
 use modelcache_agent::pipeline::{self, DiffusersModel, Edit, GenerateParams, Stage};
 
@@ -22,14 +21,7 @@ fn edit_fixture() -> (std::path::PathBuf, serde_json::Value) {
 fn params(name: &str) -> (GenerateParams, std::path::PathBuf, f64) {
     let (dir, r) = edit_fixture();
     let run = &r["runs"][name];
-    let draws = candle_core::safetensors::load(dir.join("draws.safetensors"), &Device::Cpu)
-        .unwrap()
-        .remove("draws")
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
-        .unwrap();
+    let draws = draws(&dir.join("draws.safetensors"), "draws");
     let image = decode_image(&std::fs::read(dir.join("image.png")).unwrap(), MAX_PIXELS).unwrap();
     let mask = name
         .starts_with("inpaint")

@@ -17,27 +17,27 @@ fn fixture() -> PathBuf {
 
 /// The text encoder's embedding rows of the tokens of `words` (no BOS/EOS).
 fn rows(words: &str) -> Tensor {
-    let tok = ClipTokenizer::load(&fixture().join("tokenizer"), 77).unwrap();
+    token_rows(&fixture(), "text_encoder", "tokenizer", words)
+}
+
+/// [`rows`] of one text encoder of the model in `dir`, through its tokenizer.
+fn token_rows(dir: &std::path::Path, encoder: &str, tokenizer: &str, words: &str) -> Tensor {
+    let tok = ClipTokenizer::load(&dir.join(tokenizer), 77).unwrap();
+    // BOS, the words' tokens, EOS, padding: EOS is what follows BOS alone.
+    let eos = tok.encode("").unwrap()[1];
     let ids = tok.encode(words).unwrap();
-    let eos = ids[ids
-        .iter()
-        .skip(1)
-        .position(|&i| i == ids[ids.len() - 1])
-        .unwrap()
-        + 1];
     let body: Vec<u32> = ids[1..].iter().copied().take_while(|&i| i != eos).collect();
-    let weights = candle_core::safetensors::load(
-        fixture().join("text_encoder/model.safetensors"),
-        &Device::Cpu,
-    )
-    .unwrap();
+    let weights =
+        candle_core::safetensors::load(dir.join(encoder).join("model.safetensors"), &Device::Cpu)
+            .unwrap();
     let table = weights
         .iter()
         .find(|(k, _)| k.ends_with("token_embedding.weight"))
         .map(|(_, v)| v.to_dtype(DType::F32).unwrap())
         .unwrap();
-    let idx = Tensor::new(body.as_slice(), &Device::Cpu).unwrap();
-    table.index_select(&idx, 0).unwrap()
+    table
+        .index_select(&Tensor::new(body.as_slice(), &Device::Cpu).unwrap(), 0)
+        .unwrap()
 }
 
 fn encode(prompt: &str, embeddings: Vec<(String, PathBuf)>) -> Result<Tensor, String> {
@@ -175,27 +175,6 @@ fn the_api_finds_embeddings_under_the_models_folder_by_name() {
     );
 }
 
-/// `rows` for one of tiny-sdxl's text encoders and its tokenizer.
-fn sdxl_rows(words: &str, encoder: &str, tokenizer: &str) -> Tensor {
-    let dir = crate::common::fixtures().join("tiny-sdxl");
-    let tok = ClipTokenizer::load(&dir.join(tokenizer), 77).unwrap();
-    // BOS, the words' tokens, EOS, padding: EOS is what follows BOS alone.
-    let eos = tok.encode("").unwrap()[1];
-    let ids = tok.encode(words).unwrap();
-    let body: Vec<u32> = ids[1..].iter().copied().take_while(|&i| i != eos).collect();
-    let weights =
-        candle_core::safetensors::load(dir.join(encoder).join("model.safetensors"), &Device::Cpu)
-            .unwrap();
-    let table = weights
-        .iter()
-        .find(|(k, _)| k.ends_with("token_embedding.weight"))
-        .map(|(_, v)| v.to_dtype(DType::F32).unwrap())
-        .unwrap();
-    table
-        .index_select(&Tensor::new(body.as_slice(), &Device::Cpu).unwrap(), 0)
-        .unwrap()
-}
-
 #[test]
 fn sdxl_embeddings_give_each_text_encoder_its_own_vectors() {
     let dir = tempfile::tempdir().unwrap();
@@ -210,8 +189,9 @@ fn sdxl_embeddings_give_each_text_encoder_its_own_vectors() {
         };
         pipeline::encode(&cache, &model, &p).map_err(|e| e.to_string())
     };
-    let clip_l = sdxl_rows("red cat", "text_encoder", "tokenizer");
-    let clip_g = sdxl_rows("red cat", "text_encoder_2", "tokenizer_2");
+    let sdxl = crate::common::fixtures().join("tiny-sdxl");
+    let clip_l = token_rows(&sdxl, "text_encoder", "tokenizer", "red cat");
+    let clip_g = token_rows(&sdxl, "text_encoder_2", "tokenizer_2", "red cat");
     assert_ne!(clip_l.dims(), clip_g.dims(), "two widths");
     assert!(clip_l.dim(0).unwrap() >= 2 && clip_g.dim(0).unwrap() >= 2);
     let path = dir.path().join("rc.safetensors");

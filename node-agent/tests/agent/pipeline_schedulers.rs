@@ -3,7 +3,7 @@
 //! compared with diffusers' float64 run; and a model's own scheduler, named
 //! by its `scheduler_config.json`, used when a request names none.
 
-use crate::common::{copy_dir, fixtures, max_abs_diff_from, tiny_cache};
+use crate::common::{draws, fixtures, max_abs_diff_from, tiny_cache, tiny_sd1_with_scheduler};
 use candle_core::Device;
 use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams};
 use modelcache_crds::SchedulerKind;
@@ -13,16 +13,11 @@ fn run_all(model: &std::path::Path, fixture: &str) {
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
-    let mut noise =
-        candle_core::safetensors::load(dir.join("noise.safetensors"), &Device::Cpu).unwrap();
-    let latents = noise.remove("latents").unwrap();
-    let draws = noise
-        .remove("draws")
+    let latents = candle_core::safetensors::load(dir.join("noise.safetensors"), &Device::Cpu)
         .unwrap()
-        .flatten_all()
-        .unwrap()
-        .to_vec1::<f32>()
+        .remove("latents")
         .unwrap();
+    let draws = draws(&dir.join("noise.safetensors"), "draws");
     let model = DiffusersModel::open(model).unwrap();
     let cache = tiny_cache();
     let runs = r["runs"].as_object().unwrap();
@@ -64,26 +59,16 @@ fn every_scheduler_matches_diffusers_on_a_v_prediction_model() {
     // tiny-sd1's weights read as a v-prediction model, as a sidecar YAML
     // with `parameterization: "v"` makes of a checkpoint.
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m");
-    copy_dir(&fixtures().join("tiny-sd1"), &m);
-    let config = m.join("scheduler/scheduler_config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    v["prediction_type"] = "v_prediction".into();
-    std::fs::write(&config, v.to_string()).unwrap();
+    let m = tiny_sd1_with_scheduler(dir.path(), |v| v["prediction_type"] = "v_prediction".into());
     run_all(&m, "tiny-sd1-schedulers-v");
 }
 
 #[test]
 fn a_model_s_own_scheduler_is_the_default_and_unknown_names_list_the_known() {
     let dir = tempfile::tempdir().unwrap();
-    let m = dir.path().join("m");
-    copy_dir(&fixtures().join("tiny-sd1"), &m);
-    let config = m.join("scheduler/scheduler_config.json");
-    let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
-    v["_class_name"] = "EulerDiscreteScheduler".into();
-    std::fs::write(&config, v.to_string()).unwrap();
+    let m = tiny_sd1_with_scheduler(dir.path(), |v| {
+        v["_class_name"] = "EulerDiscreteScheduler".into()
+    });
     let model = DiffusersModel::open(&m).unwrap();
     assert_eq!(model.schedule.default_kind, SchedulerKind::Euler);
     let p = |scheduler| GenerateParams {

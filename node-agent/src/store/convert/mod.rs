@@ -87,19 +87,7 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
     let plan = plan_main(&index, base, layout)?;
     plan::check_config(&index, &plan, &config, req.config_dir.is_some())?;
 
-    let parent = req.out_dir.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
-    let tmp = parent.join(format!(
-        ".{}.partial-{}",
-        req.out_dir
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let result = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(StoreError::io(&tmp))?;
+    write_atomically(req.out_dir, |tmp| {
         let write_json = |p: &Path, v: &Value| -> Result<()> {
             let text = serde_json::to_string_pretty(v)
                 .map_err(|e| StoreError::invalid(p, e.to_string()))?;
@@ -162,14 +150,33 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
             }
         }
         Ok(())
-    })();
+    })
+}
+
+/// Writes a folder under a temporary name beside `out` and renames it into
+/// place, so that a conversion cut short leaves no half-written model (and
+/// the `.partial-*` leftovers of a crash are removed at start).
+pub fn write_atomically(out: &Path, write: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let parent = out.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent).map_err(StoreError::io(parent))?;
+    let tmp = parent.join(format!(
+        ".{}.partial-{}",
+        out.file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        std::process::id()
+    ));
+    let _ = std::fs::remove_dir_all(&tmp);
+    let result = std::fs::create_dir_all(&tmp)
+        .map_err(StoreError::io(&tmp))
+        .and_then(|()| write(&tmp));
     if let Err(e) = result {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
     }
-    let _ = std::fs::remove_dir_all(req.out_dir);
-    std::fs::rename(&tmp, req.out_dir).map_err(StoreError::io(req.out_dir))?;
-    Ok(req.out_dir.to_path_buf())
+    let _ = std::fs::remove_dir_all(out);
+    std::fs::rename(&tmp, out).map_err(StoreError::io(out))?;
+    Ok(out.to_path_buf())
 }
 
 /// Copies the regular files of `src` into `dst`. With `confine`, every file

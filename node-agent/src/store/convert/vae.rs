@@ -3,7 +3,7 @@
 //! folder, its configuration read from the tensors' shapes, so that any VAE
 //! architecture converts without a config file.
 
-use super::{cache_dir, plan_vae_keys, write_component};
+use super::{cache_dir, plan_vae_keys, write_atomically, write_component};
 use crate::store::error::{Result, StoreError};
 use crate::store::index::TensorIndex;
 use crate::store::open_weights;
@@ -22,17 +22,7 @@ pub fn converted_vae(state_dir: &Path, checkpoint: &Path) -> Result<PathBuf> {
     let (prefix, config) = vae_config(&index, probe.base == Some(BaseModel::Sdxl))?;
     let levels = config["block_out_channels"].as_array().map_or(0, Vec::len);
     let planned = plan_vae_keys(&index, prefix, levels);
-    let parent = out.parent().unwrap_or(Path::new("."));
-    let tmp = parent.join(format!(
-        ".{}.partial-{}",
-        out.file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        std::process::id()
-    ));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let written = (|| -> Result<()> {
-        std::fs::create_dir_all(&tmp).map_err(StoreError::io(&tmp))?;
+    write_atomically(&out, |tmp| {
         write_component(
             &index,
             &planned,
@@ -40,15 +30,8 @@ pub fn converted_vae(state_dir: &Path, checkpoint: &Path) -> Result<PathBuf> {
         )?;
         let text = serde_json::to_string_pretty(&config)
             .map_err(|e| StoreError::invalid(checkpoint, e.to_string()))?;
-        std::fs::write(tmp.join("config.json"), text).map_err(StoreError::io(&tmp))
-    })();
-    if let Err(e) = written {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
-    }
-    let _ = std::fs::remove_dir_all(&out);
-    std::fs::rename(&tmp, &out).map_err(StoreError::io(&out))?;
-    Ok(out)
+        std::fs::write(tmp.join("config.json"), text).map_err(StoreError::io(tmp))
+    })
 }
 
 /// The key prefix of the VAE's tensors and the `AutoencoderKL` configuration

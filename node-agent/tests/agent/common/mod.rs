@@ -137,3 +137,28 @@ pub fn wait_exit(
     }
     (code, err)
 }
+
+/// A tensor of a fixture's safetensors file as a flat list: the Gaussian
+/// draws of a reference run, which the agent's generator replays.
+pub fn draws(file: &Path, key: &str) -> Vec<f32> {
+    candle_core::safetensors::load(file, &candle_core::Device::Cpu)
+        .unwrap()
+        .remove(key)
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap()
+}
+
+/// A copy of tiny-sd1 under `dir` whose `scheduler_config.json` `change` edits.
+pub fn tiny_sd1_with_scheduler(dir: &Path, change: impl FnOnce(&mut serde_json::Value)) -> PathBuf {
+    let m = dir.join("m");
+    copy_dir(&fixtures().join("tiny-sd1"), &m);
+    let config = m.join("scheduler/scheduler_config.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&config).unwrap()).unwrap();
+    change(&mut v);
+    std::fs::write(&config, v.to_string()).unwrap();
+    m
+}
