@@ -3,7 +3,7 @@
 //! [`Kube`], driven through one base URL.
 //!
 //! In order: three models on different nodes reached with the official openai
-//! client; requests with the same LoRA set landing on one agent; a deployment
+//! client, and an image edited through the same base URL; requests with the same LoRA set landing on one agent; a deployment
 //! at zero replicas answering its first request after scaling up and the next
 //! one fast; a burst scaling a deployment up and the quiet after it scaling it
 //! down after the delay; an agent killed during a burst losing no request.
@@ -21,19 +21,26 @@ const CLIENT: &str = r#"
 import base64, json, sys, openai
 client = openai.OpenAI(base_url=f"http://{sys.argv[1]}/v1", api_key="unused", max_retries=0)
 ids = sorted(m.id for m in client.models.list().data)
-sizes = {}
+sizes, pngs = {}, {}
 for model in ["alpha", "beta", "gamma"]:
     r = client.images.generate(model=model, prompt="a lighthouse", size="64x64", extra_body={"steps": 2, "seed": 1})
     png = base64.b64decode(r.data[0].b64_json)
     assert png[:8] == b"\x89PNG\r\n\x1a\n", model
-    sizes[model] = len(png)
+    sizes[model], pngs[model] = len(png), png
+# An edit through the gateway: gamma's image inpainted where it is light.
+raw = client.images.with_raw_response.edit(model="gamma", image=("in.png", pngs["gamma"], "image/png"),
+    mask=("mask.png", pngs["gamma"], "image/png"), prompt="a lighthouse at night",
+    extra_body={"steps": 2, "strength": 0.5})
+edited = base64.b64decode(raw.parse().data[0].b64_json)
+assert edited[:8] == b"\x89PNG\r\n\x1a\n" and edited != pngs["gamma"]
+edit_backend = raw.headers["x-modelcache-backend"]
 backends = []
 for i in range(5):
     raw = client.images.with_raw_response.generate(model="beta", prompt=f"a cat {i}", size="64x64",
         extra_body={"steps": 2, "loras": [{"path": "loras/style.safetensors", "weight": 0.7}]})
     raw.parse()
     backends.append(raw.headers["x-modelcache-backend"])
-print(json.dumps({"ids": ids, "sizes": sizes, "lora_backends": backends}))
+print(json.dumps({"ids": ids, "sizes": sizes, "lora_backends": backends, "edit_backend": edit_backend}))
 "#;
 
 fn generation(prompt: &str, steps: u32) -> Value {
@@ -105,6 +112,10 @@ pub fn run<K: Kube>(api: &K) {
     );
     let report: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(report["ids"], json!(["alpha", "beta", "gamma"]), "{report}");
+    assert_eq!(
+        report["edit_backend"], "n3",
+        "gamma's edit went to its agent"
+    );
     // 2. Same LoRA set, one agent, while it is not overloaded (one at a time).
     let backends: Vec<&str> = report["lora_backends"]
         .as_array()

@@ -101,6 +101,7 @@ impl From<RouteError> for ApiError {
                 "model_not_found",
             ),
         }
+        .param("model")
     }
 }
 

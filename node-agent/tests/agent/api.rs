@@ -375,31 +375,33 @@ fn every_error_path_has_its_status_and_openai_shape() {
         b[k] = v;
         b
     };
-    for (body, code) in [
-        (with("size", "65x64".into()), "invalid_value"),
-        (with("size", "4096x4096".into()), "invalid_value"),
-        (with("prompt", "   ".into()), "invalid_value"),
-        (with("prompt", "x".repeat(5000).into()), "invalid_value"),
-        (with("steps", 0.into()), "invalid_value"),
-        (with("steps", 151.into()), "invalid_value"),
-        (with("n", 5.into()), "invalid_value"),
-        (with("guidance_scale", 31.into()), "invalid_value"),
-        (with("scheduler", "plms9".into()), "invalid_value"),
-        (with("response_format", "url".into()), "invalid_value"),
-        (with("seamless", "z".into()), "invalid_value"),
-        (with("seamless", 3.into()), "invalid_value"),
-        (with("clip_skip", 13.into()), "invalid_value"),
-        (
-            with("loras", serde_json::json!([{"path": "a.safetensors"}])),
-            "invalid_value",
-        ),
+    // Each 400 names the field at fault in `param`, as OpenAI's errors do.
+    for (field, value) in [
+        ("size", "65x64".into()),
+        ("size", "4096x4096".into()),
+        ("prompt", "   ".into()),
+        ("prompt", "x".repeat(5000).into()),
+        ("steps", 0.into()),
+        ("steps", 151.into()),
+        ("n", 5.into()),
+        ("guidance_scale", 31.into()),
+        ("scheduler", "plms9".into()),
+        ("response_format", "url".into()),
+        ("seamless", "z".into()),
+        ("seamless", 3.into()),
+        ("clip_skip", 13.into()),
+        ("loras", serde_json::json!([{"path": "a.safetensors"}])),
+        ("stream", true.into()),
+        ("vae", "tiny".into()),
     ] {
+        let body = with(field, value);
         let r = post(a, body.clone());
         assert_eq!(
             (r.status, error_code(&r)),
-            (400, code.to_string()),
+            (400, "invalid_value".to_string()),
             "{body}"
         );
+        assert_eq!(r.json()["error"]["param"], field, "{body}");
     }
     let r = http(
         a,
@@ -415,6 +417,7 @@ fn every_error_path_has_its_status_and_openai_shape() {
         (r.status, error_code(&r).as_str()),
         (404, "model_not_found")
     );
+    assert_eq!(r.json()["error"]["param"], "model");
     let big = serde_json::json!({"model": "tiny", "prompt": "x".repeat(100_000)});
     let r = post(a, big);
     assert_eq!(
