@@ -107,31 +107,15 @@ fn read_edit(
     let image = decode_image(&read(image)?, MAX_EDIT_PIXELS)
         .with_context(|| format!("--init-image {}", image.display()))?;
     let mask = match mask {
-        Some(path) => {
-            let m = decode_mask(&read(path)?, MAX_EDIT_PIXELS)
-                .with_context(|| format!("--mask {}", path.display()))?;
-            anyhow::ensure!(
-                (m.width, m.height) == (image.width, image.height),
-                "--mask {} is {}x{} but --init-image is {}x{}",
-                path.display(),
-                m.width,
-                m.height,
-                image.width,
-                image.height
-            );
-            Some(m)
-        }
+        Some(path) => Some(
+            decode_mask(&read(path)?, MAX_EDIT_PIXELS)
+                .with_context(|| format!("--mask {}", path.display()))?,
+        ),
         None => None,
     };
-    let strength = strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
-    anyhow::ensure!(
-        (0.0..=1.0).contains(&strength),
-        "--strength {strength} must be from 0 to 1"
-    );
-    Ok(pipeline::Edit {
-        image,
-        mask,
-        strength,
+    pipeline::Edit::new(image, mask, strength).map_err(|e| match e {
+        pipeline::edit::EditError::MaskSize { .. } => anyhow::anyhow!("--mask: {e}"),
+        pipeline::edit::EditError::Strength(_) => anyhow::anyhow!("--strength: {e}"),
     })
 }
 
@@ -170,11 +154,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         (None, Some(e)) => (e.image.width, e.image.height),
         (None, None) => (512, 512),
     };
-    let edit = edit.map(|e| pipeline::Edit {
-        image: e.image.resized(width, height),
-        mask: e.mask.map(|m| m.resized(width, height)),
-        ..e
-    });
+    let edit = edit.map(|e| e.resized(width, height));
     let dir = if a.model.is_dir() {
         a.model.clone()
     } else {

@@ -6,6 +6,7 @@
 use super::request::{validate, GenerationRequest, Limits};
 use super::ApiError;
 use crate::catalog::Catalog;
+use crate::pipeline::edit::EditError;
 use crate::pipeline::image::{decode_image, decode_mask, DecodeError};
 use crate::pipeline::{Edit, GenerateParams};
 use crate::routes::Target;
@@ -150,18 +151,18 @@ pub fn validate_edit(
         decode_image(&form.image, l.max_image_pixels).map_err(|e| decode_error("image", e))?;
     let mask = match &form.mask {
         Some(bytes) => {
-            let m = decode_mask(bytes, l.max_image_pixels).map_err(|e| decode_error("mask", e))?;
-            if (m.width, m.height) != (image.width, image.height) {
-                return Err(ApiError::invalid(format!(
-                    "mask is {}x{} but image is {}x{}; they must be the same size",
-                    m.width, m.height, image.width, image.height
-                ))
-                .param("mask"));
-            }
-            Some(m)
+            Some(decode_mask(bytes, l.max_image_pixels).map_err(|e| decode_error("mask", e))?)
         }
         None => None,
     };
+    let edit = Edit::new(image, mask, form.strength).map_err(|e| {
+        let field = match e {
+            EditError::MaskSize { .. } => "mask",
+            EditError::Strength(_) => "strength",
+        };
+        ApiError::invalid(e.to_string()).param(field)
+    })?;
+    let image = &edit.image;
     if request.size.as_deref().is_none_or(|s| s == "auto") {
         if !image.width.is_multiple_of(8)
             || !image.height.is_multiple_of(8)
@@ -176,12 +177,7 @@ pub fn validate_edit(
         }
         request.size = Some(format!("{}x{}", image.width, image.height));
     }
-    let strength = form
-        .strength
-        .unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
-    if !(0.0..=1.0).contains(&strength) {
-        return Err(ApiError::invalid("strength must be from 0 to 1").param("strength"));
-    }
+    let strength = edit.strength;
     let mut p = validate(&request, target, catalog, l)?;
     if crate::pipeline::edit::start_step(p.steps, strength).is_none() {
         return Err(ApiError::invalid(format!(
@@ -190,11 +186,7 @@ pub fn validate_edit(
         ))
         .param("strength"));
     }
-    p.edit = Some(Edit {
-        image: image.resized(p.width, p.height),
-        mask: mask.map(|m| m.resized(p.width, p.height)),
-        strength,
-    });
+    p.edit = Some(edit.resized(p.width, p.height));
     Ok(p)
 }
 

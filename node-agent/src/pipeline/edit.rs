@@ -25,6 +25,62 @@ pub struct Mask {
     pub data: Vec<f32>,
 }
 
+/// Why an image and mask cannot be edited together.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EditError {
+    #[error(
+        "mask is {mask_w}x{mask_h} but image is {image_w}x{image_h}; they must be the same size"
+    )]
+    MaskSize {
+        mask_w: usize,
+        mask_h: usize,
+        image_w: usize,
+        image_h: usize,
+    },
+    #[error("strength {0} must be from 0 to 1")]
+    Strength(f64),
+}
+
+impl Edit {
+    /// An edit of `image`, checked: the mask of the image's size, the
+    /// strength in 0..=1, by default diffusers' (0.8 for image-to-image, 1
+    /// for inpainting).
+    pub fn new(
+        image: Image,
+        mask: Option<Mask>,
+        strength: Option<f64>,
+    ) -> std::result::Result<Self, EditError> {
+        if let Some(m) = &mask {
+            if (m.width, m.height) != (image.width, image.height) {
+                return Err(EditError::MaskSize {
+                    mask_w: m.width,
+                    mask_h: m.height,
+                    image_w: image.width,
+                    image_h: image.height,
+                });
+            }
+        }
+        let strength = strength.unwrap_or(if mask.is_some() { 1.0 } else { 0.8 });
+        if !(0.0..=1.0).contains(&strength) {
+            return Err(EditError::Strength(strength));
+        }
+        Ok(Edit {
+            image,
+            mask,
+            strength,
+        })
+    }
+
+    /// The edit at the output size: the image resampled, the mask too.
+    pub fn resized(self, width: usize, height: usize) -> Self {
+        Edit {
+            image: self.image.resized(width, height),
+            mask: self.mask.map(|m| m.resized(width, height)),
+            strength: self.strength,
+        }
+    }
+}
+
 impl Mask {
     /// The mask of a whole image: everything is repainted.
     pub fn full(width: usize, height: usize) -> Self {
@@ -73,6 +129,30 @@ pub fn masked_image_tensor(image: &Image, mask: &Mask, device: &Device) -> Resul
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_edit_defaults_its_strength_and_refuses_what_cannot_go_together() {
+        let image = |w, h| Image {
+            width: w,
+            height: h,
+            data: vec![0.0; w * h * 3],
+        };
+        assert_eq!(Edit::new(image(8, 8), None, None).unwrap().strength, 0.8);
+        let masked = Edit::new(image(8, 8), Some(Mask::full(8, 8)), None).unwrap();
+        assert_eq!(masked.strength, 1.0);
+        assert_eq!(
+            Edit::new(image(8, 8), None, Some(1.5)).unwrap_err(),
+            EditError::Strength(1.5)
+        );
+        let e = Edit::new(image(16, 8), Some(Mask::full(8, 8)), None).unwrap_err();
+        assert!(
+            e.to_string().contains("mask is 8x8 but image is 16x8"),
+            "{e}"
+        );
+        let r = masked.resized(16, 24);
+        assert_eq!((r.image.width, r.image.height), (16, 24));
+        assert_eq!(r.mask.map(|m| (m.width, m.height)), Some((16, 24)));
+    }
 
     #[test]
     fn strength_picks_the_last_steps() {

@@ -257,16 +257,19 @@ fn vae_of(
     Ok((CacheKey::from(dir.clone()), config))
 }
 
-/// What an edit brings to the denoising loop of one image.
-struct EditLatents {
-    /// The image's latents, which the kept part is blended back to
-    /// (inpainting with a text-to-image UNet), or `None`.
-    image: Option<Tensor>,
-    /// The latent mask and masked image's latents an inpainting UNet takes
-    /// beside the latents, each doubled for guidance.
-    unet_inputs: Option<(Tensor, Tensor)>,
-    /// The latent mask the blend uses (text-to-image UNets).
-    mask: Option<Tensor>,
+/// How an inpainting edit enters the denoising loop of one image.
+enum Inpaint {
+    /// An inpainting UNet takes the latent mask and the masked image's
+    /// latents beside the latents, each doubled for guidance.
+    UnetInputs(Tensor, Tensor),
+    /// A text-to-image UNet: after every step the kept part (`keep` =
+    /// 1 − `mask`) is blended back to the image's latents at the next
+    /// step's noise level.
+    Blend {
+        image: Tensor,
+        mask: Tensor,
+        keep: Tensor,
+    },
 }
 
 /// The VAE encoder's sample of an image's latents (diffusers' `retrieve_latents`
@@ -408,7 +411,7 @@ pub fn generate(
             Some(img) if !full_strength => sched.add_noise(img, &noise, start)?,
             _ => (&noise * sched.init_noise_sigma())?,
         };
-        let edit_latents = match edit {
+        let inpaint = match edit {
             Some(Edit {
                 image,
                 mask: Some(mask),
@@ -427,27 +430,23 @@ pub fn generate(
                             Ok(t)
                         }
                     };
-                    EditLatents {
-                        image: None,
-                        unet_inputs: Some((
-                            double(latent_mask)?.to_dtype(dtype)?,
-                            double(masked)?.to_dtype(dtype)?,
-                        )),
-                        mask: None,
-                    }
+                    Some(Inpaint::UnetInputs(
+                        double(latent_mask)?.to_dtype(dtype)?,
+                        double(masked)?.to_dtype(dtype)?,
+                    ))
                 } else {
-                    EditLatents {
-                        image: image_latents,
-                        unet_inputs: None,
-                        mask: Some(latent_mask),
-                    }
+                    image_latents
+                        .map(|image| -> candle_core::Result<Inpaint> {
+                            Ok(Inpaint::Blend {
+                                image,
+                                keep: (1.0 - &latent_mask)?,
+                                mask: latent_mask,
+                            })
+                        })
+                        .transpose()?
                 }
             }
-            _ => EditLatents {
-                image: None,
-                unet_inputs: None,
-                mask: None,
-            },
+            _ => None,
         };
         let timesteps = sched.timesteps().to_vec();
         for (s, &t) in timesteps.iter().enumerate().skip(start) {
@@ -457,9 +456,11 @@ pub fn generate(
             } else {
                 inp
             };
-            let inp = match &edit_latents.unet_inputs {
-                Some((mask, masked)) => Tensor::cat(&[&inp.to_dtype(dtype)?, mask, masked], 1)?,
-                None => inp.to_dtype(dtype)?,
+            let inp = match &inpaint {
+                Some(Inpaint::UnetInputs(mask, masked)) => {
+                    Tensor::cat(&[&inp.to_dtype(dtype)?, mask, masked], 1)?
+                }
+                _ => inp.to_dtype(dtype)?,
             };
             let noise_pred = match &added {
                 Some((pooled, ids)) => unet.forward_with_added(&inp, t, &context, pooled, ids)?,
@@ -473,15 +474,13 @@ pub fn generate(
                 noise_pred
             };
             x = sched.step(&noise_pred, s, &x, &mut rng)?;
-            // Inpainting with a text-to-image UNet: the kept part is the
-            // image's own latents at the next step's noise level.
-            if let (Some(img), Some(mask)) = (&edit_latents.image, &edit_latents.mask) {
+            if let Some(Inpaint::Blend { image, mask, keep }) = &inpaint {
                 let kept = if s + 1 < timesteps.len() {
-                    sched.add_noise(img, &noise, s + 1)?
+                    sched.add_noise(image, &noise, s + 1)?
                 } else {
-                    img.clone()
+                    image.clone()
                 };
-                x = (kept.broadcast_mul(&(1.0 - mask)?)? + x.broadcast_mul(mask)?)?;
+                x = (kept.broadcast_mul(keep)? + x.broadcast_mul(mask)?)?;
             }
             let stage = Stage::Denoising {
                 image: i,

@@ -97,19 +97,17 @@ impl Payload {
         }
     }
 
-    /// The fields balancing looks at, as JSON: a form's `loras` is a JSON text.
+    /// The fields balancing looks at, as JSON: only `loras` (a form's is a
+    /// JSON text), so a request's prompt is not copied for it.
     pub fn balance_view(&self) -> Value {
-        match self {
-            Payload::Json(v) => v.clone(),
-            Payload::Form(parts) => {
-                let loras = parts
-                    .iter()
-                    .find(|p| p.name == "loras")
-                    .and_then(|p| serde_json::from_slice::<Value>(&p.data).ok())
-                    .unwrap_or(Value::Null);
-                serde_json::json!({ "loras": loras })
-            }
-        }
+        let loras = match self {
+            Payload::Json(v) => v.get("loras").cloned(),
+            Payload::Form(parts) => parts
+                .iter()
+                .find(|p| p.name == "loras")
+                .and_then(|p| serde_json::from_slice::<Value>(&p.data).ok()),
+        };
+        serde_json::json!({ "loras": loras.unwrap_or(Value::Null) })
     }
 
     /// The body to send and its content type.
