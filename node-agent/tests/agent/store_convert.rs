@@ -332,3 +332,32 @@ fn a_sidecar_yaml_sets_the_converted_model_s_prediction_type_and_a_new_one_conve
     assert_ne!(plain, v, "a new sidecar is a new conversion");
     assert_eq!(prediction(&v), modelcache_crds::PredictionType::VPrediction);
 }
+
+#[test]
+fn a_vae_file_without_the_tensors_a_vae_has_is_refused_naming_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("half.safetensors");
+    let t = candle_core::Tensor::zeros(
+        (32, 3, 3, 3),
+        candle_core::DType::F32,
+        &candle_core::Device::Cpu,
+    )
+    .unwrap();
+    candle_core::safetensors::save(
+        &std::collections::HashMap::from([("encoder.down.0.block.0.conv1.weight".to_string(), t)]),
+        &path,
+    )
+    .unwrap();
+    let e = convert::converted_vae(&dir.path().join("state"), &path)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("decoder.conv_in.weight"), "{e}");
+    assert!(
+        !dir.path().join("state/converted").exists()
+            || std::fs::read_dir(dir.path().join("state/converted"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "nothing is left behind"
+    );
+}

@@ -90,7 +90,8 @@ fn trailing(t: f64, n: usize) -> Vec<f64> {
 }
 
 /// `steps` noise levels from the largest training sigma to the smallest,
-/// spaced as Karras et al. (2022) do (ρ = 7).
+/// evenly spaced in σ^(1/ρ) with ρ = 7: denser at low noise, where the
+/// details are made ("Karras sigmas").
 pub fn karras(train: &[f64], steps: usize) -> Vec<f64> {
     let (min, max) = (train[0], train[train.len() - 1]);
     let rho = 7.0;
