@@ -70,7 +70,20 @@ pub struct ModelDeploymentSpec {
     /// diffusers VAE folder, relative to the agents' models folder. Requests may name another.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("vae must be relative to the agents' model root, not absolute"))]
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("vae must not contain '..' segments"))]
     pub vae: Option<String>,
+
+    /// An SDXL refiner that finishes every image of an SDXL model: a refiner folder or
+    /// single-file checkpoint relative to the agents' models folder. The model denoises the
+    /// first `defaults.denoisingEnd` (0.8) of the schedule and the refiner the rest. It is
+    /// placed, warmed and sized with the model; requests may name another or set
+    /// `denoising_end` 1 to skip it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("refiner must be relative to the agents' model root, not absolute"))]
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("refiner must not contain '..' segments"))]
+    pub refiner: Option<String>,
 
     /// Which nodes may serve the model and how replicas are spread over them.
     #[serde(default)]
@@ -267,9 +280,16 @@ pub struct GenerationDefaults {
     #[schemars(range(min = 64, max = 2048), extend("multipleOf" = 8))]
     pub height: Option<i32>,
 
-    /// Denoising scheduler: Ddim, EulerAncestral or DpmPlusPlus2M.
+    /// Denoising scheduler; without one, the model's own (its scheduler_config.json).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scheduler: Option<SchedulerKind>,
+
+    /// With a refiner: the share of the schedule the model denoises before the refiner
+    /// takes over, above 0 and at most 1 (1: the refiner is not used). Default 0.8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0.0, max = 1.0))]
+    #[x_kube(validation = Rule::new("self > 0.0").message("defaults.denoisingEnd must be above 0"))]
+    pub denoising_end: Option<f64>,
 
     /// Negative prompt used when a request has none.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -318,17 +318,37 @@ impl Catalog {
     /// The pipeline of a model: single-file checkpoints are converted once into
     /// the state folder (never next to the model), then opened.
     pub fn open(&self, name: &str) -> Result<Arc<DiffusersModel>, CatalogError> {
+        let entry = self
+            .get(name)
+            .ok_or_else(|| CatalogError::Unknown(name.to_string()))?;
+        self.open_as(entry, false)
+    }
+
+    /// The pipeline of the SDXL refiner at `rel` under the models folder,
+    /// converted like [`Catalog::open`]. Only what the last scan found is
+    /// found here, so a path cannot reach outside the folder.
+    pub fn refiner(&self, rel: &str) -> Result<Arc<DiffusersModel>, CatalogError> {
+        let entry = self
+            .by_path(rel)
+            .ok_or_else(|| CatalogError::Unknown(rel.to_string()))?;
+        self.open_as(entry, true)
+    }
+
+    fn open_as(
+        &self,
+        entry: CatalogEntry,
+        refiner: bool,
+    ) -> Result<Arc<DiffusersModel>, CatalogError> {
+        let name = entry.name.as_str();
         if let Some(m) = self
             .opened
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(name)
+            .filter(|m| m.refiner == refiner)
         {
             return Ok(m.clone());
         }
-        let entry = self
-            .get(name)
-            .ok_or_else(|| CatalogError::Unknown(name.to_string()))?;
         let model_err = |source: ModelError| CatalogError::Model {
             path: entry.path.clone(),
             source,
@@ -343,7 +363,12 @@ impl Catalog {
             )
             .map_err(|e| model_err(e.into()))?,
         };
-        let model = Arc::new(DiffusersModel::open(&dir).map_err(model_err)?);
+        let open = if refiner {
+            DiffusersModel::open_refiner
+        } else {
+            DiffusersModel::open
+        };
+        let model = Arc::new(open(&dir).map_err(model_err)?);
         self.opened
             .lock()
             .unwrap_or_else(|p| p.into_inner())

@@ -88,6 +88,14 @@ pub struct GenerateOptions {
     /// How much of --init-image is redrawn, 0 to 1 (default 0.8, or 1 with --mask).
     #[arg(long, requires = "init_image")]
     pub strength: Option<f64>,
+    /// An SDXL refiner (a diffusers folder, or a single file converted once)
+    /// that finishes the denoising after --denoising-end.
+    #[arg(long)]
+    pub refiner: Option<PathBuf>,
+    /// The share of the schedule the model denoises before --refiner takes
+    /// over, above 0 and at most 1 (1: the refiner is not used).
+    #[arg(long, requires = "refiner", default_value_t = pipeline::DEFAULT_REFINER_SWITCH)]
+    pub denoising_end: f64,
     /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
     #[arg(long)]
     pub out: PathBuf,
@@ -155,17 +163,31 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         (None, None) => (512, 512),
     };
     let edit = edit.map(|e| e.resized(width, height));
-    let dir = if a.model.is_dir() {
-        a.model.clone()
-    } else {
-        store::convert::converted(
-            &a.state_dir,
-            &a.model,
-            a.config.as_deref(),
-            a.tokenizer.as_deref(),
-        )?
+    let folder = |path: &Path, config: Option<&Path>| -> anyhow::Result<PathBuf> {
+        if path.is_dir() {
+            return Ok(path.to_path_buf());
+        }
+        store::convert::converted(&a.state_dir, path, config, a.tokenizer.as_deref())
+            .with_context(|| path.display().to_string())
     };
+    let dir = folder(&a.model, a.config.as_deref())?;
     let model = DiffusersModel::open(&dir).with_context(|| dir.display().to_string())?;
+    if !(a.denoising_end > 0.0 && a.denoising_end <= 1.0) {
+        anyhow::bail!("--denoising-end must be above 0 and at most 1");
+    }
+    let refiner = match &a.refiner {
+        Some(path) if a.denoising_end < 1.0 => {
+            let dir = folder(path, store::config_beside(path).as_deref())?;
+            let refiner = DiffusersModel::open_refiner(&dir)
+                .with_context(|| format!("--refiner {}", dir.display()))?;
+            pipeline::check_refiner(&model, &refiner).context("--refiner")?;
+            Some(pipeline::Refiner {
+                model: std::sync::Arc::new(refiner),
+                switch: a.denoising_end,
+            })
+        }
+        _ => None,
+    };
     let latents = match &a.latents {
         Some(p) => Some(
             candle_core::safetensors::load(p, &candle_core::Device::Cpu)
@@ -199,6 +221,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         vae,
         edit,
         draws: None,
+        refiner,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p
@@ -214,7 +237,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         CacheConfig::for_one_model(
             compute.device.clone(),
             compute.dtype,
-            store::probe(&dir)?.size_bytes.f32,
+            model.bytes_f32 + p.refiner.as_ref().map_or(0, |r| r.model.bytes_f32),
             adapter_bytes,
         ),
         Box::new(DiskLoader),

@@ -21,6 +21,8 @@ pub struct Route {
     pub loras: Vec<LoraSpec>,
     /// The VAE used unless a request names another (`spec.vae`).
     pub vae: Option<String>,
+    /// The SDXL refiner used unless a request names another (`spec.refiner`).
+    pub refiner: Option<String>,
     /// Values for what a request leaves out.
     pub defaults: GenerationDefaults,
 }
@@ -126,6 +128,7 @@ mod tests {
                         model: m.to_string(),
                         loras: Vec::new(),
                         vae: None,
+                        refiner: None,
                         defaults: GenerationDefaults::default(),
                     },
                 )

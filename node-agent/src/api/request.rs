@@ -4,9 +4,9 @@
 
 use super::ApiError;
 use crate::catalog::Catalog;
-use crate::pipeline::{embedding, GenerateParams, Seamless};
+use crate::pipeline::{embedding, GenerateParams, Refiner, Seamless, DEFAULT_REFINER_SWITCH};
 use crate::routes::Target;
-use modelcache_crds::SchedulerKind;
+use modelcache_crds::{BaseModel, SchedulerKind};
 use serde::Deserialize;
 use std::path::PathBuf;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -89,6 +89,13 @@ pub struct GenerationRequest {
     /// A VAE under the models folder used in place of the model's own.
     #[serde(default)]
     pub vae: Option<String>,
+    /// An SDXL refiner under the models folder that finishes the images.
+    #[serde(default)]
+    pub refiner: Option<String>,
+    /// The share of the schedule the model denoises before the refiner takes
+    /// over, above 0 and at most 1 (1: no refiner).
+    #[serde(default)]
+    pub denoising_end: Option<f64>,
     /// Refused while streaming does not exist, rather than silently ignored.
     #[serde(default)]
     pub stream: Option<bool>,
@@ -269,6 +276,7 @@ pub fn validate(
         ),
         None => None,
     };
+    let refiner = refiner(r, route, &defaults, catalog, target)?;
     // `<name>` in a prompt uses the embedding of that name under the models folder.
     let mut embeddings: Vec<(String, PathBuf)> = Vec::new();
     for name in embedding::triggers(&r.prompt)
@@ -299,7 +307,51 @@ pub fn validate(
         vae,
         edit: None,
         draws: None,
+        refiner,
     })
+}
+
+/// The refiner that finishes a request's images: the request's, else the
+/// deployment's, unless `denoising_end` is 1.
+fn refiner(
+    r: &GenerationRequest,
+    route: Option<&crate::routes::Route>,
+    defaults: &modelcache_crds::GenerationDefaults,
+    catalog: &Catalog,
+    target: &Target,
+) -> Result<Option<Refiner>, ApiError> {
+    let switch = r
+        .denoising_end
+        .or(defaults.denoising_end)
+        .unwrap_or(DEFAULT_REFINER_SWITCH);
+    if !(switch > 0.0 && switch <= 1.0) {
+        return Err(ApiError::invalid(
+            "denoising_end must be above 0 and at most 1 (1: no refiner)",
+        )
+        .param("denoising_end"));
+    }
+    let Some(rel) = r
+        .refiner
+        .as_deref()
+        .or(route.and_then(|r| r.refiner.as_deref()))
+    else {
+        return Ok(None);
+    };
+    if switch == 1.0 {
+        return Ok(None);
+    }
+    let base = catalog.get(&target.model).and_then(|e| e.probe.base);
+    if base != Some(BaseModel::Sdxl) {
+        return Err(ApiError::invalid(format!(
+            "refiner: the model is {}, and a refiner only finishes SDXL images",
+            base.map_or("of an unknown base".to_string(), |b| b.to_string())
+        ))
+        .param("refiner"));
+    }
+    let model = catalog
+        .refiner(rel)
+        .map_err(|e| ApiError::invalid(format!("refiner {rel:?}: {e}")).param("refiner"))?;
+    Ok(Some(Refiner { model, switch }))
 }
 
 #[cfg(test)]

@@ -14,7 +14,7 @@ pub mod status;
 pub use placement::{desired, Desired};
 
 use crate::agent::Agent;
-use crate::cache::TierKind;
+use crate::cache::{CacheKey, TierKind};
 use crate::routes::{Route, Routes};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -26,7 +26,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource};
 use modelcache_crds::*;
 use placement::{PlacementError, Prepared};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use tokio::sync::Notify;
@@ -56,6 +56,8 @@ struct Tracked {
     report: NodePlacement,
     /// Catalog name, once the model was found.
     model: Option<String>,
+    /// The cache entries it warmed (see [`Prepared::keys`]).
+    keys: Vec<CacheKey>,
     /// Bumped on every (re)start; a finishing worker with an older value is stale.
     attempt: u64,
     failures: u32,
@@ -227,6 +229,7 @@ impl ClusterAgent {
                             message: None,
                         },
                         model: None,
+                        keys: Vec::new(),
                         attempt,
                         failures,
                         retry_at: None,
@@ -273,6 +276,7 @@ impl ClusterAgent {
                     t.report.tier = p.tier;
                     t.report.message = p.message;
                     t.model = Some(p.model);
+                    t.keys = p.keys;
                     t.failures = 0;
                 }
                 Err(e) => {
@@ -291,21 +295,17 @@ impl ClusterAgent {
         self.changed.notify_one();
     }
 
-    /// Unpins the models of a removed placement unless another placement keeps them warm.
+    /// Unpins the cache entries of a removed placement that no other
+    /// placement keeps warm; LRU decides when their bytes go.
     fn release(&self, gone: &Tracked) {
-        let Some(model) = &gone.model else { return };
-        let still_warm = lock(&self.tracked)
+        let kept: HashSet<CacheKey> = lock(&self.tracked)
             .values()
-            .any(|t| t.model.as_ref() == Some(model) && t.want.warm != WarmTier::None);
-        if still_warm {
-            return;
-        }
-        if let Some(m) = self.agent.catalog.opened(model) {
-            for key in m.component_keys() {
-                // Evictable again; LRU decides when the bytes go.
-                self.agent.cache.unpin(&key, TierKind::Ram);
-                self.agent.cache.unpin(&key, TierKind::Device);
-            }
+            .filter(|t| t.want.warm != WarmTier::None)
+            .flat_map(|t| t.keys.iter().cloned())
+            .collect();
+        for key in gone.keys.iter().filter(|k| !kept.contains(k)) {
+            self.agent.cache.unpin(key, TierKind::Ram);
+            self.agent.cache.unpin(key, TierKind::Device);
         }
     }
 
@@ -322,6 +322,7 @@ impl ClusterAgent {
                         model: t.model.clone()?,
                         loras: t.want.loras.clone(),
                         vae: t.want.vae.clone(),
+                        refiner: t.want.refiner.clone(),
                         defaults: t.want.defaults.clone(),
                     },
                 ))

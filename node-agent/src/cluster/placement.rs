@@ -3,7 +3,7 @@
 //! once) and warm its model.
 
 use crate::agent::Agent;
-use crate::cache::{CacheError, TierKind};
+use crate::cache::{CacheError, CacheKey, TierKind};
 use crate::catalog::CatalogError;
 use crate::store::StoreError;
 use kube::ResourceExt;
@@ -30,6 +30,7 @@ pub struct Desired {
     pub precision: Precision,
     pub loras: Vec<LoraSpec>,
     pub vae: Option<String>,
+    pub refiner: Option<String>,
     pub defaults: GenerationDefaults,
 }
 
@@ -59,6 +60,7 @@ pub fn desired(node: &str, deployments: &[Arc<ModelDeployment>]) -> BTreeMap<Str
                 precision: md.spec.precision,
                 loras: md.spec.loras.clone(),
                 vae: md.spec.vae.clone(),
+                refiner: md.spec.refiner.clone(),
                 defaults: md.spec.defaults.clone(),
             },
         );
@@ -82,6 +84,10 @@ pub enum PlacementError {
     Sha256 { want: String, have: String },
     #[error(transparent)]
     Open(#[from] CatalogError),
+    #[error("spec.refiner {path:?}: {reason}")]
+    Refiner { path: String, reason: String },
+    #[error("spec.{0}")]
+    Vae(#[from] crate::catalog::VaeError),
     #[error(transparent)]
     Warm(#[from] CacheError),
     #[error("preparing the model failed: {0}")]
@@ -95,6 +101,9 @@ pub struct Prepared {
     pub tier: Tier,
     pub sha256: Option<String>,
     pub message: Option<String>,
+    /// Every cache entry the placement warms: the model's components, its
+    /// refiner's and its VAE override.
+    pub keys: Vec<CacheKey>,
 }
 
 /// Finds, verifies, opens (converting a checkpoint once) and warms a placement's
@@ -137,10 +146,23 @@ pub fn prepare(agent: &Agent, d: &Desired) -> Result<Prepared, PlacementError> {
         sha256 = Some(have);
     }
     let model = catalog.open(&entry.name)?;
+    let mut keys = model.component_keys();
+    if let Some(path) = &d.refiner {
+        let refused = |reason: String| PlacementError::Refiner {
+            path: path.clone(),
+            reason,
+        };
+        let refiner = catalog.refiner(path).map_err(|e| refused(e.to_string()))?;
+        crate::pipeline::check_refiner(&model, &refiner).map_err(|e| refused(e.to_string()))?;
+        keys.extend(refiner.component_keys());
+    }
+    if let Some(path) = &d.vae {
+        keys.push(CacheKey::from(catalog.vae(path)?));
+    }
     let tier = TierKind::for_warm(d.warm);
     if let Some(t) = tier {
-        for key in model.component_keys() {
-            agent.cache.warm(&key, t)?;
+        for key in &keys {
+            agent.cache.warm(key, t)?;
         }
     }
     let cpu_only = agent
@@ -160,5 +182,6 @@ pub fn prepare(agent: &Agent, d: &Desired) -> Result<Prepared, PlacementError> {
         tier: tier.map_or(Tier::Disk, Tier::from),
         sha256,
         message,
+        keys,
     })
 }

@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod cpu;
+mod denoise;
 pub mod edit;
 pub mod embedding;
 pub mod image;
@@ -31,12 +32,13 @@ pub use text::{encode, encode_text, Conditioning};
 use crate::cache::{CacheError, CacheKey, ModelCache};
 use adapters::Adapters;
 use candle_core::{DType, Device, Tensor};
+use denoise::{Denoiser, Inpaint};
 use modelcache_crds::SchedulerKind;
-use nets::unet_2d::UNet2DConditionModel;
 use nets::vae::{VaeDecoder, VaeEncoder};
 use rng::NormalRng;
 use scheduler::Scheduler;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 /// Fixes the CPU thread count that candle's ops use, once, at start-up.
 ///
@@ -87,6 +89,10 @@ pub enum RequestError {
         want_w: usize,
         want_h: usize,
     },
+    #[error("denoising_end {0} must be above 0 and below 1 for the refiner to take over")]
+    Switch(f64),
+    #[error("refiner: {0}")]
+    Refiner(#[from] RefinerError),
     #[error("latents have shape {got:?}, expected {want:?}")]
     Latents { got: Vec<usize>, want: [usize; 4] },
     #[error("{name} is not a LoRA adapter this model can use: {why}")]
@@ -151,7 +157,32 @@ pub struct GenerateParams {
     /// Every Gaussian draw, in order, instead of the seed's (all images use
     /// the same): reproduces a reference run's noise exactly.
     pub draws: Option<Vec<f32>>,
+    /// An SDXL refiner that finishes the denoising.
+    pub refiner: Option<Refiner>,
 }
+
+/// An SDXL refiner taking over from the model part-way, diffusers'
+/// "ensemble of expert denoisers".
+#[derive(Clone)]
+pub struct Refiner {
+    pub model: Arc<DiffusersModel>,
+    /// The fraction of the schedule the model denoises before the refiner
+    /// takes over (diffusers' `denoising_end` and `denoising_start`), in (0, 1).
+    pub switch: f64,
+}
+
+impl std::fmt::Debug for Refiner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refiner")
+            .field("model", &self.model.dir)
+            .field("switch", &self.switch)
+            .finish()
+    }
+}
+
+/// The default share of the schedule a model denoises before its refiner
+/// takes over (diffusers' documented 0.8).
+pub const DEFAULT_REFINER_SWITCH: f64 = 0.8;
 
 impl Default for GenerateParams {
     fn default() -> Self {
@@ -173,6 +204,7 @@ impl Default for GenerateParams {
             vae: None,
             edit: None,
             draws: None,
+            refiner: None,
         }
     }
 }
@@ -198,6 +230,30 @@ pub enum Stage {
 /// cancel, and the generation then stops before its next piece of work.
 pub type Progress<'a> = &'a (dyn Fn(Stage) -> bool + Sync);
 
+/// Why a refiner cannot finish a model's images.
+#[derive(Debug, thiserror::Error)]
+pub enum RefinerError {
+    #[error("refines SDXL images, not {0} ones")]
+    Base(modelcache_crds::BaseModel),
+    #[error("takes {refiner}-channel latents but the model makes {model}")]
+    Channels { refiner: usize, model: usize },
+}
+
+/// Whether `refiner` can continue `model`'s latents: an SDXL model whose
+/// latents have the refiner's channels.
+pub fn check_refiner(model: &DiffusersModel, refiner: &DiffusersModel) -> Result<(), RefinerError> {
+    if model.base != modelcache_crds::BaseModel::Sdxl {
+        return Err(RefinerError::Base(model.base));
+    }
+    if refiner.vae.latent_channels != model.vae.latent_channels {
+        return Err(RefinerError::Channels {
+            refiner: refiner.vae.latent_channels,
+            model: model.vae.latent_channels,
+        });
+    }
+    Ok(())
+}
+
 /// What can be refused before any weight is loaded.
 fn check_params(p: &GenerateParams) -> Result<(), RequestError> {
     if !p.width.is_multiple_of(8) || !p.height.is_multiple_of(8) || p.width == 0 || p.height == 0 {
@@ -208,6 +264,11 @@ fn check_params(p: &GenerateParams) -> Result<(), RequestError> {
     }
     if p.steps == 0 || p.n == 0 {
         return Err(RequestError::Empty);
+    }
+    if let Some(r) = &p.refiner {
+        if !(r.switch > 0.0 && r.switch < 1.0) {
+            return Err(RequestError::Switch(r.switch));
+        }
     }
     if let Some(e) = &p.edit {
         let sizes = [(e.image.width, e.image.height)]
@@ -257,21 +318,6 @@ fn vae_of(
     Ok((CacheKey::from(dir.clone()), config))
 }
 
-/// How an inpainting edit enters the denoising loop of one image.
-enum Inpaint {
-    /// An inpainting UNet takes the latent mask and the masked image's
-    /// latents beside the latents, each doubled for guidance.
-    UnetInputs(Tensor, Tensor),
-    /// A text-to-image UNet: after every step the kept part (`keep` =
-    /// 1 − `mask`) is blended back to the image's latents at the next
-    /// step's noise level.
-    Blend {
-        image: Tensor,
-        mask: Tensor,
-        keep: Tensor,
-    },
-}
-
 /// The VAE encoder's sample of an image's latents (diffusers' `retrieve_latents`
 /// in sample mode), times the scaling factor.
 fn encode_image(
@@ -287,7 +333,11 @@ fn encode_image(
     Ok(((mean + (std * eps)?)? * scaling_factor)?)
 }
 
-/// Runs txt2img and returns `n` images.
+/// Runs a generation (text-to-image, or an edit) and returns `n` images.
+///
+/// Each image is denoised by the model; with a refiner and no mask, the
+/// model stops at the switch point and the refiner finishes all images
+/// afterwards, so only one UNet is locked at a time.
 pub fn generate(
     cache: &ModelCache,
     model: &DiffusersModel,
@@ -295,41 +345,12 @@ pub fn generate(
     progress: Progress,
 ) -> Result<Vec<Image>, PipelineError> {
     check_params(p)?;
+    if let Some(r) = &p.refiner {
+        check_refiner(model, &r.model).map_err(RequestError::from)?;
+    }
     let adapters = Adapters::lock(cache, model, &p.loras)?;
-    let Conditioning { context, pooled } = text::encode_with(cache, model, p, &adapters)?;
-    let guided = context.dim(0)? == 2;
-    // SDXL's time ids: original size, crop top-left (0, 0), target size.
-    let added = match pooled {
-        Some(pooled) => {
-            let (h, w) = (p.height as f32, p.width as f32);
-            let ids = Tensor::new(&[[h, w, 0.0, 0.0, h, w]], &Device::Cpu)?;
-            let ids = ids.repeat((pooled.dim(0)?, 1))?;
-            Some((pooled, ids))
-        }
-        None => None,
-    };
-    let unet_guard = cache.get_device(&model.component("unet"))?;
-    let device: Device = unet_guard.device.clone();
-    let dtype = unet_guard.dtype;
-    let (vb, _held) = adapters.weights(cache, &unet_guard, "lora_unet_")?;
-    let unet = UNet2DConditionModel::new(
-        vb,
-        model.unet_in_channels,
-        model.vae.latent_channels,
-        false,
-        nets::unet_2d::UNet2DConditionModelConfig {
-            seamless: p.seamless,
-            ..model.unet.clone()
-        },
-    )?;
-    let context = context.to_device(&device)?.to_dtype(dtype)?;
-    let added = match added {
-        Some((pooled, ids)) => Some((
-            pooled.to_device(&device)?.to_dtype(dtype)?,
-            ids.to_device(&device)?.to_dtype(dtype)?,
-        )),
-        None => None,
-    };
+    let base = Denoiser::new(cache, model, p, &adapters)?;
+    let (device, dtype) = (base.device.clone(), base.dtype);
     let (lh, lw) = (p.height / 8, p.width / 8);
     let shape = [1, model.vae.latent_channels, lh, lw];
     let (vae_key, vae_config) = vae_of(model, p)?;
@@ -352,6 +373,19 @@ pub fn generate(
         }
         (None, false) => None,
     };
+    // Masked edits are finished by the model alone: the refiner is not an
+    // inpainting model.
+    let refiner = p
+        .refiner
+        .as_ref()
+        .filter(|_| edit.is_none_or(|e| e.mask.is_none()));
+    let kind = |m: &DiffusersModel| p.scheduler.unwrap_or(m.schedule.default_kind);
+    let refining = refiner.map(|r| {
+        let cut = denoise::cutoff(&model.schedule, r.switch);
+        let sched = Scheduler::new(kind(&r.model), r.model.schedule.clone(), p.steps);
+        let first = denoise::refiner_start(&sched, cut);
+        (cut, first, sched.timesteps().len() - first)
+    });
     let vae_guard = match edit {
         Some(_) => Some(cache.get_device(&vae_key)?),
         None => None,
@@ -361,10 +395,9 @@ pub fn generate(
         None => None,
     };
     let latents_by_image = p.latents.as_ref();
-    let mut latents_out = Vec::with_capacity(p.n);
+    let mut pending = Vec::with_capacity(p.n);
     for i in 0..p.n {
-        let kind = p.scheduler.unwrap_or(model.schedule.default_kind);
-        let mut sched = Scheduler::new(kind, model.schedule.clone(), p.steps);
+        let mut sched = Scheduler::new(kind(model), model.schedule.clone(), p.steps);
         let mut rng = match &p.draws {
             Some(d) => NormalRng::replay(d.clone()),
             None => NormalRng::new(p.seed.wrapping_add(i as u64)),
@@ -424,7 +457,7 @@ pub fn generate(
                         &mut rng,
                     )?;
                     let double = |t: Tensor| -> candle_core::Result<Tensor> {
-                        if guided {
+                        if base.guided {
                             Tensor::cat(&[&t, &t], 0)
                         } else {
                             Ok(t)
@@ -448,65 +481,75 @@ pub fn generate(
             }
             _ => None,
         };
-        let timesteps = sched.timesteps().to_vec();
-        for (s, &t) in timesteps.iter().enumerate().skip(start) {
-            let inp = sched.scale_model_input(&x, s)?;
-            let inp = if guided {
-                Tensor::cat(&[&inp, &inp], 0)?
-            } else {
-                inp
-            };
-            let inp = match &inpaint {
-                Some(Inpaint::UnetInputs(mask, masked)) => {
-                    Tensor::cat(&[&inp.to_dtype(dtype)?, mask, masked], 1)?
-                }
-                _ => inp.to_dtype(dtype)?,
-            };
-            let noise_pred = match &added {
-                Some((pooled, ids)) => unet.forward_with_added(&inp, t, &context, pooled, ids)?,
-                None => unet.forward(&inp, t, &context)?,
-            }
-            .to_dtype(DType::F32)?;
-            let noise_pred = if guided {
-                let (u, c) = (noise_pred.narrow(0, 0, 1)?, noise_pred.narrow(0, 1, 1)?);
-                (&u + ((c - &u)? * p.guidance_scale)?)?
-            } else {
-                noise_pred
-            };
+        let evaluations = sched.timesteps().len();
+        let (end, refined) = match refining {
+            Some((cut, _, refined)) => (denoise::base_end(&sched, cut).max(start), refined),
+            None => (evaluations, 0),
+        };
+        let steps = end - start + refined;
+        for s in start..end {
+            let noise_pred = base.predict(&sched, &x, s, inpaint.as_ref())?;
             x = sched.step(&noise_pred, s, &x, &mut rng)?;
             if let Some(Inpaint::Blend { image, mask, keep }) = &inpaint {
-                let kept = if s + 1 < timesteps.len() {
+                let kept = if s + 1 < evaluations {
                     sched.add_noise(image, &noise, s + 1)?
                 } else {
                     image.clone()
                 };
                 x = (kept.broadcast_mul(keep)? + x.broadcast_mul(mask)?)?;
             }
-            let stage = Stage::Denoising {
+            let step = s + 1 - start;
+            if !progress(Stage::Denoising {
                 image: i,
-                step: s + 1 - start,
-                steps: timesteps.len() - start,
-            };
-            if !progress(stage) {
+                step,
+                steps,
+            }) {
                 return Err(PipelineError::Cancelled);
             }
         }
-        latents_out.push(x);
+        pending.push((x, rng, end - start, steps));
     }
     drop(encoder);
     drop(vae_guard);
-    drop(unet);
-    drop(unet_guard);
+    drop(base);
+    drop(adapters);
+    // The refiner continues each image's latents as they are, without new
+    // noise (diffusers' `denoising_start`), from its own fresh scheduler.
+    let decoder_model = match (refiner, refining) {
+        (Some(r), Some((_, first, _))) => {
+            let unadapted = Adapters::lock(cache, &r.model, &[])?;
+            let finisher = Denoiser::new(cache, &r.model, p, &unadapted)?;
+            for (image, (x, rng, done, steps)) in pending.iter_mut().enumerate() {
+                let mut sched = Scheduler::new(kind(&r.model), r.model.schedule.clone(), p.steps);
+                *x = x.to_device(&finisher.device)?;
+                for s in first..sched.timesteps().len() {
+                    let noise_pred = finisher.predict(&sched, x, s, None)?;
+                    *x = sched.step(&noise_pred, s, x, rng)?;
+                    let step = *done + s + 1 - first;
+                    if !progress(Stage::Denoising {
+                        image,
+                        step,
+                        steps: *steps,
+                    }) {
+                        return Err(PipelineError::Cancelled);
+                    }
+                }
+            }
+            &*r.model
+        }
+        _ => model,
+    };
+    let (vae_key, vae_config) = vae_of(decoder_model, p)?;
     let vae_guard = cache.get_device(&vae_key)?;
     let vae = nets::vae::VaeConfig {
         seamless: p.seamless,
         ..vae_config
     };
     let decoder = VaeDecoder::new(vae_guard.var_builder(), 3, &vae)?;
-    latents_out
+    pending
         .into_iter()
         .enumerate()
-        .map(|(image, l)| {
+        .map(|(image, (l, ..))| {
             let latents = (l.to_device(&vae_guard.device)? / vae.scaling_factor)?
                 .to_dtype(vae_guard.dtype)?;
             let mut go_on = |block, blocks| {

@@ -33,6 +33,10 @@ pub enum ModelError {
     HalfSdxl,
     #[error("the tokenizer has {tokens} tokens but the text encoder only {vocab}: they do not belong together")]
     VocabMismatch { tokens: usize, vocab: usize },
+    #[error(
+        "is not an SDXL refiner (one text encoder, text_encoder_2, and aesthetic-score time ids)"
+    )]
+    NotARefiner,
 }
 
 /// A text encoder's configuration and the tokenizer that feeds it.
@@ -56,6 +60,10 @@ pub struct DiffusersModel {
     pub schedule: ScheduleConfig,
     /// SDXL: an empty negative prompt conditions on zeros, not on "".
     pub force_zeros_for_empty_prompt: bool,
+    /// An SDXL refiner: it only continues a base model's denoising, its one
+    /// text encoder (`text`) is the folder's `text_encoder_2`, and its time
+    /// ids end with an aesthetic score instead of the target size.
+    pub refiner: bool,
     /// Bytes of all its weights at f32: no adapter of it can be larger.
     pub bytes_f32: u64,
 }
@@ -65,6 +73,19 @@ impl DiffusersModel {
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let probe = store::probe(dir)?;
         text_to_image(probe.model_type, probe.base, probe.variant)?;
+        Self::read(dir, probe, false)
+    }
+
+    /// Reads and checks a diffusers SDXL refiner folder.
+    pub fn open_refiner(dir: &Path) -> Result<Self, ModelError> {
+        let probe = store::probe(dir)?;
+        if probe.base != Some(BaseModel::SdxlRefiner) {
+            return Err(ModelError::NotARefiner);
+        }
+        Self::read(dir, probe, true)
+    }
+
+    fn read(dir: &Path, probe: store::ProbeResult, refiner: bool) -> Result<Self, ModelError> {
         let base = probe.base.ok_or(ModelError::UnknownBase)?;
         let config = |c: &str| read_json(&dir.join(c));
         let unet_json = config("unet/config.json")?;
@@ -76,14 +97,21 @@ impl DiffusersModel {
             Some(c) if c as usize == latent || c as usize == 2 * latent + 1 => c as usize,
             Some(c) => return Err(ModelError::LatentChannels(c)),
         };
-        let text = text_encoder(dir, "text_encoder", "tokenizer")?;
+        let text = if refiner {
+            text_encoder(dir, "text_encoder_2", "tokenizer_2")?
+        } else {
+            text_encoder(dir, "text_encoder", "tokenizer")?
+        };
         if text.tokenizer.vocab_size() > text.config.vocab_size {
             return Err(ModelError::VocabMismatch {
                 tokens: text.tokenizer.vocab_size(),
                 vocab: text.config.vocab_size,
             });
         }
-        let text2 = if dir.join("text_encoder_2/config.json").exists() {
+        if refiner && (text.config.projection_dim.is_none() || unet.addition.is_none()) {
+            return Err(ModelError::NotARefiner);
+        }
+        let text2 = if !refiner && dir.join("text_encoder_2/config.json").exists() {
             let t = text_encoder(dir, "text_encoder_2", "tokenizer_2")?;
             if t.config.projection_dim.is_none() {
                 return Err(ModelError::NoProjection);
@@ -92,7 +120,7 @@ impl DiffusersModel {
         } else {
             None
         };
-        if unet.addition.is_some() != text2.is_some() {
+        if !refiner && unet.addition.is_some() != text2.is_some() {
             return Err(ModelError::HalfSdxl);
         }
         // A folder without a scheduler config gets the standard schedule.
@@ -115,6 +143,7 @@ impl DiffusersModel {
             text2,
             schedule,
             force_zeros_for_empty_prompt,
+            refiner,
             bytes_f32: probe.size_bytes.f32,
         })
     }
@@ -126,6 +155,9 @@ impl DiffusersModel {
 
     /// The components a generation loads, each a cache entry.
     pub fn components(&self) -> Vec<&'static str> {
+        if self.refiner {
+            return vec!["text_encoder_2", "unet", "vae"];
+        }
         let mut c = vec!["text_encoder", "unet", "vae"];
         if self.text2.is_some() {
             c.insert(1, "text_encoder_2");

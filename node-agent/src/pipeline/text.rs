@@ -44,13 +44,13 @@ pub(super) fn encode_with(
     p: &GenerateParams,
     adapters: &Adapters,
 ) -> Result<Conditioning, PipelineError> {
-    match &model.text2 {
-        Some(text2) => encode_sdxl(cache, model, p, adapters, text2),
-        None => Ok(Conditioning {
-            context: encode_sd(cache, model, p, adapters)?,
-            pooled: None,
-        }),
+    if model.text2.is_some() || model.refiner {
+        return encode_sdxl(cache, model, p, adapters);
     }
+    Ok(Conditioning {
+        context: encode_sd(cache, model, p, adapters)?,
+        pooled: None,
+    })
 }
 
 /// Whether a prompt of the request names the embedding `<name>`.
@@ -81,13 +81,15 @@ fn embeddings(
     let width = |t: &Tensor| t.dims().get(1).copied().unwrap_or(0);
     for ti in &tis {
         let name = ti.name.clone();
-        let pairs = match (&model.text2, &ti.vectors_2) {
-            (None, None) => vec![(&ti.vectors, &model.text)],
-            (Some(text2), Some(v2)) => vec![(&ti.vectors, &model.text), (v2, text2)],
-            (None, Some(_)) => {
+        let pairs = match (&model.text2, &ti.vectors_2, model.refiner) {
+            (None, None, false) => vec![(&ti.vectors, &model.text)],
+            (Some(text2), Some(v2), _) => vec![(&ti.vectors, &model.text), (v2, text2)],
+            // A refiner's one encoder is SDXL's second.
+            (None, Some(v2), true) => vec![(v2, &model.text)],
+            (None, Some(_), false) => {
                 return Err(RequestError::from(embedding::EmbeddingError::ForSdxl { name }).into())
             }
-            (Some(_), None) => {
+            (Some(_), None, _) | (None, None, true) => {
                 return Err(
                     RequestError::from(embedding::EmbeddingError::NotForSdxl { name }).into(),
                 )
@@ -140,36 +142,49 @@ fn run_encoder(
 
 /// SDXL's conditioning: each prompt through both text encoders, their
 /// penultimate hidden states side by side, and the second's projected pooled
-/// output (diffusers' `encode_prompt`). An empty negative prompt is zeros when
-/// the pipeline says `force_zeros_for_empty_prompt`.
+/// output (diffusers' `encode_prompt`). A refiner has only the second. An
+/// empty negative prompt is zeros when the pipeline says
+/// `force_zeros_for_empty_prompt`.
 fn encode_sdxl(
     cache: &ModelCache,
     model: &DiffusersModel,
     p: &GenerateParams,
     adapters: &Adapters,
-    text2: &TextEncoder,
 ) -> Result<Conditioning, PipelineError> {
-    let te1 = cache.get_device(&model.component("text_encoder"))?;
-    let te2 = cache.get_device(&model.component("text_encoder_2"))?;
-    let (vb1, _held1) = adapters.weights(cache, &te1, "lora_te1_")?;
-    let (vb2, _held2) = adapters.weights(cache, &te2, "lora_te2_")?;
-    let enc1 = ClipTextModel::new(vb1, &model.text.config)?;
-    let enc2 = ClipTextModel::new(vb2, &text2.config)?;
-    let device = &te1.device;
     let tis = embeddings(model, p)?;
-    let tis1: Vec<(&str, &Tensor)> = tis.iter().map(|t| (t.name.as_str(), &t.vectors)).collect();
-    let tis2: Vec<(&str, &Tensor)> = tis
+    let first: Vec<(&str, &Tensor)> = tis.iter().map(|t| (t.name.as_str(), &t.vectors)).collect();
+    let second: Vec<(&str, &Tensor)> = tis
         .iter()
         .filter_map(|t| Some((t.name.as_str(), t.vectors_2.as_ref()?)))
         .collect();
+    // (component, encoder, adapter prefix, embedding vectors), in order.
+    let encoders = match &model.text2 {
+        Some(text2) => vec![
+            ("text_encoder", &model.text, "lora_te1_", &first),
+            ("text_encoder_2", text2, "lora_te2_", &second),
+        ],
+        None => vec![("text_encoder_2", &model.text, "lora_te2_", &second)],
+    };
+    let mut guards = Vec::with_capacity(encoders.len());
+    let mut loaded = Vec::with_capacity(encoders.len());
+    for (component, config, prefix, tis) in encoders {
+        let guard = cache.get_device(&model.component(component))?;
+        let (vb, held) = adapters.weights(cache, &guard, prefix)?;
+        let encoder = ClipTextModel::new(vb, &config.config)?;
+        loaded.push((encoder, config, tis, guard.device.clone()));
+        guards.push((guard, held));
+    }
+    let device = loaded[0].3.clone();
     let encode = |text: &str| -> Result<(Tensor, Tensor), PipelineError> {
-        let a = run_encoder(&enc1, &model.text, text, &tis1, device, p.clip_skip)?;
-        let b = run_encoder(&enc2, text2, text, &tis2, &te2.device, p.clip_skip)?;
-        let context = Tensor::cat(
-            &[&a.penultimate, &b.penultimate.to_device(device)?],
-            candle_core::D::Minus1,
-        )?;
-        Ok((context, b.pooled))
+        let mut states = Vec::with_capacity(loaded.len());
+        let mut pooled = None;
+        for (encoder, config, tis, dev) in &loaded {
+            let out = run_encoder(encoder, config, text, tis, dev, p.clip_skip)?;
+            states.push(out.penultimate.to_device(&device)?);
+            pooled = Some(out.pooled);
+        }
+        let pooled = pooled.ok_or_else(|| candle_core::Error::Msg("no text encoder".into()))?;
+        Ok((Tensor::cat(&states, candle_core::D::Minus1)?, pooled))
     };
     let (cond, pooled) = encode(&p.prompt)?;
     if p.guidance_scale <= 1.0 {

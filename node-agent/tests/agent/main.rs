@@ -11,6 +11,7 @@ mod memory_regression;
 mod pipeline_edit;
 mod pipeline_embeddings;
 mod pipeline_parity;
+mod pipeline_refiner;
 mod pipeline_schedulers;
 mod pipeline_sd2;
 mod pipeline_sdxl;

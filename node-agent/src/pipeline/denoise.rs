@@ -1,0 +1,178 @@
+//! The denoising loop's pieces: one UNet locked with its conditioning
+//! ([`Denoiser`]), how an inpainting edit enters each evaluation
+//! ([`Inpaint`]), and where a base model hands its latents to an SDXL
+//! refiner ([`cutoff`], [`base_end`], [`refiner_start`]).
+
+use super::adapters::Adapters;
+use super::model::DiffusersModel;
+use super::nets::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use super::scheduler::{ScheduleConfig, Scheduler};
+use super::text::{self, Conditioning};
+use super::{GenerateParams, PipelineError};
+use crate::cache::{DeviceModel, ModelCache, ModelGuard, Reservation};
+use candle_core::{DType, Device, Tensor};
+
+/// How an inpainting edit enters the denoising loop of one image.
+pub(super) enum Inpaint {
+    /// An inpainting UNet takes the latent mask and the masked image's
+    /// latents beside the latents, each doubled for guidance.
+    UnetInputs(Tensor, Tensor),
+    /// A text-to-image UNet: after every step the kept part (`keep` =
+    /// 1 − `mask`) is blended back to the image's latents at the next
+    /// step's noise level.
+    Blend {
+        image: Tensor,
+        mask: Tensor,
+        keep: Tensor,
+    },
+}
+
+/// A model's UNet, locked in the device tier with the request's adapters
+/// applied, and the prompts' conditioning on its device: everything one
+/// guided noise prediction needs.
+pub(super) struct Denoiser {
+    unet: UNet2DConditionModel,
+    context: Tensor,
+    /// SDXL's pooled text embeddings and time ids.
+    added: Option<(Tensor, Tensor)>,
+    pub device: Device,
+    pub dtype: DType,
+    /// Whether the conditioning has a negative row (classifier-free guidance).
+    pub guided: bool,
+    guidance_scale: f64,
+    _patched: Option<Reservation>,
+    _unet: ModelGuard<DeviceModel>,
+}
+
+impl Denoiser {
+    /// Encodes the prompts with `model`'s text encoder(s), then locks its UNet.
+    pub fn new(
+        cache: &ModelCache,
+        model: &DiffusersModel,
+        p: &GenerateParams,
+        adapters: &Adapters,
+    ) -> Result<Self, PipelineError> {
+        let Conditioning { context, pooled } = text::encode_with(cache, model, p, adapters)?;
+        let guided = context.dim(0)? == 2;
+        let unet_guard = cache.get_device(&model.component("unet"))?;
+        let device = unet_guard.device.clone();
+        let dtype = unet_guard.dtype;
+        let (vb, patched) = adapters.weights(cache, &unet_guard, "lora_unet_")?;
+        let unet = UNet2DConditionModel::new(
+            vb,
+            model.unet_in_channels,
+            model.vae.latent_channels,
+            false,
+            UNet2DConditionModelConfig {
+                seamless: p.seamless,
+                ..model.unet.clone()
+            },
+        )?;
+        let on_device = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
+        let added = match pooled {
+            Some(pooled) => {
+                let ids = time_ids(model, p, pooled.dim(0)?)?;
+                Some((on_device(&pooled)?, on_device(&ids)?))
+            }
+            None => None,
+        };
+        Ok(Denoiser {
+            unet,
+            context: on_device(&context)?,
+            added,
+            device,
+            dtype,
+            guided,
+            guidance_scale: p.guidance_scale,
+            _patched: patched,
+            _unet: unet_guard,
+        })
+    }
+
+    /// The guided noise prediction (f32) for latents `x` at evaluation `s`
+    /// of `sched`.
+    pub fn predict(
+        &self,
+        sched: &Scheduler,
+        x: &Tensor,
+        s: usize,
+        inpaint: Option<&Inpaint>,
+    ) -> candle_core::Result<Tensor> {
+        let inp = sched.scale_model_input(x, s)?;
+        let inp = if self.guided {
+            Tensor::cat(&[&inp, &inp], 0)?
+        } else {
+            inp
+        };
+        let inp = match inpaint {
+            Some(Inpaint::UnetInputs(mask, masked)) => {
+                Tensor::cat(&[&inp.to_dtype(self.dtype)?, mask, masked], 1)?
+            }
+            _ => inp.to_dtype(self.dtype)?,
+        };
+        let t = sched.timesteps()[s];
+        let noise_pred = match &self.added {
+            Some((pooled, ids)) => {
+                self.unet
+                    .forward_with_added(&inp, t, &self.context, pooled, ids)?
+            }
+            None => self.unet.forward(&inp, t, &self.context)?,
+        }
+        .to_dtype(DType::F32)?;
+        if !self.guided {
+            return Ok(noise_pred);
+        }
+        let (u, c) = (noise_pred.narrow(0, 0, 1)?, noise_pred.narrow(0, 1, 1)?);
+        &u + ((c - &u)? * self.guidance_scale)?
+    }
+}
+
+/// SDXL's time ids, one row per conditioning row: the original size, the
+/// crop's top-left corner (0, 0), then the target size; a refiner instead
+/// ends with the aesthetic score, 2.5 for the negative prompt and 6 for the
+/// prompt (diffusers' defaults).
+fn time_ids(
+    model: &DiffusersModel,
+    p: &GenerateParams,
+    rows: usize,
+) -> candle_core::Result<Tensor> {
+    let (h, w) = (p.height as f32, p.width as f32);
+    let ids: Vec<f32> = (0..rows)
+        .flat_map(|row| {
+            let mut ids = vec![h, w, 0.0, 0.0];
+            match (model.refiner, rows == 2 && row == 0) {
+                (true, true) => ids.push(2.5),
+                (true, false) => ids.push(6.0),
+                (false, _) => ids.extend([h, w]),
+            }
+            ids
+        })
+        .collect();
+    let width = ids.len() / rows.max(1);
+    Tensor::from_vec(ids, (rows, width), &Device::Cpu)
+}
+
+/// The timestep where a base model hands over to the refiner,
+/// `round(T − switch·T)` of the `T` training timesteps (diffusers'
+/// `discrete_timestep_cutoff`).
+pub(super) fn cutoff(schedule: &ScheduleConfig, switch: f64) -> f64 {
+    let t = schedule.num_train_timesteps as f64;
+    (t - switch * t).round_ties_even()
+}
+
+/// How many of its evaluations the base runs: those at or above the cutoff.
+pub(super) fn base_end(sched: &Scheduler, cutoff: f64) -> usize {
+    sched.timesteps().iter().filter(|&&t| t >= cutoff).count()
+}
+
+/// The evaluation the refiner starts at: the first below the cutoff. A
+/// second-order scheduler evaluates every timestep but the first twice, so
+/// an even count would start halfway through a step: it starts one earlier.
+pub(super) fn refiner_start(sched: &Scheduler, cutoff: f64) -> usize {
+    let ts = sched.timesteps();
+    let mut n = ts.iter().filter(|&&t| t < cutoff).count();
+    if sched.order() == 2 && n.is_multiple_of(2) {
+        n += 1;
+    }
+    ts.len().saturating_sub(n)
+}
