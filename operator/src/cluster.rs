@@ -14,7 +14,7 @@ use modelcache_crds::{
     condition, node_lease_name, reason, text_to_image, LocalModel, ModelDeployment, ModelFormat,
     ModelInfo, ModelNode, NotTextToImage, Tier,
 };
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 
 /// Bandwidths assumed until an agent has measured its own: a local disk and a
@@ -379,10 +379,31 @@ pub fn resolve(
             })
         }
     }
-    let size = match l.parameter_count {
-        Some(n) if n > 0 => n.saturating_mul(md.spec.precision.element_bytes() as i64),
-        _ => l.file_bytes,
-    };
+    let precision = md.spec.precision;
+    let mut size = bytes_at(l, precision);
+    let mut nodes: Vec<String> = found.keys().cloned().collect();
+    // What the deployment uses beside its model is placed, warmed and sized with it.
+    let companions = [
+        ("refiner", &md.spec.refiner, Companion::Refiner(l.base)),
+        ("vae", &md.spec.vae, Companion::Vae),
+    ];
+    for (field, extra, kind) in companions {
+        let Some(extra) = extra else { continue };
+        let (bytes, with) = companion(field, extra, kind, precision, model_nodes)?;
+        size = size.saturating_add(bytes);
+        nodes.retain(|n| with.contains(n));
+        if nodes.is_empty() {
+            return Err(Unresolved {
+                status: "False",
+                reason: reason::MODEL_NOT_FOUND,
+                message: format!(
+                    "no node has both model {path:?} and spec.{field} {extra:?} (the model is on {}, the {field} on {}); copy them onto the same nodes",
+                    found.keys().cloned().collect::<Vec<_>>().join(", "),
+                    with.into_iter().collect::<Vec<_>>().join(", "),
+                ),
+            });
+        }
+    }
     Ok(ResolvedModel {
         path,
         info: ModelInfo {
@@ -395,8 +416,90 @@ pub fn resolve(
             tensor_count: l.tensor_count,
         },
         sha256: want_sha,
-        nodes: found.keys().cloned().collect(),
+        nodes,
     })
+}
+
+/// A model's bytes at `precision`: its parameters, or its files when the
+/// agent did not count them.
+fn bytes_at(l: &LocalModel, precision: modelcache_crds::Precision) -> i64 {
+    match l.parameter_count {
+        Some(n) if n > 0 => n.saturating_mul(precision.element_bytes() as i64),
+        _ => l.file_bytes,
+    }
+}
+
+/// What a deployment uses beside its model must be.
+#[derive(Clone, Copy)]
+enum Companion {
+    /// An SDXL refiner, for a model of this base.
+    Refiner(modelcache_crds::BaseModel),
+    Vae,
+}
+
+/// A model a deployment uses beside its own (`spec.refiner`, `spec.vae`):
+/// the bytes it adds to a placement and the nodes that report it.
+fn companion(
+    field: &str,
+    path: &str,
+    kind: Companion,
+    precision: modelcache_crds::Precision,
+    model_nodes: &[Arc<ModelNode>],
+) -> Result<(i64, BTreeSet<String>), Unresolved> {
+    use modelcache_crds::{BaseModel, ModelType};
+    let path = normalize(path);
+    let unsupported = |message: String| Unresolved {
+        status: "False",
+        reason: reason::UNSUPPORTED_MODEL,
+        message,
+    };
+    if let Companion::Refiner(base) = kind {
+        if base != BaseModel::Sdxl {
+            return Err(unsupported(format!(
+                "spec.refiner is set but the model is {base:?}: a refiner only finishes SDXL images; remove spec.refiner"
+            )));
+        }
+    }
+    let mut nodes = BTreeSet::new();
+    let mut bytes = 0;
+    for mn in model_nodes {
+        let Some(l) = mn
+            .status
+            .as_ref()
+            .and_then(|st| st.local_models.iter().find(|l| l.path == path))
+        else {
+            continue;
+        };
+        let fits = match kind {
+            Companion::Refiner(_) => {
+                l.model_type == ModelType::Main && l.base == BaseModel::SdxlRefiner
+            }
+            Companion::Vae => l.model_type == ModelType::Vae,
+        };
+        if !fits {
+            return Err(unsupported(format!(
+                "spec.{field} {path:?} is a {:?} {:?} model, not {}",
+                l.base,
+                l.model_type,
+                match kind {
+                    Companion::Refiner(_) => "an SDXL refiner",
+                    Companion::Vae => "a VAE",
+                }
+            )));
+        }
+        bytes = bytes_at(l, precision);
+        nodes.insert(mn.name_any());
+    }
+    if nodes.is_empty() {
+        return Err(Unresolved {
+            status: "False",
+            reason: reason::MODEL_NOT_FOUND,
+            message: format!(
+                "spec.{field} {path:?} is on no node's models folder; copy it there or remove spec.{field}"
+            ),
+        });
+    }
+    Ok((bytes, nodes))
 }
 
 fn not_found(
@@ -704,6 +807,82 @@ mod tests {
         );
         assert!(n1.local.as_ref().unwrap().contains("b"));
         assert!(!nodes[0].healthy, "n0 has no Lease");
+    }
+
+    #[test]
+    fn a_refiner_and_a_vae_are_sized_with_the_model_and_narrow_its_nodes() {
+        use modelcache_crds::BaseModel;
+        let with = |base: BaseModel, model_type: ModelType, path: &str, params: i64| LocalModel {
+            base,
+            model_type,
+            ..local(path, params)
+        };
+        let xl = || with(BaseModel::Sdxl, ModelType::Main, "xl", 3 * G);
+        let refiner = || with(BaseModel::SdxlRefiner, ModelType::Main, "xl-refiner", 2 * G);
+        let vae = || {
+            with(
+                BaseModel::Sdxl,
+                ModelType::Vae,
+                "vae/fix.safetensors",
+                G / 10,
+            )
+        };
+        let mns: Vec<Arc<ModelNode>> = [
+            model_node("n1", "10.0.0.1", 24, vec![xl(), refiner(), vae()]),
+            model_node("n2", "10.0.0.2", 24, vec![xl(), vae()]),
+            model_node("n3", "10.0.0.3", 24, vec![xl(), refiner(), vae()]),
+        ]
+        .map(Arc::new)
+        .to_vec();
+        let md = deployment(
+            "xl",
+            "xl",
+            serde_json::json!({"precision": "F16", "refiner": "xl-refiner", "vae": "./vae/fix.safetensors"}),
+        );
+        let r = resolve(&md, &mns).unwrap();
+        assert_eq!(
+            r.info.size_bytes,
+            2 * (3 * G + 2 * G + G / 10),
+            "model, refiner and VAE at F16"
+        );
+        assert_eq!(r.nodes, ["n1", "n3"], "only nodes with the refiner too");
+
+        let why = |spec: serde_json::Value, mns: &[Arc<ModelNode>]| {
+            let u = resolve(&deployment("xl", "xl", spec), mns).unwrap_err();
+            (u.reason, u.message)
+        };
+        let (reason, message) = why(serde_json::json!({"refiner": "xl-refiner"}), &mns[1..2]);
+        assert_eq!(reason, reason::MODEL_NOT_FOUND);
+        assert!(
+            message.contains("spec.refiner \"xl-refiner\" is on no node"),
+            "{message}"
+        );
+        let (reason, message) = why(serde_json::json!({"refiner": "xl"}), &mns);
+        assert_eq!(reason, reason::UNSUPPORTED_MODEL);
+        assert!(message.contains("not an SDXL refiner"), "{message}");
+        let (reason, message) = why(serde_json::json!({"vae": "xl-refiner"}), &mns);
+        assert_eq!(reason, reason::UNSUPPORTED_MODEL);
+        assert!(message.contains("not a VAE"), "{message}");
+        let split = [
+            model_node("n1", "10.0.0.1", 24, vec![xl()]),
+            model_node("n2", "10.0.0.2", 24, vec![refiner()]),
+        ]
+        .map(Arc::new)
+        .to_vec();
+        let (reason, message) = why(serde_json::json!({"refiner": "xl-refiner"}), &split);
+        assert_eq!(reason, reason::MODEL_NOT_FOUND);
+        assert!(message.contains("no node has both"), "{message}");
+        let sd1 = [model_node(
+            "n1",
+            "10.0.0.1",
+            24,
+            vec![local("xl", G), refiner()],
+        )]
+        .map(Arc::new)
+        .to_vec();
+        let (reason, message) = why(serde_json::json!({"refiner": "xl-refiner"}), &sd1);
+        assert_eq!(reason, reason::UNSUPPORTED_MODEL);
+        assert!(message.contains("only finishes SDXL"), "{message}");
     }
 
     #[test]

@@ -25,7 +25,7 @@ pub struct Upload {
 
 /// Form fields that are numbers or JSON; the rest are strings.
 const INTEGERS: [&str; 4] = ["n", "steps", "seed", "clip_skip"];
-const FLOATS: [&str; 2] = ["guidance_scale", "strength"];
+const FLOATS: [&str; 3] = ["guidance_scale", "strength", "denoising_end"];
 
 fn multipart_error(e: MultipartError, limits: &Limits) -> ApiError {
     if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
@@ -81,6 +81,7 @@ pub async fn read_form(
                     "seamless",
                     "loras",
                     "vae",
+                    "refiner",
                     "stream",
                 ]
                 .into_iter()

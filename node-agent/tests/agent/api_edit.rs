@@ -283,3 +283,69 @@ fn a_request_may_name_a_vae_under_the_models_folder() {
         assert_eq!(param(&ask(Some(bad))), "vae", "{bad}");
     }
 }
+
+#[test]
+fn a_request_may_name_an_sdxl_refiner_to_finish_its_images() {
+    let agent = Agent::start_with(
+        |models| {
+            copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+            copy_dir(&fixtures().join("tiny-sdxl"), &models.join("xl"));
+            copy_dir(
+                &fixtures().join("tiny-sdxl-refiner"),
+                &models.join("xl-refiner"),
+            );
+        },
+        &[],
+    );
+    let ask = |extra: serde_json::Value| {
+        let mut body = serde_json::json!({"model": "xl", "prompt": "a red cat", "size": "64x64", "steps": 5, "seed": 1});
+        body.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        crate::api::post(&agent.api, body)
+    };
+    let alone = image_of(&ask(serde_json::json!({})));
+    let refined = image_of(&ask(serde_json::json!({"refiner": "xl-refiner"})));
+    assert_ne!(alone, refined, "the refiner finishes the image");
+    let skipped = ask(serde_json::json!({"refiner": "xl-refiner", "denoising_end": 1.0}));
+    assert_eq!(
+        image_of(&skipped),
+        alone,
+        "denoising_end 1 skips the refiner"
+    );
+    // In an image-to-image edit too.
+    let image = fixture("image.png");
+    let r = edit(
+        &agent.api,
+        &[
+            ("model", Part::Text("xl")),
+            ("prompt", Part::Text("a red cat")),
+            ("steps", Part::Text("5")),
+            ("refiner", Part::Text("xl-refiner")),
+            ("denoising_end", Part::Text("0.7")),
+            ("image", Part::File(&image)),
+        ],
+    );
+    assert_eq!(png_size(&image_of(&r)), (64, 64));
+    // The refiner is not a model of its own.
+    let r = crate::api::post(
+        &agent.api,
+        serde_json::json!({"model": "xl-refiner", "prompt": "a red cat"}),
+    );
+    assert_eq!(r.status, 404, "{}", String::from_utf8_lossy(&r.body));
+    for (extra, field) in [
+        (serde_json::json!({"refiner": "tiny"}), "refiner"),
+        (serde_json::json!({"refiner": "nothing"}), "refiner"),
+        (
+            serde_json::json!({"refiner": "xl-refiner", "model": "tiny"}),
+            "refiner",
+        ),
+        (
+            serde_json::json!({"refiner": "xl-refiner", "denoising_end": 0.0}),
+            "denoising_end",
+        ),
+        (serde_json::json!({"denoising_end": 1.5}), "denoising_end"),
+    ] {
+        assert_eq!(param(&ask(extra.clone())), field, "{extra}");
+    }
+}
