@@ -367,8 +367,15 @@ pub struct ModelInfo {
     /// What the UNet predicts: Epsilon, VPrediction or Sample.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prediction_type: Option<PredictionType>,
-    /// Bytes of the weights at the deployment's precision.
+    /// Bytes the weights take on a GPU at the deployment's precision, its refiner and VAE
+    /// override included: what a node's device tier is charged.
     pub size_bytes: i64,
+    /// The same on agents without a GPU, which compute in F32.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_size_bytes: Option<i64>,
+    /// Bytes of the weights' files: what a node's RAM tier holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ram_size_bytes: Option<i64>,
     /// Number of tensors in the weights.
     pub tensor_count: i64,
 }

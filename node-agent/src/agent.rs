@@ -53,7 +53,7 @@ impl Agent {
             .filter_map(|tier| {
                 let here: Vec<&EntryInfo> = entries
                     .iter()
-                    .filter(|e| e.tier == tier && !e.loading && keys.contains(&e.key))
+                    .filter(|e| e.tier == tier && !e.loading && keys.contains(&e.key.weights()))
                     .collect();
                 here.iter()
                     .any(|e| e.key.name() == "unet")

@@ -222,6 +222,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         edit,
         draws: None,
         refiner,
+        dtype: None,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p

@@ -29,7 +29,8 @@ pub struct ComputeDevice {
     pub name: String,
 }
 
-fn dtype_of(p: Precision) -> DType {
+/// The candle dtype of a precision.
+pub fn dtype_of(p: Precision) -> DType {
     match p {
         Precision::F16 => DType::F16,
         Precision::BF16 => DType::BF16,

@@ -6,7 +6,7 @@
 //! the cluster side replaces the table whenever a placement changes.
 
 use crate::catalog::Catalog;
-use modelcache_crds::{GenerationDefaults, LoraSpec};
+use modelcache_crds::{GenerationDefaults, LoraSpec, Precision};
 use std::collections::HashMap;
 use std::sync::RwLock;
 
@@ -23,6 +23,8 @@ pub struct Route {
     pub vae: Option<String>,
     /// The SDXL refiner used unless a request names another (`spec.refiner`).
     pub refiner: Option<String>,
+    /// What its weights are computed in on GPUs (`spec.precision`).
+    pub precision: Precision,
     /// Values for what a request leaves out.
     pub defaults: GenerationDefaults,
 }
@@ -129,6 +131,7 @@ mod tests {
                         loras: Vec::new(),
                         vae: None,
                         refiner: None,
+                        precision: Precision::F16,
                         defaults: GenerationDefaults::default(),
                     },
                 )

@@ -4,7 +4,7 @@
 //! deployments a change on a node concerns. Pure functions over values: the
 //! controller passes the reflector stores' contents in, tests pass objects.
 
-use crate::scheduler::{self, Assignment, Taint, Toleration};
+use crate::scheduler::{self, Assignment, Sizes, Taint, Toleration};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -168,6 +168,7 @@ impl Cluster {
                 .map(|d| d.cache_budget_bytes.max(0) as u64)
                 .filter(|b| *b > 0)
                 .collect(),
+            cpu_only: status.devices.iter().all(|d| d.id == "cpu"),
             resident,
             local,
             disk_bps: positive_or(cache.disk_read_bytes_per_second, DEFAULT_DISK_BPS),
@@ -218,7 +219,7 @@ pub fn affected(
 
 /// The scheduler's view of a deployment. `size` comes from the resolved model
 /// (the target) or from the last status (others).
-pub fn scheduler_deployment(md: &ModelDeployment, size: u64) -> scheduler::Deployment {
+pub fn scheduler_deployment(md: &ModelDeployment, size: Sizes) -> scheduler::Deployment {
     let spec = &md.spec;
     scheduler::Deployment {
         key: key(md),
@@ -380,7 +381,7 @@ pub fn resolve(
         }
     }
     let precision = md.spec.precision;
-    let mut size = bytes_at(l, precision);
+    let mut size = sizes_of_local(l, precision);
     let mut nodes: Vec<String> = found.keys().cloned().collect();
     // What the deployment uses beside its model is placed, warmed and sized with it.
     let companions = [
@@ -390,7 +391,11 @@ pub fn resolve(
     for (field, extra, kind) in companions {
         let Some(extra) = extra else { continue };
         let (bytes, with) = companion(field, extra, kind, precision, model_nodes)?;
-        size = size.saturating_add(bytes);
+        size = Sizes {
+            gpu: size.gpu.saturating_add(bytes.gpu),
+            cpu: size.cpu.saturating_add(bytes.cpu),
+            ram: size.ram.saturating_add(bytes.ram),
+        };
         nodes.retain(|n| with.contains(n));
         if nodes.is_empty() {
             return Err(Unresolved {
@@ -412,7 +417,9 @@ pub fn resolve(
             variant: l.variant,
             format: l.format,
             prediction_type: l.prediction_type,
-            size_bytes: size,
+            size_bytes: size.gpu as i64,
+            cpu_size_bytes: Some(size.cpu as i64),
+            ram_size_bytes: Some(size.ram as i64),
             tensor_count: l.tensor_count,
         },
         sha256: want_sha,
@@ -420,12 +427,31 @@ pub fn resolve(
     })
 }
 
-/// A model's bytes at `precision`: its parameters, or its files when the
-/// agent did not count them.
-fn bytes_at(l: &LocalModel, precision: modelcache_crds::Precision) -> i64 {
-    match l.parameter_count {
-        Some(n) if n > 0 => n.saturating_mul(precision.element_bytes() as i64),
-        _ => l.file_bytes,
+/// What a model of a node's report takes: on a GPU at `precision`, on the
+/// CPU at F32 (its parameters, or its files when the agent did not count
+/// them), and in RAM its files.
+fn sizes_of_local(l: &LocalModel, precision: modelcache_crds::Precision) -> Sizes {
+    let files = l.file_bytes.max(0) as u64;
+    let at = |bytes: u64| match l.parameter_count {
+        Some(n) if n > 0 => (n as u64).saturating_mul(bytes),
+        _ => files,
+    };
+    Sizes {
+        gpu: at(precision.element_bytes()),
+        cpu: at(4),
+        ram: files,
+    }
+}
+
+/// What a deployment resolved earlier takes, from its status (older
+/// statuses have only the GPU size, used for all three).
+pub fn sizes_of(info: &ModelInfo) -> Sizes {
+    let gpu = info.size_bytes.max(0) as u64;
+    let or_gpu = |v: Option<i64>| v.map_or(gpu, |v| v.max(0) as u64);
+    Sizes {
+        gpu,
+        cpu: or_gpu(info.cpu_size_bytes),
+        ram: or_gpu(info.ram_size_bytes),
     }
 }
 
@@ -445,7 +471,7 @@ fn companion(
     kind: Companion,
     precision: modelcache_crds::Precision,
     model_nodes: &[Arc<ModelNode>],
-) -> Result<(i64, BTreeSet<String>), Unresolved> {
+) -> Result<(Sizes, BTreeSet<String>), Unresolved> {
     use modelcache_crds::{BaseModel, ModelType};
     let path = normalize(path);
     let unsupported = |message: String| Unresolved {
@@ -461,7 +487,7 @@ fn companion(
         }
     }
     let mut nodes = BTreeSet::new();
-    let mut bytes = 0;
+    let mut bytes = Sizes::uniform(0);
     for mn in model_nodes {
         let Some(l) = mn
             .status
@@ -487,7 +513,7 @@ fn companion(
                 }
             )));
         }
-        bytes = bytes_at(l, precision);
+        bytes = sizes_of_local(l, precision);
         nodes.insert(mn.name_any());
     }
     if nodes.is_empty() {

@@ -265,14 +265,14 @@ async fn schedule(
         .iter()
         .filter(|d| cluster::key(d) != key && d.metadata.deletion_timestamp.is_none())
         .filter_map(|d| {
-            let size = d.status.as_ref()?.model.as_ref()?.size_bytes.max(0) as u64;
+            let size = cluster::sizes_of(d.status.as_ref()?.model.as_ref()?);
             Some(cluster::scheduler_deployment(d, size))
         })
         .collect();
     let target = deployments.len();
     deployments.push(cluster::scheduler_deployment(
         md,
-        model.info.size_bytes.max(0) as u64,
+        cluster::sizes_of(&model.info),
     ));
     let t0 = Instant::now();
     let mut decisions = scheduler::plan_for(&nodes, &deployments, target, ctx.config.options);

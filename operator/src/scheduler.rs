@@ -49,6 +49,8 @@ pub struct Node {
     pub ram_budget: u64,
     /// Cache budget of each device.
     pub device_budgets: Vec<u64>,
+    /// The agent has no GPU: its device tier holds weights in F32.
+    pub cpu_only: bool,
     /// Models resident in the agent's cache, by path, with the best tier.
     pub resident: HashMap<String, Tier>,
     /// Models found on the node's disk; `None` when the list was truncated (unknown).
@@ -68,8 +70,8 @@ pub struct Deployment {
     /// `namespace/name`.
     pub key: String,
     pub model: String,
-    /// Bytes at the deployment's precision.
-    pub size: u64,
+    /// What its weights take where.
+    pub size: Sizes,
     pub replicas: u32,
     pub warm: WarmTier,
     pub priority: i32,
@@ -79,6 +81,40 @@ pub struct Deployment {
     pub spread_key: Option<String>,
     /// Placements from the last decision, kept while feasible.
     pub current: Vec<Assignment>,
+}
+
+/// What a deployment's weights (its model with its refiner and VAE override)
+/// take in each place, as the agents charge them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Sizes {
+    /// On a GPU, at the deployment's precision.
+    pub gpu: u64,
+    /// On an agent without a GPU, which computes in F32.
+    pub cpu: u64,
+    /// In a node's RAM tier: the weights' files.
+    pub ram: u64,
+}
+
+impl Sizes {
+    /// The same bytes everywhere.
+    pub fn uniform(bytes: u64) -> Sizes {
+        Sizes {
+            gpu: bytes,
+            cpu: bytes,
+            ram: bytes,
+        }
+    }
+}
+
+impl Deployment {
+    /// Bytes a device of `node` is charged for the weights.
+    pub fn device_bytes(&self, node: &Node) -> u64 {
+        if node.cpu_only {
+            self.size.cpu
+        } else {
+            self.size.gpu
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -263,33 +299,40 @@ impl<'a> State<'a> {
     /// for VRAM, `Ok(None)` for RAM or no reservation.
     fn capacity(&self, i: usize, d: &Deployment) -> Result<Option<usize>, Reject> {
         let n = &self.nodes[i];
+        let dev = d.device_bytes(n);
         match d.warm {
             WarmTier::Vram => self.dev_free[i]
                 .iter()
                 .enumerate()
-                .filter(|(_, f)| **f >= d.size)
+                .filter(|(_, f)| **f >= dev)
                 .min_by_key(|(j, f)| (**f, *j))
                 .map(|(j, _)| Some(j))
                 .ok_or(Reject::InsufficientVram),
             // Kept in RAM while idle, but served from a device: it must fit one too.
-            WarmTier::Ram if !n.device_budgets.iter().any(|b| *b >= d.size) => {
+            WarmTier::Ram if !n.device_budgets.iter().any(|b| *b >= dev) => {
                 Err(Reject::InsufficientVram)
             }
-            WarmTier::Ram if self.ram_free[i] >= d.size => Ok(None),
+            WarmTier::Ram if self.ram_free[i] >= d.size.ram => Ok(None),
             WarmTier::Ram => Err(Reject::InsufficientRam),
             // On demand: no reservation, but the model must fit one device's budget.
-            WarmTier::None if n.device_budgets.iter().any(|b| *b >= d.size) => Ok(None),
+            WarmTier::None if n.device_budgets.iter().any(|b| *b >= dev) => Ok(None),
             WarmTier::None => Err(Reject::InsufficientVram),
         }
     }
 
     fn reserve(&mut self, di: usize, d: &Deployment, i: usize, device: Option<usize>) {
-        let bytes = d.size;
-        match (d.warm, device) {
-            (WarmTier::Vram, Some(j)) => self.dev_free[i][j] -= bytes,
-            (WarmTier::Ram, _) => self.ram_free[i] -= bytes,
+        let bytes = match (d.warm, device) {
+            (WarmTier::Vram, Some(j)) => {
+                let bytes = d.device_bytes(&self.nodes[i]);
+                self.dev_free[i][j] -= bytes;
+                bytes
+            }
+            (WarmTier::Ram, _) => {
+                self.ram_free[i] -= d.size.ram;
+                d.size.ram
+            }
             _ => return,
-        }
+        };
         self.reservations[i].push(Reservation {
             deployment: di,
             bytes,
@@ -311,12 +354,11 @@ impl<'a> State<'a> {
             return 0.0;
         }
         let n = &self.nodes[i];
-        let s = d.size as f64;
-        let to_dev = s / n.ram_to_device_bps.max(1.0);
+        let to_dev = d.device_bytes(n) as f64 / n.ram_to_device_bps.max(1.0);
         match n.resident.get(&d.model) {
             Some(Tier::Vram) => 0.0,
             Some(Tier::Ram) => to_dev,
-            _ => s / n.disk_bps.max(1.0) + to_dev,
+            _ => d.size.ram as f64 / n.disk_bps.max(1.0) + to_dev,
         }
     }
 
@@ -395,8 +437,10 @@ impl<'a> State<'a> {
         let mut chosen = Vec::new();
         for (idx, r) in candidates {
             let fits = |ram: u64, dev: &[u64]| match d.warm {
-                WarmTier::Vram | WarmTier::None => dev.iter().any(|f| *f >= d.size),
-                WarmTier::Ram => ram >= d.size,
+                WarmTier::Vram | WarmTier::None => {
+                    dev.iter().any(|f| *f >= d.device_bytes(&self.nodes[i]))
+                }
+                WarmTier::Ram => ram >= d.size.ram,
             };
             if fits(ram, &dev) {
                 break;
@@ -516,7 +560,7 @@ fn plan_phases(
                 PlacementRole::Serving => {
                     serving += 1;
                     st.add_replica(di, i, 1);
-                    st.serving[i] += d.size;
+                    st.serving[i] += d.device_bytes(&nodes[i]);
                 }
                 PlacementRole::Warm => warm += 1,
             }
@@ -553,7 +597,7 @@ fn plan_phases(
                 Ok((i, device)) => {
                     st.reserve(di, d, i, device);
                     st.add_replica(di, i, 1);
-                    st.serving[i] += d.size;
+                    st.serving[i] += d.device_bytes(&nodes[i]);
                     if let Some(z) = d.spread_key.as_ref().and_then(|k| nodes[i].labels.get(k)) {
                         *zones.entry(z.clone()).or_default() += 1;
                     }
@@ -639,7 +683,8 @@ fn preempt(
             let removed = decisions[victim].assignments.remove(pos);
             if removed.role == PlacementRole::Serving {
                 st.add_replica(victim, i, -1);
-                st.serving[i] = st.serving[i].saturating_sub(deployments[victim].size);
+                st.serving[i] =
+                    st.serving[i].saturating_sub(deployments[victim].device_bytes(&nodes[i]));
             }
         }
         decisions[victim].preempted_by = Some(d.key.clone());
@@ -667,6 +712,7 @@ mod tests {
             healthy: true,
             ram_budget: 32 * G,
             device_budgets: vec![20 * G],
+            cpu_only: false,
             resident: HashMap::new(),
             local: None,
             disk_bps: 2e9,
@@ -679,7 +725,7 @@ mod tests {
         Deployment {
             key: key.into(),
             model: model.into(),
-            size: 5 * G,
+            size: Sizes::uniform(5 * G),
             replicas,
             warm,
             priority: 0,
@@ -693,6 +739,39 @@ mod tests {
 
     fn nodes_of(d: &Decision) -> Vec<&str> {
         d.assignments.iter().map(|a| a.node.as_str()).collect()
+    }
+
+    #[test]
+    fn an_agent_without_a_gpu_is_charged_f32_and_ram_the_files() {
+        let mut cpu = node("cpu");
+        cpu.cpu_only = true;
+        let gpu = node("gpu");
+        let mut d = dep("ns/xl", "xl", 1, WarmTier::Vram);
+        d.size = Sizes {
+            gpu: 12 * G,
+            cpu: 24 * G,
+            ram: 7 * G,
+        };
+        // 24 GiB at F32 does not fit the CPU agent's 20 GiB; 12 GiB on the GPU does.
+        let out = plan(
+            &[cpu.clone(), gpu.clone()],
+            &[d.clone()],
+            Options::default(),
+        );
+        assert_eq!(nodes_of(&out[0]), ["gpu"]);
+        assert_eq!(
+            plan(&[cpu.clone()], &[d.clone()], Options::default())[0].reason_code,
+            Some("InsufficientVram")
+        );
+        // Kept warm in RAM, the files are what count: 7 GiB of a 8 GiB budget.
+        d.warm = WarmTier::Ram;
+        d.size.cpu = 12 * G;
+        let mut small = cpu;
+        small.ram_budget = 8 * G;
+        assert_eq!(
+            nodes_of(&plan(&[small], &[d], Options::default())[0]),
+            ["cpu"]
+        );
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! node's cache (VRAM and RAM tiers, LRU), on a Zipf-popular stream of
 //! deployments and requests. Users plan capacity with it; we benchmark with it.
 
-use crate::scheduler::{self, Deployment, Node, Options};
+use crate::scheduler::{self, Deployment, Node, Options, Sizes};
 use modelcache_crds::{PlacementRole, Tier, WarmTier};
 use modelcache_support::SplitMix64;
 use serde::Deserialize;
@@ -125,6 +125,7 @@ impl ClusterSpec {
                 healthy: true,
                 ram_budget: n.ram_bytes,
                 device_budgets: n.device_bytes.clone(),
+                cpu_only: false,
                 resident: HashMap::new(),
                 local: None,
                 disk_bps: n.disk_bytes_per_second,
@@ -318,7 +319,7 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
         let d = Deployment {
             key: format!("default/d{a}"),
             model: format!("models/m{m}"),
-            size,
+            size: Sizes::uniform(size),
             replicas: 1,
             warm: WarmTier::None,
             priority: 0,
@@ -387,7 +388,7 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
         active.push_back((d, node));
         if active.len() > trace.active {
             if let Some((old, n)) = active.pop_front() {
-                nodes[n].serving_bytes = nodes[n].serving_bytes.saturating_sub(old.size);
+                nodes[n].serving_bytes = nodes[n].serving_bytes.saturating_sub(old.size.gpu);
             }
         }
     }
@@ -418,7 +419,7 @@ pub fn synthetic_deployments(count: usize, models: usize, seed: u64) -> Vec<Depl
             Deployment {
                 key: format!("ns{}/d{i}", i % 50),
                 model: format!("models/m{m}"),
-                size: (2 + (m as u64 % 6)) << 30,
+                size: Sizes::uniform((2 + (m as u64 % 6)) << 30),
                 replicas: 1 + (rng.next_u64() % 2) as u32,
                 warm,
                 priority: (rng.next_u64() % 3) as i32 - 1,

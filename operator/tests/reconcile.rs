@@ -516,6 +516,8 @@ async fn higher_priority_preempts_and_both_deployments_say_why() {
             format: ModelFormat::Checkpoint,
             prediction_type: None,
             size_bytes: 2 * G,
+            cpu_size_bytes: None,
+            ram_size_bytes: None,
             tensor_count: 1,
         }),
         placements: vec![Placement {

@@ -1,7 +1,7 @@
 //! Scheduler invariants over random clusters and deployments.
 
 use modelcache_crds::{PlacementRole, Tier, WarmTier};
-use modelcache_operator::scheduler::{plan, Deployment, Node, Options, Taint, Toleration};
+use modelcache_operator::scheduler::{plan, Deployment, Node, Options, Sizes, Taint, Toleration};
 use proptest::prelude::*;
 use std::collections::{BTreeMap, HashMap};
 
@@ -48,6 +48,8 @@ proptest! {
             healthy,
             ram_budget: ram * G,
             device_budgets: devs.iter().map(|d| d * G).collect(),
+            // Every third agent has no GPU: it holds weights at F32.
+            cpu_only: i % 3 == 0,
             resident: match resident { 0 => HashMap::new(), 1 => HashMap::from([("m0".to_string(), Tier::Ram)]), _ => HashMap::from([("m1".to_string(), Tier::Vram)]) },
             local: None,
             disk_bps: 2e9,
@@ -57,7 +59,7 @@ proptest! {
         let deps: Vec<Deployment> = deps.into_iter().enumerate().map(|(i, (m, size, replicas, warm, priority, selector, tolerate, per_node))| Deployment {
             key: format!("ns/d{i}"),
             model: format!("m{m}"),
-            size: size * G,
+            size: Sizes { gpu: size * G, cpu: 2 * size * G, ram: size * G + G / 2 },
             replicas,
             warm: [WarmTier::None, WarmTier::Ram, WarmTier::Vram][warm as usize],
             priority,
@@ -78,10 +80,12 @@ proptest! {
                 prop_assert!(n.healthy && n.schedulable, "{} on an unavailable node", d.key);
                 prop_assert!(d.node_selector.iter().all(|(k, v)| n.labels.get(k) == Some(v)), "selector");
                 prop_assert!(n.taints.is_empty() || !d.tolerations.is_empty(), "untolerated taint");
-                prop_assert!(n.device_budgets.iter().any(|b| *b >= d.size), "model fits a device");
+                let on_device = if n.cpu_only { d.size.cpu } else { d.size.gpu };
+                prop_assert_eq!(d.device_bytes(n), on_device);
+                prop_assert!(n.device_budgets.iter().any(|b| *b >= on_device), "model fits a device");
                 match d.warm {
-                    WarmTier::Ram => *ram_used.entry(&n.name).or_default() += d.size,
-                    WarmTier::Vram => *vram_used.entry(&n.name).or_default() += d.size,
+                    WarmTier::Ram => *ram_used.entry(&n.name).or_default() += d.size.ram,
+                    WarmTier::Vram => *vram_used.entry(&n.name).or_default() += on_device,
                     WarmTier::None => {}
                 }
                 if a.role == PlacementRole::Serving {

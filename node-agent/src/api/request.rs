@@ -308,6 +308,8 @@ pub fn validate(
         edit: None,
         draws: None,
         refiner,
+        // A deployment computes at its own precision on GPUs.
+        dtype: route.map(|r| crate::device::dtype_of(r.precision)),
     })
 }
 

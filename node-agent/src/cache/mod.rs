@@ -658,30 +658,60 @@ impl ModelCache {
         })
     }
 
-    /// Loads `key` into `tier` and pins it there (warm): never evicted until
-    /// [`Self::unpin`] or [`Self::drop_model`].
+    /// Loads `key` into `tier` (at the compute dtype) and pins it there
+    /// (warm): never evicted until [`Self::unpin`] or [`Self::drop_model`].
     pub fn warm(&self, key: &CacheKey, tier: TierKind) -> Result<(), CacheError> {
+        self.warm_as(key, tier, self.inner.config.dtype)
+    }
+
+    /// [`Self::warm`] with the device copy at `dtype`.
+    pub fn warm_as(&self, key: &CacheKey, tier: TierKind, dtype: DType) -> Result<(), CacheError> {
         match tier {
-            TierKind::Ram => drop(self.get_ram(key)?),
-            TierKind::Device => drop(self.get_device(key)?),
-        }
-        match tier {
-            TierKind::Ram => self.set_pinned::<RamModel>(key, true),
-            TierKind::Device => self.set_pinned::<DeviceModel>(key, true),
+            TierKind::Ram => {
+                drop(self.get_ram(key)?);
+                self.set_pinned::<RamModel>(&key.weights(), true);
+            }
+            TierKind::Device => {
+                drop(self.get_device_as(key, dtype)?);
+                self.set_pinned::<DeviceModel>(&key.at(dtype), true);
+            }
         }
         Ok(())
     }
 
-    /// Unpins `key` in all tiers and evicts it from them unless a request is using it.
+    /// The dtype a device copy is computed in when `requested` is asked for:
+    /// the request's (a deployment's precision), else the configured one; F32
+    /// when every device is the CPU, which computes in f32.
+    pub fn dtype_for(&self, requested: Option<DType>) -> DType {
+        let config = &self.inner.config;
+        if config.devices.iter().all(|d| d.device.is_cpu()) {
+            return DType::F32;
+        }
+        requested.unwrap_or(config.dtype)
+    }
+
+    /// Unpins `key` in all tiers (at every dtype unless the key names one)
+    /// and evicts it from them unless a request is using it.
     pub fn drop_model(&self, key: &CacheKey) {
         let (dev, ram) = {
             let mut st = lock(&self.inner.state);
             let dev: Vec<_> = st
                 .devs
                 .iter_mut()
-                .filter_map(|t| t.evict_now(key))
+                .flat_map(|t| {
+                    let covered: Vec<CacheKey> = t
+                        .entries
+                        .keys()
+                        .filter(|k| key.covers(k))
+                        .cloned()
+                        .collect();
+                    covered
+                        .iter()
+                        .filter_map(|k| t.evict_now(k))
+                        .collect::<Vec<_>>()
+                })
                 .collect();
-            (dev, st.ram.evict_now(key))
+            (dev, st.ram.evict_now(&key.weights()))
         };
         let any = !dev.is_empty() || ram.is_some();
         drop((dev, ram));
@@ -690,7 +720,8 @@ impl ModelCache {
         }
     }
 
-    /// Unpins `key` in `tier` (it stays cached but becomes evictable).
+    /// Unpins `key` in `tier` (it stays cached but becomes evictable), at
+    /// every dtype unless the key names one.
     pub fn unpin(&self, key: &CacheKey, tier: TierKind) {
         match tier {
             TierKind::Ram => self.set_pinned::<RamModel>(key, false),
@@ -701,7 +732,7 @@ impl ModelCache {
     fn set_pinned<T: TierValue>(&self, key: &CacheKey, pinned: bool) {
         let mut st = lock(&self.inner.state);
         for tier in st.tiers::<T>() {
-            if let Some(e) = tier.entries.get_mut(key) {
+            for (_, e) in tier.entries.iter_mut().filter(|(k, _)| key.covers(k)) {
                 e.pinned = pinned;
             }
         }
@@ -879,6 +910,7 @@ impl ModelCache {
 
     /// Locks the RAM copy of `key`, loading it if needed.
     pub fn get_ram(&self, key: &CacheKey) -> Result<ModelGuard<RamModel>, CacheError> {
+        let key = &key.weights();
         let threads = self.inner.config.load_threads;
         self.acquire::<RamModel, RamPlan>(
             key,
@@ -909,16 +941,29 @@ impl ModelCache {
         )
     }
 
-    /// Locks the device copy of `key`, loading it (through the RAM tier) if
-    /// needed onto the device tier with room ([`choose_slot`]). When the device
-    /// tiers are full, least-recently-used unlocked models are offloaded from
-    /// the chosen one (their RAM copies stay, so coming back is a move, not a load).
+    /// Locks the device copy of `key` at the compute dtype, loading it
+    /// (through the RAM tier) if needed onto the device tier with room
+    /// ([`choose_slot`]). When the device tiers are full, least-recently-used
+    /// unlocked models are offloaded from the chosen one (their RAM copies
+    /// stay, so coming back is a move, not a load).
     pub fn get_device(&self, key: &CacheKey) -> Result<ModelGuard<DeviceModel>, CacheError> {
-        let dtype = self.inner.config.dtype;
+        self.get_device_as(key, self.inner.config.dtype)
+    }
+
+    /// [`Self::get_device`] at `dtype` (what a deployment computes in is
+    /// [`Self::dtype_for`] its precision): each dtype is an entry of its own,
+    /// charged at its own size.
+    pub fn get_device_as(
+        &self,
+        key: &CacheKey,
+        dtype: DType,
+    ) -> Result<ModelGuard<DeviceModel>, CacheError> {
+        let weights = key.weights();
+        let key = &key.at(dtype);
         self.acquire::<DeviceModel, ModelGuard<RamModel>>(
             key,
             || {
-                let ram = self.get_ram(key)?;
+                let ram = self.get_ram(&weights)?;
                 Ok((ram.device_bytes(dtype), ram))
             },
             |ram, slot| {

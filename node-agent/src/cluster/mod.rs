@@ -323,6 +323,7 @@ impl ClusterAgent {
                         loras: t.want.loras.clone(),
                         vae: t.want.vae.clone(),
                         refiner: t.want.refiner.clone(),
+                        precision: t.want.precision,
                         defaults: t.want.defaults.clone(),
                     },
                 ))

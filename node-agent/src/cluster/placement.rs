@@ -161,8 +161,11 @@ pub fn prepare(agent: &Agent, d: &Desired) -> Result<Prepared, PlacementError> {
     }
     let tier = TierKind::for_warm(d.warm);
     if let Some(t) = tier {
+        let dtype = agent
+            .cache
+            .dtype_for(Some(crate::device::dtype_of(d.precision)));
         for key in &keys {
-            agent.cache.warm(key, t)?;
+            agent.cache.warm_as(key, t, dtype)?;
         }
     }
     let cpu_only = agent

@@ -5,6 +5,7 @@ use super::lora::{self, Adapter};
 use super::{DiffusersModel, PipelineError, RequestError};
 use crate::cache::{CacheKey, DeviceModel, ModelCache, ModelGuard, Reservation};
 use crate::store;
+use candle_core::DType;
 use modelcache_crds::ModelType;
 use std::path::{Path, PathBuf};
 
@@ -43,18 +44,19 @@ pub struct Adapters {
 
 impl Adapters {
     /// Checks, locks and parses `loras` (adapter files and their weights)
-    /// for `model`.
+    /// for `model`, on the device at the model's `dtype`.
     pub fn lock(
         cache: &ModelCache,
         model: &DiffusersModel,
         loras: &[(PathBuf, f64)],
+        dtype: Option<DType>,
     ) -> Result<Self, PipelineError> {
         let mut parsed = Vec::with_capacity(loras.len());
         let mut locked = Vec::with_capacity(loras.len());
         for (path, weight) in loras {
             check(path, model)?;
             let key = CacheKey::from(path.as_path());
-            let guard = cache.get_device(&key)?;
+            let guard = cache.get_device_as(&key, cache.dtype_for(dtype))?;
             let adapter = Adapter::from_tensors(&guard.tensors)
                 .map_err(|source| RequestError::Adapter { key, source })?;
             parsed.push((adapter, *weight));

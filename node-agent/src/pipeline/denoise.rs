@@ -54,7 +54,7 @@ impl Denoiser {
     ) -> Result<Self, PipelineError> {
         let Conditioning { context, pooled } = text::encode_with(cache, model, p, adapters)?;
         let guided = context.dim(0)? == 2;
-        let unet_guard = cache.get_device(&model.component("unet"))?;
+        let unet_guard = super::on_device(cache, &model.component("unet"), p)?;
         let device = unet_guard.device.clone();
         let dtype = unet_guard.dtype;
         let (vb, patched) = adapters.weights(cache, &unet_guard, "lora_unet_")?;

@@ -159,6 +159,9 @@ pub struct GenerateParams {
     pub draws: Option<Vec<f32>>,
     /// An SDXL refiner that finishes the denoising.
     pub refiner: Option<Refiner>,
+    /// The dtype to compute in on a GPU (a deployment's precision); `None`:
+    /// the agent's `--precision`. The CPU always computes in f32.
+    pub dtype: Option<DType>,
 }
 
 /// An SDXL refiner taking over from the model part-way, diffusers'
@@ -205,6 +208,7 @@ impl Default for GenerateParams {
             edit: None,
             draws: None,
             refiner: None,
+            dtype: None,
         }
     }
 }
@@ -252,6 +256,15 @@ pub fn check_refiner(model: &DiffusersModel, refiner: &DiffusersModel) -> Result
         });
     }
     Ok(())
+}
+
+/// Locks the device copy of `key` at the dtype a generation computes in.
+fn on_device(
+    cache: &ModelCache,
+    key: &CacheKey,
+    p: &GenerateParams,
+) -> Result<crate::cache::ModelGuard<crate::cache::DeviceModel>, CacheError> {
+    cache.get_device_as(key, cache.dtype_for(p.dtype))
 }
 
 /// What can be refused before any weight is loaded.
@@ -348,7 +361,7 @@ pub fn generate(
     if let Some(r) = &p.refiner {
         check_refiner(model, &r.model).map_err(RequestError::from)?;
     }
-    let adapters = Adapters::lock(cache, model, &p.loras)?;
+    let adapters = Adapters::lock(cache, model, &p.loras, p.dtype)?;
     let base = Denoiser::new(cache, model, p, &adapters)?;
     let (device, dtype) = (base.device.clone(), base.dtype);
     let (lh, lw) = (p.height / 8, p.width / 8);
@@ -387,7 +400,7 @@ pub fn generate(
         (cut, first, sched.timesteps().len() - first)
     });
     let vae_guard = match edit {
-        Some(_) => Some(cache.get_device(&vae_key)?),
+        Some(_) => Some(on_device(cache, &vae_key, p)?),
         None => None,
     };
     let encoder = match &vae_guard {
@@ -517,7 +530,7 @@ pub fn generate(
     // noise (diffusers' `denoising_start`), from its own fresh scheduler.
     let decoder_model = match (refiner, refining) {
         (Some(r), Some((_, first, _))) => {
-            let unadapted = Adapters::lock(cache, &r.model, &[])?;
+            let unadapted = Adapters::lock(cache, &r.model, &[], p.dtype)?;
             let finisher = Denoiser::new(cache, &r.model, p, &unadapted)?;
             for (image, (x, rng, done, steps)) in pending.iter_mut().enumerate() {
                 let mut sched = Scheduler::new(kind(&r.model), r.model.schedule.clone(), p.steps);
@@ -540,7 +553,7 @@ pub fn generate(
         _ => model,
     };
     let (vae_key, vae_config) = vae_of(decoder_model, p)?;
-    let vae_guard = cache.get_device(&vae_key)?;
+    let vae_guard = on_device(cache, &vae_key, p)?;
     let vae = nets::vae::VaeConfig {
         seamless: p.seamless,
         ..vae_config

@@ -24,7 +24,12 @@ pub fn encode(
     p: &GenerateParams,
 ) -> Result<Conditioning, PipelineError> {
     super::check_params(p)?;
-    encode_with(cache, model, p, &Adapters::lock(cache, model, &p.loras)?)
+    encode_with(
+        cache,
+        model,
+        p,
+        &Adapters::lock(cache, model, &p.loras, p.dtype)?,
+    )
 }
 
 /// Encodes prompt and negative prompt into the UNet context `[2, tokens, dim]`
@@ -168,7 +173,7 @@ fn encode_sdxl(
     let mut guards = Vec::with_capacity(encoders.len());
     let mut loaded = Vec::with_capacity(encoders.len());
     for (component, config, prefix, tis) in encoders {
-        let guard = cache.get_device(&model.component(component))?;
+        let guard = super::on_device(cache, &model.component(component), p)?;
         let (vb, held) = adapters.weights(cache, &guard, prefix)?;
         let encoder = ClipTextModel::new(vb, &config.config)?;
         loaded.push((encoder, config, tis, guard.device.clone()));
@@ -211,7 +216,7 @@ fn encode_sd(
     p: &GenerateParams,
     adapters: &Adapters,
 ) -> Result<Tensor, PipelineError> {
-    let te = cache.get_device(&model.component("text_encoder"))?;
+    let te = super::on_device(cache, &model.component("text_encoder"), p)?;
     let (vb, _held) = adapters.weights(cache, &te, "lora_te_")?;
     let encoder = ClipTextModel::new(vb, &model.text.config)?;
     let tis = embeddings(model, p)?;

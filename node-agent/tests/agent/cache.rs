@@ -118,7 +118,7 @@ fn resident(cache: &ModelCache, tier: TierKind) -> Vec<String> {
         .entries()
         .into_iter()
         .filter(|e| e.tier == tier)
-        .map(|e| e.key.to_string())
+        .map(|e| e.key.weights().to_string())
         .collect();
     v.sort();
     v
@@ -259,8 +259,9 @@ fn device_tier_offloads_lazily_to_ram() {
 
 #[derive(Debug, Clone)]
 enum Op {
-    Get(usize, bool),
-    Hold(usize, bool),
+    /// Model, and where: 0 RAM, 1 the device at f32, 2 the device at f16.
+    Get(usize, u8),
+    Hold(usize, u8),
     Release,
     Warm(usize, bool),
     Drop(usize),
@@ -270,8 +271,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Get(k, d)),
-        2 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Hold(k, d)),
+        4 => (0..8usize, 0..3u8).prop_map(|(k, d)| Op::Get(k, d)),
+        2 => (0..8usize, 0..3u8).prop_map(|(k, d)| Op::Hold(k, d)),
         2 => Just(Op::Release),
         1 => (0..8usize, any::<bool>()).prop_map(|(k, d)| Op::Warm(k, d)),
         1 => (0..8usize).prop_map(Op::Drop),
@@ -283,9 +284,10 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 12, ..ProptestConfig::default() })]
 
     /// 12 cases × 4 threads × 250 ops = 12,000 operations on a RAM tier and two
-    /// device tiers (a two-GPU node): no tier ever exceeds its budget, a held
-    /// (locked) model is always resident where its guard says, a model is on at
-    /// most one device, and the statistics add up.
+    /// device tiers (a two-GPU node), with models held at two precisions: no
+    /// tier ever exceeds its budget, a held (locked) model is always resident
+    /// where its guard says, a model at one precision is on at most one
+    /// device, and the statistics add up.
     #[test]
     fn invariants_hold_under_concurrent_random_operations(ops in proptest::collection::vec(op(), 1000)) {
         let sizes: Vec<(String, u64)> = (0..8).map(|i| (format!("m{i}"), 1 + (i as u64 % 4))).collect();
@@ -305,8 +307,9 @@ proptest! {
                         Op::Get(k, dev) | Op::Hold(k, dev) => {
                             let key = format!("m{k}");
                             let hold = matches!(op, Op::Hold(..));
-                            let r = if dev {
-                                cache.get_device(&ck(key)).map(|g| if hold && held_dev.len() < 2 { held_dev.push(g) })
+                            let dtype = if dev == 2 { candle_core::DType::F16 } else { candle_core::DType::F32 };
+                            let r = if dev > 0 {
+                                cache.get_device_as(&ck(key), dtype).map(|g| if hold && held_dev.len() < 2 { held_dev.push(g) })
                             } else {
                                 cache.get_ram(&ck(key)).map(|g| if hold && held_ram.len() < 2 { held_ram.push(g) })
                             };
@@ -338,17 +341,20 @@ proptest! {
                         }
                     }
                     let entries = cache.entries();
-                    let held = held_ram.iter().map(|g| (g.key().to_string(), 0, TierKind::Ram))
-                        .chain(held_dev.iter().map(|g| (g.key().to_string(), g.slot(), TierKind::Device)));
+                    let held = held_ram.iter().map(|g| (g.key().clone(), 0, TierKind::Ram))
+                        .chain(held_dev.iter().map(|g| (g.key().clone(), g.slot(), TierKind::Device)));
                     for (k, slot, tier) in held {
-                        if !entries.iter().any(|e| e.key.as_str() == k && e.tier == tier && e.slot == slot && e.locked) {
+                        if !entries.iter().any(|e| e.key == k && e.tier == tier && e.slot == slot && e.locked) {
                             return Err(format!("held model {k} is not resident and locked in {tier:?} {slot}"));
                         }
                     }
-                    for k in (0..8).map(|i| format!("m{i}")) {
-                        let on = entries.iter().filter(|e| e.key.as_str() == k && e.tier == TierKind::Device).count();
-                        if on > 1 {
-                            return Err(format!("{k} is on {on} devices"));
+                    for k in (0..8).map(|i| ck(format!("m{i}"))) {
+                        for dtype in [candle_core::DType::F16, candle_core::DType::F32] {
+                            let at = k.at(dtype);
+                            let on = entries.iter().filter(|e| e.key == at && e.tier == TierKind::Device).count();
+                            if on > 1 {
+                                return Err(format!("{at} is on {on} devices"));
+                            }
                         }
                     }
                 }
@@ -374,6 +380,49 @@ proptest! {
         let plans: u64 = (0..8).map(|i| loader.plans(&format!("m{i}"))).sum();
         prop_assert!(ram.loads <= ram.misses && ram.misses <= plans, "loads {} misses {} plans {}", ram.loads, ram.misses, plans);
     }
+}
+
+#[test]
+fn one_model_at_two_precisions_is_two_device_entries_charged_at_their_sizes() {
+    use candle_core::DType;
+    let key = ck(fixtures()
+        .join("tiny-sd1/vae")
+        .to_string_lossy()
+        .into_owned());
+    let cache = ModelCache::new(
+        CacheConfig::cpu(6 * R, 40 << 20),
+        Box::new(DiskLoader),
+        None,
+    );
+    let full = cache.get_device_as(&key, DType::F32).unwrap();
+    let half = cache.get_device_as(&key, DType::F16).unwrap();
+    assert!(half.tensors.values().all(|t| t.dtype() == DType::F16));
+    assert_eq!(full.bytes, 2 * half.bytes, "every VAE weight is a float");
+    let (ram, dev) = cache.stats();
+    assert_eq!((ram.loads, ram.models), (1, 1), "one RAM copy feeds both");
+    assert_eq!((dev.models, dev.used), (2, full.bytes + half.bytes));
+    assert_eq!(half.key().to_string(), format!("{key} (f16)"));
+    drop((full, half));
+    // Warm at one precision pins that copy only; unpinning the weights
+    // unpins every precision.
+    cache.warm_as(&key, TierKind::Device, DType::F16).unwrap();
+    let pinned = |cache: &ModelCache| -> Vec<String> {
+        let mut v: Vec<String> = cache
+            .entries()
+            .into_iter()
+            .filter(|e| e.pinned)
+            .map(|e| e.key.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    assert_eq!(pinned(&cache), [format!("{key} (f16)")]);
+    cache.unpin(&key, TierKind::Device);
+    assert!(pinned(&cache).is_empty());
+    cache.drop_model(&key);
+    assert!(cache.entries().is_empty(), "every copy goes");
+    // The CPU computes in f32 whatever a deployment asks for.
+    assert_eq!(cache.dtype_for(Some(DType::F16)), DType::F32);
 }
 
 #[test]
