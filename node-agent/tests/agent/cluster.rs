@@ -302,6 +302,102 @@ async fn placements_on_this_node_are_warmed_reported_and_served_with_their_defau
     );
 }
 
+/// An agent on node `n1` with tiny-sdxl as `xl`, its refiner as
+/// `xl-refiner`, tiny-sd1 as `tiny` and a VAE file as `vae/other.safetensors`.
+async fn sdxl_node() -> Node {
+    let n = node().await;
+    let models = n._dir.path().join("models");
+    copy_dir(&fixtures().join("tiny-sdxl"), &models.join("xl"));
+    copy_dir(
+        &fixtures().join("tiny-sdxl-refiner"),
+        &models.join("xl-refiner"),
+    );
+    std::fs::create_dir_all(models.join("vae")).unwrap();
+    std::fs::copy(
+        fixtures().join("tiny-sd1-vae.safetensors"),
+        models.join("vae/other.safetensors"),
+    )
+    .unwrap();
+    n.agent.agent.catalog.rescan();
+    n
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refiner_and_a_vae_are_warmed_with_the_model_and_finish_its_images() {
+    let n = sdxl_node().await;
+    let md = deployment(
+        "xl",
+        "xl",
+        json!({"warmTier": "Vram", "refiner": "xl-refiner", "vae": "vae/other.safetensors",
+               "defaults": {"steps": 5, "width": 64, "height": 64, "denoisingEnd": 0.7}}),
+        &["n1"],
+    );
+    let wrong = deployment("sd", "tiny", json!({"refiner": "xl-refiner"}), &["n1"]);
+    let events = follow(&n.agent, vec![md.clone(), wrong]);
+    let p = placement(&n.agent, "ml/xl", |p| {
+        p.phase != NodePlacementPhase::Loading
+    })
+    .await;
+    assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
+    let pinned = |n: &Node| -> Vec<String> {
+        let mut v: Vec<String> = n
+            .agent
+            .agent
+            .cache
+            .entries()
+            .into_iter()
+            .filter(|e| e.tier == TierKind::Device && e.pinned)
+            .map(|e| e.key.to_string())
+            .collect();
+        v.sort();
+        v
+    };
+    let warm = pinned(&n);
+    assert_eq!(
+        warm.len(),
+        4 + 3 + 1,
+        "model, refiner and VAE kept warm: {warm:?}"
+    );
+    assert!(
+        warm.iter().all(|k| k.ends_with("(f32)")),
+        "the CPU holds F32: {warm:?}"
+    );
+    let p = placement(&n.agent, "ml/sd", |p| {
+        p.phase != NodePlacementPhase::Loading
+    })
+    .await;
+    assert_eq!(p.phase, NodePlacementPhase::Failed, "{p:?}");
+    let message = p.message.unwrap_or_default();
+    assert!(
+        message.contains("spec.refiner \"xl-refiner\"") && message.contains("not Sd1"),
+        "{message}"
+    );
+
+    // The deployment's refiner and switch apply; a request may skip the refiner.
+    let body = json!({"model": "xl", "prompt": "a red cat", "seed": 3});
+    let (code, refined) = post(&n.api, "/v1/images/generations", &body).await;
+    assert_eq!(code, 200, "{refined}");
+    let mut skip = body.clone();
+    skip["denoising_end"] = json!(1.0);
+    let (code, alone) = post(&n.api, "/v1/images/generations", &skip).await;
+    assert_eq!(code, 200, "{alone}");
+    assert_ne!(refined["data"][0], alone["data"][0]);
+
+    // Moved away: nothing stays pinned.
+    let mut moved = md.clone();
+    moved.status.as_mut().unwrap().placements[0].node = "n2".into();
+    events
+        .unbounded_send(Ok(watcher::Event::Apply(moved)))
+        .unwrap();
+    for _ in 0..100 {
+        if pinned(&n).is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(pinned(&n).is_empty(), "{:?}", pinned(&n));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_hash_is_verified_before_ready() {
     let n = node().await;
