@@ -130,6 +130,11 @@ async fn placement(
 
 /// POST over real HTTP (a blocking client on the blocking pool); returns the
 /// status and JSON body.
+/// The placement once it is no longer loading.
+async fn settled(agent: &ClusterAgent, key: &str) -> NodePlacement {
+    placement(agent, key, |p| p.phase != NodePlacementPhase::Loading).await
+}
+
 async fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
     let (addr, path, body) = (
         addr.to_string(),
@@ -177,10 +182,7 @@ async fn placements_on_this_node_are_warmed_reported_and_served_with_their_defau
     let elsewhere = deployment("other", "tiny", json!({}), &["n2"]);
     let events = follow(&n.agent, vec![md.clone(), elsewhere]);
 
-    let p = placement(&n.agent, "ml/painter", |p| {
-        p.phase != NodePlacementPhase::Loading
-    })
-    .await;
+    let p = settled(&n.agent, "ml/painter").await;
     assert_eq!(
         (p.phase, p.tier),
         (NodePlacementPhase::Ready, Tier::Ram),
@@ -334,10 +336,7 @@ async fn a_refiner_and_a_vae_are_warmed_with_the_model_and_finish_its_images() {
     );
     let wrong = deployment("sd", "tiny", json!({"refiner": "xl-refiner"}), &["n1"]);
     let events = follow(&n.agent, vec![md.clone(), wrong]);
-    let p = placement(&n.agent, "ml/xl", |p| {
-        p.phase != NodePlacementPhase::Loading
-    })
-    .await;
+    let p = settled(&n.agent, "ml/xl").await;
     assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
     let pinned = |n: &Node| -> Vec<String> {
         let mut v: Vec<String> = n
@@ -362,10 +361,7 @@ async fn a_refiner_and_a_vae_are_warmed_with_the_model_and_finish_its_images() {
         warm.iter().all(|k| k.ends_with("(f32)")),
         "the CPU holds F32: {warm:?}"
     );
-    let p = placement(&n.agent, "ml/sd", |p| {
-        p.phase != NodePlacementPhase::Loading
-    })
-    .await;
+    let p = settled(&n.agent, "ml/sd").await;
     assert_eq!(p.phase, NodePlacementPhase::Failed, "{p:?}");
     let message = p.message.unwrap_or_default();
     assert!(
@@ -411,10 +407,7 @@ async fn a_pinned_hash_is_verified_before_ready() {
             &["n1"],
         )],
     );
-    let p = placement(&n.agent, "ml/pinned", |p| {
-        p.phase != NodePlacementPhase::Loading
-    })
-    .await;
+    let p = settled(&n.agent, "ml/pinned").await;
     assert_eq!(p.phase, NodePlacementPhase::Failed);
     let msg = p.message.unwrap();
     assert!(
@@ -442,10 +435,7 @@ async fn a_pinned_hash_is_verified_before_ready() {
             &["n1"],
         )],
     );
-    let p = placement(&n2.agent, "ml/pinned", |p| {
-        p.phase != NodePlacementPhase::Loading
-    })
-    .await;
+    let p = settled(&n2.agent, "ml/pinned").await;
     assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
     let status = n2.agent.status();
     assert_eq!(
@@ -469,10 +459,7 @@ async fn a_missing_model_fails_with_an_actionable_message_and_watch_errors_are_s
             &["n1"],
         ))))
         .unwrap();
-    let p = placement(&n.agent, "ml/ghost", |p| {
-        p.phase != NodePlacementPhase::Loading
-    })
-    .await;
+    let p = settled(&n.agent, "ml/ghost").await;
     assert_eq!(p.phase, NodePlacementPhase::Failed);
     let msg = p.message.unwrap();
     assert!(
@@ -492,10 +479,7 @@ async fn a_missing_model_fails_with_an_actionable_message_and_watch_errors_are_s
             &["n1"],
         ))))
         .unwrap();
-    let p = placement(&n.agent, "ml/late", |p| {
-        p.phase != NodePlacementPhase::Loading
-    })
-    .await;
+    let p = settled(&n.agent, "ml/late").await;
     assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
     assert!(
         n.agent
