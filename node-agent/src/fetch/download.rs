@@ -1,0 +1,420 @@
+//! Downloads a model's files from an object store into a folder: ranged,
+//! parallel within a file and bounded across files, resumed after a cut
+//! connection or a restart, verified, and moved into place at once.
+//!
+//! Files are written into `.<name>.partial/` beside the destination, each
+//! pre-sized, with a journal of the chunks already complete; only when every
+//! file is complete (and matches its checksum, where one is known) does the
+//! folder take its final name. A failed checksum removes the partial folder.
+
+use futures::{StreamExt, TryStreamExt};
+use object_store::{path::Path as ObjectPath, GetOptions, GetRange, ObjectStore};
+use sha2::{Digest, Sha256};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::io::{AsyncSeekExt, AsyncWriteExt};
+
+/// One file of a remote model.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RemoteFile {
+    /// Where it is in the store.
+    pub location: ObjectPath,
+    /// Its path inside the model's folder.
+    pub name: String,
+    pub size: u64,
+    /// The source's version of it (an ETag), if it says: a partial copy of
+    /// another version is not resumed.
+    pub version: Option<String>,
+    /// Lowercase hex SHA-256 the source publishes for it, if any.
+    pub sha256: Option<String>,
+}
+
+/// How a download is spread and how long it waits.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bytes per ranged request.
+    pub chunk_bytes: u64,
+    /// Ranged requests in flight per file.
+    pub chunks_in_flight: usize,
+    /// Files downloaded at once.
+    pub files_in_flight: usize,
+    /// A response that sends nothing for this long is abandoned and resumed.
+    pub idle_timeout: Duration,
+    /// Failed attempts in a row (without a byte of progress) before a chunk,
+    /// and so the download, fails.
+    pub attempts: u32,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            chunk_bytes: 16 << 20,
+            chunks_in_flight: 4,
+            files_in_flight: 2,
+            idle_timeout: Duration::from_secs(30),
+            attempts: 5,
+        }
+    }
+}
+
+/// Why a download failed. Messages name the file and never carry credentials
+/// (object_store's errors name the request, not its signature).
+#[derive(Debug, thiserror::Error)]
+pub enum DownloadError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{name}: {message}")]
+    Source { name: String, message: String },
+    #[error("{name}: the source sent more than the {size} bytes it listed")]
+    TooLong { name: String, size: u64 },
+    #[error(
+        "{name}: sha256 is {got} but the source lists {want}; the partial download was removed"
+    )]
+    Checksum {
+        name: String,
+        want: String,
+        got: String,
+    },
+    #[error("{0} already exists; a download never replaces a model")]
+    Exists(PathBuf),
+    #[error("{name}: not a relative path inside the model's folder")]
+    BadName { name: String },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError + '_ {
+    move |source| DownloadError::Io {
+        path: path.to_path_buf(),
+        source,
+    }
+}
+
+/// Where a model being downloaded to `dest` is staged.
+pub fn partial_dir(dest: &Path) -> PathBuf {
+    let name = dest
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    dest.with_file_name(format!(".{name}.partial"))
+}
+
+/// Downloads `files` into the folder `dest`, which must not exist yet;
+/// `progress` hears the bytes on disk and the total after every write.
+/// Returns the bytes transferred in this call (what a resumed download did
+/// not have yet).
+pub async fn download(
+    store: Arc<dyn ObjectStore>,
+    files: &[RemoteFile],
+    dest: &Path,
+    opts: &Options,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<u64, DownloadError> {
+    if tokio::fs::try_exists(dest).await.map_err(io(dest))? {
+        return Err(DownloadError::Exists(dest.to_path_buf()));
+    }
+    for f in files {
+        let ok = !f.name.is_empty()
+            && Path::new(&f.name)
+                .components()
+                .all(|c| matches!(c, std::path::Component::Normal(_)));
+        if !ok {
+            return Err(DownloadError::BadName {
+                name: f.name.clone(),
+            });
+        }
+    }
+    let staging = partial_dir(dest);
+    tokio::fs::create_dir_all(&staging)
+        .await
+        .map_err(io(&staging))?;
+    let total: u64 = files.iter().map(|f| f.size).sum();
+    let done = AtomicU64::new(0);
+    let fetched = AtomicU64::new(0);
+    let result = futures::stream::iter(files)
+        .map(|file| {
+            download_file(
+                store.as_ref(),
+                file,
+                &staging,
+                opts,
+                &done,
+                &fetched,
+                total,
+                progress,
+            )
+        })
+        .buffer_unordered(opts.files_in_flight.max(1))
+        .try_collect::<Vec<()>>()
+        .await;
+    if let Err(e) = result {
+        if matches!(e, DownloadError::Checksum { .. }) {
+            let _ = tokio::fs::remove_dir_all(&staging).await;
+        }
+        return Err(e);
+    }
+    // Journals go; the folder takes its name in one rename.
+    for f in files {
+        let journal = journal_path(&staging, &f.name);
+        tokio::fs::remove_file(&journal)
+            .await
+            .map_err(io(&journal))?;
+    }
+    tokio::fs::rename(&staging, dest).await.map_err(io(dest))?;
+    Ok(fetched.load(Ordering::Relaxed))
+}
+
+fn journal_path(staging: &Path, name: &str) -> PathBuf {
+    let file = staging.join(name);
+    let base = file
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    file.with_file_name(format!(".{base}.chunks"))
+}
+
+/// The chunks a journal lists as complete, if it was written for this
+/// version of the file (its first line: size and version).
+fn read_journal(text: &str, header: &str) -> Option<std::collections::BTreeSet<u64>> {
+    let mut lines = text.lines();
+    if lines.next()? != header {
+        return None;
+    }
+    Some(lines.filter_map(|l| l.trim().parse().ok()).collect())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn download_file(
+    store: &dyn ObjectStore,
+    file: &RemoteFile,
+    staging: &Path,
+    opts: &Options,
+    done: &AtomicU64,
+    fetched: &AtomicU64,
+    total: u64,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<(), DownloadError> {
+    let path = staging.join(&file.name);
+    if let Some(parent) = path.parent() {
+        tokio::fs::create_dir_all(parent)
+            .await
+            .map_err(io(parent))?;
+    }
+    let journal = journal_path(staging, &file.name);
+    let header = format!("{} {}", file.size, file.version.as_deref().unwrap_or("-"));
+    let complete = match tokio::fs::read_to_string(&journal).await {
+        Ok(text) => read_journal(&text, &header),
+        Err(_) => None,
+    };
+    let complete = match complete {
+        Some(c) if tokio::fs::try_exists(&path).await.unwrap_or(false) => c,
+        _ => {
+            // Nothing reusable: start this file over.
+            let f = tokio::fs::File::create(&path).await.map_err(io(&path))?;
+            f.set_len(file.size).await.map_err(io(&path))?;
+            tokio::fs::write(&journal, format!("{header}\n"))
+                .await
+                .map_err(io(&journal))?;
+            Default::default()
+        }
+    };
+    let chunk = opts.chunk_bytes.max(1);
+    let chunks: Vec<(u64, std::ops::Range<u64>)> = (0..file.size.div_ceil(chunk))
+        .map(|i| (i, i * chunk..((i + 1) * chunk).min(file.size)))
+        .collect();
+    for (_, r) in chunks.iter().filter(|(i, _)| complete.contains(i)) {
+        done.fetch_add(r.end - r.start, Ordering::Relaxed);
+    }
+    progress(done.load(Ordering::Relaxed), total);
+    let log = tokio::sync::Mutex::new(
+        tokio::fs::OpenOptions::new()
+            .append(true)
+            .open(&journal)
+            .await
+            .map_err(io(&journal))?,
+    );
+    futures::stream::iter(chunks.into_iter().filter(|(i, _)| !complete.contains(i)))
+        .map(|(i, range)| {
+            let (path, log) = (&path, &log);
+            async move {
+                fetch_range(
+                    store, file, path, range, opts, done, fetched, total, progress,
+                )
+                .await?;
+                let mut log = log.lock().await;
+                log.write_all(format!("{i}\n").as_bytes())
+                    .await
+                    .map_err(io(path))?;
+                log.flush().await.map_err(io(path))
+            }
+        })
+        .buffer_unordered(opts.chunks_in_flight.max(1))
+        .try_collect::<Vec<()>>()
+        .await?;
+    if let Some(want) = &file.sha256 {
+        let got = sha256_of(&path).await?;
+        if !got.eq_ignore_ascii_case(want) {
+            return Err(DownloadError::Checksum {
+                name: file.name.clone(),
+                want: want.to_ascii_lowercase(),
+                got,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// Fetches `range` of `file` into `path` at the same offsets, resuming from
+/// the last byte written when a response fails, stalls or ends early.
+#[allow(clippy::too_many_arguments)]
+async fn fetch_range(
+    store: &dyn ObjectStore,
+    file: &RemoteFile,
+    path: &Path,
+    range: std::ops::Range<u64>,
+    opts: &Options,
+    done: &AtomicU64,
+    fetched: &AtomicU64,
+    total: u64,
+    progress: &(dyn Fn(u64, u64) + Send + Sync),
+) -> Result<(), DownloadError> {
+    let mut at = range.start;
+    let mut failures = 0u32;
+    let mut out = tokio::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .await
+        .map_err(io(path))?;
+    let mut last_error = String::new();
+    while at < range.end {
+        if failures >= opts.attempts.max(1) {
+            return Err(DownloadError::Source {
+                name: file.name.clone(),
+                message: format!("{last_error} (after {failures} attempts)"),
+            });
+        }
+        if failures > 0 {
+            tokio::time::sleep(Duration::from_millis(200 << failures.min(5))).await;
+        }
+        let get = GetOptions {
+            range: Some(GetRange::Bounded(at..range.end)),
+            ..Default::default()
+        };
+        let mut stream = match store.get_opts(&file.location, get).await {
+            Ok(r) => r.into_stream(),
+            Err(e) => {
+                // A missing object or refused credentials do not get better.
+                if matches!(
+                    e,
+                    object_store::Error::NotFound { .. }
+                        | object_store::Error::PermissionDenied { .. }
+                        | object_store::Error::Unauthenticated { .. }
+                ) {
+                    return Err(DownloadError::Source {
+                        name: file.name.clone(),
+                        message: e.to_string(),
+                    });
+                }
+                last_error = e.to_string();
+                failures += 1;
+                continue;
+            }
+        };
+        out.seek(std::io::SeekFrom::Start(at))
+            .await
+            .map_err(io(path))?;
+        loop {
+            match tokio::time::timeout(opts.idle_timeout, stream.next()).await {
+                Err(_) => {
+                    last_error = format!("no data for {} s", opts.idle_timeout.as_secs());
+                    failures += 1;
+                    break;
+                }
+                Ok(None) => {
+                    if at < range.end {
+                        last_error = format!("the response ended at byte {at} of {}", range.end);
+                        failures += 1;
+                    }
+                    break;
+                }
+                Ok(Some(Err(e))) => {
+                    last_error = e.to_string();
+                    failures += 1;
+                    break;
+                }
+                Ok(Some(Ok(bytes))) => {
+                    let n = bytes.len() as u64;
+                    if at + n > range.end {
+                        return Err(DownloadError::TooLong {
+                            name: file.name.clone(),
+                            size: file.size,
+                        });
+                    }
+                    out.write_all(&bytes).await.map_err(io(path))?;
+                    at += n;
+                    failures = 0;
+                    fetched.fetch_add(n, Ordering::Relaxed);
+                    progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+                }
+            }
+        }
+    }
+    out.flush().await.map_err(io(path))?;
+    out.sync_data().await.map_err(io(path))
+}
+
+/// Lowercase hex SHA-256 of a file, read off the async workers.
+pub async fn sha256_of(path: &Path) -> Result<String, DownloadError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&p)?;
+        let mut h = Sha256::new();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            h.update(&buf[..n]);
+        }
+        Ok::<_, std::io::Error>(
+            h.finalize()
+                .iter()
+                .map(|b| format!("{b:02x}"))
+                .collect::<String>(),
+        )
+    })
+    .await
+    .map_err(|e| DownloadError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?
+    .map_err(io(path))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_journal_of_another_version_is_not_reused() {
+        assert_eq!(
+            read_journal("10 abc\n0\n2\n", "10 abc"),
+            Some([0, 2].into_iter().collect())
+        );
+        assert_eq!(read_journal("10 abc\n0\n", "10 def"), None);
+        assert_eq!(read_journal("", "10 abc"), None);
+    }
+
+    #[test]
+    fn staging_is_a_hidden_sibling() {
+        assert_eq!(
+            partial_dir(Path::new("/m/.downloads/sdxl")),
+            Path::new("/m/.downloads/.sdxl.partial")
+        );
+    }
+}

