@@ -12,6 +12,7 @@ pub mod conditions;
 pub mod crdgen;
 pub mod deployment;
 pub mod node;
+pub mod source;
 pub mod types;
 #[cfg(feature = "validation")]
 pub mod validation;
@@ -19,6 +20,7 @@ pub mod validation;
 pub use conditions::{condition, reason};
 pub use deployment::*;
 pub use node::*;
+pub use source::{Source, SourceError};
 pub use types::*;
 
 /// API group of every modelcache resource.

@@ -1,14 +1,14 @@
-//! Models from remote storage: where they come from ([`source`]), how their
-//! files are listed and read ([`store`]; the Hugging Face hub's layout in
+//! Models from remote storage: where they come from (a [`Source`], parsed
+//! where the resources are defined), how their files are listed and read ([`store`]; the Hugging Face hub's layout in
 //! [`hf`]; all over this crate's own HTTP client, [`connector`]), and how
-//! they land on disk ([`download`]).
+//! they land on disk ([`download`]), under a budget ([`disk`]).
 
 pub mod connector;
+pub mod disk;
 pub mod download;
 pub mod hf;
-pub mod source;
 pub mod store;
 
 pub use download::{download, DownloadError, Options, RemoteFile};
-pub use source::{Source, SourceError};
+pub use modelcache_crds::{Source, SourceError};
 pub use store::{open, Access, StoreError};

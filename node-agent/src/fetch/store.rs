@@ -3,8 +3,8 @@
 
 use super::connector::HyperConnector;
 use super::download::RemoteFile;
-use super::source::Source;
 use futures::TryStreamExt;
+use modelcache_crds::Source;
 use object_store::aws::AmazonS3Builder;
 use object_store::http::HttpBuilder;
 use object_store::path::Path as ObjectPath;
