@@ -2,7 +2,8 @@
 //! judged against, measured in the same run.
 //!
 //! `cargo bench -p modelcache-agent --bench agent [-- GROUP]` with GROUP one of
-//! `store`, `cache`, `pipeline`, `edits`, `sd15`, `api` (default: all but `sd15`).
+//! `store`, `cache`, `pipeline`, `edits`, `sd15`, `api`, `fetch` (default: all
+//! but `sd15`).
 
 #[path = "../tests/agent/common/mod.rs"]
 mod common;
@@ -730,4 +731,82 @@ fn main() {
     if want("api") {
         bench_api();
     }
+    if want("fetch") {
+        bench_fetch();
+    }
+}
+
+/// Downloading a 1 GiB file from a local HTTP server with range support,
+/// against curl fetching the same file from the same server into the same
+/// folder, in the same run.
+fn bench_fetch() {
+    use modelcache_agent::fetch::{self, Access, Source};
+    header("Downloads (1 GiB over loopback HTTP)");
+    let file = gib_file(Dtype::F16);
+    let bytes = std::fs::metadata(&file).unwrap().len() as f64;
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let served = file.clone();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let app = axum::Router::new().route_service(
+                "/model.safetensors",
+                tower_http::services::ServeFile::new(served),
+            );
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    let url = format!("http://{addr}/model.safetensors");
+    let out = scratch().join("fetch");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let curl_file = out.join("curl.safetensors");
+    let mut curl = Vec::new();
+    let mut ours = Vec::new();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let source: Source = url.parse().unwrap();
+    for i in 0..3 {
+        let t = Instant::now();
+        let ok = std::process::Command::new("curl")
+            .args(["-s", "-f", "-o"])
+            .arg(&curl_file)
+            .arg(&url)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            println!("curl is not available; skipped");
+            return;
+        }
+        curl.push(bytes / t.elapsed().as_secs_f64());
+        std::fs::remove_file(&curl_file).unwrap();
+        let dest = out.join(format!("ours-{i}"));
+        let t = Instant::now();
+        rt.block_on(async {
+            let (store, files) = fetch::open(&source, &Access::default()).await.unwrap();
+            fetch::download(store, &files, &dest, &fetch::Options::default(), &|_, _| {})
+                .await
+                .unwrap()
+        });
+        ours.push(bytes / t.elapsed().as_secs_f64());
+        std::fs::remove_dir_all(&dest).unwrap();
+    }
+    let (c, o) = (median(curl), median(ours));
+    row(
+        "download: 16 MiB ranges, 4 in flight",
+        format!("{:.2} GB/s", o / GB),
+        format!("curl {:.2} GB/s", c / GB),
+        Some(o / c),
+        "≥ 0.9×",
+    );
 }

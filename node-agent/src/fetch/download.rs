@@ -132,22 +132,16 @@ pub async fn download(
     tokio::fs::create_dir_all(&staging)
         .await
         .map_err(io(&staging))?;
-    let total: u64 = files.iter().map(|f| f.size).sum();
-    let done = AtomicU64::new(0);
-    let fetched = AtomicU64::new(0);
+    let transfer = Transfer {
+        store: store.as_ref(),
+        opts,
+        done: AtomicU64::new(0),
+        fetched: AtomicU64::new(0),
+        total: files.iter().map(|f| f.size).sum(),
+        progress,
+    };
     let result = futures::stream::iter(files)
-        .map(|file| {
-            download_file(
-                store.as_ref(),
-                file,
-                &staging,
-                opts,
-                &done,
-                &fetched,
-                total,
-                progress,
-            )
-        })
+        .map(|file| transfer.file(file, &staging))
         .buffer_unordered(opts.files_in_flight.max(1))
         .try_collect::<Vec<()>>()
         .await;
@@ -165,7 +159,7 @@ pub async fn download(
             .map_err(io(&journal))?;
     }
     tokio::fs::rename(&staging, dest).await.map_err(io(dest))?;
-    Ok(fetched.load(Ordering::Relaxed))
+    Ok(transfer.fetched.load(Ordering::Relaxed))
 }
 
 fn journal_path(staging: &Path, name: &str) -> PathBuf {
@@ -187,184 +181,184 @@ fn read_journal(text: &str, header: &str) -> Option<std::collections::BTreeSet<u
     Some(lines.filter_map(|l| l.trim().parse().ok()).collect())
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn download_file(
-    store: &dyn ObjectStore,
-    file: &RemoteFile,
-    staging: &Path,
-    opts: &Options,
-    done: &AtomicU64,
-    fetched: &AtomicU64,
+/// One download in progress: where from, how, and how far it got.
+struct Transfer<'a> {
+    store: &'a dyn ObjectStore,
+    opts: &'a Options,
+    /// Bytes on disk, resumed ones included.
+    done: AtomicU64,
+    /// Bytes received in this call.
+    fetched: AtomicU64,
     total: u64,
-    progress: &(dyn Fn(u64, u64) + Send + Sync),
-) -> Result<(), DownloadError> {
-    let path = staging.join(&file.name);
-    if let Some(parent) = path.parent() {
-        tokio::fs::create_dir_all(parent)
-            .await
-            .map_err(io(parent))?;
-    }
-    let journal = journal_path(staging, &file.name);
-    let header = format!("{} {}", file.size, file.version.as_deref().unwrap_or("-"));
-    let complete = match tokio::fs::read_to_string(&journal).await {
-        Ok(text) => read_journal(&text, &header),
-        Err(_) => None,
-    };
-    let complete = match complete {
-        Some(c) if tokio::fs::try_exists(&path).await.unwrap_or(false) => c,
-        _ => {
-            // Nothing reusable: start this file over.
-            let f = tokio::fs::File::create(&path).await.map_err(io(&path))?;
-            f.set_len(file.size).await.map_err(io(&path))?;
-            tokio::fs::write(&journal, format!("{header}\n"))
-                .await
-                .map_err(io(&journal))?;
-            Default::default()
-        }
-    };
-    let chunk = opts.chunk_bytes.max(1);
-    let chunks: Vec<(u64, std::ops::Range<u64>)> = (0..file.size.div_ceil(chunk))
-        .map(|i| (i, i * chunk..((i + 1) * chunk).min(file.size)))
-        .collect();
-    for (_, r) in chunks.iter().filter(|(i, _)| complete.contains(i)) {
-        done.fetch_add(r.end - r.start, Ordering::Relaxed);
-    }
-    progress(done.load(Ordering::Relaxed), total);
-    let log = tokio::sync::Mutex::new(
-        tokio::fs::OpenOptions::new()
-            .append(true)
-            .open(&journal)
-            .await
-            .map_err(io(&journal))?,
-    );
-    futures::stream::iter(chunks.into_iter().filter(|(i, _)| !complete.contains(i)))
-        .map(|(i, range)| {
-            let (path, log) = (&path, &log);
-            async move {
-                fetch_range(
-                    store, file, path, range, opts, done, fetched, total, progress,
-                )
-                .await?;
-                let mut log = log.lock().await;
-                log.write_all(format!("{i}\n").as_bytes())
-                    .await
-                    .map_err(io(path))?;
-                log.flush().await.map_err(io(path))
-            }
-        })
-        .buffer_unordered(opts.chunks_in_flight.max(1))
-        .try_collect::<Vec<()>>()
-        .await?;
-    if let Some(want) = &file.sha256 {
-        let got = sha256_of(&path).await?;
-        if !got.eq_ignore_ascii_case(want) {
-            return Err(DownloadError::Checksum {
-                name: file.name.clone(),
-                want: want.to_ascii_lowercase(),
-                got,
-            });
-        }
-    }
-    Ok(())
+    progress: &'a (dyn Fn(u64, u64) + Send + Sync),
 }
 
-/// Fetches `range` of `file` into `path` at the same offsets, resuming from
-/// the last byte written when a response fails, stalls or ends early.
-#[allow(clippy::too_many_arguments)]
-async fn fetch_range(
-    store: &dyn ObjectStore,
-    file: &RemoteFile,
-    path: &Path,
-    range: std::ops::Range<u64>,
-    opts: &Options,
-    done: &AtomicU64,
-    fetched: &AtomicU64,
-    total: u64,
-    progress: &(dyn Fn(u64, u64) + Send + Sync),
-) -> Result<(), DownloadError> {
-    let mut at = range.start;
-    let mut failures = 0u32;
-    let mut out = tokio::fs::OpenOptions::new()
-        .write(true)
-        .open(path)
-        .await
-        .map_err(io(path))?;
-    let mut last_error = String::new();
-    while at < range.end {
-        if failures >= opts.attempts.max(1) {
-            return Err(DownloadError::Source {
-                name: file.name.clone(),
-                message: format!("{last_error} (after {failures} attempts)"),
-            });
+impl Transfer<'_> {
+    /// Downloads one file into `staging`, skipping the chunks its journal
+    /// lists, and checks its SHA-256 when the source publishes one.
+    async fn file(&self, file: &RemoteFile, staging: &Path) -> Result<(), DownloadError> {
+        let path = staging.join(&file.name);
+        if let Some(parent) = path.parent() {
+            tokio::fs::create_dir_all(parent)
+                .await
+                .map_err(io(parent))?;
         }
-        if failures > 0 {
-            tokio::time::sleep(Duration::from_millis(200 << failures.min(5))).await;
-        }
-        let get = GetOptions {
-            range: Some(GetRange::Bounded(at..range.end)),
-            ..Default::default()
+        let journal = journal_path(staging, &file.name);
+        let header = format!("{} {}", file.size, file.version.as_deref().unwrap_or("-"));
+        let complete = match tokio::fs::read_to_string(&journal).await {
+            Ok(text) => read_journal(&text, &header),
+            Err(_) => None,
         };
-        let mut stream = match store.get_opts(&file.location, get).await {
-            Ok(r) => r.into_stream(),
-            Err(e) => {
-                // A missing object or refused credentials do not get better.
-                if matches!(
-                    e,
-                    object_store::Error::NotFound { .. }
-                        | object_store::Error::PermissionDenied { .. }
-                        | object_store::Error::Unauthenticated { .. }
-                ) {
-                    return Err(DownloadError::Source {
-                        name: file.name.clone(),
-                        message: e.to_string(),
-                    });
-                }
-                last_error = e.to_string();
-                failures += 1;
-                continue;
+        let complete = match complete {
+            Some(c) if tokio::fs::try_exists(&path).await.unwrap_or(false) => c,
+            _ => {
+                // Nothing reusable: start this file over.
+                let f = tokio::fs::File::create(&path).await.map_err(io(&path))?;
+                f.set_len(file.size).await.map_err(io(&path))?;
+                tokio::fs::write(&journal, format!("{header}\n"))
+                    .await
+                    .map_err(io(&journal))?;
+                Default::default()
             }
         };
-        out.seek(std::io::SeekFrom::Start(at))
+        let chunk = self.opts.chunk_bytes.max(1);
+        let chunks: Vec<(u64, std::ops::Range<u64>)> = (0..file.size.div_ceil(chunk))
+            .map(|i| (i, i * chunk..((i + 1) * chunk).min(file.size)))
+            .collect();
+        for (_, r) in chunks.iter().filter(|(i, _)| complete.contains(i)) {
+            self.done.fetch_add(r.end - r.start, Ordering::Relaxed);
+        }
+        (self.progress)(self.done.load(Ordering::Relaxed), self.total);
+        let log = tokio::sync::Mutex::new(
+            tokio::fs::OpenOptions::new()
+                .append(true)
+                .open(&journal)
+                .await
+                .map_err(io(&journal))?,
+        );
+        futures::stream::iter(chunks.into_iter().filter(|(i, _)| !complete.contains(i)))
+            .map(|(i, range)| {
+                let (path, log) = (&path, &log);
+                async move {
+                    self.range(file, path, range).await?;
+                    let mut log = log.lock().await;
+                    log.write_all(format!("{i}\n").as_bytes())
+                        .await
+                        .map_err(io(path))?;
+                    log.flush().await.map_err(io(path))
+                }
+            })
+            .buffer_unordered(self.opts.chunks_in_flight.max(1))
+            .try_collect::<Vec<()>>()
+            .await?;
+        if let Some(want) = &file.sha256 {
+            let got = sha256_of(&path).await?;
+            if !got.eq_ignore_ascii_case(want) {
+                return Err(DownloadError::Checksum {
+                    name: file.name.clone(),
+                    want: want.to_ascii_lowercase(),
+                    got,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Fetches `range` of `file` into `path` at the same offsets, resuming
+    /// from the last byte written when a response fails, stalls or ends early.
+    async fn range(
+        &self,
+        file: &RemoteFile,
+        path: &Path,
+        range: std::ops::Range<u64>,
+    ) -> Result<(), DownloadError> {
+        let opts = self.opts;
+        let mut at = range.start;
+        let mut failures = 0u32;
+        let mut out = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(path)
             .await
             .map_err(io(path))?;
-        loop {
-            match tokio::time::timeout(opts.idle_timeout, stream.next()).await {
-                Err(_) => {
-                    last_error = format!("no data for {} s", opts.idle_timeout.as_secs());
-                    failures += 1;
-                    break;
-                }
-                Ok(None) => {
-                    if at < range.end {
-                        last_error = format!("the response ended at byte {at} of {}", range.end);
-                        failures += 1;
-                    }
-                    break;
-                }
-                Ok(Some(Err(e))) => {
-                    last_error = e.to_string();
-                    failures += 1;
-                    break;
-                }
-                Ok(Some(Ok(bytes))) => {
-                    let n = bytes.len() as u64;
-                    if at + n > range.end {
-                        return Err(DownloadError::TooLong {
+        let mut last_error = String::new();
+        while at < range.end {
+            if failures >= opts.attempts.max(1) {
+                return Err(DownloadError::Source {
+                    name: file.name.clone(),
+                    message: format!("{last_error} (after {failures} attempts)"),
+                });
+            }
+            if failures > 0 {
+                tokio::time::sleep(Duration::from_millis(200 << failures.min(5))).await;
+            }
+            let get = GetOptions {
+                range: Some(GetRange::Bounded(at..range.end)),
+                ..Default::default()
+            };
+            let mut stream = match self.store.get_opts(&file.location, get).await {
+                Ok(r) => r.into_stream(),
+                Err(e) => {
+                    // A missing object or refused credentials do not get better.
+                    if matches!(
+                        e,
+                        object_store::Error::NotFound { .. }
+                            | object_store::Error::PermissionDenied { .. }
+                            | object_store::Error::Unauthenticated { .. }
+                    ) {
+                        return Err(DownloadError::Source {
                             name: file.name.clone(),
-                            size: file.size,
+                            message: e.to_string(),
                         });
                     }
-                    out.write_all(&bytes).await.map_err(io(path))?;
-                    at += n;
-                    failures = 0;
-                    fetched.fetch_add(n, Ordering::Relaxed);
-                    progress(done.fetch_add(n, Ordering::Relaxed) + n, total);
+                    last_error = e.to_string();
+                    failures += 1;
+                    continue;
+                }
+            };
+            out.seek(std::io::SeekFrom::Start(at))
+                .await
+                .map_err(io(path))?;
+            loop {
+                match tokio::time::timeout(opts.idle_timeout, stream.next()).await {
+                    Err(_) => {
+                        last_error = format!("no data for {} s", opts.idle_timeout.as_secs());
+                        failures += 1;
+                        break;
+                    }
+                    Ok(None) => {
+                        if at < range.end {
+                            last_error =
+                                format!("the response ended at byte {at} of {}", range.end);
+                            failures += 1;
+                        }
+                        break;
+                    }
+                    Ok(Some(Err(e))) => {
+                        last_error = e.to_string();
+                        failures += 1;
+                        break;
+                    }
+                    Ok(Some(Ok(bytes))) => {
+                        let n = bytes.len() as u64;
+                        if at + n > range.end {
+                            return Err(DownloadError::TooLong {
+                                name: file.name.clone(),
+                                size: file.size,
+                            });
+                        }
+                        out.write_all(&bytes).await.map_err(io(path))?;
+                        at += n;
+                        failures = 0;
+                        self.fetched.fetch_add(n, Ordering::Relaxed);
+                        let done = self.done.fetch_add(n, Ordering::Relaxed) + n;
+                        (self.progress)(done, self.total);
+                    }
                 }
             }
         }
+        out.flush().await.map_err(io(path))?;
+        out.sync_data().await.map_err(io(path))
     }
-    out.flush().await.map_err(io(path))?;
-    out.sync_data().await.map_err(io(path))
 }
 
 /// Lowercase hex SHA-256 of a file, read off the async workers.

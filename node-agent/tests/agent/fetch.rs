@@ -437,7 +437,7 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
     let files = tree(&model);
     let single = std::fs::read(fixtures().join("tiny-sd1-single.safetensors")).unwrap();
     // Uploaded with the same signed S3 protocol the agent reads with.
-    let (store, _) = rt.block_on(async {
+    rt.block_on(async {
         let b = object_store::aws::AmazonS3Builder::new()
             .with_bucket_name("models")
             .with_endpoint(&s3.endpoint)
@@ -472,45 +472,42 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
                 .await
                 .unwrap();
         }
-        (b, ())
     });
-    drop(store);
     let dir = tempfile::tempdir().unwrap();
 
-    let folder: Source = "s3://models/sd/tiny-sd1".parse().unwrap();
-    let (store, listed) = rt
-        .block_on(fetch::open(&folder, &s3.access(SECRET)))
-        .unwrap();
-    assert_eq!(listed.len(), files.len());
-    let dest = dir.path().join("tiny-sd1");
-    rt.block_on(fetch::download(
-        store,
-        &listed,
-        &dest,
-        &small_chunks(),
-        &|_, _| {},
-    ))
-    .unwrap();
-    assert_eq!(tree(&dest), files, "the folder arrives byte for byte");
-
-    let file: Source = "s3://models/checkpoints/tiny.safetensors".parse().unwrap();
-    let (store, listed) = rt.block_on(fetch::open(&file, &s3.access(SECRET))).unwrap();
-    assert_eq!(listed.len(), 1);
+    // Lists `url` and downloads it into `name`: the number of files.
+    let fetch_into = |url: &str, name: &str| -> usize {
+        let source: Source = url.parse().unwrap();
+        rt.block_on(async {
+            let (store, listed) = fetch::open(&source, &s3.access(SECRET)).await.unwrap();
+            let dest = dir.path().join(name);
+            fetch::download(store, &listed, &dest, &small_chunks(), &|_, _| {})
+                .await
+                .unwrap();
+            listed.len()
+        })
+    };
+    assert_eq!(
+        fetch_into("s3://models/sd/tiny-sd1", "tiny-sd1"),
+        files.len()
+    );
+    assert_eq!(
+        tree(&dir.path().join("tiny-sd1")),
+        files,
+        "the folder arrives byte for byte"
+    );
+    assert_eq!(
+        fetch_into("s3://models/checkpoints/tiny.safetensors", "tiny"),
+        1
+    );
     let dest = dir.path().join("tiny");
-    rt.block_on(fetch::download(
-        store,
-        &listed,
-        &dest,
-        &small_chunks(),
-        &|_, _| {},
-    ))
-    .unwrap();
     assert_eq!(
         std::fs::read(dest.join("tiny.safetensors")).unwrap(),
         single
     );
 
     // Wrong credentials: a clear refusal that never shows the secret.
+    let folder: Source = "s3://models/sd/tiny-sd1".parse().unwrap();
     let wrong = "not-the-secret-9d2e";
     let err = rt
         .block_on(fetch::open(&folder, &s3.access(wrong)))
