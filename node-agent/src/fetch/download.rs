@@ -87,6 +87,9 @@ pub enum DownloadError {
     BadName { name: String },
 }
 
+/// Bytes gathered before a write to the partial file.
+const WRITE_BUFFER: usize = 4 << 20;
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> DownloadError + '_ {
     move |source| DownloadError::Io {
         path: path.to_path_buf(),
@@ -275,11 +278,16 @@ impl Transfer<'_> {
         let opts = self.opts;
         let mut at = range.start;
         let mut failures = 0u32;
-        let mut out = tokio::fs::OpenOptions::new()
-            .write(true)
-            .open(path)
-            .await
-            .map_err(io(path))?;
+        // Frames are small (tens of KiB); each write to a tokio file is a
+        // trip to the blocking pool, so they are gathered into large writes.
+        let mut out = tokio::io::BufWriter::with_capacity(
+            WRITE_BUFFER,
+            tokio::fs::OpenOptions::new()
+                .write(true)
+                .open(path)
+                .await
+                .map_err(io(path))?,
+        );
         let mut last_error = String::new();
         while at < range.end {
             if failures >= opts.attempts.max(1) {
@@ -357,7 +365,7 @@ impl Transfer<'_> {
             }
         }
         out.flush().await.map_err(io(path))?;
-        out.sync_data().await.map_err(io(path))
+        out.get_ref().sync_data().await.map_err(io(path))
     }
 }
 
