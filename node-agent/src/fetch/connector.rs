@@ -32,7 +32,7 @@ impl Default for HyperConnector {
 }
 
 impl object_store::client::HttpConnector for HyperConnector {
-    fn connect(&self, _options: &ClientOptions) -> object_store::Result<HttpClient> {
+    fn connect(&self, options: &ClientOptions) -> object_store::Result<HttpClient> {
         let mut http = HttpConnector::new();
         http.enforce_http(false);
         http.set_connect_timeout(Some(self.connect_timeout));
@@ -50,6 +50,7 @@ impl object_store::client::HttpConnector for HyperConnector {
         Ok(HttpClient::new(HyperService {
             client,
             header_timeout: self.header_timeout,
+            default_headers: options.get_default_headers().cloned().unwrap_or_default(),
         }))
     }
 }
@@ -58,11 +59,16 @@ impl object_store::client::HttpConnector for HyperConnector {
 struct HyperService {
     client: Client<hyper_rustls::HttpsConnector<HttpConnector>, HttpRequestBody>,
     header_timeout: Duration,
+    /// Sent with every request that does not set them (a token, say).
+    default_headers: http::HeaderMap,
 }
 
-#[async_trait]
-impl HttpService for HyperService {
-    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+/// Redirects followed for one request (the Hugging Face hub sends LFS files
+/// to a CDN).
+const MAX_REDIRECTS: usize = 10;
+
+impl HyperService {
+    async fn send(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
         let response = tokio::time::timeout(self.header_timeout, self.client.request(req))
             .await
             .map_err(|e| HttpError::new(HttpErrorKind::Timeout, e))?
@@ -77,5 +83,93 @@ impl HttpService for HyperService {
         let (parts, body) = response.into_parts();
         let body = body.map_err(|e| HttpError::new(HttpErrorKind::Interrupted, e));
         Ok(HttpResponse::from_parts(parts, HttpResponseBody::new(body)))
+    }
+}
+
+/// A copy of a bodiless GET or HEAD, to send again to where a redirect points.
+fn again(req: &HttpRequest) -> Option<HttpRequest> {
+    if !matches!(*req.method(), http::Method::GET | http::Method::HEAD) || !req.body().is_empty() {
+        return None;
+    }
+    let mut copy = http::Request::new(HttpRequestBody::empty());
+    *copy.method_mut() = req.method().clone();
+    *copy.uri_mut() = req.uri().clone();
+    *copy.headers_mut() = req.headers().clone();
+    *copy.version_mut() = req.version();
+    Some(copy)
+}
+
+/// Where a `Location` header sends a request for `from`: an absolute URL, or
+/// a path on the same server.
+fn redirect_target(from: &http::Uri, location: &str) -> Option<http::Uri> {
+    let to: http::Uri = location.parse().ok()?;
+    if to.scheme().is_some() && to.authority().is_some() {
+        return Some(to);
+    }
+    if !location.starts_with('/') {
+        return None;
+    }
+    http::Uri::builder()
+        .scheme(from.scheme()?.clone())
+        .authority(from.authority()?.clone())
+        .path_and_query(location)
+        .build()
+        .ok()
+}
+
+#[async_trait]
+impl HttpService for HyperService {
+    /// Sends the request, following redirects of GETs and HEADs; credentials
+    /// are not sent on to another server.
+    async fn call(&self, req: HttpRequest) -> Result<HttpResponse, HttpError> {
+        let mut req = req;
+        for (name, value) in &self.default_headers {
+            if !req.headers().contains_key(name) {
+                req.headers_mut().insert(name, value.clone());
+            }
+        }
+        for _ in 0..MAX_REDIRECTS {
+            let retry = again(&req);
+            let from = req.uri().clone();
+            let response = self.send(req).await?;
+            let location = response
+                .headers()
+                .get(http::header::LOCATION)
+                .and_then(|v| v.to_str().ok());
+            let target = location.and_then(|l| redirect_target(&from, l));
+            let (true, Some(mut next), Some(target)) =
+                (response.status().is_redirection(), retry, target)
+            else {
+                return Ok(response);
+            };
+            if target.authority() != from.authority() {
+                next.headers_mut().remove(http::header::AUTHORIZATION);
+            }
+            *next.uri_mut() = target;
+            req = next;
+        }
+        Err(HttpError::new(
+            HttpErrorKind::Request,
+            std::io::Error::other(format!("more than {MAX_REDIRECTS} redirects")),
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redirects_resolve_absolute_and_server_relative_locations() {
+        let from: http::Uri = "https://huggingface.co/a/b/resolve/main/x".parse().unwrap();
+        assert_eq!(
+            redirect_target(&from, "https://cdn.example/obj?sig=1").unwrap(),
+            "https://cdn.example/obj?sig=1"
+        );
+        assert_eq!(
+            redirect_target(&from, "/api/resolve-cache/x").unwrap(),
+            "https://huggingface.co/api/resolve-cache/x"
+        );
+        assert_eq!(redirect_target(&from, "relative/path"), None);
     }
 }

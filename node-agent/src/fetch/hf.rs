@@ -70,12 +70,10 @@ pub async fn list(
     url.push_str("?recursive=true");
     let mut entries = Vec::new();
     for _ in 0..MAX_PAGES {
-        let mut req = http::Request::get(&url)
+        // The token is among the client's default headers.
+        let req = http::Request::get(&url)
             .body(HttpRequestBody::empty())
             .map_err(|e| HfError::Http(e.to_string()))?;
-        for (k, v) in options.get_default_headers().into_iter().flatten() {
-            req.headers_mut().insert(k, v.clone());
-        }
         let resp = client
             .execute(req)
             .await

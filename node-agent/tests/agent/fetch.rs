@@ -28,27 +28,18 @@ struct Served {
     sent: AtomicU64,
 }
 
-async fn serve_file(
-    State(s): State<Arc<Served>>,
-    method: Method,
-    UrlPath(name): UrlPath<String>,
-    headers: HeaderMap,
-) -> Response {
-    let Some(data) = s.files.get(&name) else {
-        return Response::builder()
-            .status(StatusCode::NOT_FOUND)
-            .body(Body::empty())
-            .unwrap();
-    };
-    let len = data.len() as u64;
+/// The head of an answer to a GET or HEAD of `data` that honours a `Range`
+/// header, and the bounds of the bytes it sends.
+fn ranged(data: &[u8], headers: &HeaderMap) -> (axum::http::response::Builder, usize, usize) {
+    let len = data.len();
     let range = headers
         .get(header::RANGE)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("bytes="))
         .and_then(|v| v.split_once('-'))
         .and_then(|(a, b)| {
-            let a: u64 = a.parse().ok()?;
-            let b: u64 = if b.is_empty() {
+            let a: usize = a.parse().ok()?;
+            let b: usize = if b.is_empty() {
                 len - 1
             } else {
                 b.parse().ok()?
@@ -73,10 +64,30 @@ async fn serve_file(
     } else {
         b
     };
+    (b, start, end)
+}
+
+fn not_found() -> Response {
+    Response::builder()
+        .status(StatusCode::NOT_FOUND)
+        .body(Body::empty())
+        .unwrap()
+}
+
+async fn serve_file(
+    State(s): State<Arc<Served>>,
+    method: Method,
+    UrlPath(name): UrlPath<String>,
+    headers: HeaderMap,
+) -> Response {
+    let Some(data) = s.files.get(&name) else {
+        return not_found();
+    };
+    let (b, start, end) = ranged(data, &headers);
     if method == Method::HEAD {
         return b.body(Body::empty()).unwrap();
     }
-    let body = data[start as usize..end as usize].to_vec();
+    let body = data[start..end].to_vec();
     let cut = s
         .cuts
         .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |c| c.checked_sub(1))
@@ -97,8 +108,8 @@ async fn serve_file(
     b.body(Body::from(body)).unwrap()
 }
 
-/// Serves `files` on 127.0.0.1 in a thread of its own; returns its base URL.
-fn http_server(served: Arc<Served>) -> String {
+/// Serves `app` on 127.0.0.1 in a thread of its own; returns its address.
+fn spawn_server(app: axum::Router) -> std::net::SocketAddr {
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -108,14 +119,19 @@ fn http_server(served: Arc<Served>) -> String {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let app = axum::Router::new()
-                .route("/files/{name}", axum::routing::get(serve_file))
-                .with_state(served);
             let listener = tokio::net::TcpListener::from_std(listener).unwrap();
             axum::serve(listener, app).await.unwrap();
         });
     });
-    format!("http://{addr}/files")
+    addr
+}
+
+/// Serves `served` under `/files/`; returns that base URL.
+fn http_server(served: Arc<Served>) -> String {
+    let app = axum::Router::new()
+        .route("/files/{name}", axum::routing::get(serve_file))
+        .with_state(served);
+    format!("http://{}/files", spawn_server(app))
 }
 
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
@@ -305,6 +321,266 @@ fn a_missing_file_is_a_clear_error() {
         .unwrap()
         .to_string();
     assert!(err.contains("missing.safetensors"), "{err}");
+}
+
+// ---------------------------------------------------------------- Hugging Face
+
+/// A server laid out like the Hugging Face hub for one repository: the tree
+/// API in pages of three entries, `resolve` URLs that send weights to a CDN
+/// on another server by redirect, and a token required everywhere but the
+/// CDN.
+struct Hub {
+    files: std::collections::BTreeMap<String, Vec<u8>>,
+    token: &'static str,
+    listed_pages: AtomicU32,
+    /// The CDN's base URL, known once it listens.
+    cdn: std::sync::OnceLock<String>,
+}
+
+fn sha256_hex(data: &[u8]) -> String {
+    use sha2::Digest;
+    sha2::Sha256::digest(data)
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn authorised(hub: &Hub, headers: &HeaderMap) -> bool {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        == Some(format!("Bearer {}", hub.token).as_str())
+}
+
+async fn hub_tree(
+    State(hub): State<Arc<Hub>>,
+    UrlPath(params): UrlPath<HashMap<String, String>>,
+    axum::extract::RawQuery(query): axum::extract::RawQuery,
+    headers: HeaderMap,
+) -> Response {
+    if !authorised(&hub, &headers) {
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .body(Body::empty())
+            .unwrap();
+    }
+    if params.get("rev").map(String::as_str) != Some("main") {
+        return not_found();
+    }
+    let under = params.get("path").cloned().unwrap_or_default();
+    let entries: Vec<serde_json::Value> = hub
+        .files
+        .iter()
+        .filter(|(p, _)| under.is_empty() || p.starts_with(&format!("{under}/")))
+        .map(|(p, data)| {
+            let mut e =
+                serde_json::json!({"type": "file", "path": p, "size": data.len(), "oid": "0123"});
+            if p.ends_with(".safetensors") || p.ends_with(".bin") {
+                e["lfs"] = serde_json::json!({"oid": sha256_hex(data), "size": data.len()});
+            }
+            e
+        })
+        .collect();
+    let query = query.unwrap_or_default();
+    let cursor: usize = query
+        .split('&')
+        .find_map(|kv| kv.strip_prefix("cursor="))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    hub.listed_pages.fetch_add(1, Ordering::SeqCst);
+    let page: Vec<_> = entries.iter().skip(cursor).take(3).cloned().collect();
+    let mut b = Response::builder().header(header::CONTENT_TYPE, "application/json");
+    if cursor + 3 < entries.len() {
+        let host = headers
+            .get(header::HOST)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default();
+        let path = format!(
+            "/api/models/org/tiny/tree/main{}",
+            if under.is_empty() {
+                String::new()
+            } else {
+                format!("/{under}")
+            }
+        );
+        b = b.header(
+            header::LINK,
+            format!(
+                "<http://{host}{path}?recursive=true&cursor={}>; rel=\"next\"",
+                cursor + 3
+            ),
+        );
+    }
+    b.body(Body::from(serde_json::to_vec(&page).unwrap()))
+        .unwrap()
+}
+
+async fn hub_resolve(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    UrlPath(params): UrlPath<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    if !authorised(&hub, &headers) {
+        return Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .body(Body::empty())
+            .unwrap();
+    }
+    let path = params.get("path").cloned().unwrap_or_default();
+    if path.ends_with(".safetensors") {
+        return Response::builder()
+            .status(StatusCode::FOUND)
+            .header(
+                header::LOCATION,
+                format!("{}/cdn/{path}", hub.cdn.get().cloned().unwrap_or_default()),
+            )
+            .body(Body::empty())
+            .unwrap();
+    }
+    hub_cdn(State(hub), method, UrlPath(params), headers).await
+}
+
+/// The CDN: signed URLs in real life, so no token; refuses one, as a
+/// server that must never see it.
+async fn hub_cdn(
+    State(hub): State<Arc<Hub>>,
+    method: Method,
+    UrlPath(params): UrlPath<HashMap<String, String>>,
+    headers: HeaderMap,
+) -> Response {
+    let path = params.get("path").cloned().unwrap_or_default();
+    let is_cdn = path.ends_with(".safetensors");
+    if is_cdn && headers.contains_key(header::AUTHORIZATION) {
+        return Response::builder()
+            .status(StatusCode::BAD_REQUEST)
+            .body(Body::from("the token was sent to the CDN"))
+            .unwrap();
+    }
+    let Some(data) = hub.files.get(&path) else {
+        return not_found();
+    };
+    let (b, start, end) = ranged(data, &headers);
+    if method == Method::HEAD {
+        return b.body(Body::empty()).unwrap();
+    }
+    b.body(Body::from(data[start..end].to_vec())).unwrap()
+}
+
+#[test]
+fn a_hugging_face_repository_downloads_its_pipeline_with_a_token() {
+    let model = fixtures().join("tiny-sd1");
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> = tree(&model)
+        .into_iter()
+        .map(|(p, d)| (p.to_string_lossy().into_owned(), d))
+        .collect();
+    // The fixture's reference runs at the top are not the pipeline's.
+    let pipeline: std::collections::BTreeMap<String, Vec<u8>> = files
+        .iter()
+        .filter(|(p, _)| p.contains('/') || *p == "model_index.json")
+        .map(|(p, d)| (p.clone(), d.clone()))
+        .collect();
+    // What a real repository holds beside the pipeline, and is not downloaded.
+    files.insert("README.md".into(), b"# tiny".to_vec());
+    files.insert("tiny-single.safetensors".into(), vec![5; 4096]);
+    files.insert("unet/diffusion_pytorch_model.bin".into(), vec![6; 4096]);
+    files.insert(
+        "unet/diffusion_pytorch_model.fp16.safetensors".into(),
+        vec![7; 4096],
+    );
+    let hub = Arc::new(Hub {
+        files,
+        token: "hf_test_token_81c2",
+        listed_pages: AtomicU32::new(0),
+        cdn: std::sync::OnceLock::new(),
+    });
+    let cdn = axum::Router::new()
+        .route("/cdn/{*path}", axum::routing::get(hub_cdn))
+        .with_state(hub.clone());
+    let _ = hub.cdn.set(format!("http://{}", spawn_server(cdn)));
+    let app = axum::Router::new()
+        .route(
+            "/api/models/org/tiny/tree/{rev}",
+            axum::routing::get(hub_tree),
+        )
+        .route(
+            "/api/models/org/tiny/tree/{rev}/{*path}",
+            axum::routing::get(hub_tree),
+        )
+        .route(
+            "/org/tiny/resolve/{rev}/{*path}",
+            axum::routing::get(hub_resolve),
+        )
+        .with_state(hub.clone());
+    let endpoint = format!("http://{}", spawn_server(app));
+    let access = |token: Option<&str>| Access {
+        endpoint: Some(endpoint.clone()),
+        token: token.map(String::from),
+        ..Access::default()
+    };
+    let rt = runtime();
+    let source: Source = "hf://org/tiny".parse().unwrap();
+    let (store, listed) = rt
+        .block_on(fetch::open(&source, &access(Some(hub.token))))
+        .unwrap();
+    assert!(
+        hub.listed_pages.load(Ordering::SeqCst) > 3,
+        "followed every page"
+    );
+    let names: Vec<&str> = listed.iter().map(|f| f.name.as_str()).collect();
+    let want: Vec<&str> = pipeline.keys().map(String::as_str).collect();
+    assert_eq!(names, want, "the pipeline's files and nothing else");
+    assert!(listed
+        .iter()
+        .filter(|f| f.name.ends_with(".safetensors"))
+        .all(|f| f.sha256.is_some()));
+    let dir = tempfile::tempdir().unwrap();
+    let dest = dir.path().join("tiny");
+    rt.block_on(fetch::download(
+        store,
+        &listed,
+        &dest,
+        &small_chunks(),
+        &|_, _| {},
+    ))
+    .unwrap();
+    let got: std::collections::BTreeMap<String, Vec<u8>> = tree(&dest)
+        .into_iter()
+        .map(|(p, d)| (p.to_string_lossy().into_owned(), d))
+        .collect();
+    assert_eq!(
+        got, pipeline,
+        "byte for byte, weights verified by their LFS SHA-256"
+    );
+
+    // A subfolder; and without the token, a clear refusal.
+    let unet: Source = "hf://org/tiny/unet".parse().unwrap();
+    let (_, listed) = rt
+        .block_on(fetch::open(&unet, &access(Some(hub.token))))
+        .unwrap();
+    let names: Vec<&str> = listed.iter().map(|f| f.name.as_str()).collect();
+    assert_eq!(
+        names,
+        ["config.json", "diffusion_pytorch_model.safetensors"]
+    );
+    let err = rt
+        .block_on(fetch::open(&source, &access(None)))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("401") && err.contains("needs a token"),
+        "{err}"
+    );
+    let err = rt
+        .block_on(fetch::open(
+            &"hf://org/tiny@v9".parse().unwrap(),
+            &access(Some(hub.token)),
+        ))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("404") && !err.contains(hub.token), "{err}");
 }
 
 // ---------------------------------------------------------------- S3
