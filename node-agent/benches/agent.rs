@@ -738,7 +738,9 @@ fn main() {
 
 /// Downloading a 1 GiB file from a local HTTP server with range support,
 /// against curl fetching the same file from the same server into the same
-/// folder, in the same run.
+/// folder, in the same run. A download is on disk (synced) before it is
+/// used, so the reference is curl followed by `sync` of its file; curl
+/// alone (into the page cache) is shown beside it.
 fn bench_fetch() {
     use modelcache_agent::fetch::{self, Access, Source};
     header("Downloads (1 GiB over loopback HTTP)");
@@ -769,6 +771,7 @@ fn bench_fetch() {
     std::fs::create_dir_all(&out).unwrap();
     let curl_file = out.join("curl.safetensors");
     let mut curl = Vec::new();
+    let mut curl_synced = Vec::new();
     let mut ours = Vec::new();
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -789,6 +792,12 @@ fn bench_fetch() {
             return;
         }
         curl.push(bytes / t.elapsed().as_secs_f64());
+        let synced = std::process::Command::new("sync")
+            .arg(&curl_file)
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(synced, "coreutils sync FILE");
+        curl_synced.push(bytes / t.elapsed().as_secs_f64());
         std::fs::remove_file(&curl_file).unwrap();
         let dest = out.join(format!("ours-{i}"));
         let t = Instant::now();
@@ -801,12 +810,16 @@ fn bench_fetch() {
         ours.push(bytes / t.elapsed().as_secs_f64());
         std::fs::remove_dir_all(&dest).unwrap();
     }
-    let (c, o) = (median(curl), median(ours));
+    let (c, cs, o) = (median(curl), median(curl_synced), median(ours));
     row(
-        "download: 16 MiB ranges, 4 in flight",
+        "download, synced: 16 MiB ranges, 4 in flight",
         format!("{:.2} GB/s", o / GB),
-        format!("curl {:.2} GB/s", c / GB),
-        Some(o / c),
+        format!(
+            "curl + sync {:.2} GB/s (curl alone {:.2} GB/s)",
+            cs / GB,
+            c / GB
+        ),
+        Some(o / cs),
         "≥ 0.9×",
     );
 }

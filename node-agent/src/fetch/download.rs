@@ -3,13 +3,23 @@
 //! connection or a restart, verified, and moved into place at once.
 //!
 //! Files are written into `.<name>.partial/` beside the destination, each
-//! pre-sized, with a journal of the chunks already complete; only when every
-//! file is complete (and matches its checksum, where one is known) does the
-//! folder take its final name. A failed checksum removes the partial folder.
+//! pre-sized, with a journal of the chunks already complete and each chunk's
+//! CRC-32; only when every file is complete (and matches its checksum, where
+//! one is known) does the folder take its final name. A failed checksum
+//! removes the partial folder.
+//!
+//! Chunks are not synced one by one: that halves the throughput on a disk
+//! that syncs at a few hundred MB/s. Instead a resumed download reads every
+//! journaled chunk back and keeps only those whose CRC still matches, so a
+//! journal line that reached the disk before its data (a power cut) costs a
+//! refetch, not a corrupt model. Writeback of each chunk is started as it
+//! completes, each file is synced once, when complete, and the folder after
+//! its rename.
 
 use futures::{StreamExt, TryStreamExt};
 use object_store::{path::Path as ObjectPath, GetOptions, GetRange, ObjectStore};
 use sha2::{Digest, Sha256};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -162,6 +172,11 @@ pub async fn download(
             .map_err(io(&journal))?;
     }
     tokio::fs::rename(&staging, dest).await.map_err(io(dest))?;
+    // The rename lasts once the folder holding it is synced.
+    if let Some(parent) = dest.parent() {
+        let dir = tokio::fs::File::open(parent).await.map_err(io(parent))?;
+        dir.sync_all().await.map_err(io(parent))?;
+    }
     Ok(transfer.fetched.load(Ordering::Relaxed))
 }
 
@@ -174,14 +189,57 @@ fn journal_path(staging: &Path, name: &str) -> PathBuf {
     file.with_file_name(format!(".{base}.chunks"))
 }
 
-/// The chunks a journal lists as complete, if it was written for this
-/// version of the file (its first line: size and version).
-fn read_journal(text: &str, header: &str) -> Option<std::collections::BTreeSet<u64>> {
+/// The chunks a journal lists as complete, with their CRC-32s, if it was
+/// written for this version of the file (its first line: size and version).
+fn read_journal(text: &str, header: &str) -> Option<BTreeMap<u64, u32>> {
     let mut lines = text.lines();
     if lines.next()? != header {
         return None;
     }
-    Some(lines.filter_map(|l| l.trim().parse().ok()).collect())
+    Some(
+        lines
+            .filter_map(|l| {
+                let (i, crc) = l.trim().split_once(' ')?;
+                Some((i.parse().ok()?, u32::from_str_radix(crc, 16).ok()?))
+            })
+            .collect(),
+    )
+}
+
+/// The journaled chunks of `path` whose bytes on disk still match their
+/// CRC-32, read off the async workers.
+async fn still_intact(
+    path: &Path,
+    journaled: BTreeMap<u64, u32>,
+    chunk: u64,
+    size: u64,
+) -> Result<BTreeSet<u64>, DownloadError> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        use std::io::{Seek, SeekFrom};
+        let mut f = std::fs::File::open(&p)?;
+        let mut buf = Vec::new();
+        let mut intact = BTreeSet::new();
+        for (i, crc) in journaled {
+            let start = i.saturating_mul(chunk);
+            if start >= size {
+                continue;
+            }
+            buf.resize(chunk.min(size - start) as usize, 0);
+            f.seek(SeekFrom::Start(start))?;
+            f.read_exact(&mut buf)?;
+            if crc32fast::hash(&buf) == crc {
+                intact.insert(i);
+            }
+        }
+        Ok::<_, std::io::Error>(intact)
+    })
+    .await
+    .map_err(|e| DownloadError::Io {
+        path: path.to_path_buf(),
+        source: std::io::Error::other(e.to_string()),
+    })?
+    .map_err(io(path))
 }
 
 /// One download in progress: where from, how, and how far it got.
@@ -212,8 +270,11 @@ impl Transfer<'_> {
             Ok(text) => read_journal(&text, &header),
             Err(_) => None,
         };
+        let chunk = self.opts.chunk_bytes.max(1);
         let complete = match complete {
-            Some(c) if tokio::fs::try_exists(&path).await.unwrap_or(false) => c,
+            Some(c) if tokio::fs::try_exists(&path).await.unwrap_or(false) => {
+                still_intact(&path, c, chunk, file.size).await?
+            }
             _ => {
                 // Nothing reusable: start this file over.
                 let f = tokio::fs::File::create(&path).await.map_err(io(&path))?;
@@ -224,7 +285,6 @@ impl Transfer<'_> {
                 Default::default()
             }
         };
-        let chunk = self.opts.chunk_bytes.max(1);
         let chunks: Vec<(u64, std::ops::Range<u64>)> = (0..file.size.div_ceil(chunk))
             .map(|i| (i, i * chunk..((i + 1) * chunk).min(file.size)))
             .collect();
@@ -243,9 +303,9 @@ impl Transfer<'_> {
             .map(|(i, range)| {
                 let (path, log) = (&path, &log);
                 async move {
-                    self.range(file, path, range).await?;
+                    let crc = self.range(file, path, range).await?;
                     let mut log = log.lock().await;
-                    log.write_all(format!("{i}\n").as_bytes())
+                    log.write_all(format!("{i} {crc:08x}\n").as_bytes())
                         .await
                         .map_err(io(path))?;
                     log.flush().await.map_err(io(path))
@@ -254,6 +314,12 @@ impl Transfer<'_> {
             .buffer_unordered(self.opts.chunks_in_flight.max(1))
             .try_collect::<Vec<()>>()
             .await?;
+        let written = tokio::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .await
+            .map_err(io(&path))?;
+        written.sync_all().await.map_err(io(&path))?;
         if let Some(want) = &file.sha256 {
             let got = sha256_of(&path).await?;
             if !got.eq_ignore_ascii_case(want) {
@@ -268,14 +334,16 @@ impl Transfer<'_> {
     }
 
     /// Fetches `range` of `file` into `path` at the same offsets, resuming
-    /// from the last byte written when a response fails, stalls or ends early.
+    /// from the last byte written when a response fails, stalls or ends
+    /// early; returns the range's CRC-32.
     async fn range(
         &self,
         file: &RemoteFile,
         path: &Path,
         range: std::ops::Range<u64>,
-    ) -> Result<(), DownloadError> {
+    ) -> Result<u32, DownloadError> {
         let opts = self.opts;
+        let mut crc = crc32fast::Hasher::new();
         let mut at = range.start;
         let mut failures = 0u32;
         // Frames are small (tens of KiB); each write to a tokio file is a
@@ -355,6 +423,7 @@ impl Transfer<'_> {
                             });
                         }
                         out.write_all(&bytes).await.map_err(io(path))?;
+                        crc.update(&bytes);
                         at += n;
                         failures = 0;
                         self.fetched.fetch_add(n, Ordering::Relaxed);
@@ -365,8 +434,34 @@ impl Transfer<'_> {
             }
         }
         out.flush().await.map_err(io(path))?;
-        out.get_ref().sync_data().await.map_err(io(path))
+        start_writeback(out.into_inner(), range).await;
+        Ok(crc.finalize())
     }
+}
+
+/// Asks the kernel to start writing `range` of the file to disk now, without
+/// waiting for it: the disk then works while the network does, and the
+/// file's one sync at the end has little left to wait for.
+async fn start_writeback(file: tokio::fs::File, range: std::ops::Range<u64>) {
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        let file = file.into_std().await;
+        let _ = tokio::task::spawn_blocking(move || {
+            // SAFETY: the descriptor is open for as long as `file` lives.
+            unsafe {
+                libc::sync_file_range(
+                    file.as_raw_fd(),
+                    range.start as libc::off64_t,
+                    (range.end - range.start) as libc::off64_t,
+                    libc::SYNC_FILE_RANGE_WRITE,
+                )
+            }
+        })
+        .await;
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = (file, range);
 }
 
 /// Lowercase hex SHA-256 of a file, read off the async workers.
@@ -405,10 +500,10 @@ mod tests {
     #[test]
     fn a_journal_of_another_version_is_not_reused() {
         assert_eq!(
-            read_journal("10 abc\n0\n2\n", "10 abc"),
-            Some([0, 2].into_iter().collect())
+            read_journal("10 abc\n0 0000000a\n2 ffffffff\nbroken\n", "10 abc"),
+            Some([(0, 10), (2, u32::MAX)].into_iter().collect())
         );
-        assert_eq!(read_journal("10 abc\n0\n", "10 def"), None);
+        assert_eq!(read_journal("10 abc\n0 00000000\n", "10 def"), None);
         assert_eq!(read_journal("", "10 abc"), None);
     }
 

@@ -248,16 +248,24 @@ fn a_download_stopped_by_failures_continues_from_its_journal() {
     assert_eq!(fetched, data.len() as u64);
     assert_eq!(std::fs::read(dest.join("m.safetensors")).unwrap(), data);
 
-    // A restart: half the chunks were journaled before the agent stopped.
+    // A restart: four of the six 1 MiB chunks were journaled before the
+    // agent stopped, but the last of them never reached the disk (a power
+    // cut after the journal line): it is fetched again with the other two.
     let dest2 = dir.path().join("m2");
     let staging = fetch::download::partial_dir(&dest2);
     std::fs::create_dir_all(&staging).unwrap();
     let mut partial = vec![0u8; data.len()];
     partial[..3 << 20].copy_from_slice(&data[..3 << 20]);
     std::fs::write(staging.join("m.safetensors"), &partial).unwrap();
+    let journal: String = (0..4usize)
+        .map(|i| {
+            let crc = crc32fast::hash(&data[i << 20..(i + 1) << 20]);
+            format!("{i} {crc:08x}\n")
+        })
+        .collect();
     std::fs::write(
         staging.join(".m.safetensors.chunks"),
-        format!("{} \"v1\"\n0\n1\n2\n", data.len()),
+        format!("{} \"v1\"\n{journal}", data.len()),
     )
     .unwrap();
     let healthy = served("m.safetensors", data.clone(), 0, 0);
@@ -268,7 +276,7 @@ fn a_download_stopped_by_failures_continues_from_its_journal() {
     assert_eq!(
         fetched,
         3 << 20,
-        "only the chunks not journaled are fetched"
+        "only the chunks not journaled intact are fetched"
     );
     assert_eq!(std::fs::read(dest2.join("m.safetensors")).unwrap(), data);
     assert_eq!(healthy.sent.load(Ordering::SeqCst), 3 << 20);
