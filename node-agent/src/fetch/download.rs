@@ -215,7 +215,7 @@ async fn still_intact(
     size: u64,
 ) -> Result<BTreeSet<u64>, DownloadError> {
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    blocking(path, move || {
         use std::io::{Seek, SeekFrom};
         let mut f = std::fs::File::open(&p)?;
         let mut buf = Vec::new();
@@ -232,14 +232,21 @@ async fn still_intact(
                 intact.insert(i);
             }
         }
-        Ok::<_, std::io::Error>(intact)
+        Ok(intact)
     })
     .await
-    .map_err(|e| DownloadError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?
-    .map_err(io(path))
+}
+
+/// Runs file work on the blocking pool, its errors naming `path`.
+async fn blocking<T: Send + 'static>(
+    path: &Path,
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T, DownloadError> {
+    tokio::task::spawn_blocking(work)
+        .await
+        .map_err(|e| std::io::Error::other(e.to_string()))
+        .and_then(|r| r)
+        .map_err(io(path))
 }
 
 /// One download in progress: where from, how, and how far it got.
@@ -467,7 +474,7 @@ async fn start_writeback(file: tokio::fs::File, range: std::ops::Range<u64>) {
 /// Lowercase hex SHA-256 of a file, read off the async workers.
 pub async fn sha256_of(path: &Path) -> Result<String, DownloadError> {
     let p = path.to_path_buf();
-    tokio::task::spawn_blocking(move || {
+    blocking(path, move || {
         let mut f = std::fs::File::open(&p)?;
         let mut h = Sha256::new();
         let mut buf = vec![0u8; 1 << 20];
@@ -478,19 +485,9 @@ pub async fn sha256_of(path: &Path) -> Result<String, DownloadError> {
             }
             h.update(&buf[..n]);
         }
-        Ok::<_, std::io::Error>(
-            h.finalize()
-                .iter()
-                .map(|b| format!("{b:02x}"))
-                .collect::<String>(),
-        )
+        Ok(crate::store::identity::hex(&h.finalize()))
     })
     .await
-    .map_err(|e| DownloadError::Io {
-        path: path.to_path_buf(),
-        source: std::io::Error::other(e.to_string()),
-    })?
-    .map_err(io(path))
 }
 
 #[cfg(test)]

@@ -304,13 +304,7 @@ fn a_checksum_mismatch_names_both_hashes_and_leaves_nothing_behind() {
         ))
         .unwrap_err();
     let text = err.to_string();
-    let actual = {
-        use sha2::Digest;
-        sha2::Sha256::digest(&data)
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect::<String>()
-    };
+    let actual = sha256_hex(&data);
     assert!(
         text.contains(&"ab".repeat(32)) && text.contains(&actual),
         "{text}"
@@ -353,11 +347,18 @@ fn sha256_hex(data: &[u8]) -> String {
         .collect()
 }
 
-fn authorised(hub: &Hub, headers: &HeaderMap) -> bool {
-    headers
+/// `None` when the request carries the hub's token, else the 401 to send.
+fn unauthorised(hub: &Hub, headers: &HeaderMap) -> Option<Response> {
+    let ok = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        == Some(format!("Bearer {}", hub.token).as_str())
+        == Some(format!("Bearer {}", hub.token).as_str());
+    (!ok).then(|| {
+        Response::builder()
+            .status(StatusCode::UNAUTHORIZED)
+            .body(Body::empty())
+            .unwrap()
+    })
 }
 
 async fn hub_tree(
@@ -366,11 +367,8 @@ async fn hub_tree(
     axum::extract::RawQuery(query): axum::extract::RawQuery,
     headers: HeaderMap,
 ) -> Response {
-    if !authorised(&hub, &headers) {
-        return Response::builder()
-            .status(StatusCode::UNAUTHORIZED)
-            .body(Body::empty())
-            .unwrap();
+    if let Some(refused) = unauthorised(&hub, &headers) {
+        return refused;
     }
     if params.get("rev").map(String::as_str) != Some("main") {
         return not_found();
@@ -429,11 +427,8 @@ async fn hub_resolve(
     UrlPath(params): UrlPath<HashMap<String, String>>,
     headers: HeaderMap,
 ) -> Response {
-    if !authorised(&hub, &headers) {
-        return Response::builder()
-            .status(StatusCode::UNAUTHORIZED)
-            .body(Body::empty())
-            .unwrap();
+    if let Some(refused) = unauthorised(&hub, &headers) {
+        return refused;
     }
     let path = params.get("path").cloned().unwrap_or_default();
     if path.ends_with(".safetensors") {
