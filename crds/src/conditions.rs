@@ -24,6 +24,8 @@ pub mod condition {
 pub mod reason {
     // Resolved
     pub const MODEL_FOUND: &str = "ModelFound";
+    /// No node has the model yet; the agents download it from `spec.model.source`.
+    pub const FROM_SOURCE: &str = "FromSource";
     pub const FORMAT_MISMATCH: &str = "FormatMismatch";
     pub const NOT_A_MAIN_MODEL: &str = "NotAMainModel";
     pub const UNSUPPORTED_MODEL: &str = "UnsupportedModel";

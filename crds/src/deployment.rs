@@ -195,6 +195,49 @@ pub struct ModelSource {
     /// original layout) or Diffusers (a diffusers folder).
     #[serde(default)]
     pub format: FormatHint,
+
+    /// Where to download the model from when no node has it at `path` (optional). The
+    /// download lands in an agent's disk cache under the same `path`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<RemoteSource>,
+}
+
+/// A remote copy of a model.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RemoteSource {
+    /// `s3://bucket/prefix` (a folder, or one object), `hf://org/repo[@revision][/subfolder]`
+    /// (a Hugging Face repository, default revision `main`) or `https://host/path/file` (one
+    /// file).
+    #[schemars(length(min = 6, max = 2048))]
+    #[x_kube(validation = Rule::new("self.matches('^(s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?|hf://[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*(@[A-Za-z0-9][A-Za-z0-9._-]*)?(/.*)?|https?://[^/?#]+/[^?#]*[^/?#]([?#].*)?)$')").message("model.source.url must be s3://bucket/prefix, hf://org/repo[@revision][/subfolder] or https://host/path/file"))]
+    #[x_kube(validation = Rule::new("!self.matches('/[.][.]?(/|$)')").message("model.source.url must not contain '.' or '..' segments"))]
+    pub url: String,
+
+    /// An S3-compatible endpoint (MinIO, SeaweedFS, R2…; default AWS), or a Hugging Face hub
+    /// (default `https://huggingface.co`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), pattern(r"^https?://[^/?#]+"))]
+    pub endpoint: Option<String>,
+
+    /// The S3 region (default: the agent's `AWS_REGION`, else `us-east-1`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 64))]
+    pub region: Option<String>,
+
+    /// A Secret in the agents' namespace, labelled `modelcache.io/source-credentials: "true"`,
+    /// with `AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, or `HF_TOKEN`. Without one the
+    /// agents' own environment applies.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: Option<String>,
+}
+
+impl RemoteSource {
+    /// The URL parsed; the agent and the operator refuse what does not parse.
+    pub fn parsed(&self) -> Result<crate::Source, crate::SourceError> {
+        self.url.parse()
+    }
 }
 
 /// A LoRA adapter and the weight it is applied with.
@@ -394,6 +437,8 @@ pub enum PlacementRole {
 pub enum PlacementPhase {
     /// Chosen by the operator; the agent has not reported it yet.
     Assigned,
+    /// The agent is downloading the model from `spec.model.source`.
+    Downloading,
     /// The agent is loading the model.
     Loading,
     /// The model is resident and verified.
@@ -410,13 +455,16 @@ pub struct Placement {
     pub node: String,
     /// Serving (a replica that receives traffic) or Warm (kept resident only).
     pub role: PlacementRole,
-    /// Assigned, Loading, Ready or Failed.
+    /// Assigned, Downloading, Loading, Ready or Failed.
     pub phase: PlacementPhase,
     /// Where the node holds the model now: Disk, Ram or Vram.
     pub tier: Tier,
     /// Why the placement is in its phase, when there is something to say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The agent's download progress, while the placement is Downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<crate::DownloadProgress>,
     /// When the placement entered its phase.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub since: Option<Time>,

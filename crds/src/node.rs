@@ -180,6 +180,8 @@ pub struct ResidentModel {
 /// Progress of a placement as the agent sees it.
 #[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum NodePlacementPhase {
+    /// The agent is downloading the model from `spec.model.source`.
+    Downloading,
     /// The agent is loading the model.
     Loading,
     /// The model is resident and verified.
@@ -194,13 +196,26 @@ pub enum NodePlacementPhase {
 pub struct NodePlacement {
     /// `namespace/name` of the ModelDeployment.
     pub deployment: String,
-    /// Loading, Ready or Failed.
+    /// Downloading, Loading, Ready or Failed.
     pub phase: NodePlacementPhase,
     /// Where the agent holds the model now.
     pub tier: Tier,
     /// Details, for example the error of a failed load.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// Bytes of the model on this node's disk so far, while it is Downloading.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download: Option<DownloadProgress>,
+}
+
+/// How far a download has come.
+#[derive(Serialize, Deserialize, JsonSchema, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct DownloadProgress {
+    /// Bytes on disk, those a resumed download already had included.
+    pub bytes_done: i64,
+    /// Bytes of every file of the model.
+    pub bytes_total: i64,
 }
 
 /// A model found under the agent's model root.

@@ -255,6 +255,7 @@ pub fn scheduler_deployment(md: &ModelDeployment, size: Sizes) -> scheduler::Dep
                     .collect()
             })
             .unwrap_or_default(),
+        downloadable: spec.model.source.is_some(),
     }
 }
 
@@ -269,10 +270,15 @@ pub fn normalize(path: &str) -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct ResolvedModel {
     pub path: String,
-    pub info: ModelInfo,
+    /// What the agents report of it; `None` while no node has it and the
+    /// agents are to download it from `spec.model.source` (its size is known
+    /// once the first download is reported).
+    pub info: Option<ModelInfo>,
     pub sha256: Option<String>,
     /// Nodes that report the model.
     pub nodes: Vec<String>,
+    /// `spec.model.source`'s URL: nodes without the model may download it.
+    pub source: Option<String>,
 }
 
 impl ResolvedModel {
@@ -332,6 +338,18 @@ pub fn resolve(
         }
     }
     let Some((_, first)) = found.iter().next() else {
+        if let Some(source) = &md.spec.model.source {
+            // A pinned hash no copy has is still an error: downloading would not fix the copies.
+            if mismatched.is_empty() {
+                return Ok(ResolvedModel {
+                    path,
+                    info: None,
+                    sha256: want_sha,
+                    nodes: Vec::new(),
+                    source: Some(source.url.clone()),
+                });
+            }
+        }
         return Err(not_found(
             &path,
             &names,
@@ -411,7 +429,8 @@ pub fn resolve(
     }
     Ok(ResolvedModel {
         path,
-        info: ModelInfo {
+        source: md.spec.model.source.as_ref().map(|s| s.url.clone()),
+        info: Some(ModelInfo {
             model_type: l.model_type,
             base: l.base,
             variant: l.variant,
@@ -421,7 +440,7 @@ pub fn resolve(
             cpu_size_bytes: Some(size.cpu as i64),
             ram_size_bytes: Some(size.ram as i64),
             tensor_count: l.tensor_count,
-        },
+        }),
         sha256: want_sha,
         nodes,
     })
@@ -867,7 +886,7 @@ mod tests {
         );
         let r = resolve(&md, &mns).unwrap();
         assert_eq!(
-            r.info.size_bytes,
+            r.info.as_ref().unwrap().size_bytes,
             2 * (3 * G + 2 * G + G / 10),
             "model, refiner and VAE at F16"
         );
@@ -928,7 +947,11 @@ mod tests {
         let r = resolve(&md, &mns).unwrap();
         assert_eq!(r.path, "sd15");
         assert_eq!(r.nodes, ["n1", "n2"]);
-        assert_eq!(r.info.size_bytes, 2 * G, "one billion parameters at F16");
+        assert_eq!(
+            r.info.as_ref().unwrap().size_bytes,
+            2 * G,
+            "one billion parameters at F16"
+        );
 
         let why = |md: &ModelDeployment, mns: &[Arc<ModelNode>]| {
             let u = resolve(md, mns).unwrap_err();
@@ -942,6 +965,18 @@ mod tests {
             vec![local("other", G)],
         ))];
         assert_eq!(why(&md, &elsewhere), ("False", reason::MODEL_NOT_FOUND));
+        // With a source, no copy yet means a download; its size is known once one is reported.
+        let remote = deployment(
+            "sd",
+            "sd15",
+            serde_json::json!({"model": {"path": "sd15", "source": {"url": "s3://models/sd15"}}}),
+        );
+        let r = resolve(&remote, &elsewhere).unwrap();
+        assert_eq!((r.info, r.nodes.len()), (None, 0));
+        assert_eq!(r.source.as_deref(), Some("s3://models/sd15"));
+        let r = resolve(&remote, &mns).unwrap();
+        assert_eq!(r.nodes, ["n1", "n2"], "reported copies are used first");
+        assert!(r.info.is_some());
         let mut truncated = (*elsewhere[0]).clone();
         truncated.status.as_mut().unwrap().local_models_truncated = true;
         assert_eq!(
@@ -987,6 +1022,7 @@ mod tests {
                     tier: Tier::Ram,
                     message: None,
                     since: None,
+                    download: None,
                 }],
                 ready_replicas: ready,
                 ..Default::default()

@@ -272,7 +272,12 @@ async fn schedule(
     let target = deployments.len();
     deployments.push(cluster::scheduler_deployment(
         md,
-        cluster::sizes_of(&model.info),
+        // Unknown until a node reports the first download: placed by the
+        // nodes' other constraints, then kept while it fits.
+        model
+            .info
+            .as_ref()
+            .map_or(scheduler::Sizes::uniform(0), cluster::sizes_of),
     ));
     let t0 = Instant::now();
     let mut decisions = scheduler::plan_for(&nodes, &deployments, target, ctx.config.options);

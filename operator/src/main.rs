@@ -83,6 +83,8 @@ struct RunArgs {
     /// Prefer fuller nodes (keeping others free for big models) instead of spreading.
     #[arg(long, env = "MODELCACHE_BIN_PACK")]
     bin_pack: bool,
+    #[command(flatten)]
+    source: SourceArgs,
     /// Leader identity and Event reporter instance (the pod name).
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
@@ -176,9 +178,34 @@ struct SimulateArgs {
     /// Prefer fuller nodes instead of spreading.
     #[arg(long)]
     bin_pack: bool,
+    #[command(flatten)]
+    source: SourceArgs,
 }
 
 const GIB: u64 = 1 << 30;
+
+/// What a download from a model's remote source costs, for placements of
+/// models that have one.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// Bytes/s one node downloads from remote storage (S3, the hub) at.
+    #[arg(long, env = "MODELCACHE_SOURCE_BYTES_PER_SECOND", default_value_t = scheduler::DEFAULT_SOURCE_BPS)]
+    source_bytes_per_second: f64,
+    /// Seconds before a download's first byte (listing, connecting).
+    #[arg(long, env = "MODELCACHE_SOURCE_LATENCY_SECONDS", default_value_t = 1.0)]
+    source_latency_seconds: f64,
+}
+
+impl SourceArgs {
+    fn options(&self, locality: bool, strategy: Strategy) -> Options {
+        Options {
+            locality,
+            strategy,
+            source_bps: self.source_bytes_per_second.max(1.0),
+            source_latency_s: self.source_latency_seconds.max(0.0),
+        }
+    }
+}
 
 fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
     let cluster = match &a.cluster {
@@ -217,24 +244,10 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
         trace.arrivals,
         trace.requests_per_arrival
     );
-    let with = simulate::run(
-        &cluster,
-        &trace,
-        Options {
-            locality: true,
-            strategy,
-        },
-    )?;
+    let with = simulate::run(&cluster, &trace, a.source.options(true, strategy))?;
     print_report("residency-aware scheduler", &with);
     if a.compare_locality {
-        let without = simulate::run(
-            &cluster,
-            &trace,
-            Options {
-                locality: false,
-                strategy,
-            },
-        )?;
+        let without = simulate::run(&cluster, &trace, a.source.options(false, strategy))?;
         print_report("same scheduler, locality score off", &without);
         let fewer = 1.0 - with.cold_loads as f64 / without.cold_loads.max(1) as f64;
         println!(
@@ -259,14 +272,7 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
             a.seed,
         );
         let t = Instant::now();
-        let decisions = scheduler::plan(
-            &nodes,
-            &deps,
-            Options {
-                locality: true,
-                strategy,
-            },
-        );
+        let decisions = scheduler::plan(&nodes, &deps, a.source.options(true, strategy));
         let secs = t.elapsed().as_secs_f64();
         let unplaced = decisions.iter().filter(|d| d.unplaced > 0).count();
         println!("full plan: {} nodes × {} deployments in {secs:.3} s ({unplaced} with unplaced replicas; goal <= 1 s)", nodes.len(), deps.len());
@@ -303,6 +309,13 @@ fn print_report(title: &str, r: &simulate::Report) {
         "  requests {}: cold loads {}, RAM→VRAM moves {}",
         r.requests, r.cold_loads, r.ram_moves
     );
+    if r.downloads > 0 {
+        println!(
+            "  downloads from remote storage {}: {:.1} GiB of egress",
+            r.downloads,
+            r.source_bytes as f64 / (1u64 << 30) as f64
+        );
+    }
     println!(
         "  switch latency p50 {:.3} s, p99 {:.3} s",
         r.latency_p50, r.latency_p99
@@ -329,14 +342,14 @@ fn run_cmd(a: RunArgs) -> anyhow::Result<()> {
             .then(|| Duration::from_secs(a.autoscale_interval_seconds)),
         controller: controller::Config {
             lease_expiry: Duration::from_secs(a.node_lease_expiry_seconds.max(1)),
-            options: Options {
-                locality: true,
-                strategy: if a.bin_pack {
+            options: a.source.options(
+                true,
+                if a.bin_pack {
                     Strategy::BinPack
                 } else {
                     Strategy::Spread
                 },
-            },
+            ),
             resync: Duration::from_secs(a.resync_seconds.max(1)),
         },
     };

@@ -122,6 +122,7 @@ mod tests {
                     tier: Tier::Ram,
                     message: None,
                     since: None,
+                    download: None,
                 })
                 .collect(),
             ..Default::default()

@@ -81,6 +81,8 @@ pub struct Deployment {
     pub spread_key: Option<String>,
     /// Placements from the last decision, kept while feasible.
     pub current: Vec<Assignment>,
+    /// The model has a remote source: a node without a copy may download it.
+    pub downloadable: bool,
 }
 
 /// What a deployment's weights (its model with its refiner and VAE override)
@@ -103,6 +105,14 @@ impl Sizes {
             cpu: bytes,
             ram: bytes,
         }
+    }
+}
+
+impl Node {
+    /// Whether the node has `model` on its disk or in its cache (an unknown
+    /// list, when the agent truncated it, counts as having it).
+    fn has(&self, model: &str) -> bool {
+        self.local.as_ref().is_none_or(|l| l.contains(model)) || self.resident.contains_key(model)
     }
 }
 
@@ -155,13 +165,22 @@ pub struct Options {
     /// Score by where the weights already are (turn off to measure what it buys).
     pub locality: bool,
     pub strategy: Strategy,
+    /// Bytes/s a node downloads a model from its remote source at.
+    pub source_bps: f64,
+    /// Seconds a download takes before its first byte (listing, connecting).
+    pub source_latency_s: f64,
 }
+
+/// A node's share of a 10 Gb/s link to object storage.
+pub const DEFAULT_SOURCE_BPS: f64 = 1.25e9;
 
 impl Default for Options {
     fn default() -> Self {
         Options {
             locality: true,
             strategy: Strategy::Spread,
+            source_bps: DEFAULT_SOURCE_BPS,
+            source_latency_s: 1.0,
         }
     }
 }
@@ -287,10 +306,8 @@ impl<'a> State<'a> {
         }) {
             return Err(Reject::Taint);
         }
-        if let Some(local) = &n.local {
-            if !local.contains(&d.model) && !n.resident.contains_key(&d.model) {
-                return Err(Reject::NoModel);
-            }
+        if !d.downloadable && !n.has(&d.model) {
+            return Err(Reject::NoModel);
         }
         Ok(())
     }
@@ -355,10 +372,17 @@ impl<'a> State<'a> {
         }
         let n = &self.nodes[i];
         let to_dev = d.device_bytes(n) as f64 / n.ram_to_device_bps.max(1.0);
+        let from_disk = d.size.ram as f64 / n.disk_bps.max(1.0) + to_dev;
         match n.resident.get(&d.model) {
             Some(Tier::Vram) => 0.0,
             Some(Tier::Ram) => to_dev,
-            _ => d.size.ram as f64 / n.disk_bps.max(1.0) + to_dev,
+            _ if n.has(&d.model) => from_disk,
+            // Downloaded first (the file written is read back from the page cache).
+            _ => {
+                self.opts.source_latency_s
+                    + d.size.ram as f64 / self.opts.source_bps.max(1.0)
+                    + to_dev
+            }
         }
     }
 
@@ -734,6 +758,7 @@ mod tests {
             max_per_node: 1,
             spread_key: None,
             current: Vec::new(),
+            downloadable: false,
         }
     }
 
@@ -793,6 +818,31 @@ mod tests {
             Options::default(),
         );
         assert_eq!(nodes_of(&d[0]), ["a"]);
+    }
+
+    #[test]
+    fn a_downloadable_model_goes_where_a_copy_is_then_anywhere_it_fits() {
+        let with = |name: &str, models: &[&str]| Node {
+            local: Some(models.iter().map(|m| m.to_string()).collect()),
+            ..node(name)
+        };
+        let nodes = [with("a", &[]), with("b", &["m"]), with("c", &[])];
+        let mut d = dep("ns/x", "m", 3, WarmTier::None);
+        let out = plan(&nodes, std::slice::from_ref(&d), Options::default());
+        assert_eq!(nodes_of(&out[0]), ["b"], "without a source only b has it");
+        assert_eq!(out[0].unplaced, 2);
+        d.downloadable = true;
+        let out = plan(&nodes, &[d], Options::default());
+        assert_eq!(out[0].unplaced, 0);
+        assert_eq!(nodes_of(&out[0])[0], "b", "the copy on disk is cheapest");
+        assert_eq!(out[0].assignments.len(), 3);
+        // The download costs latency plus the bytes at the source's bandwidth,
+        // instead of the disk read.
+        let st = State::new(&nodes, Options::default());
+        let d = dep("ns/x", "m", 1, WarmTier::None);
+        let (local, remote) = (st.load_seconds(1, &d), st.load_seconds(0, &d));
+        let expected = 1.0 + (5 * G) as f64 / DEFAULT_SOURCE_BPS - (5 * G) as f64 / 2e9;
+        assert!((remote - local - expected).abs() < 1e-9, "{remote} {local}");
     }
 
     #[test]

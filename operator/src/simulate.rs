@@ -56,6 +56,10 @@ pub struct NodeSpec {
     pub disk_bytes_per_second: f64,
     #[serde(default = "default_pcie")]
     pub ram_to_device_bytes_per_second: f64,
+    /// The node's disk tier for downloaded models (LRU). Unset: every model
+    /// is already on the node's disk, as with a shared models volume.
+    #[serde(default)]
+    pub disk_cache_bytes: Option<u64>,
 }
 
 fn default_disk() -> f64 {
@@ -127,7 +131,8 @@ impl ClusterSpec {
                 device_budgets: n.device_bytes.clone(),
                 cpu_only: false,
                 resident: HashMap::new(),
-                local: None,
+                // With a disk tier the node starts empty; without one it has every model.
+                local: n.disk_cache_bytes.map(|_| Default::default()),
                 disk_bps: n.disk_bytes_per_second,
                 ram_to_device_bps: n.ram_to_device_bytes_per_second,
                 serving_bytes: 0,
@@ -148,6 +153,7 @@ impl ClusterSpec {
                     device_bytes: devices.clone(),
                     disk_bytes_per_second: default_disk(),
                     ram_to_device_bytes_per_second: default_pcie(),
+                    disk_cache_bytes: None,
                 })
                 .collect(),
         }
@@ -269,6 +275,10 @@ pub struct Report {
     pub reasons: BTreeMap<String, usize>,
     pub cold_loads: usize,
     pub ram_moves: usize,
+    /// Cold loads that had to download the model first (nodes with a disk tier).
+    pub downloads: usize,
+    /// Bytes those downloads read from remote storage: the cluster's egress.
+    pub source_bytes: u64,
     pub latency_p50: f64,
     pub latency_p99: f64,
     pub decisions_per_second: f64,
@@ -297,6 +307,16 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
             )
         })
         .collect();
+    let mut disks: Vec<Option<Lru>> = cluster
+        .nodes
+        .iter()
+        .map(|n| {
+            n.disk_cache_bytes.map(|budget| Lru {
+                budget,
+                ..Default::default()
+            })
+        })
+        .collect();
     let mut active: VecDeque<(Deployment, usize)> = VecDeque::new();
     let mut report = Report {
         nodes: nodes.len(),
@@ -307,6 +327,8 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
         reasons: BTreeMap::new(),
         cold_loads: 0,
         ram_moves: 0,
+        downloads: 0,
+        source_bytes: 0,
         latency_p50: 0.0,
         latency_p99: 0.0,
         decisions_per_second: 0.0,
@@ -328,6 +350,7 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
             max_per_node: 1,
             spread_key: None,
             current: Vec::new(),
+            downloadable: true,
         };
         let t = Instant::now();
         let decision = scheduler::plan(&nodes, std::slice::from_ref(&d), opts).remove(0);
@@ -361,6 +384,20 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
                 } else {
                     report.cold_loads += 1;
                     l += size as f64 / n.disk_bps;
+                    if let Some(disk) = &mut disks[node] {
+                        if !disk.touch(m) {
+                            report.downloads += 1;
+                            report.source_bytes += size;
+                            l += opts.source_latency_s + size as f64 / opts.source_bps;
+                            let evicted = disk.insert(m, size);
+                            if let Some(local) = &mut nodes[node].local {
+                                for e in evicted {
+                                    local.remove(&format!("models/m{e}"));
+                                }
+                                local.insert(format!("models/m{m}"));
+                            }
+                        }
+                    }
                     for e in ram.insert(m, size) {
                         nodes[node].resident.remove(&format!("models/m{e}"));
                     }
@@ -428,7 +465,62 @@ pub fn synthetic_deployments(count: usize, models: usize, seed: u64) -> Vec<Depl
                 max_per_node: 1,
                 spread_key: (i % 5 == 0).then(|| "topology.kubernetes.io/zone".to_string()),
                 current: Vec::new(),
+                downloadable: false,
             }
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const G: u64 = 1 << 30;
+
+    fn trace(models: usize) -> TraceSpec {
+        TraceSpec {
+            model_bytes: vec![4 * G; models],
+            zipf: 1.0,
+            active: 4,
+            arrivals: 200,
+            requests_per_arrival: 3,
+            seed: 7,
+        }
+    }
+
+    #[test]
+    fn nodes_with_a_disk_tier_download_each_model_once_while_it_fits() {
+        // RAM for two models: most cold loads read the disk.
+        let mut cluster = ClusterSpec::synthetic(2, 8 * G, vec![4 * G]);
+        let shared = run(&cluster, &trace(12), Options::default()).unwrap();
+        assert_eq!(
+            (shared.downloads, shared.source_bytes),
+            (0, 0),
+            "a shared models volume"
+        );
+        for n in &mut cluster.nodes {
+            n.disk_cache_bytes = Some(100 * G);
+        }
+        let roomy = run(&cluster, &trace(12), Options::default()).unwrap();
+        assert!(
+            roomy.downloads >= 1 && roomy.downloads <= 24,
+            "at most one download per model and node: {}",
+            roomy.downloads
+        );
+        assert_eq!(roomy.source_bytes, roomy.downloads as u64 * 4 * G);
+        for n in &mut cluster.nodes {
+            n.disk_cache_bytes = Some(4 * G);
+        }
+        let tight = run(&cluster, &trace(12), Options::default()).unwrap();
+        assert!(
+            tight.downloads > roomy.downloads,
+            "a disk tier of one model downloads again: {} vs {}",
+            tight.downloads,
+            roomy.downloads
+        );
+        assert!(
+            tight.latency_p99 >= roomy.latency_p99,
+            "downloads are on the request path"
+        );
+    }
 }

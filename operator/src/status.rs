@@ -60,19 +60,31 @@ pub fn deployment_status(
     let mut conds = Conditions::new(&old.conditions, md.metadata.generation, cluster.now);
     let assignments = match (resolved, scheduling) {
         (Ok(r), Some(s)) => {
-            conds.set(
-                condition::RESOLVED,
-                "True",
-                reason::MODEL_FOUND,
-                format!(
-                    "{:?} {:?} model {:?} found on {} node(s): {}",
-                    r.info.base,
-                    r.info.format,
-                    r.path,
-                    r.nodes.len(),
-                    r.nodes.join(", ")
+            match (&r.info, &r.source) {
+                (Some(info), _) => conds.set(
+                    condition::RESOLVED,
+                    "True",
+                    reason::MODEL_FOUND,
+                    format!(
+                        "{:?} {:?} model {:?} found on {} node(s): {}",
+                        info.base,
+                        info.format,
+                        r.path,
+                        r.nodes.len(),
+                        r.nodes.join(", ")
+                    ),
                 ),
-            );
+                (None, source) => conds.set(
+                    condition::RESOLVED,
+                    "True",
+                    reason::FROM_SOURCE,
+                    format!(
+                        "no node has model {:?} yet; the agents it is placed on download it from {}",
+                        r.path,
+                        source.as_deref().unwrap_or("spec.model.source")
+                    ),
+                ),
+            }
             scheduled_condition(&mut conds, md, s);
             s.decision.assignments.clone()
         }
@@ -113,7 +125,7 @@ pub fn deployment_status(
     let model = resolved
         .as_ref()
         .ok()
-        .map(|r| r.info.clone())
+        .and_then(|r| r.info.clone())
         .or(old.model.clone());
     let status = ModelDeploymentStatus {
         observed_generation: md.metadata.generation,
@@ -237,6 +249,7 @@ fn placements(
             let (phase, tier, message) = match agent {
                 Some(p) => (
                     match p.phase {
+                        NodePlacementPhase::Downloading => PlacementPhase::Downloading,
                         NodePlacementPhase::Loading => PlacementPhase::Loading,
                         NodePlacementPhase::Ready => PlacementPhase::Ready,
                         NodePlacementPhase::Failed => PlacementPhase::Failed,
@@ -262,6 +275,7 @@ fn placements(
                 tier,
                 message,
                 since,
+                download: agent.and_then(|p| p.download),
             }
         })
         .collect()
@@ -280,7 +294,12 @@ fn progress_conditions(
         .collect();
     let waiting: Vec<&str> = placements
         .iter()
-        .filter(|p| matches!(p.phase, PlacementPhase::Assigned | PlacementPhase::Loading))
+        .filter(|p| {
+            matches!(
+                p.phase,
+                PlacementPhase::Assigned | PlacementPhase::Downloading | PlacementPhase::Loading
+            )
+        })
         .map(|p| p.node.as_str())
         .collect();
     if ready > 0 {
@@ -609,6 +628,7 @@ mod tests {
                     phase,
                     tier: Tier::Vram,
                     message: (phase == NodePlacementPhase::Failed).then(|| "disk full".into()),
+                    download: None,
                 })
                 .into_iter()
                 .collect();
@@ -723,6 +743,7 @@ mod tests {
                 tier: Tier::Ram,
                 message: None,
                 since: None,
+                download: None,
             }],
             ..Default::default()
         });

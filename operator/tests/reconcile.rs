@@ -358,6 +358,7 @@ async fn ready_placements_are_routed_and_an_unchanged_status_is_not_rewritten() 
         phase: NodePlacementPhase::Ready,
         tier: Tier::Vram,
         message: None,
+        download: None,
     });
     put(&mut h.writers.model_nodes, b);
     let mut md = deployment("sd15", "sd15", json!({"replicas": 1}));
@@ -369,6 +370,7 @@ async fn ready_placements_are_routed_and_an_unchanged_status_is_not_rewritten() 
             tier: Tier::Disk,
             message: None,
             since: None,
+            download: None,
         }],
         ..Default::default()
     });
@@ -470,6 +472,7 @@ async fn placements_leave_a_node_whose_lease_expired() {
             tier: Tier::Vram,
             message: None,
             since: None,
+            download: None,
         }],
         ..Default::default()
     });
@@ -527,6 +530,7 @@ async fn higher_priority_preempts_and_both_deployments_say_why() {
             tier: Tier::Vram,
             message: None,
             since: None,
+            download: None,
         }],
         ..Default::default()
     });
@@ -731,6 +735,7 @@ async fn the_controller_loop_reacts_to_deployments_and_agent_reports() {
         phase: NodePlacementPhase::Ready,
         tier: Tier::Vram,
         message: None,
+        download: None,
     });
     put(&mut model_nodes, mn.clone());
     mn_tx.unbounded_send(mn).unwrap();

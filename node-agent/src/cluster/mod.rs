@@ -227,6 +227,7 @@ impl ClusterAgent {
                             phase: NodePlacementPhase::Loading,
                             tier: Tier::Disk,
                             message: None,
+                            download: None,
                         },
                         model: None,
                         keys: Vec::new(),

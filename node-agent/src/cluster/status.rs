@@ -192,6 +192,7 @@ mod tests {
             phase: NodePlacementPhase::Ready,
             tier: Tier::Ram,
             message: None,
+            download: None,
         });
         assert_ne!(
             significant(&b),

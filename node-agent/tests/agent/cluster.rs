@@ -92,6 +92,7 @@ fn deployment(name: &str, path: &str, spec: Value, nodes: &[&str]) -> ModelDeplo
                 tier: Tier::Disk,
                 message: None,
                 since: None,
+                download: None,
             })
             .collect(),
         ..Default::default()

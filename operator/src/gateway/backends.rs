@@ -158,6 +158,7 @@ mod tests {
             tier,
             message: None,
             since: None,
+            download: None,
         };
         md.status = Some(ModelDeploymentStatus {
             placements: vec![placement("n1", Tier::Vram), placement("n2", Tier::Ram)],
