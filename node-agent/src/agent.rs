@@ -4,6 +4,8 @@
 
 use crate::cache::{CacheConfig, DiskLoader, EntryInfo, ModelCache, TierKind};
 use crate::catalog::Catalog;
+use crate::fetch::disk::DiskTier;
+use crate::fetch::{FetchMetrics, Fetcher, Options as DownloadOptions};
 use crate::metrics::AgentMetrics;
 use modelcache_crds::Tier;
 use std::time::Duration;
@@ -12,6 +14,9 @@ pub struct Agent {
     pub cache: ModelCache,
     pub catalog: Catalog,
     pub metrics: AgentMetrics,
+    /// The disk tier that remote models are downloaded into, when the
+    /// agent has one (cluster mode).
+    pub fetcher: Option<Fetcher>,
 }
 
 /// A model's copy in one cache tier.
@@ -37,7 +42,19 @@ impl Agent {
             cache,
             catalog,
             metrics,
+            fetcher: None,
         })
+    }
+
+    /// The agent with a disk tier for downloads, its metrics registered.
+    pub fn with_downloads(
+        mut self,
+        disk: DiskTier,
+        options: DownloadOptions,
+    ) -> Result<Self, prometheus::Error> {
+        let metrics = FetchMetrics::register(&self.metrics.registry)?;
+        self.fetcher = Some(Fetcher::new(disk, options, Some(metrics)));
+        Ok(self)
     }
 
     /// Where the model named `name` is resident, device tier first, given the

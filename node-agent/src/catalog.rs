@@ -69,6 +69,8 @@ impl CatalogEntry {
 /// Servable models by name, and the opened pipelines.
 pub struct Catalog {
     root: PathBuf,
+    /// The disk tier's folder of downloaded models, searched beside the root.
+    downloads: Option<PathBuf>,
     state_dir: PathBuf,
     tokenizer_dir: Option<PathBuf>,
     models: std::sync::RwLock<Arc<Models>>,
@@ -97,16 +99,60 @@ pub fn model_name(root: &Path, path: &Path) -> String {
     rel.to_string_lossy().into_owned()
 }
 
+/// How a model found in the downloads folder is named: a download is a
+/// folder named as the deployment's `model.path`, so a single file fetched
+/// into it (`sd15.safetensors/sd15.safetensors`) is named by its folder.
+fn download_rel(downloads: &Path, path: &Path) -> String {
+    let rel = path.strip_prefix(downloads).unwrap_or(path);
+    let single = path.is_file()
+        && path
+            .parent()
+            .is_some_and(|dir| dir.join(crate::fetch::disk::MARKER).is_file());
+    let rel = if single {
+        rel.parent().unwrap_or(rel)
+    } else {
+        rel
+    };
+    rel.to_string_lossy().into_owned()
+}
+
 impl Models {
-    /// Searches `root` and keeps the models that can generate images; logs the rest.
-    fn search(root: &Path) -> Models {
-        let found = store::search::find_models(root);
+    /// Searches `root` (then `downloads`; a model the root has wins) and
+    /// keeps the models that can generate images; logs the rest.
+    fn search(root: &Path, downloads: Option<&Path>) -> Models {
+        let mut models = Models::default();
+        models.add(root, |path| {
+            let rel = path.strip_prefix(root).unwrap_or(path);
+            (model_name(root, path), rel.to_string_lossy().into_owned())
+        });
+        if let Some(dl) = downloads {
+            models.add(dl, |path| {
+                let rel = download_rel(dl, path);
+                let name = if Path::new(&rel).extension().is_some() && path.is_file() {
+                    Path::new(&rel)
+                        .with_extension("")
+                        .to_string_lossy()
+                        .into_owned()
+                } else {
+                    rel.clone()
+                };
+                (name, rel)
+            });
+        }
+        models
+    }
+
+    /// Adds the models under `dir`, named (name, relative path) by `names`.
+    fn add(&mut self, dir: &Path, names: impl Fn(&Path) -> (String, String)) {
+        let found = store::search::find_models(dir);
         for (p, why) in &found.skipped {
             tracing::warn!(path = %p.display(), "skipped: {why}");
         }
-        let mut entries = BTreeMap::new();
-        let mut all = BTreeMap::new();
         for path in found.models {
+            let (name, rel_path) = names(&path);
+            if self.found.contains_key(&rel_path) {
+                continue;
+            }
             let probe = match store::probe(&path) {
                 Ok(p) => p,
                 Err(e) => {
@@ -114,28 +160,21 @@ impl Models {
                     continue;
                 }
             };
-            let rel_path = path
-                .strip_prefix(root)
-                .unwrap_or(&path)
-                .to_string_lossy()
-                .into_owned();
             let entry = CatalogEntry {
-                name: model_name(root, &path),
+                name,
                 rel_path,
                 path,
                 probe,
             };
             if entry.servable() {
-                tracing::info!(model = %entry.name, base = ?entry.probe.base, format = %entry.probe.format, "found model");
-                entries.insert(entry.name.clone(), entry.clone());
+                if !self.entries.contains_key(&entry.name) {
+                    tracing::info!(model = %entry.name, base = ?entry.probe.base, format = %entry.probe.format, "found model");
+                    self.entries.insert(entry.name.clone(), entry.clone());
+                }
             } else {
                 tracing::info!(path = %entry.rel_path, r#type = %entry.probe.model_type, "not a text-to-image model; not served");
             }
-            all.insert(entry.rel_path.clone(), entry);
-        }
-        Models {
-            entries,
-            found: all,
+            self.found.insert(entry.rel_path.clone(), entry);
         }
     }
 }
@@ -143,11 +182,22 @@ impl Models {
 impl Catalog {
     /// Searches `root` (see [`Catalog::rescan`] for later changes).
     pub fn scan(root: &Path, state_dir: &Path, tokenizer_dir: Option<&Path>) -> Catalog {
+        Self::scan_with(root, None, state_dir, tokenizer_dir)
+    }
+
+    /// [`Catalog::scan`] that also finds the models downloaded into `downloads`.
+    pub fn scan_with(
+        root: &Path,
+        downloads: Option<&Path>,
+        state_dir: &Path,
+        tokenizer_dir: Option<&Path>,
+    ) -> Catalog {
         Catalog {
             root: root.to_path_buf(),
+            downloads: downloads.map(Path::to_path_buf),
             state_dir: state_dir.to_path_buf(),
             tokenizer_dir: tokenizer_dir.map(Path::to_path_buf),
-            models: std::sync::RwLock::new(Arc::new(Models::search(root))),
+            models: std::sync::RwLock::new(Arc::new(Models::search(root, downloads))),
             scanned: Mutex::new(std::time::Instant::now()),
             opened: Mutex::new(HashMap::new()),
         }
@@ -163,7 +213,7 @@ impl Catalog {
     /// Searches the folder again: models added since are found, removed ones
     /// forgotten (with their opened pipelines).
     pub fn rescan(&self) {
-        let models = Models::search(&self.root);
+        let models = Models::search(&self.root, self.downloads.as_deref());
         self.opened
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -194,7 +244,12 @@ impl Catalog {
     /// an error, without the host's layout.
     pub fn redact(&self, text: &str) -> String {
         let mut out = text.to_string();
-        for (dir, shown) in [(&self.root, ""), (&self.state_dir, "<state>/")] {
+        let downloads = self.downloads.as_ref().unwrap_or(&self.root);
+        for (dir, shown) in [
+            (&self.root, ""),
+            (downloads, ""),
+            (&self.state_dir, "<state>/"),
+        ] {
             let canonical = dir.canonicalize().ok();
             for form in [Some(dir.clone()), canonical].into_iter().flatten() {
                 let prefix = format!("{}/", form.display());

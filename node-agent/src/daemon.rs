@@ -9,6 +9,7 @@ use crate::api::{self, AppState, Limits, Queue};
 use crate::cache::{CacheConfig, DeviceSlot};
 use crate::catalog::Catalog;
 use crate::cluster::{self, ClusterAgent};
+use crate::fetch::disk::DiskTier;
 use crate::routes::Routes;
 use crate::{demo, device, memory};
 use anyhow::Context;
@@ -24,6 +25,10 @@ const MIN_TOKEN_CHARS: usize = 16;
 #[derive(Debug, Clone)]
 pub struct Settings {
     pub models_dir: PathBuf,
+    /// The disk tier's folder (cluster mode).
+    pub download_dir: PathBuf,
+    /// The disk tier's budget; `None`: half its volume's free space at start.
+    pub disk_cache_bytes: Option<u64>,
     pub state_dir: PathBuf,
     pub listen: String,
     pub metrics_listen: String,
@@ -105,6 +110,56 @@ fn connections_within(limits: ConnectionLimits, open_files: u64) -> ConnectionLi
     }
 }
 
+/// The disk tier at `--download-dir`, with `--disk-cache-bytes` (auto: half
+/// of the volume's free space now).
+fn disk_tier(s: &Settings) -> anyhow::Result<DiskTier> {
+    let dir = &s.download_dir;
+    // Inside the models folder it must be hidden, or its models would be found twice.
+    if let Ok(rel) = dir.strip_prefix(&s.models_dir) {
+        let hidden = rel
+            .components()
+            .any(|c| c.as_os_str().to_string_lossy().starts_with('.'));
+        if !hidden {
+            anyhow::bail!(
+                "--download-dir {} is inside --models-dir {} but not in a hidden folder (one whose name starts with '.'); use e.g. {}",
+                dir.display(),
+                s.models_dir.display(),
+                s.models_dir.join(".modelcache/downloads").display()
+            );
+        }
+    }
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let budget = match s.disk_cache_bytes {
+        Some(b) => b,
+        None => {
+            free_bytes(dir).with_context(|| {
+                format!(
+                    "--disk-cache-bytes auto: the free space of {}",
+                    dir.display()
+                )
+            })? / 2
+        }
+    };
+    let disk =
+        DiskTier::open(dir, budget).with_context(|| format!("--download-dir {}", dir.display()))?;
+    let (used, _) = disk.usage();
+    tracing::info!(dir = %dir.display(), budget, used, downloads = disk.downloads().len(), "disk tier for downloads");
+    Ok(disk)
+}
+
+/// Bytes free for an unprivileged user on the volume of `dir`.
+fn free_bytes(dir: &std::path::Path) -> std::io::Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidInput, e))?;
+    // SAFETY: statvfs fills a plain struct we own from a NUL-terminated path.
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(st.f_bavail as u64 * st.f_frsize as u64)
+}
+
 /// Runs the agent until a signal stops it or a server fails.
 pub fn serve(mut s: Settings) -> anyhow::Result<()> {
     s.connections = connections_within(s.connections, open_files_limit());
@@ -161,9 +216,25 @@ pub fn serve(mut s: Settings) -> anyhow::Result<()> {
         dtype: compute[0].dtype,
         ..CacheConfig::cpu(s.ram_cache_bytes, 0)
     };
-    let catalog = Catalog::scan(&s.models_dir, &s.state_dir, s.tokenizer.as_deref());
+    // Models named by a source are downloaded only for placements.
+    let disk = match &s.cluster {
+        Some(_) => Some(disk_tier(&s)?),
+        None => None,
+    };
+    let catalog = Catalog::scan_with(
+        &s.models_dir,
+        disk.as_ref().map(|d| d.root()),
+        &s.state_dir,
+        s.tokenizer.as_deref(),
+    );
     tracing::info!(models = catalog.entries().len(), dir = %s.models_dir.display(), "model search done");
-    let agent = Arc::new(Agent::new(cache, catalog).context("registering metrics")?);
+    let mut agent = Agent::new(cache, catalog).context("registering metrics")?;
+    if let Some(disk) = disk {
+        agent = agent
+            .with_downloads(disk, Default::default())
+            .context("registering metrics")?;
+    }
+    let agent = Arc::new(agent);
     let routes = Arc::new(Routes::default());
     let state = Arc::new(AppState::new(
         agent.clone(),

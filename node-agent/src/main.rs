@@ -166,6 +166,10 @@ impl From<ServeArgs> for daemon::Settings {
                 lease_renew: Duration::from_secs(a.lease_renew_seconds),
                 report_interval: Duration::from_secs(a.report_interval_seconds),
             }),
+            download_dir: a
+                .download_dir
+                .unwrap_or_else(|| a.models_dir.join(".modelcache/downloads")),
+            disk_cache_bytes: a.disk_cache_bytes.0,
             models_dir: a.models_dir,
             state_dir: a.state_dir,
             listen: a.listen,
@@ -352,6 +356,14 @@ struct ServeArgs {
     /// Least seconds between two ModelNode status writes.
     #[arg(long, env = "MODELCACHE_REPORT_INTERVAL_SECONDS", default_value_t = 2)]
     report_interval_seconds: u64,
+    /// Folder of the disk tier that models named by a source are downloaded
+    /// into in cluster mode (default: `.modelcache/downloads` in the models folder).
+    #[arg(long, env = "MODELCACHE_DOWNLOAD_DIR")]
+    download_dir: Option<PathBuf>,
+    /// Byte budget of the disk tier: least recently used downloads are deleted
+    /// to make room; auto: half the free space of its volume at start.
+    #[arg(long, env = "MODELCACHE_DISK_CACHE_BYTES", default_value = "auto", value_parser = parse_budget)]
+    disk_cache_bytes: Budget,
     /// Search the models folder again this often, so that models copied in or
     /// removed are served (and reported) without a restart; 0 never.
     #[arg(long, env = "MODELCACHE_RESCAN_SECONDS", default_value_t = 60)]

@@ -8,6 +8,7 @@
 //! through the API's [`Routes`]. Every loop survives API errors with
 //! exponential backoff; nothing here panics because the API server is away.
 
+pub mod credentials;
 pub mod placement;
 pub mod status;
 
@@ -18,6 +19,7 @@ use crate::cache::{CacheKey, TierKind};
 use crate::routes::{Route, Routes};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::Secret;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
@@ -75,6 +77,9 @@ pub struct ClusterAgent {
     changed: Notify,
     started: Timestamp,
     attempts: std::sync::atomic::AtomicU64,
+    /// The API client, once [`ClusterAgent::run`] has one: credentials
+    /// Secrets are read through it.
+    client: std::sync::OnceLock<Client>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -119,12 +124,14 @@ impl ClusterAgent {
             changed: Notify::new(),
             started: Timestamp::now(),
             attempts: Default::default(),
+            client: std::sync::OnceLock::new(),
         })
     }
 
     /// Runs the Lease, the ModelNode reports and the placement follower until
     /// the process ends.
     pub async fn run(self: Arc<Self>, client: Client) {
+        self.use_client(client.clone());
         let events = watcher(
             Api::<ModelDeployment>::all(client.clone()),
             watcher::Config::default(),
@@ -134,6 +141,12 @@ impl ClusterAgent {
             self.clone().report(client),
             self.follow(events),
         );
+    }
+
+    /// Reads credentials Secrets through `client` (set by [`Self::run`]; the
+    /// first one given stays).
+    pub fn use_client(&self, client: Client) {
+        let _ = self.client.set(client);
     }
 
     /// Follows ModelDeployments (a watch stream, or a channel in tests) and the
@@ -247,6 +260,10 @@ impl ClusterAgent {
         for (d, attempt) in start {
             let agent = self.clone();
             tokio::spawn(async move {
+                if let Err(e) = agent.download_if_missing(&d, attempt).await {
+                    agent.finish(&d.key, attempt, Err(e));
+                    return;
+                }
                 let core = agent.agent.clone();
                 let want = d.clone();
                 let result = tokio::task::spawn_blocking(move || placement::prepare(&core, &want))
@@ -259,6 +276,79 @@ impl ClusterAgent {
             self.publish_routes();
             self.changed.notify_one();
         }
+    }
+
+    /// Downloads the placement's model from `spec.model.source` when this
+    /// node has no copy (and a disk tier to put one in), showing the
+    /// placement as Downloading meanwhile.
+    async fn download_if_missing(&self, d: &Desired, attempt: u64) -> Result<(), PlacementError> {
+        let (Some(source), Some(fetcher)) = (&d.source, self.agent.fetcher.as_ref()) else {
+            return Ok(());
+        };
+        let (core, path) = (self.agent.clone(), d.path.clone());
+        let present = tokio::task::spawn_blocking(move || placement::present(&core, &path))
+            .await
+            .map_err(|e| PlacementError::Task(e.to_string()))?;
+        if present {
+            return Ok(());
+        }
+        let parsed = source.parsed()?;
+        let secret = match &source.secret_name {
+            Some(name) => Some(self.secret(name).await?),
+            None => None,
+        };
+        let env_token = std::env::var(credentials::HF_TOKEN).ok();
+        let access = credentials::access(source, secret.as_ref(), env_token)?;
+        self.set_phase(&d.key, attempt, NodePlacementPhase::Downloading);
+        let placed: HashSet<String> = lock(&self.tracked)
+            .values()
+            .map(|t| crate::fetch::normalize(&t.want.path).to_string())
+            .collect();
+        let core = self.agent.clone();
+        // Placed here, or in use by a request: never deleted to make room.
+        let protected: Box<dyn Fn(&str) -> bool + Send + Sync> = Box::new(move |name| {
+            placed.contains(name) || {
+                let entries = core.cache.entries();
+                core.catalog
+                    .by_path(name)
+                    .is_some_and(|e| core.residency(&e.name, &entries).iter().any(|r| r.locked))
+            }
+        });
+        fetcher
+            .fetch(&d.path, &parsed, &access, &*protected)
+            .await?;
+        let core = self.agent.clone();
+        tokio::task::spawn_blocking(move || core.catalog.rescan())
+            .await
+            .map_err(|e| PlacementError::Task(e.to_string()))?;
+        self.set_phase(&d.key, attempt, NodePlacementPhase::Loading);
+        Ok(())
+    }
+
+    /// The credentials Secret `name` in the agents' namespace.
+    async fn secret(&self, name: &str) -> Result<Secret, credentials::CredentialsError> {
+        let failed = |message: String| credentials::CredentialsError::Get {
+            name: name.to_string(),
+            message,
+        };
+        let client = self
+            .client
+            .get()
+            .ok_or_else(|| failed("this agent has no Kubernetes client".into()))?;
+        Api::<Secret>::namespaced(client.clone(), &self.settings.namespace)
+            .get(name)
+            .await
+            .map_err(|e| failed(e.to_string()))
+    }
+
+    fn set_phase(&self, key: &str, attempt: u64, phase: NodePlacementPhase) {
+        if let Some(t) = lock(&self.tracked)
+            .get_mut(key)
+            .filter(|t| t.attempt == attempt)
+        {
+            t.report.phase = phase;
+        }
+        self.changed.notify_one();
     }
 
     fn finish(&self, key: &str, attempt: u64, result: Result<Prepared, PlacementError>) {
@@ -335,9 +425,21 @@ impl ClusterAgent {
 
     /// The agent's view of its placements.
     pub fn placements(&self) -> Vec<NodePlacement> {
+        let fetcher = self.agent.fetcher.as_ref();
         lock(&self.tracked)
             .values()
-            .map(|t| t.report.clone())
+            .map(|t| {
+                let mut report = t.report.clone();
+                if report.phase == NodePlacementPhase::Downloading {
+                    report.download = fetcher
+                        .and_then(|f| f.progress(crate::fetch::normalize(&t.want.path)))
+                        .map(|(done, total)| DownloadProgress {
+                            bytes_done: done as i64,
+                            bytes_total: total as i64,
+                        });
+                }
+                report
+            })
             .collect()
     }
 

@@ -8,8 +8,8 @@ use crate::catalog::CatalogError;
 use crate::store::StoreError;
 use kube::ResourceExt;
 use modelcache_crds::{
-    GenerationDefaults, LoraSpec, ModelDeployment, ModelType, PlacementRole, Precision, Tier,
-    WarmTier,
+    GenerationDefaults, LoraSpec, ModelDeployment, ModelType, PlacementRole, Precision,
+    RemoteSource, Tier, WarmTier,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -25,6 +25,8 @@ pub struct Desired {
     pub key: String,
     pub path: String,
     pub sha256: Option<String>,
+    /// Where to download the model from when this node does not have it.
+    pub source: Option<RemoteSource>,
     pub warm: WarmTier,
     pub role: PlacementRole,
     pub precision: Precision,
@@ -55,6 +57,7 @@ pub fn desired(node: &str, deployments: &[Arc<ModelDeployment>]) -> BTreeMap<Str
                 key,
                 path: md.spec.model.path.clone(),
                 sha256: md.spec.model.sha256.clone(),
+                source: md.spec.model.source.clone(),
                 warm: md.spec.warm_tier,
                 role: p.role,
                 precision: md.spec.precision,
@@ -79,9 +82,21 @@ pub enum PlacementError {
     #[error("hashing {path:?}: {source}")]
     Hash { path: String, source: StoreError },
     #[error(
-        "sha256 mismatch: spec.model.sha256 is {want} but the files on this node hash to {have}"
+        "sha256 mismatch: spec.model.sha256 is {want} but the files on this node hash to {have}{}",
+        if *.downloaded { "; the download was deleted" } else { "" }
     )]
-    Sha256 { want: String, have: String },
+    Sha256 {
+        want: String,
+        have: String,
+        /// The copy was downloaded (and is deleted, so nothing is left of it).
+        downloaded: bool,
+    },
+    #[error("spec.model.source: {0}")]
+    Source(#[from] modelcache_crds::SourceError),
+    #[error(transparent)]
+    Credentials(#[from] super::credentials::CredentialsError),
+    #[error("downloading spec.model.source: {0}")]
+    Download(#[from] crate::fetch::FetchError),
     #[error(transparent)]
     Open(#[from] CatalogError),
     #[error("spec.refiner {path:?}: {reason}")]
@@ -104,6 +119,17 @@ pub struct Prepared {
     /// Every cache entry the placement warms: the model's components, its
     /// refiner's and its VAE override.
     pub keys: Vec<CacheKey>,
+}
+
+/// Whether the node has the placement's model (searching the folders
+/// again if it was not there at the last search). Blocking.
+pub fn present(agent: &Agent, path: &str) -> bool {
+    let catalog = &agent.catalog;
+    if catalog.by_path(path).is_some() {
+        return true;
+    }
+    catalog.rescan_if_older(RESCAN_AFTER);
+    catalog.by_path(path).is_some()
 }
 
 /// Finds, verifies, opens (converting a checkpoint once) and warms a placement's
@@ -138,9 +164,18 @@ pub fn prepare(agent: &Agent, d: &Desired) -> Result<Prepared, PlacementError> {
             },
         )?;
         if !have.eq_ignore_ascii_case(want) {
+            let fetcher = agent
+                .fetcher
+                .as_ref()
+                .filter(|f| entry.path.starts_with(f.disk().root()));
+            if let Some(f) = fetcher {
+                f.remove(&entry.rel_path);
+                catalog.rescan();
+            }
             return Err(PlacementError::Sha256 {
                 want: want.clone(),
                 have,
+                downloaded: fetcher.is_some(),
             });
         }
         sha256 = Some(have);

@@ -148,6 +148,13 @@ pub fn significant(s: &ModelNodeStatus) -> ModelNodeStatus {
     for m in &mut s.models {
         m.last_used = None;
     }
+    // A download's progress is written in steps of 5%, not on every chunk.
+    for p in &mut s.placements {
+        if let Some(d) = p.download.as_mut() {
+            d.bytes_done = d.bytes_done.saturating_mul(20) / d.bytes_total.max(1);
+            d.bytes_total = 0;
+        }
+    }
     if let Some(m) = s.memory.as_mut() {
         let q = |v: i64| v >> 28;
         m.resident_bytes = q(m.resident_bytes);

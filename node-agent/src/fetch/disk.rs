@@ -265,6 +265,21 @@ impl DiskTier {
         Ok(())
     }
 
+    /// Deletes the download of `name`.
+    pub fn remove(&self, name: &str) {
+        if self.lock().downloads.remove(name).is_some() {
+            let path = self.path_of(name);
+            if let Err(e) = std::fs::remove_dir_all(&path) {
+                tracing::warn!(path = %path.display(), "could not delete: {e}");
+            }
+        }
+    }
+
+    /// Whether a finished download of `name` is here.
+    pub fn has(&self, name: &str) -> bool {
+        self.lock().downloads.contains_key(name)
+    }
+
     /// Marks `name` used now (it is the last to be deleted for room).
     pub fn touch(&self, name: &str) {
         let now = SystemTime::now();

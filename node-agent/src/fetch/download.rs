@@ -153,8 +153,11 @@ pub async fn download(
         total: files.iter().map(|f| f.size).sum(),
         progress,
     };
-    let result = futures::stream::iter(files)
-        .map(|file| transfer.file(file, &staging))
+    // The futures are made up front (they start when polled): a stream that
+    // maps with a closure over `&RemoteFile` is not `Send` to the compiler,
+    // and a placement runs this on a spawned task.
+    let files_futures: Vec<_> = files.iter().map(|f| transfer.file(f, &staging)).collect();
+    let result = futures::stream::iter(files_futures)
         .buffer_unordered(opts.files_in_flight.max(1))
         .try_collect::<Vec<()>>()
         .await;

@@ -48,13 +48,33 @@ fn settings() -> Settings {
 
 /// An agent on node `n1` with tiny-sd1 as `tiny`, its API on a real port.
 async fn node() -> Node {
+    node_with(true, None).await
+}
+
+/// An agent on node `n1`, with tiny-sd1 as `tiny` if `tiny`, and a disk
+/// tier of `downloads` bytes in `.modelcache/downloads` if given.
+async fn node_with(tiny: bool, downloads: Option<u64>) -> Node {
     let dir = tempfile::tempdir().unwrap();
-    copy_dir(
-        &fixtures().join("tiny-sd1"),
-        &dir.path().join("models/tiny"),
+    let models = dir.path().join("models");
+    std::fs::create_dir_all(&models).unwrap();
+    if tiny {
+        copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+    }
+    let disk = downloads.map(|budget| {
+        modelcache_agent::fetch::disk::DiskTier::open(&models.join(".modelcache/downloads"), budget)
+            .unwrap()
+    });
+    let catalog = Catalog::scan_with(
+        &models,
+        disk.as_ref().map(|d| d.root()),
+        &dir.path().join("state"),
+        None,
     );
-    let catalog = Catalog::scan(&dir.path().join("models"), &dir.path().join("state"), None);
-    let core = Arc::new(Agent::new(CacheConfig::cpu(256 << 20, 256 << 20), catalog).unwrap());
+    let mut core = Agent::new(CacheConfig::cpu(256 << 20, 256 << 20), catalog).unwrap();
+    if let Some(disk) = disk {
+        core = core.with_downloads(disk, Default::default()).unwrap();
+    }
+    let core = Arc::new(core);
     let routes = Arc::new(Routes::default());
     let state = Arc::new(AppState::new(
         core.clone(),
@@ -131,9 +151,15 @@ async fn placement(
 
 /// POST over real HTTP (a blocking client on the blocking pool); returns the
 /// status and JSON body.
-/// The placement once it is no longer loading.
+/// The placement once it is no longer downloading or loading.
 async fn settled(agent: &ClusterAgent, key: &str) -> NodePlacement {
-    placement(agent, key, |p| p.phase != NodePlacementPhase::Loading).await
+    placement(agent, key, |p| {
+        !matches!(
+            p.phase,
+            NodePlacementPhase::Loading | NodePlacementPhase::Downloading
+        )
+    })
+    .await
 }
 
 async fn post(addr: &str, path: &str, body: &Value) -> (u16, Value) {
@@ -443,6 +469,167 @@ async fn a_pinned_hash_is_verified_before_ready() {
         status.local_models[0].sha256.as_deref(),
         Some(have.as_str())
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn models_no_node_has_are_downloaded_from_s3_converted_and_served() {
+    let Some(s3) = tokio::task::spawn_blocking(crate::fetch::Seaweed::start)
+        .await
+        .unwrap()
+    else {
+        return;
+    };
+    // A diffusers folder, and a single-file checkpoint with the folder of
+    // configs its tiny architecture needs beside it.
+    let folder = crate::fetch::tree(&fixtures().join("tiny-sd1"));
+    let mut objects: Vec<(String, Vec<u8>)> = folder
+        .iter()
+        .map(|(rel, b)| (format!("sd/tiny-sd1/{}", rel.display()), b.clone()))
+        .collect();
+    objects.push((
+        "ckpt/tiny/tiny.safetensors".into(),
+        std::fs::read(fixtures().join("tiny-sd1-single.safetensors")).unwrap(),
+    ));
+    objects.extend(
+        folder
+            .iter()
+            .filter(|(rel, _)| rel.extension().is_none_or(|e| e != "safetensors"))
+            .map(|(rel, b)| {
+                (
+                    format!("ckpt/tiny/tiny.config/{}", rel.display()),
+                    b.clone(),
+                )
+            }),
+    );
+    s3.upload(&objects).await;
+    let folder_bytes: u64 = folder.iter().map(|(_, b)| b.len() as u64).sum();
+
+    let n = node_with(false, Some(8 * folder_bytes)).await;
+    // The API server answers only the credentials Secret.
+    let (client, mut handle) = mock();
+    n.agent.use_client(client);
+    tokio::spawn(async move {
+        while let Some((req, send)) = handle.next_request().await {
+            let labelled = json!({"apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": "s3-keys", "namespace": "modelcache",
+                    "labels": {"modelcache.io/source-credentials": "true"}},
+                "stringData": {}, "data": {
+                    "AWS_ACCESS_KEY_ID": base64(crate::fetch::KEY),
+                    "AWS_SECRET_ACCESS_KEY": base64(crate::fetch::SECRET)}});
+            match req.uri().path() {
+                "/api/v1/namespaces/modelcache/secrets/s3-keys" => reply(send, 200, &labelled),
+                _ => reply(
+                    send,
+                    404,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "secrets not found"}),
+                ),
+            }
+        }
+    });
+    let remote = |name: &str, path: &str, url: &str, extra: Value| {
+        let mut model = json!({"path": path, "source": {"url": url, "endpoint": s3.endpoint, "secretName": "s3-keys"}});
+        let m = model.as_object_mut().unwrap();
+        m.extend(extra.as_object().unwrap().clone());
+        deployment(
+            name,
+            path,
+            json!({"model": model, "defaults": {"steps": 2, "width": 64, "height": 64}}),
+            &["n1"],
+        )
+    };
+    let wrong = "0".repeat(64);
+    let _events = follow(
+        &n.agent,
+        vec![
+            remote("folder", "hub/tiny", "s3://models/sd/tiny-sd1", json!({})),
+            remote("twice", "hub/tiny", "s3://models/sd/tiny-sd1", json!({})),
+            remote("ckpt", "hub/ckpt", "s3://models/ckpt/tiny", json!({})),
+            remote(
+                "pinned",
+                "hub/pinned",
+                "s3://models/sd/tiny-sd1",
+                json!({"sha256": wrong}),
+            ),
+            remote(
+                "nokeys",
+                "hub/other",
+                "s3://models/sd/tiny-sd1",
+                json!({"source": {"url": "s3://models/sd/tiny-sd1", "endpoint": s3.endpoint, "secretName": "absent"}}),
+            ),
+        ],
+    );
+    for key in ["ml/folder", "ml/twice", "ml/ckpt"] {
+        let p = settled(&n.agent, key).await;
+        assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
+        assert_eq!(p.download, None, "progress is shown only while downloading");
+    }
+    let status = n.agent.status();
+    let format = |path: &str| {
+        status
+            .local_models
+            .iter()
+            .find(|l| l.path == path)
+            .map(|l| l.format)
+    };
+    assert_eq!(format("hub/tiny"), Some(ModelFormat::Diffusers));
+    assert_eq!(
+        format("hub/ckpt"),
+        Some(ModelFormat::Checkpoint),
+        "reported under the deployment's path"
+    );
+    for model in ["folder", "ckpt"] {
+        let (code, body) = post(
+            &n.api,
+            "/v1/images/generations",
+            &json!({"model": model, "prompt": "a lighthouse"}),
+        )
+        .await;
+        assert_eq!(code, 200, "{body}");
+        assert_eq!(
+            png_size(body["data"][0]["b64_json"].as_str().unwrap()),
+            (64, 64)
+        );
+    }
+
+    // A pinned hash the download does not have: both hashes, nothing left behind.
+    let p = settled(&n.agent, "ml/pinned").await;
+    assert_eq!(p.phase, NodePlacementPhase::Failed);
+    let msg = p.message.unwrap_or_default();
+    assert!(
+        msg.contains(&wrong) && msg.contains("the download was deleted"),
+        "{msg}"
+    );
+    let downloads = n._dir.path().join("models/.modelcache/downloads/hub");
+    let mut left: Vec<String> = std::fs::read_dir(&downloads)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["ckpt", "tiny"], "only the good downloads stay");
+
+    // A Secret that is not there: named, with nothing secret in the message.
+    let p = settled(&n.agent, "ml/nokeys").await;
+    let msg = p.message.unwrap_or_default();
+    assert!(
+        msg.contains("\"absent\"") && !msg.contains(crate::fetch::SECRET),
+        "{msg}"
+    );
+
+    // Two placements of one model, one download: three in all succeeded.
+    let metrics = n.agent.agent.metrics.render();
+    assert!(
+        metrics.contains("modelcache_downloads_total{result=\"ok\",source=\"s3\"} 3"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("modelcache_disk_cache_capacity_bytes"),
+        "{metrics}"
+    );
+}
+
+fn base64(s: &str) -> String {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.encode(s)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 /// Files served over HTTP with ranges; `cuts` responses in a row stop after
 /// `cut_after` bytes, dropping the connection mid-body.
-struct Served {
+pub(crate) struct Served {
     files: HashMap<String, Vec<u8>>,
     cuts: AtomicU32,
     cut_after: u64,
     /// Body bytes handed to the connection.
-    sent: AtomicU64,
+    pub(crate) sent: AtomicU64,
 }
 
 /// The head of an answer to a GET or HEAD of `data` that honours a `Range`
@@ -127,7 +127,7 @@ fn spawn_server(app: axum::Router) -> std::net::SocketAddr {
 }
 
 /// Serves `served` under `/files/`; returns that base URL.
-fn http_server(served: Arc<Served>) -> String {
+pub(crate) fn http_server(served: Arc<Served>) -> String {
     let app = axum::Router::new()
         .route("/files/{name}", axum::routing::get(serve_file))
         .with_state(served);
@@ -164,7 +164,7 @@ fn small_chunks() -> Options {
     }
 }
 
-fn served(name: &str, data: Vec<u8>, cuts: u32, cut_after: u64) -> Arc<Served> {
+pub(crate) fn served(name: &str, data: Vec<u8>, cuts: u32, cut_after: u64) -> Arc<Served> {
     Arc::new(Served {
         files: HashMap::from([(name.to_string(), data)]),
         cuts: AtomicU32::new(cuts),
@@ -590,14 +590,14 @@ fn a_hugging_face_repository_downloads_its_pipeline_with_a_token() {
 
 /// A SeaweedFS server (`weed mini`) with one bucket and one key pair,
 /// stopped by its PID when dropped.
-struct Seaweed {
+pub(crate) struct Seaweed {
     child: Child,
-    endpoint: String,
+    pub(crate) endpoint: String,
     _dir: tempfile::TempDir,
 }
 
-const KEY: &str = "modelcache";
-const SECRET: &str = "modelcache-secret-4f1c";
+pub(crate) const KEY: &str = "modelcache";
+pub(crate) const SECRET: &str = "modelcache-secret-4f1c";
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
@@ -610,7 +610,7 @@ fn free_port() -> u16 {
 impl Seaweed {
     /// `None` where `weed` is not installed (`.ci/install-tools.sh` installs
     /// it into `.ci/venv`).
-    fn start() -> Option<Seaweed> {
+    pub(crate) fn start() -> Option<Seaweed> {
         let venv = crate::api::repo().join(".ci/venv/bin/weed");
         let weed = if venv.exists() {
             venv
@@ -671,6 +671,41 @@ impl Seaweed {
         Some(server)
     }
 
+    /// Puts `objects` (key, bytes) into the bucket `models` with the same
+    /// signed S3 protocol the agent reads with; waits for the bucket, which
+    /// may take a moment after the port opens.
+    pub(crate) async fn upload(&self, objects: &[(String, Vec<u8>)]) {
+        let b = object_store::aws::AmazonS3Builder::new()
+            .with_bucket_name("models")
+            .with_endpoint(&self.endpoint)
+            .with_allow_http(true)
+            .with_region("us-east-1")
+            .with_access_key_id(KEY)
+            .with_secret_access_key(SECRET)
+            .with_http_connector(fetch::connector::HyperConnector::default())
+            .build()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for (key, bytes) in objects {
+            loop {
+                let put = b
+                    .put(
+                        &object_store::path::Path::from(key.as_str()),
+                        bytes.clone().into(),
+                    )
+                    .await;
+                match put {
+                    Ok(_) => break,
+                    Err(e) if Instant::now() < deadline => {
+                        eprintln!("waiting for SeaweedFS: {e}");
+                        tokio::time::sleep(Duration::from_millis(500)).await;
+                    }
+                    Err(e) => panic!("{e}"),
+                }
+            }
+        }
+    }
+
     fn access(&self, secret: &str) -> Access {
         Access {
             endpoint: Some(self.endpoint.clone()),
@@ -690,7 +725,7 @@ impl Drop for Seaweed {
 }
 
 /// Every file under `dir`, by path relative to it.
-fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
+pub(crate) fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
     while let Some(d) = stack.pop() {
@@ -715,43 +750,13 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
     let model = fixtures().join("tiny-sd1");
     let files = tree(&model);
     let single = std::fs::read(fixtures().join("tiny-sd1-single.safetensors")).unwrap();
-    // Uploaded with the same signed S3 protocol the agent reads with.
-    rt.block_on(async {
-        let b = object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name("models")
-            .with_endpoint(&s3.endpoint)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id(KEY)
-            .with_secret_access_key(SECRET)
-            .with_http_connector(fetch::connector::HyperConnector::default())
-            .build()
-            .unwrap();
-        // The bucket may take a moment after the port opens.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let put = b
-                .put(
-                    &object_store::path::Path::from("checkpoints/tiny.safetensors"),
-                    single.clone().into(),
-                )
-                .await;
-            match put {
-                Ok(_) => break,
-                Err(e) if Instant::now() < deadline => {
-                    eprintln!("waiting for SeaweedFS: {e}");
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                }
-                Err(e) => panic!("{e}"),
-            }
-        }
-        for (rel, bytes) in &files {
-            let key = format!("sd/tiny-sd1/{}", rel.display());
-            b.put(&object_store::path::Path::from(key), bytes.clone().into())
-                .await
-                .unwrap();
-        }
-    });
+    let mut objects = vec![("checkpoints/tiny.safetensors".to_string(), single.clone())];
+    objects.extend(
+        files
+            .iter()
+            .map(|(rel, bytes)| (format!("sd/tiny-sd1/{}", rel.display()), bytes.clone())),
+    );
+    rt.block_on(s3.upload(&objects));
     let dir = tempfile::tempdir().unwrap();
 
     // Lists `url` and downloads it into `name`: the number of files.
