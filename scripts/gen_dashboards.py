@@ -101,7 +101,7 @@ def quantiles(metric, by, sel, legend):
 cache = dashboard(
     "modelcache-cache",
     "modelcache / Cache",
-    "The two-tier model cache on each node: use against capacity, hit ratio, evictions, load and move latency.",
+    "The model cache on each node: the RAM and VRAM tiers' use against capacity, hit ratio, evictions, load and move latency; the disk tier's downloads.",
     True,
     [
         panel(1, "RAM tier: used vs capacity", [
@@ -128,6 +128,18 @@ cache = dashboard(
             ("sum by (node, device) (modelcache_device_cache_capacity_bytes{%s})" % AGENT, "budget {{device}} {{node}}"),
             ('sum by (node, device) (modelcache_device_memory_free_bytes{%s})' % AGENT, "free {{device}} {{node}}"),
         ], 0, 24, w=24, unit="bytes", description="One device tier per GPU. Free memory is the driver's figure (on CPU-only nodes, the host's available memory); cached bytes stay under the budget."),
+        panel(8, "Downloads: disk tier used vs budget", [
+            ("sum by (node) (modelcache_disk_cache_bytes{%s})" % AGENT, "used {{node}}"),
+            ("sum by (node) (modelcache_disk_cache_capacity_bytes{%s})" % AGENT, "budget {{node}}"),
+        ], 0, 32, unit="bytes", description="Models downloaded from spec.model.source (and room held for downloads in progress) against --disk-cache-bytes; the least recently used unplaced downloads are deleted for room."),
+        panel(9, "Downloads: bytes per second by source", [
+            ("sum by (node, source) (rate(modelcache_download_bytes_total{%s}[%s]))" % (AGENT, RI), "{{source}} {{node}}"),
+        ], 12, 32, unit="Bps", description="Counted when a download completes; a resumed download counts only what it fetched."),
+        panel(10, "Downloads: duration", quantiles("modelcache_download_seconds", "source", AGENT, "{{source}}"), 0, 40, unit="s"),
+        panel(11, "Downloads: finished in the last hour, and running", [
+            ("sum by (node, source, result) (increase(modelcache_downloads_total{%s}[1h]))" % AGENT, "{{result}} {{source}} {{node}}"),
+            ("sum by (node) (modelcache_downloads_in_progress{%s})" % AGENT, "running {{node}}"),
+        ], 12, 40, description="Failed downloads keep their placement Failed (retried with backoff); the ModelcacheDownloadsFailing alert fires at three in 30 minutes."),
     ],
 )
 

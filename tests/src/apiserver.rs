@@ -103,6 +103,14 @@ const KINDS: &[Kind] = &[
     Kind {
         group: "",
         version: "v1",
+        plural: "secrets",
+        kind: "Secret",
+        namespaced: true,
+        status_subresource: false,
+    },
+    Kind {
+        group: "",
+        version: "v1",
         plural: "events",
         kind: "Event",
         namespaced: true,

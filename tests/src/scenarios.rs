@@ -10,10 +10,11 @@
 //! placement on the node that has the model and generation through the
 //! EndpointSlice; residency preference; agent death and return; operator
 //! restart; scale to zero and back; priority preemption; invalid resources and
-//! a missing model.
+//! a missing model; a model no node has, downloaded from S3.
 
 use crate::kube::{Component, Kube};
 use crate::process::{binary, Proc};
+use crate::s3::{self, Seaweed};
 use crate::{copy_dir, free_port, http_get, repo, Prometheus};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -725,6 +726,47 @@ pub fn run<K: Kube>(api: &K) {
         msg.contains("sdxl/missing.safetensors") && msg.contains("n1, n2, n3"),
         "{msg}"
     );
+
+    // 8. A model no node has, named by its S3 source: placed anyway, downloaded
+    // by each agent it is placed on with the labelled Secret the chart lets
+    // them read, then Ready, reported and serving.
+    let s3 = Seaweed::start();
+    s3.upload_dir(&repo().join("tests/fixtures/tiny-sd1"), "sd/tiny-sd1");
+    let secret = json!({"apiVersion": "v1", "kind": "Secret",
+        "metadata": {"name": "modelcache-source-credentials", "namespace": "modelcache",
+            "labels": {"modelcache.io/source-credentials": "true"}},
+        "stringData": {"AWS_ACCESS_KEY_ID": s3::KEY, "AWS_SECRET_ACCESS_KEY": s3::SECRET}});
+    let (code, body) = c.api.send(
+        "POST",
+        "/api/v1/namespaces/modelcache/secrets",
+        Some(&secret),
+    );
+    assert_eq!(code, 201, "{body}");
+    let source = json!({"url": "s3://models/sd/tiny-sd1", "endpoint": s3.endpoint,
+        "secretName": "modelcache-source-credentials"});
+    let (code, body) = c.create(
+        json!({"model": {"path": "hub/tiny-sd1", "source": source}, "replicas": 2}),
+        "remote",
+    );
+    assert_eq!(code, 201, "{body}");
+    let nodes = c.wait_ready("remote", 2);
+    let downloads: usize = nodes
+        .iter()
+        .map(|n| {
+            let metrics = c.metrics(n);
+            usize::from(
+                metrics.contains("modelcache_downloads_total{result=\"ok\",source=\"s3\"} 1"),
+            )
+        })
+        .sum();
+    assert_eq!(downloads, 2, "each node it is placed on downloads it once");
+    let resolved = c.condition("remote", "Resolved");
+    assert_eq!(resolved["reason"], "ModelFound", "{resolved}");
+    let endpoints = c.wait("remote's EndpointSlice", Duration::from_secs(30), || {
+        Some(c.endpoints("remote")).filter(|e| e.len() == 2)
+    });
+    let (code, reply) = generate(&endpoints[0], "remote");
+    assert_eq!(code, 200, "{reply}");
 
     // The Scheduler dashboard's panels return data from a real Prometheus scraping this operator.
     let target = format!("127.0.0.1:{}", c.operator_metrics);

@@ -320,6 +320,27 @@ fn rbac_grants_each_component_only_what_it_uses() {
             "no wildcards: {resource} {verbs:?}"
         );
     }
+    // Agents read source credentials only from the Secrets the values name.
+    let secrets = |docs: &[Value]| -> Vec<(Vec<String>, Vec<String>)> {
+        docs.iter()
+            .filter(|d| d["kind"] == "Role" && d["metadata"]["name"] == "mc-modelcache-agent")
+            .flat_map(|d| serde_json::from_value::<Vec<PolicyRule>>(d["rules"].clone()).unwrap())
+            .filter(|r| r.resources.iter().flatten().any(|res| res == "secrets"))
+            .map(|r| (r.resource_names.unwrap_or_default(), r.verbs))
+            .collect()
+    };
+    assert_eq!(
+        secrets(&docs),
+        [(
+            vec!["modelcache-source-credentials".to_string()],
+            vec!["get".to_string()]
+        )]
+    );
+    let none = manifests(&template(&[
+        "--set",
+        "agent.sourceCredentials.secretNames=null",
+    ]));
+    assert!(secrets(&none).is_empty(), "{:?}", secrets(&none));
 }
 
 #[test]

@@ -1,6 +1,7 @@
 //! Every agent dashboard panel's query, with Grafana's variables substituted,
 //! runs against a real Prometheus server that scrapes a running agent which
-//! has served requests, switched models and shed load; a panel whose query
+//! has downloaded a model from a real S3 server, served requests, switched
+//! models and shed load; a panel whose query
 //! returns nothing fails. The Scheduler dashboard is checked here to parse
 //! (promtool) and to name only operator metrics; `e2e.rs` runs its queries
 //! against a Prometheus scraping the operator of the end-to-end cluster.
@@ -9,7 +10,10 @@ use modelcache_agent::agent::Agent;
 use modelcache_agent::api::{self, AppState, Limits, Queue};
 use modelcache_agent::cache::CacheConfig;
 use modelcache_agent::catalog::Catalog;
+use modelcache_agent::fetch::disk::DiskTier;
+use modelcache_agent::fetch::{Access, Source};
 use modelcache_agent::routes::Routes;
+use modelcache_tests::s3::{Seaweed, KEY, SECRET};
 use modelcache_tests::{copy_dir, repo, run, tool, Prometheus};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -61,11 +65,26 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
     let fixture = repo().join("tests/fixtures/tiny-sd1");
     copy_dir(&fixture, &dir.path().join("models/tiny"));
     copy_dir(&fixture, &dir.path().join("models/tiny2"));
+    // A model for the disk tier to download, for the download panels.
+    let s3 = Seaweed::start();
+    s3.upload_dir(&fixture, "sd/tiny");
     let rt = tokio::runtime::Runtime::new().unwrap();
-    let (api_addr, metrics_addr) = rt.block_on(async {
-        let catalog = Catalog::scan(&dir.path().join("models"), &dir.path().join("state"), None);
+    let (api_addr, metrics_addr, agent) = rt.block_on(async {
+        let downloads = dir.path().join("downloads");
+        let disk = DiskTier::open(&downloads, 1 << 30).unwrap();
+        let catalog = Catalog::scan_with(
+            &dir.path().join("models"),
+            Some(&downloads),
+            &dir.path().join("state"),
+            None,
+        );
         // Room for about one tiny pipeline per tier: switching models evicts.
-        let agent = Arc::new(Agent::new(CacheConfig::cpu(24 << 20, 24 << 20), catalog).unwrap());
+        let agent = Arc::new(
+            Agent::new(CacheConfig::cpu(24 << 20, 24 << 20), catalog)
+                .unwrap()
+                .with_downloads(disk, Default::default())
+                .unwrap(),
+        );
         let metrics = agent.metrics.clone();
         let state = Arc::new(AppState::new(
             agent,
@@ -81,11 +100,12 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
             mon.local_addr().unwrap().to_string(),
         );
         let (queue, ready) = (state.queue.clone(), state.ready.clone());
+        let agent = state.agent.clone();
         tokio::spawn(
             async move { axum::serve(mon, api::metrics_router(metrics, queue, ready)).await },
         );
         tokio::spawn(async move { axum::serve(api, api::router(state)).await });
-        addrs
+        (addrs.0, addrs.1, agent)
     });
     let prom = Prometheus::start(&[(
         &metrics_addr,
@@ -97,6 +117,19 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
         !prom.wait_for("up == 1", Duration::from_secs(30)).is_empty(),
         "agent never scraped"
     );
+
+    // Download a model into the disk tier.
+    let access = Access {
+        endpoint: Some(s3.endpoint.clone()),
+        region: Some("us-east-1".into()),
+        access_key_id: Some(KEY.into()),
+        secret_access_key: Some(SECRET.into()),
+        token: None,
+    };
+    let source: Source = "s3://models/sd/tiny".parse().unwrap();
+    let fetcher = agent.fetcher.as_ref().unwrap();
+    rt.block_on(fetcher.fetch("hub/tiny", &source, &access, &|_| false))
+        .unwrap();
 
     // Serve, switch models (loads, moves, evictions), then overload the queue (429s).
     let req = |model: &str, steps: u32| json!({"model": model, "prompt": "a lighthouse", "size": "64x64", "steps": steps, "seed": 3});
