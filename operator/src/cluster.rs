@@ -4,7 +4,7 @@
 //! deployments a change on a node concerns. Pure functions over values: the
 //! controller passes the reflector stores' contents in, tests pass objects.
 
-use crate::scheduler::{self, Assignment, Sizes, Taint, Toleration};
+use crate::scheduler::{self, Assignment, Fetch, Sizes, Taint, Toleration};
 use k8s_openapi::api::coordination::v1::Lease;
 use k8s_openapi::api::core::v1::Node;
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
@@ -255,7 +255,7 @@ pub fn scheduler_deployment(md: &ModelDeployment, size: Sizes) -> scheduler::Dep
                     .collect()
             })
             .unwrap_or_default(),
-        downloadable: spec.model.source.is_some(),
+        fetch: spec.model.source.as_ref().map(|_| Fetch::Source),
     }
 }
 

@@ -270,7 +270,7 @@ async fn schedule(
         })
         .collect();
     let target = deployments.len();
-    deployments.push(cluster::scheduler_deployment(
+    let mut this = cluster::scheduler_deployment(
         md,
         // Unknown until a node reports the first download: placed by the
         // nodes' other constraints, then kept while it fits.
@@ -278,7 +278,12 @@ async fn schedule(
             .info
             .as_ref()
             .map_or(scheduler::Sizes::uniform(0), cluster::sizes_of),
-    ));
+    );
+    if this.fetch.is_some() && !model.nodes.is_empty() {
+        // A node without a copy gets it from one that has it.
+        this.fetch = Some(scheduler::Fetch::Peer);
+    }
+    deployments.push(this);
     let t0 = Instant::now();
     let mut decisions = scheduler::plan_for(&nodes, &deployments, target, ctx.config.options);
     ctx.metrics

@@ -194,6 +194,9 @@ struct SourceArgs {
     /// Seconds before a download's first byte (listing, connecting).
     #[arg(long, env = "MODELCACHE_SOURCE_LATENCY_SECONDS", default_value_t = 1.0)]
     source_latency_seconds: f64,
+    /// Bytes/s one node copies a model from another node at.
+    #[arg(long, env = "MODELCACHE_PEER_BYTES_PER_SECOND", default_value_t = scheduler::DEFAULT_PEER_BPS)]
+    peer_bytes_per_second: f64,
 }
 
 impl SourceArgs {
@@ -203,6 +206,7 @@ impl SourceArgs {
             strategy,
             source_bps: self.source_bytes_per_second.max(1.0),
             source_latency_s: self.source_latency_seconds.max(0.0),
+            peer_bps: self.peer_bytes_per_second.max(1.0),
         }
     }
 }
@@ -311,8 +315,9 @@ fn print_report(title: &str, r: &simulate::Report) {
     );
     if r.downloads > 0 {
         println!(
-            "  downloads from remote storage {}: {:.1} GiB of egress",
+            "  downloads {}: {} copied from another node, {:.1} GiB of egress from remote storage",
             r.downloads,
+            r.peer_copies,
             r.source_bytes as f64 / (1u64 << 30) as f64
         );
     }

@@ -81,8 +81,19 @@ pub struct Deployment {
     pub spread_key: Option<String>,
     /// Placements from the last decision, kept while feasible.
     pub current: Vec<Assignment>,
-    /// The model has a remote source: a node without a copy may download it.
-    pub downloadable: bool,
+    /// How a node without a copy gets the model, if it may: `None` when the
+    /// model has no remote source.
+    pub fetch: Option<Fetch>,
+}
+
+/// Where a node without a copy of a model gets one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fetch {
+    /// From its remote source: no node has it yet.
+    Source,
+    /// From a node that has it (the agents copy from each other), falling
+    /// back to the source.
+    Peer,
 }
 
 /// What a deployment's weights (its model with its refiner and VAE override)
@@ -169,10 +180,16 @@ pub struct Options {
     pub source_bps: f64,
     /// Seconds a download takes before its first byte (listing, connecting).
     pub source_latency_s: f64,
+    /// Bytes/s a node copies a model from another node at.
+    pub peer_bps: f64,
 }
 
 /// A node's share of a 10 Gb/s link to object storage.
 pub const DEFAULT_SOURCE_BPS: f64 = 1.25e9;
+/// A 25 Gb/s link between nodes.
+pub const DEFAULT_PEER_BPS: f64 = 3.125e9;
+/// Seconds before a copy from another node starts (asking it for its files).
+pub const PEER_LATENCY_S: f64 = 0.1;
 
 impl Default for Options {
     fn default() -> Self {
@@ -181,6 +198,7 @@ impl Default for Options {
             strategy: Strategy::Spread,
             source_bps: DEFAULT_SOURCE_BPS,
             source_latency_s: 1.0,
+            peer_bps: DEFAULT_PEER_BPS,
         }
     }
 }
@@ -306,7 +324,7 @@ impl<'a> State<'a> {
         }) {
             return Err(Reject::Taint);
         }
-        if !d.downloadable && !n.has(&d.model) {
+        if d.fetch.is_none() && !n.has(&d.model) {
             return Err(Reject::NoModel);
         }
         Ok(())
@@ -377,11 +395,13 @@ impl<'a> State<'a> {
             Some(Tier::Vram) => 0.0,
             Some(Tier::Ram) => to_dev,
             _ if n.has(&d.model) => from_disk,
-            // Downloaded first (the file written is read back from the page cache).
+            // Copied first (the file written is read back from the page cache).
             _ => {
-                self.opts.source_latency_s
-                    + d.size.ram as f64 / self.opts.source_bps.max(1.0)
-                    + to_dev
+                let (latency, bps) = match d.fetch {
+                    Some(Fetch::Peer) => (PEER_LATENCY_S, self.opts.peer_bps),
+                    _ => (self.opts.source_latency_s, self.opts.source_bps),
+                };
+                latency + d.size.ram as f64 / bps.max(1.0) + to_dev
             }
         }
     }
@@ -758,7 +778,7 @@ mod tests {
             max_per_node: 1,
             spread_key: None,
             current: Vec::new(),
-            downloadable: false,
+            fetch: None,
         }
     }
 
@@ -831,7 +851,7 @@ mod tests {
         let out = plan(&nodes, std::slice::from_ref(&d), Options::default());
         assert_eq!(nodes_of(&out[0]), ["b"], "without a source only b has it");
         assert_eq!(out[0].unplaced, 2);
-        d.downloadable = true;
+        d.fetch = Some(Fetch::Source);
         let out = plan(&nodes, &[d], Options::default());
         assert_eq!(out[0].unplaced, 0);
         assert_eq!(nodes_of(&out[0])[0], "b", "the copy on disk is cheapest");
@@ -843,6 +863,18 @@ mod tests {
         let (local, remote) = (st.load_seconds(1, &d), st.load_seconds(0, &d));
         let expected = 1.0 + (5 * G) as f64 / DEFAULT_SOURCE_BPS - (5 * G) as f64 / 2e9;
         assert!((remote - local - expected).abs() < 1e-9, "{remote} {local}");
+        // A copy from another node costs the peer link instead, and wins over the source.
+        let peer = Deployment {
+            fetch: Some(Fetch::Peer),
+            ..dep("ns/x", "m", 1, WarmTier::None)
+        };
+        let source = Deployment {
+            fetch: Some(Fetch::Source),
+            ..peer.clone()
+        };
+        let expected = PEER_LATENCY_S + (5 * G) as f64 / DEFAULT_PEER_BPS - (5 * G) as f64 / 2e9;
+        assert!((st.load_seconds(0, &peer) - local - expected).abs() < 1e-9);
+        assert!(st.load_seconds(0, &peer) < st.load_seconds(0, &source));
     }
 
     #[test]

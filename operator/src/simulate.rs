@@ -2,7 +2,7 @@
 //! node's cache (VRAM and RAM tiers, LRU), on a Zipf-popular stream of
 //! deployments and requests. Users plan capacity with it; we benchmark with it.
 
-use crate::scheduler::{self, Deployment, Node, Options, Sizes};
+use crate::scheduler::{self, Deployment, Fetch, Node, Options, Sizes};
 use modelcache_crds::{PlacementRole, Tier, WarmTier};
 use modelcache_support::SplitMix64;
 use serde::Deserialize;
@@ -279,6 +279,8 @@ pub struct Report {
     pub downloads: usize,
     /// Bytes those downloads read from remote storage: the cluster's egress.
     pub source_bytes: u64,
+    /// Downloads copied from another node's disk tier instead (no egress).
+    pub peer_copies: usize,
     pub latency_p50: f64,
     pub latency_p99: f64,
     pub decisions_per_second: f64,
@@ -329,10 +331,13 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
         ram_moves: 0,
         downloads: 0,
         source_bytes: 0,
+        peer_copies: 0,
         latency_p50: 0.0,
         latency_p99: 0.0,
         decisions_per_second: 0.0,
     };
+    // Disk tiers holding each model: a node without it copies from one of them.
+    let mut on_disks: HashMap<usize, usize> = HashMap::new();
     let mut latencies = Vec::new();
     let mut decide_seconds = 0.0;
     for a in 0..trace.arrivals {
@@ -350,7 +355,11 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
             max_per_node: 1,
             spread_key: None,
             current: Vec::new(),
-            downloadable: true,
+            fetch: Some(if on_disks.get(&m).is_some_and(|n| *n > 0) {
+                Fetch::Peer
+            } else {
+                Fetch::Source
+            }),
         };
         let t = Instant::now();
         let decision = scheduler::plan(&nodes, std::slice::from_ref(&d), opts).remove(0);
@@ -387,9 +396,21 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
                     if let Some(disk) = &mut disks[node] {
                         if !disk.touch(m) {
                             report.downloads += 1;
-                            report.source_bytes += size;
-                            l += opts.source_latency_s + size as f64 / opts.source_bps;
+                            let holders = on_disks.entry(m).or_default();
+                            if *holders > 0 {
+                                report.peer_copies += 1;
+                                l += scheduler::PEER_LATENCY_S + size as f64 / opts.peer_bps;
+                            } else {
+                                report.source_bytes += size;
+                                l += opts.source_latency_s + size as f64 / opts.source_bps;
+                            }
+                            *holders += 1;
                             let evicted = disk.insert(m, size);
+                            for e in &evicted {
+                                if let Some(n) = on_disks.get_mut(e) {
+                                    *n = n.saturating_sub(1);
+                                }
+                            }
                             if let Some(local) = &mut nodes[node].local {
                                 for e in evicted {
                                     local.remove(&format!("models/m{e}"));
@@ -465,7 +486,7 @@ pub fn synthetic_deployments(count: usize, models: usize, seed: u64) -> Vec<Depl
                 max_per_node: 1,
                 spread_key: (i % 5 == 0).then(|| "topology.kubernetes.io/zone".to_string()),
                 current: Vec::new(),
-                downloadable: false,
+                fetch: None,
             }
         })
         .collect()
@@ -507,7 +528,15 @@ mod tests {
             "at most one download per model and node: {}",
             roomy.downloads
         );
-        assert_eq!(roomy.source_bytes, roomy.downloads as u64 * 4 * G);
+        assert_eq!(
+            roomy.source_bytes,
+            (roomy.downloads - roomy.peer_copies) as u64 * 4 * G,
+            "copies between nodes cost no egress"
+        );
+        assert!(
+            roomy.source_bytes <= 12 * 4 * G,
+            "each model leaves remote storage at most once while the disks hold it"
+        );
         for n in &mut cluster.nodes {
             n.disk_cache_bytes = Some(4 * G);
         }

@@ -67,7 +67,7 @@ proptest! {
             tolerations: if tolerate { vec![Toleration { key: "nvidia.com/gpu".into(), operator: "Exists".into(), ..Default::default() }] } else { Vec::new() },
             max_per_node: per_node,
             spread_key: None,
-            current: Vec::new(), downloadable: false,
+            current: Vec::new(), fetch: None,
         }).collect();
         let out = plan(&nodes, &deps, Options::default());
         prop_assert_eq!(&out, &plan(&nodes, &deps, Options::default()), "deterministic");
