@@ -29,6 +29,8 @@ pub struct Settings {
     pub download_dir: PathBuf,
     /// The disk tier's budget; `None`: half its volume's free space at start.
     pub disk_cache_bytes: Option<u64>,
+    /// The cluster's token for copies between agents.
+    pub peer_token_file: Option<PathBuf>,
     pub state_dir: PathBuf,
     pub listen: String,
     pub metrics_listen: String,
@@ -228,25 +230,35 @@ pub fn serve(mut s: Settings) -> anyhow::Result<()> {
         s.tokenizer.as_deref(),
     );
     tracing::info!(models = catalog.entries().len(), dir = %s.models_dir.display(), "model search done");
+    let peer_token = match (&s.cluster, &s.peer_token_file) {
+        (Some(_), Some(f)) => {
+            Some(modelcache_support::read_secret(f).context("--peer-token-file")?)
+        }
+        _ => None,
+    };
     let mut agent = Agent::new(cache, catalog).context("registering metrics")?;
     if let Some(disk) = disk {
         agent = agent
             .with_downloads(disk, Default::default())
             .context("registering metrics")?;
+        agent.fetcher = agent.fetcher.map(|f| f.with_peer_token(peer_token.clone()));
     }
     let agent = Arc::new(agent);
     let routes = Arc::new(Routes::default());
-    let state = Arc::new(AppState::new(
-        agent.clone(),
-        routes.clone(),
-        Queue::new(s.concurrency, s.queue_size),
-        Limits {
-            max_pixel_steps: s.max_pixel_steps,
-            timeout: s.request_timeout,
-            ..Limits::default()
-        },
-        token,
-    ));
+    let state = Arc::new(
+        AppState::new(
+            agent.clone(),
+            routes.clone(),
+            Queue::new(s.concurrency, s.queue_size),
+            Limits {
+                max_pixel_steps: s.max_pixel_steps,
+                timeout: s.request_timeout,
+                ..Limits::default()
+            },
+            token,
+        )
+        .with_peer_token(peer_token),
+    );
     tokio::runtime::Runtime::new()?.block_on(run(s, agent, routes, state))
 }
 

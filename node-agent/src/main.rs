@@ -170,6 +170,7 @@ impl From<ServeArgs> for daemon::Settings {
                 .download_dir
                 .unwrap_or_else(|| a.models_dir.join(".modelcache/downloads")),
             disk_cache_bytes: a.disk_cache_bytes.0,
+            peer_token_file: a.peer_token_file,
             models_dir: a.models_dir,
             state_dir: a.state_dir,
             listen: a.listen,
@@ -364,6 +365,11 @@ struct ServeArgs {
     /// to make room; auto: half the free space of its volume at start.
     #[arg(long, env = "MODELCACHE_DISK_CACHE_BYTES", default_value = "auto", value_parser = parse_budget)]
     disk_cache_bytes: Budget,
+    /// File holding the cluster's peer token: agents that send it may copy
+    /// this node's models, and this agent copies from neighbours with it
+    /// before it downloads from a source (cluster mode).
+    #[arg(long, env = "MODELCACHE_PEER_TOKEN_FILE")]
+    peer_token_file: Option<PathBuf>,
     /// Search the models folder again this often, so that models copied in or
     /// removed are served (and reported) without a restart; 0 never.
     #[arg(long, env = "MODELCACHE_RESCAN_SECONDS", default_value_t = 60)]

@@ -232,6 +232,8 @@ impl<'k, K: Kube> Cluster<'k, K> {
                 "1",
             ])
             .args(["--ram-cache-bytes", "64Mi", "--vram-cache-bytes", "20Mi"])
+            .arg("--peer-token-file")
+            .arg(self.peer_token())
             .env("KUBECONFIG", &self.agent_kubeconfig)
             .env(
                 "RUST_LOG",
@@ -239,6 +241,15 @@ impl<'k, K: Kube> Cluster<'k, K> {
             );
         let log = self.dir.path().join(format!("{node}.log"));
         self.agents[i].3 = Some(Proc::spawn(&mut cmd, log));
+    }
+
+    /// The agents' shared token for copies between them.
+    fn peer_token(&self) -> PathBuf {
+        let path = self.dir.path().join("peer-token");
+        if !path.exists() {
+            std::fs::write(&path, "peer-token-of-the-test-cluster-7c1d").unwrap();
+        }
+        path
     }
 
     pub(crate) fn logs(&self) -> String {
@@ -727,9 +738,10 @@ pub fn run<K: Kube>(api: &K) {
         "{msg}"
     );
 
-    // 8. A model no node has, named by its S3 source: placed anyway, downloaded
-    // by each agent it is placed on with the labelled Secret the chart lets
-    // them read, then Ready, reported and serving.
+    // 8. A model no node has, named by its S3 source: placed anyway,
+    // downloaded with the labelled Secret the chart lets the agents read, then
+    // Ready, reported and serving; a second replica copies it from the first
+    // node instead of the bucket.
     let s3 = Seaweed::start();
     s3.upload_dir(&repo().join("tests/fixtures/tiny-sd1"), "sd/tiny-sd1");
     let secret = json!({"apiVersion": "v1", "kind": "Secret",
@@ -745,21 +757,25 @@ pub fn run<K: Kube>(api: &K) {
     let source = json!({"url": "s3://models/sd/tiny-sd1", "endpoint": s3.endpoint,
         "secretName": "modelcache-source-credentials"});
     let (code, body) = c.create(
-        json!({"model": {"path": "hub/tiny-sd1", "source": source}, "replicas": 2}),
+        json!({"model": {"path": "hub/tiny-sd1", "source": source}, "replicas": 1}),
         "remote",
     );
     assert_eq!(code, 201, "{body}");
-    let nodes = c.wait_ready("remote", 2);
-    let downloads: usize = nodes
-        .iter()
-        .map(|n| {
-            let metrics = c.metrics(n);
-            usize::from(
-                metrics.contains("modelcache_downloads_total{result=\"ok\",source=\"s3\"} 1"),
-            )
-        })
-        .sum();
-    assert_eq!(downloads, 2, "each node it is placed on downloads it once");
+    let first = c.wait_ready("remote", 1);
+    let downloaded = |node: &str, source: &str| {
+        c.metrics(node).contains(&format!(
+            "modelcache_downloads_total{{result=\"ok\",source=\"{source}\"}} 1"
+        ))
+    };
+    assert!(downloaded(&first[0], "s3"), "from the bucket");
+    c.patch_spec("remote", json!({"replicas": 2}));
+    let both = c.wait_ready("remote", 2);
+    let second = both.iter().find(|n| **n != first[0]).unwrap();
+    assert!(
+        downloaded(second, "peer") && !downloaded(second, "s3"),
+        "the second node copies from the first: {}",
+        c.metrics(second)
+    );
     let resolved = c.condition("remote", "Resolved");
     assert_eq!(resolved["reason"], "ModelFound", "{resolved}");
     let endpoints = c.wait("remote's EndpointSlice", Duration::from_secs(30), || {

@@ -128,7 +128,7 @@ fn agent_dashboard_panels_return_data_from_a_real_prometheus() {
     };
     let source: Source = "s3://models/sd/tiny".parse().unwrap();
     let fetcher = agent.fetcher.as_ref().unwrap();
-    rt.block_on(fetcher.fetch("hub/tiny", &source, &access, &|_| false))
+    rt.block_on(fetcher.fetch("hub/tiny", &source, &access, &[], &|_| false))
         .unwrap();
 
     // Serve, switch models (loads, moves, evictions), then overload the queue (429s).

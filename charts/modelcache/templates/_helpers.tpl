@@ -66,3 +66,8 @@ fsGroup: 65532
 seccompProfile:
   type: RuntimeDefault
 {{- end -}}
+
+{{/* The Secret holding the agents' peer token: the one named, or the chart's own. */}}
+{{- define "modelcache.peerTokenSecret" -}}
+{{- .Values.agent.peers.tokenSecret | default (printf "%s-peer-token" (include "modelcache.fullname" .)) -}}
+{{- end -}}

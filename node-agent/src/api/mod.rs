@@ -7,6 +7,7 @@
 
 pub mod edit;
 pub mod error;
+pub mod peer;
 pub mod queue;
 pub mod request;
 pub mod server;
@@ -53,6 +54,9 @@ pub struct AppState {
     pub token: Option<String>,
     /// What `/readyz` answers, on both ports.
     pub ready: Arc<AtomicBool>,
+    /// The token other agents send to copy models from this one
+    /// ([`peer`]); `None`: no copies are served.
+    pub peer_token: Option<String>,
 }
 
 impl AppState {
@@ -70,7 +74,14 @@ impl AppState {
             limits,
             token,
             ready: Arc::new(AtomicBool::new(true)),
+            peer_token: None,
         }
+    }
+
+    /// Serves copies of this node's models to agents that send `token`.
+    pub fn with_peer_token(mut self, token: Option<String>) -> Self {
+        self.peer_token = token;
+        self
     }
 }
 
@@ -86,6 +97,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         )
         .route("/v1/models", get(models))
         .route("/openapi.json", get(openapi))
+        .merge(peer::router())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(PropagateRequestIdLayer::x_request_id())

@@ -16,6 +16,7 @@ pub use placement::{desired, Desired};
 
 use crate::agent::Agent;
 use crate::cache::{CacheKey, TierKind};
+use crate::fetch::peer::Peer;
 use crate::routes::{Route, Routes};
 use futures::{Stream, StreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -25,7 +26,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use kube::{Client, Resource};
+use kube::{Client, Resource, ResourceExt};
 use modelcache_crds::*;
 use placement::{PlacementError, Prepared};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -80,6 +81,11 @@ pub struct ClusterAgent {
     /// The API client, once [`ClusterAgent::run`] has one: credentials
     /// Secrets are read through it.
     client: std::sync::OnceLock<Client>,
+    /// The ModelNodes (from [`ClusterAgent::run`]'s watch): which neighbours
+    /// have a model this node needs.
+    model_nodes: std::sync::OnceLock<Store<ModelNode>>,
+    /// The ModelDeployments [`ClusterAgent::follow`] reads.
+    deployments: std::sync::OnceLock<Store<ModelDeployment>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -125,6 +131,8 @@ impl ClusterAgent {
             started: Timestamp::now(),
             attempts: Default::default(),
             client: std::sync::OnceLock::new(),
+            model_nodes: std::sync::OnceLock::new(),
+            deployments: std::sync::OnceLock::new(),
         })
     }
 
@@ -136,10 +144,34 @@ impl ClusterAgent {
             Api::<ModelDeployment>::all(client.clone()),
             watcher::Config::default(),
         );
+        let (nodes, writer) = reflector::store();
+        let _ = self.model_nodes.set(nodes);
+        let node_events = reflector::reflector(
+            writer,
+            watcher(
+                Api::<ModelNode>::all(client.clone()),
+                watcher::Config::default(),
+            ),
+        );
+        let watch_nodes = async {
+            let mut backoff = Backoff::new();
+            futures::pin_mut!(node_events);
+            while let Some(ev) = node_events.next().await {
+                match ev {
+                    Ok(_) => backoff.reset(),
+                    Err(e) => {
+                        let wait = backoff.failed();
+                        tracing::warn!(error = %e, retry_in = ?wait, "watching ModelNodes");
+                        tokio::time::sleep(wait).await;
+                    }
+                }
+            }
+        };
         tokio::join!(
             self.clone().renew_lease(client.clone()),
             self.clone().report(client),
             self.follow(events),
+            watch_nodes,
         );
     }
 
@@ -156,6 +188,7 @@ impl ClusterAgent {
         events: impl Stream<Item = Result<watcher::Event<ModelDeployment>, watcher::Error>> + Send,
     ) {
         let (reader, writer) = reflector::store();
+        let _ = self.deployments.set(reader.clone());
         let stream = reflector::reflector(writer, events);
         futures::pin_mut!(stream);
         let mut retry = tokio::time::interval(Duration::from_secs(5));
@@ -314,8 +347,10 @@ impl ClusterAgent {
                     .is_some_and(|e| core.residency(&e.name, &entries).iter().any(|r| r.locked))
             }
         });
+        let peers = self.peers_waiting(d).await;
+        tracing::debug!(model = %d.path, ?peers, "neighbours with the model");
         fetcher
-            .fetch(&d.path, &parsed, &access, &*protected)
+            .fetch(&d.path, &parsed, &access, &peers, &*protected)
             .await?;
         let core = self.agent.clone();
         tokio::task::spawn_blocking(move || core.catalog.rescan())
@@ -323,6 +358,80 @@ impl ClusterAgent {
             .map_err(|e| PlacementError::Task(e.to_string()))?;
         self.set_phase(&d.key, attempt, NodePlacementPhase::Loading);
         Ok(())
+    }
+
+    /// Neighbours to copy the placement's model from: those that have it
+    /// now, or, when none does, an earlier node (by name) that is
+    /// downloading it, once it has finished; the later nodes wait for it
+    /// rather than all reading from the source (a fan-out).
+    async fn peers_waiting(&self, d: &Desired) -> Vec<Peer> {
+        const PATIENCE: Duration = Duration::from_secs(600);
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            let peers = self.peers(d);
+            if !peers.is_empty() || !self.downloading_before_me(d) || Instant::now() > deadline {
+                return peers;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+
+    /// Ready neighbours that report the placement's model (with its pinned
+    /// hash, if they verified one), those holding it in their cache first.
+    fn peers(&self, d: &Desired) -> Vec<Peer> {
+        let Some(nodes) = self.model_nodes.get() else {
+            return Vec::new();
+        };
+        let path = crate::fetch::normalize(&d.path);
+        let mut found: Vec<(bool, Peer)> = nodes
+            .state()
+            .iter()
+            .filter(|mn| mn.name_any() != self.settings.node_name)
+            .filter_map(|mn| {
+                let st = mn.status.as_ref()?;
+                let ready = st
+                    .conditions
+                    .iter()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                let local = st.local_models.iter().find(|l| l.path == path)?;
+                let hash_ok = match (&d.sha256, &local.sha256) {
+                    (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
+                    _ => true,
+                };
+                let endpoint = st.agent.as_ref()?.endpoint.clone();
+                let cold = !st.models.iter().any(|m| m.path == path);
+                (ready && hash_ok).then(|| {
+                    let node = mn.name_any();
+                    (cold, Peer { node, endpoint })
+                })
+            })
+            .collect();
+        found.sort_by(|a, b| (a.0, &a.1.node).cmp(&(b.0, &b.1.node)));
+        found.into_iter().take(3).map(|(_, p)| p).collect()
+    }
+
+    /// Whether a node whose name sorts before this one's is downloading the
+    /// placement's model (the order keeps two nodes from waiting for each other).
+    fn downloading_before_me(&self, d: &Desired) -> bool {
+        let (Some(nodes), Some(deployments)) = (self.model_nodes.get(), self.deployments.get())
+        else {
+            return false;
+        };
+        let path = crate::fetch::normalize(&d.path);
+        let same: HashSet<String> = deployments
+            .state()
+            .iter()
+            .filter(|md| crate::fetch::normalize(&md.spec.model.path) == path)
+            .map(|md| format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any()))
+            .collect();
+        nodes.state().iter().any(|mn| {
+            mn.name_any() < self.settings.node_name
+                && mn.status.as_ref().is_some_and(|st| {
+                    st.placements.iter().any(|p| {
+                        p.phase == NodePlacementPhase::Downloading && same.contains(&p.deployment)
+                    })
+                })
+        })
     }
 
     /// The credentials Secret `name` in the agents' namespace.

@@ -5,9 +5,11 @@
 //! counted in the metrics.
 
 use super::disk::{DiskError, DiskTier};
-use super::download::{download, DownloadError, Options};
+use super::download::{download, DownloadError, Options, RemoteFile};
+use super::peer::{self, Peer, PeerError};
 use super::store::{open, Access, StoreError};
 use super::Source;
+use object_store::ObjectStore;
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGauge, Opts, Registry};
 use std::collections::HashMap;
 use std::path::{Component, Path, PathBuf};
@@ -25,6 +27,8 @@ pub enum FetchError {
     Disk(#[from] DiskError),
     #[error("downloading: {0}")]
     Download(#[from] DownloadError),
+    #[error("copying from a neighbour: {0}")]
+    Peer(#[from] PeerError),
 }
 
 /// The download metrics (names are a contract with the dashboards and the alert).
@@ -44,7 +48,7 @@ impl FetchMetrics {
             bytes: IntCounterVec::new(
                 Opts::new(
                     "modelcache_download_bytes_total",
-                    "Bytes of model files downloaded, by where from (s3, hf, http)",
+                    "Bytes of model files downloaded, by where from (s3, hf, http, peer)",
                 ),
                 &["source"],
             )?,
@@ -105,6 +109,10 @@ pub struct Fetched {
 pub struct Fetcher {
     disk: DiskTier,
     options: Options,
+    /// Copies from neighbours give up sooner: the source is behind them.
+    peer_options: Options,
+    /// The cluster's token for neighbours' copies; `None`: never asked.
+    peer_token: Option<String>,
     flights: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     progress: Arc<Mutex<HashMap<String, Progress>>>,
     metrics: Option<FetchMetrics>,
@@ -143,13 +151,25 @@ impl Fetcher {
     pub fn new(disk: DiskTier, options: Options, metrics: Option<FetchMetrics>) -> Self {
         let f = Fetcher {
             disk,
+            peer_options: Options {
+                idle_timeout: std::time::Duration::from_secs(10),
+                attempts: 2,
+                ..options.clone()
+            },
             options,
+            peer_token: None,
             flights: Mutex::default(),
             progress: Arc::default(),
             metrics,
         };
         f.update_gauges();
         f
+    }
+
+    /// Copies models from neighbours that accept `token`.
+    pub fn with_peer_token(mut self, token: Option<String>) -> Self {
+        self.peer_token = token;
+        self
     }
 
     pub fn disk(&self) -> &DiskTier {
@@ -169,14 +189,17 @@ impl Fetcher {
         }
     }
 
-    /// Downloads the model `name` (a deployment's `model.path`) from
-    /// `source` unless the disk tier has it, making room by deleting least
-    /// recently used downloads that `protected` does not name.
+    /// Brings the model `name` (a deployment's `model.path`) into the disk
+    /// tier unless it is there: copied from the first of `peers` that
+    /// answers (with [`Self::with_peer_token`]), else downloaded from
+    /// `source`. Room is made by deleting least recently used downloads that
+    /// `protected` does not name.
     pub async fn fetch(
         &self,
         name: &str,
         source: &Source,
         access: &Access,
+        peers: &[Peer],
         protected: &(dyn Fn(&str) -> bool + Send + Sync),
     ) -> Result<Fetched, FetchError> {
         let name = normalize(name);
@@ -196,58 +219,122 @@ impl Fetcher {
                 transferred: 0,
             });
         }
-        let label = kind(source);
-        let started = Instant::now();
         if let Some(m) = &self.metrics {
             m.in_progress.inc();
         }
-        let result = self.download(name, source, access, protected, &dir).await;
+        let mut copied = None;
+        if let Some(token) = self.peer_token.as_deref() {
+            for p in peers {
+                let started = Instant::now();
+                let attempt = match peer::open(p, name, token).await {
+                    Ok((store, files)) => {
+                        let from = format!("node {}", p.node);
+                        self.transfer(
+                            name,
+                            &from,
+                            store,
+                            files,
+                            &self.peer_options,
+                            protected,
+                            &dir,
+                        )
+                        .await
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                self.count("peer", &attempt, started);
+                match attempt {
+                    Ok(t) => {
+                        copied = Some(t);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(model = name, peer = %p.node, error = %e, "copying from a neighbour failed; trying the next, then the source")
+                    }
+                }
+            }
+        }
+        let result = match copied {
+            Some(t) => Ok(t),
+            None => {
+                let started = Instant::now();
+                let result = match open(source, access).await {
+                    Ok((store, files)) => {
+                        let from = source.to_string();
+                        self.transfer(name, &from, store, files, &self.options, protected, &dir)
+                            .await
+                    }
+                    Err(e) => Err(e.into()),
+                };
+                self.count(kind(source), &result, started);
+                result
+            }
+        };
         lock(&self.progress).remove(name);
         self.update_gauges();
         if let Some(m) = &self.metrics {
             m.in_progress.dec();
-            let ok = result.is_ok();
-            m.downloads
-                .with_label_values(&[label, if ok { "ok" } else { "failed" }])
-                .inc();
-            if ok {
-                m.seconds
-                    .with_label_values(&[label])
-                    .observe(started.elapsed().as_secs_f64());
-            }
         }
-        let transferred = result?;
-        tracing::info!(model = name, %source, transferred, seconds = started.elapsed().as_secs_f64(), "downloaded");
-        Ok(Fetched { dir, transferred })
+        Ok(Fetched {
+            dir,
+            transferred: result?,
+        })
     }
 
-    async fn download(
+    /// Counts one attempt from `label` in the metrics.
+    fn count(&self, label: &str, result: &Result<u64, FetchError>, started: Instant) {
+        let Some(m) = &self.metrics else { return };
+        let ok = result.is_ok();
+        m.downloads
+            .with_label_values(&[label, if ok { "ok" } else { "failed" }])
+            .inc();
+        if let Ok(transferred) = result {
+            // Counted when complete: what a resumed download had is not counted twice.
+            m.bytes.with_label_values(&[label]).inc_by(*transferred);
+            m.seconds
+                .with_label_values(&[label])
+                .observe(started.elapsed().as_secs_f64());
+        }
+    }
+
+    /// Makes room for `files` and downloads them from `store` into `dir`.
+    #[allow(clippy::too_many_arguments)]
+    async fn transfer(
         &self,
         name: &str,
-        source: &Source,
-        access: &Access,
+        from: &str,
+        store: Arc<dyn ObjectStore>,
+        files: Vec<RemoteFile>,
+        options: &Options,
         protected: &(dyn Fn(&str) -> bool + Send + Sync),
         dir: &Path,
     ) -> Result<u64, FetchError> {
-        let (store, files) = open(source, access).await?;
         let total: u64 = files.iter().map(|f| f.size).sum();
         lock(&self.progress).insert(name.to_string(), (0, total));
         let room = self.disk.make_room(name, total, protected)?;
         self.update_gauges();
-        tracing::info!(model = name, %source, files = files.len(), bytes = total, "downloading");
+        tracing::info!(
+            model = name,
+            from,
+            files = files.len(),
+            bytes = total,
+            "downloading"
+        );
+        let started = Instant::now();
         let progress = self.progress.clone();
         let key = name.to_string();
         let report = move |done: u64, total: u64| {
             lock(&progress).insert(key.clone(), (done, total));
         };
-        let transferred = download(store, &files, dir, &self.options, &report).await?;
-        self.disk.finished(name, &source.to_string(), room)?;
-        // Counted when complete: what a resumed download had is not counted twice.
-        if let Some(m) = &self.metrics {
-            m.bytes
-                .with_label_values(&[kind(source)])
-                .inc_by(transferred);
-        }
+        let transferred = download(store, &files, dir, options, &report).await?;
+        self.disk.finished(name, from, room)?;
+        tracing::info!(
+            model = name,
+            from,
+            transferred,
+            seconds = started.elapsed().as_secs_f64(),
+            "downloaded"
+        );
         Ok(transferred)
     }
 

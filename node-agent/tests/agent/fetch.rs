@@ -658,3 +658,181 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
         .to_string();
     assert!(err.contains("nothing to download"), "{err}");
 }
+
+// ---------------------------------------------------------------- neighbours
+
+const PEER_TOKEN: &str = "peer-token-2b7e151628aed2a6";
+
+/// An agent serving tiny-sd1 as `hub/tiny` to neighbours that send
+/// `PEER_TOKEN`; returns its address and folder.
+async fn neighbour() -> (String, tempfile::TempDir) {
+    use modelcache_agent::{agent::Agent, api, cache::CacheConfig, catalog::Catalog};
+    let dir = tempfile::tempdir().unwrap();
+    crate::common::copy_dir(
+        &fixtures().join("tiny-sd1"),
+        &dir.path().join("models/hub/tiny"),
+    );
+    let catalog = Catalog::scan(&dir.path().join("models"), &dir.path().join("state"), None);
+    let agent = Arc::new(Agent::new(CacheConfig::cpu(64 << 20, 64 << 20), catalog).unwrap());
+    let state = Arc::new(
+        api::AppState::new(
+            agent,
+            Default::default(),
+            api::Queue::new(1, 1),
+            api::Limits::default(),
+            Some("client-token-not-for-peers".into()),
+        )
+        .with_peer_token(Some(PEER_TOKEN.into())),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
+    (addr, dir)
+}
+
+/// A neighbour that lists tiny-sd1 and then dies: after `budget` body bytes
+/// every response is cut before its first byte.
+fn dying_neighbour(budget: u64) -> String {
+    let files: HashMap<String, Vec<u8>> = s3::files(&fixtures().join("tiny-sd1"))
+        .into_iter()
+        .collect();
+    let listing: Vec<fetch::peer::PeerFile> = files
+        .iter()
+        .map(|(name, data)| fetch::peer::PeerFile {
+            name: name.clone(),
+            size: data.len() as u64,
+        })
+        .collect();
+    let served = Arc::new(Served {
+        files,
+        cuts: AtomicU32::new(0),
+        cut_after: 0,
+        sent: AtomicU64::new(0),
+    });
+    let app = axum::Router::new().route(
+        "/internal/v1/models/hub/tiny/-/{*name}",
+        axum::routing::get(
+            move |State(s): State<Arc<Served>>,
+                  UrlPath(name): UrlPath<String>,
+                  headers: HeaderMap| {
+                let listing = listing.clone();
+                async move {
+                    if name == fetch::peer::LISTING {
+                        return axum::response::IntoResponse::into_response(axum::Json(listing));
+                    }
+                    if s.sent.load(Ordering::SeqCst) >= budget {
+                        let dead = futures::stream::once(async {
+                            Err::<bytes::Bytes, _>(std::io::Error::other("gone"))
+                        });
+                        return Response::new(Body::from_stream(dead));
+                    }
+                    serve_file(State(s), Method::GET, UrlPath(name), headers).await
+                }
+            },
+        ),
+    );
+    spawn_server(app.with_state(served)).to_string()
+}
+
+#[test]
+fn a_model_is_copied_from_a_neighbour_and_one_that_dies_is_replaced_by_the_source() {
+    use modelcache_agent::fetch::disk::DiskTier;
+    use modelcache_agent::fetch::peer::Peer;
+    use modelcache_agent::fetch::{FetchMetrics, Fetcher};
+    let s3 = Seaweed::start();
+    let model = fixtures().join("tiny-sd1");
+    s3.upload_dir(&model, "sd/tiny-sd1");
+    let source: Source = "s3://models/sd/tiny-sd1".parse().unwrap();
+    let rt = runtime();
+    let (addr, _neighbour) = rt.block_on(neighbour());
+    let peer = |endpoint: &str| Peer {
+        node: "n1".into(),
+        endpoint: endpoint.into(),
+    };
+
+    // Fetches `hub/tiny` with `token` from `peers`; (files, downloads by source and result).
+    let fetch_with = |token: &str, peers: Vec<Peer>| {
+        let dir = tempfile::tempdir().unwrap();
+        let registry = prometheus::Registry::new();
+        let metrics = FetchMetrics::register(&registry).unwrap();
+        let fetcher = Fetcher::new(
+            DiskTier::open(dir.path(), 1 << 30).unwrap(),
+            small_chunks(),
+            Some(metrics),
+        )
+        .with_peer_token(Some(token.into()));
+        let fetched = rt
+            .block_on(
+                fetcher.fetch("hub/tiny", &source, &access(&s3, SECRET), &peers, &|_| {
+                    false
+                }),
+            )
+            .unwrap();
+        let mut counts: Vec<(String, String, u64)> = Vec::new();
+        for family in registry.gather() {
+            if family.name() == "modelcache_downloads_total" {
+                for m in family.get_metric() {
+                    let label = |n: &str| {
+                        m.get_label()
+                            .iter()
+                            .find(|l| l.name() == n)
+                            .map(|l| l.value().to_string())
+                            .unwrap_or_default()
+                    };
+                    counts.push((
+                        label("source"),
+                        label("result"),
+                        m.get_counter().get_value() as u64,
+                    ));
+                }
+            }
+        }
+        counts.sort();
+        let mut got = s3::files(&fetched.dir);
+        got.retain(|(name, _)| !name.starts_with('.'));
+        (got, counts, dir)
+    };
+    let want = s3::files(&model);
+
+    let (got, counts, _d) = fetch_with(PEER_TOKEN, vec![peer(&addr)]);
+    assert_eq!(got, want, "copied byte for byte from the neighbour");
+    assert_eq!(
+        counts,
+        [("peer".into(), "ok".into(), 1)],
+        "the source untouched"
+    );
+
+    // A neighbour that refuses the token: the source instead.
+    let (got, counts, _d) = fetch_with("not-the-token", vec![peer(&addr)]);
+    assert_eq!(got, want);
+    assert_eq!(
+        counts,
+        [
+            ("peer".into(), "failed".into(), 1),
+            ("s3".into(), "ok".into(), 1)
+        ]
+    );
+
+    // One that dies a third of the way through: the source finishes the copy.
+    let total: u64 = want.iter().map(|(_, d)| d.len() as u64).sum();
+    let dying = dying_neighbour(total / 3);
+    let (got, counts, _d) = fetch_with(PEER_TOKEN, vec![peer(&dying), peer(&addr)]);
+    assert_eq!(got, want);
+    assert_eq!(
+        counts,
+        [
+            ("peer".into(), "failed".into(), 1),
+            ("peer".into(), "ok".into(), 1)
+        ],
+        "the next neighbour is tried before the source"
+    );
+    let (got, counts, _d) = fetch_with(PEER_TOKEN, vec![peer(&dying_neighbour(total / 3))]);
+    assert_eq!(got, want);
+    assert_eq!(
+        counts,
+        [
+            ("peer".into(), "failed".into(), 1),
+            ("s3".into(), "ok".into(), 1)
+        ]
+    );
+}
