@@ -2,8 +2,8 @@
 //! judged against, measured in the same run.
 //!
 //! `cargo bench -p modelcache-agent --bench agent [-- GROUP]` with GROUP one of
-//! `store`, `cache`, `pipeline`, `edits`, `sd15`, `api`, `fetch` (default: all
-//! but `sd15`).
+//! `store`, `cache`, `pipeline`, `edits`, `sd15`, `api`, `fetch`, `peers`
+//! (default: all but `sd15`).
 
 #[path = "../tests/agent/common/mod.rs"]
 mod common;
@@ -734,6 +734,239 @@ fn main() {
     if want("fetch") {
         bench_fetch();
     }
+    if want("peers") {
+        bench_peers();
+    }
+}
+
+/// Serves `app` on 127.0.0.1 from a runtime of its own; returns the address.
+fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            axum::serve(listener, app).await.unwrap();
+        });
+    });
+    addr
+}
+
+/// Copying a 1 GiB model from a neighbour agent (its internal endpoint, the
+/// peer token, synced into the disk tier) against loopback TCP into a file
+/// synced the same way, with bare loopback TCP (memory to memory) beside it;
+/// then the time to a ready copy from the neighbour against a source
+/// throttled to 1 Gb/s, a node's typical share of object storage.
+fn bench_peers() {
+    use modelcache_agent::fetch::disk::DiskTier;
+    use modelcache_agent::fetch::peer::Peer;
+    use modelcache_agent::fetch::{Access, Fetcher, Source};
+    header("Copies between nodes (a 1 GiB model over loopback)");
+    let token = "bench-peer-token-0123456789abcdef";
+    let big = gib_file(Dtype::F16);
+    let bytes = std::fs::metadata(&big).unwrap().len() as f64;
+    // The neighbour: tiny-sd1 with the 1 GiB file inside its folder.
+    let root = scratch().join("peers");
+    let _ = std::fs::remove_dir_all(&root);
+    let model = root.join("neighbour/models/big");
+    copy_dir(&fixtures().join("tiny-sd1"), &model);
+    std::fs::create_dir_all(model.join("extra")).unwrap();
+    std::fs::hard_link(&big, model.join("extra/weights.safetensors")).unwrap();
+    let catalog = Catalog::scan(
+        &root.join("neighbour/models"),
+        &root.join("neighbour/state"),
+        None,
+    );
+    let agent =
+        std::sync::Arc::new(Agent::new(CacheConfig::cpu(64 << 20, 64 << 20), catalog).unwrap());
+    let state = std::sync::Arc::new(
+        AppState::new(
+            agent,
+            Default::default(),
+            Queue::new(1, 1),
+            Limits::default(),
+            None,
+        )
+        .with_peer_token(Some(token.into())),
+    );
+    let neighbour = serve_in_background(api::router(state)).to_string();
+    let total = bytes + fixture_bytes(&fixtures().join("tiny-sd1"));
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let copy = |i: usize, peers: &[Peer], source: &Source| -> f64 {
+        let dir = root.join(format!("copy-{i}"));
+        let fetcher = Fetcher::new(
+            DiskTier::open(&dir, 4 << 30).unwrap(),
+            Default::default(),
+            None,
+        )
+        .with_peer_token(Some(token.into()));
+        let t = Instant::now();
+        rt.block_on(fetcher.fetch("big", source, &Access::default(), peers, &|_| false))
+            .unwrap();
+        let secs = t.elapsed().as_secs_f64();
+        std::fs::remove_dir_all(&dir).unwrap();
+        secs
+    };
+    let peer = [Peer {
+        node: "neighbour".into(),
+        endpoint: neighbour,
+    }];
+    let unused: Source = "http://127.0.0.1:9/unused.safetensors".parse().unwrap();
+    let mut ours = Vec::new();
+    let mut tcp_file = Vec::new();
+    let mut tcp = Vec::new();
+    for i in 0..3 {
+        ours.push(total / copy(i, &peer, &unused));
+        let (to_file, to_memory) = loopback_tcp(&big, &root.join("tcp.bin"));
+        tcp_file.push(to_file);
+        tcp.push(to_memory);
+    }
+    let (o, f, m) = (median(ours), median(tcp_file), median(tcp));
+    row(
+        "copy from a neighbour, synced",
+        format!("{:.2} GB/s", o / GB),
+        format!(
+            "loopback TCP into a synced file {:.2} GB/s (memory to memory {:.2} GB/s)",
+            f / GB,
+            m / GB
+        ),
+        Some(o / f),
+        "≥ 0.9×",
+    );
+
+    // A source throttled to 1 Gb/s: the same bytes as one file.
+    let throttled = serve_in_background(axum::Router::new().route(
+        "/big.safetensors",
+        axum::routing::get(move |headers: axum::http::HeaderMap| {
+            throttled_file(big.clone(), headers)
+        }),
+    ));
+    let source: Source = format!("http://{throttled}/big.safetensors")
+        .parse()
+        .unwrap();
+    let from_source = copy(10, &[], &source);
+    let from_peer = copy(11, &peer, &source);
+    row(
+        "time to a ready copy: from a neighbour",
+        format!("{from_peer:.1} s"),
+        format!("from a source throttled to 1 Gb/s: {from_source:.1} s"),
+        Some(from_peer / from_source),
+        "< 1×",
+    );
+}
+
+/// Bytes of every file under `dir`.
+fn fixture_bytes(dir: &Path) -> f64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            if e.path().is_dir() {
+                fixture_bytes(&e.path())
+            } else {
+                e.metadata().unwrap().len() as f64
+            }
+        })
+        .sum()
+}
+
+/// Bytes/s of `file` sent over a loopback TCP connection and written to
+/// `out`, then synced; and of the same bytes from memory, read and dropped.
+fn loopback_tcp(file: &Path, out: &Path) -> (f64, f64) {
+    let data = std::sync::Arc::new(std::fs::read(file).unwrap());
+    let run = |sink: &mut dyn FnMut(&[u8])| -> f64 {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let d = data.clone();
+        let sender = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            s.write_all(&d).unwrap();
+        });
+        let t = Instant::now();
+        let mut c = std::net::TcpStream::connect(addr).unwrap();
+        let mut buf = vec![0u8; 4 << 20];
+        loop {
+            let n = c.read(&mut buf).unwrap();
+            if n == 0 {
+                break;
+            }
+            sink(&buf[..n]);
+        }
+        sender.join().unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    let to_memory = data.len() as f64 / run(&mut |_| {});
+    let mut f = std::fs::File::create(out).unwrap();
+    let t = Instant::now();
+    run(&mut |b| f.write_all(b).unwrap());
+    f.sync_all().unwrap();
+    let to_file = data.len() as f64 / t.elapsed().as_secs_f64();
+    std::fs::remove_file(out).unwrap();
+    (to_file, to_memory)
+}
+
+/// `file` with HTTP ranges at 125 MB/s (1 Gb/s), in 1 MiB pieces.
+async fn throttled_file(file: PathBuf, headers: axum::http::HeaderMap) -> axum::response::Response {
+    use axum::http::{header, StatusCode};
+    const RATE: f64 = 125e6;
+    let len = std::fs::metadata(&file).unwrap().len();
+    let (start, end) = headers
+        .get(header::RANGE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("bytes="))
+        .and_then(|v| v.split_once('-'))
+        .and_then(|(a, b)| {
+            let a: u64 = a.parse().ok()?;
+            let b: u64 = if b.is_empty() {
+                len - 1
+            } else {
+                b.parse().ok()?
+            };
+            Some((a, b.min(len - 1) + 1))
+        })
+        .unwrap_or((0, len));
+    let partial = headers.contains_key(header::RANGE);
+    let stream = futures::stream::unfold(start, move |at| {
+        let file = file.clone();
+        async move {
+            if at >= end {
+                return None;
+            }
+            let n = (end - at).min(1 << 20);
+            let t = Instant::now();
+            let mut buf = vec![0u8; n as usize];
+            {
+                use std::os::unix::fs::FileExt;
+                std::fs::File::open(&file)
+                    .unwrap()
+                    .read_exact_at(&mut buf, at)
+                    .unwrap();
+            }
+            let due = Duration::from_secs_f64(n as f64 / RATE);
+            tokio::time::sleep(due.saturating_sub(t.elapsed())).await;
+            Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), at + n))
+        }
+    });
+    let mut r = axum::response::Response::builder()
+        .header(header::ACCEPT_RANGES, "bytes")
+        .header(header::CONTENT_LENGTH, end - start);
+    if partial {
+        r = r.status(StatusCode::PARTIAL_CONTENT).header(
+            header::CONTENT_RANGE,
+            format!("bytes {start}-{}/{len}", end - 1),
+        );
+    }
+    r.body(axum::body::Body::from_stream(stream)).unwrap()
 }
 
 /// Downloading a 1 GiB file from a local HTTP server with range support,
