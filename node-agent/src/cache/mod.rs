@@ -26,6 +26,7 @@ use candle_core::{DType, Device};
 use modelcache_crds::{Tier, WarmTier};
 use std::collections::HashMap;
 use std::fmt;
+use std::path::Path;
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -908,6 +909,24 @@ impl ModelCache {
         }
     }
 
+    /// The RAM copy that holds the data of `file`, locked, with where in its
+    /// region that data is; `None` when no resident entry holds it.
+    pub fn ram_copy_of(&self, file: &Path) -> Option<(ModelGuard<RamModel>, region::Segment)> {
+        let resident: Vec<CacheKey> = self
+            .entries()
+            .into_iter()
+            .filter(|e| e.tier == TierKind::Ram && !e.loading && file.starts_with(e.key.path()))
+            .map(|e| e.key)
+            .collect();
+        resident.into_iter().find_map(|key| {
+            // Resident a moment ago: this locks it (an eviction in between
+            // would load it again, which is correct, only slower).
+            let guard = self.get_ram(&key).ok()?;
+            let segment = guard.segments.iter().find(|s| s.path == file)?.clone();
+            Some((guard, segment))
+        })
+    }
+
     /// Locks the RAM copy of `key`, loading it if needed.
     pub fn get_ram(&self, key: &CacheKey) -> Result<ModelGuard<RamModel>, CacheError> {
         let key = &key.weights();
@@ -934,6 +953,7 @@ impl ModelCache {
                     RamModel {
                         region,
                         tensors: plan.tensors,
+                        segments: plan.segments,
                     },
                     bytes,
                 ))

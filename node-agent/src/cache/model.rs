@@ -107,6 +107,9 @@ impl RamPlan {
 pub struct RamModel {
     pub region: Region,
     pub tensors: Vec<RegionTensor>,
+    /// Which file ranges the region holds, and where: a neighbour's copy of
+    /// a file can be served from here.
+    pub segments: Vec<Segment>,
 }
 
 impl RamModel {

@@ -664,8 +664,12 @@ fn a_model_folder_and_a_file_download_from_a_real_s3_server() {
 const PEER_TOKEN: &str = "peer-token-2b7e151628aed2a6";
 
 /// An agent serving tiny-sd1 as `hub/tiny` to neighbours that send
-/// `PEER_TOKEN`; returns its address and folder.
-async fn neighbour() -> (String, tempfile::TempDir) {
+/// `PEER_TOKEN`; returns its address, core and folder.
+async fn neighbour() -> (
+    String,
+    Arc<modelcache_agent::agent::Agent>,
+    tempfile::TempDir,
+) {
     use modelcache_agent::{agent::Agent, api, cache::CacheConfig, catalog::Catalog};
     let dir = tempfile::tempdir().unwrap();
     crate::common::copy_dir(
@@ -676,7 +680,7 @@ async fn neighbour() -> (String, tempfile::TempDir) {
     let agent = Arc::new(Agent::new(CacheConfig::cpu(64 << 20, 64 << 20), catalog).unwrap());
     let state = Arc::new(
         api::AppState::new(
-            agent,
+            agent.clone(),
             Default::default(),
             api::Queue::new(1, 1),
             api::Limits::default(),
@@ -687,7 +691,7 @@ async fn neighbour() -> (String, tempfile::TempDir) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap().to_string();
     tokio::spawn(async move { axum::serve(listener, api::router(state)).await });
-    (addr, dir)
+    (addr, agent, dir)
 }
 
 /// A neighbour that lists tiny-sd1 and then dies: after `budget` body bytes
@@ -744,7 +748,7 @@ fn a_model_is_copied_from_a_neighbour_and_one_that_dies_is_replaced_by_the_sourc
     s3.upload_dir(&model, "sd/tiny-sd1");
     let source: Source = "s3://models/sd/tiny-sd1".parse().unwrap();
     let rt = runtime();
-    let (addr, _neighbour) = rt.block_on(neighbour());
+    let (addr, neighbour_agent, neighbour_dir) = rt.block_on(neighbour());
     let peer = |endpoint: &str| Peer {
         node: "n1".into(),
         endpoint: endpoint.into(),
@@ -835,4 +839,21 @@ fn a_model_is_copied_from_a_neighbour_and_one_that_dies_is_replaced_by_the_sourc
             ("s3".into(), "ok".into(), 1)
         ]
     );
+
+    // With the UNet in the neighbour's RAM tier its weights are sent from
+    // there: garbling the file on the neighbour's disk changes nothing.
+    use modelcache_agent::cache::{CacheKey, TierKind};
+    let unet = neighbour_dir.path().join("models/hub/tiny/unet");
+    neighbour_agent
+        .cache
+        .warm(&CacheKey::from(unet.clone()), TierKind::Ram)
+        .unwrap();
+    let weights = unet.join("diffusion_pytorch_model.safetensors");
+    let mut bytes = std::fs::read(&weights).unwrap();
+    let data = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    bytes[data..].fill(0xAA);
+    std::fs::write(&weights, &bytes).unwrap();
+    let (got, counts, _d) = fetch_with(PEER_TOKEN, vec![peer(&addr)]);
+    assert_eq!(got, want, "the UNet came from RAM, not the garbled file");
+    assert_eq!(counts, [("peer".into(), "ok".into(), 1)]);
 }
