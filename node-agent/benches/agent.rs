@@ -761,8 +761,9 @@ fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
 /// Copying a 1 GiB model from a neighbour agent (its internal endpoint, the
 /// peer token, synced into the disk tier) against loopback TCP into a file
 /// synced the same way, with bare loopback TCP (memory to memory) beside it;
-/// then the time to a ready copy from the neighbour against a source
-/// throttled to 1 Gb/s, a node's typical share of object storage.
+/// then the time to the first image on a node without a copy, from the
+/// neighbour against from a real S3 server throttled to 1 Gb/s (a node's
+/// typical share of object storage).
 fn bench_peers() {
     use modelcache_agent::fetch::disk::DiskTier;
     use modelcache_agent::fetch::peer::Peer;
@@ -802,7 +803,8 @@ fn bench_peers() {
         .enable_all()
         .build()
         .unwrap();
-    let copy = |i: usize, peers: &[Peer], source: &Source| -> f64 {
+    // Seconds to a ready copy, and with `image` to the first image from it.
+    let copy = |i: usize, peers: &[Peer], source: &Source, access: &Access, image: bool| -> f64 {
         let dir = root.join(format!("copy-{i}"));
         let fetcher = Fetcher::new(
             DiskTier::open(&dir, 4 << 30).unwrap(),
@@ -811,8 +813,27 @@ fn bench_peers() {
         )
         .with_peer_token(Some(token.into()));
         let t = Instant::now();
-        rt.block_on(fetcher.fetch("big", source, &Access::default(), peers, &|_| false))
+        rt.block_on(fetcher.fetch("big", source, access, peers, &|_| false))
             .unwrap();
+        if image {
+            let empty = root.join(format!("models-{i}"));
+            std::fs::create_dir_all(&empty).unwrap();
+            let catalog = Catalog::scan_with(&empty, Some(&dir), &root.join("state"), None);
+            let model = catalog.open("big").unwrap();
+            let cache = ModelCache::new(
+                CacheConfig::cpu(256 << 20, 256 << 20),
+                Box::new(DiskLoader),
+                None,
+            );
+            let p = GenerateParams {
+                prompt: "a lighthouse".into(),
+                steps: 2,
+                width: 64,
+                height: 64,
+                ..Default::default()
+            };
+            pipeline::generate(&cache, &model, &p, &|_| true).unwrap();
+        }
         let secs = t.elapsed().as_secs_f64();
         std::fs::remove_dir_all(&dir).unwrap();
         secs
@@ -826,7 +847,7 @@ fn bench_peers() {
     let mut tcp_file = Vec::new();
     let mut tcp = Vec::new();
     for i in 0..3 {
-        ours.push(total / copy(i, &peer, &unused));
+        ours.push(total / copy(i, &peer, &unused, &Access::default(), false));
         let (to_file, to_memory) = loopback_tcp(&big, &root.join("tcp.bin"));
         tcp_file.push(to_file);
         tcp.push(to_memory);
@@ -844,20 +865,22 @@ fn bench_peers() {
         "≥ 0.9×",
     );
 
-    // A source throttled to 1 Gb/s: the same bytes as one file.
-    let throttled = serve_in_background(axum::Router::new().route(
-        "/big.safetensors",
-        axum::routing::get(move |headers: axum::http::HeaderMap| {
-            throttled_file(big.clone(), headers)
-        }),
-    ));
-    let source: Source = format!("http://{throttled}/big.safetensors")
-        .parse()
-        .unwrap();
-    let from_source = copy(10, &[], &source);
-    let from_peer = copy(11, &peer, &source);
+    // The same model in a real S3 server behind a proxy throttled to 1 Gb/s.
+    let s3 = modelcache_tests::s3::Seaweed::start();
+    s3.upload_dir(&model, "big");
+    let throttled = throttling_proxy(s3.endpoint.trim_start_matches("http://"), 125e6);
+    let source: Source = "s3://models/big".parse().unwrap();
+    let access = Access {
+        endpoint: Some(format!("http://{throttled}")),
+        region: Some("us-east-1".into()),
+        access_key_id: Some(modelcache_tests::s3::KEY.into()),
+        secret_access_key: Some(modelcache_tests::s3::SECRET.into()),
+        token: None,
+    };
+    let from_source = copy(10, &[], &source, &access, true);
+    let from_peer = copy(11, &peer, &source, &access, true);
     row(
-        "time to a ready copy: from a neighbour",
+        "time to first image on a node without a copy: from a neighbour",
         format!("{from_peer:.1} s"),
         format!("from a source throttled to 1 Gb/s: {from_source:.1} s"),
         Some(from_peer / from_source),
@@ -915,58 +938,54 @@ fn loopback_tcp(file: &Path, out: &Path) -> (f64, f64) {
     (to_file, to_memory)
 }
 
-/// `file` with HTTP ranges at 125 MB/s (1 Gb/s), in 1 MiB pieces.
-async fn throttled_file(file: PathBuf, headers: axum::http::HeaderMap) -> axum::response::Response {
-    use axum::http::{header, StatusCode};
-    const RATE: f64 = 125e6;
-    let len = std::fs::metadata(&file).unwrap().len();
-    let (start, end) = headers
-        .get(header::RANGE)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("bytes="))
-        .and_then(|v| v.split_once('-'))
-        .and_then(|(a, b)| {
-            let a: u64 = a.parse().ok()?;
-            let b: u64 = if b.is_empty() {
-                len - 1
-            } else {
-                b.parse().ok()?
-            };
-            Some((a, b.min(len - 1) + 1))
-        })
-        .unwrap_or((0, len));
-    let partial = headers.contains_key(header::RANGE);
-    let stream = futures::stream::unfold(start, move |at| {
-        let file = file.clone();
-        async move {
-            if at >= end {
-                return None;
+/// A TCP proxy to `upstream` that sends the upstream's answers at most
+/// `rate` bytes/s in all (every connection shares the budget).
+fn throttling_proxy(upstream: &str, rate: f64) -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let upstream = upstream.to_string();
+    std::thread::spawn(move || {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(async move {
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
+            let next = std::sync::Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now()));
+            loop {
+                let (client, _) = listener.accept().await.unwrap();
+                let (upstream, next) = (upstream.clone(), next.clone());
+                tokio::spawn(async move {
+                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                        return;
+                    };
+                    let (mut cr, mut cw) = client.into_split();
+                    let (mut sr, mut sw) = server.into_split();
+                    tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+                    let mut buf = vec![0u8; 256 << 10];
+                    while let Ok(n) = sr.read(&mut buf).await {
+                        if n == 0 {
+                            break;
+                        }
+                        let due = {
+                            let mut at = next.lock().await;
+                            let start = (*at).max(tokio::time::Instant::now());
+                            *at = start + Duration::from_secs_f64(n as f64 / rate);
+                            *at
+                        };
+                        tokio::time::sleep_until(due).await;
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            break;
+                        }
+                    }
+                });
             }
-            let n = (end - at).min(1 << 20);
-            let t = Instant::now();
-            let mut buf = vec![0u8; n as usize];
-            {
-                use std::os::unix::fs::FileExt;
-                std::fs::File::open(&file)
-                    .unwrap()
-                    .read_exact_at(&mut buf, at)
-                    .unwrap();
-            }
-            let due = Duration::from_secs_f64(n as f64 / RATE);
-            tokio::time::sleep(due.saturating_sub(t.elapsed())).await;
-            Some((Ok::<_, std::io::Error>(bytes::Bytes::from(buf)), at + n))
-        }
+        });
     });
-    let mut r = axum::response::Response::builder()
-        .header(header::ACCEPT_RANGES, "bytes")
-        .header(header::CONTENT_LENGTH, end - start);
-    if partial {
-        r = r.status(StatusCode::PARTIAL_CONTENT).header(
-            header::CONTENT_RANGE,
-            format!("bytes {start}-{}/{len}", end - 1),
-        );
-    }
-    r.body(axum::body::Body::from_stream(stream)).unwrap()
+    addr
 }
 
 /// Downloading a 1 GiB file from a local HTTP server with range support,
@@ -979,25 +998,10 @@ fn bench_fetch() {
     header("Downloads (1 GiB over loopback HTTP)");
     let file = gib_file(Dtype::F16);
     let bytes = std::fs::metadata(&file).unwrap().len() as f64;
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
-    let served = file.clone();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            let app = axum::Router::new().route_service(
-                "/model.safetensors",
-                tower_http::services::ServeFile::new(served),
-            );
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, app).await.unwrap();
-        });
-    });
+    let addr = serve_in_background(axum::Router::new().route_service(
+        "/model.safetensors",
+        tower_http::services::ServeFile::new(file.clone()),
+    ));
     let url = format!("http://{addr}/model.safetensors");
     let out = scratch().join("fetch");
     let _ = std::fs::remove_dir_all(&out);
