@@ -9,6 +9,7 @@
 //! exponential backoff; nothing here panics because the API server is away.
 
 pub mod credentials;
+pub mod neighbours;
 pub mod placement;
 pub mod status;
 
@@ -26,7 +27,7 @@ use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::reflector::{self, Store};
 use kube::runtime::watcher;
-use kube::{Client, Resource, ResourceExt};
+use kube::{Client, Resource};
 use modelcache_crds::*;
 use placement::{PlacementError, Prepared};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -366,72 +367,23 @@ impl ClusterAgent {
     /// rather than all reading from the source (a fan-out).
     async fn peers_waiting(&self, d: &Desired) -> Vec<Peer> {
         const PATIENCE: Duration = Duration::from_secs(600);
+        let Some(nodes) = self.model_nodes.get() else {
+            return Vec::new();
+        };
+        let me = &self.settings.node_name;
         let deadline = Instant::now() + PATIENCE;
         loop {
-            let peers = self.peers(d);
-            if !peers.is_empty() || !self.downloading_before_me(d) || Instant::now() > deadline {
+            let peers = neighbours::peers(&nodes.state(), me, d);
+            let wait = peers.is_empty()
+                && Instant::now() < deadline
+                && self.deployments.get().is_some_and(|deps| {
+                    neighbours::downloading_before(&nodes.state(), &deps.state(), me, &d.path)
+                });
+            if !wait {
                 return peers;
             }
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
-    }
-
-    /// Ready neighbours that report the placement's model (with its pinned
-    /// hash, if they verified one), those holding it in their cache first.
-    fn peers(&self, d: &Desired) -> Vec<Peer> {
-        let Some(nodes) = self.model_nodes.get() else {
-            return Vec::new();
-        };
-        let path = crate::fetch::normalize(&d.path);
-        let mut found: Vec<(bool, Peer)> = nodes
-            .state()
-            .iter()
-            .filter(|mn| mn.name_any() != self.settings.node_name)
-            .filter_map(|mn| {
-                let st = mn.status.as_ref()?;
-                let ready = st
-                    .conditions
-                    .iter()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                let local = st.local_models.iter().find(|l| l.path == path)?;
-                let hash_ok = match (&d.sha256, &local.sha256) {
-                    (Some(want), Some(have)) => want.eq_ignore_ascii_case(have),
-                    _ => true,
-                };
-                let endpoint = st.agent.as_ref()?.endpoint.clone();
-                let cold = !st.models.iter().any(|m| m.path == path);
-                (ready && hash_ok).then(|| {
-                    let node = mn.name_any();
-                    (cold, Peer { node, endpoint })
-                })
-            })
-            .collect();
-        found.sort_by(|a, b| (a.0, &a.1.node).cmp(&(b.0, &b.1.node)));
-        found.into_iter().take(3).map(|(_, p)| p).collect()
-    }
-
-    /// Whether a node whose name sorts before this one's is downloading the
-    /// placement's model (the order keeps two nodes from waiting for each other).
-    fn downloading_before_me(&self, d: &Desired) -> bool {
-        let (Some(nodes), Some(deployments)) = (self.model_nodes.get(), self.deployments.get())
-        else {
-            return false;
-        };
-        let path = crate::fetch::normalize(&d.path);
-        let same: HashSet<String> = deployments
-            .state()
-            .iter()
-            .filter(|md| crate::fetch::normalize(&md.spec.model.path) == path)
-            .map(|md| format!("{}/{}", md.namespace().unwrap_or_default(), md.name_any()))
-            .collect();
-        nodes.state().iter().any(|mn| {
-            mn.name_any() < self.settings.node_name
-                && mn.status.as_ref().is_some_and(|st| {
-                    st.placements.iter().any(|p| {
-                        p.phase == NodePlacementPhase::Downloading && same.contains(&p.deployment)
-                    })
-                })
-        })
     }
 
     /// The credentials Secret `name` in the agents' namespace.
