@@ -739,8 +739,13 @@ fn main() {
     }
 }
 
-/// Serves `app` on 127.0.0.1 from a runtime of its own; returns the address.
-fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
+/// Runs `serve` on a listener bound to 127.0.0.1, on a runtime of its own;
+/// returns the address.
+fn in_background<F, Fut>(serve: F) -> std::net::SocketAddr
+where
+    F: FnOnce(tokio::net::TcpListener) -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
     let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     listener.set_nonblocking(true).unwrap();
@@ -751,11 +756,15 @@ fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            axum::serve(listener, app).await.unwrap();
+            serve(tokio::net::TcpListener::from_std(listener).unwrap()).await;
         });
     });
     addr
+}
+
+/// Serves `app` in the background; returns the address.
+fn serve_in_background(app: axum::Router) -> std::net::SocketAddr {
+    in_background(|listener| async move { axum::serve(listener, app).await.unwrap() })
 }
 
 /// Copying a 1 GiB model from a neighbour agent (its internal endpoint, the
@@ -941,51 +950,39 @@ fn loopback_tcp(file: &Path, out: &Path) -> (f64, f64) {
 /// A TCP proxy to `upstream` that sends the upstream's answers at most
 /// `rate` bytes/s in all (every connection shares the budget).
 fn throttling_proxy(upstream: &str, rate: f64) -> std::net::SocketAddr {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let addr = listener.local_addr().unwrap();
-    listener.set_nonblocking(true).unwrap();
     let upstream = upstream.to_string();
-    std::thread::spawn(move || {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .enable_all()
-            .build()
-            .unwrap();
-        rt.block_on(async move {
-            use tokio::io::{AsyncReadExt, AsyncWriteExt};
-            let listener = tokio::net::TcpListener::from_std(listener).unwrap();
-            let next = std::sync::Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now()));
-            loop {
-                let (client, _) = listener.accept().await.unwrap();
-                let (upstream, next) = (upstream.clone(), next.clone());
-                tokio::spawn(async move {
-                    let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
-                        return;
-                    };
-                    let (mut cr, mut cw) = client.into_split();
-                    let (mut sr, mut sw) = server.into_split();
-                    tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
-                    let mut buf = vec![0u8; 256 << 10];
-                    while let Ok(n) = sr.read(&mut buf).await {
-                        if n == 0 {
-                            break;
-                        }
-                        let due = {
-                            let mut at = next.lock().await;
-                            let start = (*at).max(tokio::time::Instant::now());
-                            *at = start + Duration::from_secs_f64(n as f64 / rate);
-                            *at
-                        };
-                        tokio::time::sleep_until(due).await;
-                        if cw.write_all(&buf[..n]).await.is_err() {
-                            break;
-                        }
+    in_background(move |listener| async move {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let next = std::sync::Arc::new(tokio::sync::Mutex::new(tokio::time::Instant::now()));
+        loop {
+            let (client, _) = listener.accept().await.unwrap();
+            let (upstream, next) = (upstream.clone(), next.clone());
+            tokio::spawn(async move {
+                let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                    return;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                tokio::spawn(async move { tokio::io::copy(&mut cr, &mut sw).await });
+                let mut buf = vec![0u8; 256 << 10];
+                while let Ok(n) = sr.read(&mut buf).await {
+                    if n == 0 {
+                        break;
                     }
-                });
-            }
-        });
-    });
-    addr
+                    let due = {
+                        let mut at = next.lock().await;
+                        let start = (*at).max(tokio::time::Instant::now());
+                        *at = start + Duration::from_secs_f64(n as f64 / rate);
+                        *at
+                    };
+                    tokio::time::sleep_until(due).await;
+                    if cw.write_all(&buf[..n]).await.is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+    })
 }
 
 /// Downloading a 1 GiB file from a local HTTP server with range support,
