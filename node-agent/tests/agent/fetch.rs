@@ -857,3 +857,69 @@ fn a_model_is_copied_from_a_neighbour_and_one_that_dies_is_replaced_by_the_sourc
     assert_eq!(got, want, "the UNet came from RAM, not the garbled file");
     assert_eq!(counts, [("peer".into(), "ok".into(), 1)]);
 }
+
+/// One GET to `addr` with `headers`; the status code.
+fn get_status(addr: &str, path: &str, headers: &str) -> u16 {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n{headers}\r\n"
+    )
+    .unwrap();
+    let mut raw = Vec::new();
+    s.read_to_end(&mut raw).unwrap();
+    String::from_utf8_lossy(&raw[9..12]).parse().unwrap()
+}
+
+#[test]
+fn the_neighbour_endpoint_refuses_what_it_must_not_serve() {
+    let rt = runtime();
+    let (addr, _agent, _dir) = rt.block_on(neighbour());
+    let token = format!("Authorization: Bearer {PEER_TOKEN}\r\n");
+    let base = "/internal/v1/models/hub/tiny/-";
+    assert_eq!(
+        get_status(&addr, &format!("{base}/.listing.json"), &token),
+        200
+    );
+    assert_eq!(
+        get_status(
+            &addr,
+            &format!("{base}/unet/config.json"),
+            "Range: bytes=0-9\r\n"
+        ),
+        401,
+        "no token"
+    );
+    assert_eq!(
+        get_status(
+            &addr,
+            &format!("{base}/unet/config.json"),
+            "Authorization: Bearer client-token-not-for-peers\r\n"
+        ),
+        401,
+        "the clients' token is not the peers'"
+    );
+    for (path, why) in [
+        (
+            "/internal/v1/models/hub/absent/-/unet/config.json",
+            "no such model",
+        ),
+        (
+            &format!("{base}/../../state/x") as &str,
+            "outside the model",
+        ),
+        (&format!("{base}/unet/nothing.bin"), "not one of its files"),
+        (
+            "/internal/v1/models/hub/tiny/unet/config.json",
+            "no /-/ separator",
+        ),
+    ] {
+        assert_eq!(get_status(&addr, path, &token), 404, "{why}");
+    }
+    let ranged = format!("{token}Range: bytes=0-9\r\n");
+    assert_eq!(
+        get_status(&addr, &format!("{base}/unet/config.json"), &ranged),
+        206
+    );
+}
