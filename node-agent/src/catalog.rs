@@ -295,7 +295,7 @@ impl Catalog {
 
     /// A model by its relative path (`model.path`; a trailing `/` or leading `./` is ignored).
     pub fn by_path(&self, rel: &str) -> Option<CatalogEntry> {
-        let rel = rel.trim_start_matches("./").trim_end_matches('/');
+        let rel = crate::fetch::normalize(rel);
         self.models().found.get(rel).cloned()
     }
 
