@@ -245,8 +245,8 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         None,
     );
     let images = pipeline::generate(&cache, &model, &p, &|stage| {
-        if let pipeline::Stage::Denoising { image, step, steps } = stage {
-            tracing::info!(image, step, steps, "denoising");
+        if let pipeline::Stage::Denoising { step, steps } = stage {
+            tracing::info!(step, steps, "denoising");
         }
         true
     })?;

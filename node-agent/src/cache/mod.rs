@@ -659,6 +659,18 @@ impl ModelCache {
         })
     }
 
+    /// Bytes of device tier `slot` that are free or held by idle models
+    /// (which a reservation would evict): what a batch's extra images'
+    /// activations may take.
+    pub fn device_headroom(&self, slot: usize) -> u64 {
+        let st = lock(&self.inner.state);
+        st.devs.get(slot).map_or(0, |dev| {
+            dev.stats
+                .budget
+                .saturating_sub(dev.stats.used.saturating_sub(dev.evictable()))
+        })
+    }
+
     /// Loads `key` into `tier` (at the compute dtype) and pins it there
     /// (warm): never evicted until [`Self::unpin`] or [`Self::drop_model`].
     pub fn warm(&self, key: &CacheKey, tier: TierKind) -> Result<(), CacheError> {

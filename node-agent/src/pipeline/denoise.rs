@@ -7,7 +7,7 @@ use super::adapters::Adapters;
 use super::model::DiffusersModel;
 use super::nets::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use super::scheduler::{ScheduleConfig, Scheduler};
-use super::text::{self, Conditioning};
+use super::text;
 use super::{GenerateParams, PipelineError};
 use crate::cache::{DeviceModel, ModelCache, ModelGuard, Reservation};
 use candle_core::{DType, Device, Tensor};
@@ -28,8 +28,8 @@ pub(super) enum Inpaint {
 }
 
 /// A model's UNet, locked in the device tier with the request's adapters
-/// applied, and the prompts' conditioning on its device: everything one
-/// guided noise prediction needs.
+/// applied, and a batch's conditioning on its device: everything one guided
+/// noise prediction of the batch needs.
 pub(super) struct Denoiser {
     unet: UNet2DConditionModel,
     context: Tensor,
@@ -45,15 +45,28 @@ pub(super) struct Denoiser {
 }
 
 impl Denoiser {
-    /// Encodes the prompts with `model`'s text encoder(s), then locks its UNet.
+    /// Encodes each request's prompts with `model`'s text encoder(s), one
+    /// conditioning row per image (`batch`: the requests and how many of
+    /// their images run), then locks the UNet. The settings are the first
+    /// request's: a batch shares them.
     pub fn new(
         cache: &ModelCache,
         model: &DiffusersModel,
-        p: &GenerateParams,
+        batch: &[(&GenerateParams, usize)],
         adapters: &Adapters,
     ) -> Result<Self, PipelineError> {
-        let Conditioning { context, pooled } = text::encode_with(cache, model, p, adapters)?;
-        let guided = context.dim(0)? == 2;
+        let p = batch
+            .first()
+            .map(|(p, _)| *p)
+            .ok_or_else(|| candle_core::Error::Msg("an empty batch".into()))?;
+        let mut contexts = Vec::with_capacity(batch.len());
+        let mut pooled = Vec::with_capacity(batch.len());
+        for (q, images) in batch {
+            let c = text::encode_with(cache, model, q, adapters)?;
+            contexts.push((c.context, *images));
+            pooled.extend(c.pooled.map(|t| (t, *images)));
+        }
+        let guided = contexts[0].0.dim(0)? == 2;
         let unet_guard = super::on_device(cache, &model.component("unet"), p)?;
         let device = unet_guard.device.clone();
         let dtype = unet_guard.dtype;
@@ -69,16 +82,17 @@ impl Denoiser {
             },
         )?;
         let on_device = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
-        let added = match pooled {
-            Some(pooled) => {
-                let ids = time_ids(model, p, pooled.dim(0)?)?;
-                Some((on_device(&pooled)?, on_device(&ids)?))
-            }
-            None => None,
+        let images: usize = batch.iter().map(|(_, n)| n).sum();
+        let added = if pooled.is_empty() {
+            None
+        } else {
+            let ids = time_ids(model, p, if guided { 2 } else { 1 })?;
+            let ids = by_row(&[(ids, images)])?;
+            Some((on_device(&by_row(&pooled)?)?, on_device(&ids)?))
         };
         Ok(Denoiser {
             unet,
-            context: on_device(&context)?,
+            context: on_device(&by_row(&contexts)?)?,
             added,
             device,
             dtype,
@@ -89,8 +103,8 @@ impl Denoiser {
         })
     }
 
-    /// The guided noise prediction (f32) for latents `x` at evaluation `s`
-    /// of `sched`.
+    /// The guided noise predictions (f32) for a batch of latents `x` at
+    /// evaluation `s` of `sched`.
     pub fn predict(
         &self,
         sched: &Scheduler,
@@ -122,9 +136,25 @@ impl Denoiser {
         if !self.guided {
             return Ok(noise_pred);
         }
-        let (u, c) = (noise_pred.narrow(0, 0, 1)?, noise_pred.narrow(0, 1, 1)?);
+        let b = x.dim(0)?;
+        let (u, c) = (noise_pred.narrow(0, 0, b)?, noise_pred.narrow(0, b, b)?);
         &u + ((c - &u)? * self.guidance_scale)?
     }
+}
+
+/// Conditioning rows batched the way the guided UNet input is (every
+/// image's first row, then every image's second): each tensor's rows, each
+/// repeated for its images.
+fn by_row(parts: &[(Tensor, usize)]) -> candle_core::Result<Tensor> {
+    let rows = parts.first().map_or(Ok(0), |(t, _)| t.dim(0))?;
+    let mut out = Vec::new();
+    for r in 0..rows {
+        for (t, images) in parts {
+            let row = t.narrow(0, r, 1)?;
+            out.extend(std::iter::repeat_n(row, *images));
+        }
+    }
+    Tensor::cat(&out, 0)
 }
 
 /// SDXL's time ids, one row per conditioning row: the original size, the

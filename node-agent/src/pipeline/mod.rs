@@ -9,6 +9,7 @@
 //! faster CPU kernels in [`cpu`].
 
 pub mod adapters;
+pub mod batch;
 pub mod cpu;
 mod denoise;
 pub mod edit;
@@ -31,6 +32,7 @@ pub use text::{encode, encode_text, Conditioning};
 
 use crate::cache::{CacheError, CacheKey, ModelCache};
 use adapters::Adapters;
+pub use batch::{BatchKey, Member, Previews};
 use candle_core::{DType, Device, Tensor};
 use denoise::{Denoiser, Inpaint};
 use modelcache_crds::SchedulerKind;
@@ -93,6 +95,8 @@ pub enum RequestError {
     Switch(f64),
     #[error("refiner: {0}")]
     Refiner(#[from] RefinerError),
+    #[error("requests that differ in more than their prompts, seeds and image counts cannot run as one batch")]
+    Unbatchable,
     #[error("latents have shape {got:?}, expected {want:?}")]
     Latents { got: Vec<usize>, want: [usize; 4] },
     #[error("{name} is not a LoRA adapter this model can use: {why}")]
@@ -216,12 +220,9 @@ impl Default for GenerateParams {
 /// Where a generation is, as its progress callback hears it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stage {
-    /// `step` of `steps` of `image` is done.
-    Denoising {
-        image: usize,
-        step: usize,
-        steps: usize,
-    },
+    /// `step` of `steps` is done, for all of a request's images at once
+    /// (a request whose images need more than one batch hears each batch's steps).
+    Denoising { step: usize, steps: usize },
     /// `image` is about to decode `block` of the VAE's `blocks`.
     Decoding {
         image: usize,
@@ -346,24 +347,68 @@ fn encode_image(
     Ok(((mean + (std * eps)?)? * scaling_factor)?)
 }
 
-/// Runs a generation (text-to-image, or an edit) and returns `n` images.
-///
-/// Each image is denoised by the model; with a refiner and no mask, the
-/// model stops at the switch point and the refiner finishes all images
-/// afterwards, so only one UNet is locked at a time.
+/// Runs a generation (text-to-image, or an edit) and returns `n` images,
+/// denoised together as one batch as far as the device tier has room.
 pub fn generate(
     cache: &ModelCache,
     model: &DiffusersModel,
     p: &GenerateParams,
     progress: Progress,
 ) -> Result<Vec<Image>, PipelineError> {
-    check_params(p)?;
+    let member = Member {
+        params: p,
+        progress,
+        previews: None,
+    };
+    generate_batch(cache, model, &[member], usize::MAX)?
+        .pop()
+        .flatten()
+        .ok_or(PipelineError::Cancelled)
+}
+
+/// One image of a batch: its request and its index among that request's images.
+#[derive(Clone, Copy)]
+struct Slot {
+    member: usize,
+    image: usize,
+}
+
+/// Runs requests that share a [`BatchKey`] as one batch: every image of
+/// every request in one UNet evaluation per step, in chunks of at most
+/// `max_images` and of what the device tier has room for (one image's
+/// activations always fit, as they did alone; each further image reserves
+/// [`activation_bytes`] in the tier, evicting idle models for it). Returns
+/// each request's images, `None` for a request its progress cancelled.
+///
+/// Each image is denoised by the model; with a refiner and no mask, the
+/// model stops at the switch point and the refiner finishes all images
+/// afterwards, so only one UNet is locked at a time.
+pub fn generate_batch(
+    cache: &ModelCache,
+    model: &DiffusersModel,
+    members: &[Member],
+    max_images: usize,
+) -> Result<Vec<Option<Vec<Image>>>, PipelineError> {
+    let Some(p) = members.first().map(|m| m.params) else {
+        return Ok(Vec::new());
+    };
+    for m in members {
+        check_params(m.params)?;
+    }
+    if members.len() > 1 {
+        let key = BatchKey::of(&model.dir, p);
+        if key.is_none()
+            || members
+                .iter()
+                .any(|m| BatchKey::of(&model.dir, m.params) != key)
+        {
+            return Err(RequestError::Unbatchable.into());
+        }
+    }
     if let Some(r) = &p.refiner {
         check_refiner(model, &r.model).map_err(RequestError::from)?;
     }
     let adapters = Adapters::lock(cache, model, &p.loras, p.dtype)?;
-    let base = Denoiser::new(cache, model, p, &adapters)?;
-    let (device, dtype) = (base.device.clone(), base.dtype);
     let (lh, lw) = (p.height / 8, p.width / 8);
     let shape = [1, model.vae.latent_channels, lh, lw];
     let (vae_key, vae_config) = vae_of(model, p)?;
@@ -407,19 +452,38 @@ pub fn generate(
         Some(g) => Some(VaeEncoder::new(g.var_builder(), 3, &vae_config)?),
         None => None,
     };
-    let latents_by_image = p.latents.as_ref();
-    let mut pending = Vec::with_capacity(p.n);
-    for i in 0..p.n {
-        let mut sched = Scheduler::new(kind(model), model.schedule.clone(), p.steps);
-        let mut rng = match &p.draws {
+    let slots: Vec<Slot> = members
+        .iter()
+        .enumerate()
+        .flat_map(|(member, m)| (0..m.params.n).map(move |image| Slot { member, image }))
+        .collect();
+    let mut rngs: Vec<NormalRng> = slots
+        .iter()
+        .map(|s| match &members[s.member].params.draws {
             Some(d) => NormalRng::replay(d.clone()),
-            None => NormalRng::new(p.seed.wrapping_add(i as u64)),
-        };
-        let start = match edit {
-            Some(e) => edit::start_step(p.steps, e.strength).unwrap_or(0) * sched.order(),
-            None => 0,
-        };
-        let full_strength = start == 0;
+            None => NormalRng::new(members[s.member].params.seed.wrapping_add(s.image as u64)),
+        })
+        .collect();
+    let mut live = vec![true; members.len()];
+    let start = match edit {
+        Some(e) => {
+            edit::start_step(p.steps, e.strength).unwrap_or(0)
+                * Scheduler::new(kind(model), model.schedule.clone(), p.steps).order()
+        }
+        None => 0,
+    };
+    let full_strength = start == 0;
+    let unet_key = model.component("unet");
+    let mut pending: Vec<Tensor> = Vec::with_capacity(slots.len());
+    let mut steps_of = (0, 0);
+    let mut from = 0;
+    while from < slots.len() {
+        let (to, _room) = chunk(cache, &unet_key, model, p, from, slots.len(), max_images)?;
+        let chunk = &slots[from..to];
+        let base = Denoiser::new(cache, model, &batch_of(members, chunk), &adapters)?;
+        let (device, dtype) = (base.device.clone(), base.dtype);
+        let mut sched = Scheduler::new(kind(model), model.schedule.clone(), p.steps);
+        let rng = &mut rngs[from..to];
         let enc = |image: &Tensor, rng: &mut NormalRng| -> Result<Tensor, PipelineError> {
             let (Some(encoder), Some(g)) = (&encoder, &vae_guard) else {
                 return Err(PipelineError::Compute(candle_core::Error::Msg(
@@ -431,27 +495,55 @@ pub fn generate(
                 .to_device(&device)
                 .map_err(Into::into)
         };
-        // The draws come in diffusers' order: the image's encoding, the
-        // noise, the masked image's encoding.
-        let image_latents = match edit {
-            Some(e) if !model.inpainting() || !full_strength => {
-                Some(enc(&edit::image_tensor(&e.image, &Device::Cpu)?, &mut rng)?)
+        // Each image's draws come in diffusers' order, from its own
+        // generator: the image's encoding, the noise, the masked image's
+        // encoding.
+        let mut image_latents = Vec::new();
+        let mut noise = Vec::with_capacity(chunk.len());
+        let mut masked = Vec::new();
+        for (slot, rng) in chunk.iter().zip(rng.iter_mut()) {
+            if let Some(e) = edit.filter(|_| !model.inpainting() || !full_strength) {
+                image_latents.push(enc(&edit::image_tensor(&e.image, &Device::Cpu)?, rng)?);
             }
-            _ => None,
-        };
-        let noise = match latents_by_image {
-            Some(l) => {
-                let l = l.narrow(0, if l.dim(0)? > i { i } else { 0 }, 1)?;
-                if l.dims() != shape {
-                    return Err(RequestError::Latents {
-                        got: l.dims().to_vec(),
-                        want: shape,
+            noise.push(match &members[slot.member].params.latents {
+                Some(l) => {
+                    let l = l.narrow(
+                        0,
+                        if l.dim(0)? > slot.image {
+                            slot.image
+                        } else {
+                            0
+                        },
+                        1,
+                    )?;
+                    if l.dims() != shape {
+                        return Err(RequestError::Latents {
+                            got: l.dims().to_vec(),
+                            want: shape,
+                        }
+                        .into());
                     }
-                    .into());
+                    l.to_device(&device)?.to_dtype(DType::F32)?
                 }
-                l.to_device(&device)?.to_dtype(DType::F32)?
+                None => rng.tensor(&shape, &device)?,
+            });
+            if let Some(Edit {
+                image,
+                mask: Some(mask),
+                ..
+            }) = edit.filter(|_| model.inpainting())
+            {
+                masked.push(enc(
+                    &edit::masked_image_tensor(image, mask, &Device::Cpu)?,
+                    rng,
+                )?);
             }
-            None => rng.tensor(&shape, &device)?,
+        }
+        let images = chunk.len();
+        let noise = Tensor::cat(&noise, 0)?;
+        let image_latents = match image_latents.is_empty() {
+            true => None,
+            false => Some(Tensor::cat(&image_latents, 0)?),
         };
         let mut x = match &image_latents {
             Some(img) if !full_strength => sched.add_noise(img, &noise, start)?,
@@ -459,16 +551,10 @@ pub fn generate(
         };
         let inpaint = match edit {
             Some(Edit {
-                image,
-                mask: Some(mask),
-                ..
+                mask: Some(mask), ..
             }) => {
-                let latent_mask = mask.latent(&device)?;
+                let latent_mask = mask.latent(&device)?.repeat((images, 1, 1, 1))?;
                 if model.inpainting() {
-                    let masked = enc(
-                        &edit::masked_image_tensor(image, mask, &Device::Cpu)?,
-                        &mut rng,
-                    )?;
                     let double = |t: Tensor| -> candle_core::Result<Tensor> {
                         if base.guided {
                             Tensor::cat(&[&t, &t], 0)
@@ -478,7 +564,7 @@ pub fn generate(
                     };
                     Some(Inpaint::UnetInputs(
                         double(latent_mask)?.to_dtype(dtype)?,
-                        double(masked)?.to_dtype(dtype)?,
+                        double(Tensor::cat(&masked, 0)?)?.to_dtype(dtype)?,
                     ))
                 } else {
                     image_latents
@@ -500,9 +586,14 @@ pub fn generate(
             None => (evaluations, 0),
         };
         let steps = end - start + refined;
+        steps_of = (end - start, steps);
         for s in start..end {
             let noise_pred = base.predict(&sched, &x, s, inpaint.as_ref())?;
-            x = sched.step(&noise_pred, s, &x, &mut rng)?;
+            let step = s + 1 - start;
+            show_previews(members, chunk, &live, step, steps, || {
+                sched.denoised(&noise_pred, s, &x)
+            })?;
+            x = sched.step(&noise_pred, s, &x, &mut &mut *rng)?;
             if let Some(Inpaint::Blend { image, mask, keep }) = &inpaint {
                 let kept = if s + 1 < evaluations {
                     sched.add_noise(image, &noise, s + 1)?
@@ -511,42 +602,52 @@ pub fn generate(
                 };
                 x = (kept.broadcast_mul(keep)? + x.broadcast_mul(mask)?)?;
             }
-            let step = s + 1 - start;
-            if !progress(Stage::Denoising {
-                image: i,
-                step,
-                steps,
-            }) {
-                return Err(PipelineError::Cancelled);
-            }
+            tell(members, chunk, &mut live, Stage::Denoising { step, steps })?;
         }
-        pending.push((x, rng, end - start, steps));
+        for i in 0..images {
+            pending.push(x.narrow(0, i, 1)?);
+        }
+        from = to;
     }
     drop(encoder);
     drop(vae_guard);
-    drop(base);
     drop(adapters);
     // The refiner continues each image's latents as they are, without new
     // noise (diffusers' `denoising_start`), from its own fresh scheduler.
     let decoder_model = match (refiner, refining) {
         (Some(r), Some((_, first, _))) => {
             let unadapted = Adapters::lock(cache, &r.model, &[], p.dtype)?;
-            let finisher = Denoiser::new(cache, &r.model, p, &unadapted)?;
-            for (image, (x, rng, done, steps)) in pending.iter_mut().enumerate() {
+            let (done, steps) = steps_of;
+            let refiner_unet = r.model.component("unet");
+            let mut from = 0;
+            while from < slots.len() {
+                let (to, _room) = chunk(
+                    cache,
+                    &refiner_unet,
+                    &r.model,
+                    p,
+                    from,
+                    slots.len(),
+                    max_images,
+                )?;
+                let chunk = &slots[from..to];
+                let finisher =
+                    Denoiser::new(cache, &r.model, &batch_of(members, chunk), &unadapted)?;
                 let mut sched = Scheduler::new(kind(&r.model), r.model.schedule.clone(), p.steps);
-                *x = x.to_device(&finisher.device)?;
+                let mut x = Tensor::cat(&pending[from..to], 0)?.to_device(&finisher.device)?;
                 for s in first..sched.timesteps().len() {
-                    let noise_pred = finisher.predict(&sched, x, s, None)?;
-                    *x = sched.step(&noise_pred, s, x, rng)?;
-                    let step = *done + s + 1 - first;
-                    if !progress(Stage::Denoising {
-                        image,
-                        step,
-                        steps: *steps,
-                    }) {
-                        return Err(PipelineError::Cancelled);
-                    }
+                    let noise_pred = finisher.predict(&sched, &x, s, None)?;
+                    let step = done + s + 1 - first;
+                    show_previews(members, chunk, &live, step, steps, || {
+                        sched.denoised(&noise_pred, s, &x)
+                    })?;
+                    x = sched.step(&noise_pred, s, &x, &mut &mut rngs[from..to])?;
+                    tell(members, chunk, &mut live, Stage::Denoising { step, steps })?;
                 }
+                for i in 0..chunk.len() {
+                    pending[from + i] = x.narrow(0, i, 1)?;
+                }
+                from = to;
             }
             &*r.model
         }
@@ -559,31 +660,136 @@ pub fn generate(
         ..vae_config
     };
     let decoder = VaeDecoder::new(vae_guard.var_builder(), 3, &vae)?;
-    pending
-        .into_iter()
-        .enumerate()
-        .map(|(image, (l, ..))| {
-            let latents = (l.to_device(&vae_guard.device)? / vae.scaling_factor)?
-                .to_dtype(vae_guard.dtype)?;
-            let mut go_on = |block, blocks| {
-                progress(Stage::Decoding {
-                    image,
-                    block,
-                    blocks,
-                })
-            };
-            let img = decoder
-                .decode_until(&latents, &mut go_on)?
-                .ok_or(PipelineError::Cancelled)?
-                .to_dtype(DType::F32)?;
-            let img = ((img / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
-            let img = img.squeeze(0)?.permute((1, 2, 0))?.contiguous()?;
-            let (h, w, _) = img.dims3()?;
-            Ok(Image {
+    let mut out: Vec<Option<Vec<Image>>> = members.iter().map(|_| Some(Vec::new())).collect();
+    for (slot, l) in slots.iter().zip(pending) {
+        if !live[slot.member] {
+            continue;
+        }
+        let latents =
+            (l.to_device(&vae_guard.device)? / vae.scaling_factor)?.to_dtype(vae_guard.dtype)?;
+        let progress = members[slot.member].progress;
+        let mut go_on = |block, blocks| {
+            progress(Stage::Decoding {
+                image: slot.image,
+                block,
+                blocks,
+            })
+        };
+        let Some(img) = decoder.decode_until(&latents, &mut go_on)? else {
+            live[slot.member] = false;
+            if live.iter().all(|l| !l) {
+                return Err(PipelineError::Cancelled);
+            }
+            continue;
+        };
+        let img = ((img.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let img = img.squeeze(0)?.permute((1, 2, 0))?.contiguous()?;
+        let (h, w, _) = img.dims3()?;
+        if let Some(images) = &mut out[slot.member] {
+            images.push(Image {
                 width: w,
                 height: h,
                 data: img.flatten_all()?.to_vec1::<f32>()?,
-            })
-        })
+            });
+        }
+    }
+    for (o, live) in out.iter_mut().zip(&live) {
+        if !live {
+            *o = None;
+        }
+    }
+    Ok(out)
+}
+
+/// The requests of a chunk of slots and how many of their images it holds.
+fn batch_of<'a>(members: &'a [Member], chunk: &[Slot]) -> Vec<(&'a GenerateParams, usize)> {
+    let mut batch: Vec<(usize, usize)> = Vec::new();
+    for s in chunk {
+        match batch.last_mut() {
+            Some((m, n)) if *m == s.member => *n += 1,
+            _ => batch.push((s.member, 1)),
+        }
+    }
+    batch
+        .into_iter()
+        .map(|(m, n)| (members[m].params, n))
         .collect()
+}
+
+/// How far the chunk of slots starting at `from` reaches (at most
+/// `max_images`, and one image plus as many as the device tier holding the
+/// UNet has room for), with the room reserved for the extra images.
+fn chunk(
+    cache: &ModelCache,
+    unet: &CacheKey,
+    model: &DiffusersModel,
+    p: &GenerateParams,
+    from: usize,
+    len: usize,
+    max_images: usize,
+) -> Result<(usize, Option<crate::cache::Reservation>), PipelineError> {
+    let wanted = (len - from).min(max_images.max(1));
+    if wanted == 1 {
+        return Ok((from + 1, None));
+    }
+    // Where the UNet is (or will be) held, and at which dtype it computes.
+    let guard = on_device(cache, unet, p)?;
+    let per_image = batch::activation_bytes(model, p, guard.dtype).max(1);
+    let room = cache.device_headroom(guard.slot());
+    let images = wanted.min(1 + (room / per_image) as usize);
+    let reservation = match images {
+        1 => None,
+        n => Some(cache.reserve_device(unet, guard.slot(), per_image * (n as u64 - 1))?),
+    };
+    Ok((from + images, reservation))
+}
+
+/// Previews for the requests of a chunk that want one after `step`: each
+/// image's predicted clean latents, computed once for the chunk.
+fn show_previews(
+    members: &[Member],
+    chunk: &[Slot],
+    live: &[bool],
+    step: usize,
+    steps: usize,
+    denoised: impl FnOnce() -> candle_core::Result<Tensor>,
+) -> Result<(), PipelineError> {
+    let wanted = |s: &Slot| {
+        live[s.member]
+            && members[s.member]
+                .previews
+                .is_some_and(|v| v.wants(step, steps))
+    };
+    if !chunk.iter().any(wanted) {
+        return Ok(());
+    }
+    let x0 = denoised()?;
+    for (i, s) in chunk.iter().enumerate() {
+        if let (true, Some(v)) = (wanted(s), members[s.member].previews) {
+            v.show(s.image, step, &x0.narrow(0, i, 1)?);
+        }
+    }
+    Ok(())
+}
+
+/// Tells each live request of a chunk where it is; a request that answers
+/// false is cancelled, and the batch stops when none is left.
+fn tell(
+    members: &[Member],
+    chunk: &[Slot],
+    live: &mut [bool],
+    stage: Stage,
+) -> Result<(), PipelineError> {
+    let mut told = None;
+    for s in chunk {
+        if told == Some(s.member) || !live[s.member] {
+            continue;
+        }
+        told = Some(s.member);
+        live[s.member] = (members[s.member].progress)(stage);
+    }
+    if live.iter().all(|l| !l) {
+        return Err(PipelineError::Cancelled);
+    }
+    Ok(())
 }

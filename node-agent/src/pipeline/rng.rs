@@ -65,6 +65,38 @@ impl NormalRng {
     }
 }
 
+/// Where a scheduler's sampling noise comes from: one generator, or one per
+/// image of a batch.
+pub trait Noise {
+    /// A tensor of standard normal samples.
+    fn tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor>;
+}
+
+impl Noise for NormalRng {
+    fn tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        NormalRng::tensor(self, shape, device)
+    }
+}
+
+/// A batch's noise: row `i` of a `[B, ...]` tensor comes from generator `i`,
+/// so an image draws the same noise whatever batch it runs in.
+impl Noise for &mut [NormalRng] {
+    fn tensor(&mut self, shape: &[usize], device: &Device) -> Result<Tensor> {
+        if shape.first() != Some(&self.len()) {
+            return Err(candle_core::Error::Msg(format!(
+                "noise of shape {shape:?} for a batch of {}",
+                self.len()
+            )));
+        }
+        let row = [&[1], &shape[1..]].concat();
+        let rows = self
+            .iter_mut()
+            .map(|r| r.tensor(&row, device))
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&rows, 0)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -88,5 +120,23 @@ mod tests {
         );
         let mut c = NormalRng::new(43);
         assert_ne!(a[0], c.sample());
+    }
+
+    #[test]
+    fn a_batch_row_draws_what_its_generator_draws_alone() {
+        let mut rngs = [NormalRng::new(3), NormalRng::new(9)];
+        let mut batch = &mut rngs[..];
+        let t = Noise::tensor(&mut batch, &[2, 2, 3], &Device::Cpu).unwrap();
+        for (i, seed) in [3u64, 9].into_iter().enumerate() {
+            let alone = NormalRng::new(seed)
+                .tensor(&[1, 2, 3], &Device::Cpu)
+                .unwrap();
+            let row = t.narrow(0, i, 1).unwrap();
+            assert_eq!(
+                row.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+                alone.flatten_all().unwrap().to_vec1::<f32>().unwrap()
+            );
+        }
+        assert!(Noise::tensor(&mut batch, &[3, 2], &Device::Cpu).is_err());
     }
 }

@@ -9,6 +9,7 @@ mod cache;
 mod cluster;
 mod fetch;
 mod memory_regression;
+mod pipeline_batch;
 mod pipeline_edit;
 mod pipeline_embeddings;
 mod pipeline_parity;

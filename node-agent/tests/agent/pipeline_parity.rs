@@ -161,7 +161,10 @@ fn seeds_reproduce_and_differ_and_cancellation_stops() {
         .iter()
         .filter(|s| matches!(s, Stage::Denoising { .. }))
         .count();
-    assert_eq!(denoised, 9, "three images of three steps, then the decode");
+    assert_eq!(
+        denoised, 3,
+        "three images denoised as one batch of three steps, then the decode"
+    );
     let bad = GenerateParams { width: 60, ..p };
     assert!(pipeline::generate(&cache, &model, &bad, &|_| true)
         .unwrap_err()

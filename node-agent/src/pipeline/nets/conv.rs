@@ -14,7 +14,7 @@ use candle_core::{Module, Result, Tensor, D};
 use candle_nn as nn;
 
 /// The axes that wrap around.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct Seamless {
     pub x: bool,
     pub y: bool,

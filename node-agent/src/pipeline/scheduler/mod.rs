@@ -10,7 +10,7 @@ pub mod spacing;
 
 pub use config::ScheduleConfig;
 
-use super::rng::NormalRng;
+use super::rng::Noise;
 use candle_core::{Result, Tensor};
 use modelcache_crds::{PredictionType, SchedulerKind};
 
@@ -175,7 +175,7 @@ impl Scheduler {
         model_output: &Tensor,
         i: usize,
         sample: &Tensor,
-        rng: &mut NormalRng,
+        rng: &mut dyn Noise,
     ) -> Result<Tensor> {
         use SchedulerKind::*;
         match self.kind {
@@ -187,6 +187,24 @@ impl Scheduler {
             Pndm => self.pndm(model_output, i, sample),
             DpmPlusPlus2M | DpmPlusPlus2MKarras => self.dpmpp_2m(model_output, i, sample),
             UniPc => self.unipc(model_output, i, sample),
+        }
+    }
+
+    /// The clean latents the model predicts from `model_output` at
+    /// evaluation `i` (diffusers' `pred_original_sample`): what a preview
+    /// shows, since the sample itself is still mostly noise early on.
+    pub fn denoised(&self, model_output: &Tensor, i: usize, sample: &Tensor) -> Result<Tensor> {
+        use SchedulerKind::*;
+        match self.kind {
+            Euler | EulerAncestral | Heun | Lms => {
+                self.x0_sigma(model_output, sample, self.sigmas[i])
+            }
+            Ddim | Pndm => Ok(self
+                .predictions(model_output, self.timesteps[i] as usize, sample)?
+                .0),
+            DpmPlusPlus2M | DpmPlusPlus2MKarras | UniPc => {
+                self.x0_vp(model_output, sample, self.sigmas[i])
+            }
         }
     }
 
@@ -258,7 +276,7 @@ impl Scheduler {
         out: &Tensor,
         i: usize,
         sample: &Tensor,
-        rng: &mut NormalRng,
+        rng: &mut dyn Noise,
     ) -> Result<Tensor> {
         let (s_from, s_to) = (self.sigmas[i], self.sigmas[i + 1]);
         let x0 = self.x0_sigma(out, sample, s_from)?;
@@ -530,6 +548,7 @@ impl UniCoefficients {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pipeline::rng::NormalRng;
     use candle_core::Device;
 
     fn sd() -> ScheduleConfig {
@@ -663,6 +682,11 @@ mod tests {
                 let mut rng = NormalRng::new(1);
                 let mut x = s.add_noise(&x0, &noise, 0).unwrap();
                 for i in 0..s.timesteps().len() {
+                    // What a preview shows is x0 at every evaluation.
+                    let seen = s.denoised(&noise, i, &x).unwrap().to_vec1::<f32>().unwrap();
+                    for (g, w) in seen.iter().zip(x0.to_vec1::<f32>().unwrap()) {
+                        assert!((g - w).abs() < 1e-3, "{kind}, evaluation {i}: {seen:?}");
+                    }
                     x = s.step(&noise, i, &x, &mut rng).unwrap();
                 }
                 let got = x.to_vec1::<f32>().unwrap();
