@@ -41,6 +41,7 @@ pub struct Settings {
     pub precision: Precision,
     pub queue_size: usize,
     pub concurrency: usize,
+    pub batching: crate::api::Batching,
     /// Open connections per port, and how long a client may take to send its headers.
     pub connections: ConnectionLimits,
     /// Most width × height × steps × n a request may ask for.
@@ -257,7 +258,8 @@ pub fn serve(mut s: Settings) -> anyhow::Result<()> {
             },
             token,
         )
-        .with_peer_token(peer_token),
+        .with_peer_token(peer_token)
+        .with_batching(s.batching),
     );
     tokio::runtime::Runtime::new()?.block_on(run(s, agent, routes, state))
 }

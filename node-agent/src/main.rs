@@ -181,6 +181,10 @@ impl From<ServeArgs> for daemon::Settings {
             precision: a.precision,
             queue_size: a.queue_size,
             concurrency: a.concurrency,
+            batching: modelcache_agent::api::Batching {
+                window: Duration::from_millis(a.batch_window_ms),
+                max_images: a.max_batch_size as usize,
+            },
             connections: ConnectionLimits {
                 max_connections: a.max_connections,
                 header_read_timeout: Duration::from_secs(a.header_read_timeout_seconds.max(1)),
@@ -288,6 +292,14 @@ struct ServeArgs {
     /// Generations that run at once.
     #[arg(long, env = "MODELCACHE_CONCURRENCY", default_value_t = 1)]
     concurrency: usize,
+    /// How long a denoising batch waits for more requests after its first
+    /// (milliseconds); 0: requests batch only while they wait for a slot.
+    #[arg(long, env = "MODELCACHE_BATCH_WINDOW_MS", default_value_t = 20)]
+    batch_window_ms: u64,
+    /// Most images denoised together in one batch (fewer when the device
+    /// tier has no room for their activations); 1 turns batching off.
+    #[arg(long, env = "MODELCACHE_MAX_BATCH_SIZE", default_value_t = 8, value_parser = clap::value_parser!(u64).range(1..=64))]
+    max_batch_size: u64,
     /// Connections open at once on each port; more clients wait to be accepted.
     #[arg(long, env = "MODELCACHE_MAX_CONNECTIONS", default_value_t = 512)]
     max_connections: usize,

@@ -19,6 +19,10 @@ pub struct AgentMetrics {
     pub generation_seconds: Histogram,
     pub generation_requests: IntCounterVec,
     pub queue_depth: Gauge,
+    /// Images per denoising batch.
+    pub batch_images: Histogram,
+    /// Seconds from a request's admission to the start of its batch.
+    pub batch_wait_seconds: Histogram,
 }
 
 impl AgentMetrics {
@@ -47,12 +51,32 @@ impl AgentMetrics {
         )?;
         registry.register(Box::new(generation_seconds.clone()))?;
         registry.register(Box::new(generation_requests.clone()))?;
+        let batch_images = Histogram::with_opts(
+            HistogramOpts::new(
+                "modelcache_batch_size",
+                "Images denoised together in one batch",
+            )
+            .buckets(vec![1.0, 2.0, 3.0, 4.0, 6.0, 8.0, 12.0, 16.0, 32.0]),
+        )?;
+        let batch_wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "modelcache_batch_wait_seconds",
+                "Seconds a generation request waited for its batch to start (the batching window and a free slot)",
+            )
+            .buckets(vec![
+                0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+            ]),
+        )?;
         registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(batch_images.clone()))?;
+        registry.register(Box::new(batch_wait_seconds.clone()))?;
         Ok(AgentMetrics {
             registry,
             generation_seconds,
             generation_requests,
             queue_depth,
+            batch_images,
+            batch_wait_seconds,
         })
     }
 

@@ -24,7 +24,7 @@ pub struct Upload {
 }
 
 /// Form fields that are numbers or JSON; the rest are strings.
-const INTEGERS: [&str; 4] = ["n", "steps", "seed", "clip_skip"];
+const INTEGERS: [&str; 5] = ["n", "steps", "seed", "clip_skip", "partial_images"];
 const FLOATS: [&str; 3] = ["guidance_scale", "strength", "denoising_end"];
 
 fn multipart_error(e: MultipartError, limits: &Limits) -> ApiError {

@@ -5,13 +5,16 @@
 //! [`request`] validates bodies, [`queue`] admits them, [`error`] shapes
 //! failures; this module holds the routes and the handlers.
 
+pub mod batcher;
 pub mod edit;
 pub mod error;
 pub mod peer;
 pub mod queue;
 pub mod request;
 pub mod server;
+mod stream;
 
+pub use batcher::{Batcher, Batching};
 pub use error::ApiError;
 pub use queue::Queue;
 pub use request::{GenerationRequest, Limits};
@@ -57,6 +60,8 @@ pub struct AppState {
     /// The token other agents send to copy models from this one
     /// ([`peer`]); `None`: no copies are served.
     pub peer_token: Option<String>,
+    /// Gathers requests into denoising batches.
+    pub batcher: Arc<Batcher>,
 }
 
 impl AppState {
@@ -75,7 +80,14 @@ impl AppState {
             token,
             ready: Arc::new(AtomicBool::new(true)),
             peer_token: None,
+            batcher: Arc::new(Batcher::new(Batching::default())),
         }
+    }
+
+    /// Gathers requests into batches as `batching` says.
+    pub fn with_batching(mut self, batching: Batching) -> Self {
+        self.batcher = Arc::new(Batcher::new(batching));
+        self
     }
 
     /// Serves copies of this node's models to agents that send `token`.
@@ -282,15 +294,17 @@ impl Drop for CancelOnDrop {
 /// with its status; a request dropped before it answered (its client went
 /// away) counts as 499, as proxies log it.
 struct Counted {
-    state: Arc<AppState>,
+    /// `None` once the count is handed on (to a stream, which counts itself).
+    state: Option<Arc<AppState>>,
     label: String,
     status: Option<StatusCode>,
 }
 
 impl Drop for Counted {
     fn drop(&mut self) {
+        let Some(state) = &self.state else { return };
         let code = self.status.map_or("499".into(), |s| s.as_str().to_string());
-        self.state
+        state
             .agent
             .metrics
             .generation_requests
@@ -347,7 +361,7 @@ async fn answer(
 ) -> Response {
     let started = Instant::now();
     let mut counted = Counted {
-        state: s.clone(),
+        state: Some(s.clone()),
         label: String::new(),
         status: None,
     };
@@ -360,26 +374,68 @@ async fn answer(
                 .map(|t| t.label().to_string())
                 .unwrap_or_default();
             Span::current().record("model", counted.label.as_str());
-            run_generation(s, headers, req, upload).await
+            run_generation(s, headers, req, upload, started).await
         }
         Err(e) => Err(e),
     };
     let (status, response) = match result {
-        Ok((body, secs)) => {
+        Ok(Answer::Images(body, secs)) => {
             let mut r = Json(body).into_response();
             // Like OpenAI's `openai-processing-ms`: lets clients separate model time from transport.
             if let Ok(v) = HeaderValue::from_str(&format!("{:.3}", secs * 1e3)) {
                 r.headers_mut().insert("x-modelcache-generation-ms", v);
             }
+            s.queue.record(started.elapsed().as_secs_f64());
             (StatusCode::OK, r)
+        }
+        // A stream counts itself (and its time) when it ends.
+        Ok(Answer::Stream(r)) => {
+            counted.state = None;
+            return r;
         }
         Err(e) => (e.status, e.redacted(&s.agent.catalog).into_response()),
     };
     counted.status = Some(status);
-    if status == StatusCode::OK {
-        s.queue.record(started.elapsed().as_secs_f64());
-    }
     response
+}
+
+/// A generation's answer: the images in one JSON body (and the generation's
+/// seconds), or an event stream.
+enum Answer {
+    Images(serde_json::Value, f64),
+    Stream(Response),
+}
+
+/// What a request holds while it waits for and runs in its batch: its place
+/// in the queue, and the flag that cancels its images when this is dropped
+/// (its client went away, or its time ran out).
+struct InFlight {
+    reply: tokio::sync::oneshot::Receiver<batcher::Reply>,
+    _ticket: queue::Ticket,
+    _cancel_on_drop: CancelOnDrop,
+}
+
+impl InFlight {
+    /// The images, or the request's error; a batch that ended without an
+    /// answer is an internal error.
+    async fn images(&mut self) -> batcher::Reply {
+        (&mut self.reply)
+            .await
+            .map_err(|_| ApiError::internal("the generation ended without an answer"))?
+    }
+}
+
+/// The 504 for a request past `--request-timeout-seconds`.
+fn timed_out(limit: Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        format!(
+            "the request took longer than this agent's limit of {} s (--request-timeout-seconds); ask for fewer or smaller images, or fewer steps",
+            limit.as_secs()
+        ),
+        "server_error",
+        "timeout",
+    )
 }
 
 async fn run_generation(
@@ -387,9 +443,13 @@ async fn run_generation(
     headers: &HeaderMap,
     req: GenerationRequest,
     upload: Option<edit::Upload>,
-) -> Result<(serde_json::Value, f64), ApiError> {
+    started: Instant,
+) -> Result<Answer, ApiError> {
     check_token(s, headers)?;
     let target = s.routes.resolve(&s.agent.catalog, &req.model)?;
+    let stream = req.stream == Some(true);
+    let partial_images = req.partial_images.unwrap_or(0) as usize;
+    let editing = upload.is_some();
     let p = match upload {
         // Decoding an upload is CPU work: off the async workers.
         Some(upload) => {
@@ -403,85 +463,72 @@ async fn run_generation(
         None => request::validate(&req, &target, &s.agent.catalog, &s.limits)?,
     };
     let ticket = s.queue.admit(target.label())?;
-    // Set when this future is dropped (the client went away, or the time
-    // budget ran out): the generation stops before its next step or block.
     let cancelled = Arc::new(AtomicBool::new(false));
-    let _cancel_on_drop = CancelOnDrop(cancelled.clone());
-    let work = generate_images(s, ticket, target, p, cancelled);
-    let (pngs, secs) = match s.limits.timeout {
-        None => work.await?,
-        Some(limit) => tokio::time::timeout(limit, work).await.map_err(|_| {
-            ApiError::new(
-                StatusCode::GATEWAY_TIMEOUT,
-                format!(
-                    "the request took longer than this agent's limit of {} s (--request-timeout-seconds); ask for fewer or smaller images, or fewer steps",
-                    limit.as_secs()
-                ),
-                "server_error",
-                "timeout",
-            )
-        })??,
+    let (reply, rx) = tokio::sync::oneshot::channel();
+    let (previews, preview_rx) = match stream && partial_images > 0 {
+        true => {
+            let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+            let previews: Arc<dyn pipeline::Previews + Send> =
+                Arc::new(stream::Previews::new(partial_images, tx));
+            (Some(previews), Some(rx))
+        }
+        false => (None, None),
+    };
+    let (width, height) = (p.width, p.height);
+    s.batcher.submit(
+        s,
+        target.clone(),
+        batcher::Job {
+            params: p,
+            cancelled: cancelled.clone(),
+            previews,
+            reply,
+            span: Span::current(),
+            waiting: queue::Waiting::start(&s.queue, &s.agent.metrics),
+            submitted: Instant::now(),
+        },
+    );
+    let mut in_flight = InFlight {
+        reply: rx,
+        _ticket: ticket,
+        _cancel_on_drop: CancelOnDrop(cancelled),
+    };
+    let deadline = s.limits.timeout.map(|t| (started + t, t));
+    if stream {
+        return Ok(Answer::Stream(stream::respond(
+            s.clone(),
+            target.label().to_string(),
+            in_flight,
+            preview_rx,
+            stream::Shape {
+                edit: editing,
+                width,
+                height,
+            },
+            deadline,
+            started,
+        )));
+    }
+    let (pngs, secs) = match deadline {
+        None => in_flight.images().await?,
+        Some((at, limit)) => tokio::time::timeout_at(at.into(), in_flight.images())
+            .await
+            .map_err(|_| timed_out(limit))??,
     };
     let data: Vec<_> = pngs
         .iter()
         .map(|png| json!({"b64_json": base64::engine::general_purpose::STANDARD.encode(png)}))
         .collect();
-    let created = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs());
-    Ok((json!({"created": created, "data": data}), secs))
+    Ok(Answer::Images(
+        json!({"created": unix_now(), "data": data}),
+        secs,
+    ))
 }
 
-/// Waits for a generation slot, then generates on the blocking pool: the PNGs
-/// and the generation's own seconds.
-async fn generate_images(
-    s: &Arc<AppState>,
-    ticket: queue::Ticket,
-    target: crate::routes::Target,
-    p: pipeline::GenerateParams,
-    cancelled: Arc<AtomicBool>,
-) -> Result<(Vec<Vec<u8>>, f64), ApiError> {
-    let permit = ticket.slot(&s.agent.metrics).await?;
-    let agent = s.agent.clone();
-    // The generation's log lines carry the request's id.
-    let span = Span::current();
-    let (pngs, secs) = tokio::task::spawn_blocking(move || {
-        let _span = span.enter();
-        let _permit = permit;
-        let _ticket = ticket;
-        let started = Instant::now();
-        let model = agent.catalog.open(&target.model)?;
-        let images = pipeline::generate(&agent.cache, &model, &p, &|_| {
-            !cancelled.load(Ordering::Relaxed)
-        })
-        .inspect_err(|e| {
-            if matches!(e, pipeline::PipelineError::Cancelled) {
-                tracing::info!(
-                    seconds = started.elapsed().as_secs_f64(),
-                    "generation stopped: its client went away or its time ran out"
-                );
-            }
-        })?;
-        let pngs = images
-            .iter()
-            .map(|img| img.to_png())
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| ApiError::internal(format!("PNG encoding: {e}")))?;
-        let seconds = started.elapsed().as_secs_f64();
-        tracing::info!(
-            images = pngs.len(),
-            width = p.width,
-            height = p.height,
-            steps = p.steps,
-            seconds,
-            "generated"
-        );
-        Ok::<_, ApiError>((pngs, seconds))
-    })
-    .await
-    .map_err(|e| ApiError::internal(format!("generation task failed: {e}")))??;
-    s.agent.metrics.generation_seconds.observe(secs);
-    Ok((pngs, secs))
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 async fn models(State(s): State<Arc<AppState>>, headers: HeaderMap) -> Response {

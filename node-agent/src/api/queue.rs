@@ -112,18 +112,10 @@ pub(super) struct Ticket {
     model: String,
 }
 
-impl Ticket {
-    /// Waits for a generation slot. The request counts as waiting until it
-    /// gets one or is dropped (its client went away): a guard, not code after
-    /// the `await`, takes it off the count.
-    pub(super) async fn slot(
-        &self,
-        metrics: &AgentMetrics,
-    ) -> Result<OwnedSemaphorePermit, ApiError> {
-        let q = &self.queue;
-        let _waiting = Waiting::start(q, metrics);
-        let permit = q.slots.clone().acquire_owned().await;
-        permit.map_err(|_| {
+impl Queue {
+    /// Waits for a generation slot (a batch takes one).
+    pub(super) async fn slot(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.slots.clone().acquire_owned().await.map_err(|_| {
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "the agent is shutting down",
@@ -134,21 +126,26 @@ impl Ticket {
     }
 }
 
-/// One request on the waiting count (and the `modelcache_queue_depth` gauge).
-struct Waiting<'a> {
-    queue: &'a Queue,
-    metrics: &'a AgentMetrics,
+/// One request on the waiting count (and the `modelcache_queue_depth`
+/// gauge) until its batch starts or it is dropped (its client went away):
+/// a guard, not code after an `await`, takes it off the count.
+pub(super) struct Waiting {
+    queue: Arc<Queue>,
+    metrics: AgentMetrics,
 }
 
-impl<'a> Waiting<'a> {
-    fn start(queue: &'a Queue, metrics: &'a AgentMetrics) -> Self {
+impl Waiting {
+    pub(super) fn start(queue: &Arc<Queue>, metrics: &AgentMetrics) -> Self {
         let n = queue.waiting.fetch_add(1, Ordering::SeqCst) + 1;
         metrics.queue_depth.set(n as f64);
-        Waiting { queue, metrics }
+        Waiting {
+            queue: queue.clone(),
+            metrics: metrics.clone(),
+        }
     }
 }
 
-impl Drop for Waiting<'_> {
+impl Drop for Waiting {
     fn drop(&mut self) {
         let n = self.queue.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
         self.metrics.queue_depth.set(n as f64);

@@ -96,10 +96,16 @@ pub struct GenerationRequest {
     /// over, above 0 and at most 1 (1: no refiner).
     #[serde(default)]
     pub denoising_end: Option<f64>,
-    /// Refused while streaming does not exist, rather than silently ignored.
+    /// Answer with Server-Sent Events: previews while denoising, then the images.
     #[serde(default)]
     pub stream: Option<bool>,
+    /// Previews to stream before each image, 0 to 3.
+    #[serde(default)]
+    pub partial_images: Option<u32>,
 }
+
+/// Most previews a streamed request may ask for per image, as OpenAI allows.
+pub const MAX_PARTIAL_IMAGES: u32 = 3;
 
 fn parse_size(size: &str, max: u32) -> Result<(usize, usize), ApiError> {
     let bad = || {
@@ -181,10 +187,11 @@ pub fn validate(
             .param("response_format"))
         }
     }
-    if r.stream == Some(true) {
-        return Err(
-            ApiError::invalid("stream is not supported yet; leave it out or false").param("stream"),
-        );
+    if r.partial_images.is_some_and(|k| k > MAX_PARTIAL_IMAGES) {
+        return Err(ApiError::invalid(format!(
+            "partial_images must be from 0 to {MAX_PARTIAL_IMAGES}"
+        ))
+        .param("partial_images"));
     }
     let (width, height) = output_size(r.size.as_deref(), &defaults, native, l.max_side)?;
     let steps = r

@@ -10,7 +10,9 @@
 //! been alone.
 
 use super::{DiffusersModel, GenerateParams, Progress, Seamless};
-use candle_core::{DType, Tensor};
+use candle_core::DType;
+#[cfg(test)]
+use candle_core::Tensor;
 use modelcache_crds::SchedulerKind;
 use std::path::{Path, PathBuf};
 
@@ -77,8 +79,9 @@ pub struct Member<'a> {
 pub trait Previews: Sync {
     /// Whether to preview after `step` of `steps`.
     fn wants(&self, step: usize, steps: usize) -> bool;
-    /// Image `image`'s predicted clean latents `[1, C, h, w]` (f32) after `step`.
-    fn show(&self, image: usize, step: usize, latents: &Tensor);
+    /// A preview of image `image` after `step`, at the image's size
+    /// ([`super::preview`]).
+    fn show(&self, image: usize, step: usize, preview: super::Image);
 }
 
 /// Device memory one more image's denoising needs at `width`×`height`

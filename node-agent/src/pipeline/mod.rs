@@ -19,6 +19,7 @@ pub mod lora;
 pub mod lora_keys;
 pub mod model;
 pub mod nets;
+pub mod preview;
 pub mod rng;
 pub mod scheduler;
 pub mod text;
@@ -590,7 +591,7 @@ pub fn generate_batch(
         for s in start..end {
             let noise_pred = base.predict(&sched, &x, s, inpaint.as_ref())?;
             let step = s + 1 - start;
-            show_previews(members, chunk, &live, step, steps, || {
+            show_previews(model.base, members, chunk, &live, step, steps, || {
                 sched.denoised(&noise_pred, s, &x)
             })?;
             x = sched.step(&noise_pred, s, &x, &mut &mut *rng)?;
@@ -638,7 +639,7 @@ pub fn generate_batch(
                 for s in first..sched.timesteps().len() {
                     let noise_pred = finisher.predict(&sched, &x, s, None)?;
                     let step = done + s + 1 - first;
-                    show_previews(members, chunk, &live, step, steps, || {
+                    show_previews(r.model.base, members, chunk, &live, step, steps, || {
                         sched.denoised(&noise_pred, s, &x)
                     })?;
                     x = sched.step(&noise_pred, s, &x, &mut &mut rngs[from..to])?;
@@ -744,9 +745,10 @@ fn chunk(
     Ok((from + images, reservation))
 }
 
-/// Previews for the requests of a chunk that want one after `step`: each
-/// image's predicted clean latents, computed once for the chunk.
+/// Previews for the requests of a chunk that want one after `step`, from
+/// each image's predicted clean latents (computed once for the chunk).
 fn show_previews(
+    base: modelcache_crds::BaseModel,
     members: &[Member],
     chunk: &[Slot],
     live: &[bool],
@@ -766,7 +768,12 @@ fn show_previews(
     let x0 = denoised()?;
     for (i, s) in chunk.iter().enumerate() {
         if let (true, Some(v)) = (wanted(s), members[s.member].previews) {
-            v.show(s.image, step, &x0.narrow(0, i, 1)?);
+            let p = members[s.member].params;
+            v.show(
+                s.image,
+                step,
+                preview::preview(&x0.narrow(0, i, 1)?, base, p.width, p.height)?,
+            );
         }
     }
     Ok(())

@@ -16,9 +16,9 @@ pub(crate) fn repo() -> PathBuf {
 pub(crate) struct Agent {
     child: Child,
     pub(crate) api: String,
-    metrics: String,
+    pub(crate) metrics: String,
     /// Every JSON log line the agent has written so far.
-    logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
+    pub(crate) logs: std::sync::Arc<std::sync::Mutex<Vec<serde_json::Value>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -391,7 +391,7 @@ fn every_error_path_has_its_status_and_openai_shape() {
         ("seamless", 3.into()),
         ("clip_skip", 13.into()),
         ("loras", serde_json::json!([{"path": "a.safetensors"}])),
-        ("stream", true.into()),
+        ("partial_images", 4.into()),
         ("vae", "tiny".into()),
     ] {
         let body = with(field, value);

@@ -184,7 +184,7 @@ fn bad_uploads_are_400_naming_the_field() {
         ("strength", "1.5"),
         ("strength", "0.1"),
         ("n", "two"),
-        ("stream", "true"),
+        ("partial_images", "4"),
         ("size", "63x64"),
         ("scheduler", "nonesuch"),
     ] {

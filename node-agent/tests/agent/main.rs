@@ -5,6 +5,7 @@ mod common;
 
 mod api;
 mod api_edit;
+mod api_stream;
 mod cache;
 mod cluster;
 mod fetch;
