@@ -178,7 +178,7 @@ memory = dashboard(
 generation = dashboard(
     "modelcache-generation",
     "modelcache / Generation",
-    "Image generation requests by model and status code, latency, queue depth and load shedding (429).",
+    "Image generation requests by model and status code, latency, queue depth, load shedding (429) and batching.",
     True,
     [
         panel(1, "Requests by model and code", [
@@ -191,6 +191,12 @@ generation = dashboard(
         panel(4, "Rejected with 429 (queue full)", [
             ('sum by (node) (rate(modelcache_generation_requests_total{code="429", %s}[%s]))' % (AGENT, RI), "{{node}}"),
         ], 12, 8, unit="reqps"),
+        panel(5, "Images per denoising batch", [
+            ("sum by (node) (rate(modelcache_batch_size_sum{%s}[%s])) / sum by (node) (rate(modelcache_batch_size_count{%s}[%s]))" % (AGENT, RI, AGENT, RI), "mean {{node}}"),
+        ] + quantiles("modelcache_batch_size", "node", AGENT, "{{node}}")[1:], 0, 16,
+            description="Requests that share a model and settings are denoised together; batches grow when requests wait for a slot."),
+        panel(6, "Wait for a batch to start", quantiles("modelcache_batch_wait_seconds", "node", AGENT, "{{node}}"), 12, 16, unit="s",
+            description="From admission to the start of the request's batch: the batching window, then the wait for a free slot."),
     ],
 )
 

@@ -3,7 +3,7 @@
 //! [`Kube`], driven through one base URL.
 //!
 //! In order: three models on different nodes reached with the official openai
-//! client, and an image edited through the same base URL; requests with the same LoRA set landing on one agent; a deployment
+//! client, an image edited and one streamed through the same base URL; requests with the same LoRA set landing on one agent; a deployment
 //! at zero replicas answering its first request after scaling up and the next
 //! one fast; a burst scaling a deployment up and the quiet after it scaling it
 //! down after the delay; an agent killed during a burst losing no request.
@@ -40,7 +40,17 @@ for i in range(5):
         extra_body={"steps": 2, "loras": [{"path": "loras/style.safetensors", "weight": 0.7}]})
     raw.parse()
     backends.append(raw.headers["x-modelcache-backend"])
-print(json.dumps({"ids": ids, "sizes": sizes, "lora_backends": backends, "edit_backend": edit_backend}))
+# A streamed generation: previews pass through the gateway as they come.
+import time
+seen = []
+for e in client.images.generate(model="alpha", prompt="a lighthouse", size="64x64", stream=True,
+        partial_images=2, extra_body={"steps": 40, "seed": 1}):
+    seen.append((e.type, time.monotonic()))
+kinds = [k for k, _ in seen]
+assert kinds == ["image_generation.partial_image"] * 2 + ["image_generation.completed"], kinds
+stream_gap = seen[-1][1] - seen[0][1]
+print(json.dumps({"ids": ids, "sizes": sizes, "lora_backends": backends, "edit_backend": edit_backend,
+    "stream_gap": stream_gap}))
 "#;
 
 fn generation(prompt: &str, steps: u32) -> Value {
@@ -115,6 +125,11 @@ pub fn run<K: Kube>(api: &K) {
     assert_eq!(
         report["edit_backend"], "n3",
         "gamma's edit went to its agent"
+    );
+    // A gateway that gathered the stream would hand every event over at once.
+    assert!(
+        report["stream_gap"].as_f64().unwrap_or(0.0) > 0.05,
+        "the stream's events came together: {report}"
     );
     // 2. Same LoRA set, one agent, while it is not overloaded (one at a time).
     let backends: Vec<&str> = report["lora_backends"]

@@ -9,6 +9,7 @@ use crate::scale::{self, ScaleError};
 use axum::body::Body;
 use axum::http::{header, HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
+use futures::StreamExt;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Bytes;
 use hyper_util::client::legacy::connect::HttpConnector;
@@ -514,6 +515,15 @@ impl Gateway {
                         res.headers_mut()
                             .insert(HeaderName::from_static(BACKEND), v);
                     }
+                    if is_event_stream(res.headers()) {
+                        // A stream's agent stays busy with it until it ends.
+                        let (parts, body) = res.into_parts();
+                        let events = body.into_data_stream().map(move |chunk| {
+                            let _sent = &sent;
+                            chunk
+                        });
+                        return Ok(Response::from_parts(parts, Body::from_stream(events)));
+                    }
                     match res.status() {
                         // 404: the agent dropped the deployment after the
                         // EndpointSlice was read (a scale-down, a move).
@@ -583,7 +593,15 @@ impl Gateway {
                 .request(req)
                 .await
                 .map_err(|e| unreachable(format!("{e:#}")))?;
-            let (parts, body) = res.into_parts();
+            let (mut parts, body) = res.into_parts();
+            for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
+                parts.headers.remove(h);
+            }
+            if is_event_stream(&parts.headers) {
+                // Server-Sent Events (`stream: true`) pass through as they
+                // come: previews are worth nothing at the end.
+                return Ok(Response::from_parts(parts, Body::new(body)));
+            }
             // The whole body, so that the agent counts as busy until it is sent
             // and a connection cut mid-answer is retried like any other failure.
             let bytes = body
@@ -591,11 +609,7 @@ impl Gateway {
                 .await
                 .map_err(|e| unreachable(format!("reading the answer: {e}")))?
                 .to_bytes();
-            let mut res = Response::from_parts(parts, Body::from(bytes));
-            for h in [header::CONNECTION, header::TRANSFER_ENCODING] {
-                res.headers_mut().remove(h);
-            }
-            Ok(res)
+            Ok(Response::from_parts(parts, Body::from(bytes)))
         };
         tokio::time::timeout(self.limits.request_timeout, exchange)
             .await
@@ -610,6 +624,13 @@ impl Gateway {
                 )
             })?
     }
+}
+
+/// Whether an agent answered with Server-Sent Events.
+fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"text/event-stream"))
 }
 
 /// Of two 429 answers, the one that asks the client to wait less.
