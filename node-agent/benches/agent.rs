@@ -737,6 +737,159 @@ fn main() {
     if want("peers") {
         bench_peers();
     }
+    if want("batching") {
+        bench_batching();
+    }
+}
+
+/// Latencies (ms) and completed requests/s of `n` requests arriving as a
+/// Poisson process at `rate` per second (seeded), each on its own thread.
+fn poisson_load(
+    addr: &str,
+    rate: f64,
+    n: usize,
+    body: impl Fn(usize) -> String,
+) -> (Vec<f64>, f64) {
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(7);
+    let start = Instant::now();
+    let mut at = 0.0;
+    let mut handles = Vec::with_capacity(n);
+    for i in 0..n {
+        let uniform = ((rng.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64;
+        at += -uniform.ln() / rate;
+        let due = start + Duration::from_secs_f64(at);
+        std::thread::sleep(due.saturating_duration_since(Instant::now()));
+        let (addr, body) = (addr.to_string(), body(i));
+        handles.push(std::thread::spawn(move || {
+            let t = Instant::now();
+            assert_eq!(post(&addr, &body), 200);
+            (t.elapsed().as_secs_f64() * 1e3, Instant::now())
+        }));
+    }
+    let done: Vec<(f64, Instant)> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let last = done.iter().map(|d| d.1).max().unwrap_or(start);
+    let rps = n as f64 / last.duration_since(start).as_secs_f64();
+    (done.into_iter().map(|d| d.0).collect(), rps)
+}
+
+/// An agent serving tiny-sd1 in-process, one generation at a time, with
+/// `batching`; its address.
+fn batching_agent(batching: api::Batching) -> String {
+    let dir = tempfile::tempdir().unwrap().keep();
+    let models = dir.join("models");
+    copy_dir(&fixtures().join("tiny-sd1"), &models.join("tiny"));
+    let catalog = Catalog::scan(&models, &dir.join("state"), None);
+    let agent =
+        std::sync::Arc::new(Agent::new(CacheConfig::cpu(256 << 20, 256 << 20), catalog).unwrap());
+    let state = std::sync::Arc::new(
+        AppState::new(
+            agent,
+            std::sync::Arc::new(Routes::default()),
+            Queue::new(1, 1024),
+            Limits::default(),
+            None,
+        )
+        .with_batching(batching),
+    );
+    in_background(move |listener| async move {
+        let _ = axum::serve(listener, api::router(state)).await;
+    })
+    .to_string()
+}
+
+fn bench_batching() {
+    header("Batching: tiny-sd1, 64×64, 10 steps, Poisson arrivals, one generation at a time");
+    let body = |i: usize| {
+        serde_json::json!({"model": "tiny", "prompt": format!("a cat number {i}"), "size": "64x64", "steps": 10, "seed": i}).to_string()
+    };
+    let alone = batching_agent(api::Batching {
+        max_images: 1,
+        ..Default::default()
+    });
+    let batched = batching_agent(api::Batching::default());
+    // The unbatched agent's capacity: one request at a time, back to back.
+    for i in 0..5 {
+        post(&alone, &body(i));
+        post(&batched, &body(i));
+    }
+    let service: Vec<f64> = (0..20)
+        .map(|i| {
+            let t = Instant::now();
+            post(&alone, &body(i));
+            t.elapsed().as_secs_f64()
+        })
+        .collect();
+    let capacity = 1.0 / median(service);
+    println!("\nunbatched capacity: {capacity:.1} req/s (1 ÷ median service time)\n");
+    for load in [0.5, 1.0, 2.0] {
+        let rate = load * capacity;
+        let n = 80;
+        let (a_lat, a_rps) = poisson_load(&alone, rate, n, body);
+        let (b_lat, b_rps) = poisson_load(&batched, rate, n, body);
+        row(
+            &format!("{load}× capacity ({rate:.1} req/s offered): requests/s"),
+            format!("batched {b_rps:.1}"),
+            format!("unbatched {a_rps:.1}"),
+            Some(b_rps / a_rps),
+            "> 1x under load",
+        );
+        row(
+            &format!("{load}× capacity: latency p50 / p99"),
+            format!(
+                "batched {:.0} / {:.0} ms",
+                pct(b_lat.clone(), 0.5),
+                pct(b_lat.clone(), 0.99)
+            ),
+            format!(
+                "unbatched {:.0} / {:.0} ms",
+                pct(a_lat.clone(), 0.5),
+                pct(a_lat.clone(), 0.99)
+            ),
+            Some(pct(b_lat, 0.99) / pct(a_lat, 0.99)),
+            "p99 < 1x under load",
+        );
+    }
+    bench_batched_sd15_step();
+}
+
+/// What batching gains on an SD-1.5-sized UNet on the CPU: one guided step
+/// of 1 image (CFG batch 2) against one of 4 images (batch 8), at 256×256.
+fn bench_batched_sd15_step() {
+    header("Batching: SD-1.5-sized UNet step, 256×256, random weights, f32, CPU");
+    use candle_nn::{VarBuilder, VarMap};
+    use modelcache_agent::pipeline::nets::unet_2d;
+    let cfg = unet_2d::UNet2DConditionModelConfig::from_json(&serde_json::json!({
+        "block_out_channels": [320, 640, 1280, 1280], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "attention_head_dim": 8, "cross_attention_dim": 768, "layers_per_block": 2})).unwrap();
+    let map = VarMap::new();
+    let unet = unet_2d::UNet2DConditionModel::new(
+        VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
+        4,
+        4,
+        false,
+        cfg,
+    )
+    .unwrap();
+    let step = |images: usize| {
+        let x =
+            candle_core::Tensor::zeros((2 * images, 4, 32, 32), DType::F32, &Device::Cpu).unwrap();
+        let ctx =
+            candle_core::Tensor::zeros((2 * images, 77, 768), DType::F32, &Device::Cpu).unwrap();
+        unet.forward(&x, 500.0, &ctx).unwrap();
+        let t = Instant::now();
+        unet.forward(&x, 500.0, &ctx).unwrap();
+        t.elapsed().as_secs_f64()
+    };
+    let one = step(1);
+    let four = step(4);
+    row(
+        "step time per image, 4 images in one batch",
+        format!("{:.2} s", four / 4.0),
+        format!("1 image alone: {one:.2} s"),
+        Some(four / 4.0 / one),
+        "< 1x (reported)",
+    );
 }
 
 /// Runs `serve` on a listener bound to 127.0.0.1, on a runtime of its own;

@@ -58,12 +58,15 @@ fn generation(prompt: &str, steps: u32) -> Value {
 }
 
 /// Requests sent at once from threads: each one's status and `x-modelcache-backend`.
+/// Each asks for one step more than the one before, so that they cannot
+/// share a denoising batch and load the agents one by one, as requests of
+/// many users with their own settings do.
 fn burst(gateway: &str, model: &str, n: usize, steps: u32) -> Vec<(u16, String, Value)> {
     let threads: Vec<_> = (0..n)
         .map(|i| {
             let (gateway, model) = (gateway.to_string(), model.to_string());
             std::thread::spawn(move || {
-                let mut req = generation(&format!("burst {i}"), steps);
+                let mut req = generation(&format!("burst {i}"), steps + i as u32);
                 req["model"] = json!(model);
                 let (code, headers, body) = post_generation(&gateway, &req);
                 let backend = headers
