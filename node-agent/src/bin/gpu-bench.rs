@@ -1,7 +1,8 @@
 //! `modelcache-gpu-bench [--device cuda:0] [--gib N]`: the GPU figures of
 //! `scripts/gpu-check.sh` — the cache's RAM→VRAM move of a model against a plain
 //! host-to-device copy of the same bytes, and an SD-1.5-sized UNet step at
-//! 512×512 in f16 (f32 on the CPU, where this binary also runs as a smoke test).
+//! 512×512 in f16 for one image and per image in a batch of four (f32 on the
+//! CPU, where this binary also runs as a smoke test).
 
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
@@ -126,20 +127,30 @@ fn run() -> anyhow::Result<()> {
         cfg,
     )
     .map_err(e)?;
-    let x = Tensor::zeros((2, 4, 64, 64), compute.dtype, &dev).map_err(e)?;
-    let ctx = Tensor::zeros((2, 77, 768), compute.dtype, &dev).map_err(e)?;
-    unet.forward(&x, 500.0, &ctx).map_err(e)?;
-    sync(&dev).map_err(e)?;
-    let steps = if dev.is_cpu() { 1 } else { 10 };
-    let t = Instant::now();
-    for _ in 0..steps {
+    // One image (CFG batch 2), then four in one batch: what batching saves per image.
+    let step = |images: usize| -> anyhow::Result<f64> {
+        let x = Tensor::zeros((2 * images, 4, 64, 64), compute.dtype, &dev).map_err(e)?;
+        let ctx = Tensor::zeros((2 * images, 77, 768), compute.dtype, &dev).map_err(e)?;
         unet.forward(&x, 500.0, &ctx).map_err(e)?;
-    }
-    sync(&dev).map_err(e)?;
+        sync(&dev).map_err(e)?;
+        let steps = if dev.is_cpu() { 1 } else { 10 };
+        let t = Instant::now();
+        for _ in 0..steps {
+            unet.forward(&x, 500.0, &ctx).map_err(e)?;
+        }
+        sync(&dev).map_err(e)?;
+        Ok(t.elapsed().as_secs_f64() / steps as f64)
+    };
+    let one = step(1)?;
     println!(
-        "| SD 1.5 UNet step at 512×512, CFG batch 2, {:?} | {:.3} s | | |",
+        "| SD 1.5 UNet step at 512×512, CFG batch 2, {:?} | {one:.3} s | | |",
         compute.dtype,
-        t.elapsed().as_secs_f64() / steps as f64
+    );
+    let four = step(4)?;
+    println!(
+        "| the same step per image, 4 images in one batch (CFG batch 8) | {:.3} s | 1 image: {one:.3} s | {:.2}x |",
+        four / 4.0,
+        four / 4.0 / one
     );
     Ok(())
 }
