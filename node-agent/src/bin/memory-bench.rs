@@ -4,7 +4,11 @@
 //! under a byte budget; RSS and VmHWM are read after every switch. Variants, each
 //! run in its own process so they cannot disturb each other's RSS:
 //!
-//! - `region`: the agent's RAM tier (one 2 MiB-aligned anonymous mapping per model);
+//! - `region`: the agent's RAM tier (one 2 MiB-aligned anonymous mapping per
+//!   model; a load reuses the mappings of the models it evicted);
+//! - `region-fresh`: the same mappings made fresh for every load and unmapped
+//!   on eviction, as the tier did before it reused them: the reference for
+//!   the reuse's speed;
 //! - `heap`: the control — each tensor in its own heap buffer, glibc defaults;
 //! - `heap-threshold`: the control with `MALLOC_MMAP_THRESHOLD_=1048576`.
 //!
@@ -12,7 +16,7 @@
 //! `modelcache-memory-bench run VARIANT PROFILE` runs one and prints a JSON line.
 
 use anyhow::Context;
-use modelcache_agent::cache::region::Segment;
+use modelcache_agent::cache::region::{self, Region, Segment};
 use modelcache_agent::cache::{
     CacheConfig, CacheError, CacheKey, Loader, ModelCache, RamPlan, RegionTensor,
 };
@@ -95,18 +99,28 @@ fn catalog(p: Profile) -> Vec<Vec<u64>> {
         .collect()
 }
 
-/// One sparse data file shared by all models: model i reads its first `size_i` bytes.
+/// One data file shared by all models: model i reads its first `size_i`
+/// bytes. Written with real bytes, not left sparse: reading a hole costs the
+/// kernel a freshly zeroed page every time, which is not what reading a
+/// model from a warm page cache costs.
 fn data_file(p: Profile) -> std::io::Result<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
     let dir = std::env::temp_dir().join("modelcache-memory-bench");
     std::fs::create_dir_all(&dir)?;
     let path = dir.join(format!("data-{}", p.max));
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)?;
-    if f.metadata()?.len() != p.max {
-        f.set_len(p.max)?;
+    let written = std::fs::metadata(&path)
+        .map(|m| m.len() == p.max && m.blocks() * 512 >= p.max)
+        .unwrap_or(false);
+    if !written {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+        let block = vec![0x5au8; 1 << 20];
+        let mut left = p.max;
+        while left > 0 {
+            let n = left.min(block.len() as u64) as usize;
+            std::io::Write::write_all(&mut f, &block[..n])?;
+            left -= n as u64;
+        }
+        std::io::Write::flush(&mut f)?;
     }
     Ok(path)
 }
@@ -209,6 +223,8 @@ struct Outcome {
     final_rss: u64,
     hwm: u64,
     secs_per_switch: f64,
+    /// Bytes loaded per second of the whole run.
+    load_bytes_per_sec: f64,
 }
 
 /// Runs `switches` round-robin switches, dispatching loads over 4 threads.
@@ -221,6 +237,7 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
     let n = models.len();
     let (mut max_rss, mut final_rss) = (0, 0);
     let mut dispatch = SplitMix64::new(7);
+    let mut loaded = 0u64;
     let start = Instant::now();
     match variant {
         "region" => {
@@ -254,6 +271,62 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                 let (tx, rx) = mpsc::channel();
                 workers[(dispatch.next_u64() % 4) as usize].send((k % n, tx))?;
                 rx.recv()??;
+                final_rss = memory::resident_bytes();
+                max_rss = max_rss.max(final_rss);
+            }
+            loaded = cache.stats().0.load_bytes;
+        }
+        "region-fresh" => {
+            let path = data_file(Profile {
+                max: sizes.iter().copied().max().unwrap_or(p.max),
+                ..p
+            })?;
+            let loader = std::sync::Arc::new(SharedFile {
+                path,
+                models: models.clone(),
+            });
+            type Job = (usize, mpsc::Sender<anyhow::Result<Region>>);
+            let workers: Vec<mpsc::Sender<Job>> = (0..4)
+                .map(|_| {
+                    let (tx, rx) = mpsc::channel::<Job>();
+                    let loader = loader.clone();
+                    std::thread::spawn(move || {
+                        for (model, done) in rx {
+                            let load = || -> anyhow::Result<Region> {
+                                let plan = loader.plan(&CacheKey::from(model.to_string()))?;
+                                let mut r = Region::new(plan.bytes as usize)?;
+                                region::fill(&mut r, &plan.segments, 2)?;
+                                Ok(r)
+                            };
+                            let _ = done.send(load());
+                        }
+                    });
+                    tx
+                })
+                .collect();
+            let mut lru: VecDeque<(usize, Region)> = VecDeque::new();
+            let mut used = 0u64;
+            for k in 0..p.switches {
+                let model = k % n;
+                if let Some(pos) = lru.iter().position(|e| e.0 == model) {
+                    if let Some(e) = lru.remove(pos) {
+                        lru.push_back(e);
+                    }
+                } else {
+                    let need = sizes[model].next_multiple_of(region::REGION_ALIGN as u64);
+                    while used + need > p.budget {
+                        let Some((_, r)) = lru.pop_front() else {
+                            break;
+                        };
+                        used -= r.len() as u64;
+                    }
+                    let (tx, rx) = mpsc::channel();
+                    workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
+                    let r = rx.recv()??;
+                    used += r.len() as u64;
+                    loaded += r.len() as u64;
+                    lru.push_back((model, r));
+                }
                 final_rss = memory::resident_bytes();
                 max_rss = max_rss.max(final_rss);
             }
@@ -298,6 +371,7 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                     workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
                     lru.push_back((model, rx.recv()?));
                     used += sizes[model];
+                    loaded += sizes[model];
                 }
                 final_rss = memory::resident_bytes();
                 max_rss = max_rss.max(final_rss);
@@ -305,12 +379,55 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
         }
         other => anyhow::bail!("unknown variant {other}"),
     }
+    let secs = start.elapsed().as_secs_f64();
     Ok(Outcome {
         max_rss,
         final_rss,
         hwm: memory::peak_resident_bytes(),
-        secs_per_switch: start.elapsed().as_secs_f64() / p.switches as f64,
+        secs_per_switch: secs / p.switches as f64,
+        load_bytes_per_sec: loaded as f64 / secs,
     })
+}
+
+/// The ceilings of a load into resident memory on 2 threads (as the tier
+/// fills), GB/s, best of 3: memcpy between resident buffers, and `pread` of
+/// the benchmark's data file into a resident buffer.
+fn ceilings(p: Profile) -> anyhow::Result<(f64, f64)> {
+    use std::os::unix::fs::FileExt;
+    let len = (p.max as usize).min(512 << 20);
+    let src = vec![1u8; len];
+    let mut dst = vec![0u8; len];
+    let file = std::fs::File::open(data_file(p)?)?;
+    let best = |f: &mut dyn FnMut()| -> f64 {
+        (0..3)
+            .map(|_| {
+                let t = Instant::now();
+                f();
+                len as f64 / t.elapsed().as_secs_f64() / 1e9
+            })
+            .fold(0.0, f64::max)
+    };
+    let memcpy = best(&mut || {
+        std::thread::scope(|s| {
+            for (d, c) in dst.chunks_mut(len / 2).zip(src.chunks(len / 2)) {
+                s.spawn(move || d.copy_from_slice(c));
+            }
+        })
+    });
+    let pread = best(&mut || {
+        std::thread::scope(|s| {
+            for (i, half) in dst.chunks_mut(len / 2).enumerate() {
+                let file = &file;
+                s.spawn(move || {
+                    for (j, chunk) in half.chunks_mut(16 << 20).enumerate() {
+                        let at = (i * (len / 2) + j * (16 << 20)) as u64;
+                        let _ = file.read_exact_at(chunk, at);
+                    }
+                });
+            }
+        })
+    });
+    Ok((memcpy, pread))
 }
 
 fn run_child(variant: &str, profile_name: &str) -> anyhow::Result<serde_json::Value> {
@@ -352,7 +469,7 @@ fn main() -> ExitCode {
                         "{}",
                         serde_json::json!({
                             "variant": variant, "budget": p.budget, "max_rss": o.max_rss, "final_rss": o.final_rss, "hwm": o.hwm,
-                            "secs_per_switch": o.secs_per_switch, "pass": o.max_rss <= limit && o.hwm <= limit,
+                            "secs_per_switch": o.secs_per_switch, "load_bytes_per_sec": o.load_bytes_per_sec, "pass": o.max_rss <= limit && o.hwm <= limit,
                         })
                     );
                     ExitCode::SUCCESS
@@ -371,13 +488,23 @@ fn main() -> ExitCode {
             };
             println!("Fragmentation, profile {prof}: budget B = {} MiB, 12 models {}–{} MiB, 4 loader threads, {} switches", p.budget / MIB, p.min / MIB, p.max / MIB, p.switches);
             println!("check: after every switch RSS <= B + 64 MiB and VmHWM <= B + 64 MiB");
+            match ceilings(p) {
+                Ok((memcpy, pread)) => println!(
+                    "ceilings (2 threads, resident memory): memcpy {memcpy:.1} GB/s, pread of the data file {pread:.1} GB/s"
+                ),
+                Err(e) => eprintln!("ceilings: {e}"),
+            }
             println!(
-                "{:<44} {:>10} {:>10} {:>10} {:>10} {:>6}",
-                "variant", "maxRSS/B", "finalRSS/B", "VmHWM/B", "s/switch", "check"
+                "{:<44} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6}",
+                "variant", "maxRSS/B", "finalRSS/B", "VmHWM/B", "s/switch", "GB/s", "check"
             );
             let mut ok = true;
             for (v, label) in [
                 ("region", "agent RAM tier (mmap region per model)"),
+                (
+                    "region-fresh",
+                    "regions made fresh per load (the tier before)",
+                ),
                 ("heap", "control: heap buffers, glibc defaults"),
                 ("heap-threshold", "control + MALLOC_MMAP_THRESHOLD_=1048576"),
             ] {
@@ -387,14 +514,15 @@ fn main() -> ExitCode {
                         let f = |k: &str| j[k].as_f64().unwrap_or(0.0) / b;
                         let pass = j["pass"].as_bool().unwrap_or(false);
                         println!(
-                            "{label:<44} {:>10.2} {:>10.2} {:>10.2} {:>10.3} {:>6}",
+                            "{label:<44} {:>10.2} {:>10.2} {:>10.2} {:>10.3} {:>8.1} {:>6}",
                             f("max_rss"),
                             f("final_rss"),
                             f("hwm"),
                             j["secs_per_switch"].as_f64().unwrap_or(0.0),
+                            j["load_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e9,
                             if pass { "pass" } else { "FAIL" }
                         );
-                        if v == "region" {
+                        if v.starts_with("region") {
                             ok &= pass;
                         }
                     }

@@ -474,12 +474,22 @@ fn choose_slot<T>(tiers: &[Shelf<T>], needed: u64) -> usize {
 pub trait TierValue: Send + Sync + Sized + 'static {
     #[doc(hidden)]
     fn tiers(state: &mut State) -> &mut [Shelf<Self>];
+
+    /// The memory an evicted copy leaves for the load that evicted it.
+    #[doc(hidden)]
+    fn spare(self) -> Option<region::Region> {
+        None
+    }
 }
 
 #[allow(private_interfaces)]
 impl TierValue for RamModel {
     fn tiers(state: &mut State) -> &mut [Shelf<Self>] {
         std::slice::from_mut(&mut state.ram)
+    }
+
+    fn spare(self) -> Option<region::Region> {
+        Some(self.region)
     }
 }
 
@@ -807,7 +817,7 @@ impl ModelCache {
         &self,
         key: &CacheKey,
         prepare: impl FnOnce() -> Result<(u64, P), CacheError>,
-        build: impl FnOnce(P, usize) -> Result<(T, u64), CacheError>,
+        build: impl FnOnce(P, usize, Vec<region::Region>) -> Result<(T, u64), CacheError>,
     ) -> Result<ModelGuard<T>, CacheError> {
         let wait = LoadWait::new();
         loop {
@@ -879,14 +889,19 @@ impl ModelCache {
             }
         };
         let had_evictions = !evicted.is_empty();
-        drop(evicted);
+        // What nothing else holds any more is left to this load to reuse.
+        let spares: Vec<region::Region> = evicted
+            .into_iter()
+            .filter_map(|v| Arc::try_unwrap(v).ok())
+            .filter_map(T::spare)
+            .collect();
         if had_evictions && self.inner.config.trim_on_evict {
             memory::trim();
         }
         let kind = lock(&self.inner.state).tiers::<T>()[slot].kind;
         let before = MemoryReading::capture(None);
         let start = Instant::now();
-        match build(input, slot) {
+        match build(input, slot, spares) {
             Ok((value, bytes)) => {
                 let seconds = start.elapsed().as_secs_f64();
                 let after = MemoryReading::capture(None);
@@ -951,12 +966,12 @@ impl ModelCache {
                     * region::REGION_ALIGN as u64;
                 Ok((bytes, plan))
             },
-            |plan, _| {
+            |plan, _, spares| {
                 let err = |message: String| CacheError::Load {
                     key: key.clone(),
                     message,
                 };
-                let mut region = region::Region::new(plan.bytes as usize)
+                let mut region = region::Region::reuse(spares, plan.bytes as usize)
                     .map_err(|e| err(format!("cannot map {} bytes: {e}", plan.bytes)))?;
                 region::fill(&mut region, &plan.segments, threads)
                     .map_err(|e| err(e.to_string()))?;
@@ -998,7 +1013,7 @@ impl ModelCache {
                 let ram = self.get_ram(&weights)?;
                 Ok((ram.device_bytes(dtype), ram))
             },
-            |ram, slot| {
+            |ram, slot, _| {
                 let needed = ram.device_bytes(dtype);
                 let DeviceSlot { device, budget } = &self.inner.config.devices[slot];
                 let m = ram.to_device(device, dtype).map_err(|e| {

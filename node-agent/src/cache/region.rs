@@ -63,6 +63,56 @@ impl Region {
         })
     }
 
+    /// A region of `bytes` (rounded up to 2 MiB) made from the regions of
+    /// models just evicted for it, where they are large enough: their pages
+    /// are resident already, so filling it costs a copy and no page faults.
+    /// Fresh pages cost far more than the copy (the kernel zeroes each one,
+    /// and on a VM that returns free memory to its host, the host faults it
+    /// in again). Best fit: the smallest spare that holds `bytes`, its tail
+    /// unmapped; else the largest, moved (not copied) into the head of a new
+    /// region whose tail is fresh. Spares not used are unmapped, so resident
+    /// memory never exceeds what the tier accounts. The old contents stay
+    /// where the fill does not write (alignment padding), which nothing reads.
+    pub fn reuse(mut spares: Vec<Region>, bytes: usize) -> std::io::Result<Region> {
+        let len = bytes.max(1).div_ceil(REGION_ALIGN) * REGION_ALIGN;
+        spares.sort_by_key(|r| r.len);
+        if let Some(i) = spares.iter().position(|r| r.len >= len) {
+            let mut r = spares.swap_remove(i);
+            if r.len > len {
+                // SAFETY: unmapping the tail of our own mapping; the region
+                // keeps its head.
+                unsafe {
+                    libc::munmap(r.ptr.add(len) as *mut libc::c_void, r.len - len);
+                }
+                r.len = len;
+            }
+            return Ok(r);
+        }
+        let Some(largest) = spares.pop() else {
+            return Region::new(bytes);
+        };
+        let fresh = Region::new(len)?;
+        // SAFETY: moves the spare's pages over the head of `fresh` (both our
+        // own mappings; MREMAP_FIXED replaces what was there). The spare's
+        // address range is unmapped by the move, so it is forgotten rather
+        // than dropped.
+        let moved = unsafe {
+            libc::mremap(
+                largest.ptr as *mut libc::c_void,
+                largest.len,
+                largest.len,
+                libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED,
+                fresh.ptr as *mut libc::c_void,
+            )
+        };
+        if moved == libc::MAP_FAILED {
+            // The spare is still mapped where it was: dropping it unmaps it.
+            return Ok(fresh);
+        }
+        std::mem::forget(largest);
+        Ok(fresh)
+    }
+
     /// Bytes mapped (what the RAM tier is charged).
     pub fn len(&self) -> usize {
         self.len
@@ -241,6 +291,32 @@ mod tests {
         ];
         fill(&mut r, &segs, 3).unwrap();
         assert_eq!(&r.as_slice()[..data.len() - 100], &data[100..]);
+    }
+
+    #[test]
+    fn reuse_takes_the_best_fitting_spare_or_moves_the_largest_into_a_bigger_region() {
+        let mark = |r: &mut Region, b: u8| r.as_mut_slice().fill(b);
+        let (mut small, mut big) = (Region::new(4 << 20).unwrap(), Region::new(8 << 20).unwrap());
+        mark(&mut small, 1);
+        mark(&mut big, 2);
+        let small_at = small.as_slice().as_ptr();
+        // 3 MiB fits the 4 MiB spare: it is that spare, unchanged.
+        let r = Region::reuse(vec![big, small], 3 << 20).unwrap();
+        assert_eq!((r.as_slice().as_ptr(), r.len()), (small_at, 4 << 20));
+        assert!(r.as_slice().iter().all(|&b| b == 1));
+        // 5 MiB from spares of 4 and 2 MiB: the 4 MiB spare's pages at the
+        // head of a new aligned 6 MiB region, fresh zeroes after them.
+        let mut two = Region::new(2 << 20).unwrap();
+        mark(&mut two, 3);
+        let r = Region::reuse(vec![r, two], 5 << 20).unwrap();
+        assert_eq!(r.len(), 6 << 20);
+        assert_eq!(r.as_slice().as_ptr() as usize % REGION_ALIGN, 0);
+        assert!(r.as_slice()[..4 << 20].iter().all(|&b| b == 1));
+        assert!(r.as_slice()[4 << 20..].iter().all(|&b| b == 0));
+        // No spares: a fresh region.
+        let r = Region::reuse(Vec::new(), 1).unwrap();
+        assert_eq!(r.len(), REGION_ALIGN);
+        assert!(r.as_slice().iter().all(|&b| b == 0));
     }
 
     #[test]
