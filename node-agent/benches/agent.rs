@@ -740,6 +740,114 @@ fn main() {
     if want("batching") {
         bench_batching();
     }
+    if want("switching") {
+        bench_switching();
+    }
+}
+
+/// tiny-sd1 under `dir` with `padding` more bytes of weights in its UNet
+/// file (real bytes, f16): a model that computes like the tiny one and is
+/// cached, moved and evicted like one of a real model's size.
+fn padded_model(dir: &Path, padding: usize) {
+    copy_dir(&fixtures().join("tiny-sd1"), dir);
+    let file = dir.join("unet/diffusion_pytorch_model.safetensors");
+    let bytes = std::fs::read(&file).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let pad: Vec<u8> = (0..padding).map(|i| (i % 251) as u8 & 0x3b).collect();
+    let mut views: Vec<(String, safetensors::tensor::TensorView)> = st
+        .tensors()
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+    views.push((
+        "modelcache_bench_padding".into(),
+        safetensors::tensor::TensorView::new(Dtype::F16, vec![padding / 2], &pad).unwrap(),
+    ));
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+}
+
+fn bench_switching() {
+    const MODELS: usize = 5;
+    const PADDING: usize = 1 << 30;
+    const REQUESTS: usize = 100;
+    header("Model switching on a real agent: 5 models of 1 GiB (f16 files, 2 GiB as f32 on the CPU device), Zipf s=1 trace of 100 requests");
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    for i in 0..MODELS {
+        padded_model(&models.join(format!("m{i}")), PADDING);
+    }
+    let catalog = Catalog::scan(&models, &dir.path().join("state"), None);
+    // The RAM tier holds 2 of the 5 files, the device tier 2 of the f32 copies.
+    let agent = std::sync::Arc::new(
+        Agent::new(CacheConfig::cpu(2_400 << 20, 4_600 << 20), catalog).unwrap(),
+    );
+    let state = std::sync::Arc::new(AppState::new(
+        agent.clone(),
+        std::sync::Arc::new(Routes::default()),
+        Queue::new(1, 16),
+        Limits::default(),
+        None,
+    ));
+    let addr = in_background(move |listener| async move {
+        let _ = axum::serve(listener, api::router(state)).await;
+    })
+    .to_string();
+    // Zipf over a seeded permutation of the models.
+    use rand_chacha::rand_core::{RngCore, SeedableRng};
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(11);
+    let weights: Vec<f64> = (1..=MODELS).map(|r| 1.0 / r as f64).collect();
+    let total: f64 = weights.iter().sum();
+    let trace: Vec<usize> = (0..REQUESTS)
+        .map(|_| {
+            let mut u = (rng.next_u64() >> 11) as f64 / (1u64 << 53) as f64 * total;
+            let mut pick = MODELS - 1;
+            for (i, w) in weights.iter().enumerate() {
+                if u < *w {
+                    pick = i;
+                    break;
+                }
+                u -= w;
+            }
+            (pick * 3 + 1) % MODELS
+        })
+        .collect();
+    let tier_of = |m: usize| {
+        let unet = models.join(format!("m{m}/unet"));
+        let entries = agent.cache.entries();
+        let held = |t| entries.iter().any(|e| e.tier == t && e.key.path() == unet && !e.loading);
+        if held(modelcache_agent::cache::TierKind::Device) {
+            "device hit"
+        } else if held(modelcache_agent::cache::TierKind::Ram) {
+            "RAM → device"
+        } else {
+            "disk → RAM → device"
+        }
+    };
+    let mut by_tier: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    for (i, &m) in trace.iter().enumerate() {
+        let tier = tier_of(m);
+        let body = serde_json::json!({"model": format!("m{m}"), "prompt": format!("request {i}"), "size": "64x64", "steps": 1, "guidance_scale": 0}).to_string();
+        let t = Instant::now();
+        assert_eq!(post(&addr, &body), 200);
+        by_tier.entry(tier).or_default().push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let hits = by_tier.get("device hit").map_or(0, Vec::len);
+    for (tier, lat) in &by_tier {
+        row(
+            &format!("{tier}: {} requests", lat.len()),
+            format!("p50 {:.0} ms, p99 {:.0} ms", pct(lat.clone(), 0.5), pct(lat.clone(), 0.99)),
+            String::new(),
+            None,
+            "(reported)",
+        );
+    }
+    row(
+        "device-tier hit ratio",
+        format!("{:.0}%", 100.0 * hits as f64 / REQUESTS as f64),
+        String::new(),
+        None,
+        "(reported)",
+    );
 }
 
 /// Latencies (ms) and completed requests/s of `n` requests arriving as a
