@@ -814,7 +814,11 @@ fn bench_switching() {
     let tier_of = |m: usize| {
         let unet = models.join(format!("m{m}/unet"));
         let entries = agent.cache.entries();
-        let held = |t| entries.iter().any(|e| e.tier == t && e.key.path() == unet && !e.loading);
+        let held = |t| {
+            entries
+                .iter()
+                .any(|e| e.tier == t && e.key.path() == unet && !e.loading)
+        };
         if held(modelcache_agent::cache::TierKind::Device) {
             "device hit"
         } else if held(modelcache_agent::cache::TierKind::Ram) {
@@ -829,13 +833,20 @@ fn bench_switching() {
         let body = serde_json::json!({"model": format!("m{m}"), "prompt": format!("request {i}"), "size": "64x64", "steps": 1, "guidance_scale": 0}).to_string();
         let t = Instant::now();
         assert_eq!(post(&addr, &body), 200);
-        by_tier.entry(tier).or_default().push(t.elapsed().as_secs_f64() * 1e3);
+        by_tier
+            .entry(tier)
+            .or_default()
+            .push(t.elapsed().as_secs_f64() * 1e3);
     }
     let hits = by_tier.get("device hit").map_or(0, Vec::len);
     for (tier, lat) in &by_tier {
         row(
             &format!("{tier}: {} requests", lat.len()),
-            format!("p50 {:.0} ms, p99 {:.0} ms", pct(lat.clone(), 0.5), pct(lat.clone(), 0.99)),
+            format!(
+                "p50 {:.0} ms, p99 {:.0} ms",
+                pct(lat.clone(), 0.5),
+                pct(lat.clone(), 0.99)
+            ),
             String::new(),
             None,
             "(reported)",
