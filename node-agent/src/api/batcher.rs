@@ -9,7 +9,7 @@
 //! Each request keeps its own cancellation: a client that goes away stops
 //! its images and frees its place in the queue, not the rest of its batch.
 
-use super::queue::Waiting;
+use super::queue::SharedWaiting;
 use super::{ApiError, AppState};
 use crate::pipeline::{self, BatchKey, GenerateParams, Member, Previews, Stage};
 use crate::routes::Target;
@@ -53,8 +53,8 @@ pub(super) struct Job {
     pub reply: oneshot::Sender<Reply>,
     /// Its log lines' span (the request id).
     pub span: Span,
-    /// On the waiting count until its batch starts.
-    pub waiting: Waiting,
+    /// On the waiting count until its batch starts (or its client leaves).
+    pub waiting: SharedWaiting,
     pub submitted: Instant,
 }
 
@@ -174,7 +174,7 @@ fn run(agent: &crate::agent::Agent, target: &Target, jobs: Vec<Job>, max_images:
     let (jobs, replies): (Vec<_>, Vec<_>) = jobs
         .into_iter()
         .map(|j| {
-            drop(j.waiting);
+            j.waiting.end();
             ((j.params, j.cancelled, j.previews, j.span), j.reply)
         })
         .unzip();

@@ -412,6 +412,7 @@ enum Answer {
 struct InFlight {
     reply: tokio::sync::oneshot::Receiver<batcher::Reply>,
     _ticket: queue::Ticket,
+    _waiting: queue::SharedWaiting,
     _cancel_on_drop: CancelOnDrop,
 }
 
@@ -475,6 +476,7 @@ async fn run_generation(
         false => (None, None),
     };
     let (width, height) = (p.width, p.height);
+    let waiting = queue::SharedWaiting::start(&s.queue, &s.agent.metrics);
     s.batcher.submit(
         s,
         target.clone(),
@@ -484,13 +486,14 @@ async fn run_generation(
             previews,
             reply,
             span: Span::current(),
-            waiting: queue::Waiting::start(&s.queue, &s.agent.metrics),
+            waiting: waiting.clone(),
             submitted: Instant::now(),
         },
     );
     let mut in_flight = InFlight {
         reply: rx,
         _ticket: ticket,
+        _waiting: waiting,
         _cancel_on_drop: CancelOnDrop(cancelled),
     };
     let deadline = s.limits.timeout.map(|t| (started + t, t));

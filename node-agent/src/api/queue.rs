@@ -127,15 +127,15 @@ impl Queue {
 }
 
 /// One request on the waiting count (and the `modelcache_queue_depth`
-/// gauge) until its batch starts or it is dropped (its client went away):
-/// a guard, not code after an `await`, takes it off the count.
+/// gauge) until dropped: a guard, not code after an `await`, takes it off
+/// the count.
 pub(super) struct Waiting {
     queue: Arc<Queue>,
     metrics: AgentMetrics,
 }
 
 impl Waiting {
-    pub(super) fn start(queue: &Arc<Queue>, metrics: &AgentMetrics) -> Self {
+    fn start(queue: &Arc<Queue>, metrics: &AgentMetrics) -> Self {
         let n = queue.waiting.fetch_add(1, Ordering::SeqCst) + 1;
         metrics.queue_depth.set(n as f64);
         Waiting {
@@ -149,6 +149,29 @@ impl Drop for Waiting {
     fn drop(&mut self) {
         let n = self.queue.waiting.fetch_sub(1, Ordering::SeqCst) - 1;
         self.metrics.queue_depth.set(n as f64);
+    }
+}
+
+/// A [`Waiting`] shared by a request's handler and its place in a batch:
+/// it ends when the batch starts or when the handler is dropped (its client
+/// went away), whichever comes first.
+#[derive(Clone)]
+pub(super) struct SharedWaiting(Arc<Mutex<Option<Waiting>>>);
+
+impl SharedWaiting {
+    pub(super) fn start(queue: &Arc<Queue>, metrics: &AgentMetrics) -> Self {
+        SharedWaiting(Arc::new(Mutex::new(Some(Waiting::start(queue, metrics)))))
+    }
+
+    pub(super) fn end(&self) {
+        let waiting = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        drop(waiting);
+    }
+}
+
+impl Drop for SharedWaiting {
+    fn drop(&mut self) {
+        self.end();
     }
 }
 
