@@ -562,8 +562,11 @@ fn bench_edits() {
     );
 }
 
-fn bench_sd15() {
-    header("Pipeline: SD-1.5-sized UNet");
+/// SD 1.5's UNet with random weights (f32, CPU), and the variables it holds.
+fn sd15_unet() -> (
+    modelcache_agent::pipeline::nets::unet_2d::UNet2DConditionModel,
+    candle_nn::VarMap,
+) {
     use candle_nn::{VarBuilder, VarMap};
     use modelcache_agent::pipeline::nets::unet_2d;
     let cfg = unet_2d::UNet2DConditionModelConfig::from_json(&serde_json::json!({
@@ -578,6 +581,12 @@ fn bench_sd15() {
         cfg,
     )
     .unwrap();
+    (unet, map)
+}
+
+fn bench_sd15() {
+    header("Pipeline: SD-1.5-sized UNet");
+    let (unet, map) = sd15_unet();
     let x = candle_core::Tensor::zeros((2, 4, 64, 64), DType::F32, &Device::Cpu).unwrap();
     let ctx = candle_core::Tensor::zeros((2, 77, 768), DType::F32, &Device::Cpu).unwrap();
     let t = Instant::now();
@@ -976,20 +985,7 @@ fn bench_batching() {
 /// of 1 image (CFG batch 2) against one of 4 images (batch 8), at 256×256.
 fn bench_batched_sd15_step() {
     header("Batching: SD-1.5-sized UNet step, 256×256, random weights, f32, CPU");
-    use candle_nn::{VarBuilder, VarMap};
-    use modelcache_agent::pipeline::nets::unet_2d;
-    let cfg = unet_2d::UNet2DConditionModelConfig::from_json(&serde_json::json!({
-        "block_out_channels": [320, 640, 1280, 1280], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
-        "attention_head_dim": 8, "cross_attention_dim": 768, "layers_per_block": 2})).unwrap();
-    let map = VarMap::new();
-    let unet = unet_2d::UNet2DConditionModel::new(
-        VarBuilder::from_varmap(&map, DType::F32, &Device::Cpu),
-        4,
-        4,
-        false,
-        cfg,
-    )
-    .unwrap();
+    let (unet, _map) = sd15_unet();
     let step = |images: usize| {
         let x =
             candle_core::Tensor::zeros((2 * images, 4, 32, 32), DType::F32, &Device::Cpu).unwrap();

@@ -237,9 +237,8 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
     let n = models.len();
     let (mut max_rss, mut final_rss) = (0, 0);
     let mut dispatch = SplitMix64::new(7);
-    let mut loaded = 0u64;
     let start = Instant::now();
-    match variant {
+    let loaded = match variant {
         "region" => {
             let path = data_file(Profile {
                 max: sizes.iter().copied().max().unwrap_or(p.max),
@@ -274,7 +273,7 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                 final_rss = memory::resident_bytes();
                 max_rss = max_rss.max(final_rss);
             }
-            loaded = cache.stats().0.load_bytes;
+            cache.stats().0.load_bytes
         }
         "region-fresh" => {
             let path = data_file(Profile {
@@ -304,32 +303,15 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                     tx
                 })
                 .collect();
-            let mut lru: VecDeque<(usize, Region)> = VecDeque::new();
-            let mut used = 0u64;
-            for k in 0..p.switches {
-                let model = k % n;
-                if let Some(pos) = lru.iter().position(|e| e.0 == model) {
-                    if let Some(e) = lru.remove(pos) {
-                        lru.push_back(e);
-                    }
-                } else {
-                    let need = sizes[model].next_multiple_of(region::REGION_ALIGN as u64);
-                    while used + need > p.budget {
-                        let Some((_, r)) = lru.pop_front() else {
-                            break;
-                        };
-                        used -= r.len() as u64;
-                    }
-                    let (tx, rx) = mpsc::channel();
-                    workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
-                    let r = rx.recv()??;
-                    used += r.len() as u64;
-                    loaded += r.len() as u64;
-                    lru.push_back((model, r));
-                }
-                final_rss = memory::resident_bytes();
-                max_rss = max_rss.max(final_rss);
-            }
+            let rounded: Vec<u64> = sizes
+                .iter()
+                .map(|s| s.next_multiple_of(region::REGION_ALIGN as u64))
+                .collect();
+            lru_switches(p, &rounded, &mut (&mut max_rss, &mut final_rss), |model| {
+                let (tx, rx) = mpsc::channel();
+                workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
+                rx.recv()?
+            })?
         }
         "heap" | "heap-threshold" => {
             type Job = (usize, mpsc::Sender<Vec<HeapTensor>>);
@@ -350,35 +332,14 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                     tx
                 })
                 .collect();
-            // LRU with evict-before-load; eviction runs on this (main) thread.
-            let mut lru: VecDeque<(usize, Vec<HeapTensor>)> = VecDeque::new();
-            let mut used = 0u64;
-            for k in 0..p.switches {
-                let model = k % n;
-                if let Some(pos) = lru.iter().position(|e| e.0 == model) {
-                    if let Some(e) = lru.remove(pos) {
-                        lru.push_back(e);
-                    }
-                } else {
-                    while used + sizes[model] > p.budget {
-                        let Some((m, tensors)) = lru.pop_front() else {
-                            break;
-                        };
-                        drop(tensors);
-                        used -= sizes[m];
-                    }
-                    let (tx, rx) = mpsc::channel();
-                    workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
-                    lru.push_back((model, rx.recv()?));
-                    used += sizes[model];
-                    loaded += sizes[model];
-                }
-                final_rss = memory::resident_bytes();
-                max_rss = max_rss.max(final_rss);
-            }
+            lru_switches(p, &sizes, &mut (&mut max_rss, &mut final_rss), |model| {
+                let (tx, rx) = mpsc::channel();
+                workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
+                Ok(rx.recv()?)
+            })?
         }
         other => anyhow::bail!("unknown variant {other}"),
-    }
+    };
     let secs = start.elapsed().as_secs_f64();
     Ok(Outcome {
         max_rss,
@@ -387,6 +348,42 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
         secs_per_switch: secs / p.switches as f64,
         load_bytes_per_sec: loaded as f64 / secs,
     })
+}
+
+/// Round-robin switches through an LRU of `p.budget` bytes with
+/// evict-before-load (eviction on this thread); `load` loads a model on a
+/// pool thread. Reads RSS into `(max, last)` after every switch; returns the
+/// bytes loaded.
+fn lru_switches<V>(
+    p: Profile,
+    sizes: &[u64],
+    rss: &mut (&mut u64, &mut u64),
+    mut load: impl FnMut(usize) -> anyhow::Result<V>,
+) -> anyhow::Result<u64> {
+    let mut lru: VecDeque<(usize, V)> = VecDeque::new();
+    let (mut used, mut loaded) = (0u64, 0u64);
+    for k in 0..p.switches {
+        let model = k % sizes.len();
+        if let Some(pos) = lru.iter().position(|e| e.0 == model) {
+            if let Some(e) = lru.remove(pos) {
+                lru.push_back(e);
+            }
+        } else {
+            while used + sizes[model] > p.budget {
+                let Some((m, evicted)) = lru.pop_front() else {
+                    break;
+                };
+                drop(evicted);
+                used -= sizes[m];
+            }
+            lru.push_back((model, load(model)?));
+            used += sizes[model];
+            loaded += sizes[model];
+        }
+        *rss.1 = memory::resident_bytes();
+        *rss.0 = (*rss.0).max(*rss.1);
+    }
+    Ok(loaded)
 }
 
 /// The ceilings of a load into resident memory on 2 threads (as the tier
