@@ -153,3 +153,116 @@ mod tests {
         assert_eq!(BatchKey::of(model, &edit), None);
     }
 }
+#[cfg(test)]
+mod probe_tmp {
+    use candle_core::{Device, Module, Tensor};
+    fn diff(a: Tensor, b: Tensor) -> f32 {
+        (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap()
+    }
+    #[test]
+    fn probe_rows() {
+        let dev = Device::Cpu;
+        for (c, hw, k, stride) in [
+            (32usize, 8usize, 3usize, 2usize),
+            (64, 4, 3, 2),
+            (32, 8, 3, 1),
+            (64, 4, 3, 1),
+            (96, 8, 3, 1),
+            (96, 8, 1, 1),
+        ] {
+            let c6 = Tensor::randn(0f32, 1.0, (6, c, hw, hw), &dev).unwrap();
+            let c2 = c6.narrow(0, 0, 2).unwrap().contiguous().unwrap();
+            let w = Tensor::randn(0f32, 1.0, (32, c, k, k), &dev).unwrap();
+            let p = k / 2;
+            eprintln!(
+                "conv {c} {hw} {k} {stride} diff {}",
+                diff(
+                    crate::pipeline::cpu::conv::conv2d(&c6, &w, None, stride, p)
+                        .unwrap()
+                        .narrow(0, 0, 2)
+                        .unwrap(),
+                    crate::pipeline::cpu::conv::conv2d(&c2, &w, None, stride, p).unwrap()
+                )
+            );
+            for groups in [32usize, 16] {
+                if c % groups != 0 {
+                    continue;
+                }
+                let one = Tensor::ones(c, candle_core::DType::F32, &dev).unwrap();
+                let zero = Tensor::zeros(c, candle_core::DType::F32, &dev).unwrap();
+                eprintln!(
+                    "gn {c} {hw} {groups} diff {}",
+                    diff(
+                        crate::pipeline::cpu::ops::group_norm(&c6, groups, 1e-5, &one, &zero, true)
+                            .unwrap()
+                            .narrow(0, 0, 2)
+                            .unwrap(),
+                        crate::pipeline::cpu::ops::group_norm(&c2, groups, 1e-5, &one, &zero, true)
+                            .unwrap()
+                    )
+                );
+            }
+        }
+        for d in [32usize, 64] {
+            let y6 = Tensor::randn(0f32, 1.0, (6, 64, d), &dev).unwrap();
+            let y2 = y6.narrow(0, 0, 2).unwrap().contiguous().unwrap();
+            let ln = candle_nn::LayerNorm::new(
+                Tensor::ones(d, candle_core::DType::F32, &dev).unwrap(),
+                Tensor::zeros(d, candle_core::DType::F32, &dev).unwrap(),
+                1e-5,
+            );
+            eprintln!(
+                "ln {d} diff {}",
+                diff(
+                    ln.forward(&y6).unwrap().narrow(0, 0, 2).unwrap(),
+                    ln.forward(&y2).unwrap()
+                )
+            );
+            let g6 = Tensor::randn(0f32, 1.0, (6, 64, 2 * d), &dev).unwrap();
+            let g2 = g6.narrow(0, 0, 2).unwrap().contiguous().unwrap();
+            eprintln!(
+                "geglu {d} diff {}",
+                diff(
+                    crate::pipeline::cpu::ops::geglu(&g6)
+                        .unwrap()
+                        .narrow(0, 0, 2)
+                        .unwrap(),
+                    crate::pipeline::cpu::ops::geglu(&g2).unwrap()
+                )
+            );
+            let x6 = Tensor::randn(0f32, 1.0, (6, 64, d), &dev).unwrap();
+            let x2 = x6.narrow(0, 0, 2).unwrap().contiguous().unwrap();
+            let lin = candle_nn::Linear::new(
+                Tensor::randn(0f32, 1.0, (d, d), &dev).unwrap(),
+                Some(Tensor::randn(0f32, 1.0, d, &dev).unwrap()),
+            );
+            eprintln!(
+                "lin {d} diff {}",
+                diff(
+                    lin.forward(&x6).unwrap().narrow(0, 0, 2).unwrap(),
+                    lin.forward(&x2).unwrap()
+                )
+            );
+            let t6 = Tensor::randn(0f32, 1.0, (6, 128), &dev).unwrap();
+            let t2 = t6.narrow(0, 0, 2).unwrap().contiguous().unwrap();
+            let lt = candle_nn::Linear::new(
+                Tensor::randn(0f32, 1.0, (d, 128), &dev).unwrap(),
+                Some(Tensor::randn(0f32, 1.0, d, &dev).unwrap()),
+            );
+            eprintln!(
+                "lin-small-m {d} diff {}",
+                diff(
+                    lt.forward(&t6).unwrap().narrow(0, 0, 2).unwrap(),
+                    lt.forward(&t2).unwrap()
+                )
+            );
+        }
+    }
+}

@@ -1,5 +1,6 @@
 //! Attention Based Building Blocks
 use super::conv::{conv2d, Conv2d, Seamless};
+use super::linear::{linear, linear_no_bias, Linear};
 use super::norm::GroupNorm;
 use crate::pipeline::cpu;
 use candle_core::{DType, IndexOp, Result, Tensor, D};
@@ -8,13 +9,13 @@ use candle_nn::Module;
 
 #[derive(Debug)]
 struct GeGlu {
-    proj: nn::Linear,
+    proj: Linear,
     span: tracing::Span,
 }
 
 impl GeGlu {
     fn new(vs: nn::VarBuilder, dim_in: usize, dim_out: usize) -> Result<Self> {
-        let proj = nn::linear(dim_in, dim_out * 2, vs.pp("proj"))?;
+        let proj = linear(dim_in, dim_out * 2, vs.pp("proj"))?;
         let span = tracing::span!(tracing::Level::TRACE, "geglu");
         Ok(Self { proj, span })
     }
@@ -36,7 +37,7 @@ impl Module for GeGlu {
 #[derive(Debug)]
 struct FeedForward {
     project_in: GeGlu,
-    linear: nn::Linear,
+    linear: Linear,
     span: tracing::Span,
 }
 
@@ -50,7 +51,7 @@ impl FeedForward {
         let dim_out = dim_out.unwrap_or(dim);
         let vs = vs.pp("net");
         let project_in = GeGlu::new(vs.pp("0"), dim, inner_dim)?;
-        let linear = nn::linear(inner_dim, dim_out, vs.pp("2"))?;
+        let linear = linear(inner_dim, dim_out, vs.pp("2"))?;
         let span = tracing::span!(tracing::Level::TRACE, "ff");
         Ok(Self {
             project_in,
@@ -116,10 +117,10 @@ fn chunked_attention(
 
 #[derive(Debug)]
 pub struct CrossAttention {
-    to_q: nn::Linear,
-    to_k: nn::Linear,
-    to_v: nn::Linear,
-    to_out: nn::Linear,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
     heads: usize,
     scale: f64,
     slice_size: Option<usize>,
@@ -142,10 +143,10 @@ impl CrossAttention {
         let inner_dim = dim_head * heads;
         let context_dim = context_dim.unwrap_or(query_dim);
         let scale = 1.0 / f64::sqrt(dim_head as f64);
-        let to_q = nn::linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
-        let to_k = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
-        let to_v = nn::linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
-        let to_out = nn::linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
+        let to_q = linear_no_bias(query_dim, inner_dim, vs.pp("to_q"))?;
+        let to_k = linear_no_bias(context_dim, inner_dim, vs.pp("to_k"))?;
+        let to_v = linear_no_bias(context_dim, inner_dim, vs.pp("to_v"))?;
+        let to_out = linear(inner_dim, query_dim, vs.pp("to_out.0"))?;
         let span = tracing::span!(tracing::Level::TRACE, "xa");
         let span_attn = tracing::span!(tracing::Level::TRACE, "xa-attn");
         Ok(Self {
@@ -339,7 +340,7 @@ impl Default for SpatialTransformerConfig {
 #[derive(Debug)]
 enum Proj {
     Conv2d(Conv2d),
-    Linear(nn::Linear),
+    Linear(Linear),
 }
 
 // Aka Transformer2DModel
@@ -365,7 +366,7 @@ impl SpatialTransformer {
         let inner_dim = n_heads * d_head;
         let norm = GroupNorm::new(config.num_groups, in_channels, 1e-6, vs.pp("norm"))?;
         let proj_in = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_in"))?)
+            Proj::Linear(linear(in_channels, inner_dim, vs.pp("proj_in"))?)
         } else {
             Proj::Conv2d(conv2d(
                 in_channels,
@@ -392,7 +393,7 @@ impl SpatialTransformer {
             transformer_blocks.push(tb)
         }
         let proj_out = if config.use_linear_projection {
-            Proj::Linear(nn::linear(in_channels, inner_dim, vs.pp("proj_out"))?)
+            Proj::Linear(linear(in_channels, inner_dim, vs.pp("proj_out"))?)
         } else {
             Proj::Conv2d(conv2d(
                 inner_dim,
@@ -481,10 +482,10 @@ impl Default for AttentionBlockConfig {
 #[derive(Debug)]
 pub struct AttentionBlock {
     group_norm: GroupNorm,
-    query: nn::Linear,
-    key: nn::Linear,
-    value: nn::Linear,
-    proj_attn: nn::Linear,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    proj_attn: Linear,
     channels: usize,
     num_heads: usize,
     span: tracing::Span,
@@ -496,15 +497,15 @@ pub struct AttentionBlock {
 // Linear layer may use a different dimension for the weight in the linear, which is
 // incompatible with the current implementation of the nn::linear constructor.
 // This is a workaround to handle the different dimensions.
-fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<nn::Linear> {
+fn get_qkv_linear(channels: usize, vs: nn::VarBuilder) -> Result<Linear> {
     match vs.get((channels, channels), "weight") {
-        Ok(_) => nn::linear(channels, channels, vs),
+        Ok(_) => linear(channels, channels, vs),
         Err(_) => {
             let weight = vs
                 .get((channels, channels, 1, 1), "weight")?
                 .reshape((channels, channels))?;
             let bias = vs.get((channels,), "bias")?;
-            Ok(nn::Linear::new(weight, Some(bias)))
+            Ok(Linear::new(weight, Some(bias)))
         }
     }
 }

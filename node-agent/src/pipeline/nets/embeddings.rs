@@ -1,18 +1,19 @@
+use super::linear::{linear, Linear};
 use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
 use candle_nn::Module;
 
 #[derive(Debug)]
 pub struct TimestepEmbedding {
-    linear_1: nn::Linear,
-    linear_2: nn::Linear,
+    linear_1: Linear,
+    linear_2: Linear,
 }
 
 impl TimestepEmbedding {
     // act_fn: "silu"
     pub fn new(vs: nn::VarBuilder, channel: usize, time_embed_dim: usize) -> Result<Self> {
-        let linear_1 = nn::linear(channel, time_embed_dim, vs.pp("linear_1"))?;
-        let linear_2 = nn::linear(time_embed_dim, time_embed_dim, vs.pp("linear_2"))?;
+        let linear_1 = linear(channel, time_embed_dim, vs.pp("linear_1"))?;
+        let linear_2 = linear(time_embed_dim, time_embed_dim, vs.pp("linear_2"))?;
         Ok(Self { linear_1, linear_2 })
     }
 }

@@ -2,8 +2,8 @@
 //! `forward`, each configured from its diffusers `config.json` by a
 //! `from_json` beside it: the CLIP text encoder (`clip`), the UNet
 //! (`unet_2d` on `unet_2d_blocks`, `resnet`, `attention`, `embeddings`) and
-//! the VAE decoder (`vae`), with the convolution (`conv`) and group norm
-//! (`norm`) they share.
+//! the VAE decoder (`vae`), with the convolution (`conv`), group norm
+//! (`norm`) and batch-independent linear layer (`linear`) they share.
 //!
 //! The UNet and VAE are adapted from candle-transformers 0.11.1's
 //! `models::stable_diffusion` (MIT OR Apache-2.0, © the candle authors) and
@@ -18,6 +18,7 @@ pub mod attention;
 pub mod clip;
 pub mod conv;
 pub mod embeddings;
+pub mod linear;
 pub mod norm;
 pub mod resnet;
 pub mod unet_2d;

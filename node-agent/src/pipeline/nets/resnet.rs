@@ -3,6 +3,7 @@
 //! with a timestep embedding added between its two convolutions in the UNet.
 
 use super::conv::{conv2d, Conv2d, Tiling};
+use super::linear::{linear, Linear};
 use super::norm::GroupNorm;
 use candle_core::{Result, Tensor, D};
 use candle_nn as nn;
@@ -51,7 +52,7 @@ pub struct ResnetBlock2D {
     conv1: Conv2d,
     norm2: GroupNorm,
     conv2: Conv2d,
-    time_emb_proj: Option<nn::Linear>,
+    time_emb_proj: Option<Linear>,
     conv_shortcut: Option<Conv2d>,
     span: tracing::Span,
     config: ResnetBlock2DConfig,
@@ -114,11 +115,9 @@ impl ResnetBlock2D {
         };
         let time_emb_proj = match config.temb_channels {
             None => None,
-            Some(temb_channels) => Some(nn::linear(
-                temb_channels,
-                out_channels,
-                vs.pp("time_emb_proj"),
-            )?),
+            Some(temb_channels) => {
+                Some(linear(temb_channels, out_channels, vs.pp("time_emb_proj"))?)
+            }
         };
         let span = tracing::span!(tracing::Level::TRACE, "resnet2d");
         Ok(Self {
