@@ -83,10 +83,6 @@ impl Batcher {
         }
     }
 
-    pub fn settings(&self) -> Batching {
-        self.settings
-    }
-
     /// Adds `job` (for `target`'s model) to an open batch it can share, or
     /// opens one and starts the task that runs it.
     pub(super) fn submit(self: &Arc<Self>, s: &Arc<AppState>, target: Target, job: Job) {
