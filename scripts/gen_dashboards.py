@@ -146,7 +146,7 @@ cache = dashboard(
 memory = dashboard(
     "modelcache-memory",
     "modelcache / Memory",
-    "Process memory against cached bytes, glibc malloc arenas and fragmentation, the mmap threshold in force and what malloc_trim released.",
+    "Process memory against cached bytes, glibc malloc arenas and fragmentation, the mmap threshold in force, what malloc_trim released and the allocation pool.",
     True,
     [
         panel(1, "RSS vs cached weights", [
@@ -172,6 +172,12 @@ memory = dashboard(
         panel(6, "Releasable (top of heap)", [
             ("sum by (node) (modelcache_malloc_releasable_bytes{%s})" % AGENT, "{{node}}"),
         ], 0, 16, unit="bytes"),
+        panel(7, "Allocation pool: held bytes", [
+            ("sum by (node) (modelcache_alloc_pool_bytes{%s})" % AGENT, "{{node}}"),
+        ], 12, 16, w=6, unit="bytes", description="Freed blocks of 1 MiB and more kept for the next allocation of the same size while the agent works (a step's buffers); released when it is idle. They count in RSS."),
+        panel(8, "Allocation pool: hit ratio", [
+            ("sum by (node) (rate(modelcache_alloc_pool_hits_total{%s}[%s])) / (sum by (node) (rate(modelcache_alloc_pool_hits_total{%s}[%s])) + sum by (node) (rate(modelcache_alloc_pool_misses_total{%s}[%s])))" % (AGENT, RI, AGENT, RI, AGENT, RI), "{{node}}"),
+        ], 18, 16, w=6, unit="percentunit", description="Share of large allocations served from the pool: each hit costs no system call and no page faults."),
     ],
 )
 

@@ -2,12 +2,20 @@
 //! judged against, measured in the same run.
 //!
 //! `cargo bench -p modelcache-agent --bench agent [-- GROUP]` with GROUP one of
-//! `store`, `cache`, `pipeline`, `edits`, `sd15`, `api`, `fetch`, `peers`
-//! (default: all but `sd15`).
+//! `store`, `cache`, `pipeline`, `edits`, `sd15`, `api`, `fetch`, `peers`,
+//! `batching`, `switching`, `malloc` (`malloc-steps` and `malloc-serving`)
+//! (default: all but `sd15` and `malloc`).
+//! The benchmark runs with the agent's allocator (`memory::pool`).
 
 #[path = "../tests/agent/common/mod.rs"]
 mod common;
 use common::{copy_dir, fixtures, rchar};
+#[path = "agent/malloc.rs"]
+mod malloc;
+
+#[global_allocator]
+static ALLOCATOR: modelcache_agent::memory::pool::PoolAllocator =
+    modelcache_agent::memory::pool::PoolAllocator;
 
 use candle_core::{DType, Device};
 use modelcache_agent::agent::Agent;
@@ -712,12 +720,18 @@ fn post(addr: &str, body: &str) -> u16 {
 
 fn main() {
     pipeline::pin_cpu_threads();
+    if malloc::child() {
+        return;
+    }
     let groups: Vec<String> = std::env::args()
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
     let all = groups.is_empty();
-    let want = |g: &str| all && g != "sd15" || groups.iter().any(|x| x == g);
+    let want = |g: &str| {
+        all && !matches!(g, "sd15" | "malloc" | "malloc-steps" | "malloc-serving")
+            || groups.iter().any(|x| x == g)
+    };
     println!(
         "modelcache agent benchmarks ({} cores)",
         std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -751,6 +765,12 @@ fn main() {
     }
     if want("switching") {
         bench_switching();
+    }
+    if want("malloc") || want("malloc-steps") {
+        malloc::bench_steps();
+    }
+    if want("malloc") || want("malloc-serving") {
+        malloc::bench_serving();
     }
 }
 
@@ -867,6 +887,17 @@ fn bench_switching() {
         String::new(),
         None,
         "(reported)",
+    );
+    // The same switches against the fragmentation benchmark's heap-buffer
+    // control: the RAM tier's loads beside heap buffers', and what each does to RSS.
+    let sequence: Vec<String> = trace.iter().map(usize::to_string).collect();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-memory-bench"))
+        .arg(format!("trace:2400:1024:{}", sequence.join(",")))
+        .output()
+        .unwrap();
+    println!(
+        "\nThe same trace's RAM-tier switches against the heap-buffer control (`modelcache-memory-bench`):\n\n```\n{}```",
+        String::from_utf8_lossy(&out.stdout)
     );
 }
 

@@ -168,6 +168,17 @@ pub fn serve(mut s: Settings) -> anyhow::Result<()> {
     s.connections = connections_within(s.connections, open_files_limit());
     let (source, threshold) = memory::ensure_mmap_threshold(s.malloc_mmap_threshold);
     tracing::info!(?source, threshold, "malloc mmap threshold");
+    if let Ok(v) = std::env::var(memory::pool::ENV) {
+        if memory::pool::parse_cap(v.as_bytes()).is_none() {
+            tracing::warn!(value = %v, default = memory::pool::DEFAULT_CAP, "{} is not a byte count (digits, optionally Ki, Mi or Gi); the default cap applies", memory::pool::ENV);
+        }
+    }
+    let pool = memory::pool::stats();
+    tracing::info!(
+        enabled = pool.enabled,
+        cap_bytes = pool.cap_bytes,
+        "allocation pool for blocks of 1 MiB and more"
+    );
     let compute = device::open(&s.device, s.precision).context("--device")?;
     for d in &compute {
         tracing::info!(device = %d.id, name = %d.name, dtype = ?d.dtype, precision = %s.precision, "compute device (the CPU always computes in f32)");

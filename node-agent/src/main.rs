@@ -13,6 +13,10 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+#[global_allocator]
+static ALLOCATOR: modelcache_agent::memory::pool::PoolAllocator =
+    modelcache_agent::memory::pool::PoolAllocator;
+
 #[derive(Parser)]
 #[command(
     name = "modelcache-agent",
@@ -325,7 +329,8 @@ struct ServeArgs {
     /// File holding the bearer token clients must send; no authentication without it.
     #[arg(long, env = "MODELCACHE_API_TOKEN_FILE")]
     api_token_file: Option<PathBuf>,
-    /// M_MMAP_THRESHOLD to apply when MALLOC_MMAP_THRESHOLD_ is not set.
+    /// M_MMAP_THRESHOLD to apply when MALLOC_MMAP_THRESHOLD_ is not set; 0 leaves glibc's
+    /// dynamic threshold in effect (only to measure what the threshold buys).
     #[arg(
         long,
         env = "MODELCACHE_MALLOC_MMAP_THRESHOLD",

@@ -6,6 +6,8 @@
 //! `M_MMAP_THRESHOLD`, measures RSS and `mallinfo2`, and logs a memory diff
 //! around every load and move.
 
+pub mod pool;
+
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::OnceLock;
 
@@ -116,7 +118,8 @@ pub enum ThresholdSource {
 /// Makes sure a static `M_MMAP_THRESHOLD` is in force: the environment's value
 /// if `MALLOC_MMAP_THRESHOLD_` is set (glibc read it at start), otherwise
 /// `configured` applied with `mallopt`, with a warning that the deployment
-/// should set the variable.
+/// should set the variable. `configured` 0 leaves glibc's dynamic threshold
+/// in effect (for measuring what the threshold buys; alerted).
 pub fn ensure_mmap_threshold(configured: u64) -> (ThresholdSource, u64) {
     if let Some(v) = std::env::var("MALLOC_MMAP_THRESHOLD_")
         .ok()
@@ -124,6 +127,11 @@ pub fn ensure_mmap_threshold(configured: u64) -> (ThresholdSource, u64) {
     {
         MMAP_THRESHOLD.store(v, Ordering::Relaxed);
         return (ThresholdSource::Environment, v);
+    }
+    if configured == 0 {
+        tracing::warn!("--malloc-mmap-threshold 0: glibc's dynamic threshold is in effect and the heap may fragment");
+        MMAP_THRESHOLD.store(0, Ordering::Relaxed);
+        return (ThresholdSource::Dynamic, 0);
     }
     let value = configured.min(i32::MAX as u64) as libc::c_int;
     // SAFETY: mallopt is thread-safe and has no memory preconditions.

@@ -108,7 +108,7 @@ struct CacheCollector {
     device_capacity: IntGaugeVec,
     device_memory: IntGaugeVec,
     device_memory_free: IntGaugeVec,
-    process: [Gauge; 8],
+    process: [Gauge; 11],
     descs: Vec<Desc>,
 }
 
@@ -188,6 +188,9 @@ impl CacheCollector {
             g("modelcache_malloc_releasable_bytes", "Free bytes at the top of the heap that malloc_trim could release (mallinfo2 keepcost)")?,
             g("modelcache_malloc_fragmentation_ratio", "malloc's free-but-held bytes divided by all bytes it holds; 0 when unavailable")?,
             g("modelcache_malloc_mmap_threshold_bytes", "Static M_MMAP_THRESHOLD in force; 0 when glibc's dynamic threshold is in effect")?,
+            g("modelcache_alloc_pool_bytes", "Freed large blocks the allocation pool keeps for reuse (released when the agent is idle)")?,
+            g("modelcache_alloc_pool_hits_total", "Large allocations served from the allocation pool")?,
+            g("modelcache_alloc_pool_misses_total", "Large allocations that mapped fresh memory")?,
         ];
         let trim = Gauge::new(
             "modelcache_malloc_trim_released_bytes_total",
@@ -269,6 +272,7 @@ impl Collector for CacheCollector {
                 .set(total as i64);
         }
         let mi = memory::mallinfo2();
+        let pool = memory::pool::stats();
         let values = [
             memory::resident_bytes() as f64,
             mi.map_or(0.0, |m| m.arena as f64),
@@ -278,6 +282,9 @@ impl Collector for CacheCollector {
             mi.map_or(0.0, |m| m.keepcost as f64),
             mi.map_or(0.0, |m| m.fragmentation_ratio()),
             memory::mmap_threshold() as f64,
+            pool.pooled_bytes as f64,
+            pool.hits as f64,
+            pool.misses as f64,
         ];
         for (g, v) in self.process.iter().zip(values) {
             g.set(v);

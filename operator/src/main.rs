@@ -153,7 +153,8 @@ struct SimulateArgs {
     /// Without it: --nodes identical nodes.
     #[arg(long)]
     cluster: Option<PathBuf>,
-    /// Workload (JSON: {"modelBytes": [...], "zipf", "active", "arrivals", "requestsPerArrival", "seed"}).
+    /// Workload (JSON: {"modelBytes": [...], "zipf", "active", "arrivals", "requestsPerArrival", "seed",
+    /// and optionally "replicas", "warmVram", "warmRam", "priorities": [...]}).
     /// Without it: --models models of 2–7 GB with Zipf popularity.
     #[arg(long)]
     trace: Option<PathBuf>,
@@ -169,6 +170,18 @@ struct SimulateArgs {
     requests_per_arrival: usize,
     #[arg(long, default_value_t = 1)]
     seed: u64,
+    /// Serving replicas per deployment (without --trace).
+    #[arg(long, default_value_t = 1)]
+    replicas: u32,
+    /// Share of deployments with warmTier Vram, 0–1 (without --trace).
+    #[arg(long, default_value_t = 0.0)]
+    warm_vram: f64,
+    /// Share of deployments with warmTier Ram, 0–1 (without --trace).
+    #[arg(long, default_value_t = 0.0)]
+    warm_ram: f64,
+    /// Priorities drawn uniformly per deployment, e.g. 0,100 (without --trace; default all 0).
+    #[arg(long, value_delimiter = ',', allow_hyphen_values = true)]
+    priorities: Vec<i32>,
     /// Also time a full plan of this many deployments over the cluster.
     #[arg(long, default_value_t = 0)]
     full_plan_deployments: usize,
@@ -233,6 +246,10 @@ fn simulate_cmd(a: SimulateArgs) -> anyhow::Result<()> {
             arrivals: a.arrivals,
             requests_per_arrival: a.requests_per_arrival,
             seed: a.seed,
+            replicas: a.replicas,
+            warm_vram: a.warm_vram,
+            warm_ram: a.warm_ram,
+            priorities: a.priorities.clone(),
         },
     };
     let strategy = if a.bin_pack {
@@ -303,11 +320,17 @@ fn plan_nodes(cluster: &ClusterSpec) -> Vec<Node> {
 fn print_report(title: &str, r: &simulate::Report) {
     println!("\n{title}:");
     println!(
-        "  placed {} of {} deployments; unschedulable {}",
-        r.placements, r.arrivals, r.unschedulable
+        "  placed {} of {} deployments ({} with fewer replicas than asked); unschedulable {}",
+        r.placements, r.arrivals, r.partial, r.unschedulable
     );
     for (reason, n) in &r.reasons {
         println!("    {n} × {reason}");
+    }
+    if r.warm_loads > 0 || r.preemptions > 0 {
+        println!(
+            "  warm deployments: {} loads when placed; {} reservations preempted ({} placed again elsewhere, {} not)",
+            r.warm_loads, r.preemptions, r.preempted_replaced, r.preempted_unplaced
+        );
     }
     println!(
         "  requests {}: cold loads {}, RAM→VRAM moves {}",

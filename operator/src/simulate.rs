@@ -2,7 +2,7 @@
 //! node's cache (VRAM and RAM tiers, LRU), on a Zipf-popular stream of
 //! deployments and requests. Users plan capacity with it; we benchmark with it.
 
-use crate::scheduler::{self, Deployment, Fetch, Node, Options, Sizes};
+use crate::scheduler::{self, Decision, Deployment, Fetch, Node, Options, Sizes};
 use modelcache_crds::{PlacementRole, Tier, WarmTier};
 use modelcache_support::SplitMix64;
 use serde::Deserialize;
@@ -82,9 +82,30 @@ pub struct TraceSpec {
     pub active: usize,
     /// Deployment arrivals to simulate.
     pub arrivals: usize,
-    /// Requests sent to each deployment after it is placed.
+    /// Requests sent to each deployment after it is placed, spread over its replicas.
     pub requests_per_arrival: usize,
     pub seed: u64,
+    /// Serving replicas of each deployment (`spec.replicas`), at most one per node.
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// Share of deployments with `warmTier: Vram`: each replica's model is
+    /// loaded when placed and pinned on the GPU while the deployment is active,
+    /// and the scheduler reserves its bytes.
+    #[serde(default)]
+    pub warm_vram: f64,
+    /// Share of deployments with `warmTier: Ram` (pinned in the RAM tier).
+    #[serde(default)]
+    pub warm_ram: f64,
+    /// `spec.priority` of each deployment, drawn uniformly from this list
+    /// (empty: all 0). A warm deployment that finds no room preempts lower
+    /// priorities' warm reservations, as the operator does; the preempted
+    /// deployment is then placed again elsewhere if it can be.
+    #[serde(default)]
+    pub priorities: Vec<i32>,
+}
+
+fn one() -> u32 {
+    1
 }
 
 impl ClusterSpec {
@@ -135,6 +156,7 @@ impl ClusterSpec {
                 local: n.disk_cache_bytes.map(|_| Default::default()),
                 disk_bps: n.disk_bytes_per_second,
                 ram_to_device_bps: n.ram_to_device_bytes_per_second,
+                // The active deployments' placements are passed to the scheduler.
                 serving_bytes: 0,
             })
             .collect()
@@ -185,40 +207,86 @@ impl Zipf {
     }
 }
 
-/// One LRU tier of a node's cache model.
+/// One LRU tier of a node's cache model. Pinned models (warm deployments')
+/// are never evicted.
 #[derive(Default)]
 struct Lru {
     budget: u64,
     used: u64,
     order: VecDeque<(usize, u64)>,
+    pins: HashMap<usize, u32>,
 }
 
 impl Lru {
-    fn touch(&mut self, m: usize) -> bool {
-        if let Some(p) = self.order.iter().position(|e| e.0 == m) {
-            if let Some(e) = self.order.remove(p) {
-                self.order.push_back(e);
-            }
-            true
-        } else {
-            false
+    fn with_budget(budget: u64) -> Self {
+        Lru {
+            budget,
+            ..Default::default()
         }
     }
-    /// Inserts, evicting LRU entries; returns the evicted models.
+
+    fn holds(&self, m: usize) -> bool {
+        self.order.iter().any(|e| e.0 == m)
+    }
+
+    fn touch(&mut self, m: usize) -> bool {
+        match self.order.iter().position(|e| e.0 == m) {
+            Some(p) => {
+                if let Some(e) = self.order.remove(p) {
+                    self.order.push_back(e);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Inserts `m` (kept if present), evicting the least recently used
+    /// unpinned entries; returns the evicted models. Without room beside the
+    /// pinned entries the model is used without being cached.
     fn insert(&mut self, m: usize, size: u64) -> Vec<usize> {
         let mut out = Vec::new();
+        if self.touch(m) {
+            return out;
+        }
+        let pinned: u64 = self
+            .order
+            .iter()
+            .filter(|e| self.pins.contains_key(&e.0))
+            .map(|e| e.1)
+            .sum();
+        if pinned + size > self.budget {
+            return out;
+        }
         while self.used + size > self.budget {
-            let Some((e, s)) = self.order.pop_front() else {
+            let Some(p) = self
+                .order
+                .iter()
+                .position(|e| !self.pins.contains_key(&e.0))
+            else {
                 break;
             };
-            self.used -= s;
-            out.push(e);
+            if let Some((e, s)) = self.order.remove(p) {
+                self.used -= s;
+                out.push(e);
+            }
         }
-        if self.used + size <= self.budget {
-            self.order.push_back((m, size));
-            self.used += size;
-        }
+        self.order.push_back((m, size));
+        self.used += size;
         out
+    }
+
+    fn pin(&mut self, m: usize) {
+        *self.pins.entry(m).or_default() += 1;
+    }
+
+    fn unpin(&mut self, m: usize) {
+        if let Some(c) = self.pins.get_mut(&m) {
+            *c -= 1;
+            if *c == 0 {
+                self.pins.remove(&m);
+            }
+        }
     }
 }
 
@@ -253,6 +321,21 @@ impl TraceSpec {
                 "from 1 to 10000000",
             ));
         }
+        if !(1..=64).contains(&self.replicas) {
+            return Err(out_of_range("replicas", self.replicas, "from 1 to 64"));
+        }
+        for (field, v) in [("warmVram", self.warm_vram), ("warmRam", self.warm_ram)] {
+            if !(0.0..=1.0).contains(&v) {
+                return Err(out_of_range(field, v, "a share from 0 to 1"));
+            }
+        }
+        if self.warm_vram + self.warm_ram > 1.0 {
+            return Err(out_of_range(
+                "warmVram + warmRam",
+                self.warm_vram + self.warm_ram,
+                "at most 1",
+            ));
+        }
         if self.arrivals.saturating_mul(self.requests_per_arrival) > MAX_REQUESTS {
             return Err(out_of_range(
                 "arrivals × requestsPerArrival",
@@ -265,16 +348,31 @@ impl TraceSpec {
 }
 
 /// What a simulation measured.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct Report {
     pub nodes: usize,
     pub arrivals: usize,
     pub requests: usize,
+    /// Arrivals placed with at least one serving replica.
     pub placements: usize,
+    /// Of those, placed with fewer replicas than asked.
+    pub partial: usize,
+    /// Arrivals placed nowhere.
     pub unschedulable: usize,
+    /// Why arrivals were not (fully) placed.
     pub reasons: BTreeMap<String, usize>,
+    /// Requests that read the model from disk (or further).
     pub cold_loads: usize,
+    /// Requests that moved the model from RAM to the GPU.
     pub ram_moves: usize,
+    /// Models loaded and pinned for warm deployments when placed, off the request path.
+    pub warm_loads: usize,
+    /// Warm reservations taken by a higher-priority deployment.
+    pub preemptions: usize,
+    /// Preempted deployments placed again on another node.
+    pub preempted_replaced: usize,
+    /// Preempted deployments that found no other node.
+    pub preempted_unplaced: usize,
     /// Cold loads that had to download the model first (nodes with a disk tier).
     pub downloads: usize,
     /// Bytes those downloads read from remote storage: the cluster's egress.
@@ -283,173 +381,343 @@ pub struct Report {
     pub peer_copies: usize,
     pub latency_p50: f64,
     pub latency_p99: f64,
+    /// Scheduling decisions (arrivals and re-placements) per second of planning.
     pub decisions_per_second: f64,
 }
 
-/// Runs the workload against the cluster with the real scheduler.
+/// The cluster's state during a run: the scheduler's view of each node and a
+/// model of each node's cache tiers.
+struct Sim<'a> {
+    opts: Options,
+    nodes: Vec<Node>,
+    /// Node name → index into `nodes`.
+    index: HashMap<String, usize>,
+    vram: Vec<Lru>,
+    ram: Vec<Lru>,
+    disks: Vec<Option<Lru>>,
+    /// Disk tiers holding each model: a node without it copies from one of them.
+    on_disks: HashMap<usize, usize>,
+    sizes: &'a [u64],
+    report: Report,
+    latencies: Vec<f64>,
+}
+
+fn model_path(m: usize) -> String {
+    format!("models/m{m}")
+}
+
+impl Sim<'_> {
+    /// Records in the scheduler's view where model `m` is on `node` now.
+    fn mark(&mut self, node: usize, m: usize) {
+        let tier = if self.vram[node].holds(m) {
+            Some(Tier::Vram)
+        } else if self.ram[node].holds(m) {
+            Some(Tier::Ram)
+        } else {
+            None
+        };
+        let resident = &mut self.nodes[node].resident;
+        match tier {
+            Some(t) => resident.insert(model_path(m), t),
+            None => resident.remove(&model_path(m)),
+        };
+    }
+
+    /// Seconds to read model `m` from the node's disk into RAM, downloading
+    /// it first where the node has a disk tier without it.
+    fn read_from_disk(&mut self, node: usize, m: usize) -> f64 {
+        let size = self.sizes[m];
+        let mut l = size as f64 / self.nodes[node].disk_bps;
+        if let Some(disk) = &mut self.disks[node] {
+            if !disk.touch(m) {
+                self.report.downloads += 1;
+                let holders = self.on_disks.entry(m).or_default();
+                if *holders > 0 {
+                    self.report.peer_copies += 1;
+                    l += scheduler::PEER_LATENCY_S + size as f64 / self.opts.peer_bps;
+                } else {
+                    self.report.source_bytes += size;
+                    l += self.opts.source_latency_s + size as f64 / self.opts.source_bps;
+                }
+                *holders += 1;
+                let evicted = disk.insert(m, size);
+                for e in &evicted {
+                    if let Some(n) = self.on_disks.get_mut(e) {
+                        *n = n.saturating_sub(1);
+                    }
+                }
+                if let Some(local) = &mut self.nodes[node].local {
+                    for e in evicted {
+                        local.remove(&model_path(e));
+                    }
+                    local.insert(model_path(m));
+                }
+            }
+        }
+        l
+    }
+
+    /// Makes model `m` resident in RAM on `node`: seconds taken and whether it was cold.
+    fn to_ram(&mut self, node: usize, m: usize) -> (f64, bool) {
+        if self.ram[node].touch(m) {
+            return (0.0, false);
+        }
+        let l = self.read_from_disk(node, m);
+        for e in self.ram[node].insert(m, self.sizes[m]) {
+            self.mark(node, e);
+        }
+        self.mark(node, m);
+        (l, true)
+    }
+
+    /// Makes model `m` resident on `node`'s GPU: seconds taken, and where it
+    /// came from (`None`: it was there).
+    fn to_device(&mut self, node: usize, m: usize) -> (f64, Option<bool>) {
+        if self.vram[node].touch(m) {
+            return (0.0, None);
+        }
+        let (l, cold) = self.to_ram(node, m);
+        for e in self.vram[node].insert(m, self.sizes[m]) {
+            // Offloaded from the GPU: still in RAM if the RAM tier holds it.
+            self.mark(node, e);
+        }
+        self.mark(node, m);
+        (
+            l + self.sizes[m] as f64 / self.nodes[node].ram_to_device_bps,
+            Some(cold),
+        )
+    }
+
+    fn request(&mut self, node: usize, m: usize) {
+        self.report.requests += 1;
+        let (l, from) = self.to_device(node, m);
+        match from {
+            Some(true) => self.report.cold_loads += 1,
+            Some(false) => self.report.ram_moves += 1,
+            None => {}
+        }
+        self.latencies.push(l);
+    }
+
+    /// Loads and pins a warm deployment's model on `node`, as the agent does
+    /// when it is placed there.
+    fn warm(&mut self, node: usize, m: usize, tier: WarmTier) {
+        let fresh = match tier {
+            WarmTier::Vram => self.to_device(node, m).1.is_some(),
+            WarmTier::Ram => self.to_ram(node, m).1,
+            WarmTier::None => return,
+        };
+        self.report.warm_loads += usize::from(fresh);
+        match tier {
+            WarmTier::Vram => self.vram[node].pin(m),
+            _ => self.ram[node].pin(m),
+        }
+    }
+
+    fn unwarm(&mut self, node: usize, m: usize, tier: WarmTier) {
+        match tier {
+            WarmTier::Vram => self.vram[node].unpin(m),
+            WarmTier::Ram => self.ram[node].unpin(m),
+            WarmTier::None => {}
+        }
+    }
+
+    fn node_index(&self, name: &str) -> Option<usize> {
+        self.index.get(name).copied()
+    }
+
+    /// Makes `decision` deployment `i`'s placement: warms what is new, unpins
+    /// what it lost. Returns the number of new assignments.
+    fn adopt(
+        &mut self,
+        deps: &mut [Deployment],
+        models: &[usize],
+        i: usize,
+        decision: &Decision,
+    ) -> usize {
+        let d = &deps[i];
+        let (m, warm) = (models[i], d.warm);
+        let lost: Vec<String> = d
+            .current
+            .iter()
+            .filter(|a| !decision.assignments.contains(a))
+            .map(|a| a.node.clone())
+            .collect();
+        let gained: Vec<String> = decision
+            .assignments
+            .iter()
+            .filter(|a| !d.current.contains(a))
+            .map(|a| a.node.clone())
+            .collect();
+        for name in &lost {
+            if let Some(n) = self.node_index(name) {
+                self.unwarm(n, m, warm);
+            }
+        }
+        for name in &gained {
+            if let Some(n) = self.node_index(name) {
+                self.warm(n, m, warm);
+            }
+        }
+        deps[i].current = decision.assignments.clone();
+        gained.len()
+    }
+
+    /// Plans deployment `target` against every active one, as a reconcile
+    /// does, adopts the result, and places again whatever it preempted.
+    fn schedule(
+        &mut self,
+        deps: &mut [Deployment],
+        models: &[usize],
+        target: usize,
+        decide: &mut (usize, f64),
+    ) -> Decision {
+        let mut queue = vec![target];
+        let mut first = None;
+        while let Some(t) = queue.pop() {
+            let started = Instant::now();
+            let decisions = scheduler::plan_for(&self.nodes, deps, t, self.opts);
+            decide.0 += 1;
+            decide.1 += started.elapsed().as_secs_f64();
+            for (v, dv) in decisions.iter().enumerate() {
+                if v != t && dv.preempted_by.is_some() {
+                    self.report.preemptions += 1;
+                    self.adopt(deps, models, v, dv);
+                    queue.push(v);
+                }
+            }
+            let gained = self.adopt(deps, models, t, &decisions[t]);
+            match &first {
+                None => first = Some(decisions[t].clone()),
+                Some(_) if gained > 0 => self.report.preempted_replaced += 1,
+                Some(_) => self.report.preempted_unplaced += 1,
+            }
+        }
+        // The first plan is the target's own.
+        first.unwrap_or_else(|| Decision {
+            key: deps[target].key.clone(),
+            assignments: Vec::new(),
+            unplaced: deps[target].replicas,
+            reason: None,
+            reason_code: None,
+            preempted: Vec::new(),
+            preempted_by: None,
+        })
+    }
+}
+
+/// Runs the workload against the cluster with the real scheduler, deciding
+/// each arrival as the controller does (against every active deployment).
 pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Report, SpecError> {
     cluster.check()?;
     trace.check()?;
     let mut rng = SplitMix64::new(trace.seed);
     let zipf = Zipf::new(trace.model_bytes.len().max(1), trace.zipf);
-    let mut nodes = cluster.scheduler_nodes();
-    let mut caches: Vec<(Lru, Lru)> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            (
-                Lru {
-                    budget: n.device_bytes.iter().copied().max().unwrap_or(0),
-                    ..Default::default()
-                },
-                Lru {
-                    budget: n.ram_bytes,
-                    ..Default::default()
-                },
-            )
-        })
-        .collect();
-    let mut disks: Vec<Option<Lru>> = cluster
-        .nodes
-        .iter()
-        .map(|n| {
-            n.disk_cache_bytes.map(|budget| Lru {
-                budget,
-                ..Default::default()
-            })
-        })
-        .collect();
-    let mut active: VecDeque<(Deployment, usize)> = VecDeque::new();
-    let mut report = Report {
-        nodes: nodes.len(),
-        arrivals: trace.arrivals,
-        requests: 0,
-        placements: 0,
-        unschedulable: 0,
-        reasons: BTreeMap::new(),
-        cold_loads: 0,
-        ram_moves: 0,
-        downloads: 0,
-        source_bytes: 0,
-        peer_copies: 0,
-        latency_p50: 0.0,
-        latency_p99: 0.0,
-        decisions_per_second: 0.0,
+    let nodes = cluster.scheduler_nodes();
+    let mut sim = Sim {
+        opts,
+        index: nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| (n.name.clone(), i))
+            .collect(),
+        nodes,
+        vram: cluster
+            .nodes
+            .iter()
+            .map(|n| Lru::with_budget(n.device_bytes.iter().copied().max().unwrap_or(0)))
+            .collect(),
+        ram: cluster
+            .nodes
+            .iter()
+            .map(|n| Lru::with_budget(n.ram_bytes))
+            .collect(),
+        disks: cluster
+            .nodes
+            .iter()
+            .map(|n| n.disk_cache_bytes.map(Lru::with_budget))
+            .collect(),
+        on_disks: HashMap::new(),
+        sizes: &trace.model_bytes,
+        report: Report {
+            nodes: cluster.nodes.len(),
+            arrivals: trace.arrivals,
+            ..Default::default()
+        },
+        latencies: Vec::new(),
     };
-    // Disk tiers holding each model: a node without it copies from one of them.
-    let mut on_disks: HashMap<usize, usize> = HashMap::new();
-    let mut latencies = Vec::new();
-    let mut decide_seconds = 0.0;
+    // Active deployments in arrival order, and each one's model.
+    let mut deps: Vec<Deployment> = Vec::new();
+    let mut models: Vec<usize> = Vec::new();
+    let mut decide = (0usize, 0.0f64);
     for a in 0..trace.arrivals {
+        // The oldest deployment leaves (its pins and reservations with it) as a new one arrives.
+        if deps.len() >= trace.active {
+            let old = deps.remove(0);
+            let m = models.remove(0);
+            for a in &old.current {
+                if let Some(n) = sim.node_index(&a.node) {
+                    sim.unwarm(n, m, old.warm);
+                }
+            }
+        }
         let m = zipf.sample(&mut rng);
-        let size = trace.model_bytes[m];
-        let d = Deployment {
+        let u = rng.unit();
+        let warm = if u < trace.warm_vram {
+            WarmTier::Vram
+        } else if u < trace.warm_vram + trace.warm_ram {
+            WarmTier::Ram
+        } else {
+            WarmTier::None
+        };
+        let priority = match trace.priorities.len() {
+            0 => 0,
+            n => trace.priorities[(rng.next_u64() % n as u64) as usize],
+        };
+        deps.push(Deployment {
             key: format!("default/d{a}"),
-            model: format!("models/m{m}"),
-            size: Sizes::uniform(size),
-            replicas: 1,
-            warm: WarmTier::None,
-            priority: 0,
+            model: model_path(m),
+            size: Sizes::uniform(trace.model_bytes[m]),
+            replicas: trace.replicas,
+            warm,
+            priority,
             node_selector: BTreeMap::new(),
             tolerations: Vec::new(),
             max_per_node: 1,
             spread_key: None,
             current: Vec::new(),
-            fetch: Some(if on_disks.get(&m).is_some_and(|n| *n > 0) {
+            fetch: Some(if sim.on_disks.get(&m).is_some_and(|n| *n > 0) {
                 Fetch::Peer
             } else {
                 Fetch::Source
             }),
-        };
-        let t = Instant::now();
-        let decision = scheduler::plan(&nodes, std::slice::from_ref(&d), opts).remove(0);
-        decide_seconds += t.elapsed().as_secs_f64();
+        });
+        models.push(m);
+        let target = deps.len() - 1;
+        let decision = sim.schedule(&mut deps, &models, target, &mut decide);
         if let Some(r) = &decision.reason {
-            report.unschedulable += 1;
-            *report.reasons.entry(r.clone()).or_default() += 1;
-            continue;
+            *sim.report.reasons.entry(r.clone()).or_default() += 1;
         }
-        let Some(node) = decision
-            .assignments
+        let serving: Vec<usize> = deps[target]
+            .current
             .iter()
-            .find(|x| x.role == PlacementRole::Serving)
-            .and_then(|x| nodes.iter().position(|n| n.name == x.node))
-        else {
+            .filter(|x| x.role == PlacementRole::Serving)
+            .filter_map(|x| sim.node_index(&x.node))
+            .collect();
+        if serving.is_empty() {
+            sim.report.unschedulable += 1;
+            deps.pop();
+            models.pop();
             continue;
-        };
-        report.placements += 1;
-        nodes[node].serving_bytes += size;
-        for _ in 0..trace.requests_per_arrival {
-            report.requests += 1;
-            let n = &nodes[node];
-            let (vram, ram) = &mut caches[node];
-            let latency = if vram.touch(m) {
-                0.0
-            } else {
-                let in_ram = ram.touch(m);
-                let mut l = size as f64 / n.ram_to_device_bps;
-                if in_ram {
-                    report.ram_moves += 1;
-                } else {
-                    report.cold_loads += 1;
-                    l += size as f64 / n.disk_bps;
-                    if let Some(disk) = &mut disks[node] {
-                        if !disk.touch(m) {
-                            report.downloads += 1;
-                            let holders = on_disks.entry(m).or_default();
-                            if *holders > 0 {
-                                report.peer_copies += 1;
-                                l += scheduler::PEER_LATENCY_S + size as f64 / opts.peer_bps;
-                            } else {
-                                report.source_bytes += size;
-                                l += opts.source_latency_s + size as f64 / opts.source_bps;
-                            }
-                            *holders += 1;
-                            let evicted = disk.insert(m, size);
-                            for e in &evicted {
-                                if let Some(n) = on_disks.get_mut(e) {
-                                    *n = n.saturating_sub(1);
-                                }
-                            }
-                            if let Some(local) = &mut nodes[node].local {
-                                for e in evicted {
-                                    local.remove(&format!("models/m{e}"));
-                                }
-                                local.insert(format!("models/m{m}"));
-                            }
-                        }
-                    }
-                    for e in ram.insert(m, size) {
-                        nodes[node].resident.remove(&format!("models/m{e}"));
-                    }
-                }
-                for e in caches[node].0.insert(m, size) {
-                    // Offloaded from VRAM: still in RAM if the RAM tier holds it.
-                    let tier = if caches[node].1.order.iter().any(|x| x.0 == e) {
-                        Some(Tier::Ram)
-                    } else {
-                        None
-                    };
-                    let key = format!("models/m{e}");
-                    match tier {
-                        Some(t) => nodes[node].resident.insert(key, t),
-                        None => nodes[node].resident.remove(&key),
-                    };
-                }
-                nodes[node]
-                    .resident
-                    .insert(format!("models/m{m}"), Tier::Vram);
-                l
-            };
-            latencies.push(latency);
         }
-        active.push_back((d, node));
-        if active.len() > trace.active {
-            if let Some((old, n)) = active.pop_front() {
-                nodes[n].serving_bytes = nodes[n].serving_bytes.saturating_sub(old.size.gpu);
-            }
+        sim.report.placements += 1;
+        sim.report.partial += usize::from(serving.len() < trace.replicas as usize);
+        for r in 0..trace.requests_per_arrival {
+            sim.request(serving[r % serving.len()], m);
         }
     }
+    let mut report = sim.report;
+    let mut latencies = sim.latencies;
     latencies.sort_by(f64::total_cmp);
     let pct = |p: f64| {
         latencies
@@ -459,7 +727,7 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
     };
     report.latency_p50 = pct(0.5);
     report.latency_p99 = pct(0.99);
-    report.decisions_per_second = trace.arrivals as f64 / decide_seconds.max(1e-9);
+    report.decisions_per_second = decide.0 as f64 / decide.1.max(1e-9);
     Ok(report)
 }
 
@@ -506,6 +774,178 @@ mod tests {
             arrivals: 200,
             requests_per_arrival: 3,
             seed: 7,
+            replicas: 1,
+            warm_vram: 0.0,
+            warm_ram: 0.0,
+            priorities: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn warm_deployments_load_when_placed_and_are_never_evicted_while_active() {
+        // Two nodes with room on the GPU for two 4 GiB models each, four
+        // active deployments over twelve models: on demand they keep evicting
+        // each other; warm in VRAM, every request finds its model there.
+        let cluster = ClusterSpec::synthetic(2, 32 * G, vec![8 * G]);
+        let mut t = trace(12);
+        let cold = run(&cluster, &t, Options::default()).unwrap();
+        assert_eq!(cold.warm_loads, 0);
+        assert!(cold.cold_loads + cold.ram_moves > 0);
+        t.warm_vram = 1.0;
+        let warm = run(&cluster, &t, Options::default()).unwrap();
+        assert_eq!(warm.unschedulable, 0, "{:?}", warm.reasons);
+        assert_eq!(
+            (warm.cold_loads, warm.ram_moves, warm.latency_p99),
+            (0, 0, 0.0),
+            "a warm deployment's requests never wait for a load"
+        );
+        assert!(warm.warm_loads > 0 && warm.warm_loads <= warm.placements);
+    }
+
+    #[test]
+    fn warm_reservations_beyond_capacity_are_refused_without_priorities() {
+        // One GPU with room for two warm models, four wanted at once.
+        let cluster = ClusterSpec::synthetic(1, 32 * G, vec![8 * G]);
+        let mut t = trace(12);
+        t.warm_vram = 1.0;
+        let r = run(&cluster, &t, Options::default()).unwrap();
+        assert!(r.unschedulable > 0);
+        assert_eq!(r.preemptions, 0, "equal priorities never preempt");
+        assert!(
+            r.reasons.keys().all(|k| k.contains("VRAM")),
+            "{:?}",
+            r.reasons
+        );
+        assert_eq!(r.placements + r.unschedulable, r.arrivals);
+    }
+
+    #[test]
+    fn higher_priorities_preempt_lower_warm_reservations_which_move_if_they_can() {
+        let mut t = trace(12);
+        t.warm_vram = 1.0;
+        t.priorities = vec![0, 100];
+        // One GPU: the preempted have nowhere to go.
+        let one = run(
+            &ClusterSpec::synthetic(1, 32 * G, vec![8 * G]),
+            &t,
+            Options::default(),
+        )
+        .unwrap();
+        assert!(one.preemptions > 0);
+        assert_eq!(one.preempted_replaced, 0);
+        assert_eq!(one.preempted_unplaced, one.preemptions);
+        // Fewer high-priority arrivals are refused than without priorities.
+        t.priorities = vec![0, 0];
+        let flat = run(
+            &ClusterSpec::synthetic(1, 32 * G, vec![8 * G]),
+            &t,
+            Options::default(),
+        )
+        .unwrap();
+        assert!(
+            one.unschedulable < flat.unschedulable,
+            "{one:?} vs {flat:?}"
+        );
+    }
+
+    #[test]
+    fn replicas_spread_over_nodes_and_share_the_requests() {
+        let mut t = trace(3);
+        t.replicas = 3;
+        t.requests_per_arrival = 6;
+        let three = run(
+            &ClusterSpec::synthetic(3, 32 * G, vec![24 * G]),
+            &t,
+            Options::default(),
+        )
+        .unwrap();
+        assert_eq!((three.partial, three.unschedulable), (0, 0));
+        // Every node serves every model: at most one cold load per model and node.
+        assert!(three.cold_loads <= 9, "{}", three.cold_loads);
+        // On two nodes each deployment gets two of its three replicas.
+        let two = run(
+            &ClusterSpec::synthetic(2, 32 * G, vec![24 * G]),
+            &t,
+            Options::default(),
+        )
+        .unwrap();
+        assert_eq!(two.partial, two.placements);
+        assert!(
+            two.reasons.keys().any(|k| k.contains("2 nodes")),
+            "{:?}",
+            two.reasons
+        );
+    }
+
+    #[test]
+    fn malformed_warm_shares_and_replicas_are_refused_by_name() {
+        for (edit, field) in [
+            (
+                (|t: &mut TraceSpec| t.replicas = 0) as fn(&mut TraceSpec),
+                "replicas",
+            ),
+            (|t| t.warm_vram = 1.5, "warmVram"),
+            (|t| t.warm_ram = f64::NAN, "warmRam"),
+            (
+                |t| {
+                    t.warm_vram = 0.7;
+                    t.warm_ram = 0.7
+                },
+                "warmVram + warmRam",
+            ),
+        ] {
+            let mut t = trace(2);
+            edit(&mut t);
+            match t.check() {
+                Err(SpecError::OutOfRange { field: f, .. }) => assert_eq!(f, field),
+                other => panic!("{field}: {other:?}"),
+            }
+        }
+        // Absent fields take their defaults.
+        let t: TraceSpec = serde_json::from_str(
+            r#"{"modelBytes": [1], "zipf": 1, "active": 1, "arrivals": 1, "requestsPerArrival": 1, "seed": 1}"#,
+        )
+        .unwrap();
+        assert_eq!((t.replicas, t.warm_vram, t.priorities.len()), (1, 0.0, 0));
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(48))]
+
+        /// Whatever the workload: every arrival is placed or refused, every
+        /// placed arrival's requests are served, and every preemption ends
+        /// with the preempted deployment placed again or not.
+        #[test]
+        fn every_arrival_and_request_is_accounted_for(
+            nodes in 1usize..4,
+            models in 1usize..10,
+            active in 1usize..6,
+            replicas in 1u32..4,
+            warm in 0u8..3,
+            priorities in proptest::collection::vec(-5i32..5, 0..3),
+            seed in 0u64..1000,
+        ) {
+            let cluster = ClusterSpec::synthetic(nodes, 16 * G, vec![8 * G]);
+            let mut t = trace(models);
+            t.model_bytes = (0..models as u64).map(|m| (1 + m % 5) * G).collect();
+            t.active = active;
+            t.arrivals = 60;
+            t.replicas = replicas;
+            t.priorities = priorities;
+            t.seed = seed;
+            match warm {
+                1 => t.warm_vram = 0.5,
+                2 => t.warm_ram = 0.5,
+                _ => {}
+            }
+            let r = run(&cluster, &t, Options::default()).unwrap();
+            prop_assert_eq!(r.placements + r.unschedulable, r.arrivals);
+            prop_assert_eq!(r.requests, r.placements * t.requests_per_arrival);
+            prop_assert!(r.cold_loads + r.ram_moves <= r.requests);
+            prop_assert!(r.partial <= r.placements);
+            prop_assert_eq!(r.preempted_replaced + r.preempted_unplaced, r.preemptions);
         }
     }
 

@@ -41,6 +41,10 @@ fn impossible_inputs_are_refused_naming_the_field() {
         r#"{"modelBytes": [], "zipf": 1.0, "active": 10, "arrivals": 10, "requestsPerArrival": 1, "seed": 1}"#,
     );
     let endless = trace(r#""arrivals": 18446744073709551615"#);
+    let negative_share = file(
+        "warm.json",
+        r#"{"modelBytes": [1], "zipf": 1.0, "active": 1, "arrivals": 1, "requestsPerArrival": 1, "seed": 1, "warmRam": -0.5}"#,
+    );
     let cases: Vec<(Vec<&str>, &str)> = vec![
         (vec!["--models", "0"], "modelBytes"),
         (vec!["--nodes", "0"], "no nodes"),
@@ -48,6 +52,12 @@ fn impossible_inputs_are_refused_naming_the_field() {
         (vec!["--cluster", &zero_bandwidth], "diskBytesPerSecond"),
         (vec!["--zipf", "NaN"], "zipf"),
         (vec!["--trace", &endless], "arrivals"),
+        (vec!["--replicas", "0"], "replicas"),
+        (
+            vec!["--warm-vram", "0.8", "--warm-ram", "0.8"],
+            "warmVram + warmRam",
+        ),
+        (vec!["--trace", &negative_share], "warmRam"),
     ];
     for (args, field) in cases {
         let (code, err) = simulate(&args);
@@ -61,4 +71,34 @@ fn impossible_inputs_are_refused_naming_the_field() {
 fn a_small_simulation_still_runs() {
     let (code, err) = simulate(&["--nodes", "3", "--models", "5", "--arrivals", "20"]);
     assert_eq!(code, Some(0), "{err}");
+}
+
+#[test]
+fn warm_deployments_with_priorities_report_their_preemptions() {
+    let out = Command::new(env!("CARGO_BIN_EXE_modelcache-operator"))
+        .args([
+            "simulate",
+            "--nodes",
+            "2",
+            "--models",
+            "20",
+            "--arrivals",
+            "200",
+        ])
+        .args([
+            "--warm-vram",
+            "1",
+            "--priorities",
+            "0,100",
+            "--replicas",
+            "2",
+        ])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    // Two nodes of 24 GiB cannot hold 1,000 warm 2–7 GB deployments: the
+    // high-priority ones take reservations from the low ones.
+    assert!(text.contains("reservations preempted"), "{text}");
+    assert!(text.contains("loads when placed"), "{text}");
 }

@@ -206,6 +206,7 @@ fn default_install_renders_valid_manifests_for_kubernetes_1_35() {
         .any(|t| t.key.as_deref() == Some("nvidia.com/gpu")));
     let c = &agent_pod.containers[0];
     assert_eq!(env_value(c, "MALLOC_MMAP_THRESHOLD_"), Some("1048576"));
+    assert_eq!(env_value(c, "MODELCACHE_ALLOC_POOL_BYTES"), Some("1Gi"));
     assert_eq!(env_value(c, "MODELCACHE_RAM_CACHE_BYTES"), Some("32Gi"));
     assert_eq!(field_ref(c, "NODE_NAME"), Some("spec.nodeName"));
     assert_eq!(field_ref(c, "POD_IP"), Some("status.podIP"));

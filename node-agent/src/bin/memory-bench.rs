@@ -1,7 +1,8 @@
 //! Fragmentation benchmark (docs/memory.md), against the real cache code.
 //!
-//! Round-robin over 12 models, loads dispatched over 4 threads, evict-before-load
-//! under a byte budget; RSS and VmHWM are read after every switch. Variants, each
+//! Switches among 12 models (round-robin unless the profile says otherwise),
+//! loads dispatched over 4 threads, evict-before-load under a byte budget; RSS
+//! and VmHWM are read and each load timed after every switch. Variants, each
 //! run in its own process so they cannot disturb each other's RSS:
 //!
 //! - `region`: the agent's RAM tier (one 2 MiB-aligned anonymous mapping per
@@ -12,8 +13,11 @@
 //! - `heap`: the control — each tensor in its own heap buffer, glibc defaults;
 //! - `heap-threshold`: the control with `MALLOC_MMAP_THRESHOLD_=1048576`.
 //!
-//! `modelcache-memory-bench [ci|full]` runs all three and prints a table;
-//! `modelcache-memory-bench run VARIANT PROFILE` runs one and prints a JSON line.
+//! `modelcache-memory-bench [ci|full|zipf]` runs them all and prints a table
+//! (`zipf`: `full`'s models asked for with Zipf popularity, as a busy node
+//! sees them, with each load's latency); `trace:BUDGET_MIB:MODEL_MIB:I,J,…`
+//! replays another benchmark's switches; `modelcache-memory-bench run VARIANT
+//! PROFILE` runs one and prints a JSON line.
 
 use anyhow::Context;
 use modelcache_agent::cache::region::{self, Region, Segment};
@@ -30,29 +34,75 @@ use std::time::Instant;
 
 const MIB: u64 = 1 << 20;
 
-#[derive(Clone, Copy)]
+#[derive(Clone)]
 struct Profile {
     budget: u64,
     min: u64,
     max: u64,
-    switches: usize,
+    models: usize,
+    /// The model each switch asks for.
+    sequence: Vec<usize>,
 }
 
+impl Profile {
+    fn round_robin(budget: u64, min: u64, max: u64, switches: usize) -> Profile {
+        Profile {
+            budget,
+            min,
+            max,
+            models: 12,
+            sequence: (0..switches).map(|k| k % 12).collect(),
+        }
+    }
+}
+
+/// `ci`, `full`, `zipf` (full's models, 300 switches drawn Zipf s=1: what a
+/// busy node sees), or `trace:BUDGET_MIB:MODEL_MIB:I,J,K…` (models of one size
+/// asked for in the given order: another benchmark's trace).
 fn profile(name: &str) -> Option<Profile> {
     match name {
-        "ci" => Some(Profile {
-            budget: 512 * MIB,
-            min: 75 * MIB,
-            max: 225 * MIB,
-            switches: 100,
-        }),
-        "full" => Some(Profile {
-            budget: 2048 * MIB,
-            min: 300 * MIB,
-            max: 900 * MIB,
-            switches: 300,
-        }),
-        _ => None,
+        "ci" => Some(Profile::round_robin(512 * MIB, 75 * MIB, 225 * MIB, 100)),
+        "full" => Some(Profile::round_robin(2048 * MIB, 300 * MIB, 900 * MIB, 300)),
+        "zipf" => {
+            let mut rng = SplitMix64::new(11);
+            let weights: Vec<f64> = (1..=12).map(|k| 1.0 / k as f64).collect();
+            let total: f64 = weights.iter().sum();
+            let sequence = (0..300)
+                .map(|_| {
+                    let mut u = rng.unit() * total;
+                    weights
+                        .iter()
+                        .position(|w| {
+                            let hit = u < *w;
+                            u -= w;
+                            hit
+                        })
+                        .unwrap_or(11)
+                })
+                .collect();
+            Some(Profile {
+                sequence,
+                ..Profile::round_robin(2048 * MIB, 300 * MIB, 900 * MIB, 0)
+            })
+        }
+        trace => {
+            let mut parts = trace.strip_prefix("trace:")?.splitn(3, ':');
+            let budget = parts.next()?.parse::<u64>().ok()? * MIB;
+            let size = parts.next()?.parse::<u64>().ok()? * MIB;
+            let sequence: Vec<usize> = parts
+                .next()?
+                .split(',')
+                .map(|v| v.parse().ok())
+                .collect::<Option<_>>()?;
+            let models = sequence.iter().max()? + 1;
+            Some(Profile {
+                budget,
+                min: size,
+                max: size,
+                models,
+                sequence,
+            })
+        }
     }
 }
 
@@ -69,10 +119,10 @@ fn log_uniform(rng: &mut SplitMix64, a: f64, b: f64) -> f64 {
 /// The catalog of models, shaped like real checkpoints: sizes uniform in [min, max];
 /// tensors by count 5% big (40–100 MiB scaled to the profile), 55% medium
 /// (1–16 MiB log-uniform), 40% small (4–512 KiB log-uniform).
-fn catalog(p: Profile) -> Vec<Vec<u64>> {
+fn catalog(p: &Profile) -> Vec<Vec<u64>> {
     let mut rng = SplitMix64::new(1);
     let scale = p.max as f64 / (900 * MIB) as f64;
-    (0..12)
+    (0..p.models)
         .map(|_| {
             let total = uniform(&mut rng, p.min as f64, p.max as f64) as u64;
             let mut left = total;
@@ -103,18 +153,18 @@ fn catalog(p: Profile) -> Vec<Vec<u64>> {
 /// bytes. Written with real bytes, not left sparse: reading a hole costs the
 /// kernel a freshly zeroed page every time, which is not what reading a
 /// model from a warm page cache costs.
-fn data_file(p: Profile) -> std::io::Result<PathBuf> {
+fn data_file(max: u64) -> std::io::Result<PathBuf> {
     use std::os::unix::fs::MetadataExt;
     let dir = std::env::temp_dir().join("modelcache-memory-bench");
     std::fs::create_dir_all(&dir)?;
-    let path = dir.join(format!("data-{}", p.max));
+    let path = dir.join(format!("data-{max}"));
     let written = std::fs::metadata(&path)
-        .map(|m| m.len() == p.max && m.blocks() * 512 >= p.max)
+        .map(|m| m.len() == max && m.blocks() * 512 >= max)
         .unwrap_or(false);
     if !written {
         let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
         let block = vec![0x5au8; 1 << 20];
-        let mut left = p.max;
+        let mut left = max;
         while left > 0 {
             let n = left.min(block.len() as u64) as usize;
             std::io::Write::write_all(&mut f, &block[..n])?;
@@ -225,25 +275,47 @@ struct Outcome {
     secs_per_switch: f64,
     /// Bytes loaded per second of the whole run.
     load_bytes_per_sec: f64,
+    /// Seconds of each switch that loaded its model.
+    loads: Vec<f64>,
+    /// Switches whose model was held already.
+    hits: usize,
 }
 
-/// Runs `switches` round-robin switches, dispatching loads over 4 threads.
-fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
+/// What the switches did, read after each one.
+#[derive(Default)]
+struct Switches {
+    max_rss: u64,
+    final_rss: u64,
+    loads: Vec<f64>,
+    hits: usize,
+}
+
+impl Switches {
+    fn record(&mut self, loaded: bool, started: Instant) {
+        if loaded {
+            self.loads.push(started.elapsed().as_secs_f64());
+        } else {
+            self.hits += 1;
+        }
+        self.final_rss = memory::resident_bytes();
+        self.max_rss = self.max_rss.max(self.final_rss);
+    }
+}
+
+/// Runs the profile's switches, dispatching loads over 4 threads.
+fn run_variant(variant: &str, p: &Profile) -> anyhow::Result<Outcome> {
     let models = catalog(p);
     let sizes: Vec<u64> = models
         .iter()
         .map(|m| m.iter().map(|s| s.next_multiple_of(64)).sum())
         .collect();
-    let n = models.len();
-    let (mut max_rss, mut final_rss) = (0, 0);
+    let mut sw = Switches::default();
     let mut dispatch = SplitMix64::new(7);
+    let largest = sizes.iter().copied().max().unwrap_or(p.max);
     let start = Instant::now();
     let loaded = match variant {
         "region" => {
-            let path = data_file(Profile {
-                max: sizes.iter().copied().max().unwrap_or(p.max),
-                ..p
-            })?;
+            let path = data_file(largest)?;
             let config = CacheConfig::cpu(p.budget, 0);
             let cache = ModelCache::new(
                 config,
@@ -266,22 +338,19 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                     tx
                 })
                 .collect();
-            for k in 0..p.switches {
+            for &model in &p.sequence {
+                let before = cache.stats().0.load_bytes;
+                let t = Instant::now();
                 let (tx, rx) = mpsc::channel();
-                workers[(dispatch.next_u64() % 4) as usize].send((k % n, tx))?;
+                workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
                 rx.recv()??;
-                final_rss = memory::resident_bytes();
-                max_rss = max_rss.max(final_rss);
+                sw.record(cache.stats().0.load_bytes != before, t);
             }
             cache.stats().0.load_bytes
         }
         "region-fresh" => {
-            let path = data_file(Profile {
-                max: sizes.iter().copied().max().unwrap_or(p.max),
-                ..p
-            })?;
             let loader = std::sync::Arc::new(SharedFile {
-                path,
+                path: data_file(largest)?,
                 models: models.clone(),
             });
             type Job = (usize, mpsc::Sender<anyhow::Result<Region>>);
@@ -307,7 +376,7 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                 .iter()
                 .map(|s| s.next_multiple_of(region::REGION_ALIGN as u64))
                 .collect();
-            lru_switches(p, &rounded, &mut (&mut max_rss, &mut final_rss), |model| {
+            lru_switches(p, &rounded, &mut sw, |model| {
                 let (tx, rx) = mpsc::channel();
                 workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
                 rx.recv()?
@@ -332,7 +401,7 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
                     tx
                 })
                 .collect();
-            lru_switches(p, &sizes, &mut (&mut max_rss, &mut final_rss), |model| {
+            lru_switches(p, &sizes, &mut sw, |model| {
                 let (tx, rx) = mpsc::channel();
                 workers[(dispatch.next_u64() % 4) as usize].send((model, tx))?;
                 Ok(rx.recv()?)
@@ -342,32 +411,34 @@ fn run_variant(variant: &str, p: Profile) -> anyhow::Result<Outcome> {
     };
     let secs = start.elapsed().as_secs_f64();
     Ok(Outcome {
-        max_rss,
-        final_rss,
+        max_rss: sw.max_rss,
+        final_rss: sw.final_rss,
         hwm: memory::peak_resident_bytes(),
-        secs_per_switch: secs / p.switches as f64,
+        secs_per_switch: secs / p.sequence.len().max(1) as f64,
         load_bytes_per_sec: loaded as f64 / secs,
+        loads: sw.loads,
+        hits: sw.hits,
     })
 }
 
-/// Round-robin switches through an LRU of `p.budget` bytes with
+/// The profile's switches through an LRU of `p.budget` bytes with
 /// evict-before-load (eviction on this thread); `load` loads a model on a
-/// pool thread. Reads RSS into `(max, last)` after every switch; returns the
-/// bytes loaded.
+/// pool thread. Returns the bytes loaded.
 fn lru_switches<V>(
-    p: Profile,
+    p: &Profile,
     sizes: &[u64],
-    rss: &mut (&mut u64, &mut u64),
+    sw: &mut Switches,
     mut load: impl FnMut(usize) -> anyhow::Result<V>,
 ) -> anyhow::Result<u64> {
     let mut lru: VecDeque<(usize, V)> = VecDeque::new();
     let (mut used, mut loaded) = (0u64, 0u64);
-    for k in 0..p.switches {
-        let model = k % sizes.len();
+    for &model in &p.sequence {
+        let t = Instant::now();
         if let Some(pos) = lru.iter().position(|e| e.0 == model) {
             if let Some(e) = lru.remove(pos) {
                 lru.push_back(e);
             }
+            sw.record(false, t);
         } else {
             while used + sizes[model] > p.budget {
                 let Some((m, evicted)) = lru.pop_front() else {
@@ -379,9 +450,8 @@ fn lru_switches<V>(
             lru.push_back((model, load(model)?));
             used += sizes[model];
             loaded += sizes[model];
+            sw.record(true, t);
         }
-        *rss.1 = memory::resident_bytes();
-        *rss.0 = (*rss.0).max(*rss.1);
     }
     Ok(loaded)
 }
@@ -389,12 +459,12 @@ fn lru_switches<V>(
 /// The ceilings of a load into resident memory on 2 threads (as the tier
 /// fills), GB/s, best of 3: memcpy between resident buffers, and `pread` of
 /// the benchmark's data file into a resident buffer.
-fn ceilings(p: Profile) -> anyhow::Result<(f64, f64)> {
+fn ceilings(p: &Profile) -> anyhow::Result<(f64, f64)> {
     use std::os::unix::fs::FileExt;
     let len = (p.max as usize).min(512 << 20);
     let src = vec![1u8; len];
     let mut dst = vec![0u8; len];
-    let file = std::fs::File::open(data_file(p)?)?;
+    let file = std::fs::File::open(data_file(p.max)?)?;
     let best = |f: &mut dyn FnMut()| -> f64 {
         (0..3)
             .map(|_| {
@@ -459,14 +529,23 @@ fn main() -> ExitCode {
             let Some(p) = profile(prof) else {
                 return ExitCode::FAILURE;
             };
-            match run_variant(variant, p) {
+            match run_variant(variant, &p) {
                 Ok(o) => {
                     let limit = p.budget + 64 * MIB;
+                    let mut loads = o.loads.clone();
+                    loads.sort_by(f64::total_cmp);
+                    let pct = |q: f64| {
+                        loads
+                            .get(((loads.len().max(1) - 1) as f64 * q).round() as usize)
+                            .copied()
+                            .unwrap_or(0.0)
+                    };
                     println!(
                         "{}",
                         serde_json::json!({
                             "variant": variant, "budget": p.budget, "max_rss": o.max_rss, "final_rss": o.final_rss, "hwm": o.hwm,
                             "secs_per_switch": o.secs_per_switch, "load_bytes_per_sec": o.load_bytes_per_sec, "pass": o.max_rss <= limit && o.hwm <= limit,
+                            "loads": o.loads.len(), "hits": o.hits, "load_p50_secs": pct(0.5), "load_p99_secs": pct(0.99),
                         })
                     );
                     ExitCode::SUCCESS
@@ -480,16 +559,25 @@ fn main() -> ExitCode {
         rest => {
             let prof = rest.first().copied().unwrap_or("full");
             let Some(p) = profile(prof) else {
-                eprintln!("usage: modelcache-memory-bench [ci|full] | run VARIANT PROFILE");
+                eprintln!("usage: modelcache-memory-bench [ci|full|zipf|trace:BUDGET_MIB:MODEL_MIB:I,J,…] | run VARIANT PROFILE");
                 return ExitCode::FAILURE;
             };
-            println!("Fragmentation, profile {prof}: budget B = {} MiB, 12 models {}–{} MiB, 4 loader threads, {} switches", p.budget / MIB, p.min / MIB, p.max / MIB, p.switches);
+            let label = prof.split(':').next().unwrap_or(prof);
+            println!("Fragmentation, profile {label}: budget B = {} MiB, {} models {}–{} MiB, 4 loader threads, {} switches", p.budget / MIB, p.models, p.min / MIB, p.max / MIB, p.sequence.len());
             println!("check: after every switch RSS <= B + 64 MiB and VmHWM <= B + 64 MiB");
             println!(
-                "{:<44} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6}",
-                "variant", "maxRSS/B", "finalRSS/B", "VmHWM/B", "s/switch", "GB/s", "check"
+                "{:<44} {:>10} {:>10} {:>10} {:>10} {:>8} {:>6} {:>17}",
+                "variant",
+                "maxRSS/B",
+                "finalRSS/B",
+                "VmHWM/B",
+                "s/switch",
+                "GB/s",
+                "check",
+                "load p50/p99 (s)"
             );
             let mut ok = true;
+            let mut hits = 0;
             for (v, label) in [
                 ("region", "agent RAM tier (mmap region per model)"),
                 (
@@ -504,14 +592,18 @@ fn main() -> ExitCode {
                         let b = p.budget as f64;
                         let f = |k: &str| j[k].as_f64().unwrap_or(0.0) / b;
                         let pass = j["pass"].as_bool().unwrap_or(false);
+                        hits = j["hits"].as_u64().unwrap_or(0);
+                        let secs = |k: &str| j[k].as_f64().unwrap_or(0.0);
                         println!(
-                            "{label:<44} {:>10.2} {:>10.2} {:>10.2} {:>10.3} {:>8.1} {:>6}",
+                            "{label:<44} {:>10.2} {:>10.2} {:>10.2} {:>10.3} {:>8.1} {:>6} {:>8.3}/{:<8.3}",
                             f("max_rss"),
                             f("final_rss"),
                             f("hwm"),
-                            j["secs_per_switch"].as_f64().unwrap_or(0.0),
-                            j["load_bytes_per_sec"].as_f64().unwrap_or(0.0) / 1e9,
-                            if pass { "pass" } else { "FAIL" }
+                            secs("secs_per_switch"),
+                            secs("load_bytes_per_sec") / 1e9,
+                            if pass { "pass" } else { "FAIL" },
+                            secs("load_p50_secs"),
+                            secs("load_p99_secs"),
                         );
                         if v.starts_with("region") {
                             ok &= pass;
@@ -523,8 +615,13 @@ fn main() -> ExitCode {
                     }
                 }
             }
+            println!(
+                "switches that found their model held: {} of {}",
+                hits,
+                p.sequence.len()
+            );
             // After the variants, so that the data file is written and warm.
-            match ceilings(p) {
+            match ceilings(&p) {
                 Ok((memcpy, pread)) => println!(
                     "ceilings (2 threads, resident memory): memcpy {memcpy:.1} GB/s, pread of the data file {pread:.1} GB/s"
                 ),

@@ -1246,6 +1246,9 @@ fn metrics_pass_promtool_and_count_requests() {
         "modelcache_malloc_fragmentation_ratio",
         "modelcache_malloc_mmap_threshold_bytes 1048576",
         "modelcache_malloc_trim_released_bytes_total",
+        "modelcache_alloc_pool_bytes 0",
+        "modelcache_alloc_pool_hits_total",
+        "modelcache_alloc_pool_misses_total",
     ] {
         assert!(text.contains(name), "missing {name} in\n{text}");
     }

@@ -3,12 +3,18 @@
 
 mod common;
 
+// The agent's allocator, so that every test here runs on it as the agent does.
+#[global_allocator]
+static ALLOCATOR: modelcache_agent::memory::pool::PoolAllocator =
+    modelcache_agent::memory::pool::PoolAllocator;
+
 mod api;
 mod api_edit;
 mod api_stream;
 mod cache;
 mod cluster;
 mod fetch;
+mod memory_pool;
 mod memory_regression;
 mod pipeline_batch;
 mod pipeline_edit;
