@@ -97,6 +97,22 @@ impl AgentMetrics {
     }
 }
 
+/// Counters kept by the memory module, exported at scrape time.
+const PROCESS_COUNTERS: [(&str, &str); 3] = [
+    (
+        "modelcache_malloc_trim_released_bytes_total",
+        "Bytes returned to the system by malloc_trim after evictions",
+    ),
+    (
+        "modelcache_alloc_pool_hits_total",
+        "Large allocations served from the allocation pool",
+    ),
+    (
+        "modelcache_alloc_pool_misses_total",
+        "Large allocations that mapped fresh memory",
+    ),
+];
+
 struct CacheCollector {
     cache: ModelCache,
     bytes: IntGaugeVec,
@@ -108,7 +124,7 @@ struct CacheCollector {
     device_capacity: IntGaugeVec,
     device_memory: IntGaugeVec,
     device_memory_free: IntGaugeVec,
-    process: [Gauge; 11],
+    process: [Gauge; 9],
     descs: Vec<Desc>,
 }
 
@@ -189,13 +205,7 @@ impl CacheCollector {
             g("modelcache_malloc_fragmentation_ratio", "malloc's free-but-held bytes divided by all bytes it holds; 0 when unavailable")?,
             g("modelcache_malloc_mmap_threshold_bytes", "Static M_MMAP_THRESHOLD in force; 0 when glibc's dynamic threshold is in effect")?,
             g("modelcache_alloc_pool_bytes", "Freed large blocks the allocation pool keeps for reuse (released when the agent is idle)")?,
-            g("modelcache_alloc_pool_hits_total", "Large allocations served from the allocation pool")?,
-            g("modelcache_alloc_pool_misses_total", "Large allocations that mapped fresh memory")?,
         ];
-        let trim = Gauge::new(
-            "modelcache_malloc_trim_released_bytes_total",
-            "Bytes returned to the system by malloc_trim after evictions",
-        )?;
         let mut descs = Vec::new();
         for c in [
             &bytes as &dyn Collector,
@@ -213,7 +223,14 @@ impl CacheCollector {
         for p in &process {
             descs.extend(p.desc().into_iter().cloned());
         }
-        descs.extend(trim.desc().into_iter().cloned());
+        for (name, help) in PROCESS_COUNTERS {
+            descs.extend(
+                prometheus::Counter::new(name, help)?
+                    .desc()
+                    .into_iter()
+                    .cloned(),
+            );
+        }
         Ok(CacheCollector {
             cache,
             bytes,
@@ -283,8 +300,6 @@ impl Collector for CacheCollector {
             mi.map_or(0.0, |m| m.fragmentation_ratio()),
             memory::mmap_threshold() as f64,
             pool.pooled_bytes as f64,
-            pool.hits as f64,
-            pool.misses as f64,
         ];
         for (g, v) in self.process.iter().zip(values) {
             g.set(v);
@@ -306,17 +321,24 @@ impl Collector for CacheCollector {
         for g in &self.process {
             out.extend(g.collect());
         }
-        // A counter whose value lives in the memory module.
-        let mut trim = prometheus::proto::MetricFamily::default();
-        trim.set_name("modelcache_malloc_trim_released_bytes_total".into());
-        trim.set_help("Bytes returned to the system by malloc_trim after evictions".into());
-        trim.set_field_type(prometheus::proto::MetricType::COUNTER);
-        let mut m = prometheus::proto::Metric::default();
-        let mut c = prometheus::proto::Counter::default();
-        c.set_value(memory::trim_released_total() as f64);
-        m.set_counter(c);
-        trim.mut_metric().push(m);
-        out.push(trim);
+        // Counters whose values live in the memory module.
+        let values = [
+            memory::trim_released_total() as f64,
+            pool.hits as f64,
+            pool.misses as f64,
+        ];
+        for ((name, help), value) in PROCESS_COUNTERS.into_iter().zip(values) {
+            let mut family = prometheus::proto::MetricFamily::default();
+            family.set_name(name.into());
+            family.set_help(help.into());
+            family.set_field_type(prometheus::proto::MetricType::COUNTER);
+            let mut m = prometheus::proto::Metric::default();
+            let mut c = prometheus::proto::Counter::default();
+            c.set_value(value);
+            m.set_counter(c);
+            family.mut_metric().push(m);
+            out.push(family);
+        }
         out
     }
 }

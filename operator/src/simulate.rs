@@ -458,7 +458,7 @@ impl Sim<'_> {
     }
 
     /// Makes model `m` resident in RAM on `node`: seconds taken and whether it was cold.
-    fn to_ram(&mut self, node: usize, m: usize) -> (f64, bool) {
+    fn load_to_ram(&mut self, node: usize, m: usize) -> (f64, bool) {
         if self.ram[node].touch(m) {
             return (0.0, false);
         }
@@ -472,11 +472,11 @@ impl Sim<'_> {
 
     /// Makes model `m` resident on `node`'s GPU: seconds taken, and where it
     /// came from (`None`: it was there).
-    fn to_device(&mut self, node: usize, m: usize) -> (f64, Option<bool>) {
+    fn load_to_device(&mut self, node: usize, m: usize) -> (f64, Option<bool>) {
         if self.vram[node].touch(m) {
             return (0.0, None);
         }
-        let (l, cold) = self.to_ram(node, m);
+        let (l, cold) = self.load_to_ram(node, m);
         for e in self.vram[node].insert(m, self.sizes[m]) {
             // Offloaded from the GPU: still in RAM if the RAM tier holds it.
             self.mark(node, e);
@@ -490,7 +490,7 @@ impl Sim<'_> {
 
     fn request(&mut self, node: usize, m: usize) {
         self.report.requests += 1;
-        let (l, from) = self.to_device(node, m);
+        let (l, from) = self.load_to_device(node, m);
         match from {
             Some(true) => self.report.cold_loads += 1,
             Some(false) => self.report.ram_moves += 1,
@@ -503,8 +503,8 @@ impl Sim<'_> {
     /// when it is placed there.
     fn warm(&mut self, node: usize, m: usize, tier: WarmTier) {
         let fresh = match tier {
-            WarmTier::Vram => self.to_device(node, m).1.is_some(),
-            WarmTier::Ram => self.to_ram(node, m).1,
+            WarmTier::Vram => self.load_to_device(node, m).1.is_some(),
+            WarmTier::Ram => self.load_to_ram(node, m).1,
             WarmTier::None => return,
         };
         self.report.warm_loads += usize::from(fresh);

@@ -66,6 +66,8 @@ pub fn child() -> bool {
         return false;
     }
     let (unet, _map) = super::sd15_unet();
+    // As a generation does: freed step buffers are kept for the next step.
+    let _reuse = modelcache_agent::memory::pool::busy();
     let cpu = candle_core::Device::Cpu;
     let x = candle_core::Tensor::zeros((2, 4, 64, 64), candle_core::DType::F32, &cpu).unwrap();
     let ctx = candle_core::Tensor::zeros((2, 77, 768), candle_core::DType::F32, &cpu).unwrap();

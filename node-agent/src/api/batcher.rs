@@ -161,11 +161,6 @@ impl Batcher {
         })
         .await
         .unwrap_or_else(|e| tracing::error!("a generation batch failed: {e}"));
-        // An idle agent holds no pooled buffers: the pool speeds up the steps
-        // of work in progress, not the next request's first step.
-        if s.queue.in_flight() == 0 && s.queue.waiting() == 0 {
-            crate::memory::pool::release();
-        }
     }
 }
 

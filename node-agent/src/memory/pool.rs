@@ -11,8 +11,9 @@
 //! on those buffers cost no system call and no page fault. The pool never
 //! splits or merges blocks, so it cannot fragment: each block is one mapping,
 //! and releasing it is one `munmap`. What it holds is bounded by its cap
-//! (oldest blocks unmapped first), reported in metrics, and released with
-//! [`release`] when the agent goes idle.
+//! (oldest blocks unmapped first) and reported in metrics; it keeps blocks
+//! only while some work holds a [`Busy`] guard (a generation), and is emptied
+//! when the last guard drops, so an idle agent holds nothing extra.
 //!
 //! Configuration must be known before the first allocation, so it comes from
 //! the environment, read with `getenv` (which does not allocate):
@@ -45,9 +46,18 @@ static CAP: AtomicUsize = AtomicUsize::new(UNREAD);
 const UNREAD: usize = usize::MAX;
 const OFF: usize = usize::MAX - 1;
 
-static HITS: AtomicU64 = AtomicU64::new(0);
-static MISSES: AtomicU64 = AtomicU64::new(0);
-static POOLED: AtomicUsize = AtomicUsize::new(0);
+/// The process's pool, behind [`PoolAllocator`].
+static POOL: Pool = Pool::new();
+
+/// Freed large blocks and what was done with them.
+struct Pool {
+    free: Mutex<Free>,
+    /// Live [`Busy`] guards: blocks are kept only while there is one.
+    busy: AtomicUsize,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    pooled: AtomicUsize,
+}
 
 struct Free {
     /// (address, rounded length), oldest first.
@@ -55,12 +65,6 @@ struct Free {
     len: usize,
     bytes: usize,
 }
-
-static FREE: Mutex<Free> = Mutex::new(Free {
-    blocks: [(0, 0); SLOTS],
-    len: 0,
-    bytes: 0,
-});
 
 /// What the pool has done since start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -83,20 +87,33 @@ pub fn stats() -> PoolStats {
     PoolStats {
         enabled: cap != OFF,
         cap_bytes: if cap == OFF { 0 } else { cap },
-        pooled_bytes: POOLED.load(Ordering::Relaxed),
-        hits: HITS.load(Ordering::Relaxed),
-        misses: MISSES.load(Ordering::Relaxed),
+        pooled_bytes: POOL.pooled.load(Ordering::Relaxed),
+        hits: POOL.hits.load(Ordering::Relaxed),
+        misses: POOL.misses.load(Ordering::Relaxed),
+    }
+}
+
+/// Marks work whose large buffers repeat (a generation's steps): freed blocks
+/// are kept while any guard lives, and all released when the last one drops.
+#[must_use = "the pool keeps blocks only while the guard lives"]
+pub struct Busy(&'static Pool);
+
+/// Starts a stretch of work during which freed large blocks are kept.
+pub fn busy() -> Busy {
+    POOL.busy()
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        if self.0.busy.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.release();
+        }
     }
 }
 
 /// Unmaps every pooled block; returns the bytes released.
 pub fn release() -> usize {
-    let mut released = 0;
-    while let Some((addr, len)) = lock().pop_oldest() {
-        unmap(addr, len);
-        released += len;
-    }
-    released
+    POOL.release()
 }
 
 /// Parses the cap's text: bytes with an optional binary suffix. `None` when
@@ -145,11 +162,6 @@ fn cap() -> usize {
     c
 }
 
-fn lock() -> std::sync::MutexGuard<'static, Free> {
-    // The critical sections cannot panic; a poisoned lock still holds valid data.
-    FREE.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 impl Free {
     fn take(&mut self, len: usize) -> Option<usize> {
         // Newest first: its pages are the likeliest to be in cache.
@@ -158,7 +170,6 @@ impl Free {
         self.blocks.copy_within(i + 1..self.len, i);
         self.len -= 1;
         self.bytes -= len;
-        POOLED.store(self.bytes, Ordering::Relaxed);
         Some(addr)
     }
 
@@ -170,7 +181,6 @@ impl Free {
         self.blocks.copy_within(1..self.len, 0);
         self.len -= 1;
         self.bytes -= b.1;
-        POOLED.store(self.bytes, Ordering::Relaxed);
         Some(b)
     }
 
@@ -178,7 +188,6 @@ impl Free {
         self.blocks[self.len] = block;
         self.len += 1;
         self.bytes += block.1;
-        POOLED.store(self.bytes, Ordering::Relaxed);
     }
 }
 
@@ -216,34 +225,88 @@ fn unmap(addr: usize, len: usize) {
     unsafe { libc::munmap(addr as *mut libc::c_void, len) };
 }
 
-/// A large block: from the pool, or freshly mapped (already zeroed).
-fn alloc_large(len: usize) -> (*mut u8, bool) {
-    if let Some(addr) = lock().take(len) {
-        HITS.fetch_add(1, Ordering::Relaxed);
-        return (addr as *mut u8, false);
+impl Pool {
+    const fn new() -> Pool {
+        Pool {
+            free: Mutex::new(Free {
+                blocks: [(0, 0); SLOTS],
+                len: 0,
+                bytes: 0,
+            }),
+            busy: AtomicUsize::new(0),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            pooled: AtomicUsize::new(0),
+        }
     }
-    MISSES.fetch_add(1, Ordering::Relaxed);
-    (map(len), true)
-}
 
-fn free_large(addr: usize, len: usize) {
-    if len > cap() {
-        unmap(addr, len);
-        return;
+    fn lock(&self) -> std::sync::MutexGuard<'_, Free> {
+        // The critical sections cannot panic; a poisoned lock still holds valid data.
+        self.free.lock().unwrap_or_else(|e| e.into_inner())
     }
-    // Oldest blocks make room; unmapping happens outside the lock (munmap of
-    // a large block takes a while).
-    loop {
-        let mut free = lock();
-        if free.bytes + len <= cap() && free.len < SLOTS {
-            free.push((addr, len));
+
+    fn busy(&'static self) -> Busy {
+        self.busy.fetch_add(1, Ordering::AcqRel);
+        Busy(self)
+    }
+
+    fn release(&self) -> usize {
+        let mut released = 0;
+        loop {
+            let oldest = {
+                let mut free = self.lock();
+                let b = free.pop_oldest();
+                self.pooled.store(free.bytes, Ordering::Relaxed);
+                b
+            };
+            let Some((addr, len)) = oldest else {
+                return released;
+            };
+            unmap(addr, len);
+            released += len;
+        }
+    }
+
+    /// A large block: from the pool, or freshly mapped (already zeroed).
+    fn alloc(&self, len: usize) -> (*mut u8, bool) {
+        let reused = {
+            let mut free = self.lock();
+            let b = free.take(len);
+            self.pooled.store(free.bytes, Ordering::Relaxed);
+            b
+        };
+        if let Some(addr) = reused {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return (addr as *mut u8, false);
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        (map(len), true)
+    }
+
+    /// Keeps a freed block while work is in progress and it fits the cap
+    /// (the oldest blocks make room), or unmaps it.
+    fn free(&self, addr: usize, len: usize, cap: usize) {
+        if len > cap || self.busy.load(Ordering::Acquire) == 0 {
+            unmap(addr, len);
             return;
         }
-        let oldest = free.pop_oldest();
-        drop(free);
-        match oldest {
-            Some((a, l)) => unmap(a, l),
-            None => return unmap(addr, len),
+        loop {
+            let oldest = {
+                let mut free = self.lock();
+                if free.bytes + len <= cap && free.len < SLOTS {
+                    free.push((addr, len));
+                    self.pooled.store(free.bytes, Ordering::Relaxed);
+                    return;
+                }
+                let b = free.pop_oldest();
+                self.pooled.store(free.bytes, Ordering::Relaxed);
+                b
+            };
+            // Unmapped outside the lock: munmap of a large block takes a while.
+            match oldest {
+                Some((a, l)) => unmap(a, l),
+                None => return unmap(addr, len),
+            }
         }
     }
 }
@@ -255,7 +318,7 @@ fn free_large(addr: usize, len: usize) {
 unsafe impl GlobalAlloc for PoolAllocator {
     unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
         if is_large(&layout) {
-            alloc_large(rounded(layout.size())).0
+            POOL.alloc(rounded(layout.size())).0
         } else {
             // SAFETY: forwarded with the caller's layout.
             unsafe { System.alloc(layout) }
@@ -264,7 +327,7 @@ unsafe impl GlobalAlloc for PoolAllocator {
 
     unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
         if is_large(&layout) {
-            let (p, fresh) = alloc_large(rounded(layout.size()));
+            let (p, fresh) = POOL.alloc(rounded(layout.size()));
             if !fresh && !p.is_null() {
                 // SAFETY: the block is at least layout.size() bytes and ours.
                 unsafe { std::ptr::write_bytes(p, 0, layout.size()) };
@@ -278,7 +341,7 @@ unsafe impl GlobalAlloc for PoolAllocator {
 
     unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
         if is_large(&layout) {
-            free_large(ptr as usize, rounded(layout.size()));
+            POOL.free(ptr as usize, rounded(layout.size()), cap());
         } else {
             // SAFETY: the block came from System with this layout (routing is by layout).
             unsafe { System.dealloc(ptr, layout) }
@@ -343,6 +406,45 @@ mod tests {
         ] {
             assert_eq!(parse_cap(bad), None, "{:?}", std::str::from_utf8(bad));
         }
+    }
+
+    #[test]
+    fn blocks_are_kept_only_while_work_is_in_progress_within_the_cap() {
+        static P: Pool = Pool::new();
+        let pooled = || P.pooled.load(Ordering::Relaxed);
+        let len = 2 << 20;
+        let (a, fresh) = P.alloc(len);
+        assert!(fresh && !a.is_null());
+        P.free(a as usize, len, 1 << 30);
+        assert_eq!(pooled(), 0, "no work in progress: unmapped at once");
+
+        let (first, second) = (P.busy(), P.busy());
+        let (b, _) = P.alloc(len);
+        // SAFETY: a fresh mapping of `len` bytes, written and read back.
+        unsafe { b.write_bytes(9, len) };
+        P.free(b as usize, len, 1 << 30);
+        assert_eq!(pooled(), len);
+        let (c, fresh) = P.alloc(len);
+        assert_eq!((c, fresh), (b, false), "the same block, reused");
+        assert_eq!(unsafe { *c.add(len - 1) }, 9);
+        P.free(c as usize, len, 1 << 30);
+        drop(first);
+        assert_eq!(pooled(), len, "another piece of work is still running");
+        drop(second);
+        assert_eq!(pooled(), 0, "released with the last guard");
+
+        let busy = P.busy();
+        let blocks: Vec<_> = (0..3).map(|_| P.alloc(len).0).collect();
+        for b in &blocks {
+            P.free(*b as usize, len, 2 * len);
+        }
+        assert_eq!(pooled(), 2 * len, "the oldest block made room");
+        let (big, _) = P.alloc(3 * len);
+        P.free(big as usize, 3 * len, 2 * len);
+        assert_eq!(pooled(), 2 * len, "a block over the cap is never kept");
+        drop(busy);
+        assert_eq!(pooled(), 0);
+        assert_eq!(P.hits.load(Ordering::Relaxed), 1);
     }
 
     #[test]

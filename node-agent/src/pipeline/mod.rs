@@ -396,6 +396,8 @@ pub fn generate_batch(
     for m in members {
         check_params(m.params)?;
     }
+    // Every step frees and allocates the same large buffers: keep them.
+    let _reuse = crate::memory::pool::busy();
     if members.len() > 1 {
         let key = BatchKey::of(&model.dir, p);
         if key.is_none()

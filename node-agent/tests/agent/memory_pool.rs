@@ -1,7 +1,8 @@
 //! The agent's allocator (`memory::pool`), installed in this test binary as in
 //! the agent: blocks keep their contents through every path, a freed block is
-//! reused by the next allocation of its size, and the real agent serves a
-//! step's buffers from the pool and holds none when idle.
+//! reused by the next allocation of its size while work is in progress, and
+//! the real agent serves a step's buffers from the pool and holds none when
+//! idle.
 
 use crate::api::{http, metric, Agent};
 use modelcache_agent::memory::pool;
@@ -13,6 +14,7 @@ const MIB: usize = 1 << 20;
 fn a_freed_block_is_reused_zeroed_when_asked_and_released_on_demand() {
     // A size no other test allocates, so the block found is this test's.
     let size = 3 * MIB + 12_345;
+    let busy = pool::busy();
     let mut v = vec![7u8; size];
     let addr = v.as_ptr() as usize;
     v[size - 1] = 9;
@@ -29,10 +31,12 @@ fn a_freed_block_is_reused_zeroed_when_asked_and_released_on_demand() {
     drop(v);
     assert!(pool::stats().pooled_bytes >= size);
     assert!(pool::release() >= size, "release unmaps what the pool held");
+    drop(busy);
 }
 
 #[test]
 fn growing_and_shrinking_across_the_threshold_keeps_the_contents() {
+    let _busy = pool::busy();
     let mut v: Vec<u32> = (0..1000).collect();
     for target in [MIB, 5 * MIB, 64 * MIB, 2 * MIB, 1000] {
         let n = target / 4;
@@ -56,12 +60,13 @@ proptest! {
     fn blocks_never_overlap_and_keep_their_contents(
         ops in proptest::collection::vec((0usize..6, 0usize..8, MIB - 4096..3 * MIB), 1..60)
     ) {
+        let _busy = pool::busy();
         let mut live: Vec<Option<(Vec<u8>, u8)>> = vec![None; 6];
         for (i, (slot, tag, size)) in ops.into_iter().enumerate() {
             let tag = (i as u8).wrapping_mul(31).wrapping_add(tag as u8);
             match live[slot].take() {
                 None => live[slot] = Some((vec![tag; size], tag)),
-                Some((mut v, t)) if tag % 2 == 0 => {
+                Some((mut v, t)) if tag.is_multiple_of(2) => {
                     let old = v.len();
                     v.resize(size, t);
                     v.shrink_to_fit();
