@@ -820,31 +820,23 @@ mod tests {
     }
 
     #[test]
-    fn higher_priorities_preempt_lower_warm_reservations_which_move_if_they_can() {
+    fn higher_priorities_preempt_lower_warm_reservations() {
+        // One GPU with room for two warm models: the preempted have nowhere to go.
+        let one_gpu = ClusterSpec::synthetic(1, 32 * G, vec![8 * G]);
         let mut t = trace(12);
         t.warm_vram = 1.0;
         t.priorities = vec![0, 100];
-        // One GPU: the preempted have nowhere to go.
-        let one = run(
-            &ClusterSpec::synthetic(1, 32 * G, vec![8 * G]),
-            &t,
-            Options::default(),
-        )
-        .unwrap();
-        assert!(one.preemptions > 0);
-        assert_eq!(one.preempted_replaced, 0);
-        assert_eq!(one.preempted_unplaced, one.preemptions);
-        // Fewer high-priority arrivals are refused than without priorities.
+        let ranked = run(&one_gpu, &t, Options::default()).unwrap();
+        assert!(ranked.preemptions > 0);
+        assert_eq!(ranked.preempted_replaced, 0);
+        assert_eq!(ranked.preempted_unplaced, ranked.preemptions);
+        // Fewer arrivals are refused than when every priority is the same.
         t.priorities = vec![0, 0];
-        let flat = run(
-            &ClusterSpec::synthetic(1, 32 * G, vec![8 * G]),
-            &t,
-            Options::default(),
-        )
-        .unwrap();
+        let flat = run(&one_gpu, &t, Options::default()).unwrap();
+        assert_eq!(flat.preemptions, 0);
         assert!(
-            one.unschedulable < flat.unschedulable,
-            "{one:?} vs {flat:?}"
+            ranked.unschedulable < flat.unschedulable,
+            "{ranked:?} vs {flat:?}"
         );
     }
 

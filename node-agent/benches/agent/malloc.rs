@@ -188,7 +188,7 @@ fn start_agent(setting: &Setting, dir: &Path) -> AgentProcess {
     setting.apply(&mut cmd);
     cmd.args(["serve", "--device", "cpu", "--listen", &api])
         .args(["--metrics-listen", &metrics])
-        .args(["--ram-cache-bytes", "300Mi", "--vram-cache-bytes", "900Mi"])
+        .args(["--ram-cache-bytes", "400Mi", "--vram-cache-bytes", "900Mi"])
         .args(["--concurrency", "2", "--queue-size", "64"])
         .args(["--malloc-mmap-threshold", "0"])
         .arg("--models-dir")
@@ -252,8 +252,9 @@ fn mixed_model(dir: &Path, bytes: usize, seed: u64) {
 }
 
 /// The catalog: four SD-1.x models of 128 MiB (256 MiB as f32 on the CPU
-/// device), tiny SDXL, and a LoRA. The RAM tier holds two of the files, the
-/// device tier two of the f32 copies, so the trace keeps switching.
+/// device), tiny SDXL, and a LoRA. The RAM tier (400 MiB) holds two of the
+/// files, the device tier (900 MiB) three of the f32 copies, so the trace keeps
+/// switching; both leave room for the two requests running at once.
 fn catalog() -> std::path::PathBuf {
     let dir = scratch().join("malloc-serving");
     let models = dir.join("models");
@@ -386,7 +387,7 @@ fn serve_trace(setting: &Setting, dir: &Path, trace: &[String]) -> Served {
 /// the cache stays flat.
 pub fn bench_serving() {
     const REQUESTS: usize = 240;
-    header("Allocator settings: a real agent serving a compressed hour (240 requests: 4 SD-1.x models of 128 MiB + tiny SDXL, Zipf, 64–256 px, 2–6 steps, a third with a LoRA; 2 clients; RAM tier 300 MiB, CPU device tier 900 MiB)");
+    header("Allocator settings: a real agent serving a compressed hour (240 requests: 4 SD-1.x models of 128 MiB + tiny SDXL, Zipf, 64–256 px, 2–6 steps, a third with a LoRA; 2 clients; RAM tier 400 MiB, CPU device tier 900 MiB)");
     let dir = catalog();
     let trace = trace(REQUESTS);
     let mut reference = None;
