@@ -563,8 +563,36 @@ impl Sim<'_> {
         gained.len()
     }
 
-    /// Plans deployment `target` against every active one, as a reconcile
-    /// does, adopts the result, and places again whatever it preempted.
+    /// Plans deployment `t` against every active one, as a reconcile does,
+    /// and adopts the result; deployments it preempted are adopted with what
+    /// they kept and pushed on `preempted`. Returns the decision and how many
+    /// assignments it gained.
+    fn plan(
+        &mut self,
+        deps: &mut [Deployment],
+        models: &[usize],
+        t: usize,
+        decide: &mut (usize, f64),
+        preempted: &mut Vec<usize>,
+    ) -> (Decision, usize) {
+        let started = Instant::now();
+        let mut decisions = scheduler::plan_for(&self.nodes, deps, t, self.opts);
+        decide.0 += 1;
+        decide.1 += started.elapsed().as_secs_f64();
+        for (v, dv) in decisions.iter().enumerate() {
+            if v != t && dv.preempted_by.is_some() {
+                self.report.preemptions += 1;
+                self.adopt(deps, models, v, dv);
+                preempted.push(v);
+            }
+        }
+        let own = decisions.swap_remove(t);
+        let gained = self.adopt(deps, models, t, &own);
+        (own, gained)
+    }
+
+    /// Places deployment `target`, then places again whatever it preempted
+    /// (and what those preempt in turn: always lower priorities, so it ends).
     fn schedule(
         &mut self,
         deps: &mut [Deployment],
@@ -572,37 +600,15 @@ impl Sim<'_> {
         target: usize,
         decide: &mut (usize, f64),
     ) -> Decision {
-        let mut queue = vec![target];
-        let mut first = None;
-        while let Some(t) = queue.pop() {
-            let started = Instant::now();
-            let decisions = scheduler::plan_for(&self.nodes, deps, t, self.opts);
-            decide.0 += 1;
-            decide.1 += started.elapsed().as_secs_f64();
-            for (v, dv) in decisions.iter().enumerate() {
-                if v != t && dv.preempted_by.is_some() {
-                    self.report.preemptions += 1;
-                    self.adopt(deps, models, v, dv);
-                    queue.push(v);
-                }
-            }
-            let gained = self.adopt(deps, models, t, &decisions[t]);
-            match &first {
-                None => first = Some(decisions[t].clone()),
-                Some(_) if gained > 0 => self.report.preempted_replaced += 1,
-                Some(_) => self.report.preempted_unplaced += 1,
+        let mut preempted = Vec::new();
+        let (own, _) = self.plan(deps, models, target, decide, &mut preempted);
+        while let Some(v) = preempted.pop() {
+            match self.plan(deps, models, v, decide, &mut preempted) {
+                (_, 0) => self.report.preempted_unplaced += 1,
+                _ => self.report.preempted_replaced += 1,
             }
         }
-        // The first plan is the target's own.
-        first.unwrap_or_else(|| Decision {
-            key: deps[target].key.clone(),
-            assignments: Vec::new(),
-            unplaced: deps[target].replicas,
-            reason: None,
-            reason_code: None,
-            preempted: Vec::new(),
-            preempted_by: None,
-        })
+        own
     }
 }
 
