@@ -2,7 +2,7 @@
 //! node's cache (VRAM and RAM tiers, LRU), on a Zipf-popular stream of
 //! deployments and requests. Users plan capacity with it; we benchmark with it.
 
-use crate::scheduler::{self, Decision, Deployment, Fetch, Node, Options, Sizes};
+use crate::scheduler::{self, Assignment, Decision, Deployment, Fetch, Node, Options, Sizes};
 use modelcache_crds::{PlacementRole, Tier, WarmTier};
 use modelcache_support::SplitMix64;
 use serde::Deserialize;
@@ -526,6 +526,14 @@ impl Sim<'_> {
         self.index.get(name).copied()
     }
 
+    /// Nodes of the assignments in `from` that are not in `except`.
+    fn nodes_only_in(&self, from: &[Assignment], except: &[Assignment]) -> Vec<usize> {
+        from.iter()
+            .filter(|a| !except.contains(a))
+            .filter_map(|a| self.node_index(&a.node))
+            .collect()
+    }
+
     /// Makes `decision` deployment `i`'s placement: warms what is new, unpins
     /// what it lost. Returns the number of new assignments.
     fn adopt(
@@ -535,31 +543,15 @@ impl Sim<'_> {
         i: usize,
         decision: &Decision,
     ) -> usize {
-        let d = &deps[i];
-        let (m, warm) = (models[i], d.warm);
-        let lost: Vec<String> = d
-            .current
-            .iter()
-            .filter(|a| !decision.assignments.contains(a))
-            .map(|a| a.node.clone())
-            .collect();
-        let gained: Vec<String> = decision
-            .assignments
-            .iter()
-            .filter(|a| !d.current.contains(a))
-            .map(|a| a.node.clone())
-            .collect();
-        for name in &lost {
-            if let Some(n) = self.node_index(name) {
-                self.unwarm(n, m, warm);
-            }
+        let (m, warm) = (models[i], deps[i].warm);
+        let old = std::mem::replace(&mut deps[i].current, decision.assignments.clone());
+        for n in self.nodes_only_in(&old, &decision.assignments) {
+            self.unwarm(n, m, warm);
         }
-        for name in &gained {
-            if let Some(n) = self.node_index(name) {
-                self.warm(n, m, warm);
-            }
+        let gained = self.nodes_only_in(&decision.assignments, &old);
+        for &n in &gained {
+            self.warm(n, m, warm);
         }
-        deps[i].current = decision.assignments.clone();
         gained.len()
     }
 
@@ -661,10 +653,8 @@ pub fn run(cluster: &ClusterSpec, trace: &TraceSpec, opts: Options) -> Result<Re
         if deps.len() >= trace.active {
             let old = deps.remove(0);
             let m = models.remove(0);
-            for a in &old.current {
-                if let Some(n) = sim.node_index(&a.node) {
-                    sim.unwarm(n, m, old.warm);
-                }
+            for n in sim.nodes_only_in(&old.current, &[]) {
+                sim.unwarm(n, m, old.warm);
             }
         }
         let m = zipf.sample(&mut rng);

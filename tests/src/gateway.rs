@@ -10,7 +10,7 @@
 
 use crate::kube::Kube;
 use crate::scenarios::{assert_panels_have_data, post_generation, Cluster};
-use crate::{http_get, tool, Prometheus};
+use crate::{http_get, metric_sum, tool, Prometheus};
 use serde_json::{json, Value};
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -170,11 +170,7 @@ pub fn run<K: Kube>(api: &K) {
             "/metrics",
         )
         .unwrap();
-        String::from_utf8_lossy(&metrics)
-            .lines()
-            .filter(|l| l.starts_with(name))
-            .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-            .sum()
+        metric_sum(&String::from_utf8_lossy(&metrics), name)
     };
     let held = |c: &Cluster<'_, K>| gateway_metric(c, "modelcache_gateway_hold_seconds_count");
     let held_before = held(&c);
@@ -281,11 +277,10 @@ pub fn run<K: Kube>(api: &K) {
         "{metrics}"
     );
     // The kill did cut requests off, and they were sent again.
-    let retried: f64 = metrics
-        .lines()
-        .filter(|l| l.starts_with("modelcache_gateway_retries_total{reason=\"connect\"}"))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum();
+    let retried = metric_sum(
+        &metrics,
+        "modelcache_gateway_retries_total{reason=\"connect\"}",
+    );
     assert!(
         retried >= 1.0,
         "no request was retried after n2 died:\n{metrics}"

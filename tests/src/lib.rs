@@ -77,6 +77,15 @@ pub fn run(cmd: &mut Command) -> (bool, String) {
     (out.status.success(), text)
 }
 
+/// The sum of the samples in a Prometheus text exposition whose line starts
+/// with `series` (a name, or a name and the first labels of the sets to add).
+pub fn metric_sum(text: &str, series: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(series))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
 /// One HTTP/1.1 GET; returns status and body.
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, Vec<u8>)> {
     let mut s = TcpStream::connect(addr)?;

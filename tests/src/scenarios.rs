@@ -493,13 +493,7 @@ pub(crate) fn post_generation(endpoint: &str, body: &Value) -> (u16, Vec<(String
 }
 
 fn disk_loads(metrics: &str) -> f64 {
-    metrics
-        .lines()
-        .filter(|l| {
-            l.starts_with("modelcache_model_load_seconds_count") && l.contains("from=\"disk\"")
-        })
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
+    crate::metric_sum(metrics, "modelcache_model_load_seconds_count{from=\"disk\"")
 }
 
 /// Every query of the dashboard `name` returns data from `prom`, whose

@@ -39,7 +39,7 @@ impl Agent {
     }
 
     /// [`Agent::start_with`], with `configure` adjusting the command first.
-    fn start_configured(
+    pub(crate) fn start_configured(
         fill: impl FnOnce(&Path),
         extra: &[&str],
         configure: impl FnOnce(&mut Command),

@@ -105,3 +105,27 @@ fn the_agent_serves_repeated_step_buffers_from_the_pool_and_holds_none_when_idle
     );
     assert_eq!(metric(&agent, "modelcache_alloc_pool_bytes"), Some(0.0));
 }
+
+#[test]
+fn a_malformed_pool_cap_is_reported_at_start_and_the_default_applies() {
+    let agent = Agent::start_configured(
+        |_| {},
+        &[],
+        |cmd| {
+            cmd.env(pool::ENV, "12MB");
+        },
+    );
+    let logs = agent.logs.lock().unwrap().clone();
+    let message = |v: &serde_json::Value| v["fields"]["message"].as_str().unwrap_or("").to_string();
+    assert!(
+        logs.iter().any(|v| v["level"] == "WARN"
+            && message(v).contains("MODELCACHE_ALLOC_POOL_BYTES is not a byte count")),
+        "no warning about the malformed cap: {logs:?}"
+    );
+    let started = logs
+        .iter()
+        .find(|v| message(v).contains("allocation pool"))
+        .expect("the pool's settings are logged at start");
+    assert_eq!(started["fields"]["enabled"], true);
+    assert_eq!(started["fields"]["cap_bytes"], pool::DEFAULT_CAP as u64);
+}
