@@ -129,3 +129,26 @@ fn a_malformed_pool_cap_is_reported_at_start_and_the_default_applies() {
     assert_eq!(started["fields"]["enabled"], true);
     assert_eq!(started["fields"]["cap_bytes"], pool::DEFAULT_CAP as u64);
 }
+
+#[test]
+fn threshold_zero_leaves_glibcs_dynamic_threshold_and_says_so() {
+    let agent = Agent::start_configured(
+        |_| {},
+        &["--malloc-mmap-threshold", "0"],
+        |cmd| {
+            cmd.env_remove("MALLOC_MMAP_THRESHOLD_");
+        },
+    );
+    assert_eq!(
+        metric(&agent, "modelcache_malloc_mmap_threshold_bytes"),
+        Some(0.0),
+        "the metric the alert watches reads 0"
+    );
+    let warned = agent.logs.lock().unwrap().iter().any(|v| {
+        v["level"] == "WARN"
+            && v["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("dynamic threshold is in effect"))
+    });
+    assert!(warned, "no warning that the heap may fragment");
+}
