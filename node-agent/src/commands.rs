@@ -223,6 +223,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         draws: None,
         refiner,
         dtype: None,
+        controls: Vec::new(),
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p

@@ -317,6 +317,7 @@ pub fn validate(
         refiner,
         // A deployment computes at its own precision on GPUs.
         dtype: route.map(|r| crate::device::dtype_of(r.precision)),
+        controls: Vec::new(),
     })
 }
 

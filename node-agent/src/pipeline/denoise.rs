@@ -4,7 +4,9 @@
 //! refiner ([`cutoff`], [`base_end`], [`refiner_start`]).
 
 use super::adapters::Adapters;
+use super::control::{self, Control};
 use super::model::DiffusersModel;
+use super::nets::controlnet::{ControlNet, Residuals};
 use super::nets::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use super::scheduler::{ScheduleConfig, Scheduler};
 use super::text;
@@ -37,11 +39,32 @@ pub(super) struct Denoiser {
     added: Option<(Tensor, Tensor)>,
     pub device: Device,
     pub dtype: DType,
+    unet_in_channels: usize,
     /// Whether the conditioning has a negative row (classifier-free guidance).
     pub guided: bool,
     guidance_scale: f64,
+    controls: Vec<Controlling>,
+    /// The first evaluation denoised: ControlNets' spans are shares of the
+    /// evaluations from it to the end of the schedule.
+    first: usize,
     _patched: Option<Reservation>,
     _unet: ModelGuard<DeviceModel>,
+}
+
+/// A ControlNet locked in the device tier with the batch's control image
+/// and conditioning on its device.
+struct Controlling {
+    net: ControlNet,
+    /// `[rows × images, 3, H, W]`, each row's images in the UNet input's order.
+    image: Tensor,
+    context: Tensor,
+    added: Option<(Tensor, Tensor)>,
+    weight: f64,
+    start: f64,
+    end: f64,
+    device: Device,
+    dtype: DType,
+    _net: ModelGuard<DeviceModel>,
 }
 
 impl Denoiser {
@@ -96,11 +119,100 @@ impl Denoiser {
             added,
             device,
             dtype,
+            unet_in_channels: model.vae.latent_channels,
             guided,
             guidance_scale: p.guidance_scale,
+            controls: Vec::new(),
+            first: 0,
             _patched: patched,
             _unet: unet_guard,
         })
+    }
+
+    /// Locks `controls` beside the UNet for a batch of `images` whose
+    /// denoising starts at evaluation `first`.
+    pub fn control(
+        mut self,
+        cache: &ModelCache,
+        p: &GenerateParams,
+        controls: &[Control],
+        images: usize,
+        first: usize,
+    ) -> Result<Self, PipelineError> {
+        self.first = first;
+        let rows = if self.guided { 2 } else { 1 };
+        for c in controls {
+            let guard = super::on_device(cache, &c.model.key(), p)?;
+            let (device, dtype) = (guard.device.clone(), guard.dtype);
+            let net = ControlNet::new(
+                guard.var_builder(),
+                self.unet_in_channels,
+                super::nets::controlnet::ControlNetConfig {
+                    unet: super::nets::unet_2d::UNet2DConditionModelConfig {
+                        seamless: p.seamless,
+                        ..c.model.config.unet.clone()
+                    },
+                    ..c.model.config.clone()
+                },
+            )?;
+            let on = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
+            let image =
+                super::edit::control_tensor(&c.image, &device)?.repeat((rows * images, 1, 1, 1))?;
+            let added = match &self.added {
+                Some((pooled, ids)) => Some((on(pooled)?, on(ids)?)),
+                None => None,
+            };
+            self.controls.push(Controlling {
+                net,
+                image: image.to_dtype(dtype)?,
+                context: on(&self.context)?,
+                added,
+                weight: c.weight,
+                start: c.start,
+                end: c.end,
+                device,
+                dtype,
+                _net: guard,
+            });
+        }
+        Ok(self)
+    }
+
+    /// The summed residuals of the ControlNets acting at evaluation `s`.
+    fn residuals(
+        &self,
+        sched: &Scheduler,
+        inp: &Tensor,
+        s: usize,
+    ) -> candle_core::Result<Option<Residuals>> {
+        let len = sched.timesteps().len().saturating_sub(self.first);
+        let i = s.saturating_sub(self.first);
+        let t = sched.timesteps()[s];
+        let mut sum: Option<Residuals> = None;
+        for c in &self.controls {
+            if c.weight == 0.0 || !control::acts(i, len, c.start, c.end) {
+                continue;
+            }
+            let added = c.added.as_ref().map(|(a, b)| (a, b));
+            let x = inp.to_device(&c.device)?.to_dtype(c.dtype)?;
+            let r = c
+                .net
+                .forward(&x, t, &c.context, &c.image, c.weight, added)?;
+            let back = |t: &Tensor| t.to_device(&self.device)?.to_dtype(self.dtype);
+            let r = Residuals {
+                down: r
+                    .down
+                    .iter()
+                    .map(back)
+                    .collect::<candle_core::Result<_>>()?,
+                mid: back(&r.mid)?,
+            };
+            sum = Some(match sum {
+                None => r,
+                Some(acc) => acc.add(r)?,
+            });
+        }
+        Ok(sum)
     }
 
     /// The guided noise predictions (f32) for a batch of latents `x` at
@@ -125,14 +237,18 @@ impl Denoiser {
             _ => inp.to_dtype(self.dtype)?,
         };
         let t = sched.timesteps()[s];
-        let noise_pred = match &self.added {
-            Some((pooled, ids)) => {
-                self.unet
-                    .forward_with_added(&inp, t, &self.context, pooled, ids)?
-            }
-            None => self.unet.forward(&inp, t, &self.context)?,
-        }
-        .to_dtype(DType::F32)?;
+        let residuals = self.residuals(sched, &inp, s)?;
+        let noise_pred = self
+            .unet
+            .forward_with_additional_residuals(
+                &inp,
+                t,
+                &self.context,
+                residuals.as_ref().map(|r| r.down.as_slice()),
+                residuals.as_ref().map(|r| &r.mid),
+                self.added.as_ref().map(|(a, b)| (a, b)),
+            )?
+            .to_dtype(DType::F32)?;
         if !self.guided {
             return Ok(noise_pred);
         }

@@ -118,6 +118,12 @@ pub fn image_tensor(image: &Image, device: &Device) -> Result<Tensor> {
     (hwc.permute((2, 0, 1))?.unsqueeze(0)? * 2.0)? - 1.0
 }
 
+/// A control image as a ControlNet takes it: `[1, 3, H, W]` in [0, 1].
+pub fn control_tensor(image: &Image, device: &Device) -> Result<Tensor> {
+    let hwc = Tensor::from_slice(&image.data, (image.height, image.width, 3), device)?;
+    hwc.permute((2, 0, 1))?.unsqueeze(0)
+}
+
 /// The image with the area to repaint blanked (0 in [-1, 1], mid grey), as
 /// the 9-channel inpainting UNets are conditioned on.
 pub fn masked_image_tensor(image: &Image, mask: &Mask, device: &Device) -> Result<Tensor> {

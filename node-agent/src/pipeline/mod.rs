@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod batch;
+pub mod control;
 pub mod cpu;
 mod denoise;
 pub mod edit;
@@ -25,6 +26,7 @@ pub mod scheduler;
 pub mod text;
 pub mod tokenizer;
 
+pub use control::{Control, ControlModel};
 pub use edit::{Edit, Mask};
 pub use image::Image;
 pub use model::{DiffusersModel, ModelError};
@@ -96,6 +98,12 @@ pub enum RequestError {
     Switch(f64),
     #[error("refiner: {0}")]
     Refiner(#[from] RefinerError),
+    #[error("controlnet {index} ({}): {source}", name.display())]
+    Control {
+        index: usize,
+        name: PathBuf,
+        source: control::ControlError,
+    },
     #[error("requests that differ in more than their prompts, seeds and image counts cannot run as one batch")]
     Unbatchable,
     #[error("latents have shape {got:?}, expected {want:?}")]
@@ -167,6 +175,8 @@ pub struct GenerateParams {
     /// The dtype to compute in on a GPU (a deployment's precision); `None`:
     /// the agent's `--precision`. The CPU always computes in f32.
     pub dtype: Option<DType>,
+    /// ControlNets conditioning the denoising, their residuals summed.
+    pub controls: Vec<Control>,
 }
 
 /// An SDXL refiner taking over from the model part-way, diffusers'
@@ -214,6 +224,7 @@ impl Default for GenerateParams {
             draws: None,
             refiner: None,
             dtype: None,
+            controls: Vec::new(),
         }
     }
 }
@@ -411,6 +422,13 @@ pub fn generate_batch(
     if let Some(r) = &p.refiner {
         check_refiner(model, &r.model).map_err(RequestError::from)?;
     }
+    for (index, c) in p.controls.iter().enumerate() {
+        control::check(model, c, p.width, p.height).map_err(|source| RequestError::Control {
+            index,
+            name: c.model.dir.clone(),
+            source,
+        })?;
+    }
     let adapters = Adapters::lock(cache, model, &p.loras, p.dtype)?;
     let (lh, lw) = (p.height / 8, p.width / 8);
     let shape = [1, model.vae.latent_channels, lh, lw];
@@ -483,7 +501,13 @@ pub fn generate_batch(
     while from < slots.len() {
         let (to, _room) = chunk(cache, &unet_key, model, p, from, slots.len(), max_images)?;
         let chunk = &slots[from..to];
-        let base = Denoiser::new(cache, model, &batch_of(members, chunk), &adapters)?;
+        let base = Denoiser::new(cache, model, &batch_of(members, chunk), &adapters)?.control(
+            cache,
+            p,
+            &p.controls,
+            chunk.len(),
+            start,
+        )?;
         let (device, dtype) = (base.device.clone(), base.dtype);
         let mut sched = Scheduler::new(kind(model), model.schedule.clone(), p.steps);
         let rng = &mut rngs[from..to];

@@ -642,21 +642,33 @@ fn probe_folder(dir: &Path) -> Result<ProbeResult> {
         }
         ModelType::ControlNet => {
             let cad = config["cross_attention_dim"].as_u64();
-            r.base = Some(match cad {
-                Some(768) => BaseModel::Sd1,
-                Some(1024) => BaseModel::Sd2,
-                Some(2048) => BaseModel::Sdxl,
-                other => {
+            let (base, why) = match cad {
+                Some(768) => (BaseModel::Sd1, "cross_attention_dim 768"),
+                Some(1024) => (BaseModel::Sd2, "cross_attention_dim 1024"),
+                Some(2048) => (BaseModel::Sdxl, "cross_attention_dim 2048"),
+                None => {
                     return Err(StoreError::invalid(
                         dir,
-                        format!(
-                            "ControlNet cross_attention_dim {other:?} is not 768, 1024 or 2048"
-                        ),
+                        "ControlNet config.json lacks cross_attention_dim",
                     ))
                 }
-            });
-            r.evidence
-                .push(format!("base from config.json cross_attention_dim {cad:?}"));
+                // A width no released base has (a test network): its
+                // structure tells, as for main models.
+                Some(_) if config["addition_embed_type"].as_str() == Some("text_time") => (
+                    BaseModel::Sdxl,
+                    "cross_attention_dim is not standard; SDXL's added text/time embeddings",
+                ),
+                Some(_) if config["use_linear_projection"].as_bool() == Some(true) => (
+                    BaseModel::Sd2,
+                    "cross_attention_dim is not standard; linear proj_in (SD 2.x)",
+                ),
+                Some(_) => (
+                    BaseModel::Sd1,
+                    "cross_attention_dim is not standard; convolutional proj_in (SD 1.x)",
+                ),
+            };
+            r.base = Some(base);
+            r.evidence.push(format!("base {base}: config.json {why}"));
         }
         ModelType::T2iAdapter => {
             r.base = Some(match config["adapter_type"].as_str() {

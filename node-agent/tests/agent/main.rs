@@ -17,6 +17,7 @@ mod fetch;
 mod memory_pool;
 mod memory_regression;
 mod pipeline_batch;
+mod pipeline_controlnet;
 mod pipeline_edit;
 mod pipeline_embeddings;
 mod pipeline_parity;

@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod controlnet;
 pub mod conv;
 pub mod embeddings;
 pub mod linear;

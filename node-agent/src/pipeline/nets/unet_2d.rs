@@ -94,6 +94,11 @@ impl Default for UNet2DConditionModelConfig {
 }
 
 impl UNet2DConditionModelConfig {
+    /// Width of the timestep embedding: four times the first block's channels.
+    pub fn time_embed_dim(&self) -> usize {
+        self.blocks.first().map_or(0, |b| b.out_channels * 4)
+    }
+
     /// The configuration a diffusers `unet/config.json` describes.
     pub fn from_json(v: &Value) -> std::result::Result<Self, ConfigError> {
         const NET: &str = "unet";
@@ -211,8 +216,11 @@ enum UNetUpBlock {
     CrossAttn(CrossAttnUpBlock2D),
 }
 
+/// The UNet's encoding half: the timestep (and SDXL's added) embeddings,
+/// `conv_in`, the down blocks and the mid block. A ControlNet is a copy of
+/// it, so both build it here.
 #[derive(Debug)]
-pub struct UNet2DConditionModel {
+pub(crate) struct Encoder {
     conv_in: Conv2d,
     time_proj: Timesteps,
     time_embedding: TimestepEmbedding,
@@ -220,30 +228,22 @@ pub struct UNet2DConditionModel {
     add_embedding: Option<TimestepEmbedding>,
     down_blocks: Vec<UNetDownBlock>,
     mid_block: UNetMidBlock2DCrossAttn,
-    up_blocks: Vec<UNetUpBlock>,
-    conv_norm_out: GroupNorm,
-    conv_out: Conv2d,
-    span: tracing::Span,
-    config: UNet2DConditionModelConfig,
 }
 
-impl UNet2DConditionModel {
-    pub fn new(
-        vs: nn::VarBuilder,
+impl Encoder {
+    pub(crate) fn new(
+        vs: &nn::VarBuilder,
         in_channels: usize,
-        out_channels: usize,
         use_flash_attn: bool,
-        config: UNet2DConditionModelConfig,
+        config: &UNet2DConditionModelConfig,
     ) -> Result<Self> {
         let n_blocks = config.blocks.len();
         let (Some(first), Some(last)) = (config.blocks.first(), config.blocks.last()) else {
             return Err(candle_core::Error::Msg("the UNet has no blocks".into()));
         };
         let b_channels = first.out_channels;
-        let bl_channels = last.out_channels;
-        let bl_attention_head_dim = last.attention_head_dim;
         let tiling = Tiling::unet(config.seamless);
-        let time_embed_dim = b_channels * 4;
+        let time_embed_dim = config.time_embed_dim();
         let conv_cfg = nn::Conv2dConfig {
             padding: 1,
             ..Default::default()
@@ -337,29 +337,131 @@ impl UNet2DConditionModel {
             .collect::<Result<Vec<_>>>()?;
 
         // https://github.com/huggingface/diffusers/blob/a76f2ad538e73b34d5fe7be08c8eb8ab38c7e90c/src/diffusers/models/unet_2d_condition.py#L462
-        let mid_transformer_layers_per_block = match config.blocks.last() {
-            None => 1,
-            Some(block) => block.use_cross_attn.unwrap_or(1),
-        };
         let mid_cfg = UNetMidBlock2DCrossAttnConfig {
             resnet_eps: config.norm_eps,
             output_scale_factor: config.mid_block_scale_factor,
             cross_attn_dim: config.cross_attention_dim,
-            attn_num_head_channels: bl_attention_head_dim,
+            attn_num_head_channels: last.attention_head_dim,
             resnet_groups: Some(config.norm_num_groups),
             use_linear_projection: config.use_linear_projection,
-            transformer_layers_per_block: mid_transformer_layers_per_block,
+            transformer_layers_per_block: last.use_cross_attn.unwrap_or(1),
             tiling,
             ..Default::default()
         };
-
         let mid_block = UNetMidBlock2DCrossAttn::new(
             vs.pp("mid_block"),
-            bl_channels,
+            last.out_channels,
             Some(time_embed_dim),
             use_flash_attn,
             mid_cfg,
         )?;
+        Ok(Encoder {
+            conv_in,
+            time_proj,
+            time_embedding,
+            add_time_proj,
+            add_embedding,
+            down_blocks,
+            mid_block,
+        })
+    }
+
+    /// The timestep embedding for a batch of `bsize` (with SDXL's pooled text
+    /// embeddings and time ids added).
+    pub(crate) fn embed_time(
+        &self,
+        bsize: usize,
+        timestep: f64,
+        like: &Tensor,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Tensor> {
+        let emb = (Tensor::ones(bsize, like.dtype(), like.device())? * timestep)?;
+        let emb = self.time_proj.forward(&emb)?;
+        let emb = self.time_embedding.forward(&emb)?;
+        match (&self.add_time_proj, &self.add_embedding, added) {
+            (Some(proj), Some(embed), Some((text_embeds, time_ids))) => {
+                let time = proj
+                    .forward(&time_ids.flatten_all()?.to_dtype(emb.dtype())?)?
+                    .reshape((bsize, ()))?;
+                let add = Tensor::cat(&[&text_embeds.to_dtype(emb.dtype())?, &time], 1)?;
+                emb + embed.forward(&add)?
+            }
+            (Some(_), _, None) => {
+                candle_core::bail!("this UNet (SDXL) needs pooled text embeddings and time ids")
+            }
+            _ => Ok(emb),
+        }
+    }
+
+    pub(crate) fn conv_in(&self, xs: &Tensor) -> Result<Tensor> {
+        self.conv_in.forward(xs)
+    }
+
+    /// The down blocks from `conv_in`'s output `xs`: the mid block's input
+    /// and every skip connection (`xs` first).
+    pub(crate) fn down(
+        &self,
+        xs: Tensor,
+        emb: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<(Tensor, Vec<Tensor>)> {
+        let mut res = vec![xs.clone()];
+        let mut xs = xs;
+        for down_block in self.down_blocks.iter() {
+            let (next, res_xs) = match down_block {
+                UNetDownBlock::Basic(b) => b.forward(&xs, Some(emb))?,
+                UNetDownBlock::CrossAttn(b) => {
+                    b.forward(&xs, Some(emb), Some(encoder_hidden_states))?
+                }
+            };
+            res.extend(res_xs);
+            xs = next;
+        }
+        Ok((xs, res))
+    }
+
+    pub(crate) fn mid(
+        &self,
+        xs: &Tensor,
+        emb: &Tensor,
+        encoder_hidden_states: &Tensor,
+    ) -> Result<Tensor> {
+        self.mid_block
+            .forward(xs, Some(emb), Some(encoder_hidden_states))
+    }
+}
+
+#[derive(Debug)]
+pub struct UNet2DConditionModel {
+    encoder: Encoder,
+    up_blocks: Vec<UNetUpBlock>,
+    conv_norm_out: GroupNorm,
+    conv_out: Conv2d,
+    span: tracing::Span,
+    config: UNet2DConditionModelConfig,
+}
+
+impl UNet2DConditionModel {
+    pub fn new(
+        vs: nn::VarBuilder,
+        in_channels: usize,
+        out_channels: usize,
+        use_flash_attn: bool,
+        config: UNet2DConditionModelConfig,
+    ) -> Result<Self> {
+        let encoder = Encoder::new(&vs, in_channels, use_flash_attn, &config)?;
+        let n_blocks = config.blocks.len();
+        let (Some(first), Some(last)) = (config.blocks.first(), config.blocks.last()) else {
+            return Err(candle_core::Error::Msg("the UNet has no blocks".into()));
+        };
+        let b_channels = first.out_channels;
+        let bl_channels = last.out_channels;
+        let tiling = Tiling::unet(config.seamless);
+        let time_embed_dim = config.time_embed_dim();
+        let conv_cfg = nn::Conv2dConfig {
+            padding: 1,
+            ..Default::default()
+        };
 
         let vs_ub = vs.pp("up_blocks");
         let up_blocks = (0..n_blocks)
@@ -446,13 +548,7 @@ impl UNet2DConditionModel {
         )?;
         let span = tracing::span!(tracing::Level::TRACE, "unet2d");
         Ok(Self {
-            conv_in,
-            time_proj,
-            time_embedding,
-            add_time_proj,
-            add_embedding,
-            down_blocks,
-            mid_block,
+            encoder,
             up_blocks,
             conv_norm_out,
             conv_out,
@@ -509,7 +605,6 @@ impl UNet2DConditionModel {
         added: Option<(&Tensor, &Tensor)>,
     ) -> Result<Tensor> {
         let (bsize, _channels, height, width) = xs.dims4()?;
-        let device = xs.device();
         let n_blocks = self.config.blocks.len();
         let num_upsamplers = n_blocks - 1;
         let default_overall_up_factor = 2usize.pow(num_upsamplers as u32);
@@ -522,56 +617,26 @@ impl UNet2DConditionModel {
             xs.clone()
         };
         // 1. time
-        let emb = (Tensor::ones(bsize, xs.dtype(), device)? * timestep)?;
-        let emb = self.time_proj.forward(&emb)?;
-        let emb = self.time_embedding.forward(&emb)?;
-        let emb = match (&self.add_time_proj, &self.add_embedding, added) {
-            (Some(proj), Some(embed), Some((text_embeds, time_ids))) => {
-                let time = proj
-                    .forward(&time_ids.flatten_all()?.to_dtype(emb.dtype())?)?
-                    .reshape((bsize, ()))?;
-                let add = Tensor::cat(&[&text_embeds.to_dtype(emb.dtype())?, &time], 1)?;
-                (emb + embed.forward(&add)?)?
+        let emb = self.encoder.embed_time(bsize, timestep, &xs, added)?;
+        // 2. pre-process, 3. down
+        let xs = self.encoder.conv_in(&xs)?;
+        let (xs, mut down_block_res_xs) = self.encoder.down(xs, &emb, encoder_hidden_states)?;
+        // A ControlNet's residuals are added to the skip connections (not to
+        // the mid block's input).
+        if let Some(extra) = down_block_additional_residuals {
+            if extra.len() != down_block_res_xs.len() {
+                candle_core::bail!(
+                    "{} additional residuals for {} skip connections",
+                    extra.len(),
+                    down_block_res_xs.len()
+                );
             }
-            (Some(_), _, None) => {
-                candle_core::bail!("this UNet (SDXL) needs pooled text embeddings and time ids")
+            for (res, extra) in down_block_res_xs.iter_mut().zip(extra) {
+                *res = (&*res + extra)?;
             }
-            _ => emb,
-        };
-        // 2. pre-process
-        let xs = self.conv_in.forward(&xs)?;
-        // 3. down
-        let mut down_block_res_xs = vec![xs.clone()];
-        let mut xs = xs;
-        for down_block in self.down_blocks.iter() {
-            let (_xs, res_xs) = match down_block {
-                UNetDownBlock::Basic(b) => b.forward(&xs, Some(&emb))?,
-                UNetDownBlock::CrossAttn(b) => {
-                    b.forward(&xs, Some(&emb), Some(encoder_hidden_states))?
-                }
-            };
-            down_block_res_xs.extend(res_xs);
-            xs = _xs;
         }
-
-        let new_down_block_res_xs =
-            if let Some(down_block_additional_residuals) = down_block_additional_residuals {
-                let mut v = vec![];
-                // A previous version of this code had a bug because of the addition being made
-                // in place via += hence modifying the input of the mid block.
-                for (i, residuals) in down_block_additional_residuals.iter().enumerate() {
-                    v.push((&down_block_res_xs[i] + residuals)?)
-                }
-                v
-            } else {
-                down_block_res_xs
-            };
-        let mut down_block_res_xs = new_down_block_res_xs;
-
         // 4. mid
-        let xs = self
-            .mid_block
-            .forward(&xs, Some(&emb), Some(encoder_hidden_states))?;
+        let xs = self.encoder.mid(&xs, &emb, encoder_hidden_states)?;
         let xs = match mid_block_additional_residual {
             None => xs,
             Some(m) => (m + xs)?,
