@@ -5,7 +5,7 @@
 //! path (`model.path`), and every probed model is reported in the ModelNode.
 
 use crate::cache::CacheKey;
-use crate::pipeline::{DiffusersModel, ModelError};
+use crate::pipeline::{ControlModel, DiffusersModel, ModelError};
 use crate::store::{self, convert, ProbeResult};
 use modelcache_crds::{text_to_image, ModelFormat, ModelType};
 use std::collections::{BTreeMap, HashMap};
@@ -46,6 +46,22 @@ pub enum VaeError {
         name: String,
         source: crate::store::StoreError,
     },
+}
+
+/// Why a ControlNet a request or deployment names cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlNetError {
+    #[error("{0:?} is not a ControlNet file or folder in the models folder")]
+    NotFound(String),
+    #[error("{name:?} is a {kind} model, not a ControlNet")]
+    NotControlNet { name: String, kind: ModelType },
+    #[error("{name:?}: {source}")]
+    Convert {
+        name: String,
+        source: crate::store::StoreError,
+    },
+    #[error("{name:?}: {source}")]
+    Model { name: String, source: ModelError },
 }
 
 /// A model found under the root.
@@ -368,6 +384,35 @@ impl Catalog {
                     source,
                 }),
         }
+    }
+
+    /// The ControlNet at `rel` (a single file is converted once into the
+    /// state folder). Only what the last scan found under the root is found
+    /// here, so a path cannot reach outside it.
+    pub fn controlnet(&self, rel: &str) -> Result<Arc<ControlModel>, ControlNetError> {
+        let entry = self
+            .by_path(rel)
+            .ok_or_else(|| ControlNetError::NotFound(rel.to_string()))?;
+        if entry.probe.model_type != ModelType::ControlNet {
+            return Err(ControlNetError::NotControlNet {
+                name: rel.to_string(),
+                kind: entry.probe.model_type,
+            });
+        }
+        let dir = match entry.probe.format {
+            ModelFormat::Diffusers => entry.path,
+            ModelFormat::Checkpoint => convert::converted_controlnet(&self.state_dir, &entry.path)
+                .map_err(|source| ControlNetError::Convert {
+                    name: rel.to_string(),
+                    source,
+                })?,
+        };
+        ControlModel::open(&dir)
+            .map(Arc::new)
+            .map_err(|source| ControlNetError::Model {
+                name: rel.to_string(),
+                source,
+            })
     }
 
     /// The pipeline of a model: single-file checkpoints are converted once into

@@ -387,10 +387,18 @@ pub fn search(root: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Converts a single-file checkpoint into a diffusers folder.
+/// Converts a single-file checkpoint (a main model or a ControlNet) into a diffusers folder.
 pub fn convert(req: &store::convert::ConvertRequest) -> anyhow::Result<()> {
-    let out = store::convert::convert_main(req)
-        .with_context(|| format!("converting {}", req.checkpoint.display()))?;
+    let kind = store::probe(req.checkpoint)
+        .with_context(|| format!("probing {}", req.checkpoint.display()))?
+        .model_type;
+    let out = match kind {
+        modelcache_crds::ModelType::ControlNet => {
+            store::convert::convert_controlnet(req.checkpoint, req.out_dir)
+        }
+        _ => store::convert::convert_main(req),
+    }
+    .with_context(|| format!("converting {}", req.checkpoint.display()))?;
     println!("wrote {}", out.display());
     Ok(())
 }

@@ -55,7 +55,8 @@ enum Command {
         /// The model root to search.
         root: PathBuf,
     },
-    /// Convert a single-file (A1111/Civitai layout) checkpoint into a diffusers folder.
+    /// Convert a single-file (A1111/Civitai layout) checkpoint or ControlNet into a diffusers
+    /// folder (a ControlNet's configuration comes from its tensors).
     Convert {
         /// The checkpoint file.
         checkpoint: PathBuf,

@@ -10,6 +10,7 @@
 
 pub mod adapters;
 pub mod batch;
+pub mod canny;
 pub mod control;
 pub mod cpu;
 mod denoise;

@@ -486,21 +486,39 @@ fn probe_controlnet_checkpoint(index: &TensorIndex, r: &mut ProbeResult) -> Resu
     for prefix in ["control_model.", ""] {
         let k21 = format!("{prefix}input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight");
         let k41 = format!("{prefix}input_blocks.4.1.transformer_blocks.0.attn2.to_k.weight");
-        let base = match (width(index, &k21), width(index, &k41)) {
-            (Some(768), _) => Some(BaseModel::Sd1),
-            (Some(1024), _) => Some(BaseModel::Sd2),
-            (None, Some(2048)) => Some(BaseModel::Sdxl),
-            _ => None,
+        let (base, why) = match (width(index, &k21), width(index, &k41)) {
+            (Some(768), _) => (BaseModel::Sd1, "cross-attention width 768"),
+            (Some(1024), _) => (BaseModel::Sd2, "cross-attention width 1024"),
+            (None, Some(2048)) => (BaseModel::Sdxl, "cross-attention width 2048"),
+            (None, None) => continue,
+            // A width no released base has (a test network): its structure tells.
+            _ if index.contains(&format!("{prefix}label_emb.0.0.weight")) => (
+                BaseModel::Sdxl,
+                "cross-attention width is not standard; SDXL's added embeddings (label_emb)",
+            ),
+            _ if index
+                .shape(&format!("{prefix}input_blocks.1.1.proj_in.weight"))
+                .is_some_and(|s| s.len() == 2) =>
+            {
+                (
+                    BaseModel::Sd2,
+                    "cross-attention width is not standard; linear proj_in (SD 2.x)",
+                )
+            }
+            _ => (
+                BaseModel::Sd1,
+                "cross-attention width is not standard; convolutional proj_in (SD 1.x)",
+            ),
         };
-        if let Some(b) = base {
-            r.base = Some(b);
-            r.evidence.push(format!(
-                "base {b}: cross-attention width of {prefix}input_blocks"
-            ));
-            return Ok(());
-        }
+        r.base = Some(base);
+        r.evidence
+            .push(format!("base {base}: {why} of {prefix}input_blocks"));
+        return Ok(());
     }
-    Err(StoreError::invalid(&index.path, "cannot determine the base of this ControlNet: no cross-attention of width 768, 1024 or 2048"))
+    Err(StoreError::invalid(
+        &index.path,
+        "cannot determine the base of this ControlNet: no cross-attention in its input blocks",
+    ))
 }
 
 fn probe_embedding(index: &TensorIndex, r: &mut ProbeResult) {

@@ -1,18 +1,19 @@
-//! ControlNets against diffusers (`tests/fixtures/tiny-sd1-controlnet`): one
-//! ControlNet, and two at once with their own weights and start/end
-//! fractions, each compared with diffusers' float64 run.
+//! ControlNets against diffusers (`tests/fixtures/tiny-sd1-controlnet` and
+//! `tiny-sdxl-controlnet`): one ControlNet, and two at once with their own
+//! weights and start/end fractions, each compared with diffusers' float64 run.
 
 use crate::common::{fixtures, max_abs_diff_from, reference_params, reference_run, tiny_cache};
 use modelcache_agent::pipeline::image::decode_image;
 use modelcache_agent::pipeline::{self, Control, ControlModel, DiffusersModel, GenerateParams};
 use std::sync::Arc;
 
-fn dir() -> std::path::PathBuf {
-    fixtures().join("tiny-sd1-controlnet")
+fn dir(base: &str) -> std::path::PathBuf {
+    fixtures().join(format!("{base}-controlnet"))
 }
 
-fn reference() -> serde_json::Value {
-    serde_json::from_str(&std::fs::read_to_string(dir().join("reference.json")).unwrap()).unwrap()
+fn reference(base: &str) -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(dir(base).join("reference.json")).unwrap())
+        .unwrap()
 }
 
 /// A number or the `i`-th of a list, as diffusers takes either.
@@ -20,18 +21,20 @@ fn nth(v: &serde_json::Value, i: usize) -> f64 {
     v.as_f64().unwrap_or_else(|| v[i].as_f64().unwrap())
 }
 
-/// The reference run `name` as a request on tiny-sd1.
-fn params(name: &str) -> GenerateParams {
-    let (r, latents) = reference_run(&fixtures().join("tiny-sd1"));
-    let run = &reference()["runs"][name];
-    let image = decode_image(&std::fs::read(dir().join("control.png")).unwrap(), 1 << 22).unwrap();
+/// The reference run `name` as a request on the tiny `base` model.
+fn params(base: &str, name: &str) -> GenerateParams {
+    let (r, latents) = reference_run(&fixtures().join(base));
+    let reference = reference(base);
+    let run = &reference["runs"][name];
+    let dir = dir(base);
+    let image = decode_image(&std::fs::read(dir.join("control.png")).unwrap(), 1 << 22).unwrap();
     let controls = run["controlnets"]
         .as_array()
         .unwrap()
         .iter()
         .enumerate()
         .map(|(i, n)| Control {
-            model: Arc::new(ControlModel::open(&dir().join(n.as_str().unwrap())).unwrap()),
+            model: Arc::new(ControlModel::open(&dir.join(n.as_str().unwrap())).unwrap()),
             image: image.clone(),
             weight: nth(&run["conditioning_scale"], i),
             start: nth(&run["control_guidance_start"], i),
@@ -40,33 +43,83 @@ fn params(name: &str) -> GenerateParams {
         .collect();
     GenerateParams {
         controls,
+        negative_prompt: reference["negative_prompt"].as_str().unwrap().into(),
         ..reference_params(&r, latents)
     }
 }
 
-fn check(name: &str) -> Vec<f32> {
-    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
-    let images = pipeline::generate(&tiny_cache(), &model, &params(name), &|_| true).unwrap();
-    let d = max_abs_diff_from(
-        &images[0].data,
-        &dir().join(format!("reference_{name}_f64.npy")),
-    );
-    let f32_run = reference()["runs"][name]["fp32_vs_f64_max_abs_diff"]
+fn generate(base: &str, p: &GenerateParams) -> Vec<f32> {
+    let model = DiffusersModel::open(&fixtures().join(base)).unwrap();
+    pipeline::generate(&tiny_cache(), &model, p, &|_| true)
+        .unwrap()
+        .remove(0)
+        .data
+}
+
+fn check(base: &str, name: &str) -> Vec<f32> {
+    let image = generate(base, &params(base, name));
+    let d = max_abs_diff_from(&image, &dir(base).join(format!("reference_{name}_f64.npy")));
+    let f32_run = reference(base)["runs"][name]["fp32_vs_f64_max_abs_diff"]
         .as_f64()
         .unwrap();
-    eprintln!(
-        "controlnet {name}: {d:.2e} from diffusers' float64 run (its float32 run: {f32_run:.2e})"
-    );
-    assert!(d < 1e-3, "{name}: max abs difference {d}");
-    images.into_iter().next().unwrap().data
+    eprintln!("{base} controlnet {name}: {d:.2e} from diffusers' float64 run (its float32 run: {f32_run:.2e})");
+    assert!(d < 1e-3, "{base} {name}: max abs difference {d}");
+    image
 }
 
 #[test]
 fn one_controlnet_matches_diffusers() {
-    check("single");
+    check("tiny-sd1", "single");
+    check("tiny-sdxl", "single");
 }
 
 #[test]
 fn two_controlnets_with_their_own_weights_and_spans_match_diffusers() {
-    check("multi");
+    check("tiny-sd1", "multi");
+    check("tiny-sdxl", "multi");
+}
+
+#[test]
+fn a_controlnet_at_weight_zero_or_outside_its_span_changes_nothing() {
+    let plain = generate("tiny-sd1", &params("tiny-sd1", "single"));
+    let mut p = params("tiny-sd1", "single");
+    let controls = std::mem::take(&mut p.controls);
+    let uncontrolled = generate("tiny-sd1", &p);
+    assert!(
+        crate::common::max_abs_diff(&plain, &uncontrolled) > 0.01,
+        "the control moves the image"
+    );
+    p.controls = controls.clone();
+    p.controls[0].weight = 0.0;
+    assert_eq!(generate("tiny-sd1", &p), uncontrolled);
+    // Four steps, acting only within (0.1, 0.2): no step lies inside.
+    p.controls = controls;
+    (p.controls[0].start, p.controls[0].end) = (0.1, 0.2);
+    assert_eq!(generate("tiny-sd1", &p), uncontrolled);
+}
+
+#[test]
+fn controlnets_that_cannot_condition_the_model_are_refused_before_any_work() {
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let cache = tiny_cache();
+    let refused = |p: &GenerateParams| {
+        let e = pipeline::generate(&cache, &model, p, &|_| true).unwrap_err();
+        assert!(cache.entries().is_empty(), "nothing was loaded");
+        e.to_string()
+    };
+    // An SDXL ControlNet on an SD 1.x model.
+    let mut p = params("tiny-sd1", "single");
+    p.controls[0].model =
+        Arc::new(ControlModel::open(&dir("tiny-sdxl").join("controlnet-a")).unwrap());
+    let e = refused(&p);
+    assert!(e.contains("ControlNet and the model is"), "{e}");
+    let mut p = params("tiny-sd1", "single");
+    p.controls[0].image = p.controls[0].image.resized(72, 64);
+    let e = refused(&p);
+    assert!(e.contains("72x64") && e.contains("64x64"), "{e}");
+    let mut p = params("tiny-sd1", "multi");
+    p.controls[1].start = 0.9;
+    p.controls[1].end = 0.5;
+    let e = refused(&p);
+    assert!(e.contains("controlnet 1") && e.contains("start 0.9"), "{e}");
 }

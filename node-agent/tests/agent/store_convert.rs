@@ -361,3 +361,40 @@ fn a_vae_file_without_the_tensors_a_vae_has_is_refused_naming_one() {
         "nothing is left behind"
     );
 }
+
+#[test]
+fn a_single_file_controlnet_converts_bit_exactly_and_generates_the_folder_s_image() {
+    let f = fixtures().join("tiny-sd1-controlnet");
+    let state = tempfile::tempdir().unwrap();
+    let dst =
+        convert::converted_controlnet(state.path(), &f.join("controlnet-a.safetensors")).unwrap();
+    let file = "diffusion_pytorch_model.safetensors";
+    let want = store::open_weights(&f.join("controlnet-a").join(file)).unwrap();
+    let got = store::open_weights(&dst.join(file)).unwrap();
+    assert_eq!(want.tensors.len(), got.tensors.len());
+    for t in &want.tensors {
+        let g = got
+            .get(&t.name)
+            .unwrap_or_else(|| panic!("missing {}", t.name));
+        assert_eq!((g.dtype, &g.shape), (t.dtype, &t.shape), "{}", t.name);
+        assert_eq!(
+            read_bytes(&got, g).unwrap(),
+            read_bytes(&want, t).unwrap(),
+            "{} differs",
+            t.name
+        );
+    }
+    // The configuration read from the shapes describes the same network.
+    let open = |dir: &std::path::Path| modelcache_agent::pipeline::ControlModel::open(dir).unwrap();
+    let (a, b) = (open(&f.join("controlnet-a")), open(&dst));
+    assert_eq!(a.base, b.base);
+    assert_eq!(
+        format!("{:?}", a.config),
+        format!("{:?}", b.config),
+        "same configuration"
+    );
+    // Converted once: a second call finds the folder.
+    let again =
+        convert::converted_controlnet(state.path(), &f.join("controlnet-a.safetensors")).unwrap();
+    assert_eq!(again, dst);
+}

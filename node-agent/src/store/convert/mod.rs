@@ -9,12 +9,14 @@
 //! `text_projection` needs its data transposed.
 
 pub mod configs;
+pub mod controlnet;
 pub mod keys;
 pub mod plan;
 pub mod vae;
 pub mod write;
 
 pub use configs::{builtin_config, folder_config};
+pub use controlnet::{convert_controlnet, converted_controlnet};
 pub use keys::{openclip_key, unet_key, vae_key, UnetLayout};
 pub use plan::{openclip_plan, plan_main, plan_vae_keys, Layout, Op, Plan, Planned};
 pub use vae::converted_vae;
