@@ -209,7 +209,7 @@ impl Denoiser {
             };
             sum = Some(match sum {
                 None => r,
-                Some(acc) => acc.add(r)?,
+                Some(acc) => acc.plus(r)?,
             });
         }
         Ok(sum)

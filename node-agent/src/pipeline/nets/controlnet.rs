@@ -176,7 +176,7 @@ pub struct Residuals {
 
 impl Residuals {
     /// The sum of several ControlNets' residuals.
-    pub fn add(self, other: Residuals) -> Result<Residuals> {
+    pub fn plus(self, other: Residuals) -> Result<Residuals> {
         let down = self
             .down
             .iter()

@@ -124,7 +124,7 @@ pub fn controlnet_config(index: &TensorIndex, base: BaseModel) -> Result<(&'stat
     let hint_in = shape("input_hint_block.0.weight")
         .and_then(|s| s.get(1).copied())
         .ok_or_else(|| missing("input_hint_block.0.weight"))?;
-    if hint.len() < 2 || hint.len() % 2 != 0 {
+    if hint.len() < 2 || !hint.len().is_multiple_of(2) {
         return Err(StoreError::invalid(
             &index.path,
             format!(
@@ -195,7 +195,7 @@ pub fn controlnet_config(index: &TensorIndex, base: BaseModel) -> Result<(&'stat
 pub fn controlnet_key(key: &str, layout: UnetLayout, hint_convs: usize) -> Option<String> {
     if let Some(rest) = key.strip_prefix("input_hint_block.") {
         let (i, rest) = split_num(rest)?;
-        if i % 2 != 0 {
+        if !i.is_multiple_of(2) {
             return None;
         }
         let n = i / 2;
