@@ -96,9 +96,108 @@ pub struct GenerateOptions {
     /// over, above 0 and at most 1 (1: the refiner is not used).
     #[arg(long, requires = "refiner", default_value_t = pipeline::DEFAULT_REFINER_SWITCH)]
     pub denoising_end: f64,
+    /// A ControlNet and its control image:
+    /// `model=PATH,image=PNG[,weight=W][,start=S][,end=E][,preprocess=canny]`
+    /// (a diffusers folder or a single file converted once; weight 1, start 0,
+    /// end 1 by default). Repeat for several.
+    #[arg(long = "controlnet")]
+    pub controlnets: Vec<ControlSpec>,
     /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
     #[arg(long)]
     pub out: PathBuf,
+}
+
+/// One `--controlnet`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ControlSpec {
+    pub model: PathBuf,
+    pub image: PathBuf,
+    pub weight: f64,
+    pub start: f64,
+    pub end: f64,
+    pub canny: bool,
+}
+
+impl std::str::FromStr for ControlSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut model, mut image) = (None, None);
+        let mut spec = ControlSpec {
+            model: PathBuf::new(),
+            image: PathBuf::new(),
+            weight: 1.0,
+            start: 0.0,
+            end: 1.0,
+            canny: false,
+        };
+        for pair in s.split(',') {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not KEY=VALUE"))?;
+            let number = || {
+                v.parse::<f64>()
+                    .map_err(|_| format!("{k}={v:?} is not a number"))
+            };
+            match k.trim() {
+                "model" => model = Some(PathBuf::from(v)),
+                "image" => image = Some(PathBuf::from(v)),
+                "weight" => spec.weight = number()?,
+                "start" => spec.start = number()?,
+                "end" => spec.end = number()?,
+                "preprocess" if v == "canny" => spec.canny = true,
+                "preprocess" => return Err(format!("preprocess {v:?}: only canny is offered")),
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?} (model, image, weight, start, end, preprocess)"
+                    ))
+                }
+            }
+        }
+        spec.model = model.ok_or("model=PATH is required")?;
+        spec.image = image.ok_or("image=PNG is required")?;
+        Ok(spec)
+    }
+}
+
+/// `--controlnet`s as the pipeline's controls, images at the output size.
+fn read_controls(
+    specs: &[ControlSpec],
+    state_dir: &Path,
+    (width, height): (usize, usize),
+) -> anyhow::Result<Vec<pipeline::Control>> {
+    specs
+        .iter()
+        .map(|c| {
+            let at = || format!("--controlnet model={}", c.model.display());
+            let dir = if c.model.is_dir() {
+                c.model.clone()
+            } else {
+                store::convert::converted_controlnet(state_dir, &c.model).with_context(at)?
+            };
+            let model = pipeline::ControlModel::open(&dir).with_context(at)?;
+            let bytes = std::fs::read(&c.image)
+                .with_context(|| format!("--controlnet image={}", c.image.display()))?;
+            let image = pipeline::image::decode_image(&bytes, MAX_EDIT_PIXELS)
+                .with_context(|| format!("--controlnet image={}", c.image.display()))?;
+            let image = if c.canny {
+                pipeline::canny::canny(
+                    &image,
+                    pipeline::canny::DEFAULT_LOW,
+                    pipeline::canny::DEFAULT_HIGH,
+                )
+            } else {
+                image
+            };
+            Ok(pipeline::Control {
+                model: std::sync::Arc::new(model),
+                image: image.resized(width, height),
+                weight: c.weight,
+                start: c.start,
+                end: c.end,
+            })
+        })
+        .collect()
 }
 
 /// The most pixels `generate` reads from an --init-image or --mask.
@@ -223,7 +322,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         draws: None,
         refiner,
         dtype: None,
-        controls: Vec::new(),
+        controls: read_controls(&a.controlnets, &a.state_dir, (width, height))?,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p
@@ -239,7 +338,9 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         CacheConfig::for_one_model(
             compute.device.clone(),
             compute.dtype,
-            model.bytes_f32 + p.refiner.as_ref().map_or(0, |r| r.model.bytes_f32),
+            model.bytes_f32
+                + p.refiner.as_ref().map_or(0, |r| r.model.bytes_f32)
+                + p.controls.iter().map(|c| c.model.bytes_f32).sum::<u64>(),
             adapter_bytes,
         ),
         Box::new(DiskLoader),

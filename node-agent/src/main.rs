@@ -154,7 +154,7 @@ fn main() -> ExitCode {
     match run(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", report(&e));
             ExitCode::FAILURE
         }
     }
@@ -222,6 +222,20 @@ fn parse_budget(s: &str) -> Result<Budget, ByteSizeError> {
 }
 
 /// A flag value that is not a byte size.
+/// The error and its causes, each cause left out when the message before
+/// already says it (library errors often include their source's text).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !out.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+    }
+    out
+}
+
 #[derive(Debug, thiserror::Error)]
 #[error("{0:?} is not a byte size (examples: 1073741824, 8Gi, 512Mi)")]
 struct ByteSizeError(String);

@@ -54,6 +54,7 @@ pub async fn read_form(
 ) -> Result<(GenerationRequest, Upload), ApiError> {
     let mut fields = Map::new();
     let (mut image, mut mask) = (None, None);
+    let mut control_uploads = std::collections::VecDeque::new();
     while let Some(field) = m
         .next_field()
         .await
@@ -70,6 +71,7 @@ pub async fn read_form(
                 image.get_or_insert(bytes.to_vec());
             }
             "mask" => mask = Some(bytes.to_vec()),
+            "controlnet_image" | "controlnet_image[]" => control_uploads.push_back(bytes.to_vec()),
             _ => {
                 let Some(field) = [
                     "model",
@@ -80,6 +82,7 @@ pub async fn read_form(
                     "scheduler",
                     "seamless",
                     "loras",
+                    "controlnet",
                     "vae",
                     "refiner",
                     "stream",
@@ -101,8 +104,9 @@ pub async fn read_form(
         Some(v) => v.as_f64(),
         None => None,
     };
-    let request: GenerationRequest = serde_json::from_value(Value::Object(fields))
+    let mut request: GenerationRequest = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::invalid(format!("invalid form: {e}")))?;
+    request.control_uploads = control_uploads;
     let image = image.ok_or_else(|| ApiError::invalid("image is required").param("image"))?;
     Ok((
         request,
@@ -126,6 +130,10 @@ fn field_value(field: &'static str, text: &str) -> Result<Value, ApiError> {
             .ok_or_else(|| bad("a finite number"))?
     } else if field == "loras" {
         serde_json::from_str(text).map_err(|_| bad("a JSON list of {\"path\", \"weight\"}"))?
+    } else if field == "controlnet" {
+        serde_json::from_str(text).map_err(|_| {
+            bad("a JSON list of {\"model\", \"image\", \"weight\", \"start\", \"end\"}")
+        })?
     } else if field == "stream" {
         Value::Bool(text.parse::<bool>().map_err(|_| bad("true or false"))?)
     } else if field == "seamless" && matches!(text, "true" | "false") {

@@ -145,6 +145,9 @@ impl From<PipelineError> for ApiError {
                 "server_error",
                 "model_unavailable",
             ),
+            PipelineError::Invalid(m @ crate::pipeline::RequestError::Control { .. }) => {
+                ApiError::invalid(m.to_string()).param("controlnet")
+            }
             PipelineError::Invalid(m) => ApiError::invalid(m.to_string()),
             PipelineError::Cancelled => ApiError::new(
                 // 499: nginx's "client closed request"; nobody reads it, the client is gone.

@@ -6,6 +6,7 @@
 //! failures; this module holds the routes and the handlers.
 
 pub mod batcher;
+pub mod control;
 pub mod edit;
 pub mod error;
 pub mod peer;
@@ -23,7 +24,6 @@ use crate::agent::Agent;
 use crate::pipeline;
 use crate::routes::Routes;
 use axum::body::Body;
-use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
 use axum::http::{header, HeaderMap, HeaderValue, Request, Response as HttpResponse, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -102,7 +102,12 @@ impl AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let limit = state.limits.max_body_bytes;
     let api = Router::new()
-        .route("/v1/images/generations", post(generate))
+        // Bodies with control images may be as large as an edit's form;
+        // `generate` holds the others to `--max-body-bytes`.
+        .route(
+            "/v1/images/generations",
+            post(generate).layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
+        )
         .route(
             "/v1/images/edits",
             post(edit).layer(DefaultBodyLimit::max(state.limits.max_upload_bytes)),
@@ -316,25 +321,58 @@ impl Drop for Counted {
 async fn generate(
     State(s): State<Arc<AppState>>,
     headers: HeaderMap,
-    body: Result<Json<GenerationRequest>, JsonRejection>,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
 ) -> Response {
-    let body = body.map_err(|rej| {
-        let status = rej.status();
-        if status == StatusCode::PAYLOAD_TOO_LARGE {
-            ApiError::new(
-                status,
-                format!(
-                    "request body is larger than {} bytes",
-                    s.limits.max_body_bytes
-                ),
-                "invalid_request_error",
-                "request_too_large",
-            )
+    let body = read_generation(&s.limits, &headers, body);
+    answer(&s, &headers, body.map(|r| (r, None))).await
+}
+
+/// A generation's JSON body. Only a body carrying images may be larger than
+/// `--max-body-bytes` (up to `--max-upload-bytes`).
+fn read_generation(
+    limits: &Limits,
+    headers: &HeaderMap,
+    body: Result<axum::body::Bytes, axum::extract::rejection::BytesRejection>,
+) -> Result<GenerationRequest, ApiError> {
+    let too_large = |limit: usize| {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body is larger than {limit} bytes"),
+            "invalid_request_error",
+            "request_too_large",
+        )
+    };
+    let bytes = body.map_err(|rej| {
+        if rej.status() == StatusCode::PAYLOAD_TOO_LARGE {
+            too_large(limits.max_upload_bytes)
         } else {
-            ApiError::invalid(format!("invalid JSON body: {}", rej.body_text()))
+            ApiError::invalid(format!("invalid body: {}", rej.body_text()))
         }
-    });
-    answer(&s, &headers, body.map(|Json(r)| (r, None))).await
+    })?;
+    let json = headers
+        .get(axum::http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| {
+            v.split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+        })
+        .is_some_and(|m| {
+            m == "application/json" || (m.starts_with("application/") && m.ends_with("+json"))
+        });
+    if !json {
+        return Err(ApiError::invalid(
+            "invalid JSON body: Expected request with `Content-Type: application/json`",
+        ));
+    }
+    let Json(r) = Json::<GenerationRequest>::from_bytes(&bytes)
+        .map_err(|rej| ApiError::invalid(format!("invalid JSON body: {}", rej.body_text())))?;
+    if bytes.len() > limits.max_body_bytes && !r.carries_images() {
+        return Err(too_large(limits.max_body_bytes));
+    }
+    Ok(r)
 }
 
 /// `POST /v1/images/edits`: the same answer as a generation, from a form.

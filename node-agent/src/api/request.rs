@@ -102,6 +102,23 @@ pub struct GenerationRequest {
     /// Previews to stream before each image, 0 to 3.
     #[serde(default)]
     pub partial_images: Option<u32>,
+    /// ControlNets conditioning the images, each with its control image.
+    #[serde(default)]
+    pub controlnet: Option<Vec<super::control::ControlNetRequest>>,
+    /// Control images uploaded as form parts (edits), for the `controlnet`
+    /// entries without an `image`, in order.
+    #[serde(skip)]
+    pub control_uploads: std::collections::VecDeque<Vec<u8>>,
+}
+
+impl GenerationRequest {
+    /// Whether the request carries images in its body (only such bodies
+    /// may be larger than `--max-body-bytes`).
+    pub fn carries_images(&self) -> bool {
+        self.controlnet
+            .as_ref()
+            .is_some_and(|c| c.iter().any(|c| c.image.is_some()))
+    }
 }
 
 /// Most previews a streamed request may ask for per image, as OpenAI allows.
@@ -284,6 +301,14 @@ pub fn validate(
         None => None,
     };
     let refiner = refiner(r, route, &defaults, catalog, target)?;
+    let controls = super::control::controls(
+        r.controlnet.as_deref().unwrap_or_default(),
+        r.control_uploads.clone(),
+        catalog.get(&target.model).and_then(|e| e.probe.base),
+        (width, height),
+        catalog,
+        l,
+    )?;
     // `<name>` in a prompt uses the embedding of that name under the models folder.
     let mut embeddings: Vec<(String, PathBuf)> = Vec::new();
     for name in embedding::triggers(&r.prompt)
@@ -317,7 +342,7 @@ pub fn validate(
         refiner,
         // A deployment computes at its own precision on GPUs.
         dtype: route.map(|r| crate::device::dtype_of(r.precision)),
-        controls: Vec::new(),
+        controls,
     })
 }
 

@@ -17,6 +17,8 @@ pub struct ControlModel {
     pub dir: PathBuf,
     pub base: BaseModel,
     pub config: ControlNetConfig,
+    /// Bytes of its weights at f32.
+    pub bytes_f32: u64,
 }
 
 impl ControlModel {
@@ -34,6 +36,7 @@ impl ControlModel {
             dir: dir.to_path_buf(),
             base,
             config,
+            bytes_f32: probe.size_bytes.f32,
         })
     }
 

@@ -7,12 +7,12 @@ use crate::common::{copy_dir, fixtures};
 use std::time::{Duration, Instant};
 
 /// One part of a form: a text field, or a file with its bytes.
-enum Part<'a> {
+pub(crate) enum Part<'a> {
     Text(&'a str),
     File(&'a [u8]),
 }
 
-fn edit(addr: &str, parts: &[(&str, Part)]) -> Reply {
+pub(crate) fn edit(addr: &str, parts: &[(&str, Part)]) -> Reply {
     let boundary = "modelcache-test-boundary";
     let mut body = Vec::new();
     for (name, part) in parts {
@@ -65,7 +65,7 @@ fn agent() -> Agent {
     )
 }
 
-fn image_of(r: &Reply) -> Vec<u8> {
+pub(crate) fn image_of(r: &Reply) -> Vec<u8> {
     assert_eq!(r.status, 200, "{}", String::from_utf8_lossy(&r.body));
     decode_b64(r.json()["data"][0]["b64_json"].as_str().unwrap())
 }
@@ -127,7 +127,7 @@ fn edits_take_the_image_s_size_or_the_one_asked_for_and_the_mask_matters() {
 }
 
 /// A grey PNG of `w`×`h` whose pixels are all zero: compresses a thousandfold.
-fn zeros_png(w: u32, h: u32) -> Vec<u8> {
+pub(crate) fn zeros_png(w: u32, h: u32) -> Vec<u8> {
     let mut out = Vec::new();
     let mut enc = png::Encoder::new(&mut out, w, h);
     enc.set_color(png::ColorType::Grayscale);
@@ -140,7 +140,7 @@ fn zeros_png(w: u32, h: u32) -> Vec<u8> {
     out
 }
 
-fn param(r: &Reply) -> String {
+pub(crate) fn param(r: &Reply) -> String {
     let j = r.json();
     assert_eq!(r.status, 400, "{j}");
     j["error"]["param"].as_str().unwrap_or_default().to_string()

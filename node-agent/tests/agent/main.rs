@@ -9,6 +9,7 @@ static ALLOCATOR: modelcache_agent::memory::pool::PoolAllocator =
     modelcache_agent::memory::pool::PoolAllocator;
 
 mod api;
+mod api_controlnet;
 mod api_edit;
 mod api_stream;
 mod cache;

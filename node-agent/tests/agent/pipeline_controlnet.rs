@@ -123,3 +123,52 @@ fn controlnets_that_cannot_condition_the_model_are_refused_before_any_work() {
     let e = refused(&p);
     assert!(e.contains("controlnet 1") && e.contains("start 0.9"), "{e}");
 }
+
+#[test]
+fn the_command_line_takes_controlnets_and_matches_diffusers() {
+    let out = tempfile::tempdir().unwrap();
+    let d = dir("tiny-sd1");
+    let run = |controlnet: &str| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+            .arg("generate")
+            .arg("--model")
+            .arg(fixtures().join("tiny-sd1"))
+            .args(["--prompt", "a red cat", "--steps", "4", "--size", "64x64"])
+            .args(["--scheduler", "ddim"])
+            .arg("--latents")
+            .arg(fixtures().join("tiny-sd1/reference_latents.safetensors"))
+            .arg("--state-dir")
+            .arg(out.path().join("state"))
+            .args(["--controlnet", controlnet])
+            .arg("--out")
+            .arg(out.path().join("out.npy"))
+            .output()
+            .unwrap()
+    };
+    let image = d.join("control.png");
+    // The single file, converted on the way, with diffusers' multi run's first net.
+    let o = run(&format!(
+        "model={},image={},weight=0.8",
+        d.join("controlnet-a.safetensors").display(),
+        image.display()
+    ));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let (_, got) = modelcache_agent::pipeline::image::read_npy(
+        &std::fs::read(out.path().join("out.npy")).unwrap(),
+    )
+    .unwrap();
+    let diff = max_abs_diff_from(&got, &d.join("reference_single_f64.npy"));
+    assert!(diff < 1e-3, "{diff}");
+    for (bad, says) in [
+        (format!("model={}", d.display()), "image=PNG is required"),
+        (
+            "model=a,image=b,weight=x".to_string(),
+            "weight=\"x\" is not a number",
+        ),
+        ("model=a,image=b,preprocess=depth".to_string(), "only canny"),
+    ] {
+        let o = run(&bad);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(!o.status.success() && err.contains(says), "{bad}: {err}");
+    }
+}

@@ -1,0 +1,148 @@
+//! The `controlnet` field of both image endpoints: which ControlNets
+//! condition the images, each with its control image (base64 in JSON, or a
+//! `controlnet_image` part of an edit's form), weight and span of the
+//! denoising, checked into [`Control`]s at the generation's size.
+
+use super::request::Limits;
+use super::ApiError;
+use crate::catalog::Catalog;
+use crate::pipeline::canny::{canny, DEFAULT_HIGH, DEFAULT_LOW};
+use crate::pipeline::image::decode_image;
+use crate::pipeline::Control;
+use base64::Engine;
+use modelcache_crds::BaseModel;
+use serde::Deserialize;
+
+/// Most ControlNets one request may use: each costs about half a UNet
+/// evaluation per step.
+pub const MAX_CONTROLNETS: usize = 4;
+
+/// One entry of `controlnet`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlNetRequest {
+    /// The ControlNet's path under the models folder.
+    pub model: String,
+    /// The control image, base64 (a `data:` URL prefix is accepted); in an
+    /// edit's form it may come as a `controlnet_image` part instead.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// diffusers' `controlnet_conditioning_scale`, default 1.
+    #[serde(default)]
+    pub weight: Option<f64>,
+    /// The share of the denoising it acts in: `control_guidance_start` and
+    /// `_end`, default 0 and 1.
+    #[serde(default)]
+    pub start: Option<f64>,
+    #[serde(default)]
+    pub end: Option<f64>,
+    /// `"canny"`: the image is a photo whose edges are the control.
+    #[serde(default)]
+    pub preprocess: Option<String>,
+    /// Canny's hysteresis thresholds on the 0–255 gradient scale (100, 200).
+    #[serde(default)]
+    pub low_threshold: Option<f64>,
+    #[serde(default)]
+    pub high_threshold: Option<f64>,
+}
+
+/// What a request's `controlnet` entries ask for, as [`Control`]s whose
+/// images are at `width` × `height`. `uploads` are the form's
+/// `controlnet_image` parts, taken in order by the entries without an
+/// `image`. `base` is the model's.
+pub fn controls(
+    requests: &[ControlNetRequest],
+    mut uploads: std::collections::VecDeque<Vec<u8>>,
+    base: Option<BaseModel>,
+    (width, height): (usize, usize),
+    catalog: &Catalog,
+    l: &Limits,
+) -> Result<Vec<Control>, ApiError> {
+    if requests.len() > MAX_CONTROLNETS {
+        return Err(bad(format!(
+            "at most {MAX_CONTROLNETS} ControlNets per request"
+        )));
+    }
+    let mut out = Vec::with_capacity(requests.len());
+    for (i, r) in requests.iter().enumerate() {
+        let at = |field: &str, what: String| bad(format!("controlnet[{i}].{field}: {what}"));
+        let model = catalog
+            .controlnet(&r.model)
+            .map_err(|e| at("model", e.to_string()))?;
+        if let Some(base) = base.filter(|b| *b != model.base) {
+            return Err(at(
+                "model",
+                format!(
+                    "{:?} is a {} ControlNet and the model is {base}",
+                    r.model, model.base
+                ),
+            ));
+        }
+        let weight = r.weight.unwrap_or(1.0);
+        if !(0.0..=2.0).contains(&weight) {
+            return Err(at("weight", "must be from 0 to 2".into()));
+        }
+        let (start, end) = (r.start.unwrap_or(0.0), r.end.unwrap_or(1.0));
+        if !(0.0 <= start && start < end && end <= 1.0) {
+            return Err(at(
+                "start",
+                format!("start {start} and end {end} must satisfy 0 ≤ start < end ≤ 1"),
+            ));
+        }
+        let bytes = match &r.image {
+            Some(b64) => {
+                let b64 = b64.split_once(";base64,").map_or(b64.as_str(), |(_, b)| b);
+                base64::engine::general_purpose::STANDARD
+                    .decode(b64.trim())
+                    .map_err(|e| at("image", format!("is not base64: {e}")))?
+            }
+            None => uploads.pop_front().ok_or_else(|| {
+                at(
+                    "image",
+                    "is required (base64 in JSON, or a controlnet_image part of the form)".into(),
+                )
+            })?,
+        };
+        let image =
+            decode_image(&bytes, l.max_image_pixels).map_err(|e| at("image", e.to_string()))?;
+        let image = match r.preprocess.as_deref() {
+            None | Some("none") => image,
+            Some("canny") => {
+                let low = r.low_threshold.unwrap_or(DEFAULT_LOW as f64);
+                let high = r.high_threshold.unwrap_or(DEFAULT_HIGH as f64);
+                if !(0.0 <= low && low <= high && high <= 1020.0) {
+                    return Err(at(
+                        "low_threshold",
+                        "thresholds must satisfy 0 ≤ low ≤ high ≤ 1020".into(),
+                    ));
+                }
+                canny(&image, low as f32, high as f32)
+            }
+            Some(other) => {
+                return Err(at(
+                    "preprocess",
+                    format!("{other:?} is not offered; use \"canny\" or send the control image"),
+                ))
+            }
+        };
+        out.push(Control {
+            model,
+            // As diffusers' control image processor: resized to the output.
+            image: image.resized(width, height),
+            weight,
+            start,
+            end,
+        });
+    }
+    if !uploads.is_empty() {
+        return Err(bad(format!(
+            "{} controlnet_image parts more than the controlnet entries without an image",
+            uploads.len()
+        )));
+    }
+    Ok(out)
+}
+
+fn bad(message: String) -> ApiError {
+    ApiError::invalid(message).param("controlnet")
+}
