@@ -51,9 +51,9 @@ pub enum VaeError {
 /// Why a ControlNet a request or deployment names cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlNetError {
-    #[error("{0:?} is not a ControlNet file or folder in the models folder")]
+    #[error("{0:?} is not a ControlNet or T2I-Adapter in the models folder")]
     NotFound(String),
-    #[error("{name:?} is a {kind} model, not a ControlNet")]
+    #[error("{name:?} is a {kind} model, not a ControlNet or T2I-Adapter")]
     NotControlNet { name: String, kind: ModelType },
     #[error("{name:?}: {source}")]
     Convert {
@@ -386,14 +386,17 @@ impl Catalog {
         }
     }
 
-    /// The ControlNet at `rel` (a single file is converted once into the
-    /// state folder). Only what the last scan found under the root is found
-    /// here, so a path cannot reach outside it.
+    /// The ControlNet or T2I-Adapter at `rel` (a single-file ControlNet is
+    /// converted once into the state folder). Only what the last scan found
+    /// under the root is found here, so a path cannot reach outside it.
     pub fn controlnet(&self, rel: &str) -> Result<Arc<ControlModel>, ControlNetError> {
         let entry = self
             .by_path(rel)
             .ok_or_else(|| ControlNetError::NotFound(rel.to_string()))?;
-        if entry.probe.model_type != ModelType::ControlNet {
+        if !matches!(
+            entry.probe.model_type,
+            ModelType::ControlNet | ModelType::T2iAdapter
+        ) {
             return Err(ControlNetError::NotControlNet {
                 name: rel.to_string(),
                 kind: entry.probe.model_type,

@@ -1,5 +1,5 @@
-//! The `controlnet` field of both image endpoints: which ControlNets
-//! condition the images, each with its control image (base64 in JSON, or a
+//! The `controlnet` field of both image endpoints: which ControlNets (and
+//! T2I-Adapters, which it takes alike) condition the images, each with its control image (base64 in JSON, or a
 //! `controlnet_image` part of an edit's form), weight and span of the
 //! denoising, checked into [`Control`]s at the generation's size.
 
@@ -73,7 +73,7 @@ pub fn controls(
             return Err(at(
                 "model",
                 format!(
-                    "{:?} is a {} ControlNet and the model is {base}",
+                    "{:?} is for {} models and the model is {base}",
                     r.model, model.base
                 ),
             ));

@@ -1,22 +1,34 @@
-//! ControlNets in a generation: the ControlNet folders a request names,
-//! checked against the model before any weight is loaded, and when in the
-//! denoising each one acts.
+//! Control adapters in a generation: the ControlNet and T2I-Adapter folders
+//! a request names, checked against the model before any weight is loaded,
+//! and when in the denoising each one acts.
 
 use super::image::Image;
 use super::model::{DiffusersModel, ModelError};
 use super::nets::controlnet::ControlNetConfig;
+use super::nets::t2i_adapter::T2iAdapterConfig;
+use super::nets::unet_2d::UNet2DConditionModelConfig;
 use crate::cache::CacheKey;
 use crate::store::{self, read_json};
 use modelcache_crds::{BaseModel, ModelType};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// A diffusers ControlNet folder with its configuration read and checked.
+/// What kind of control adapter a folder holds.
+#[derive(Debug, Clone)]
+pub enum ControlKind {
+    /// Runs beside the UNet at every step it acts.
+    ControlNet(ControlNetConfig),
+    /// Runs once; its features join the UNet's down blocks.
+    T2iAdapter(T2iAdapterConfig),
+}
+
+/// A diffusers ControlNet or T2I-Adapter folder with its configuration read
+/// and checked.
 #[derive(Debug)]
 pub struct ControlModel {
     pub dir: PathBuf,
     pub base: BaseModel,
-    pub config: ControlNetConfig,
+    pub kind: ControlKind,
     /// Bytes of its weights at f32.
     pub bytes_f32: u64,
 }
@@ -24,20 +36,48 @@ pub struct ControlModel {
 impl ControlModel {
     pub fn open(dir: &Path) -> Result<Self, ModelError> {
         let probe = store::probe(dir)?;
-        if probe.model_type != ModelType::ControlNet {
-            return Err(ModelError::NotA {
-                wanted: ModelType::ControlNet,
-                found: probe.model_type,
-            });
-        }
+        let config = || read_json(&dir.join("config.json"));
+        let kind = match probe.model_type {
+            ModelType::ControlNet => {
+                ControlKind::ControlNet(ControlNetConfig::from_json(&config()?)?)
+            }
+            ModelType::T2iAdapter => {
+                ControlKind::T2iAdapter(T2iAdapterConfig::from_json(&config()?)?)
+            }
+            other => return Err(ModelError::NotControl(other)),
+        };
         let base = probe.base.ok_or(ModelError::UnknownBase)?;
-        let config = ControlNetConfig::from_json(&read_json(&dir.join("config.json"))?)?;
         Ok(ControlModel {
             dir: dir.to_path_buf(),
             base,
-            config,
+            kind,
             bytes_f32: probe.size_bytes.f32,
         })
+    }
+
+    /// Whether its residuals fit a UNet of this configuration.
+    pub fn fits(&self, unet: &UNet2DConditionModelConfig) -> bool {
+        match &self.kind {
+            ControlKind::ControlNet(c) => c.fits(unet),
+            // One feature per down block (an SDXL adapter's last after the
+            // mid block), each of its block's width.
+            ControlKind::T2iAdapter(a) => {
+                let n = unet.blocks.len();
+                a.channels.len() <= n + 1
+                    && a.channels
+                        .iter()
+                        .enumerate()
+                        .all(|(i, c)| unet.blocks[i.min(n - 1)].out_channels == *c)
+            }
+        }
+    }
+
+    /// The multiple image sides must be of.
+    pub fn side_multiple(&self) -> usize {
+        match &self.kind {
+            ControlKind::ControlNet(_) => 8,
+            ControlKind::T2iAdapter(a) => a.total_downscale(),
+        }
     }
 
     pub fn key(&self) -> CacheKey {
@@ -61,11 +101,13 @@ pub struct Control {
 /// Why a ControlNet cannot condition a generation.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlError {
-    #[error("is a {control} ControlNet and the model is {model}")]
+    #[error("is for {control} models and the model is {model}")]
     Base {
         control: BaseModel,
         model: BaseModel,
     },
+    #[error("needs image sides that are multiples of {0}")]
+    Multiple(usize),
     #[error("its blocks do not match the model's UNet (another architecture of the same base)")]
     Shape,
     #[error("start {start} and end {end} must satisfy 0 ≤ start < end ≤ 1")]
@@ -77,7 +119,7 @@ pub enum ControlError {
         want_w: usize,
         want_h: usize,
     },
-    #[error("ControlNets need a text-to-image UNet; this model is an inpainting one")]
+    #[error("control adapters need a text-to-image UNet; this model is an inpainting one")]
     Inpainting,
 }
 
@@ -94,8 +136,12 @@ pub fn check(
             model: model.base,
         });
     }
-    if !c.model.config.fits(&model.unet) {
+    if !c.model.fits(&model.unet) {
         return Err(ControlError::Shape);
+    }
+    let m = c.model.side_multiple();
+    if !width.is_multiple_of(m) || !height.is_multiple_of(m) {
+        return Err(ControlError::Multiple(m));
     }
     if model.inpainting() {
         return Err(ControlError::Inpainting);

@@ -4,9 +4,11 @@
 //! refiner ([`cutoff`], [`base_end`], [`refiner_start`]).
 
 use super::adapters::Adapters;
-use super::control::{self, Control};
+use super::control::{self, Control, ControlKind};
 use super::model::DiffusersModel;
 use super::nets::controlnet::{ControlNet, Residuals};
+use super::nets::t2i_adapter::T2iAdapter;
+use super::nets::unet_2d::Inputs;
 use super::nets::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
 use super::scheduler::{ScheduleConfig, Scheduler};
 use super::text;
@@ -44,11 +46,20 @@ pub(super) struct Denoiser {
     pub guided: bool,
     guidance_scale: f64,
     controls: Vec<Controlling>,
+    t2i: Vec<Adapting>,
     /// The first evaluation denoised: ControlNets' spans are shares of the
     /// evaluations from it to the end of the schedule.
     first: usize,
     _patched: Option<Reservation>,
     _unet: ModelGuard<DeviceModel>,
+}
+
+/// A T2I-Adapter's features for the batch (times its weight, on the
+/// UNet's device), computed once, and when they act.
+struct Adapting {
+    features: Vec<Tensor>,
+    start: f64,
+    end: f64,
 }
 
 /// A ControlNet locked in the device tier with the batch's control image
@@ -123,6 +134,7 @@ impl Denoiser {
             guided,
             guidance_scale: p.guidance_scale,
             controls: Vec::new(),
+            t2i: Vec::new(),
             first: 0,
             _patched: patched,
             _unet: unet_guard,
@@ -144,27 +156,49 @@ impl Denoiser {
         for c in controls {
             let guard = super::on_device(cache, &c.model.key(), p)?;
             let (device, dtype) = (guard.device.clone(), guard.dtype);
+            let on = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
+            let image = on(&super::edit::control_tensor(&c.image, &Device::Cpu)?)?;
+            let config = match &c.model.kind {
+                ControlKind::ControlNet(config) => config,
+                ControlKind::T2iAdapter(config) => {
+                    // Run once; the adapter is not needed after.
+                    let net = T2iAdapter::new(guard.var_builder(), config)?;
+                    let features = net
+                        .forward(&image)?
+                        .iter()
+                        .map(|f| {
+                            (f * c.weight)?
+                                .to_device(&self.device)?
+                                .to_dtype(self.dtype)?
+                                .repeat((rows * images, 1, 1, 1))
+                        })
+                        .collect::<candle_core::Result<_>>()?;
+                    self.t2i.push(Adapting {
+                        features,
+                        start: c.start,
+                        end: c.end,
+                    });
+                    continue;
+                }
+            };
             let net = ControlNet::new(
                 guard.var_builder(),
                 self.unet_in_channels,
                 super::nets::controlnet::ControlNetConfig {
                     unet: super::nets::unet_2d::UNet2DConditionModelConfig {
                         seamless: p.seamless,
-                        ..c.model.config.unet.clone()
+                        ..config.unet.clone()
                     },
-                    ..c.model.config.clone()
+                    ..config.clone()
                 },
             )?;
-            let on = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
-            let image =
-                super::edit::control_tensor(&c.image, &device)?.repeat((rows * images, 1, 1, 1))?;
             let added = match &self.added {
                 Some((pooled, ids)) => Some((on(pooled)?, on(ids)?)),
                 None => None,
             };
             self.controls.push(Controlling {
                 net,
-                image: image.to_dtype(dtype)?,
+                image: image.repeat((rows * images, 1, 1, 1))?,
                 context: on(&self.context)?,
                 added,
                 weight: c.weight,
@@ -176,6 +210,27 @@ impl Denoiser {
             });
         }
         Ok(self)
+    }
+
+    /// The summed features of the T2I-Adapters acting at evaluation `s`.
+    fn features(&self, sched: &Scheduler, s: usize) -> candle_core::Result<Option<Vec<Tensor>>> {
+        let len = sched.timesteps().len().saturating_sub(self.first);
+        let i = s.saturating_sub(self.first);
+        let mut sum: Option<Vec<Tensor>> = None;
+        for a in &self.t2i {
+            if !control::acts(i, len, a.start, a.end) {
+                continue;
+            }
+            sum = Some(match sum {
+                None => a.features.clone(),
+                Some(acc) => acc
+                    .iter()
+                    .zip(&a.features)
+                    .map(|(x, y)| x + y)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        Ok(sum)
     }
 
     /// The summed residuals of the ControlNets acting at evaluation `s`.
@@ -238,15 +293,19 @@ impl Denoiser {
         };
         let t = sched.timesteps()[s];
         let residuals = self.residuals(sched, &inp, s)?;
+        let features = self.features(sched, s)?;
         let noise_pred = self
             .unet
-            .forward_with_additional_residuals(
+            .forward_with(
                 &inp,
                 t,
                 &self.context,
-                residuals.as_ref().map(|r| r.down.as_slice()),
-                residuals.as_ref().map(|r| &r.mid),
-                self.added.as_ref().map(|(a, b)| (a, b)),
+                Inputs {
+                    added: self.added.as_ref().map(|(a, b)| (a, b)),
+                    down: residuals.as_ref().map(|r| r.down.as_slice()),
+                    mid: residuals.as_ref().map(|r| &r.mid),
+                    intrablock: features.as_deref(),
+                },
             )?
             .to_dtype(DType::F32)?;
         if !self.guided {

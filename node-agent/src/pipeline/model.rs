@@ -25,11 +25,8 @@ pub enum ModelError {
     NotTextToImage(#[from] NotTextToImage),
     #[error("cannot determine the base model")]
     UnknownBase,
-    #[error("is a {found} model, not a {wanted}")]
-    NotA {
-        wanted: modelcache_crds::ModelType,
-        found: modelcache_crds::ModelType,
-    },
+    #[error("is a {0} model, not a ControlNet or T2I-Adapter")]
+    NotControl(modelcache_crds::ModelType),
     #[error("the UNet takes {0} input channels; the latents' 4 (text-to-image) or 9 (inpainting) are served")]
     LatentChannels(u64),
     #[error("text_encoder_2 is not a CLIPTextModelWithProjection (SDXL needs its pooled, projected output)")]

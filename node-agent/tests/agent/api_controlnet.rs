@@ -25,6 +25,10 @@ fn agent() -> Agent {
                 &fixtures().join("tiny-sdxl-controlnet/controlnet-a"),
                 &models.join("controlnets/xl"),
             );
+            copy_dir(
+                &fixtures().join("tiny-sd1-t2i-adapter/adapter"),
+                &models.join("adapters/t2i"),
+            );
             copy_dir(&fixtures().join("tiny-sd1-lora"), &models.join("loras"));
         },
         &[],
@@ -89,6 +93,9 @@ fn control_images_steer_generations_and_edits() {
         ])),
     ));
     assert_ne!(two, a);
+    // A T2I-Adapter is named the same way.
+    let t2i = one("adapters/t2i");
+    assert!(t2i != plain && t2i != a);
     // An edit takes the control image as a form part.
     let spec = json!([{"model": "controlnets/a", "weight": 0.8}]).to_string();
     let png = control_png();
@@ -169,7 +176,7 @@ fn bad_controlnets_are_400_naming_the_field() {
         ),
         (
             json!([{"model": "controlnets/xl", "image": control}]),
-            "is a Sdxl ControlNet and the model is Sd1",
+            "is for Sdxl models and the model is Sd1",
         ),
         (
             json!([{"model": "controlnets/a", "image": "!!!"}]),

@@ -112,7 +112,7 @@ fn controlnets_that_cannot_condition_the_model_are_refused_before_any_work() {
     p.controls[0].model =
         Arc::new(ControlModel::open(&dir("tiny-sdxl").join("controlnet-a")).unwrap());
     let e = refused(&p);
-    assert!(e.contains("ControlNet and the model is"), "{e}");
+    assert!(e.contains("is for Sdxl models and the model is Sd1"), "{e}");
     let mut p = params("tiny-sd1", "single");
     p.controls[0].image = p.controls[0].image.resized(72, 64);
     let e = refused(&p);
@@ -171,4 +171,56 @@ fn the_command_line_takes_controlnets_and_matches_diffusers() {
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(!o.status.success() && err.contains(says), "{bad}: {err}");
     }
+}
+
+/// The T2I-Adapter reference run on the tiny `base` model.
+fn t2i_params(base: &str) -> (GenerateParams, std::path::PathBuf, f64) {
+    let dir = fixtures().join(format!("{base}-t2i-adapter"));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let (base_ref, latents) = reference_run(&fixtures().join(base));
+    let image = decode_image(&std::fs::read(dir.join("control.png")).unwrap(), 1 << 22).unwrap();
+    let p = GenerateParams {
+        controls: vec![Control {
+            model: Arc::new(ControlModel::open(&dir.join("adapter")).unwrap()),
+            image,
+            weight: r["adapter_conditioning_scale"].as_f64().unwrap(),
+            start: 0.0,
+            end: r["adapter_conditioning_factor"].as_f64().unwrap(),
+        }],
+        negative_prompt: r["negative_prompt"].as_str().unwrap().into(),
+        ..reference_params(&base_ref, latents)
+    };
+    (p, dir, r["fp32_vs_f64_max_abs_diff"].as_f64().unwrap())
+}
+
+#[test]
+fn t2i_adapters_match_diffusers() {
+    for base in ["tiny-sd1", "tiny-sdxl"] {
+        let (p, dir, f32_run) = t2i_params(base);
+        let image = generate(base, &p);
+        let d = max_abs_diff_from(&image, &dir.join("reference_f64.npy"));
+        eprintln!("{base} T2I-Adapter: {d:.2e} from diffusers' float64 run (its float32 run: {f32_run:.2e})");
+        assert!(d < 1e-3, "{base}: max abs difference {d}");
+    }
+}
+
+#[test]
+fn a_controlnet_and_a_t2i_adapter_act_together() {
+    let (mut p, _, _) = t2i_params("tiny-sd1");
+    let adapter_only = generate("tiny-sd1", &p);
+    p.controls
+        .extend(params("tiny-sd1", "single").controls.into_iter());
+    let both = generate("tiny-sd1", &p);
+    assert!(crate::common::max_abs_diff(&both, &adapter_only) > 0.01);
+    // An adapter needs sides that are multiples of its downscale (64 here).
+    p.width = 72;
+    for c in &mut p.controls {
+        c.image = c.image.resized(72, 64);
+    }
+    p.latents = None;
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let e = pipeline::generate(&tiny_cache(), &model, &p, &|_| true).unwrap_err();
+    assert!(e.to_string().contains("multiples of 64"), "{e}");
 }

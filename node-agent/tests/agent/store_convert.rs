@@ -389,8 +389,8 @@ fn a_single_file_controlnet_converts_bit_exactly_and_generates_the_folder_s_imag
     let (a, b) = (open(&f.join("controlnet-a")), open(&dst));
     assert_eq!(a.base, b.base);
     assert_eq!(
-        format!("{:?}", a.config),
-        format!("{:?}", b.config),
+        format!("{:?}", a.kind),
+        format!("{:?}", b.kind),
         "same configuration"
     );
     // Converted once: a second call finds the folder.

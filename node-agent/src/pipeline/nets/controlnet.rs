@@ -267,7 +267,7 @@ impl ControlNet {
             cond.clone()
         };
         let xs = (self.encoder.conv_in(xs)? + self.cond_embedding.forward(&cond)?)?;
-        let (xs, res) = self.encoder.down(xs, &emb, encoder_hidden_states)?;
+        let (xs, res, _) = self.encoder.down(xs, &emb, encoder_hidden_states, &[])?;
         let mid = self.encoder.mid(&xs, &emb, encoder_hidden_states)?;
         let out = |conv: &Conv2d, x: &Tensor| -> Result<Tensor> {
             let r = (conv.forward(x)? * scale)?;

@@ -22,6 +22,7 @@ pub mod embeddings;
 pub mod linear;
 pub mod norm;
 pub mod resnet;
+pub mod t2i_adapter;
 pub mod unet_2d;
 pub mod unet_2d_blocks;
 pub mod vae;

@@ -398,26 +398,45 @@ impl Encoder {
     }
 
     /// The down blocks from `conv_in`'s output `xs`: the mid block's input
-    /// and every skip connection (`xs` first).
-    pub(crate) fn down(
+    /// and every skip connection (`xs` first), and the `intrablock` features
+    /// left over. Each block adds the next feature to its output (a
+    /// cross-attention block before its downsampler), as diffusers adds a
+    /// T2I-Adapter's.
+    pub(crate) fn down<'f>(
         &self,
         xs: Tensor,
         emb: &Tensor,
         encoder_hidden_states: &Tensor,
-    ) -> Result<(Tensor, Vec<Tensor>)> {
+        intrablock: &'f [Tensor],
+    ) -> Result<(Tensor, Vec<Tensor>, &'f [Tensor])> {
         let mut res = vec![xs.clone()];
         let mut xs = xs;
+        let mut features = intrablock;
         for down_block in self.down_blocks.iter() {
+            let feature = features.split_first().map(|(f, rest)| {
+                features = rest;
+                f
+            });
             let (next, res_xs) = match down_block {
-                UNetDownBlock::Basic(b) => b.forward(&xs, Some(emb))?,
+                UNetDownBlock::Basic(b) => {
+                    let (mut next, mut res_xs) = b.forward(&xs, Some(emb))?;
+                    // The block's output is its last skip connection too.
+                    if let Some(f) = feature {
+                        next = (next + f)?;
+                        if let Some(last) = res_xs.last_mut() {
+                            *last = next.clone();
+                        }
+                    }
+                    (next, res_xs)
+                }
                 UNetDownBlock::CrossAttn(b) => {
-                    b.forward(&xs, Some(emb), Some(encoder_hidden_states))?
+                    b.forward(&xs, Some(emb), Some(encoder_hidden_states), feature)?
                 }
             };
             res.extend(res_xs);
             xs = next;
         }
-        Ok((xs, res))
+        Ok((xs, res, features))
     }
 
     pub(crate) fn mid(
@@ -429,6 +448,21 @@ impl Encoder {
         self.mid_block
             .forward(xs, Some(emb), Some(encoder_hidden_states))
     }
+}
+
+/// What an evaluation may take besides the latents, timestep and text.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Inputs<'a> {
+    /// SDXL: the pooled text embeddings `[batch, pooled]` and the time ids
+    /// `[batch, 6]` (original size, crop top-left, target size).
+    pub added: Option<(&'a Tensor, &'a Tensor)>,
+    /// ControlNet residuals, one per skip connection.
+    pub down: Option<&'a [Tensor]>,
+    /// The ControlNet residual of the mid block.
+    pub mid: Option<&'a Tensor>,
+    /// T2I-Adapter features: one added inside each down block, in order
+    /// (and after the mid block, when one is left of its shape).
+    pub intrablock: Option<&'a [Tensor]>,
 }
 
 #[derive(Debug)]
@@ -563,47 +597,25 @@ impl UNet2DConditionModel {
         timestep: f64,
         encoder_hidden_states: &Tensor,
     ) -> Result<Tensor> {
-        let _enter = self.span.enter();
-        self.forward_with_additional_residuals(
-            xs,
-            timestep,
-            encoder_hidden_states,
-            None,
-            None,
-            None,
-        )
+        self.forward_with(xs, timestep, encoder_hidden_states, Inputs::default())
     }
 
-    /// SDXL: with the pooled text embeddings `[batch, pooled]` and the time ids
-    /// `[batch, 6]` (original size, crop top-left, target size).
-    pub fn forward_with_added(
+    /// An evaluation with SDXL's added embeddings and the residuals of
+    /// ControlNets and T2I-Adapters.
+    pub fn forward_with(
         &self,
         xs: &Tensor,
         timestep: f64,
         encoder_hidden_states: &Tensor,
-        text_embeds: &Tensor,
-        time_ids: &Tensor,
+        inputs: Inputs,
     ) -> Result<Tensor> {
         let _enter = self.span.enter();
-        self.forward_with_additional_residuals(
-            xs,
-            timestep,
-            encoder_hidden_states,
-            None,
-            None,
-            Some((text_embeds, time_ids)),
-        )
-    }
-
-    pub fn forward_with_additional_residuals(
-        &self,
-        xs: &Tensor,
-        timestep: f64,
-        encoder_hidden_states: &Tensor,
-        down_block_additional_residuals: Option<&[Tensor]>,
-        mid_block_additional_residual: Option<&Tensor>,
-        added: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Tensor> {
+        let Inputs {
+            added,
+            down: down_block_additional_residuals,
+            mid: mid_block_additional_residual,
+            intrablock,
+        } = inputs;
         let (bsize, _channels, height, width) = xs.dims4()?;
         let n_blocks = self.config.blocks.len();
         let num_upsamplers = n_blocks - 1;
@@ -620,7 +632,12 @@ impl UNet2DConditionModel {
         let emb = self.encoder.embed_time(bsize, timestep, &xs, added)?;
         // 2. pre-process, 3. down
         let xs = self.encoder.conv_in(&xs)?;
-        let (xs, mut down_block_res_xs) = self.encoder.down(xs, &emb, encoder_hidden_states)?;
+        let (xs, mut down_block_res_xs, unused) = self.encoder.down(
+            xs,
+            &emb,
+            encoder_hidden_states,
+            intrablock.unwrap_or_default(),
+        )?;
         // A ControlNet's residuals are added to the skip connections (not to
         // the mid block's input).
         if let Some(extra) = down_block_additional_residuals {
@@ -637,6 +654,11 @@ impl UNet2DConditionModel {
         }
         // 4. mid
         let xs = self.encoder.mid(&xs, &emb, encoder_hidden_states)?;
+        // An SDXL T2I-Adapter's last feature goes after the mid block.
+        let xs = match unused.first() {
+            Some(f) if f.dims() == xs.dims() => (xs + f)?,
+            _ => xs,
+        };
         let xs = match mid_block_additional_residual {
             None => xs,
             Some(m) => (m + xs)?,

@@ -579,13 +579,25 @@ impl CrossAttnDownBlock2D {
         xs: &Tensor,
         temb: Option<&Tensor>,
         encoder_hidden_states: Option<&Tensor>,
+        additional_residual: Option<&Tensor>,
     ) -> Result<(Tensor, Vec<Tensor>)> {
         let _enter = self.span.enter();
         let mut output_states = vec![];
         let mut xs = xs.clone();
-        for (resnet, attn) in self.downblock.resnets.iter().zip(self.attentions.iter()) {
+        let layers = self.attentions.len();
+        for (i, (resnet, attn)) in self
+            .downblock
+            .resnets
+            .iter()
+            .zip(self.attentions.iter())
+            .enumerate()
+        {
             xs = resnet.forward(&xs, temb)?;
             xs = attn.forward(&xs, encoder_hidden_states)?;
+            // A T2I-Adapter's feature joins after the last pair.
+            if let (true, Some(r)) = (i + 1 == layers, additional_residual) {
+                xs = (xs + r)?;
+            }
             output_states.push(xs.clone());
         }
         let xs = match &self.downblock.downsampler {
