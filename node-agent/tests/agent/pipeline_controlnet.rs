@@ -210,8 +210,7 @@ fn t2i_adapters_match_diffusers() {
 fn a_controlnet_and_a_t2i_adapter_act_together() {
     let (mut p, _, _) = t2i_params("tiny-sd1");
     let adapter_only = generate("tiny-sd1", &p);
-    p.controls
-        .extend(params("tiny-sd1", "single").controls.into_iter());
+    p.controls.extend(params("tiny-sd1", "single").controls);
     let both = generate("tiny-sd1", &p);
     assert!(crate::common::max_abs_diff(&both, &adapter_only) > 0.01);
     // An adapter needs sides that are multiples of its downscale (64 here).
