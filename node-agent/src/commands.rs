@@ -323,6 +323,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         refiner,
         dtype: None,
         controls: read_controls(&a.controlnets, &a.state_dir, (width, height))?,
+        ip_adapter: None,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p

@@ -343,6 +343,7 @@ pub fn validate(
         // A deployment computes at its own precision on GPUs.
         dtype: route.map(|r| crate::device::dtype_of(r.precision)),
         controls,
+        ip_adapter: None,
     })
 }
 

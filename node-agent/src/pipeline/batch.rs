@@ -36,10 +36,16 @@ pub struct BatchKey {
 
 impl BatchKey {
     /// The batch `p` may join for `model`; `None` for a request that runs
-    /// alone: an edit (its image and strength are its own), or one that
+    /// alone: an edit (its image and strength are its own), one conditioned
+    /// on images of its own (control adapters, an IP-Adapter), or one that
     /// brings its own latents or noise.
     pub fn of(model: &Path, p: &GenerateParams) -> Option<Self> {
-        if p.edit.is_some() || p.latents.is_some() || p.draws.is_some() {
+        if p.edit.is_some()
+            || p.latents.is_some()
+            || p.draws.is_some()
+            || !p.controls.is_empty()
+            || p.ip_adapter.is_some()
+        {
             return None;
         }
         Some(BatchKey {

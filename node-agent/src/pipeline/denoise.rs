@@ -5,7 +5,10 @@
 
 use super::adapters::Adapters;
 use super::control::{self, Control, ControlKind};
+use super::ip_adapter::IpAdapter;
 use super::model::DiffusersModel;
+use super::nets::attention::IpAttention;
+use super::nets::clip_vision::ClipVisionModel;
 use super::nets::controlnet::{ControlNet, Residuals};
 use super::nets::t2i_adapter::T2iAdapter;
 use super::nets::unet_2d::Inputs;
@@ -15,6 +18,7 @@ use super::text;
 use super::{GenerateParams, PipelineError};
 use crate::cache::{DeviceModel, ModelCache, ModelGuard, Reservation};
 use candle_core::{DType, Device, Tensor};
+use candle_nn::Module;
 
 /// How an inpainting edit enters the denoising loop of one image.
 pub(super) enum Inpaint {
@@ -36,7 +40,10 @@ pub(super) enum Inpaint {
 /// noise prediction of the batch needs.
 pub(super) struct Denoiser {
     unet: UNet2DConditionModel,
+    /// The text conditioning (what ControlNets attend to).
     context: Tensor,
+    /// The UNet's: the text, then an IP-Adapter's image tokens.
+    unet_context: Tensor,
     /// SDXL's pooled text embeddings and time ids.
     added: Option<(Tensor, Tensor)>,
     pub device: Device,
@@ -51,6 +58,7 @@ pub(super) struct Denoiser {
     /// evaluations from it to the end of the schedule.
     first: usize,
     _patched: Option<Reservation>,
+    _ip: Option<ModelGuard<DeviceModel>>,
     _unet: ModelGuard<DeviceModel>,
 }
 
@@ -105,7 +113,7 @@ impl Denoiser {
         let device = unet_guard.device.clone();
         let dtype = unet_guard.dtype;
         let (vb, patched) = adapters.weights(cache, &unet_guard, "lora_unet_")?;
-        let unet = UNet2DConditionModel::new(
+        let mut unet = UNet2DConditionModel::new(
             vb,
             model.unet_in_channels,
             model.vae.latent_channels,
@@ -124,9 +132,29 @@ impl Denoiser {
             let ids = by_row(&[(ids, images)])?;
             Some((on_device(&by_row(&pooled)?)?, on_device(&ids)?))
         };
+        let context = on_device(&by_row(&contexts)?)?;
+        let (unet_context, ip_guard) = match &p.ip_adapter {
+            Some(ip) => {
+                let (tokens, guard) = image_tokens(cache, p, ip, guided)?;
+                let tokens = on_device(&by_row(&[(tokens, images)])?)?;
+                for (k, attn) in unet.cross_attentions_mut().into_iter().enumerate() {
+                    let inner = attn.inner_dim();
+                    attn.set_ip(Some(IpAttention::new(
+                        guard.var_builder().pp(format!("ip_adapter.{}", 2 * k + 1)),
+                        ip.model.cross_dim,
+                        inner,
+                        ip.weight,
+                        ip.model.tokens,
+                    )?));
+                }
+                (Tensor::cat(&[&context, &tokens], 1)?, Some(guard))
+            }
+            None => (context.clone(), None),
+        };
         Ok(Denoiser {
             unet,
-            context: on_device(&by_row(&contexts)?)?,
+            context,
+            unet_context,
             added,
             device,
             dtype,
@@ -137,6 +165,7 @@ impl Denoiser {
             t2i: Vec::new(),
             first: 0,
             _patched: patched,
+            _ip: ip_guard,
             _unet: unet_guard,
         })
     }
@@ -299,7 +328,7 @@ impl Denoiser {
             .forward_with(
                 &inp,
                 t,
-                &self.context,
+                &self.unet_context,
                 Inputs {
                     added: self.added.as_ref().map(|(a, b)| (a, b)),
                     down: residuals.as_ref().map(|r| r.down.as_slice()),
@@ -315,6 +344,48 @@ impl Denoiser {
         let (u, c) = (noise_pred.narrow(0, 0, b)?, noise_pred.narrow(0, b, b)?);
         &u + ((c - &u)? * self.guidance_scale)?
     }
+}
+
+/// An IP-Adapter's image tokens `[rows, tokens, width]` (with guidance
+/// first those of a zero image embedding, as diffusers conditions the
+/// unguided row), and its weights locked for the UNet's layers.
+fn image_tokens(
+    cache: &ModelCache,
+    p: &GenerateParams,
+    ip: &IpAdapter,
+    guided: bool,
+) -> Result<(Tensor, ModelGuard<DeviceModel>), PipelineError> {
+    let m = &ip.model;
+    let embeds = {
+        let encoder = super::on_device(cache, &m.encoder_key(), p)?;
+        let vision = ClipVisionModel::new(encoder.var_builder(), &m.encoder_config)?;
+        let pixels = super::ip_adapter::clip_pixels(
+            &ip.image,
+            m.encoder_config.image_size,
+            &encoder.device,
+        )?
+        .to_dtype(encoder.dtype)?;
+        vision.forward(&pixels)?
+    };
+    let guard = super::on_device(cache, &m.key(), p)?;
+    let vb = guard.var_builder().pp("image_proj");
+    let proj = candle_nn::linear(
+        m.encoder_config.projection_dim,
+        m.cross_dim * m.tokens,
+        vb.pp("proj"),
+    )?;
+    let norm = candle_nn::layer_norm(m.cross_dim, 1e-5, vb.pp("norm"))?;
+    let embeds = embeds.to_device(&guard.device)?.to_dtype(guard.dtype)?;
+    let embeds = if guided {
+        Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?
+    } else {
+        embeds
+    };
+    let rows = embeds.dim(0)?;
+    let tokens = proj
+        .forward(&embeds)?
+        .reshape((rows, m.tokens, m.cross_dim))?;
+    Ok((norm.forward(&tokens)?, guard))
 }
 
 /// Conditioning rows batched the way the guided UNet input is (every

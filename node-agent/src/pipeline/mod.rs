@@ -17,6 +17,7 @@ mod denoise;
 pub mod edit;
 pub mod embedding;
 pub mod image;
+pub mod ip_adapter;
 pub mod lora;
 pub mod lora_keys;
 pub mod model;
@@ -30,6 +31,7 @@ pub mod tokenizer;
 pub use control::{Control, ControlModel};
 pub use edit::{Edit, Mask};
 pub use image::Image;
+pub use ip_adapter::{IpAdapter, IpAdapterModel};
 pub use model::{DiffusersModel, ModelError};
 pub use nets::conv::Seamless;
 pub use text::{encode, encode_text, Conditioning};
@@ -99,6 +101,11 @@ pub enum RequestError {
     Switch(f64),
     #[error("refiner: {0}")]
     Refiner(#[from] RefinerError),
+    #[error("ip_adapter ({}): {source}", name.display())]
+    IpAdapter {
+        name: PathBuf,
+        source: ip_adapter::IpAdapterError,
+    },
     #[error("controlnet {index} ({}): {source}", name.display())]
     Control {
         index: usize,
@@ -176,8 +183,10 @@ pub struct GenerateParams {
     /// The dtype to compute in on a GPU (a deployment's precision); `None`:
     /// the agent's `--precision`. The CPU always computes in f32.
     pub dtype: Option<DType>,
-    /// ControlNets conditioning the denoising, their residuals summed.
+    /// ControlNets and T2I-Adapters conditioning the denoising.
     pub controls: Vec<Control>,
+    /// An image prompt.
+    pub ip_adapter: Option<IpAdapter>,
 }
 
 /// An SDXL refiner taking over from the model part-way, diffusers'
@@ -226,6 +235,7 @@ impl Default for GenerateParams {
             refiner: None,
             dtype: None,
             controls: Vec::new(),
+            ip_adapter: None,
         }
     }
 }
@@ -427,6 +437,12 @@ pub fn generate_batch(
         control::check(model, c, p.width, p.height).map_err(|source| RequestError::Control {
             index,
             name: c.model.dir.clone(),
+            source,
+        })?;
+    }
+    if let Some(ip) = &p.ip_adapter {
+        ip_adapter::check(model, ip).map_err(|source| RequestError::IpAdapter {
+            name: ip.model.file.clone(),
             source,
         })?;
     }

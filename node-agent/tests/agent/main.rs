@@ -21,6 +21,7 @@ mod pipeline_batch;
 mod pipeline_controlnet;
 mod pipeline_edit;
 mod pipeline_embeddings;
+mod pipeline_ip_adapter;
 mod pipeline_parity;
 mod pipeline_refiner;
 mod pipeline_schedulers;

@@ -115,8 +115,41 @@ fn chunked_attention(
     xs.to_dtype(in_dtype)
 }
 
+/// An IP-Adapter's decoupled cross-attention beside a layer's text
+/// cross-attention: the same queries attend to the image tokens (the last
+/// `tokens` rows of the context) through their own keys and values, and
+/// the result, times `scale`, is added to the text attention's.
+#[derive(Debug)]
+pub struct IpAttention {
+    to_k: Linear,
+    to_v: Linear,
+    pub scale: f64,
+    pub tokens: usize,
+}
+
+impl IpAttention {
+    /// `to_k_ip` and `to_v_ip` under `vb`, from the image tokens' width
+    /// (the model's cross-attention width) to the layer's inner width.
+    pub fn new(
+        vb: nn::VarBuilder,
+        context_dim: usize,
+        inner_dim: usize,
+        scale: f64,
+        tokens: usize,
+    ) -> Result<Self> {
+        Ok(IpAttention {
+            to_k: linear_no_bias(context_dim, inner_dim, vb.pp("to_k_ip"))?,
+            to_v: linear_no_bias(context_dim, inner_dim, vb.pp("to_v_ip"))?,
+            scale,
+            tokens,
+        })
+    }
+}
+
 #[derive(Debug)]
 pub struct CrossAttention {
+    ip: Option<IpAttention>,
+    inner_dim: usize,
     to_q: Linear,
     to_k: Linear,
     to_v: Linear,
@@ -150,6 +183,8 @@ impl CrossAttention {
         let span = tracing::span!(tracing::Level::TRACE, "xa");
         let span_attn = tracing::span!(tracing::Level::TRACE, "xa-attn");
         Ok(Self {
+            ip: None,
+            inner_dim,
             to_q,
             to_k,
             to_v,
@@ -233,22 +268,60 @@ impl CrossAttention {
         self.reshape_batch_dim_to_heads(&xs)
     }
 
+    /// The width of its queries, keys and values (heads × head width).
+    pub fn inner_dim(&self) -> usize {
+        self.inner_dim
+    }
+
+    /// Adds (or removes) an IP-Adapter's attention to the image tokens.
+    pub fn set_ip(&mut self, ip: Option<IpAttention>) {
+        self.ip = ip;
+    }
+
+    fn attend(&self, query: &Tensor, key: &Tensor, value: &Tensor) -> Result<Tensor> {
+        let key = self.reshape_heads_to_batch_dim(key)?;
+        let value = self.reshape_heads_to_batch_dim(value)?;
+        let dim0 = query.dim(0)?;
+        match self.slice_size.filter(|&slice_size| dim0 >= slice_size) {
+            None => self.attention(query, &key, &value),
+            Some(slice_size) => self.sliced_attention(query, &key, &value, slice_size),
+        }
+    }
+
     pub fn forward(&self, xs: &Tensor, context: Option<&Tensor>) -> Result<Tensor> {
         let _enter = self.span.enter();
-        let query = self.to_q.forward(xs)?;
-        let context = context.unwrap_or(xs).contiguous()?;
-        let key = self.to_k.forward(&context)?;
-        let value = self.to_v.forward(&context)?;
-        let query = self.reshape_heads_to_batch_dim(&query)?;
-        let key = self.reshape_heads_to_batch_dim(&key)?;
-        let value = self.reshape_heads_to_batch_dim(&value)?;
-        let dim0 = query.dim(0)?;
-        let slice_size = self.slice_size.filter(|&slice_size| dim0 >= slice_size);
-        let xs = match slice_size {
-            None => self.attention(&query, &key, &value)?,
-            Some(slice_size) => self.sliced_attention(&query, &key, &value, slice_size)?,
+        let query = self.reshape_heads_to_batch_dim(&self.to_q.forward(xs)?)?;
+        // With an IP-Adapter the context ends with its image tokens.
+        let (text, image) = match (&self.ip, context) {
+            (Some(ip), Some(context)) => {
+                let n = context.dim(1)?;
+                if n <= ip.tokens {
+                    candle_core::bail!("the context has no room for {} image tokens", ip.tokens);
+                }
+                (
+                    context.narrow(1, 0, n - ip.tokens)?.contiguous()?,
+                    Some((
+                        ip,
+                        context.narrow(1, n - ip.tokens, ip.tokens)?.contiguous()?,
+                    )),
+                )
+            }
+            (_, context) => (context.unwrap_or(xs).contiguous()?, None),
         };
-        self.to_out.forward(&xs)
+        let mut out = self.attend(
+            &query,
+            &self.to_k.forward(&text)?,
+            &self.to_v.forward(&text)?,
+        )?;
+        if let Some((ip, tokens)) = image {
+            let extra = self.attend(
+                &query,
+                &ip.to_k.forward(&tokens)?,
+                &ip.to_v.forward(&tokens)?,
+            )?;
+            out = (out + (extra * ip.scale)?)?;
+        }
+        self.to_out.forward(&out)
     }
 }
 
@@ -355,6 +428,11 @@ pub struct SpatialTransformer {
 }
 
 impl SpatialTransformer {
+    /// Each transformer block's cross-attention, in order.
+    pub fn cross_attentions_mut(&mut self) -> impl Iterator<Item = &mut CrossAttention> {
+        self.transformer_blocks.iter_mut().map(|b| &mut b.attn2)
+    }
+
     pub fn new(
         vs: nn::VarBuilder,
         in_channels: usize,

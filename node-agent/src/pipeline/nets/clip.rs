@@ -93,7 +93,7 @@ struct Attention {
 }
 
 impl Attention {
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let (b, n, c) = xs.dims3()?;
         let hd = c / self.heads;
         let split = |t: Tensor| {
@@ -104,14 +104,26 @@ impl Attention {
         let q = split((self.q.forward(xs)? * (hd as f64).powf(-0.5))?)?;
         let k = split(self.k.forward(xs)?)?;
         let v = split(self.v.forward(xs)?)?;
-        let w = q.matmul(&k.t()?)?.broadcast_add(mask)?;
+        let w = q.matmul(&k.t()?)?;
+        let w = match mask {
+            Some(m) => w.broadcast_add(m)?,
+            None => w,
+        };
         let w = candle_nn::ops::softmax_last_dim(&w)?;
         let o = w.matmul(&v)?.transpose(1, 2)?.reshape((b, n, c))?;
         self.out.forward(&o)
     }
 }
 
-struct Layer {
+/// What a CLIP encoder layer's shape needs besides its width.
+pub(super) struct EncoderShape {
+    pub intermediate: usize,
+    pub heads: usize,
+    pub eps: f64,
+    pub activation: Activation,
+}
+
+pub(super) struct Layer {
     ln1: LayerNorm,
     attn: Attention,
     ln2: LayerNorm,
@@ -121,7 +133,26 @@ struct Layer {
 }
 
 impl Layer {
-    fn forward(&self, xs: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    /// Layer `vb` of a CLIP encoder (text or vision: the same transformer).
+    pub(super) fn new(vb: VarBuilder, hidden: usize, c: &EncoderShape) -> Result<Self> {
+        let a = vb.pp("self_attn");
+        Ok(Layer {
+            ln1: layer_norm(hidden, c.eps, vb.pp("layer_norm1"))?,
+            attn: Attention {
+                q: linear(hidden, hidden, a.pp("q_proj"))?,
+                k: linear(hidden, hidden, a.pp("k_proj"))?,
+                v: linear(hidden, hidden, a.pp("v_proj"))?,
+                out: linear(hidden, hidden, a.pp("out_proj"))?,
+                heads: c.heads,
+            },
+            ln2: layer_norm(hidden, c.eps, vb.pp("layer_norm2"))?,
+            fc1: linear(hidden, c.intermediate, vb.pp("mlp.fc1"))?,
+            fc2: linear(c.intermediate, hidden, vb.pp("mlp.fc2"))?,
+            act: c.activation,
+        })
+    }
+
+    pub(super) fn forward(&self, xs: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
         let h = (xs + self.attn.forward(&self.ln1.forward(xs)?, mask)?)?;
         let m = self.fc1.forward(&self.ln2.forward(&h)?)?;
         let m = match self.act {
@@ -163,25 +194,14 @@ impl ClipTextModel {
         let eps = c.layer_norm_eps;
         let emb = tm.pp("embeddings");
         let enc = tm.pp("encoder.layers");
+        let shape = EncoderShape {
+            intermediate: c.intermediate_size,
+            heads: c.num_attention_heads,
+            eps,
+            activation: c.activation,
+        };
         let layers = (0..c.num_hidden_layers)
-            .map(|i| {
-                let l = enc.pp(i.to_string());
-                let a = l.pp("self_attn");
-                Ok(Layer {
-                    ln1: layer_norm(c.hidden_size, eps, l.pp("layer_norm1"))?,
-                    attn: Attention {
-                        q: linear(c.hidden_size, c.hidden_size, a.pp("q_proj"))?,
-                        k: linear(c.hidden_size, c.hidden_size, a.pp("k_proj"))?,
-                        v: linear(c.hidden_size, c.hidden_size, a.pp("v_proj"))?,
-                        out: linear(c.hidden_size, c.hidden_size, a.pp("out_proj"))?,
-                        heads: c.num_attention_heads,
-                    },
-                    ln2: layer_norm(c.hidden_size, eps, l.pp("layer_norm2"))?,
-                    fc1: linear(c.hidden_size, c.intermediate_size, l.pp("mlp.fc1"))?,
-                    fc2: linear(c.intermediate_size, c.hidden_size, l.pp("mlp.fc2"))?,
-                    act: c.activation,
-                })
-            })
+            .map(|i| Layer::new(enc.pp(i), c.hidden_size, &shape))
             .collect::<Result<Vec<_>>>()?;
         let projection = match c.projection_dim {
             Some(p) => Some(linear_no_bias(c.hidden_size, p, vb.pp("text_projection"))?),
@@ -247,7 +267,7 @@ impl ClipTextModel {
         let keep = self.layers.len().saturating_sub(clip_skip).max(1);
         let mut states = Vec::with_capacity(self.layers.len());
         for layer in &self.layers {
-            xs = layer.forward(&xs, &mask)?;
+            xs = layer.forward(&xs, Some(&mask))?;
             states.push(xs.clone());
         }
         let last = self.final_layer_norm.forward(&xs)?;

@@ -16,6 +16,7 @@
 
 pub mod attention;
 pub mod clip;
+pub mod clip_vision;
 pub mod controlnet;
 pub mod conv;
 pub mod embeddings;

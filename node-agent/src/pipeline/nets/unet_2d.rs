@@ -1,6 +1,7 @@
 //! The conditional UNet: from a noisy latent, the timestep and the text
 //! context it predicts the noise (or the velocity, or the sample).
 
+use super::attention::CrossAttention;
 use super::conv::{conv2d, Conv2d, Seamless, Tiling};
 use super::embeddings::{TimestepEmbedding, Timesteps};
 use super::norm::GroupNorm;
@@ -589,6 +590,34 @@ impl UNet2DConditionModel {
             span,
             config,
         })
+    }
+
+    /// Every cross-attention layer in the order diffusers numbers their
+    /// processors (down blocks, up blocks, then the mid block), which is
+    /// how IP-Adapter files name their layers.
+    pub fn cross_attentions_mut(&mut self) -> Vec<&mut CrossAttention> {
+        let mut out = Vec::new();
+        for b in &mut self.encoder.down_blocks {
+            if let UNetDownBlock::CrossAttn(b) = b {
+                out.extend(b.transformers_mut().flat_map(|t| t.cross_attentions_mut()));
+            }
+        }
+        for b in &mut self.up_blocks {
+            if let UNetUpBlock::CrossAttn(b) = b {
+                out.extend(
+                    b.attentions
+                        .iter_mut()
+                        .flat_map(|t| t.cross_attentions_mut()),
+                );
+            }
+        }
+        out.extend(
+            self.encoder
+                .mid_block
+                .transformers_mut()
+                .flat_map(|t| t.cross_attentions_mut()),
+        );
+        out
     }
 
     pub fn forward(

@@ -324,6 +324,10 @@ pub struct UNetMidBlock2DCrossAttn {
 }
 
 impl UNetMidBlock2DCrossAttn {
+    pub fn transformers_mut(&mut self) -> impl Iterator<Item = &mut SpatialTransformer> {
+        self.attn_resnets.iter_mut().map(|(t, _)| t)
+    }
+
     pub fn new(
         vs: nn::VarBuilder,
         in_channels: usize,
@@ -529,6 +533,10 @@ pub struct CrossAttnDownBlock2D {
 }
 
 impl CrossAttnDownBlock2D {
+    pub fn transformers_mut(&mut self) -> impl Iterator<Item = &mut SpatialTransformer> {
+        self.attentions.iter_mut()
+    }
+
     pub fn new(
         vs: nn::VarBuilder,
         in_channels: usize,

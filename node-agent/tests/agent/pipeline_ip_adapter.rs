@@ -1,0 +1,52 @@
+//! IP-Adapters against diffusers (`tests/fixtures/tiny-sd1-ip-adapter`,
+//! `tiny-sdxl-ip-adapter`): the image encoder, the image projection and the
+//! decoupled cross-attention in every layer, compared with diffusers'
+//! float64 run.
+
+use crate::common::{fixtures, max_abs_diff_from, reference_params, reference_run, tiny_cache};
+use modelcache_agent::pipeline::image::decode_image;
+use modelcache_agent::pipeline::{self, DiffusersModel, GenerateParams, IpAdapter, IpAdapterModel};
+use std::sync::Arc;
+
+fn params(base: &str) -> (GenerateParams, std::path::PathBuf, f64) {
+    let dir = fixtures().join(format!("{base}-ip-adapter"));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
+            .unwrap();
+    let (base_ref, latents) = reference_run(&fixtures().join(base));
+    let model = IpAdapterModel::open(
+        &dir.join("ip-adapter.safetensors"),
+        &dir.join("image_encoder"),
+    )
+    .unwrap();
+    let p = GenerateParams {
+        ip_adapter: Some(IpAdapter {
+            model: Arc::new(model),
+            image: decode_image(&std::fs::read(dir.join("ip_image.png")).unwrap(), 1 << 22)
+                .unwrap(),
+            weight: r["scale"].as_f64().unwrap(),
+        }),
+        negative_prompt: r["negative_prompt"].as_str().unwrap().into(),
+        ..reference_params(&base_ref, latents)
+    };
+    (p, dir, r["fp32_vs_f64_max_abs_diff"].as_f64().unwrap())
+}
+
+fn generate(base: &str, p: &GenerateParams) -> Vec<f32> {
+    let model = DiffusersModel::open(&fixtures().join(base)).unwrap();
+    pipeline::generate(&tiny_cache(), &model, p, &|_| true)
+        .unwrap()
+        .remove(0)
+        .data
+}
+
+#[test]
+fn ip_adapters_match_diffusers() {
+    for base in ["tiny-sd1", "tiny-sdxl"] {
+        let (p, dir, f32_run) = params(base);
+        let image = generate(base, &p);
+        let d = max_abs_diff_from(&image, &dir.join("reference_f64.npy"));
+        eprintln!("{base} IP-Adapter: {d:.2e} from diffusers' float64 run (its float32 run: {f32_run:.2e})");
+        assert!(d < 1e-3, "{base}: max abs difference {d}");
+    }
+}
