@@ -5,7 +5,7 @@
 //! path (`model.path`), and every probed model is reported in the ModelNode.
 
 use crate::cache::CacheKey;
-use crate::pipeline::{ControlModel, DiffusersModel, ModelError};
+use crate::pipeline::{ControlModel, DiffusersModel, IpAdapterModel, ModelError};
 use crate::store::{self, convert, ProbeResult};
 use modelcache_crds::{text_to_image, ModelFormat, ModelType};
 use std::collections::{BTreeMap, HashMap};
@@ -60,6 +60,21 @@ pub enum ControlNetError {
         name: String,
         source: crate::store::StoreError,
     },
+    #[error("{name:?}: {source}")]
+    Model { name: String, source: ModelError },
+}
+
+/// Why an IP-Adapter a request names cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum IpAdapterLookupError {
+    #[error("{0:?} is not an IP-Adapter file in the models folder")]
+    NotFound(String),
+    #[error("{name:?} is a {kind} model, not an IP-Adapter")]
+    NotIpAdapter { name: String, kind: ModelType },
+    #[error("image encoder {0:?} is not a CLIP Vision model folder in the models folder")]
+    NoEncoder(String),
+    #[error("{0:?} needs its CLIP Vision image encoder: an image_encoder/ folder beside it, or one named with image_encoder")]
+    EncoderUnknown(String),
     #[error("{name:?}: {source}")]
     Model { name: String, source: ModelError },
 }
@@ -413,6 +428,49 @@ impl Catalog {
         ControlModel::open(&dir)
             .map(Arc::new)
             .map_err(|source| ControlNetError::Model {
+                name: rel.to_string(),
+                source,
+            })
+    }
+
+    /// The IP-Adapter file at `rel` with its image encoder: the CLIP Vision
+    /// folder `encoder` names, else the `image_encoder/` folder beside the
+    /// file. Only what the last scan found under the root is found here.
+    pub fn ip_adapter(
+        &self,
+        rel: &str,
+        encoder: Option<&str>,
+    ) -> Result<Arc<IpAdapterModel>, IpAdapterLookupError> {
+        let entry = self
+            .by_path(rel)
+            .ok_or_else(|| IpAdapterLookupError::NotFound(rel.to_string()))?;
+        if entry.probe.model_type != ModelType::IpAdapter {
+            return Err(IpAdapterLookupError::NotIpAdapter {
+                name: rel.to_string(),
+                kind: entry.probe.model_type,
+            });
+        }
+        let encoder = match encoder {
+            Some(e) => {
+                self.by_path(e)
+                    .filter(|c| c.probe.model_type == ModelType::ClipVision)
+                    .ok_or_else(|| IpAdapterLookupError::NoEncoder(e.to_string()))?
+                    .path
+            }
+            None => {
+                let beside = Path::new(rel)
+                    .parent()
+                    .unwrap_or(Path::new(""))
+                    .join("image_encoder");
+                self.by_path(&beside.to_string_lossy())
+                    .filter(|c| c.probe.model_type == ModelType::ClipVision)
+                    .ok_or_else(|| IpAdapterLookupError::EncoderUnknown(rel.to_string()))?
+                    .path
+            }
+        };
+        IpAdapterModel::open(&entry.path, &encoder)
+            .map(Arc::new)
+            .map_err(|source| IpAdapterLookupError::Model {
                 name: rel.to_string(),
                 source,
             })

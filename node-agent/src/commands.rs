@@ -102,6 +102,11 @@ pub struct GenerateOptions {
     /// end 1 by default). Repeat for several.
     #[arg(long = "controlnet")]
     pub controlnets: Vec<ControlSpec>,
+    /// An image prompt: `model=FILE,image=PNG[,weight=W][,encoder=DIR]` (an
+    /// IP-Adapter file and the image; its CLIP Vision encoder is the
+    /// `image_encoder/` folder beside the file unless `encoder` names one).
+    #[arg(long)]
+    pub ip_adapter: Option<IpAdapterSpec>,
     /// Output file: .png, or .npy for the float32 HWC image in [0, 1].
     #[arg(long)]
     pub out: PathBuf,
@@ -158,6 +163,72 @@ impl std::str::FromStr for ControlSpec {
         spec.image = image.ok_or("image=PNG is required")?;
         Ok(spec)
     }
+}
+
+/// `--ip-adapter`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct IpAdapterSpec {
+    pub model: PathBuf,
+    pub image: PathBuf,
+    pub weight: f64,
+    pub encoder: Option<PathBuf>,
+}
+
+impl std::str::FromStr for IpAdapterSpec {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let (mut model, mut image, mut weight, mut encoder) = (None, None, 1.0, None);
+        for pair in s.split(',') {
+            let (k, v) = pair
+                .split_once('=')
+                .ok_or_else(|| format!("{pair:?} is not KEY=VALUE"))?;
+            match k.trim() {
+                "model" => model = Some(PathBuf::from(v)),
+                "image" => image = Some(PathBuf::from(v)),
+                "encoder" => encoder = Some(PathBuf::from(v)),
+                "weight" => {
+                    weight = v
+                        .parse()
+                        .map_err(|_| format!("weight={v:?} is not a number"))?
+                }
+                other => {
+                    return Err(format!(
+                        "unknown key {other:?} (model, image, weight, encoder)"
+                    ))
+                }
+            }
+        }
+        Ok(IpAdapterSpec {
+            model: model.ok_or("model=FILE is required")?,
+            image: image.ok_or("image=PNG is required")?,
+            weight,
+            encoder,
+        })
+    }
+}
+
+/// `--ip-adapter` as the pipeline's image prompt.
+fn read_ip_adapter(spec: &IpAdapterSpec) -> anyhow::Result<pipeline::IpAdapter> {
+    let at = || format!("--ip-adapter model={}", spec.model.display());
+    let encoder = match &spec.encoder {
+        Some(e) => e.clone(),
+        None => spec
+            .model
+            .parent()
+            .unwrap_or(Path::new("."))
+            .join("image_encoder"),
+    };
+    let model = pipeline::IpAdapterModel::open(&spec.model, &encoder).with_context(at)?;
+    let bytes = std::fs::read(&spec.image)
+        .with_context(|| format!("--ip-adapter image={}", spec.image.display()))?;
+    let image = pipeline::image::decode_image(&bytes, MAX_EDIT_PIXELS)
+        .with_context(|| format!("--ip-adapter image={}", spec.image.display()))?;
+    Ok(pipeline::IpAdapter {
+        model: std::sync::Arc::new(model),
+        image,
+        weight: spec.weight,
+    })
 }
 
 /// `--controlnet`s as the pipeline's controls, images at the output size.
@@ -323,7 +394,7 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         refiner,
         dtype: None,
         controls: read_controls(&a.controlnets, &a.state_dir, (width, height))?,
-        ip_adapter: None,
+        ip_adapter: a.ip_adapter.as_ref().map(read_ip_adapter).transpose()?,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p
@@ -341,7 +412,8 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
             compute.dtype,
             model.bytes_f32
                 + p.refiner.as_ref().map_or(0, |r| r.model.bytes_f32)
-                + p.controls.iter().map(|c| c.model.bytes_f32).sum::<u64>(),
+                + p.controls.iter().map(|c| c.model.bytes_f32).sum::<u64>()
+                + p.ip_adapter.as_ref().map_or(0, |i| i.model.bytes_f32),
             adapter_bytes,
         ),
         Box::new(DiskLoader),

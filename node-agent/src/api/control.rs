@@ -8,7 +8,7 @@ use super::ApiError;
 use crate::catalog::Catalog;
 use crate::pipeline::canny::{canny, DEFAULT_HIGH, DEFAULT_LOW};
 use crate::pipeline::image::decode_image;
-use crate::pipeline::Control;
+use crate::pipeline::{Control, IpAdapter};
 use base64::Engine;
 use modelcache_crds::BaseModel;
 use serde::Deserialize;
@@ -44,6 +44,90 @@ pub struct ControlNetRequest {
     pub low_threshold: Option<f64>,
     #[serde(default)]
     pub high_threshold: Option<f64>,
+}
+
+/// The `ip_adapter` field.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IpAdapterRequest {
+    /// The IP-Adapter file's path under the models folder.
+    pub model: String,
+    /// The image prompt, base64 (or an `ip_adapter_image` form part).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// How strongly the image counts (diffusers' IP-Adapter scale), default 1.
+    #[serde(default)]
+    pub weight: Option<f64>,
+    /// A CLIP Vision folder under the models folder; default the
+    /// `image_encoder/` folder beside the adapter.
+    #[serde(default)]
+    pub image_encoder: Option<String>,
+}
+
+/// The image of a field: its base64 text, else the form part.
+fn image_bytes(
+    b64: Option<&str>,
+    upload: Option<Vec<u8>>,
+    part: &str,
+    at: impl Fn(&str, String) -> ApiError,
+) -> Result<Vec<u8>, ApiError> {
+    match b64 {
+        Some(b64) => {
+            let b64 = b64.split_once(";base64,").map_or(b64, |(_, b)| b);
+            base64::engine::general_purpose::STANDARD
+                .decode(b64.trim())
+                .map_err(|e| at("image", format!("is not base64: {e}")))
+        }
+        None => upload.ok_or_else(|| {
+            at(
+                "image",
+                format!("is required (base64 in JSON, or a {part} part of the form)"),
+            )
+        }),
+    }
+}
+
+/// What the `ip_adapter` field asks for; `upload` is the form's
+/// `ip_adapter_image` part, `base` the model's.
+pub fn ip_adapter(
+    r: &IpAdapterRequest,
+    upload: Option<Vec<u8>>,
+    base: Option<BaseModel>,
+    catalog: &Catalog,
+    l: &Limits,
+) -> Result<IpAdapter, ApiError> {
+    let at = |field: &str, what: String| {
+        ApiError::invalid(format!("ip_adapter.{field}: {what}")).param("ip_adapter")
+    };
+    if upload.is_some() && r.image.is_some() {
+        return Err(at(
+            "image",
+            "given twice (in JSON and as a form part)".into(),
+        ));
+    }
+    let model = catalog
+        .ip_adapter(&r.model, r.image_encoder.as_deref())
+        .map_err(|e| at("model", e.to_string()))?;
+    if let (Some(base), Some(adapter)) = (base, model.base.filter(|b| Some(*b) != base)) {
+        return Err(at(
+            "model",
+            format!(
+                "{:?} is for {adapter} models and the model is {base}",
+                r.model
+            ),
+        ));
+    }
+    let weight = r.weight.unwrap_or(1.0);
+    if !(0.0..=2.0).contains(&weight) {
+        return Err(at("weight", "must be from 0 to 2".into()));
+    }
+    let bytes = image_bytes(r.image.as_deref(), upload, "ip_adapter_image", at)?;
+    let image = decode_image(&bytes, l.max_image_pixels).map_err(|e| at("image", e.to_string()))?;
+    Ok(IpAdapter {
+        model,
+        image,
+        weight,
+    })
 }
 
 /// What a request's `controlnet` entries ask for, as [`Control`]s whose
@@ -89,20 +173,11 @@ pub fn controls(
                 format!("start {start} and end {end} must satisfy 0 ≤ start < end ≤ 1"),
             ));
         }
-        let bytes = match &r.image {
-            Some(b64) => {
-                let b64 = b64.split_once(";base64,").map_or(b64.as_str(), |(_, b)| b);
-                base64::engine::general_purpose::STANDARD
-                    .decode(b64.trim())
-                    .map_err(|e| at("image", format!("is not base64: {e}")))?
-            }
-            None => uploads.pop_front().ok_or_else(|| {
-                at(
-                    "image",
-                    "is required (base64 in JSON, or a controlnet_image part of the form)".into(),
-                )
-            })?,
+        let upload = match r.image {
+            Some(_) => None,
+            None => uploads.pop_front(),
         };
+        let bytes = image_bytes(r.image.as_deref(), upload, "controlnet_image", at)?;
         let image =
             decode_image(&bytes, l.max_image_pixels).map_err(|e| at("image", e.to_string()))?;
         let image = match r.preprocess.as_deref() {

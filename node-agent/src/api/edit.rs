@@ -55,6 +55,7 @@ pub async fn read_form(
     let mut fields = Map::new();
     let (mut image, mut mask) = (None, None);
     let mut control_uploads = std::collections::VecDeque::new();
+    let mut ip_adapter_upload = None;
     while let Some(field) = m
         .next_field()
         .await
@@ -72,6 +73,7 @@ pub async fn read_form(
             }
             "mask" => mask = Some(bytes.to_vec()),
             "controlnet_image" | "controlnet_image[]" => control_uploads.push_back(bytes.to_vec()),
+            "ip_adapter_image" => ip_adapter_upload = Some(bytes.to_vec()),
             _ => {
                 let Some(field) = [
                     "model",
@@ -83,6 +85,7 @@ pub async fn read_form(
                     "seamless",
                     "loras",
                     "controlnet",
+                    "ip_adapter",
                     "vae",
                     "refiner",
                     "stream",
@@ -107,6 +110,7 @@ pub async fn read_form(
     let mut request: GenerationRequest = serde_json::from_value(Value::Object(fields))
         .map_err(|e| ApiError::invalid(format!("invalid form: {e}")))?;
     request.control_uploads = control_uploads;
+    request.ip_adapter_upload = ip_adapter_upload;
     let image = image.ok_or_else(|| ApiError::invalid("image is required").param("image"))?;
     Ok((
         request,
@@ -130,6 +134,9 @@ fn field_value(field: &'static str, text: &str) -> Result<Value, ApiError> {
             .ok_or_else(|| bad("a finite number"))?
     } else if field == "loras" {
         serde_json::from_str(text).map_err(|_| bad("a JSON list of {\"path\", \"weight\"}"))?
+    } else if field == "ip_adapter" {
+        serde_json::from_str(text)
+            .map_err(|_| bad("a JSON object {\"model\", \"image\", \"weight\"}"))?
     } else if field == "controlnet" {
         serde_json::from_str(text).map_err(|_| {
             bad("a JSON list of {\"model\", \"image\", \"weight\", \"start\", \"end\"}")

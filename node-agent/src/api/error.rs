@@ -148,6 +148,9 @@ impl From<PipelineError> for ApiError {
             PipelineError::Invalid(m @ crate::pipeline::RequestError::Control { .. }) => {
                 ApiError::invalid(m.to_string()).param("controlnet")
             }
+            PipelineError::Invalid(m @ crate::pipeline::RequestError::IpAdapter { .. }) => {
+                ApiError::invalid(m.to_string()).param("ip_adapter")
+            }
             PipelineError::Invalid(m) => ApiError::invalid(m.to_string()),
             PipelineError::Cancelled => ApiError::new(
                 // 499: nginx's "client closed request"; nobody reads it, the client is gone.

@@ -109,6 +109,12 @@ pub struct GenerationRequest {
     /// entries without an `image`, in order.
     #[serde(skip)]
     pub control_uploads: std::collections::VecDeque<Vec<u8>>,
+    /// An image prompt.
+    #[serde(default)]
+    pub ip_adapter: Option<super::control::IpAdapterRequest>,
+    /// The `ip_adapter_image` form part (edits).
+    #[serde(skip)]
+    pub ip_adapter_upload: Option<Vec<u8>>,
 }
 
 impl GenerationRequest {
@@ -118,6 +124,7 @@ impl GenerationRequest {
         self.controlnet
             .as_ref()
             .is_some_and(|c| c.iter().any(|c| c.image.is_some()))
+            || self.ip_adapter.as_ref().is_some_and(|i| i.image.is_some())
     }
 }
 
@@ -301,14 +308,31 @@ pub fn validate(
         None => None,
     };
     let refiner = refiner(r, route, &defaults, catalog, target)?;
+    let base = catalog.get(&target.model).and_then(|e| e.probe.base);
     let controls = super::control::controls(
         r.controlnet.as_deref().unwrap_or_default(),
         r.control_uploads.clone(),
-        catalog.get(&target.model).and_then(|e| e.probe.base),
+        base,
         (width, height),
         catalog,
         l,
     )?;
+    let ip_adapter = match &r.ip_adapter {
+        Some(ip) => Some(super::control::ip_adapter(
+            ip,
+            r.ip_adapter_upload.clone(),
+            base,
+            catalog,
+            l,
+        )?),
+        None if r.ip_adapter_upload.is_some() => {
+            return Err(ApiError::invalid(
+                "an ip_adapter_image part needs the ip_adapter field naming the adapter",
+            )
+            .param("ip_adapter"))
+        }
+        None => None,
+    };
     // `<name>` in a prompt uses the embedding of that name under the models folder.
     let mut embeddings: Vec<(String, PathBuf)> = Vec::new();
     for name in embedding::triggers(&r.prompt)
@@ -343,7 +367,7 @@ pub fn validate(
         // A deployment computes at its own precision on GPUs.
         dtype: route.map(|r| crate::device::dtype_of(r.precision)),
         controls,
-        ip_adapter: None,
+        ip_adapter,
     })
 }
 

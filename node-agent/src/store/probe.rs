@@ -153,6 +153,9 @@ pub fn checkpoint_type(index: &TensorIndex) -> Result<ModelType> {
         if key.starts_with("control_model") || key.starts_with("input_blocks") {
             return Ok(ModelType::ControlNet);
         }
+        if key.starts_with("image_proj.") || key.starts_with("ip_adapter.") {
+            return Ok(ModelType::IpAdapter);
+        }
         if key == "emb_params"
             || key == "string_to_param"
             || key.starts_with("string_to_param.")
@@ -185,6 +188,7 @@ fn probe_checkpoint(index: &TensorIndex) -> Result<ProbeResult> {
         }
         ModelType::Lora => probe_lora(index, &mut r)?,
         ModelType::ControlNet => probe_controlnet_checkpoint(index, &mut r)?,
+        ModelType::IpAdapter => probe_ip_adapter(index, &mut r),
         ModelType::Embedding => probe_embedding(index, &mut r),
         _ => {}
     }
@@ -519,6 +523,23 @@ fn probe_controlnet_checkpoint(index: &TensorIndex, r: &mut ProbeResult) -> Resu
         &index.path,
         "cannot determine the base of this ControlNet: no cross-attention in its input blocks",
     ))
+}
+
+/// An IP-Adapter's base from the width of its image tokens (the UNet's
+/// cross-attention width); a width no release has leaves it open, and the
+/// adapter is checked against the model it is used with.
+fn probe_ip_adapter(index: &TensorIndex, r: &mut ProbeResult) {
+    let width = width(index, "ip_adapter.1.to_k_ip.weight");
+    r.base = match width {
+        Some(768) => Some(BaseModel::Sd1),
+        Some(1024) => Some(BaseModel::Sd2),
+        Some(2048) => Some(BaseModel::Sdxl),
+        _ => None,
+    };
+    r.evidence.push(match r.base {
+        Some(b) => format!("base {b}: image tokens of width {}", width.unwrap_or(0)),
+        None => format!("base open: image tokens of width {width:?} (no released base has it)"),
+    });
 }
 
 fn probe_embedding(index: &TensorIndex, r: &mut ProbeResult) {

@@ -1,7 +1,7 @@
-//! ControlNets over HTTP: the `controlnet` field of both endpoints (base64
-//! control images in JSON, `controlnet_image` parts in an edit's form, and
-//! through the official openai client), the canny preprocessor, and every
-//! bad input refused with a 400 naming the field.
+//! ControlNets, T2I-Adapters and IP-Adapters over HTTP: the `controlnet`
+//! and `ip_adapter` fields of both endpoints (base64 images in JSON, form
+//! parts in an edit, and through the official openai client), the canny
+//! preprocessor, and every bad input refused with a 400 naming the field.
 
 use crate::api::{decode_b64, post, run_openai_client, Agent};
 use crate::api_edit::{edit, image_of, param, Part};
@@ -30,6 +30,17 @@ fn agent() -> Agent {
                 &models.join("adapters/t2i"),
             );
             copy_dir(&fixtures().join("tiny-sd1-lora"), &models.join("loras"));
+            copy_dir(&fixtures().join("tiny-sd1-ip-adapter"), &models.join("ip"));
+            copy_dir(
+                &fixtures().join("tiny-sdxl-ip-adapter"),
+                &models.join("ip-xl"),
+            );
+            std::fs::create_dir_all(models.join("ip-alone")).unwrap();
+            std::fs::copy(
+                fixtures().join("tiny-sd1-ip-adapter/ip-adapter.safetensors"),
+                models.join("ip-alone/ip-adapter.safetensors"),
+            )
+            .unwrap();
         },
         &[],
     )
@@ -244,7 +255,10 @@ def gen(**extra):
     r = client.images.generate(model="tiny", prompt="a red cat", size="64x64", response_format="b64_json",
                                extra_body={{"steps": 2, "seed": 3, **extra}})
     return r.data[0].b64_json
-assert gen(controlnet=[{{"model": "controlnets/a", "image": control}}]) != gen()
+plain = gen()
+assert gen(controlnet=[{{"model": "controlnets/a", "image": control}}]) != plain
+ip = base64.b64encode(open("{ip}", "rb").read()).decode()
+assert gen(ip_adapter={{"model": "ip/ip-adapter.safetensors", "image": ip, "weight": 0.5}}) != plain
 try:
     gen(controlnet=[{{"model": "controlnets/xl", "image": control}}])
     raise SystemExit("an SDXL ControlNet was accepted for an SD 1.x model")
@@ -253,6 +267,116 @@ except openai.BadRequestError as e:
 print("ok")
 "#,
         addr = agent.api,
-        dir = dir.display()
+        dir = dir.display(),
+        ip = fixtures()
+            .join("tiny-sd1-ip-adapter/ip_image.png")
+            .display()
     ));
+}
+
+fn ip_png() -> Vec<u8> {
+    std::fs::read(fixtures().join("tiny-sd1-ip-adapter/ip_image.png")).unwrap()
+}
+
+#[test]
+fn an_image_prompt_steers_generations_and_edits() {
+    let agent = agent();
+    let ip = b64(&ip_png());
+    let ask = |ip_adapter: serde_json::Value| {
+        let mut body = request(json!([]));
+        body["ip_adapter"] = ip_adapter;
+        image_of(&post(&agent.api, body))
+    };
+    let plain = image_of(&post(&agent.api, request(json!([]))));
+    let half = ask(json!({"model": "ip/ip-adapter.safetensors", "image": ip, "weight": 0.5}));
+    assert_ne!(half, plain);
+    assert_eq!(
+        ask(json!({"model": "ip/ip-adapter.safetensors", "image": ip, "weight": 0.0})),
+        plain,
+        "weight 0 is no image prompt"
+    );
+    // The encoder named explicitly, for an adapter without one beside it.
+    assert_eq!(
+        ask(
+            json!({"model": "ip-alone/ip-adapter.safetensors", "image": ip, "weight": 0.5,
+                   "image_encoder": "ip/image_encoder"})
+        ),
+        half
+    );
+    // With a ControlNet at once.
+    let mut body = request(json!([{"model": "controlnets/a", "image": b64(&control_png())}]));
+    body["ip_adapter"] = json!({"model": "ip/ip-adapter.safetensors", "image": ip, "weight": 0.5});
+    assert_ne!(image_of(&post(&agent.api, body)), half);
+    // An edit takes the image as a form part.
+    let png = ip_png();
+    let image = std::fs::read(fixtures().join("tiny-sd1-edit/image.png")).unwrap();
+    let spec = json!({"model": "ip/ip-adapter.safetensors", "weight": 0.5}).to_string();
+    let edit_with = |with_ip: bool| {
+        let mut parts = vec![
+            ("model", Part::Text("tiny")),
+            ("prompt", Part::Text("a red cat")),
+            ("steps", Part::Text("3")),
+            ("seed", Part::Text("7")),
+            ("image", Part::File(&image)),
+        ];
+        if with_ip {
+            parts.push(("ip_adapter", Part::Text(&spec)));
+            parts.push(("ip_adapter_image", Part::File(&png)));
+        }
+        image_of(&edit(&agent.api, &parts))
+    };
+    assert_ne!(edit_with(true), edit_with(false));
+}
+
+#[test]
+fn bad_image_prompts_are_400_naming_the_field() {
+    let agent = agent();
+    let ip = b64(&ip_png());
+    let cases = [
+        (
+            json!({"model": "ip/none.safetensors", "image": ip}),
+            "ip_adapter.model",
+        ),
+        (
+            json!({"model": "controlnets/a", "image": ip}),
+            "not an IP-Adapter",
+        ),
+        (
+            json!({"model": "ip-alone/ip-adapter.safetensors", "image": ip}),
+            "needs its CLIP Vision image encoder",
+        ),
+        (
+            json!({"model": "ip/ip-adapter.safetensors", "image": ip, "image_encoder": "tiny"}),
+            "not a CLIP Vision",
+        ),
+        (
+            json!({"model": "ip-xl/ip-adapter.safetensors", "image": ip}),
+            "cross-attention",
+        ),
+        (
+            json!({"model": "ip/ip-adapter.safetensors"}),
+            "ip_adapter.image: is required",
+        ),
+        (
+            json!({"model": "ip/ip-adapter.safetensors", "image": "%%%"}),
+            "ip_adapter.image: is not base64",
+        ),
+        (
+            json!({"model": "ip/ip-adapter.safetensors", "image": b64(b"GIF89a")}),
+            "ip_adapter.image",
+        ),
+        (
+            json!({"model": "ip/ip-adapter.safetensors", "image": ip, "weight": -1}),
+            "ip_adapter.weight",
+        ),
+    ];
+    for (spec, says) in cases {
+        let mut body = request(json!([]));
+        body["ip_adapter"] = spec.clone();
+        let r = post(&agent.api, body);
+        assert_eq!(param(&r), "ip_adapter", "{spec}");
+        let message = r.json()["error"]["message"].as_str().unwrap().to_string();
+        assert!(message.contains(says), "{says:?} not in {message:?}");
+        assert!(!message.contains("/tmp"), "no host paths: {message}");
+    }
 }
