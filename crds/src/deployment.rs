@@ -85,6 +85,19 @@ pub struct ModelDeploymentSpec {
     #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("refiner must not contain '..' segments"))]
     pub refiner: Option<String>,
 
+    /// ControlNets and T2I-Adapters (folders, or single-file ControlNets) relative to the
+    /// agents' models folder, of the model's base. They are placed, warmed and sized with the
+    /// model, so that requests naming them in `controlnet` find them loaded; requests may name
+    /// others. At most 4.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 4))]
+    #[x_kube(validation = Rule::new("self.all(p, !p.startsWith('/') && !p.matches('(^|/)[.][.](/|$)'))").message("controlnets must be relative to the agents' model root, without '..' segments"))]
+    pub controlnets: Vec<String>,
+
+    /// An IP-Adapter placed, warmed and sized with the model for requests' `ip_adapter`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ip_adapter: Option<IpAdapterSpec>,
+
     /// Which nodes may serve the model and how replicas are spread over them.
     #[serde(default)]
     pub placement: PlacementSpec,
@@ -238,6 +251,25 @@ impl RemoteSource {
     pub fn parsed(&self) -> Result<crate::Source, crate::SourceError> {
         self.url.parse()
     }
+}
+
+/// An IP-Adapter file and its image encoder.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct IpAdapterSpec {
+    /// The IP-Adapter file, relative to the agents' model root.
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("ipAdapter.path must be relative to the agents' model root, not absolute"))]
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("ipAdapter.path must not contain '..' segments"))]
+    pub path: String,
+
+    /// Its CLIP Vision image encoder folder, relative to the agents' model root. Default: the
+    /// `image_encoder` folder beside the file.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 4096))]
+    #[x_kube(validation = Rule::new("!self.startsWith('/')").message("ipAdapter.imageEncoder must be relative to the agents' model root, not absolute"))]
+    #[x_kube(validation = Rule::new("!self.matches('(^|/)[.][.](/|$)')").message("ipAdapter.imageEncoder must not contain '..' segments"))]
+    pub image_encoder: Option<String>,
 }
 
 /// A LoRA adapter and the weight it is applied with.

@@ -227,8 +227,10 @@ pub struct LocalModel {
     /// Kind of model.
     #[serde(rename = "type")]
     pub model_type: ModelType,
-    /// Model family.
-    pub base: BaseModel,
+    /// Model family; absent for models that work with every base (CLIP Vision image
+    /// encoders) or whose base their weights do not tell.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<BaseModel>,
     /// UNet variant of a main model.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub variant: Option<ModelVariant>,

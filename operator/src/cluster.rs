@@ -375,7 +375,7 @@ pub fn resolve(
             ),
         });
     }
-    match text_to_image(l.model_type, Some(l.base), l.variant) {
+    match text_to_image(l.model_type, l.base, l.variant) {
         Ok(()) => {}
         Err(NotTextToImage::NotMain(t)) => {
             return Err(Unresolved {
@@ -398,16 +398,46 @@ pub fn resolve(
             })
         }
     }
+    let Some(base) = l.base else {
+        return Err(Unresolved {
+            status: "False",
+            reason: reason::UNSUPPORTED_MODEL,
+            message: format!("model {path:?}: its base model cannot be determined"),
+        });
+    };
     let precision = md.spec.precision;
     let mut size = sizes_of_local(l, precision);
     let mut nodes: Vec<String> = found.keys().cloned().collect();
     // What the deployment uses beside its model is placed, warmed and sized with it.
-    let companions = [
-        ("refiner", &md.spec.refiner, Companion::Refiner(l.base)),
-        ("vae", &md.spec.vae, Companion::Vae),
-    ];
+    let mut encoder_path: Option<String> = None;
+    let mut companions: Vec<(String, &str, Companion)> = Vec::new();
+    if let Some(r) = &md.spec.refiner {
+        companions.push(("refiner".into(), r, Companion::Refiner(base)));
+    }
+    if let Some(v) = &md.spec.vae {
+        companions.push(("vae".into(), v, Companion::Vae));
+    }
+    for (i, c) in md.spec.controlnets.iter().enumerate() {
+        companions.push((format!("controlnets[{i}]"), c, Companion::Control(base)));
+    }
+    if let Some(ip) = &md.spec.ip_adapter {
+        companions.push((
+            "ipAdapter.path".into(),
+            &ip.path,
+            Companion::IpAdapter(base),
+        ));
+        let beside = std::path::Path::new(&normalize(&ip.path))
+            .parent()
+            .map(|d| d.join("image_encoder").to_string_lossy().into_owned())
+            .unwrap_or_else(|| "image_encoder".into());
+        let encoder = ip.image_encoder.clone().unwrap_or(beside);
+        encoder_path = Some(encoder);
+    }
+    if let Some(e) = &encoder_path {
+        companions.push(("ipAdapter.imageEncoder".into(), e, Companion::ImageEncoder));
+    }
     for (field, extra, kind) in companions {
-        let Some(extra) = extra else { continue };
+        let field = field.as_str();
         let (bytes, with) = companion(field, extra, kind, precision, model_nodes)?;
         size = Sizes {
             gpu: size.gpu.saturating_add(bytes.gpu),
@@ -432,7 +462,7 @@ pub fn resolve(
         source: md.spec.model.source.as_ref().map(|s| s.url.clone()),
         info: Some(ModelInfo {
             model_type: l.model_type,
-            base: l.base,
+            base,
             variant: l.variant,
             format: l.format,
             prediction_type: l.prediction_type,
@@ -480,6 +510,43 @@ enum Companion {
     /// An SDXL refiner, for a model of this base.
     Refiner(modelcache_crds::BaseModel),
     Vae,
+    /// A ControlNet or T2I-Adapter for a model of this base.
+    Control(modelcache_crds::BaseModel),
+    /// An IP-Adapter for a model of this base (or of a base its weights do not tell).
+    IpAdapter(modelcache_crds::BaseModel),
+    /// A CLIP Vision image encoder.
+    ImageEncoder,
+}
+
+impl Companion {
+    /// Whether a reported model is what the field asks for.
+    fn fits(self, l: &LocalModel) -> bool {
+        use modelcache_crds::{BaseModel, ModelType};
+        match self {
+            Companion::Refiner(_) => {
+                l.model_type == ModelType::Main && l.base == Some(BaseModel::SdxlRefiner)
+            }
+            Companion::Vae => l.model_type == ModelType::Vae,
+            Companion::Control(base) => {
+                matches!(l.model_type, ModelType::ControlNet | ModelType::T2iAdapter)
+                    && l.base == Some(base)
+            }
+            Companion::IpAdapter(base) => {
+                l.model_type == ModelType::IpAdapter && l.base.is_none_or(|b| b == base)
+            }
+            Companion::ImageEncoder => l.model_type == ModelType::ClipVision,
+        }
+    }
+
+    fn wanted(self) -> String {
+        match self {
+            Companion::Refiner(_) => "an SDXL refiner".into(),
+            Companion::Vae => "a VAE".into(),
+            Companion::Control(base) => format!("a {base:?} ControlNet or T2I-Adapter"),
+            Companion::IpAdapter(base) => format!("a {base:?} IP-Adapter"),
+            Companion::ImageEncoder => "a CLIP Vision image encoder".into(),
+        }
+    }
 }
 
 /// A model a deployment uses beside its own (`spec.refiner`, `spec.vae`):
@@ -491,7 +558,7 @@ fn companion(
     precision: modelcache_crds::Precision,
     model_nodes: &[Arc<ModelNode>],
 ) -> Result<(Sizes, BTreeSet<String>), Unresolved> {
-    use modelcache_crds::{BaseModel, ModelType};
+    use modelcache_crds::BaseModel;
     let path = normalize(path);
     let unsupported = |message: String| Unresolved {
         status: "False",
@@ -515,21 +582,13 @@ fn companion(
         else {
             continue;
         };
-        let fits = match kind {
-            Companion::Refiner(_) => {
-                l.model_type == ModelType::Main && l.base == BaseModel::SdxlRefiner
-            }
-            Companion::Vae => l.model_type == ModelType::Vae,
-        };
-        if !fits {
+        if !kind.fits(l) {
             return Err(unsupported(format!(
-                "spec.{field} {path:?} is a {:?} {:?} model, not {}",
-                l.base,
+                "spec.{field} {path:?} is a {} {:?} model, not {}",
+                l.base
+                    .map_or("base-independent".to_string(), |b| format!("{b:?}")),
                 l.model_type,
-                match kind {
-                    Companion::Refiner(_) => "an SDXL refiner",
-                    Companion::Vae => "a VAE",
-                }
+                kind.wanted()
             )));
         }
         bytes = sizes_of_local(l, precision);
@@ -639,7 +698,7 @@ pub mod fixtures {
         LocalModel {
             path: path.into(),
             model_type: ModelType::Main,
-            base: BaseModel::Sd1,
+            base: Some(BaseModel::Sd1),
             variant: Some(ModelVariant::Normal),
             prediction_type: Some(PredictionType::Epsilon),
             format: ModelFormat::Checkpoint,
@@ -858,7 +917,7 @@ mod tests {
     fn a_refiner_and_a_vae_are_sized_with_the_model_and_narrow_its_nodes() {
         use modelcache_crds::BaseModel;
         let with = |base: BaseModel, model_type: ModelType, path: &str, params: i64| LocalModel {
-            base,
+            base: Some(base),
             model_type,
             ..local(path, params)
         };
@@ -928,6 +987,94 @@ mod tests {
         let (reason, message) = why(serde_json::json!({"refiner": "xl-refiner"}), &sd1);
         assert_eq!(reason, reason::UNSUPPORTED_MODEL);
         assert!(message.contains("only finishes SDXL"), "{message}");
+    }
+
+    #[test]
+    fn controlnets_and_an_ip_adapter_are_sized_with_the_model_and_narrow_its_nodes() {
+        use modelcache_crds::BaseModel;
+        let with =
+            |base: Option<BaseModel>, model_type: ModelType, path: &str, params: i64| LocalModel {
+                base,
+                model_type,
+                ..local(path, params)
+            };
+        let sd = || local("sd", G);
+        let canny = || {
+            with(
+                Some(BaseModel::Sd1),
+                ModelType::ControlNet,
+                "cn/canny",
+                G / 2,
+            )
+        };
+        let t2i = || {
+            with(
+                Some(BaseModel::Sd1),
+                ModelType::T2iAdapter,
+                "t2i/depth",
+                G / 20,
+            )
+        };
+        let xl_cn = || with(Some(BaseModel::Sdxl), ModelType::ControlNet, "cn/xl", G);
+        let ip = || {
+            with(
+                Some(BaseModel::Sd1),
+                ModelType::IpAdapter,
+                "ip/ip.safetensors",
+                G / 50,
+            )
+        };
+        let encoder = || with(None, ModelType::ClipVision, "ip/image_encoder", G / 2);
+        let mns: Vec<Arc<ModelNode>> = [
+            model_node(
+                "n1",
+                "10.0.0.1",
+                24,
+                vec![sd(), canny(), t2i(), ip(), encoder(), xl_cn()],
+            ),
+            model_node("n2", "10.0.0.2", 24, vec![sd(), canny(), ip()]),
+            model_node(
+                "n3",
+                "10.0.0.3",
+                24,
+                vec![sd(), canny(), t2i(), ip(), encoder()],
+            ),
+        ]
+        .map(Arc::new)
+        .to_vec();
+        let spec = serde_json::json!({"precision": "F16", "controlnets": ["cn/canny", "t2i/depth"],
+                                      "ipAdapter": {"path": "ip/ip.safetensors"}});
+        let r = resolve(&deployment("sd", "sd", spec), &mns).unwrap();
+        assert_eq!(
+            r.info.as_ref().unwrap().size_bytes,
+            2 * (G + G / 2 + G / 20 + G / 50 + G / 2),
+            "model, ControlNet, T2I-Adapter, IP-Adapter and its encoder at F16"
+        );
+        assert_eq!(
+            r.nodes,
+            ["n1", "n3"],
+            "only nodes with every one (n2 lacks the encoder)"
+        );
+        let why = |spec: serde_json::Value| {
+            let u = resolve(&deployment("sd", "sd", spec), &mns).unwrap_err();
+            (u.reason, u.message)
+        };
+        let (reason, message) = why(serde_json::json!({"controlnets": ["cn/canny", "cn/xl"]}));
+        assert_eq!(reason, reason::UNSUPPORTED_MODEL);
+        assert!(
+            message.contains("spec.controlnets[1] \"cn/xl\" is a Sdxl ControlNet model, not a Sd1 ControlNet or T2I-Adapter"),
+            "{message}"
+        );
+        let (_, message) = why(
+            serde_json::json!({"ipAdapter": {"path": "ip/ip.safetensors", "imageEncoder": "cn/canny"}}),
+        );
+        assert!(message.contains("spec.ipAdapter.imageEncoder"), "{message}");
+        let (reason, message) = why(serde_json::json!({"controlnets": ["cn/none"]}));
+        assert_eq!(reason, reason::MODEL_NOT_FOUND);
+        assert!(
+            message.contains("spec.controlnets[0] \"cn/none\" is on no node"),
+            "{message}"
+        );
     }
 
     #[test]

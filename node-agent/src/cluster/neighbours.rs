@@ -101,7 +101,7 @@ mod tests {
                 .map(|(path, sha)| LocalModel {
                     path: path.to_string(),
                     model_type: ModelType::Main,
-                    base: BaseModel::Sd1,
+                    base: Some(BaseModel::Sd1),
                     variant: None,
                     prediction_type: None,
                     format: ModelFormat::Diffusers,

@@ -8,8 +8,8 @@ use crate::catalog::CatalogError;
 use crate::store::StoreError;
 use kube::ResourceExt;
 use modelcache_crds::{
-    GenerationDefaults, LoraSpec, ModelDeployment, ModelType, PlacementRole, Precision,
-    RemoteSource, Tier, WarmTier,
+    GenerationDefaults, IpAdapterSpec, LoraSpec, ModelDeployment, ModelType, PlacementRole,
+    Precision, RemoteSource, Tier, WarmTier,
 };
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +33,8 @@ pub struct Desired {
     pub loras: Vec<LoraSpec>,
     pub vae: Option<String>,
     pub refiner: Option<String>,
+    pub controlnets: Vec<String>,
+    pub ip_adapter: Option<IpAdapterSpec>,
     pub defaults: GenerationDefaults,
 }
 
@@ -64,6 +66,8 @@ pub fn desired(node: &str, deployments: &[Arc<ModelDeployment>]) -> BTreeMap<Str
                 loras: md.spec.loras.clone(),
                 vae: md.spec.vae.clone(),
                 refiner: md.spec.refiner.clone(),
+                controlnets: md.spec.controlnets.clone(),
+                ip_adapter: md.spec.ip_adapter.clone(),
                 defaults: md.spec.defaults.clone(),
             },
         );
@@ -103,6 +107,8 @@ pub enum PlacementError {
     Refiner { path: String, reason: String },
     #[error("spec.{0}")]
     Vae(#[from] crate::catalog::VaeError),
+    #[error("spec.{field}: {reason}")]
+    Conditioning { field: String, reason: String },
     #[error(transparent)]
     Warm(#[from] CacheError),
     #[error("preparing the model failed: {0}")]
@@ -117,7 +123,8 @@ pub struct Prepared {
     pub sha256: Option<String>,
     pub message: Option<String>,
     /// Every cache entry the placement warms: the model's components, its
-    /// refiner's and its VAE override.
+    /// refiner's, its VAE override, its ControlNets and T2I-Adapters, and
+    /// its IP-Adapter with the image encoder.
     pub keys: Vec<CacheKey>,
 }
 
@@ -193,6 +200,33 @@ pub fn prepare(agent: &Agent, d: &Desired) -> Result<Prepared, PlacementError> {
     }
     if let Some(path) = &d.vae {
         keys.push(CacheKey::from(catalog.vae(path)?));
+    }
+    for (i, path) in d.controlnets.iter().enumerate() {
+        let refused = |reason: String| PlacementError::Conditioning {
+            field: format!("controlnets[{i}]"),
+            reason,
+        };
+        let control = catalog
+            .controlnet(path)
+            .map_err(|e| refused(e.to_string()))?;
+        if control.base != model.base || !control.fits(&model.unet) {
+            return Err(refused(format!(
+                "{path:?} is for {} models and does not fit the model ({})",
+                control.base, model.base
+            )));
+        }
+        keys.push(control.key());
+    }
+    if let Some(ip) = &d.ip_adapter {
+        let refused = |reason: String| PlacementError::Conditioning {
+            field: "ipAdapter".into(),
+            reason,
+        };
+        let adapter = catalog
+            .ip_adapter(&ip.path, ip.image_encoder.as_deref())
+            .map_err(|e| refused(e.to_string()))?;
+        crate::pipeline::ip_adapter::check(&model, &adapter).map_err(|e| refused(e.to_string()))?;
+        keys.extend([adapter.key(), adapter.encoder_key()]);
     }
     let tier = TierKind::for_warm(d.warm);
     if let Some(t) = tier {

@@ -49,19 +49,17 @@ pub fn node_status(
     models.truncate(MAX_REPORTED_MODELS);
     let mut local: Vec<LocalModel> = found
         .iter()
-        .filter_map(|e| {
-            Some(LocalModel {
-                path: e.rel_path.clone(),
-                model_type: e.probe.model_type,
-                base: e.probe.base?,
-                variant: e.probe.variant,
-                prediction_type: e.probe.prediction_type,
-                format: e.probe.format,
-                file_bytes: e.probe.file_bytes as i64,
-                tensor_count: e.probe.tensor_count as i64,
-                parameter_count: Some((e.probe.size_bytes.f32 / 4) as i64),
-                sha256: hashes.get(&e.rel_path).cloned(),
-            })
+        .map(|e| LocalModel {
+            path: e.rel_path.clone(),
+            model_type: e.probe.model_type,
+            base: e.probe.base,
+            variant: e.probe.variant,
+            prediction_type: e.probe.prediction_type,
+            format: e.probe.format,
+            file_bytes: e.probe.file_bytes as i64,
+            tensor_count: e.probe.tensor_count as i64,
+            parameter_count: Some((e.probe.size_bytes.f32 / 4) as i64),
+            sha256: hashes.get(&e.rel_path).cloned(),
         })
         .collect();
     let local_truncated = local.len() > MAX_REPORTED_MODELS;

@@ -168,23 +168,23 @@ pub fn cross_attention_layers(unet: &UNet2DConditionModelConfig) -> usize {
 }
 
 /// What can be refused before any weight is loaded.
-pub fn check(model: &DiffusersModel, ip: &IpAdapter) -> Result<(), IpAdapterError> {
-    if let Some(adapter) = ip.model.base.filter(|b| *b != model.base) {
+pub fn check(model: &DiffusersModel, ip: &IpAdapterModel) -> Result<(), IpAdapterError> {
+    if let Some(adapter) = ip.base.filter(|b| *b != model.base) {
         return Err(IpAdapterError::Base {
             adapter,
             model: model.base,
         });
     }
-    if ip.model.cross_dim != model.unet.cross_attention_dim {
+    if ip.cross_dim != model.unet.cross_attention_dim {
         return Err(IpAdapterError::Width {
-            adapter: ip.model.cross_dim,
+            adapter: ip.cross_dim,
             model: model.unet.cross_attention_dim,
         });
     }
     let layers = cross_attention_layers(&model.unet);
-    if ip.model.layers != layers {
+    if ip.layers != layers {
         return Err(IpAdapterError::Layers {
-            adapter: ip.model.layers,
+            adapter: ip.layers,
             model: layers,
         });
     }

@@ -441,7 +441,7 @@ pub fn generate_batch(
         })?;
     }
     if let Some(ip) = &p.ip_adapter {
-        ip_adapter::check(model, ip).map_err(|source| RequestError::IpAdapter {
+        ip_adapter::check(model, &ip.model).map_err(|source| RequestError::IpAdapter {
             name: ip.model.file.clone(),
             source,
         })?;

@@ -423,6 +423,73 @@ async fn a_refiner_and_a_vae_are_warmed_with_the_model_and_finish_its_images() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn controlnets_and_an_ip_adapter_are_warmed_with_the_model() {
+    let n = node().await;
+    let models = n._dir.path().join("models");
+    let cn = fixtures().join("tiny-sd1-controlnet");
+    copy_dir(&cn.join("controlnet-a"), &models.join("cn/a"));
+    std::fs::copy(
+        cn.join("controlnet-a.safetensors"),
+        models.join("cn/a-single.safetensors"),
+    )
+    .unwrap();
+    copy_dir(
+        &fixtures().join("tiny-sd1-t2i-adapter/adapter"),
+        &models.join("t2i"),
+    );
+    copy_dir(&fixtures().join("tiny-sd1-ip-adapter"), &models.join("ip"));
+    copy_dir(
+        &fixtures().join("tiny-sdxl-controlnet/controlnet-a"),
+        &models.join("cn/xl"),
+    );
+    n.agent.agent.catalog.rescan();
+    let md = deployment(
+        "sd",
+        "tiny",
+        json!({"warmTier": "Ram", "controlnets": ["cn/a", "cn/a-single.safetensors", "t2i"],
+               "ipAdapter": {"path": "ip/ip-adapter.safetensors"}}),
+        &["n1"],
+    );
+    let wrong = deployment("wrong", "tiny", json!({"controlnets": ["cn/xl"]}), &["n1"]);
+    let _events = follow(&n.agent, vec![md, wrong]);
+    let p = settled(&n.agent, "ml/sd").await;
+    assert_eq!(p.phase, NodePlacementPhase::Ready, "{p:?}");
+    let pinned: Vec<String> = n
+        .agent
+        .agent
+        .cache
+        .entries()
+        .into_iter()
+        .filter(|e| e.tier == TierKind::Ram && e.pinned)
+        .map(|e| e.key.to_string())
+        .collect();
+    for part in [
+        "cn/a",
+        "converted",
+        "t2i",
+        "ip-adapter.safetensors",
+        "image_encoder",
+    ] {
+        assert!(
+            pinned.iter().any(|k| k.contains(part)),
+            "{part} warm: {pinned:?}"
+        );
+    }
+    assert_eq!(
+        pinned.len(),
+        3 + 5,
+        "the model's components and the five: {pinned:?}"
+    );
+    let p = settled(&n.agent, "ml/wrong").await;
+    assert_eq!(p.phase, NodePlacementPhase::Failed, "{p:?}");
+    let message = p.message.unwrap_or_default();
+    assert!(
+        message.contains("spec.controlnets[0]") && message.contains("Sdxl"),
+        "{message}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_hash_is_verified_before_ready() {
     let n = node().await;
     let wrong = "0".repeat(64);

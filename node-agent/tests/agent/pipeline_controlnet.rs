@@ -223,3 +223,96 @@ fn a_controlnet_and_a_t2i_adapter_act_together() {
     let e = pipeline::generate(&tiny_cache(), &model, &p, &|_| true).unwrap_err();
     assert!(e.to_string().contains("multiples of 64"), "{e}");
 }
+
+mod cache_invariants {
+    use super::*;
+    use modelcache_agent::cache::{CacheConfig, CacheError, DiskLoader, ModelCache, TierKind};
+    use modelcache_agent::pipeline::{IpAdapter, IpAdapterModel, PipelineError};
+    use proptest::prelude::*;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+
+    /// A request on tiny-sd1 with the conditioning models `which` selects:
+    /// ControlNet a, ControlNet b, the T2I-Adapter, the IP-Adapter.
+    fn request(which: [bool; 4]) -> GenerateParams {
+        let mut p = params("tiny-sd1", "multi");
+        let mut controls = Vec::new();
+        for (i, c) in p.controls.drain(..).enumerate() {
+            if which[i] {
+                controls.push(c);
+            }
+        }
+        if which[2] {
+            controls.extend(t2i_params("tiny-sd1").0.controls);
+        }
+        p.controls = controls;
+        if which[3] {
+            let dir = fixtures().join("tiny-sd1-ip-adapter");
+            p.ip_adapter = Some(IpAdapter {
+                model: Arc::new(
+                    IpAdapterModel::open(
+                        &dir.join("ip-adapter.safetensors"),
+                        &dir.join("image_encoder"),
+                    )
+                    .unwrap(),
+                ),
+                image: decode_image(&std::fs::read(dir.join("ip_image.png")).unwrap(), 1 << 22)
+                    .unwrap(),
+                weight: 0.6,
+            });
+        }
+        p.steps = 2;
+        p
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 8, ..ProptestConfig::default() })]
+
+        /// Generations with any mix of ControlNets, a T2I-Adapter and an
+        /// IP-Adapter through small RAM and device tiers: no tier ever holds
+        /// more than its budget, nothing stays locked after a generation, a
+        /// generation that does not fit fails with "cache full" (and leaves
+        /// nothing locked), and one that runs makes the image it makes with
+        /// room to spare, whatever was evicted for it.
+        #[test]
+        fn conditioned_generations_keep_the_cache_s_invariants(
+            ram_mib in 8u64..48, device_mib in 8u64..48,
+            requests in proptest::collection::vec(any::<[bool; 4]>(), 1..6),
+        ) {
+            static ROOMY: Mutex<Option<HashMap<[bool; 4], Vec<f32>>>> = Mutex::new(None);
+            let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+            let cache = ModelCache::new(
+                CacheConfig::cpu(ram_mib << 20, device_mib << 20),
+                Box::new(DiskLoader),
+                None,
+            );
+            for which in requests {
+                let p = request(which);
+                let r = pipeline::generate(&cache, &model, &p, &|_| true);
+                let (ram, dev) = cache.stats();
+                prop_assert!(ram.used <= ram.budget, "RAM {}/{}", ram.used, ram.budget);
+                prop_assert!(dev.used <= dev.budget, "device {}/{}", dev.used, dev.budget);
+                let entries = cache.entries();
+                prop_assert!(entries.iter().all(|e| !e.locked), "locked after: {:?}", entries);
+                let on_device = entries
+                    .iter()
+                    .filter(|e| e.tier == TierKind::Device)
+                    .count();
+                match r {
+                    Ok(images) => {
+                        prop_assert!(on_device > 0, "the generation left its models cached");
+                        let mut roomy = ROOMY.lock().unwrap();
+                        let want = roomy
+                            .get_or_insert_with(HashMap::new)
+                            .entry(which)
+                            .or_insert_with(|| generate("tiny-sd1", &p))
+                            .clone();
+                        prop_assert_eq!(&images[0].data, &want);
+                    }
+                    Err(PipelineError::Cache(CacheError::CacheFull { .. })) => {}
+                    Err(e) => prop_assert!(false, "{e}"),
+                }
+            }
+        }
+    }
+}
