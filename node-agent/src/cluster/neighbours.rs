@@ -142,6 +142,8 @@ mod tests {
             loras: Vec::new(),
             vae: None,
             refiner: None,
+            controlnets: Vec::new(),
+            ip_adapter: None,
             defaults: md.defaults,
         }
     }
