@@ -399,6 +399,11 @@ fn tiny_cache() -> ModelCache {
 /// `MODELCACHE_DIFFUSERS_PYTHON` names a Python with torch and diffusers
 /// (scripts/diffusers-venv.sh); the reference column and ratio then follow.
 fn diffusers_step(args: &[&str]) -> Option<f64> {
+    diffusers_json(args)?["step_s"].as_f64()
+}
+
+/// What `scripts/diffusers_step_bench.py` prints, when it can run.
+fn diffusers_json(args: &[&str]) -> Option<serde_json::Value> {
     let python = std::env::var_os("MODELCACHE_DIFFUSERS_PYTHON")?;
     let script = fixtures().join("../../scripts/diffusers_step_bench.py");
     let out = std::process::Command::new(python)
@@ -413,13 +418,12 @@ fn diffusers_step(args: &[&str]) -> Option<f64> {
         );
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(
+    serde_json::from_slice(
         out.stdout
             .split(|b| *b == b'\n')
             .find(|l| l.starts_with(b"{"))?,
     )
-    .ok()?;
-    v["step_s"].as_f64()
+    .ok()
 }
 
 fn versus_diffusers(ours: f64, theirs: Option<f64>, unit_ms: bool) -> (String, Option<f64>) {
@@ -611,6 +615,146 @@ fn bench_sd15() {
     );
 }
 
+/// Seconds as people read them: ms below one.
+fn seconds(s: f64) -> String {
+    if s < 1.0 {
+        format!("{:.1} ms", s * 1e3)
+    } else {
+        format!("{s:.2} s")
+    }
+}
+
+/// One row of the ControlNet benchmark: the step alone and with one
+/// ControlNet, the ControlNet's share of the step beside diffusers'.
+fn controlnet_row(what: &str, alone: f64, controlled: f64, theirs: Option<serde_json::Value>) {
+    let extra = (controlled - alone) / alone;
+    let theirs = theirs.and_then(|v| {
+        let (a, c) = (v["step_s"].as_f64()?, v["controlled_step_s"].as_f64()?);
+        Some((c - a) / a)
+    });
+    let (reference, ratio) = match theirs {
+        Some(d) => (format!("diffusers +{:.0}%", d * 100.0), Some((1.0 + extra) / (1.0 + d))),
+        None => (
+            "diffusers: set MODELCACHE_DIFFUSERS_PYTHON to measure".into(),
+            None,
+        ),
+    };
+    row(
+        what,
+        format!(
+            "+{:.0}% ({} → {})",
+            extra * 100.0,
+            seconds(alone),
+            seconds(controlled)
+        ),
+        reference,
+        ratio,
+        "<= 1.0x diffusers' controlled/alone",
+    );
+}
+
+/// What one ControlNet adds to a denoising step, against the step alone in
+/// the same run: tiny-sd1 at 64×64 through the whole pipeline.
+fn bench_controlnet() {
+    header("ControlNet: extra cost per step");
+    let cache = tiny_cache();
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let dir = fixtures().join("tiny-sd1-controlnet");
+    let control = pipeline::Control {
+        model: std::sync::Arc::new(
+            pipeline::ControlModel::open(&dir.join("controlnet-a")).unwrap(),
+        ),
+        image: pipeline::image::decode_image(
+            &std::fs::read(dir.join("control.png")).unwrap(),
+            1 << 22,
+        )
+        .unwrap(),
+        weight: 1.0,
+        start: 0.0,
+        end: 1.0,
+    };
+    let per_step = |controls: Vec<pipeline::Control>| {
+        let p = |steps| GenerateParams {
+            prompt: "a red cat".into(),
+            steps,
+            width: 64,
+            height: 64,
+            controls: controls.clone(),
+            ..Default::default()
+        };
+        pipeline::generate(&cache, &model, &p(2), &|_| true).unwrap();
+        let step = |steps: usize| {
+            let t = Instant::now();
+            pipeline::generate(&cache, &model, &p(steps), &|_| true).unwrap();
+            t.elapsed().as_secs_f64()
+        };
+        let a = median((0..5).map(|_| step(2)).collect());
+        let b = median((0..5).map(|_| step(22)).collect());
+        (b - a) / 20.0
+    };
+    let (alone, controlled) = (per_step(Vec::new()), per_step(vec![control]));
+    let theirs = diffusers_json(&[
+        "controlnet",
+        &fixtures().join("tiny-sd1").to_string_lossy(),
+        &dir.join("controlnet-a").to_string_lossy(),
+        &dir.join("control.png").to_string_lossy(),
+    ]);
+    controlnet_row(
+        "tiny-sd1 step at 64×64 (CFG batch 2) with one ControlNet",
+        alone,
+        controlled,
+        theirs,
+    );
+}
+
+/// The same at SD 1.5's size: its UNet alone, then an SD 1.5 ControlNet
+/// and the UNet with its residuals (random weights, f32, CPU, 512×512).
+fn bench_controlnet_sd15() {
+    use candle_nn::VarBuilder;
+    use modelcache_agent::pipeline::nets::controlnet::{ControlNet, ControlNetConfig};
+    use modelcache_agent::pipeline::nets::unet_2d::Inputs;
+    header("ControlNet: extra cost per step, SD-1.5-sized");
+    let (unet, map) = sd15_unet();
+    let config = ControlNetConfig::from_json(&serde_json::json!({
+        "block_out_channels": [320, 640, 1280, 1280], "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "attention_head_dim": 8, "cross_attention_dim": 768, "layers_per_block": 2})).unwrap();
+    let net_map = candle_nn::VarMap::new();
+    let net = ControlNet::new(
+        VarBuilder::from_varmap(&net_map, DType::F32, &Device::Cpu),
+        4,
+        config,
+    )
+    .unwrap();
+    let x = candle_core::Tensor::zeros((2, 4, 64, 64), DType::F32, &Device::Cpu).unwrap();
+    let ctx = candle_core::Tensor::zeros((2, 77, 768), DType::F32, &Device::Cpu).unwrap();
+    let cond = candle_core::Tensor::zeros((2, 3, 512, 512), DType::F32, &Device::Cpu).unwrap();
+    let t = Instant::now();
+    unet.forward(&x, 500.0, &ctx).unwrap();
+    let alone = t.elapsed().as_secs_f64();
+    let t = Instant::now();
+    let control = net.embed_control(&cond).unwrap();
+    let r = net.forward(&x, 500.0, &ctx, &control, 1.0, None).unwrap();
+    unet.forward_with(
+        &x,
+        500.0,
+        &ctx,
+        Inputs {
+            down: Some(&r.down),
+            mid: Some(&r.mid),
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let controlled = t.elapsed().as_secs_f64();
+    drop((unet, map, net, net_map));
+    controlnet_row(
+        "SD 1.5 UNet step at 512×512 (CFG batch 2, f32, CPU) with one ControlNet",
+        alone,
+        controlled,
+        diffusers_json(&["controlnet-sd15"]),
+    );
+}
+
 fn bench_api() {
     header("API overhead");
     let dir = tempfile::tempdir().unwrap();
@@ -729,7 +873,10 @@ fn main() {
         .collect();
     let all = groups.is_empty();
     let want = |g: &str| {
-        all && !matches!(g, "sd15" | "malloc" | "malloc-steps" | "malloc-serving")
+        all && !matches!(
+            g,
+            "sd15" | "controlnet-sd15" | "malloc" | "malloc-steps" | "malloc-serving"
+        )
             || groups.iter().any(|x| x == g)
     };
     println!(
@@ -750,6 +897,12 @@ fn main() {
     }
     if want("sd15") {
         bench_sd15();
+    }
+    if want("controlnet") {
+        bench_controlnet();
+    }
+    if want("controlnet-sd15") {
+        bench_controlnet_sd15();
     }
     if want("api") {
         bench_api();

@@ -74,7 +74,7 @@ struct Adapting {
 /// and conditioning on its device.
 struct Controlling {
     net: ControlNet,
-    /// `[rows × images, 3, H, W]`, each row's images in the UNet input's order.
+    /// The control image embedded (once), `[rows × images, C, h, w]`.
     image: Tensor,
     context: Tensor,
     added: Option<(Tensor, Tensor)>,
@@ -225,9 +225,10 @@ impl Denoiser {
                 Some((pooled, ids)) => Some((on(pooled)?, on(ids)?)),
                 None => None,
             };
+            let embedded = net.embed_control(&image)?;
             self.controls.push(Controlling {
                 net,
-                image: image.repeat((rows * images, 1, 1, 1))?,
+                image: embedded.repeat((rows * images, 1, 1, 1))?,
                 context: on(&self.context)?,
                 added,
                 weight: c.weight,

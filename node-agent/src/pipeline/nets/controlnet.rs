@@ -247,26 +247,33 @@ impl ControlNet {
         })
     }
 
-    /// The residuals for latents `xs` (already scaled for the scheduler) at
-    /// `timestep`, with the control image `cond` (`[batch, 3, H, W]` in [0, 1],
-    /// RGB) and each residual times `scale`.
-    pub fn forward(
-        &self,
-        xs: &Tensor,
-        timestep: f64,
-        encoder_hidden_states: &Tensor,
-        cond: &Tensor,
-        scale: f64,
-        added: Option<(&Tensor, &Tensor)>,
-    ) -> Result<Residuals> {
-        let bsize = xs.dim(0)?;
-        let emb = self.encoder.embed_time(bsize, timestep, xs, added)?;
+    /// The control image `[batch, 3, H, W]` (in [0, 1], RGB) embedded to the
+    /// latents' size. It depends on nothing else, so a generation computes
+    /// it once, not at every step as diffusers does (the same numbers).
+    pub fn embed_control(&self, cond: &Tensor) -> Result<Tensor> {
         let cond = if self.config.bgr {
             cond.flip(&[1])?
         } else {
             cond.clone()
         };
-        let xs = (self.encoder.conv_in(xs)? + self.cond_embedding.forward(&cond)?)?;
+        self.cond_embedding.forward(&cond)
+    }
+
+    /// The residuals for latents `xs` (already scaled for the scheduler) at
+    /// `timestep`, with the embedded control image `control` (see
+    /// [`ControlNet::embed_control`]) and each residual times `scale`.
+    pub fn forward(
+        &self,
+        xs: &Tensor,
+        timestep: f64,
+        encoder_hidden_states: &Tensor,
+        control: &Tensor,
+        scale: f64,
+        added: Option<(&Tensor, &Tensor)>,
+    ) -> Result<Residuals> {
+        let bsize = xs.dim(0)?;
+        let emb = self.encoder.embed_time(bsize, timestep, xs, added)?;
+        let xs = (self.encoder.conv_in(xs)? + control)?;
         let (xs, res, _) = self.encoder.down(xs, &emb, encoder_hidden_states, &[])?;
         let mid = self.encoder.mid(&xs, &emb, encoder_hidden_states)?;
         let out = |conv: &Conv2d, x: &Tensor| -> Result<Tensor> {
