@@ -67,7 +67,7 @@ pub enum ControlNetError {
 /// Why an IP-Adapter a request names cannot be used.
 #[derive(Debug, thiserror::Error)]
 pub enum IpAdapterLookupError {
-    #[error("{0:?} is not an IP-Adapter file in the models folder")]
+    #[error("{0:?} is not an IP-Adapter in the models folder")]
     NotFound(String),
     #[error("{name:?} is a {kind} model, not an IP-Adapter")]
     NotIpAdapter { name: String, kind: ModelType },
@@ -75,6 +75,8 @@ pub enum IpAdapterLookupError {
     NoEncoder(String),
     #[error("{0:?} needs its CLIP Vision image encoder: an image_encoder/ folder beside it, or one named with image_encoder")]
     EncoderUnknown(String),
+    #[error("image_encoder.txt names {0:?}, and no CLIP Vision model of that path or folder name is in the models folder")]
+    EncoderNotFound(String),
     #[error("{name:?}: {source}")]
     Model { name: String, source: ModelError },
 }
@@ -450,30 +452,83 @@ impl Catalog {
                 kind: entry.probe.model_type,
             });
         }
-        let encoder = match encoder {
-            Some(e) => {
-                self.by_path(e)
-                    .filter(|c| c.probe.model_type == ModelType::ClipVision)
+        // A folder in InvokeAI's layout names its encoder in image_encoder.txt.
+        let (file, named) = match entry.probe.format {
+            ModelFormat::Diffusers => (
+                store::probe::ip_adapter_weights(&entry.path)
+                    .ok_or_else(|| IpAdapterLookupError::NotFound(rel.to_string()))?,
+                std::fs::read_to_string(entry.path.join("image_encoder.txt"))
+                    .ok()
+                    .and_then(|t| t.lines().next().map(|l| l.trim().to_string()))
+                    .filter(|l| !l.is_empty()),
+            ),
+            ModelFormat::Checkpoint => (entry.path.clone(), None),
+        };
+        let clip_vision = |path: &str| {
+            self.by_path(path)
+                .filter(|c| c.probe.model_type == ModelType::ClipVision)
+        };
+        let encoder = match (encoder, named) {
+            (Some(e), _) => {
+                clip_vision(e)
                     .ok_or_else(|| IpAdapterLookupError::NoEncoder(e.to_string()))?
                     .path
             }
-            None => {
+            (None, Some(id)) => self
+                .encoder_named(&id)
+                .ok_or(IpAdapterLookupError::EncoderNotFound(id))?,
+            (None, None) => {
                 let beside = Path::new(rel)
                     .parent()
                     .unwrap_or(Path::new(""))
                     .join("image_encoder");
-                self.by_path(&beside.to_string_lossy())
-                    .filter(|c| c.probe.model_type == ModelType::ClipVision)
+                clip_vision(&beside.to_string_lossy())
                     .ok_or_else(|| IpAdapterLookupError::EncoderUnknown(rel.to_string()))?
                     .path
             }
         };
-        IpAdapterModel::open(&entry.path, &encoder)
+        // The cache reads safetensors: a pickled adapter is converted once.
+        let file = convert::converted_safetensors(&self.state_dir, &file).map_err(|e| {
+            IpAdapterLookupError::Model {
+                name: rel.to_string(),
+                source: e.into(),
+            }
+        })?;
+        IpAdapterModel::open(&file, &encoder)
             .map(Arc::new)
             .map_err(|source| IpAdapterLookupError::Model {
                 name: rel.to_string(),
                 source,
             })
+    }
+
+    /// The CLIP Vision folder an IP-Adapter folder's `image_encoder.txt`
+    /// names: by its path under the models folder, by its folder's name, or
+    /// by the encoder InvokeAI installs for `ViT-H` / `ViT-G`.
+    fn encoder_named(&self, id: &str) -> Option<PathBuf> {
+        let alias = match id {
+            "ViT-H" => "ip_adapter_sd_image_encoder",
+            "ViT-G" => "ip_adapter_sdxl_image_encoder",
+            "ViT-L" => "clip-vit-large-patch14",
+            other => other,
+        };
+        let models = self.models();
+        let vision = || {
+            models
+                .found
+                .values()
+                .filter(|c| c.probe.model_type == ModelType::ClipVision)
+        };
+        vision()
+            .find(|c| c.rel_path == id)
+            .or_else(|| {
+                vision().find(|c| {
+                    Path::new(&c.rel_path)
+                        .file_name()
+                        .is_some_and(|n| n == id || n == alias)
+                })
+            })
+            .map(|c| c.path.clone())
     }
 
     /// The pipeline of a model: single-file checkpoints are converted once into

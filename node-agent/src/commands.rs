@@ -208,9 +208,18 @@ impl std::str::FromStr for IpAdapterSpec {
     }
 }
 
-/// `--ip-adapter` as the pipeline's image prompt.
-fn read_ip_adapter(spec: &IpAdapterSpec) -> anyhow::Result<pipeline::IpAdapter> {
+/// `--ip-adapter` as the pipeline's image prompt. A folder in InvokeAI's
+/// layout (`ip_adapter.bin`, `image_encoder.txt`) needs `encoder=`; a
+/// pickled file is converted once into the state folder.
+fn read_ip_adapter(spec: &IpAdapterSpec, state_dir: &Path) -> anyhow::Result<pipeline::IpAdapter> {
     let at = || format!("--ip-adapter model={}", spec.model.display());
+    let file = if spec.model.is_dir() {
+        store::probe::ip_adapter_weights(&spec.model)
+            .with_context(|| format!("{}: no ip_adapter.safetensors or ip_adapter.bin", at()))?
+    } else {
+        spec.model.clone()
+    };
+    let file = store::convert::converted_safetensors(state_dir, &file).with_context(at)?;
     let encoder = match &spec.encoder {
         Some(e) => e.clone(),
         None => spec
@@ -219,7 +228,7 @@ fn read_ip_adapter(spec: &IpAdapterSpec) -> anyhow::Result<pipeline::IpAdapter> 
             .unwrap_or(Path::new("."))
             .join("image_encoder"),
     };
-    let model = pipeline::IpAdapterModel::open(&spec.model, &encoder).with_context(at)?;
+    let model = pipeline::IpAdapterModel::open(&file, &encoder).with_context(at)?;
     let bytes = std::fs::read(&spec.image)
         .with_context(|| format!("--ip-adapter image={}", spec.image.display()))?;
     let image = pipeline::image::decode_image(&bytes, MAX_EDIT_PIXELS)
@@ -394,7 +403,11 @@ pub fn generate(a: GenerateOptions) -> anyhow::Result<()> {
         refiner,
         dtype: None,
         controls: read_controls(&a.controlnets, &a.state_dir, (width, height))?,
-        ip_adapter: a.ip_adapter.as_ref().map(read_ip_adapter).transpose()?,
+        ip_adapter: a
+            .ip_adapter
+            .as_ref()
+            .map(|s| read_ip_adapter(s, &a.state_dir))
+            .transpose()?,
     };
     // Adapters are cached twice too (file bytes in RAM, tensors on the device).
     let adapter_bytes: u64 = p

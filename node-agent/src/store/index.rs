@@ -19,8 +19,14 @@ pub enum WeightsFormat {
 pub enum Location {
     /// Absolute byte offset in a safetensors file.
     File { offset: u64 },
-    /// A storage record inside a PyTorch zip archive.
-    Zip { entry: String },
+    /// A storage record inside a PyTorch zip archive; `section` is the
+    /// top-level key of the dict that holds it in a file of several
+    /// (`{"image_proj": {…}, "ip_adapter": {…}}`), whose name is the tensor's
+    /// name's first part.
+    Zip {
+        entry: String,
+        section: Option<String>,
+    },
 }
 
 /// One tensor of a weights file.
@@ -74,22 +80,29 @@ pub struct TensorIndex {
     pub(crate) pickle: PickleReader,
 }
 
-/// Lazily built [`candle_core::pickle::PthTensors`] of a pickle index.
+/// Lazily built [`candle_core::pickle::PthTensors`] of a pickle index, one
+/// per section (the whole dict is the section `None`).
 #[derive(Clone, Default)]
 pub(crate) struct PickleReader(
-    std::sync::OnceLock<std::sync::Arc<candle_core::pickle::PthTensors>>,
+    std::sync::Arc<
+        std::sync::Mutex<HashMap<Option<String>, std::sync::Arc<candle_core::pickle::PthTensors>>>,
+    >,
 );
 
 impl PickleReader {
     pub(crate) fn get_or_try_init(
         &self,
+        section: Option<&str>,
         f: impl FnOnce() -> candle_core::Result<candle_core::pickle::PthTensors>,
     ) -> candle_core::Result<std::sync::Arc<candle_core::pickle::PthTensors>> {
-        if let Some(r) = self.0.get() {
+        let mut readers = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        let key = section.map(str::to_string);
+        if let Some(r) = readers.get(&key) {
             return Ok(r.clone());
         }
         let r = std::sync::Arc::new(f()?);
-        Ok(self.0.get_or_init(|| r).clone())
+        readers.insert(key, r.clone());
+        Ok(r)
     }
 }
 

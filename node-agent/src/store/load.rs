@@ -39,21 +39,48 @@ pub fn read_bytes(index: &TensorIndex, meta: &TensorMeta) -> Result<Vec<u8>> {
     }
 }
 
-/// candle's reader of a pickle archive, parsed once per index.
-fn pickle_reader(index: &TensorIndex) -> Result<std::sync::Arc<candle_core::pickle::PthTensors>> {
-    let key = index.metadata.get(PICKLE_KEY).map(String::as_str);
+/// candle's reader of a pickle archive (of one section of it), parsed once
+/// per index.
+fn pickle_reader(
+    index: &TensorIndex,
+    section: Option<&str>,
+) -> Result<std::sync::Arc<candle_core::pickle::PthTensors>> {
+    let key = section.or(index.metadata.get(PICKLE_KEY).map(String::as_str));
     index
         .pickle
-        .get_or_try_init(|| candle_core::pickle::PthTensors::new(&index.path, key))
+        .get_or_try_init(section, || {
+            candle_core::pickle::PthTensors::new(&index.path, key)
+        })
         .map_err(|e| StoreError::Candle {
             path: index.path.clone(),
             reason: super::error::candle_message(&e),
         })
 }
 
+/// A pickled tensor: its section's reader and its name there.
+fn pickled<'m>(
+    index: &TensorIndex,
+    meta: &'m TensorMeta,
+) -> Result<(std::sync::Arc<candle_core::pickle::PthTensors>, &'m str)> {
+    let section = match &meta.location {
+        Location::Zip { section, .. } => section.as_deref(),
+        Location::File { .. } => None,
+    };
+    let name = match section {
+        Some(s) => meta
+            .name
+            .strip_prefix(s)
+            .and_then(|n| n.strip_prefix('.'))
+            .unwrap_or(&meta.name),
+        None => &meta.name,
+    };
+    Ok((pickle_reader(index, section)?, name))
+}
+
 fn read_pickle_tensor(index: &TensorIndex, meta: &TensorMeta) -> Result<Tensor> {
-    pickle_reader(index)?
-        .get(&meta.name)
+    let (reader, name) = pickled(index, meta)?;
+    reader
+        .get(name)
         .map_err(|e| StoreError::Candle {
             path: index.path.clone(),
             reason: super::error::candle_message(&e),
@@ -127,10 +154,7 @@ pub fn load_all(
     dtype: DType,
 ) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::with_capacity(index.tensors.len());
-    let pth = match index.format {
-        WeightsFormat::Pickle => Some(pickle_reader(index)?),
-        WeightsFormat::Safetensors => None,
-    };
+    let pickle = index.format == WeightsFormat::Pickle;
     let file = super::file::open_regular(&index.path)?;
     for meta in &index.tensors {
         let terr = |e: candle_core::Error| StoreError::Tensor {
@@ -138,7 +162,7 @@ pub fn load_all(
             tensor: meta.name.clone(),
             reason: super::error::candle_message(&e),
         };
-        let t = match (&meta.location, &pth) {
+        let t = match (&meta.location, pickle) {
             (Location::File { offset }, _) => {
                 let src = candle_dtype(meta.dtype).ok_or_else(|| StoreError::Tensor {
                     path: index.path.clone(),
@@ -150,11 +174,14 @@ pub fn load_all(
                     .map_err(StoreError::io(&index.path))?;
                 Tensor::from_raw_buffer(&buf, src, &meta.shape, &Device::Cpu).map_err(terr)?
             }
-            (Location::Zip { .. }, Some(p)) => p
-                .get(&meta.name)
-                .map_err(terr)?
-                .ok_or_else(|| terr(candle_core::Error::Msg("missing from archive".into())))?,
-            (Location::Zip { .. }, None) => continue,
+            (Location::Zip { .. }, true) => {
+                let (reader, name) = pickled(index, meta)?;
+                reader
+                    .get(name)
+                    .map_err(terr)?
+                    .ok_or_else(|| terr(candle_core::Error::Msg("missing from archive".into())))?
+            }
+            (Location::Zip { .. }, false) => continue,
         };
         let t = if meta.is_float() && t.dtype() != dtype {
             t.to_dtype(dtype).map_err(terr)?

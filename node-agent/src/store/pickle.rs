@@ -297,8 +297,21 @@ pub fn read_index(path: &Path) -> Result<TensorIndex> {
     let Object::Dict(items) = obj else {
         return Err(bad(path, "the pickle does not hold a dict of tensors"));
     };
-    let mut tensors = Vec::new();
+    // A dict of tensors, or (IP-Adapter files) a dict of such dicts, each a
+    // section whose key prefixes its tensors' names.
+    let mut entries = Vec::new();
     for (name, value) in items {
+        match (value, key.is_none(), name.clone().unicode()) {
+            (Object::Dict(inner), true, Ok(section)) => entries.extend(
+                inner
+                    .into_iter()
+                    .map(|(n, v)| (n, v, Some(section.clone()))),
+            ),
+            (value, _, _) => entries.push((name, value, None)),
+        }
+    }
+    let mut tensors = Vec::new();
+    for (name, value, section) in entries {
         let Ok(name_str) = name.clone().unicode() else {
             continue;
         };
@@ -321,10 +334,16 @@ pub fn read_index(path: &Path) -> Result<TensorIndex> {
         let shape = info.layout.dims().to_vec();
         let len = shape.iter().product::<usize>() as u64 * info.dtype.size_in_bytes() as u64;
         tensors.push(TensorMeta {
-            name: info.name,
+            name: match &section {
+                Some(s) => format!("{s}.{}", info.name),
+                None => info.name,
+            },
             dtype,
             shape,
-            location: Location::Zip { entry: info.path },
+            location: Location::Zip {
+                entry: info.path,
+                section,
+            },
             len,
         });
     }

@@ -525,6 +525,14 @@ fn probe_controlnet_checkpoint(index: &TensorIndex, r: &mut ProbeResult) -> Resu
     ))
 }
 
+/// The weights file of an IP-Adapter folder in InvokeAI's layout.
+pub fn ip_adapter_weights(dir: &Path) -> Option<std::path::PathBuf> {
+    ["ip_adapter.safetensors", "ip_adapter.bin"]
+        .into_iter()
+        .map(|f| dir.join(f))
+        .find(|p| p.is_file())
+}
+
 /// An IP-Adapter's base from the width of its image tokens (the UNet's
 /// cross-attention width); a width no release has leaves it open, and the
 /// adapter is checked against the model it is used with.
@@ -614,10 +622,20 @@ fn probe_folder(dir: &Path) -> Result<ProbeResult> {
         }
     }
     if dir.join("image_encoder.txt").exists() {
-        return Err(StoreError::invalid(
-            dir,
-            "IP-Adapters are recognised but not served by this agent",
-        ));
+        // InvokeAI's IP-Adapter folder: the weights and the name of their encoder.
+        let file = ip_adapter_weights(dir).ok_or_else(|| {
+            StoreError::invalid(
+                dir,
+                "an IP-Adapter folder (image_encoder.txt) without ip_adapter.safetensors or ip_adapter.bin",
+            )
+        })?;
+        let index = open_weights(&file)?;
+        let mut r = ProbeResult::new(dir, ModelType::IpAdapter, ModelFormat::Diffusers);
+        probe_ip_adapter(&index, &mut r);
+        r.size_bytes = SizeByPrecision::of(&index);
+        r.file_bytes = index.file_bytes;
+        r.tensor_count = index.tensors.len() as u64;
+        return Ok(r.finish());
     }
     let (config_name, config) = if dir.join("model_index.json").exists() {
         (

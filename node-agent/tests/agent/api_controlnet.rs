@@ -35,6 +35,10 @@ fn agent() -> Agent {
                 &fixtures().join("tiny-sdxl-ip-adapter"),
                 &models.join("ip-xl"),
             );
+            copy_dir(
+                &fixtures().join("tiny-sd1-ip-adapter/image_encoder"),
+                &models.join("encoders/tiny_image_encoder"),
+            );
             std::fs::create_dir_all(models.join("ip-alone")).unwrap();
             std::fs::copy(
                 fixtures().join("tiny-sd1-ip-adapter/ip-adapter.safetensors"),
@@ -301,6 +305,12 @@ fn an_image_prompt_steers_generations_and_edits() {
             json!({"model": "ip-alone/ip-adapter.safetensors", "image": ip, "weight": 0.5,
                    "image_encoder": "ip/image_encoder"})
         ),
+        half
+    );
+    // InvokeAI's folder: the original release's pickled sections, and the
+    // encoder named in image_encoder.txt.
+    assert_eq!(
+        ask(json!({"model": "ip/invokeai", "image": ip, "weight": 0.5})),
         half
     );
     // With a ControlNet at once.

@@ -50,3 +50,53 @@ fn ip_adapters_match_diffusers() {
         assert!(d < 1e-3, "{base}: max abs difference {d}");
     }
 }
+
+#[test]
+fn the_command_line_takes_an_ip_adapter_file_or_invokeai_folder() {
+    let out = tempfile::tempdir().unwrap();
+    let dir = fixtures().join("tiny-sd1-ip-adapter");
+    let run = |spec: &str, file: &str| {
+        let o = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+            .arg("generate")
+            .arg("--model")
+            .arg(fixtures().join("tiny-sd1"))
+            .args(["--prompt", "a red cat", "--steps", "4", "--size", "64x64"])
+            .args(["--scheduler", "ddim"])
+            .arg("--latents")
+            .arg(fixtures().join("tiny-sd1/reference_latents.safetensors"))
+            .arg("--state-dir")
+            .arg(out.path().join("state"))
+            .args(["--ip-adapter", spec])
+            .arg("--out")
+            .arg(out.path().join(file))
+            .output()
+            .unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let (_, image) = modelcache_agent::pipeline::image::read_npy(
+            &std::fs::read(out.path().join(file)).unwrap(),
+        )
+        .unwrap();
+        image
+    };
+    let image = dir.join("ip_image.png");
+    let file = run(
+        &format!(
+            "model={},image={},weight=0.6",
+            dir.join("ip-adapter.safetensors").display(),
+            image.display()
+        ),
+        "a.npy",
+    );
+    let d = max_abs_diff_from(&file, &dir.join("reference_f64.npy"));
+    assert!(d < 1e-3, "{d}");
+    let folder = run(
+        &format!(
+            "model={},image={},weight=0.6,encoder={}",
+            dir.join("invokeai").display(),
+            image.display(),
+            dir.join("image_encoder").display()
+        ),
+        "b.npy",
+    );
+    assert_eq!(file, folder, "the pickled folder is the same adapter");
+}

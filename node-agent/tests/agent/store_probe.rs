@@ -334,6 +334,55 @@ fn vae_lora_embedding_controlnet_files() {
 }
 
 #[test]
+fn conditioning_models_are_probed_with_their_base() {
+    let dir = tempfile::tempdir().unwrap();
+    // An IP-Adapter file: its base from its image tokens' width.
+    let ip = |name: &str, width: usize| {
+        file(
+            dir.path(),
+            name,
+            &[
+                ("image_proj.proj.weight", F16, &[4 * width, 1024]),
+                ("image_proj.norm.weight", F16, &[width]),
+                ("ip_adapter.1.to_k_ip.weight", F16, &[320, width]),
+            ],
+        )
+    };
+    for (width, base) in [
+        (768, Some(BaseModel::Sd1)),
+        (2048, Some(BaseModel::Sdxl)),
+        (80, None),
+    ] {
+        let r = store::probe(&ip(&format!("ip{width}.safetensors"), width)).unwrap();
+        assert_eq!((r.model_type, r.base), (ModelType::IpAdapter, base));
+    }
+    // The fixtures: ControlNets of a width no release has take the base their
+    // structure shows; T2I-Adapters from adapter_type; CLIP Vision is any base;
+    // InvokeAI's IP-Adapter folder (pickled sections) is an IP-Adapter.
+    let f = fixtures();
+    for (path, kind, base) in [
+        ("tiny-sd1-controlnet/controlnet-a", ModelType::ControlNet, Some(BaseModel::Sd1)),
+        ("tiny-sd1-controlnet/controlnet-a.safetensors", ModelType::ControlNet, Some(BaseModel::Sd1)),
+        ("tiny-sdxl-controlnet/controlnet-a", ModelType::ControlNet, Some(BaseModel::Sdxl)),
+        ("tiny-sd1-t2i-adapter/adapter", ModelType::T2iAdapter, Some(BaseModel::Sd1)),
+        ("tiny-sdxl-t2i-adapter/adapter", ModelType::T2iAdapter, Some(BaseModel::Sdxl)),
+        ("tiny-sd1-ip-adapter/image_encoder", ModelType::ClipVision, None),
+        ("tiny-sd1-ip-adapter/invokeai", ModelType::IpAdapter, None),
+    ] {
+        let r = store::probe(&f.join(path)).unwrap();
+        assert_eq!((r.model_type, r.base), (kind, base), "{path}");
+    }
+    let r = store::probe(&f.join("tiny-sd1-ip-adapter/invokeai")).unwrap();
+    assert_eq!(r.tensor_count, 36, "the pickle's two sections, flattened");
+    // A folder that says it is an IP-Adapter but has no weights.
+    let empty = dir.path().join("ip-empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    std::fs::write(empty.join("image_encoder.txt"), "ViT-H\n").unwrap();
+    let e = store::probe(&empty).unwrap_err().to_string();
+    assert!(e.contains("ip_adapter.bin"), "{e}");
+}
+
+#[test]
 fn flax_metadata_is_refused_and_unknown_suffix_too() {
     let dir = tempfile::tempdir().unwrap();
     let p = dir.path().join("f.safetensors");

@@ -155,6 +155,39 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
     })
 }
 
+/// A pickled weights file (`.bin`, `.pt`, `.pth`, `.ckpt`) as safetensors,
+/// written once into the state folder with every tensor's bytes as they are
+/// (the cache reads only safetensors); a safetensors file is itself.
+pub fn converted_safetensors(state_dir: &Path, file: &Path) -> Result<PathBuf> {
+    if file.extension().is_some_and(|e| e == "safetensors") {
+        return Ok(file.to_path_buf());
+    }
+    let out = cache_dir(state_dir, file, None)?;
+    let name = file
+        .file_stem()
+        .map(|s| format!("{}.safetensors", s.to_string_lossy()))
+        .unwrap_or_else(|| "weights.safetensors".into());
+    if out.join(&name).is_file() {
+        return Ok(out.join(name));
+    }
+    let index = open_weights(file)?;
+    let planned: Vec<Planned> = index
+        .tensors
+        .iter()
+        .map(|t| Planned {
+            src: t.name.clone(),
+            dst: t.name.clone(),
+            op: Op::Copy {
+                shape: t.shape.clone(),
+            },
+        })
+        .collect();
+    write_atomically(&out, |tmp| {
+        write_component(&index, &planned, &tmp.join(&name))
+    })?;
+    Ok(out.join(name))
+}
+
 /// Writes a folder under a temporary name beside `out` and renames it into
 /// place, so that a conversion cut short leaves no half-written model (and
 /// the `.partial-*` leftovers of a crash are removed at start).
