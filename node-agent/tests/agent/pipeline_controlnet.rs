@@ -129,21 +129,11 @@ fn the_command_line_takes_controlnets_and_matches_diffusers() {
     let out = tempfile::tempdir().unwrap();
     let d = dir("tiny-sd1");
     let run = |controlnet: &str| {
-        std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
-            .arg("generate")
-            .arg("--model")
-            .arg(fixtures().join("tiny-sd1"))
-            .args(["--prompt", "a red cat", "--steps", "4", "--size", "64x64"])
-            .args(["--scheduler", "ddim"])
-            .arg("--latents")
-            .arg(fixtures().join("tiny-sd1/reference_latents.safetensors"))
-            .arg("--state-dir")
-            .arg(out.path().join("state"))
-            .args(["--controlnet", controlnet])
-            .arg("--out")
-            .arg(out.path().join("out.npy"))
-            .output()
-            .unwrap()
+        crate::common::generate_reference_cli(
+            &["--controlnet".into(), controlnet.into()],
+            &out.path().join("state"),
+            &out.path().join("out.npy"),
+        )
     };
     let image = d.join("control.png");
     // The single file, converted on the way, with diffusers' multi run's first net.

@@ -56,21 +56,11 @@ fn the_command_line_takes_an_ip_adapter_file_or_invokeai_folder() {
     let out = tempfile::tempdir().unwrap();
     let dir = fixtures().join("tiny-sd1-ip-adapter");
     let run = |spec: &str, file: &str| {
-        let o = std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
-            .arg("generate")
-            .arg("--model")
-            .arg(fixtures().join("tiny-sd1"))
-            .args(["--prompt", "a red cat", "--steps", "4", "--size", "64x64"])
-            .args(["--scheduler", "ddim"])
-            .arg("--latents")
-            .arg(fixtures().join("tiny-sd1/reference_latents.safetensors"))
-            .arg("--state-dir")
-            .arg(out.path().join("state"))
-            .args(["--ip-adapter", spec])
-            .arg("--out")
-            .arg(out.path().join(file))
-            .output()
-            .unwrap();
+        let o = crate::common::generate_reference_cli(
+            &["--ip-adapter".into(), spec.into()],
+            &out.path().join("state"),
+            &out.path().join(file),
+        );
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let (_, image) = modelcache_agent::pipeline::image::read_npy(
             &std::fs::read(out.path().join(file)).unwrap(),

@@ -361,12 +361,36 @@ fn conditioning_models_are_probed_with_their_base() {
     // InvokeAI's IP-Adapter folder (pickled sections) is an IP-Adapter.
     let f = fixtures();
     for (path, kind, base) in [
-        ("tiny-sd1-controlnet/controlnet-a", ModelType::ControlNet, Some(BaseModel::Sd1)),
-        ("tiny-sd1-controlnet/controlnet-a.safetensors", ModelType::ControlNet, Some(BaseModel::Sd1)),
-        ("tiny-sdxl-controlnet/controlnet-a", ModelType::ControlNet, Some(BaseModel::Sdxl)),
-        ("tiny-sd1-t2i-adapter/adapter", ModelType::T2iAdapter, Some(BaseModel::Sd1)),
-        ("tiny-sdxl-t2i-adapter/adapter", ModelType::T2iAdapter, Some(BaseModel::Sdxl)),
-        ("tiny-sd1-ip-adapter/image_encoder", ModelType::ClipVision, None),
+        (
+            "tiny-sd1-controlnet/controlnet-a",
+            ModelType::ControlNet,
+            Some(BaseModel::Sd1),
+        ),
+        (
+            "tiny-sd1-controlnet/controlnet-a.safetensors",
+            ModelType::ControlNet,
+            Some(BaseModel::Sd1),
+        ),
+        (
+            "tiny-sdxl-controlnet/controlnet-a",
+            ModelType::ControlNet,
+            Some(BaseModel::Sdxl),
+        ),
+        (
+            "tiny-sd1-t2i-adapter/adapter",
+            ModelType::T2iAdapter,
+            Some(BaseModel::Sd1),
+        ),
+        (
+            "tiny-sdxl-t2i-adapter/adapter",
+            ModelType::T2iAdapter,
+            Some(BaseModel::Sdxl),
+        ),
+        (
+            "tiny-sd1-ip-adapter/image_encoder",
+            ModelType::ClipVision,
+            None,
+        ),
         ("tiny-sd1-ip-adapter/invokeai", ModelType::IpAdapter, None),
     ] {
         let r = store::probe(&f.join(path)).unwrap();

@@ -7,7 +7,7 @@
 
 use super::keys::{split_num, unet_key, UnetLayout};
 use super::plan::{Op, Planned};
-use super::{cache_dir, write_atomically, write_component};
+use super::{cache_dir, write_single_component};
 use crate::store::error::{Result, StoreError};
 use crate::store::index::TensorIndex;
 use crate::store::open_weights;
@@ -33,16 +33,7 @@ pub fn convert_controlnet(checkpoint: &Path, out: &Path) -> Result<PathBuf> {
     })?;
     let (prefix, config) = controlnet_config(&index, base)?;
     let planned = plan_controlnet(&index, prefix, &config)?;
-    write_atomically(out, |tmp| {
-        write_component(
-            &index,
-            &planned,
-            &tmp.join("diffusion_pytorch_model.safetensors"),
-        )?;
-        let text = serde_json::to_string_pretty(&config)
-            .map_err(|e| StoreError::invalid(checkpoint, e.to_string()))?;
-        std::fs::write(tmp.join("config.json"), text).map_err(StoreError::io(tmp))
-    })
+    write_single_component(&index, &planned, &config, out)
 }
 
 /// The key prefix of the ControlNet's tensors and the `ControlNetModel`

@@ -155,6 +155,27 @@ pub fn convert_main(req: &ConvertRequest) -> Result<PathBuf> {
     })
 }
 
+/// Writes a one-component diffusers folder (a VAE, a ControlNet) at `out`:
+/// the planned tensors as `diffusion_pytorch_model.safetensors` beside
+/// `config`.
+pub(crate) fn write_single_component(
+    index: &crate::store::TensorIndex,
+    planned: &[Planned],
+    config: &Value,
+    out: &Path,
+) -> Result<PathBuf> {
+    write_atomically(out, |tmp| {
+        write_component(
+            index,
+            planned,
+            &tmp.join("diffusion_pytorch_model.safetensors"),
+        )?;
+        let text = serde_json::to_string_pretty(config)
+            .map_err(|e| StoreError::invalid(&index.path, e.to_string()))?;
+        std::fs::write(tmp.join("config.json"), text).map_err(StoreError::io(tmp))
+    })
+}
+
 /// A pickled weights file (`.bin`, `.pt`, `.pth`, `.ckpt`) as safetensors,
 /// written once into the state folder with every tensor's bytes as they are
 /// (the cache reads only safetensors); a safetensors file is itself.

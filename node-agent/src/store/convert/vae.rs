@@ -3,7 +3,7 @@
 //! folder, its configuration read from the tensors' shapes, so that any VAE
 //! architecture converts without a config file.
 
-use super::{cache_dir, plan_vae_keys, write_atomically, write_component};
+use super::{cache_dir, plan_vae_keys, write_single_component};
 use crate::store::error::{Result, StoreError};
 use crate::store::index::TensorIndex;
 use crate::store::open_weights;
@@ -22,16 +22,7 @@ pub fn converted_vae(state_dir: &Path, checkpoint: &Path) -> Result<PathBuf> {
     let (prefix, config) = vae_config(&index, probe.base == Some(BaseModel::Sdxl))?;
     let levels = config["block_out_channels"].as_array().map_or(0, Vec::len);
     let planned = plan_vae_keys(&index, prefix, levels);
-    write_atomically(&out, |tmp| {
-        write_component(
-            &index,
-            &planned,
-            &tmp.join("diffusion_pytorch_model.safetensors"),
-        )?;
-        let text = serde_json::to_string_pretty(&config)
-            .map_err(|e| StoreError::invalid(checkpoint, e.to_string()))?;
-        std::fs::write(tmp.join("config.json"), text).map_err(StoreError::io(tmp))
-    })
+    write_single_component(&index, &planned, &config, &out)
 }
 
 /// The key prefix of the VAE's tensors and the `AutoencoderKL` configuration

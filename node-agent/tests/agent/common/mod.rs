@@ -162,3 +162,24 @@ pub fn tiny_sd1_with_scheduler(dir: &Path, change: impl FnOnce(&mut serde_json::
     std::fs::write(&config, v.to_string()).unwrap();
     m
 }
+
+/// `modelcache-agent generate` of tiny-sd1's reference request (its latents,
+/// DDIM, 4 steps at 64×64) with `extra` arguments, writing `out` (`.npy`) and
+/// converting into `state`.
+pub fn generate_reference_cli(extra: &[String], state: &Path, out: &Path) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_modelcache-agent"))
+        .arg("generate")
+        .arg("--model")
+        .arg(fixtures().join("tiny-sd1"))
+        .args(["--prompt", "a red cat", "--steps", "4", "--size", "64x64"])
+        .args(["--scheduler", "ddim"])
+        .arg("--latents")
+        .arg(fixtures().join("tiny-sd1/reference_latents.safetensors"))
+        .arg("--state-dir")
+        .arg(state)
+        .args(extra)
+        .arg("--out")
+        .arg(out)
+        .output()
+        .unwrap()
+}
