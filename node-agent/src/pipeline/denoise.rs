@@ -4,21 +4,16 @@
 //! refiner ([`cutoff`], [`base_end`], [`refiner_start`]).
 
 use super::adapters::Adapters;
-use super::control::{self, Control, ControlKind};
-use super::ip_adapter::IpAdapter;
+use super::conditioning::{image_tokens, Controls, Target};
+use super::control::Control;
 use super::model::DiffusersModel;
 use super::nets::attention::IpAttention;
-use super::nets::clip_vision::ClipVisionModel;
-use super::nets::controlnet::{ControlNet, Residuals};
-use super::nets::t2i_adapter::T2iAdapter;
-use super::nets::unet_2d::Inputs;
-use super::nets::unet_2d::{UNet2DConditionModel, UNet2DConditionModelConfig};
+use super::nets::unet_2d::{Inputs, UNet2DConditionModel, UNet2DConditionModelConfig};
 use super::scheduler::{ScheduleConfig, Scheduler};
 use super::text;
 use super::{GenerateParams, PipelineError};
 use crate::cache::{DeviceModel, ModelCache, ModelGuard, Reservation};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Module;
 
 /// How an inpainting edit enters the denoising loop of one image.
 pub(super) enum Inpaint {
@@ -48,42 +43,14 @@ pub(super) struct Denoiser {
     added: Option<(Tensor, Tensor)>,
     pub device: Device,
     pub dtype: DType,
-    unet_in_channels: usize,
+    latent_channels: usize,
     /// Whether the conditioning has a negative row (classifier-free guidance).
     pub guided: bool,
     guidance_scale: f64,
-    controls: Vec<Controlling>,
-    t2i: Vec<Adapting>,
-    /// The first evaluation denoised: ControlNets' spans are shares of the
-    /// evaluations from it to the end of the schedule.
-    first: usize,
+    controls: Controls,
     _patched: Option<Reservation>,
     _ip: Option<ModelGuard<DeviceModel>>,
     _unet: ModelGuard<DeviceModel>,
-}
-
-/// A T2I-Adapter's features for the batch (times its weight, on the
-/// UNet's device), computed once, and when they act.
-struct Adapting {
-    features: Vec<Tensor>,
-    start: f64,
-    end: f64,
-}
-
-/// A ControlNet locked in the device tier with the batch's control image
-/// and conditioning on its device.
-struct Controlling {
-    net: ControlNet,
-    /// The control image embedded (once), `[rows × images, C, h, w]`.
-    image: Tensor,
-    context: Tensor,
-    added: Option<(Tensor, Tensor)>,
-    weight: f64,
-    start: f64,
-    end: f64,
-    device: Device,
-    dtype: DType,
-    _net: ModelGuard<DeviceModel>,
 }
 
 impl Denoiser {
@@ -158,20 +125,18 @@ impl Denoiser {
             added,
             device,
             dtype,
-            unet_in_channels: model.vae.latent_channels,
+            latent_channels: model.vae.latent_channels,
             guided,
             guidance_scale: p.guidance_scale,
-            controls: Vec::new(),
-            t2i: Vec::new(),
-            first: 0,
+            controls: Controls::default(),
             _patched: patched,
             _ip: ip_guard,
             _unet: unet_guard,
         })
     }
 
-    /// Locks `controls` beside the UNet for a batch of `images` whose
-    /// denoising starts at evaluation `first`.
+    /// Locks `controls` beside the UNet for the batch, whose denoising
+    /// starts at evaluation `first`.
     pub fn control(
         mut self,
         cache: &ModelCache,
@@ -180,124 +145,17 @@ impl Denoiser {
         images: usize,
         first: usize,
     ) -> Result<Self, PipelineError> {
-        self.first = first;
-        let rows = if self.guided { 2 } else { 1 };
-        for c in controls {
-            let guard = super::on_device(cache, &c.model.key(), p)?;
-            let (device, dtype) = (guard.device.clone(), guard.dtype);
-            let on = |t: &Tensor| t.to_device(&device)?.to_dtype(dtype);
-            let image = on(&super::edit::control_tensor(&c.image, &Device::Cpu)?)?;
-            let config = match &c.model.kind {
-                ControlKind::ControlNet(config) => config,
-                ControlKind::T2iAdapter(config) => {
-                    // Run once; the adapter is not needed after.
-                    let net = T2iAdapter::new(guard.var_builder(), config)?;
-                    let features = net
-                        .forward(&image)?
-                        .iter()
-                        .map(|f| {
-                            (f * c.weight)?
-                                .to_device(&self.device)?
-                                .to_dtype(self.dtype)?
-                                .repeat((rows * images, 1, 1, 1))
-                        })
-                        .collect::<candle_core::Result<_>>()?;
-                    self.t2i.push(Adapting {
-                        features,
-                        start: c.start,
-                        end: c.end,
-                    });
-                    continue;
-                }
-            };
-            let net = ControlNet::new(
-                guard.var_builder(),
-                self.unet_in_channels,
-                super::nets::controlnet::ControlNetConfig {
-                    unet: super::nets::unet_2d::UNet2DConditionModelConfig {
-                        seamless: p.seamless,
-                        ..config.unet.clone()
-                    },
-                    ..config.clone()
-                },
-            )?;
-            let added = match &self.added {
-                Some((pooled, ids)) => Some((on(pooled)?, on(ids)?)),
-                None => None,
-            };
-            let embedded = net.embed_control(&image)?;
-            self.controls.push(Controlling {
-                net,
-                image: embedded.repeat((rows * images, 1, 1, 1))?,
-                context: on(&self.context)?,
-                added,
-                weight: c.weight,
-                start: c.start,
-                end: c.end,
-                device,
-                dtype,
-                _net: guard,
-            });
-        }
+        let target = Target {
+            device: &self.device,
+            dtype: self.dtype,
+            rows: if self.guided { 2 } else { 1 },
+            images,
+            latent_channels: self.latent_channels,
+            context: &self.context,
+            added: self.added.as_ref(),
+        };
+        self.controls = Controls::lock(cache, p, controls, &target, first)?;
         Ok(self)
-    }
-
-    /// The summed features of the T2I-Adapters acting at evaluation `s`.
-    fn features(&self, sched: &Scheduler, s: usize) -> candle_core::Result<Option<Vec<Tensor>>> {
-        let len = sched.timesteps().len().saturating_sub(self.first);
-        let i = s.saturating_sub(self.first);
-        let mut sum: Option<Vec<Tensor>> = None;
-        for a in &self.t2i {
-            if !control::acts(i, len, a.start, a.end) {
-                continue;
-            }
-            sum = Some(match sum {
-                None => a.features.clone(),
-                Some(acc) => acc
-                    .iter()
-                    .zip(&a.features)
-                    .map(|(x, y)| x + y)
-                    .collect::<candle_core::Result<_>>()?,
-            });
-        }
-        Ok(sum)
-    }
-
-    /// The summed residuals of the ControlNets acting at evaluation `s`.
-    fn residuals(
-        &self,
-        sched: &Scheduler,
-        inp: &Tensor,
-        s: usize,
-    ) -> candle_core::Result<Option<Residuals>> {
-        let len = sched.timesteps().len().saturating_sub(self.first);
-        let i = s.saturating_sub(self.first);
-        let t = sched.timesteps()[s];
-        let mut sum: Option<Residuals> = None;
-        for c in &self.controls {
-            if c.weight == 0.0 || !control::acts(i, len, c.start, c.end) {
-                continue;
-            }
-            let added = c.added.as_ref().map(|(a, b)| (a, b));
-            let x = inp.to_device(&c.device)?.to_dtype(c.dtype)?;
-            let r = c
-                .net
-                .forward(&x, t, &c.context, &c.image, c.weight, added)?;
-            let back = |t: &Tensor| t.to_device(&self.device)?.to_dtype(self.dtype);
-            let r = Residuals {
-                down: r
-                    .down
-                    .iter()
-                    .map(back)
-                    .collect::<candle_core::Result<_>>()?,
-                mid: back(&r.mid)?,
-            };
-            sum = Some(match sum {
-                None => r,
-                Some(acc) => acc.plus(r)?,
-            });
-        }
-        Ok(sum)
     }
 
     /// The guided noise predictions (f32) for a batch of latents `x` at
@@ -322,8 +180,7 @@ impl Denoiser {
             _ => inp.to_dtype(self.dtype)?,
         };
         let t = sched.timesteps()[s];
-        let residuals = self.residuals(sched, &inp, s)?;
-        let features = self.features(sched, s)?;
+        let (residuals, features) = self.controls.at(sched, &inp, s, &self.device, self.dtype)?;
         let noise_pred = self
             .unet
             .forward_with(
@@ -345,48 +202,6 @@ impl Denoiser {
         let (u, c) = (noise_pred.narrow(0, 0, b)?, noise_pred.narrow(0, b, b)?);
         &u + ((c - &u)? * self.guidance_scale)?
     }
-}
-
-/// An IP-Adapter's image tokens `[rows, tokens, width]` (with guidance
-/// first those of a zero image embedding, as diffusers conditions the
-/// unguided row), and its weights locked for the UNet's layers.
-fn image_tokens(
-    cache: &ModelCache,
-    p: &GenerateParams,
-    ip: &IpAdapter,
-    guided: bool,
-) -> Result<(Tensor, ModelGuard<DeviceModel>), PipelineError> {
-    let m = &ip.model;
-    let embeds = {
-        let encoder = super::on_device(cache, &m.encoder_key(), p)?;
-        let vision = ClipVisionModel::new(encoder.var_builder(), &m.encoder_config)?;
-        let pixels = super::ip_adapter::clip_pixels(
-            &ip.image,
-            m.encoder_config.image_size,
-            &encoder.device,
-        )?
-        .to_dtype(encoder.dtype)?;
-        vision.forward(&pixels)?
-    };
-    let guard = super::on_device(cache, &m.key(), p)?;
-    let vb = guard.var_builder().pp("image_proj");
-    let proj = candle_nn::linear(
-        m.encoder_config.projection_dim,
-        m.cross_dim * m.tokens,
-        vb.pp("proj"),
-    )?;
-    let norm = candle_nn::layer_norm(m.cross_dim, 1e-5, vb.pp("norm"))?;
-    let embeds = embeds.to_device(&guard.device)?.to_dtype(guard.dtype)?;
-    let embeds = if guided {
-        Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?
-    } else {
-        embeds
-    };
-    let rows = embeds.dim(0)?;
-    let tokens = proj
-        .forward(&embeds)?
-        .reshape((rows, m.tokens, m.cross_dim))?;
-    Ok((norm.forward(&tokens)?, guard))
 }
 
 /// Conditioning rows batched the way the guided UNet input is (every

@@ -11,6 +11,7 @@
 pub mod adapters;
 pub mod batch;
 pub mod canny;
+mod conditioning;
 pub mod control;
 pub mod cpu;
 mod denoise;
