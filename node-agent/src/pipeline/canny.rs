@@ -1,8 +1,11 @@
 //! The Canny edge detector that turns a photo into the edge map a canny
-//! ControlNet is trained on, as OpenCV's `cv2.Canny(image, low, high)` (which
-//! the ControlNet authors and diffusers' examples use) computes it: 3×3 Sobel
-//! gradients of the grey image, their L1 magnitude, thinning to the local
-//! maxima along the gradient, and hysteresis between the two thresholds.
+//! ControlNet is trained on, as OpenCV's `cv2.Canny(image, low, high)` on
+//! the RGB image computes it (what the ControlNet authors and diffusers'
+//! examples run): 3×3 Sobel gradients of each 8-bit channel (replicated
+//! borders), per pixel the channel of the largest L1 magnitude, thinning to
+//! the local maxima along the gradient quantised to 0°, 45°, 90° or 135°,
+//! and hysteresis between the two thresholds. Integer arithmetic throughout,
+//! as OpenCV's, so the edges are the same pixels.
 
 use super::image::Image;
 
@@ -10,47 +13,54 @@ use super::image::Image;
 pub const DEFAULT_LOW: f32 = 100.0;
 pub const DEFAULT_HIGH: f32 = 200.0;
 
+/// tan(22.5°) in OpenCV's fixed point (15 fractional bits).
+const TG22: i64 = 13573;
+const SHIFT: u32 = 15;
+
 /// The edges of `image` as a black image with white edges (three equal
-/// channels, 0 or 1). Thresholds are on the 0–255 scale of gradient
-/// magnitudes; `low` ≤ `high`.
+/// channels, 0 or 1). Thresholds are on the 0–255 scale of L1 gradient
+/// magnitudes (OpenCV floors them); `low` ≤ `high`.
 pub fn canny(image: &Image, low: f32, high: f32) -> Image {
     let (w, h) = (image.width, image.height);
-    // Grey on 0..255 with OpenCV's weights.
-    let grey: Vec<f32> = image
+    let (low, high) = (low.floor() as i64, high.floor() as i64);
+    let px: Vec<i64> = image
         .data
-        .chunks_exact(3)
-        .map(|p| 255.0 * (0.299 * p[0] + 0.587 * p[1] + 0.114 * p[2]))
+        .iter()
+        .map(|v| (v.clamp(0.0, 1.0) * 255.0).round() as i64)
         .collect();
-    // Borders replicate the edge pixels.
-    let at = |x: isize, y: isize| {
+    let at = |x: isize, y: isize, c: usize| {
         let x = x.clamp(0, w as isize - 1) as usize;
         let y = y.clamp(0, h as isize - 1) as usize;
-        grey[y * w + x]
+        px[(y * w + x) * 3 + c]
     };
-    let mut gx = vec![0f32; w * h];
-    let mut gy = vec![0f32; w * h];
+    // Per pixel, the channel with the largest L1 magnitude (the first on ties).
+    let mut gx = vec![0i64; w * h];
+    let mut gy = vec![0i64; w * h];
+    let mut mag = vec![0i64; w * h];
     for y in 0..h as isize {
         for x in 0..w as isize {
             let i = y as usize * w + x as usize;
-            gx[i] = (at(x + 1, y - 1) + 2.0 * at(x + 1, y) + at(x + 1, y + 1))
-                - (at(x - 1, y - 1) + 2.0 * at(x - 1, y) + at(x - 1, y + 1));
-            gy[i] = (at(x - 1, y + 1) + 2.0 * at(x, y + 1) + at(x + 1, y + 1))
-                - (at(x - 1, y - 1) + 2.0 * at(x, y - 1) + at(x + 1, y - 1));
+            for c in 0..3 {
+                let dx = (at(x + 1, y - 1, c) + 2 * at(x + 1, y, c) + at(x + 1, y + 1, c))
+                    - (at(x - 1, y - 1, c) + 2 * at(x - 1, y, c) + at(x - 1, y + 1, c));
+                let dy = (at(x - 1, y + 1, c) + 2 * at(x, y + 1, c) + at(x + 1, y + 1, c))
+                    - (at(x - 1, y - 1, c) + 2 * at(x, y - 1, c) + at(x + 1, y - 1, c));
+                let m = dx.abs() + dy.abs();
+                if c == 0 || m > mag[i] {
+                    (gx[i], gy[i], mag[i]) = (dx, dy, m);
+                }
+            }
         }
     }
-    let mag: Vec<f32> = gx.iter().zip(&gy).map(|(a, b)| a.abs() + b.abs()).collect();
+    // Magnitudes outside the image are 0.
     let m = |x: isize, y: isize| {
         if x < 0 || y < 0 || x >= w as isize || y >= h as isize {
-            0.0
+            0
         } else {
             mag[y as usize * w + x as usize]
         }
     };
-    // Thin: keep a pixel above `low` that is a maximum across its edge
-    // (the gradient direction quantised to 0°, 45°, 90° or 135°).
-    const TAN_22_5: f32 = 0.414_213_57;
-    const TAN_67_5: f32 = 2.414_213_6;
-    // 0: below low, 1: weak, 2: strong.
+    // 0: not an edge, 1: weak (above low), 2: strong (above high).
     let mut class = vec![0u8; w * h];
     for y in 0..h as isize {
         for x in 0..w as isize {
@@ -59,18 +69,19 @@ pub fn canny(image: &Image, low: f32, high: f32) -> Image {
             if v <= low {
                 continue;
             }
-            let (ax, ay) = (gx[i].abs(), gy[i].abs());
-            let (a, b) = if ay <= ax * TAN_22_5 {
-                (m(x - 1, y), m(x + 1, y))
-            } else if ay >= ax * TAN_67_5 {
-                (m(x, y - 1), m(x, y + 1))
-            } else if (gx[i] > 0.0) == (gy[i] > 0.0) {
-                (m(x - 1, y - 1), m(x + 1, y + 1))
+            let (xs, ys) = (gx[i], gy[i]);
+            let ax = xs.abs();
+            let ay = ys.abs() << SHIFT;
+            let tg22x = ax * TG22;
+            let maximum = if ay < tg22x {
+                v > m(x - 1, y) && v >= m(x + 1, y)
+            } else if ay > tg22x + (ax << (SHIFT + 1)) {
+                v > m(x, y - 1) && v >= m(x, y + 1)
             } else {
-                (m(x + 1, y - 1), m(x - 1, y + 1))
+                let s: isize = if (xs ^ ys) < 0 { -1 } else { 1 };
+                v > m(x - s, y - 1) && v > m(x + s, y + 1)
             };
-            // Ties go to the first of a plateau, as OpenCV breaks them.
-            if v > a && v >= b {
+            if maximum {
                 class[i] = if v > high { 2 } else { 1 };
             }
         }
@@ -137,8 +148,9 @@ mod tests {
 
     #[test]
     fn weak_edges_survive_only_when_joined_to_strong_ones() {
-        // A step of 0.3 (gradient 4 × 76 = 306) is strong; a step of 0.1
-        // (102) is weak: alone it vanishes, continuing a strong one it stays.
+        // A step of 0.3 (77 of 255: gradient 4 × 77 = 308) is strong; a step
+        // of 0.1 (26: 104) is weak: alone it vanishes, continuing a strong
+        // one it stays.
         let weak = image(16, 16, |x, _| if x < 8 { 0.0 } else { 0.1 });
         assert!(edges(&canny(&weak, DEFAULT_LOW, DEFAULT_HIGH)).is_empty());
         let joined = image(16, 16, |x, y| match (x < 8, y < 8) {

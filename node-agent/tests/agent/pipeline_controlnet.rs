@@ -69,14 +69,37 @@ fn check(base: &str, name: &str) -> Vec<f32> {
 
 #[test]
 fn one_controlnet_matches_diffusers() {
-    check("tiny-sd1", "single");
-    check("tiny-sdxl", "single");
+    for base in ["tiny-sd1", "tiny-sd2", "tiny-sdxl"] {
+        check(base, "single");
+    }
 }
 
 #[test]
 fn two_controlnets_with_their_own_weights_and_spans_match_diffusers() {
-    check("tiny-sd1", "multi");
-    check("tiny-sdxl", "multi");
+    for base in ["tiny-sd1", "tiny-sd2", "tiny-sdxl"] {
+        check(base, "multi");
+    }
+}
+
+#[test]
+fn the_canny_preprocessor_finds_opencv_s_edges() {
+    let dir = fixtures().join("canny");
+    let photo = decode_image(&std::fs::read(dir.join("photo.png")).unwrap(), 1 << 22).unwrap();
+    let want = decode_image(
+        &std::fs::read(dir.join("canny_100_200.png")).unwrap(),
+        1 << 22,
+    )
+    .unwrap();
+    let got = modelcache_agent::pipeline::canny::canny(&photo, 100.0, 200.0);
+    let differ = got
+        .data
+        .iter()
+        .zip(&want.data)
+        .filter(|(a, b)| a != b)
+        .count();
+    let edges = want.data.iter().filter(|v| **v > 0.5).count() / 3;
+    assert!(edges > 100, "the fixture has edges: {edges}");
+    assert_eq!(differ, 0, "{differ} values differ from cv2.Canny's");
 }
 
 #[test]
@@ -163,9 +186,10 @@ fn the_command_line_takes_controlnets_and_matches_diffusers() {
     }
 }
 
-/// The T2I-Adapter reference run on the tiny `base` model.
-fn t2i_params(base: &str) -> (GenerateParams, std::path::PathBuf, f64) {
-    let dir = fixtures().join(format!("{base}-t2i-adapter"));
+/// The T2I-Adapter reference run `fixture` (`tiny-sd1-t2i-adapter`…) on
+/// the tiny `base` model.
+fn t2i_run(base: &str, fixture: &str) -> (GenerateParams, std::path::PathBuf, f64) {
+    let dir = fixtures().join(fixture);
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.join("reference.json")).unwrap())
             .unwrap();
@@ -185,14 +209,25 @@ fn t2i_params(base: &str) -> (GenerateParams, std::path::PathBuf, f64) {
     (p, dir, r["fp32_vs_f64_max_abs_diff"].as_f64().unwrap())
 }
 
+/// The full T2I-Adapter reference run on the tiny `base` model.
+fn t2i_params(base: &str) -> (GenerateParams, std::path::PathBuf, f64) {
+    t2i_run(base, &format!("{base}-t2i-adapter"))
+}
+
 #[test]
 fn t2i_adapters_match_diffusers() {
-    for base in ["tiny-sd1", "tiny-sdxl"] {
-        let (p, dir, f32_run) = t2i_params(base);
+    for (base, fixture) in [
+        ("tiny-sd1", "tiny-sd1-t2i-adapter"),
+        ("tiny-sd1", "tiny-sd1-t2i-light-adapter"),
+        ("tiny-sdxl", "tiny-sdxl-t2i-adapter"),
+    ] {
+        let (p, dir, f32_run) = t2i_run(base, fixture);
         let image = generate(base, &p);
         let d = max_abs_diff_from(&image, &dir.join("reference_f64.npy"));
-        eprintln!("{base} T2I-Adapter: {d:.2e} from diffusers' float64 run (its float32 run: {f32_run:.2e})");
-        assert!(d < 1e-3, "{base}: max abs difference {d}");
+        eprintln!(
+            "{fixture}: {d:.2e} from diffusers' float64 run (its float32 run: {f32_run:.2e})"
+        );
+        assert!(d < 1e-3, "{fixture}: max abs difference {d}");
     }
 }
 

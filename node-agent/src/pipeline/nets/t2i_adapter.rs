@@ -77,9 +77,14 @@ impl T2iAdapterConfig {
         self.downscale_factor << halvings
     }
 
-    /// The width of each feature, in order.
+    /// The width of each feature, in order: one per channel width, and a
+    /// light adapter's last repeated (its extra halving).
     pub fn feature_channels(&self) -> Vec<usize> {
-        self.channels.clone()
+        let mut c = self.channels.clone();
+        if let (AdapterType::Light, Some(&last)) = (self.kind, c.last()) {
+            c.push(last);
+        }
+        c
     }
 }
 
