@@ -142,7 +142,8 @@ struct GatewayArgs {
         default_value_t = 600
     )]
     request_timeout_seconds: u64,
-    /// Largest request body, in bytes (413 above it).
+    /// Largest JSON body without images, in bytes (413 above it; bodies with control images
+    /// or an image prompt, and forms, may reach 32 MiB).
     #[arg(long, env = "MODELCACHE_MAX_BODY_BYTES", default_value_t = 64 << 10)]
     max_body_bytes: usize,
 }

@@ -265,6 +265,15 @@ async fn names_models_and_bad_requests_are_answered_like_openai() {
         2,
         "bad requests never reach an agent"
     );
+    // A body with control images or an image prompt may be larger.
+    let image = "A".repeat(200_000);
+    for with_images in [
+        json!({"model": "alpha", "prompt": "x", "controlnet": [{"model": "cn", "image": image}]}),
+        json!({"model": "alpha", "prompt": "x", "ip_adapter": {"model": "ip", "image": image}}),
+    ] {
+        assert_eq!(generate(&base, with_images, &[]).await.status, 200);
+    }
+    assert_eq!(a.hits.load(Ordering::SeqCst), 4);
 }
 
 #[tokio::test]

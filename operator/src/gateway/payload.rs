@@ -44,6 +44,19 @@ pub fn is_form(headers: &HeaderMap) -> bool {
 }
 
 impl Payload {
+    /// Whether a JSON body carries images (control images, an image
+    /// prompt): only such bodies may be larger than `--max-body-bytes`, as
+    /// on the agents.
+    pub fn carries_images(&self) -> bool {
+        let Payload::Json(v) = self else {
+            return false;
+        };
+        let controls = v["controlnet"]
+            .as_array()
+            .is_some_and(|c| c.iter().any(|c| c["image"].is_string()));
+        controls || v["ip_adapter"]["image"].is_string()
+    }
+
     /// Reads `bytes`, as a form when the headers say so, else as JSON.
     pub async fn read(headers: &HeaderMap, bytes: Bytes) -> Result<Payload, PayloadError> {
         if !is_form(headers) {

@@ -281,21 +281,26 @@ impl Gateway {
         label: &mut String,
     ) -> Result<Response, GatewayError> {
         self.check_token(headers)?;
-        let limit = if payload::is_form(headers) {
-            self.limits.max_upload_bytes
-        } else {
-            self.limits.max_body_bytes
-        };
-        let bytes = axum::body::to_bytes(body, limit).await.map_err(|_| {
+        let too_large = |limit: usize| {
             GatewayError::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_too_large",
                 format!("request body is larger than {limit} bytes"),
             )
-        })?;
+        };
+        // Forms, and JSON bodies with images, may be as large as an upload.
+        let limit = self.limits.max_upload_bytes;
+        let bytes = axum::body::to_bytes(body, limit)
+            .await
+            .map_err(|_| too_large(limit))?;
+        let size = bytes.len();
         let mut req = Payload::read(headers, bytes).await.map_err(|e| {
             GatewayError::new(StatusCode::BAD_REQUEST, "invalid_value", e.to_string())
         })?;
+        if size > self.limits.max_body_bytes && !payload::is_form(headers) && !req.carries_images()
+        {
+            return Err(too_large(self.limits.max_body_bytes));
+        }
         let model = req.model().ok_or_else(|| GatewayError {
             param: Some("model"),
             ..GatewayError::new(
