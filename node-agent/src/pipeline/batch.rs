@@ -94,7 +94,8 @@ pub trait Previews: Sync {
 /// (both conditioning rows under guidance): the attention scores of the
 /// highest-resolution transformer (heads × tokens², materialised on a GPU)
 /// plus the widest level's feature maps a UNet keeps for its skip
-/// connections. An estimate that errs high; the budget's headroom has
+/// connections, and as many again for each ControlNet (its residuals wait
+/// for the UNet). An estimate that errs high; the budget's headroom has
 /// always held one image's.
 pub fn activation_bytes(model: &DiffusersModel, p: &GenerateParams, dtype: DType) -> u64 {
     let tokens = ((p.width / 8) * (p.height / 8)) as u64;
@@ -108,7 +109,12 @@ pub fn activation_bytes(model: &DiffusersModel, p: &GenerateParams, dtype: DType
     // Skip connections: 3 × layers_per_block + 1 maps per level, the first
     // level the largest; each level down has a quarter of the tokens.
     let maps = (3 * model.unet.layers_per_block as u64 + 1) * channels * tokens * 4 / 3;
-    rows * (heads * tokens * tokens + maps) * dtype.size_in_bytes() as u64
+    let controlnets = p
+        .controls
+        .iter()
+        .filter(|c| matches!(c.model.kind, super::control::ControlKind::ControlNet(_)))
+        .count() as u64;
+    rows * (heads * tokens * tokens + maps * (1 + controlnets)) * dtype.size_in_bytes() as u64
 }
 
 #[cfg(test)]

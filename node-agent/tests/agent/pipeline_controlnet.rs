@@ -341,3 +341,20 @@ mod cache_invariants {
         }
     }
 }
+
+#[test]
+fn a_controlnet_reserves_room_for_its_residuals_beside_each_image() {
+    let model = DiffusersModel::open(&fixtures().join("tiny-sd1")).unwrap();
+    let per_image =
+        |p: &GenerateParams| pipeline::batch::activation_bytes(&model, p, candle_core::DType::F32);
+    let mut p = params("tiny-sd1", "multi");
+    let two = per_image(&p);
+    p.controls.truncate(1);
+    let one = per_image(&p);
+    p.controls.clear();
+    let none = per_image(&p);
+    assert!(none < one && one < two, "{none} < {one} < {two}");
+    // A T2I-Adapter's features are computed once and cost a step nothing more.
+    let (adapted, _, _) = t2i_params("tiny-sd1");
+    assert_eq!(per_image(&adapted), none);
+}
