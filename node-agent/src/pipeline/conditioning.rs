@@ -7,12 +7,12 @@ use super::control::{self, Control, ControlKind};
 use super::ip_adapter::IpAdapter;
 use super::nets::clip_vision::ClipVisionModel;
 use super::nets::controlnet::{ControlNet, Residuals};
+use super::nets::ip_projection::{ImageProjection, ProjectionKind};
 use super::nets::t2i_adapter::T2iAdapter;
 use super::scheduler::Scheduler;
 use super::{GenerateParams, PipelineError};
 use crate::cache::{DeviceModel, ModelCache, ModelGuard};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::Module;
 
 /// The batch conditioning is locked for: the UNet's device and dtype, the
 /// conditioning rows (2 with guidance) and images, and the text
@@ -215,8 +215,9 @@ impl Controls {
 }
 
 /// An IP-Adapter's image tokens `[rows, tokens, width]` (with guidance
-/// first those of a zero image embedding, as diffusers conditions the
-/// unguided row), and its weights locked for the UNet's layers.
+/// first those of the unguided row, as diffusers conditions it: a zero
+/// image embedding, or for IP-Adapter Plus the hidden states of a zero
+/// image), and its weights locked for the UNet's layers.
 pub(super) fn image_tokens(
     cache: &ModelCache,
     p: &GenerateParams,
@@ -224,7 +225,8 @@ pub(super) fn image_tokens(
     guided: bool,
 ) -> Result<(Tensor, ModelGuard<DeviceModel>), PipelineError> {
     let m = &ip.model;
-    let embeds = {
+    let resampled = matches!(m.projection, ProjectionKind::Resampler { .. });
+    let features = {
         let encoder = super::on_device(cache, &m.encoder_key(), p)?;
         let vision = ClipVisionModel::new(encoder.var_builder(), &m.encoder_config)?;
         let pixels = super::ip_adapter::clip_pixels(
@@ -233,25 +235,28 @@ pub(super) fn image_tokens(
             &encoder.device,
         )?
         .to_dtype(encoder.dtype)?;
-        vision.forward(&pixels)?
+        let pixels = if guided && resampled {
+            Tensor::cat(&[&pixels.zeros_like()?, &pixels], 0)?
+        } else {
+            pixels
+        };
+        if resampled {
+            vision.penultimate(&pixels)?
+        } else {
+            let embeds = vision.forward(&pixels)?;
+            if guided {
+                Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?
+            } else {
+                embeds
+            }
+        }
     };
     let guard = super::on_device(cache, &m.key(), p)?;
-    let vb = guard.var_builder().pp("image_proj");
-    let proj = candle_nn::linear(
-        m.encoder_config.projection_dim,
-        m.cross_dim * m.tokens,
-        vb.pp("proj"),
+    let projection = ImageProjection::new(
+        guard.var_builder().pp("image_proj"),
+        m.projection,
+        m.cross_dim,
     )?;
-    let norm = candle_nn::layer_norm(m.cross_dim, 1e-5, vb.pp("norm"))?;
-    let embeds = embeds.to_device(&guard.device)?.to_dtype(guard.dtype)?;
-    let embeds = if guided {
-        Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?
-    } else {
-        embeds
-    };
-    let rows = embeds.dim(0)?;
-    let tokens = proj
-        .forward(&embeds)?
-        .reshape((rows, m.tokens, m.cross_dim))?;
-    Ok((norm.forward(&tokens)?, guard))
+    let features = features.to_device(&guard.device)?.to_dtype(guard.dtype)?;
+    Ok((projection.forward(&features)?, guard))
 }

@@ -111,7 +111,7 @@ impl Denoiser {
                         ip.model.cross_dim,
                         inner,
                         ip.weight,
-                        ip.model.tokens,
+                        ip.model.projection.tokens(),
                     )?));
                 }
                 (Tensor::cat(&[&context, &tokens], 1)?, Some(guard))

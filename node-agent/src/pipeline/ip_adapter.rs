@@ -1,6 +1,7 @@
 //! IP-Adapter: an image as a prompt. CLIP's image encoder embeds the image,
-//! the adapter's projection turns the embedding into a few extra context
-//! tokens, and each of the UNet's cross-attention layers attends to them
+//! the adapter's projection turns the embedding (IP-Adapter Plus: the
+//! encoder's penultimate hidden states, through a resampler) into a few
+//! extra context tokens, and each of the UNet's cross-attention layers attends to them
 //! through the adapter's own keys and values (decoupled cross-attention).
 //! The adapter file (the original layout: `image_proj.*`, `ip_adapter.N.*`)
 //! and its image encoder (a `CLIPVisionModelWithProjection` folder) are
@@ -9,6 +10,7 @@
 use super::image::Image;
 use super::model::{DiffusersModel, ModelError};
 use super::nets::clip_vision::ClipVisionConfig;
+use super::nets::ip_projection::{ProjectionKind, RESAMPLER_HEAD_DIM};
 use super::nets::unet_2d::UNet2DConditionModelConfig;
 use super::nets::ConfigError;
 use crate::cache::CacheKey;
@@ -34,8 +36,8 @@ pub struct IpAdapterModel {
     pub encoder_config: ClipVisionConfig,
     /// The cross-attention width its tokens have (the UNet's).
     pub cross_dim: usize,
-    /// Context tokens the image becomes.
-    pub tokens: usize,
+    /// How the image becomes context tokens.
+    pub projection: ProjectionKind,
     /// Cross-attention layers it has keys and values for.
     pub layers: usize,
     /// Bytes of the adapter's and the encoder's weights at f32.
@@ -52,49 +54,83 @@ impl IpAdapterModel {
                 problem,
             })
         };
-        let Some(proj) = index.shape("image_proj.proj.weight") else {
-            let feature = if index.contains("image_proj.latents") {
-                "IP-Adapter Plus (a Resampler image projection)"
-            } else {
-                "this image projection (no image_proj.proj.weight)"
+        let encoder_config =
+            ClipVisionConfig::from_json(&read_json(&encoder.join("config.json"))?)?;
+        let dims = |name: &str| index.shape(name).map(<[usize]>::to_vec);
+        let two = |name: &'static str| match dims(name).as_deref() {
+            Some([a, b]) => Ok((*a, *b)),
+            other => Err(invalid(format!("{name} has shape {other:?}"))),
+        };
+        let (projection, cross_dim) = if let Some(latents) = dims("image_proj.latents") {
+            // IP-Adapter Plus: a Perceiver resampler over the hidden states.
+            let (tokens, dim) = match latents.as_slice() {
+                [1, t, d] => (*t, *d),
+                other => return Err(invalid(format!("image_proj.latents has shape {other:?}"))),
             };
+            let (_, embed_dim) = two("image_proj.proj_in.weight")?;
+            let (cross_dim, _) = two("image_proj.proj_out.weight")?;
+            let (inner, _) = two("image_proj.layers.0.0.to_q.weight")?;
+            let (ff_dim, _) = two("image_proj.layers.0.1.1.weight")?;
+            let depth = (0..)
+                .take_while(|i| index.contains(&format!("image_proj.layers.{i}.0.to_q.weight")))
+                .count();
+            if !inner.is_multiple_of(RESAMPLER_HEAD_DIM) || embed_dim != encoder_config.hidden_size
+            {
+                return Err(invalid(format!(
+                    "a resampler of {inner} attention channels (heads of {RESAMPLER_HEAD_DIM}) over hidden states of width {embed_dim}, for an encoder of width {}",
+                    encoder_config.hidden_size
+                )));
+            }
+            let kind = ProjectionKind::Resampler {
+                embed_dim,
+                tokens,
+                dim,
+                heads: inner / RESAMPLER_HEAD_DIM,
+                depth,
+                ff_dim,
+            };
+            (kind, cross_dim)
+        } else if let Some(proj) = dims("image_proj.proj.weight") {
+            let cross_dim = index
+                .shape("image_proj.norm.weight")
+                .and_then(|s| s.first().copied())
+                .filter(|&c| c > 0)
+                .ok_or_else(|| invalid("no image_proj.norm.weight".into()))?;
+            let (rows, embed_dim) = match proj.as_slice() {
+                [rows, cols] => (*rows, *cols),
+                other => {
+                    return Err(invalid(format!(
+                        "image_proj.proj.weight has shape {other:?}"
+                    )))
+                }
+            };
+            if !rows.is_multiple_of(cross_dim) {
+                return Err(invalid(format!(
+                    "image_proj.proj makes {rows} values, not tokens of width {cross_dim}"
+                )));
+            }
+            if encoder_config.projection_dim != embed_dim {
+                return Err(invalid(format!(
+                    "its projection takes image embeddings of width {embed_dim} but the image encoder makes {}",
+                    encoder_config.projection_dim
+                )));
+            }
+            let tokens = rows / cross_dim;
+            (ProjectionKind::Linear { embed_dim, tokens }, cross_dim)
+        } else {
             return Err(ModelError::Config(ConfigError::Unsupported {
                 network: NET,
-                feature: feature.into(),
+                feature:
+                    "this image projection (FaceID, or no image_proj.proj / image_proj.latents)"
+                        .into(),
             }));
         };
-        let cross_dim = index
-            .shape("image_proj.norm.weight")
-            .and_then(|s| s.first().copied())
-            .filter(|&c| c > 0)
-            .ok_or_else(|| invalid("no image_proj.norm.weight".into()))?;
-        let (rows, proj_dim) = match proj {
-            [rows, cols] => (*rows, *cols),
-            other => {
-                return Err(invalid(format!(
-                    "image_proj.proj.weight has shape {other:?}"
-                )))
-            }
-        };
-        if !rows.is_multiple_of(cross_dim) {
-            return Err(invalid(format!(
-                "image_proj.proj makes {rows} values, not tokens of width {cross_dim}"
-            )));
-        }
         let layers = index
             .names()
             .filter(|n| n.starts_with("ip_adapter.") && n.ends_with(".to_k_ip.weight"))
             .count();
         if layers == 0 {
             return Err(invalid("no ip_adapter.N.to_k_ip.weight".into()));
-        }
-        let encoder_config =
-            ClipVisionConfig::from_json(&read_json(&encoder.join("config.json"))?)?;
-        if encoder_config.projection_dim != proj_dim {
-            return Err(invalid(format!(
-                "its projection takes image embeddings of width {proj_dim} but the image encoder makes {}",
-                encoder_config.projection_dim
-            )));
         }
         let base = match cross_dim {
             768 => Some(BaseModel::Sd1),
@@ -109,7 +145,7 @@ impl IpAdapterModel {
             base,
             encoder_config,
             cross_dim,
-            tokens: rows / cross_dim,
+            projection,
             layers,
             bytes_f32: store::SizeByPrecision::of(&index).f32 + encoder_bytes,
         })

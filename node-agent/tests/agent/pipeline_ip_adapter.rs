@@ -32,6 +32,29 @@ fn params(base: &str) -> (GenerateParams, std::path::PathBuf, f64) {
     (p, dir, r["fp32_vs_f64_max_abs_diff"].as_f64().unwrap())
 }
 
+#[test]
+fn ip_adapter_plus_matches_diffusers() {
+    let (mut p, dir, _) = params("tiny-sd1");
+    let plus = dir.join("plus");
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(plus.join("reference_plus.json")).unwrap())
+            .unwrap();
+    let ip = p.ip_adapter.as_mut().unwrap();
+    ip.model = Arc::new(
+        IpAdapterModel::open(
+            &plus.join("ip-adapter-plus.safetensors"),
+            &dir.join("image_encoder"),
+        )
+        .unwrap(),
+    );
+    ip.weight = r["scale"].as_f64().unwrap();
+    let image = generate("tiny-sd1", &p);
+    let d = max_abs_diff_from(&image, &plus.join("reference_plus_f64.npy"));
+    let f32_run = r["fp32_vs_f64_max_abs_diff"].as_f64().unwrap();
+    eprintln!("tiny-sd1 IP-Adapter Plus: {d:.2e} from diffusers' float64 run (its float32 run: {f32_run:.2e})");
+    assert!(d < 1e-3, "max abs difference {d}");
+}
+
 fn generate(base: &str, p: &GenerateParams) -> Vec<f32> {
     let model = DiffusersModel::open(&fixtures().join(base)).unwrap();
     pipeline::generate(&tiny_cache(), &model, p, &|_| true)

@@ -124,9 +124,9 @@ impl ClipVisionModel {
         })
     }
 
-    /// The projected image embeddings `[B, projection_dim]` of normalised
-    /// pixels `[B, 3, image_size, image_size]`.
-    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+    /// The hidden states after `layers` of the transformer layers
+    /// `[B, patches + 1, hidden]` (no final norm).
+    fn hidden(&self, pixels: &Tensor, layers: usize) -> Result<Tensor> {
         let b = pixels.dim(0)?;
         let patches = self
             .patch_embedding
@@ -142,12 +142,25 @@ impl ClipVisionModel {
         let xs = Tensor::cat(&[&class, &patches], 1)?
             .broadcast_add(&self.position_embedding.unsqueeze(0)?)?;
         let mut xs = self.pre_layrnorm.forward(&xs)?;
-        for layer in &self.layers {
+        for layer in self.layers.iter().take(layers) {
             xs = layer.forward(&xs, None)?;
         }
+        Ok(xs)
+    }
+
+    /// The projected image embeddings `[B, projection_dim]` of normalised
+    /// pixels `[B, 3, image_size, image_size]`.
+    pub fn forward(&self, pixels: &Tensor) -> Result<Tensor> {
+        let xs = self.hidden(pixels, self.layers.len())?;
         let pooled = self
             .post_layernorm
             .forward(&xs.narrow(1, 0, 1)?.squeeze(1)?)?;
         self.visual_projection.forward(&pooled)
+    }
+
+    /// The penultimate layer's hidden states (transformers'
+    /// `hidden_states[-2]`), what IP-Adapter Plus conditions on.
+    pub fn penultimate(&self, pixels: &Tensor) -> Result<Tensor> {
+        self.hidden(pixels, self.layers.len().saturating_sub(1))
     }
 }

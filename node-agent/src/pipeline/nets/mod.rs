@@ -20,6 +20,7 @@ pub mod clip_vision;
 pub mod controlnet;
 pub mod conv;
 pub mod embeddings;
+pub mod ip_projection;
 pub mod linear;
 pub mod norm;
 pub mod resnet;
