@@ -56,9 +56,7 @@ struct Controlling {
     weight: f64,
     start: f64,
     end: f64,
-    device: Device,
-    dtype: DType,
-    _net: ModelGuard<DeviceModel>,
+    guard: ModelGuard<DeviceModel>,
 }
 
 impl Controls {
@@ -129,54 +127,34 @@ impl Controls {
                 weight: c.weight,
                 start: c.start,
                 end: c.end,
-                device,
-                dtype,
-                _net: guard,
+                guard,
             });
         }
         Ok(out)
     }
 
-    /// The summed features of the T2I-Adapters acting at evaluation `s`.
-    fn features(&self, sched: &Scheduler, s: usize) -> candle_core::Result<Option<Vec<Tensor>>> {
-        let len = sched.timesteps().len().saturating_sub(self.first);
-        let i = s.saturating_sub(self.first);
-        let mut sum: Option<Vec<Tensor>> = None;
-        for a in &self.t2i {
-            if !control::acts(i, len, a.start, a.end) {
-                continue;
-            }
-            sum = Some(match sum {
-                None => a.features.clone(),
-                Some(acc) => acc
-                    .iter()
-                    .zip(&a.features)
-                    .map(|(x, y)| x + y)
-                    .collect::<candle_core::Result<_>>()?,
-            });
-        }
-        Ok(sum)
-    }
-
-    /// The summed residuals of the ControlNets acting at evaluation `s`.
-    fn residuals(
+    /// The ControlNets' summed residuals and the T2I-Adapters' summed
+    /// features at evaluation `s` (each acting there), on `device` at `dtype`.
+    pub fn at(
         &self,
         sched: &Scheduler,
         inp: &Tensor,
         s: usize,
         device: &Device,
         dtype: DType,
-    ) -> candle_core::Result<Option<Residuals>> {
+    ) -> candle_core::Result<(Option<Residuals>, Option<Vec<Tensor>>)> {
         let len = sched.timesteps().len().saturating_sub(self.first);
         let i = s.saturating_sub(self.first);
+        let acts = |start, end| control::acts(i, len, start, end);
         let t = sched.timesteps()[s];
-        let mut sum: Option<Residuals> = None;
-        for c in &self.nets {
-            if c.weight == 0.0 || !control::acts(i, len, c.start, c.end) {
-                continue;
-            }
+        let mut residuals: Option<Residuals> = None;
+        for c in self
+            .nets
+            .iter()
+            .filter(|c| c.weight != 0.0 && acts(c.start, c.end))
+        {
             let added = c.added.as_ref().map(|(a, b)| (a, b));
-            let x = inp.to_device(&c.device)?.to_dtype(c.dtype)?;
+            let x = inp.to_device(&c.guard.device)?.to_dtype(c.guard.dtype)?;
             let r = c
                 .net
                 .forward(&x, t, &c.context, &c.image, c.weight, added)?;
@@ -189,28 +167,23 @@ impl Controls {
                     .collect::<candle_core::Result<_>>()?,
                 mid: back(&r.mid)?,
             };
-            sum = Some(match sum {
+            residuals = Some(match residuals {
                 None => r,
                 Some(acc) => acc.plus(r)?,
             });
         }
-        Ok(sum)
-    }
-
-    /// The ControlNets' summed residuals and the T2I-Adapters' summed
-    /// features at evaluation `s`, on `device` at `dtype`.
-    pub fn at(
-        &self,
-        sched: &Scheduler,
-        inp: &Tensor,
-        s: usize,
-        device: &Device,
-        dtype: DType,
-    ) -> candle_core::Result<(Option<Residuals>, Option<Vec<Tensor>>)> {
-        Ok((
-            self.residuals(sched, inp, s, device, dtype)?,
-            self.features(sched, s)?,
-        ))
+        let mut features: Option<Vec<Tensor>> = None;
+        for a in self.t2i.iter().filter(|a| acts(a.start, a.end)) {
+            features = Some(match features {
+                None => a.features.clone(),
+                Some(acc) => acc
+                    .iter()
+                    .zip(&a.features)
+                    .map(|(x, y)| x + y)
+                    .collect::<candle_core::Result<_>>()?,
+            });
+        }
+        Ok((residuals, features))
     }
 }
 
@@ -225,7 +198,6 @@ pub(super) fn image_tokens(
     guided: bool,
 ) -> Result<(Tensor, ModelGuard<DeviceModel>), PipelineError> {
     let m = &ip.model;
-    let resampled = matches!(m.projection, ProjectionKind::Resampler { .. });
     let features = {
         let encoder = super::on_device(cache, &m.encoder_key(), p)?;
         let vision = ClipVisionModel::new(encoder.var_builder(), &m.encoder_config)?;
@@ -235,20 +207,19 @@ pub(super) fn image_tokens(
             &encoder.device,
         )?
         .to_dtype(encoder.dtype)?;
-        let pixels = if guided && resampled {
-            Tensor::cat(&[&pixels.zeros_like()?, &pixels], 0)?
-        } else {
-            pixels
+        let encode = |px: &Tensor| match m.projection {
+            ProjectionKind::Resampler { .. } => vision.penultimate(px),
+            ProjectionKind::Linear { .. } => vision.forward(px),
         };
-        if resampled {
-            vision.penultimate(&pixels)?
+        let image = encode(&pixels)?;
+        if guided {
+            let unguided = match m.projection {
+                ProjectionKind::Resampler { .. } => encode(&pixels.zeros_like()?)?,
+                ProjectionKind::Linear { .. } => image.zeros_like()?,
+            };
+            Tensor::cat(&[&unguided, &image], 0)?
         } else {
-            let embeds = vision.forward(&pixels)?;
-            if guided {
-                Tensor::cat(&[&embeds.zeros_like()?, &embeds], 0)?
-            } else {
-                embeds
-            }
+            image
         }
     };
     let guard = super::on_device(cache, &m.key(), p)?;
