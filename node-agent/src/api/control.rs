@@ -108,14 +108,9 @@ pub fn ip_adapter(
     let model = catalog
         .ip_adapter(&r.model, r.image_encoder.as_deref())
         .map_err(|e| at("model", e.to_string()))?;
-    if let (Some(base), Some(adapter)) = (base, model.base.filter(|b| Some(*b) != base)) {
-        return Err(at(
-            "model",
-            format!(
-                "{:?} is for {adapter} models and the model is {base}",
-                r.model
-            ),
-        ));
+    if let (Some(model), Some(adapter)) = (base, model.base.filter(|b| Some(*b) != base)) {
+        let why = crate::pipeline::ip_adapter::IpAdapterError::Base { adapter, model };
+        return Err(at("model", format!("{:?} {why}", r.model)));
     }
     let weight = r.weight.unwrap_or(1.0);
     if !(0.0..=2.0).contains(&weight) {
@@ -154,13 +149,11 @@ pub fn controls(
             .controlnet(&r.model)
             .map_err(|e| at("model", e.to_string()))?;
         if let Some(base) = base.filter(|b| *b != model.base) {
-            return Err(at(
-                "model",
-                format!(
-                    "{:?} is for {} models and the model is {base}",
-                    r.model, model.base
-                ),
-            ));
+            let why = crate::pipeline::control::ControlError::Base {
+                control: model.base,
+                model: base,
+            };
+            return Err(at("model", format!("{:?} {why}", r.model)));
         }
         let weight = r.weight.unwrap_or(1.0);
         if !(0.0..=2.0).contains(&weight) {
@@ -168,10 +161,8 @@ pub fn controls(
         }
         let (start, end) = (r.start.unwrap_or(0.0), r.end.unwrap_or(1.0));
         if !(0.0 <= start && start < end && end <= 1.0) {
-            return Err(at(
-                "start",
-                format!("start {start} and end {end} must satisfy 0 ≤ start < end ≤ 1"),
-            ));
+            let why = crate::pipeline::control::ControlError::Span { start, end };
+            return Err(at("start", why.to_string()));
         }
         let upload = match r.image {
             Some(_) => None,

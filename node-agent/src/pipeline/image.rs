@@ -210,6 +210,16 @@ impl Image {
     /// The image resampled to `width` × `height` (Lanczos, as diffusers'
     /// image processor resizes).
     pub fn resized(&self, width: usize, height: usize) -> Image {
+        self.resampled(width, height, image::imageops::FilterType::Lanczos3)
+    }
+
+    /// The image resampled to `width` × `height` with `filter`, clamped to [0, 1].
+    pub fn resampled(
+        &self,
+        width: usize,
+        height: usize,
+        filter: image::imageops::FilterType,
+    ) -> Image {
         if (width, height) == (self.width, self.height) {
             return self.clone();
         }
@@ -218,12 +228,7 @@ impl Image {
         let Some(src) = src else {
             return self.clone();
         };
-        let out = image::imageops::resize(
-            &src,
-            width as u32,
-            height as u32,
-            image::imageops::FilterType::Lanczos3,
-        );
+        let out = image::imageops::resize(&src, width as u32, height as u32, filter);
         Image {
             width,
             height,

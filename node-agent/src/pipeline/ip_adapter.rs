@@ -239,23 +239,7 @@ pub fn clip_pixels(image: &Image, size: usize, device: &Device) -> CandleResult<
     } else {
         ((size * w / short).max(size), size)
     };
-    let resized = if (rw, rh) == (w, h) {
-        image.clone()
-    } else {
-        let src = image::Rgb32FImage::from_raw(w as u32, h as u32, image.data.clone())
-            .ok_or_else(|| candle_core::Error::Msg("image data does not match its size".into()))?;
-        let out = image::imageops::resize(
-            &src,
-            rw as u32,
-            rh as u32,
-            image::imageops::FilterType::CatmullRom,
-        );
-        Image {
-            width: rw,
-            height: rh,
-            data: out.into_raw(),
-        }
-    };
+    let resized = image.resampled(rw, rh, image::imageops::FilterType::CatmullRom);
     let (top, left) = ((rh - size) / 2, (rw - size) / 2);
     let mut data = vec![0f32; 3 * size * size];
     for c in 0..3 {
@@ -263,7 +247,7 @@ pub fn clip_pixels(image: &Image, size: usize, device: &Device) -> CandleResult<
             for x in 0..size {
                 // Rounded to 8 bits first, as the processor works on uint8 pixels.
                 let v = resized.data[((top + y) * rw + left + x) * 3 + c];
-                let v = (v.clamp(0.0, 1.0) * 255.0).round() / 255.0;
+                let v = (v * 255.0).round() / 255.0;
                 data[(c * size + y) * size + x] = (v - CLIP_MEAN[c]) / CLIP_STD[c];
             }
         }
