@@ -110,6 +110,29 @@ pub struct Catalog {
     /// When the folder was last searched, for [`Catalog::rescan_if_older`].
     scanned: Mutex<std::time::Instant>,
     opened: Mutex<HashMap<String, Arc<DiffusersModel>>>,
+    /// ControlNets and T2I-Adapters opened for requests, by relative path:
+    /// opening one reads its headers and configuration, which every request
+    /// naming it should not pay again. Emptied by a rescan.
+    controls: Mutex<HashMap<String, Arc<ControlModel>>>,
+    /// IP-Adapters opened for requests, by relative path and encoder.
+    ip_adapters: Mutex<HashMap<(String, Option<String>), Arc<IpAdapterModel>>>,
+}
+
+/// `map`'s value for `key`, opened by `open` the first time (a failure is
+/// not kept, so a fixed file is found again).
+fn memo<K: std::hash::Hash + Eq, V, E>(
+    map: &Mutex<HashMap<K, Arc<V>>>,
+    key: K,
+    open: impl FnOnce() -> Result<Arc<V>, E>,
+) -> Result<Arc<V>, E> {
+    if let Some(v) = map.lock().unwrap_or_else(|p| p.into_inner()).get(&key) {
+        return Ok(v.clone());
+    }
+    let v = open()?;
+    map.lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .insert(key, v.clone());
+    Ok(v)
 }
 
 /// What one search of the folder found.
@@ -233,6 +256,8 @@ impl Catalog {
             models: std::sync::RwLock::new(Arc::new(Models::search(root, downloads))),
             scanned: Mutex::new(std::time::Instant::now()),
             opened: Mutex::new(HashMap::new()),
+            controls: Mutex::new(HashMap::new()),
+            ip_adapters: Mutex::new(HashMap::new()),
         }
     }
 
@@ -251,6 +276,14 @@ impl Catalog {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|name, _| models.entries.contains_key(name));
+        self.controls
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        self.ip_adapters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         *self.models.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(models);
         *self.scanned.lock().unwrap_or_else(|p| p.into_inner()) = std::time::Instant::now();
     }
@@ -407,6 +440,11 @@ impl Catalog {
     /// converted once into the state folder). Only what the last scan found
     /// under the root is found here, so a path cannot reach outside it.
     pub fn controlnet(&self, rel: &str) -> Result<Arc<ControlModel>, ControlNetError> {
+        let key = crate::fetch::normalize(rel).to_string();
+        memo(&self.controls, key, || self.open_controlnet(rel))
+    }
+
+    fn open_controlnet(&self, rel: &str) -> Result<Arc<ControlModel>, ControlNetError> {
         let entry = self
             .by_path(rel)
             .ok_or_else(|| ControlNetError::NotFound(rel.to_string()))?;
@@ -439,6 +477,20 @@ impl Catalog {
     /// folder `encoder` names, else the `image_encoder/` folder beside the
     /// file. Only what the last scan found under the root is found here.
     pub fn ip_adapter(
+        &self,
+        rel: &str,
+        encoder: Option<&str>,
+    ) -> Result<Arc<IpAdapterModel>, IpAdapterLookupError> {
+        let key = (
+            crate::fetch::normalize(rel).to_string(),
+            encoder.map(|e| crate::fetch::normalize(e).to_string()),
+        );
+        memo(&self.ip_adapters, key, || {
+            self.open_ip_adapter(rel, encoder)
+        })
+    }
+
+    fn open_ip_adapter(
         &self,
         rel: &str,
         encoder: Option<&str>,

@@ -358,3 +358,34 @@ fn a_controlnet_reserves_room_for_its_residuals_beside_each_image() {
     let (adapted, _, _) = t2i_params("tiny-sd1");
     assert_eq!(per_image(&adapted), none);
 }
+
+#[test]
+fn the_catalog_opens_a_conditioning_model_once_until_the_folder_is_searched_again() {
+    use modelcache_agent::catalog::Catalog;
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("models");
+    crate::common::copy_dir(&dir("tiny-sd1").join("controlnet-a"), &models.join("cn"));
+    crate::common::copy_dir(&fixtures().join("tiny-sd1-ip-adapter"), &models.join("ip"));
+    let catalog = Catalog::scan(&models, &dir.path().join("state"), None);
+    let cn = catalog.controlnet("cn").unwrap();
+    assert!(Arc::ptr_eq(&cn, &catalog.controlnet("./cn/").unwrap()));
+    let ip = catalog
+        .ip_adapter("ip/ip-adapter.safetensors", None)
+        .unwrap();
+    let again = catalog
+        .ip_adapter("ip/ip-adapter.safetensors", None)
+        .unwrap();
+    assert!(Arc::ptr_eq(&ip, &again));
+    // A named encoder is another adapter; a rescan forgets them all.
+    let named = catalog
+        .ip_adapter("ip/ip-adapter.safetensors", Some("ip/image_encoder"))
+        .unwrap();
+    assert!(!Arc::ptr_eq(&ip, &named));
+    catalog.rescan();
+    assert!(!Arc::ptr_eq(&cn, &catalog.controlnet("cn").unwrap()));
+    // A failure is not kept: a model copied in later is found.
+    assert!(catalog.controlnet("cn2").is_err());
+    crate::common::copy_dir(&dir("tiny-sd1").join("controlnet-b"), &models.join("cn2"));
+    catalog.rescan();
+    assert!(catalog.controlnet("cn2").is_ok());
+}
