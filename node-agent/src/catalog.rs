@@ -115,8 +115,11 @@ pub struct Catalog {
     /// naming it should not pay again. Emptied by a rescan.
     controls: Mutex<HashMap<String, Arc<ControlModel>>>,
     /// IP-Adapters opened for requests, by relative path and encoder.
-    ip_adapters: Mutex<HashMap<(String, Option<String>), Arc<IpAdapterModel>>>,
+    ip_adapters: Mutex<HashMap<IpAdapterKey, Arc<IpAdapterModel>>>,
 }
+
+/// An IP-Adapter's relative path and its named encoder's.
+type IpAdapterKey = (String, Option<String>);
 
 /// `map`'s value for `key`, opened by `open` the first time (a failure is
 /// not kept, so a fixed file is found again).
