@@ -362,11 +362,11 @@ fn a_controlnet_reserves_room_for_its_residuals_beside_each_image() {
 #[test]
 fn the_catalog_opens_a_conditioning_model_once_until_the_folder_is_searched_again() {
     use modelcache_agent::catalog::Catalog;
-    let dir = tempfile::tempdir().unwrap();
-    let models = dir.path().join("models");
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
     crate::common::copy_dir(&dir("tiny-sd1").join("controlnet-a"), &models.join("cn"));
     crate::common::copy_dir(&fixtures().join("tiny-sd1-ip-adapter"), &models.join("ip"));
-    let catalog = Catalog::scan(&models, &dir.path().join("state"), None);
+    let catalog = Catalog::scan(&models, &tmp.path().join("state"), None);
     let cn = catalog.controlnet("cn").unwrap();
     assert!(Arc::ptr_eq(&cn, &catalog.controlnet("./cn/").unwrap()));
     let ip = catalog
