@@ -264,7 +264,8 @@ pub struct IpAdapterSpec {
     pub path: String,
 
     /// Its CLIP Vision image encoder folder, relative to the agents' model root. Default: the
-    /// `image_encoder` folder beside the file.
+    /// `image_encoder` folder beside the file (name it for an IP-Adapter folder in InvokeAI's
+    /// layout, whose `image_encoder.txt` only the agents read).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(length(min = 1, max = 4096))]
     #[x_kube(validation = Rule::new("!self.startsWith('/')").message("ipAdapter.imageEncoder must be relative to the agents' model root, not absolute"))]

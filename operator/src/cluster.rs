@@ -409,36 +409,40 @@ pub fn resolve(
     let mut size = sizes_of_local(l, precision);
     let mut nodes: Vec<String> = found.keys().cloned().collect();
     // What the deployment uses beside its model is placed, warmed and sized with it.
-    let mut encoder_path: Option<String> = None;
-    let mut companions: Vec<(String, &str, Companion)> = Vec::new();
+    let mut companions: Vec<(String, String, Companion)> = Vec::new();
     if let Some(r) = &md.spec.refiner {
-        companions.push(("refiner".into(), r, Companion::Refiner(base)));
+        companions.push(("refiner".into(), r.clone(), Companion::Refiner(base)));
     }
     if let Some(v) = &md.spec.vae {
-        companions.push(("vae".into(), v, Companion::Vae));
+        companions.push(("vae".into(), v.clone(), Companion::Vae));
     }
     for (i, c) in md.spec.controlnets.iter().enumerate() {
-        companions.push((format!("controlnets[{i}]"), c, Companion::Control(base)));
+        companions.push((
+            format!("controlnets[{i}]"),
+            c.clone(),
+            Companion::Control(base),
+        ));
     }
     if let Some(ip) = &md.spec.ip_adapter {
+        // Without imageEncoder, the agents look beside the file.
+        let beside = std::path::Path::new(&normalize(&ip.path))
+            .with_file_name("image_encoder")
+            .to_string_lossy()
+            .into_owned();
         companions.push((
             "ipAdapter.path".into(),
-            &ip.path,
+            ip.path.clone(),
             Companion::IpAdapter(base),
         ));
-        let beside = std::path::Path::new(&normalize(&ip.path))
-            .parent()
-            .map(|d| d.join("image_encoder").to_string_lossy().into_owned())
-            .unwrap_or_else(|| "image_encoder".into());
-        let encoder = ip.image_encoder.clone().unwrap_or(beside);
-        encoder_path = Some(encoder);
+        companions.push((
+            "ipAdapter.imageEncoder".into(),
+            ip.image_encoder.clone().unwrap_or(beside),
+            Companion::ImageEncoder,
+        ));
     }
-    if let Some(e) = &encoder_path {
-        companions.push(("ipAdapter.imageEncoder".into(), e, Companion::ImageEncoder));
-    }
-    for (field, extra, kind) in companions {
-        let field = field.as_str();
-        let (bytes, with) = companion(field, extra, kind, precision, model_nodes)?;
+    for (field, extra, kind) in &companions {
+        let (field, extra) = (field.as_str(), extra.as_str());
+        let (bytes, with) = companion(field, extra, *kind, precision, model_nodes)?;
         size = Sizes {
             gpu: size.gpu.saturating_add(bytes.gpu),
             cpu: size.cpu.saturating_add(bytes.cpu),
