@@ -113,3 +113,47 @@ fn the_command_line_takes_an_ip_adapter_file_or_invokeai_folder() {
     );
     assert_eq!(file, folder, "the pickled folder is the same adapter");
 }
+
+#[test]
+fn ip_adapter_files_that_cannot_be_used_are_refused_with_the_reason() {
+    use modelcache_agent::store::safetensors::write_sparse;
+    use safetensors::Dtype::F32;
+    let dir = tempfile::tempdir().unwrap();
+    let encoder = fixtures().join("tiny-sd1-ip-adapter/image_encoder");
+    let open = |name: &str, tensors: &[(&str, safetensors::Dtype, &[usize])]| {
+        let file = dir.path().join(name);
+        write_sparse(&file, tensors, &[]).unwrap();
+        IpAdapterModel::open(&file, &encoder)
+            .unwrap_err()
+            .to_string()
+    };
+    let layer = ("ip_adapter.1.to_k_ip.weight", F32, &[32usize, 32][..]);
+    // FaceID's projection is not CLIP's.
+    let e = open(
+        "faceid.safetensors",
+        &[("image_proj.proj.0.weight", F32, &[64, 512]), layer],
+    );
+    assert!(
+        e.contains("is not supported") && e.contains("FaceID"),
+        "{e}"
+    );
+    // A projection made for another encoder's embeddings (this one makes 24).
+    let e = open(
+        "wide.safetensors",
+        &[
+            ("image_proj.proj.weight", F32, &[128, 1024]),
+            ("image_proj.norm.weight", F32, &[32]),
+            layer,
+        ],
+    );
+    assert!(e.contains("width 1024") && e.contains("24"), "{e}");
+    // No attention layers.
+    let e = open(
+        "nolayers.safetensors",
+        &[
+            ("image_proj.proj.weight", F32, &[128, 24]),
+            ("image_proj.norm.weight", F32, &[32]),
+        ],
+    );
+    assert!(e.contains("no ip_adapter.N.to_k_ip.weight"), "{e}");
+}

@@ -398,3 +398,37 @@ fn a_single_file_controlnet_converts_bit_exactly_and_generates_the_folder_s_imag
         convert::converted_controlnet(state.path(), &f.join("controlnet-a.safetensors")).unwrap();
     assert_eq!(again, dst);
 }
+
+#[test]
+fn a_controlnet_file_missing_what_a_controlnet_has_is_refused_naming_it() {
+    use safetensors::Dtype::F16;
+    let dir = tempfile::tempdir().unwrap();
+    // Cross-attention enough to be probed as an SD 1.x ControlNet, but no
+    // blocks, hint or zero convolutions.
+    let file = dir.path().join("cn.safetensors");
+    write_sparse(
+        &file,
+        &[(
+            "control_model.input_blocks.2.1.transformer_blocks.0.attn2.to_k.weight",
+            F16,
+            &[320, 768],
+        )],
+        &[],
+    )
+    .unwrap();
+    let e = convert::converted_controlnet(&dir.path().join("state"), &file)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("ControlNet has no control_model.input_blocks.0.0.weight"),
+        "{e}"
+    );
+    assert!(
+        !dir.path().join("state/converted").exists()
+            || std::fs::read_dir(dir.path().join("state/converted"))
+                .unwrap()
+                .next()
+                .is_none(),
+        "nothing half-written is left"
+    );
+}
